@@ -1,0 +1,136 @@
+//! The Sightline launcher. `sightline up` starts every service on 127.0.0.1 over SQLite files under
+//! the data directory; `sightline linker` (and each other service by name) runs one service alone
+//! with its own settings, as docker-compose does.
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use linker_svc::{Linker, LinkerConfig};
+use sightline_runtime::token::{self, TokenKind};
+use sightline_runtime::{Secret, Settings};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+/// Reads `DIR/service.token`, or writes a new one (mode 0600): the token the stack's services present
+/// to each other when settings do not name one.
+pub fn ensure_service_token(data_dir: &Path) -> anyhow::Result<Secret> {
+    let path = data_dir.join("service.token");
+    if let Ok(existing) = std::fs::read_to_string(&path) {
+        let existing = existing.trim().to_owned();
+        if token::parse(&existing).is_ok_and(|p| p.kind == TokenKind::Service) {
+            return Ok(Secret::new(existing));
+        }
+        anyhow::bail!("{} does not hold a service token", path.display());
+    }
+    std::fs::create_dir_all(data_dir)?;
+    let secret = token::generate(TokenKind::Service);
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        options.mode(0o600);
+    }
+    let mut file = options
+        .open(&path)
+        .with_context(|| format!("cannot create {}", path.display()))?;
+    writeln!(file, "{secret}")?;
+    Ok(Secret::new(secret))
+}
+
+/// A service of the stack, started.
+#[derive(Debug, Clone)]
+pub struct Endpoint {
+    pub name: &'static str,
+    pub addr: SocketAddr,
+    pub services: &'static [&'static str],
+}
+
+/// Starts every service of the stack; returns their endpoints and the tasks serving them.
+pub async fn start_stack(
+    mut settings: Settings,
+    shutdown: CancellationToken,
+) -> anyhow::Result<(Vec<Endpoint>, JoinSet<anyhow::Result<()>>)> {
+    if settings.service_token.is_none() {
+        settings.service_token = Some(ensure_service_token(&settings.data_dir)?);
+    }
+    let mut tasks = JoinSet::new();
+    let linker = Linker::build(LinkerConfig::from_settings(&settings)?)
+        .await
+        .context("starting linker-svc")?;
+    let endpoints = vec![Endpoint {
+        name: "linker",
+        addr: linker.local_addr(),
+        services: &[
+            "sightline.linker.v1.LinkerService",
+            "sightline.audit.v1.AuditService",
+        ],
+    }];
+    let stop = shutdown.clone();
+    tasks.spawn(async move { Ok(linker.run_until_stopped(stop).await?) });
+    Ok((endpoints, tasks))
+}
+
+/// What `up` prints: endpoints, where the operator token is (never the token), a first command.
+pub fn banner(data_dir: &Path, endpoints: &[Endpoint], plaintext: bool) -> String {
+    let token_path = data_dir.join("operator.token");
+    let mut out = format!(
+        "sightline is up — data in {} (SQLite)\n\n",
+        data_dir.display()
+    );
+    for e in endpoints {
+        out.push_str(&format!(
+            "  {:<10} {}   {}\n",
+            e.name,
+            e.addr,
+            e.services.join(", ")
+        ));
+    }
+    out.push_str(&format!(
+        "\noperator token: {} (mode 0600; it is never printed)\n",
+        token_path.display()
+    ));
+    if let Some(linker) = endpoints.iter().find(|e| e.name == "linker") {
+        let tls = if plaintext { "-plaintext " } else { "" };
+        out.push_str(&format!(
+            "\nfirst command:\n  grpcurl {tls}-H \"authorization: Bearer $(cat {})\" -d '{{\"name\":\"Acme\"}}' {} sightline.linker.v1.LinkerService/CreateOrg\n",
+            token_path.display(),
+            linker.addr
+        ));
+    }
+    out
+}
+
+/// Waits for Ctrl-C or SIGTERM.
+pub async fn stop_signal() {
+    #[cfg(unix)]
+    {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(term) => term,
+                Err(_) => {
+                    let _ = tokio::signal::ctrl_c().await;
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+/// Loads settings, with `--data-dir` overriding the file and environment.
+pub fn load_settings(config: Option<&Path>, data_dir: Option<PathBuf>) -> anyhow::Result<Settings> {
+    let mut settings = Settings::load(config)?;
+    if let Some(dir) = data_dir {
+        settings.data_dir = dir;
+    }
+    Ok(settings)
+}

@@ -1,0 +1,79 @@
+//! `sightline`: run the whole stack (`up`) or one service (`linker`).
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use linker_svc::{Linker, LinkerConfig};
+use sightline::{banner, load_settings, start_stack, stop_signal};
+use tokio_util::sync::CancellationToken;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "sightline",
+    version,
+    about = "Consent-first telemetry and instance insights"
+)]
+struct Cli {
+    /// A TOML settings file; SIGHTLINE_* environment variables override it.
+    #[arg(long, global = true, env = "SIGHTLINE_CONFIG")]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Start every service on 127.0.0.1 over SQLite under the data directory.
+    Up {
+        /// Where databases, keys and the operator token live (default ./data).
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+    },
+    /// Run linker-svc alone.
+    Linker {
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+    },
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let shutdown = CancellationToken::new();
+    match cli.command {
+        Command::Up { data_dir } => {
+            let settings = load_settings(cli.config.as_deref(), data_dir)?;
+            sightline_runtime::telemetry::init(&settings.log);
+            let data_dir = settings.data_dir.clone();
+            let plaintext = settings.tls.is_none();
+            let (endpoints, mut tasks) = start_stack(settings, shutdown.clone()).await?;
+            println!("{}", banner(&data_dir, &endpoints, plaintext));
+            tokio::select! {
+                () = stop_signal() => {}
+                Some(done) = tasks.join_next() => {
+                    done.context("service task panicked")??;
+                }
+            }
+            shutdown.cancel();
+            while let Some(done) = tasks.join_next().await {
+                done.context("service task panicked")??;
+            }
+        }
+        Command::Linker { data_dir } => {
+            let mut settings = load_settings(cli.config.as_deref(), data_dir)?;
+            sightline_runtime::telemetry::init(&settings.log);
+            if settings.service_token.is_none() {
+                settings.service_token = Some(sightline::ensure_service_token(&settings.data_dir)?);
+            }
+            let linker = Linker::build(LinkerConfig::from_settings(&settings)?).await?;
+            tracing::info!(addr = %linker.local_addr(), "linker-svc listening");
+            let stop = shutdown.clone();
+            let serve = tokio::spawn(linker.run_until_stopped(stop));
+            stop_signal().await;
+            shutdown.cancel();
+            serve.await.context("linker task panicked")??;
+        }
+    }
+    Ok(())
+}

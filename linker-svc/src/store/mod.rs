@@ -1,0 +1,375 @@
+//! linker-svc's storage: the [`LinkerStore`] trait, with a SQLite and a PostgreSQL implementation
+//! ([`SqliteStore`], [`PgStore`]) that share their SQL text and differ in how a write transaction
+//! starts. Every mutating method writes its audit entry in the same transaction, so an action whose
+//! audit entry cannot be written does not happen.
+//!
+//! The store maps database errors to [`StoreError`]; handlers never see `sqlx::Error`.
+
+mod sql;
+
+use std::collections::BTreeMap;
+
+use async_trait::async_trait;
+use sightline_runtime::storage::{self, Database, Migrations, StorageError};
+
+pub use sql::{PgStore, SqliteStore};
+
+pub static SQLITE_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("migrations/sqlite");
+pub static POSTGRES_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("migrations/postgres");
+
+pub const MIGRATIONS: Migrations = Migrations {
+    sqlite: &SQLITE_MIGRATIONS,
+    postgres: &POSTGRES_MIGRATIONS,
+};
+
+/// Opens the store at `url` (SQLite or PostgreSQL) and runs migrations.
+pub async fn open(url: &str) -> Result<std::sync::Arc<dyn LinkerStore>, StorageError> {
+    Ok(match storage::connect(url, MIGRATIONS).await? {
+        Database::Sqlite(pool) => std::sync::Arc::new(SqliteStore::new(pool)),
+        Database::Postgres(pool) => std::sync::Arc::new(PgStore::new(pool)),
+    })
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("{0} not found")]
+    NotFound(&'static str),
+    #[error("{0} already exists")]
+    AlreadyExists(&'static str),
+    #[error("{0}")]
+    Precondition(&'static str),
+    #[error("link key rejected: {0}")]
+    LinkKeyRejected(LinkKeyRejection),
+    #[error("database unavailable: {0}")]
+    Unavailable(#[source] sqlx::Error),
+    #[error("database error: {0}")]
+    Database(#[source] sqlx::Error),
+}
+
+/// Why a link key could not link an instance.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LinkKeyRejection {
+    Unknown,
+    Revoked,
+    Expired,
+}
+
+impl std::fmt::Display for LinkKeyRejection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            LinkKeyRejection::Unknown => "unknown link key",
+            LinkKeyRejection::Revoked => "link key has been revoked",
+            LinkKeyRejection::Expired => "link key has expired",
+        })
+    }
+}
+
+impl From<sqlx::Error> for StoreError {
+    fn from(error: sqlx::Error) -> Self {
+        match &error {
+            sqlx::Error::Database(db) if db.is_unique_violation() => {
+                StoreError::AlreadyExists("record")
+            }
+            sqlx::Error::Database(db) if db.is_foreign_key_violation() => {
+                StoreError::NotFound("referenced record")
+            }
+            sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Io(_) => {
+                StoreError::Unavailable(error)
+            }
+            _ => StoreError::Database(error),
+        }
+    }
+}
+
+pub type StoreResult<T> = Result<T, StoreError>;
+
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub struct OrgRecord {
+    pub id: String,
+    pub name: String,
+    pub created_at: i64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub struct AdminTokenRecord {
+    pub id: String,
+    pub org_id: String,
+    pub label: String,
+    pub prefix: String,
+    pub created_at: i64,
+    pub last_used_at: Option<i64>,
+    pub revoked_at: Option<i64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub struct LinkKeyRecord {
+    pub id: String,
+    pub org_id: String,
+    pub label: String,
+    pub prefix: String,
+    pub created_at: i64,
+    pub expires_at: i64,
+    pub last_used_at: Option<i64>,
+    pub revoked_at: Option<i64>,
+    pub replaces_key_id: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub struct InstanceRecord {
+    pub id: String,
+    pub org_id: String,
+    pub server_id: String,
+    pub base_url: String,
+    pub product: String,
+    pub version: String,
+    pub license_sen: String,
+    pub node_count: i64,
+    pub link_key_id: String,
+    pub linked_at: i64,
+    pub unlinked_at: Option<i64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub struct CredentialRecord {
+    pub id: String,
+    pub org_id: String,
+    pub instance_id: String,
+    pub prefix: String,
+    pub created_at: i64,
+    pub last_used_at: Option<i64>,
+    pub revoked_at: Option<i64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub struct AppLinkRecord {
+    pub instance_id: String,
+    pub url: String,
+    pub product_family: String,
+    pub server_id: String,
+    pub version: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub struct DomainRecord {
+    pub org_id: String,
+    pub domain: String,
+    pub token: String,
+    pub claimed_at: i64,
+    pub verified_at: Option<i64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub struct LicenseRecord {
+    pub sen: String,
+    pub product: String,
+    pub domain: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub struct AuditRecord {
+    pub org_id: String,
+    pub seq: i64,
+    pub occurred_at: i64,
+    pub actor: String,
+    pub service: String,
+    pub action: String,
+    pub target: String,
+    /// Compact JSON with sorted keys, exactly as hashed.
+    pub attributes: String,
+    pub prev_hash: Vec<u8>,
+    pub hash: Vec<u8>,
+}
+
+/// An audit entry before it has a place in the chain.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuditDraft {
+    /// When the action happened, Unix milliseconds.
+    pub at: i64,
+    pub actor: String,
+    pub service: String,
+    pub action: String,
+    pub target: String,
+    pub attributes: BTreeMap<String, String>,
+}
+
+impl AuditDraft {
+    pub fn new(at: i64, actor: impl Into<String>, action: &str, target: impl Into<String>) -> Self {
+        Self {
+            at,
+            actor: actor.into(),
+            service: "linker".to_owned(),
+            action: action.to_owned(),
+            target: target.into(),
+            attributes: BTreeMap::new(),
+        }
+    }
+
+    pub fn with(mut self, key: &str, value: impl Into<String>) -> Self {
+        self.attributes.insert(key.to_owned(), value.into());
+        self
+    }
+}
+
+/// A secret about to be stored: its record and its digest.
+#[derive(Debug, Clone)]
+pub struct NewSecret<R> {
+    pub record: R,
+    pub digest: [u8; 32],
+}
+
+/// What LinkInstance stores.
+#[derive(Debug, Clone)]
+pub struct NewLink {
+    /// Used when the server id is not linked in the org yet.
+    pub instance: InstanceRecord,
+    pub credential: NewSecret<CredentialRecord>,
+    pub app_links: Vec<AppLinkRecord>,
+}
+
+#[derive(Debug, Clone)]
+pub struct LinkOutcome {
+    pub instance: InstanceRecord,
+    pub credential: CredentialRecord,
+    /// Whether an instance with this server id was linked already (and its credentials revoked).
+    pub relinked: bool,
+}
+
+/// A token found by its digest, with what decides whether it may still be used.
+#[derive(Debug, Clone)]
+pub struct FoundCredential {
+    pub record: CredentialRecord,
+    pub digest: Vec<u8>,
+    pub instance_unlinked: bool,
+}
+
+#[derive(Debug, Clone)]
+pub struct FoundAdminToken {
+    pub record: AdminTokenRecord,
+    pub digest: Vec<u8>,
+}
+
+/// The chain head kept on the org row, to detect a removed last entry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuditHead {
+    pub seq: i64,
+    pub hash: Vec<u8>,
+}
+
+/// What detection works from.
+#[derive(Debug, Clone, Default)]
+pub struct DetectionInputs {
+    pub verified_domains: Vec<String>,
+    /// Licenses whose domain is a verified domain or under one.
+    pub licenses: Vec<LicenseRecord>,
+    pub linked_instances: Vec<InstanceRecord>,
+    pub app_links: Vec<AppLinkRecord>,
+}
+
+#[async_trait]
+pub trait LinkerStore: Send + Sync + std::fmt::Debug + 'static {
+    async fn create_org(
+        &self,
+        org: &OrgRecord,
+        audit: AuditDraft,
+        genesis: [u8; 32],
+    ) -> StoreResult<()>;
+    async fn get_org(&self, org_id: &str) -> StoreResult<Option<OrgRecord>>;
+
+    async fn insert_admin_token(
+        &self,
+        token: &NewSecret<AdminTokenRecord>,
+        audit: AuditDraft,
+    ) -> StoreResult<()>;
+    async fn revoke_admin_token(
+        &self,
+        org_id: &str,
+        token_id: &str,
+        audit: AuditDraft,
+    ) -> StoreResult<AdminTokenRecord>;
+    async fn find_admin_token(&self, digest: &[u8; 32]) -> StoreResult<Option<FoundAdminToken>>;
+    async fn touch_admin_token(&self, token_id: &str, at: i64) -> StoreResult<()>;
+
+    async fn insert_link_key(
+        &self,
+        key: &NewSecret<LinkKeyRecord>,
+        audit: AuditDraft,
+    ) -> StoreResult<()>;
+    /// Revokes `old_key_id` and stores its replacement; returns the revoked key.
+    async fn regenerate_link_key(
+        &self,
+        org_id: &str,
+        old_key_id: &str,
+        new_key: &NewSecret<LinkKeyRecord>,
+        audit: AuditDraft,
+    ) -> StoreResult<LinkKeyRecord>;
+    async fn list_link_keys(
+        &self,
+        org_id: &str,
+        after_id: Option<&str>,
+        limit: i64,
+    ) -> StoreResult<Vec<LinkKeyRecord>>;
+
+    /// Checks the key (digest, revocation, expiry at `link.instance.linked_at`) and links.
+    async fn link_instance(&self, key_digest: &[u8; 32], link: NewLink)
+    -> StoreResult<LinkOutcome>;
+    async fn list_instances(
+        &self,
+        org_id: &str,
+        after_id: Option<&str>,
+        limit: i64,
+    ) -> StoreResult<Vec<InstanceRecord>>;
+    async fn get_instance(
+        &self,
+        org_id: &str,
+        instance_id: &str,
+    ) -> StoreResult<Option<InstanceRecord>>;
+    async fn credentials_of(&self, instance_ids: &[String]) -> StoreResult<Vec<CredentialRecord>>;
+    async fn app_links_of(&self, instance_ids: &[String]) -> StoreResult<Vec<AppLinkRecord>>;
+    async fn unlink_instance(
+        &self,
+        org_id: &str,
+        instance_id: &str,
+        audit: AuditDraft,
+    ) -> StoreResult<InstanceRecord>;
+
+    async fn find_credential(&self, digest: &[u8; 32]) -> StoreResult<Option<FoundCredential>>;
+    async fn touch_credential(&self, credential_id: &str, at: i64) -> StoreResult<()>;
+    async fn revoke_credential(
+        &self,
+        org_id: &str,
+        credential_id: &str,
+        audit: AuditDraft,
+    ) -> StoreResult<CredentialRecord>;
+
+    /// Records a claim, or returns the org's existing claim of the domain unchanged.
+    async fn claim_domain(
+        &self,
+        claim: &DomainRecord,
+        audit: AuditDraft,
+    ) -> StoreResult<DomainRecord>;
+    async fn get_domain(&self, org_id: &str, domain: &str) -> StoreResult<Option<DomainRecord>>;
+    async fn mark_domain_verified(
+        &self,
+        org_id: &str,
+        domain: &str,
+        audit: AuditDraft,
+    ) -> StoreResult<DomainRecord>;
+
+    /// Inserts or replaces licenses by SEN; returns (inserted, updated).
+    async fn import_licenses(&self, licenses: &[LicenseRecord], at: i64)
+    -> StoreResult<(u32, u32)>;
+    async fn detection_inputs(&self, org_id: &str) -> StoreResult<DetectionInputs>;
+
+    async fn append_audit(&self, org_id: &str, audit: AuditDraft) -> StoreResult<AuditRecord>;
+    async fn list_audit(
+        &self,
+        org_id: &str,
+        after_seq: i64,
+        limit: i64,
+        action_prefix: &str,
+    ) -> StoreResult<Vec<AuditRecord>>;
+    async fn audit_head(&self, org_id: &str) -> StoreResult<Option<AuditHead>>;
+}
+
+#[cfg(test)]
+mod conformance;

@@ -1,0 +1,19 @@
+//! The runtime every Sightline service shares: typed settings, tracing, TLS through rustls, the gRPC
+//! server bootstrap (health, reflection, limits, graceful shutdown), storage from one URL, bearer
+//! tokens and the cached credential client, per-tenant rate limits, and the injectable clock.
+//!
+//! Domain logic does not live here: each service owns its rules and its tables.
+
+pub mod auth;
+pub mod clock;
+pub mod ratelimit;
+pub mod server;
+pub mod settings;
+pub mod storage;
+pub mod telemetry;
+pub mod time;
+pub mod tls;
+pub mod token;
+
+pub use clock::{Clock, ManualClock, SharedClock, SystemClock};
+pub use settings::{Secret, Settings};

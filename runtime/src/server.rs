@@ -1,0 +1,353 @@
+//! The gRPC server bootstrap every service uses: bind first (port 0 allowed, so tests know the
+//! address before anything runs), add services — each marked healthy as it is added — and run until
+//! the shutdown token fires, then drain in-flight calls.
+//!
+//! Every server also serves `grpc.health.v1.Health` and reflection (v1 and v1alpha, with the health
+//! descriptors too, so `grpcurl` needs no proto files), applies the message-size limit and a maximum
+//! call time (client deadlines are honoured below it), and answers oversized requests with
+//! RESOURCE_EXHAUSTED rather than tonic's OUT_OF_RANGE.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use futures::Stream;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+use tokio_rustls::TlsAcceptor;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tonic::body::Body;
+use tonic::server::NamedService;
+use tonic::service::RoutesBuilder;
+use tonic::transport::server::Connected;
+use tonic_health::ServingStatus;
+use tonic_health::server::HealthReporter;
+use tower::Service;
+
+use crate::settings::{Limits, TlsSettings};
+use crate::tls::{self, TlsError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error("cannot bind {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    #[error("reflection: {0}")]
+    Reflection(#[from] tonic_reflection::server::Error),
+    #[error("server failed: {0}")]
+    Transport(#[from] tonic::transport::Error),
+}
+
+/// A bound, not yet running, gRPC server.
+pub struct GrpcServer {
+    listener: TcpListener,
+    tls: Option<TlsAcceptor>,
+    limits: Limits,
+    routes: RoutesBuilder,
+    health: HealthReporter,
+    services: Vec<&'static str>,
+}
+
+impl std::fmt::Debug for GrpcServer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GrpcServer")
+            .field("local_addr", &self.listener.local_addr().ok())
+            .field("tls", &self.tls.is_some())
+            .field("services", &self.services)
+            .finish()
+    }
+}
+
+impl GrpcServer {
+    /// Binds `addr` and sets up health and reflection.
+    pub async fn bind(
+        addr: SocketAddr,
+        tls: Option<&TlsSettings>,
+        limits: Limits,
+    ) -> Result<Self, ServerError> {
+        let tls = tls
+            .map(tls::server_config)
+            .transpose()?
+            .map(TlsAcceptor::from);
+        let listener = TcpListener::bind(addr)
+            .await
+            .map_err(|source| ServerError::Bind { addr, source })?;
+        let (health, health_service) = tonic_health::server::health_reporter();
+        let mut routes = RoutesBuilder::default();
+        routes.add_service(health_service);
+        Ok(Self {
+            listener,
+            tls,
+            limits,
+            routes,
+            health,
+            services: Vec::new(),
+        })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.listener
+            .local_addr()
+            .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)))
+    }
+
+    pub fn limits(&self) -> Limits {
+        self.limits
+    }
+
+    /// Adds a service and marks it SERVING in the health service, in one step.
+    pub async fn add_service<S>(&mut self, service: S) -> &mut Self
+    where
+        S: Service<http::Request<Body>, Response = http::Response<Body>, Error = Infallible>
+            + NamedService
+            + Clone
+            + Send
+            + Sync
+            + 'static,
+        S::Future: Send + 'static,
+    {
+        self.health.set_serving::<S>().await;
+        self.services.push(S::NAME);
+        self.routes.add_service(service);
+        self
+    }
+
+    /// Serves until `shutdown` fires, then marks every service NOT_SERVING, stops accepting and
+    /// waits for in-flight calls to finish.
+    pub async fn run_until_stopped(self, shutdown: CancellationToken) -> Result<(), ServerError> {
+        let addr = self.local_addr();
+        let mut routes = self.routes;
+        // Reflection advertises what this port serves (and health), not every Sightline service.
+        let reflection = || {
+            let mut builder = tonic_reflection::server::Builder::configure()
+                .register_encoded_file_descriptor_set(sightline_proto::FILE_DESCRIPTOR_SET)
+                .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+                .with_service_name("grpc.health.v1.Health")
+                .with_service_name("grpc.reflection.v1.ServerReflection")
+                .with_service_name("grpc.reflection.v1alpha.ServerReflection");
+            for name in &self.services {
+                builder = builder.with_service_name(*name);
+            }
+            builder
+        };
+        routes
+            .add_service(reflection().build_v1()?)
+            .add_service(reflection().build_v1alpha()?);
+        tracing::info!(%addr, services = ?self.services, tls = self.tls.is_some(), "serving");
+        let incoming = accept_loop(self.listener, self.tls, shutdown.clone());
+        let health = self.health.clone();
+        let services = self.services.clone();
+        let drained = shutdown.clone();
+        let signal = async move {
+            drained.cancelled().await;
+            for name in services {
+                health
+                    .set_service_status(name, ServingStatus::NotServing)
+                    .await;
+            }
+            tracing::info!(%addr, "shutting down; draining in-flight calls");
+        };
+        tonic::transport::Server::builder()
+            .timeout(Duration::from_millis(self.limits.request_timeout_ms))
+            .tcp_nodelay(true)
+            .layer(tower::layer::layer_fn(OversizeAsResourceExhausted))
+            .add_routes(routes.routes())
+            .serve_with_incoming_shutdown(incoming, signal)
+            .await?;
+        tracing::info!(%addr, "stopped");
+        Ok(())
+    }
+}
+
+/// Accepts connections (and completes TLS handshakes off the accept path) until `shutdown`.
+fn accept_loop(
+    listener: TcpListener,
+    tls: Option<TlsAcceptor>,
+    shutdown: CancellationToken,
+) -> impl Stream<Item = Result<Conn, std::io::Error>> {
+    let (tx, rx) = mpsc::channel(128);
+    tokio::spawn(async move {
+        loop {
+            let accepted = tokio::select! {
+                () = shutdown.cancelled() => break,
+                accepted = listener.accept() => accepted,
+            };
+            let stream = match accepted {
+                Ok((stream, _peer)) => stream,
+                Err(error) => {
+                    tracing::warn!(%error, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            let _ = stream.set_nodelay(true);
+            match tls.clone() {
+                None => {
+                    if tx.send(Ok(Conn::Plain(stream))).await.is_err() {
+                        break;
+                    }
+                }
+                Some(acceptor) => {
+                    let tx = tx.clone();
+                    tokio::spawn(async move {
+                        let handshake =
+                            tokio::time::timeout(Duration::from_secs(10), acceptor.accept(stream));
+                        match handshake.await {
+                            Ok(Ok(tls)) => {
+                                let _ = tx.send(Ok(Conn::Tls(Box::new(tls)))).await;
+                            }
+                            // A failed handshake (old protocol, bad client certificate) is the
+                            // client's problem; the peer address is not logged.
+                            Ok(Err(error)) => tracing::debug!(%error, "tls handshake failed"),
+                            Err(_) => tracing::debug!("tls handshake timed out"),
+                        }
+                    });
+                }
+            }
+        }
+    });
+    ReceiverStream::new(rx)
+}
+
+/// An accepted connection, plain or TLS.
+#[derive(Debug)]
+pub enum Conn {
+    Plain(TcpStream),
+    Tls(Box<tokio_rustls::server::TlsStream<TcpStream>>),
+}
+
+impl Connected for Conn {
+    // Peer addresses are deliberately not exposed to handlers: they are personal data.
+    type ConnectInfo = ();
+
+    fn connect_info(&self) -> Self::ConnectInfo {}
+}
+
+impl AsyncRead for Conn {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Conn::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Conn::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Conn {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            Conn::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            Conn::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Conn::Plain(s) => Pin::new(s).poll_flush(cx),
+            Conn::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Conn::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            Conn::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            Conn::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            Conn::Tls(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            Conn::Plain(s) => s.is_write_vectored(),
+            Conn::Tls(s) => s.is_write_vectored(),
+        }
+    }
+}
+
+/// tonic answers a request above the decoding limit with OUT_OF_RANGE; gRPC's convention (and
+/// ours) is RESOURCE_EXHAUSTED naming what was too large. Such answers are trailers-only, so the
+/// status is in the response headers.
+#[derive(Debug, Clone)]
+struct OversizeAsResourceExhausted<S>(S);
+
+const OUT_OF_RANGE: &str = "11";
+const RESOURCE_EXHAUSTED: &str = "8";
+
+impl<S, B> Service<http::Request<B>> for OversizeAsResourceExhausted<S>
+where
+    S: Service<http::Request<B>, Response = http::Response<Body>>,
+    S::Future: Send + 'static,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.0.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<B>) -> Self::Future {
+        let future = self.0.call(request);
+        Box::pin(async move {
+            let mut response = future.await?;
+            let headers = response.headers_mut();
+            let oversize = headers
+                .get("grpc-status")
+                .is_some_and(|s| s == OUT_OF_RANGE)
+                && headers
+                    .get("grpc-message")
+                    .and_then(|m| m.to_str().ok())
+                    .is_some_and(|m| {
+                        m.contains("message%20length%20too%20large")
+                            || m.contains("message length too large")
+                    });
+            if oversize {
+                headers.insert(
+                    "grpc-status",
+                    http::HeaderValue::from_static(RESOURCE_EXHAUSTED),
+                );
+                headers.insert(
+                    "grpc-message",
+                    http::HeaderValue::from_static(
+                        "request: message exceeds the server's max_message_bytes limit",
+                    ),
+                );
+            }
+            Ok(response)
+        })
+    }
+}
+
+/// A running server's address and its stop handle, for tests and the launcher.
+#[derive(Debug, Clone)]
+pub struct Running {
+    pub addr: SocketAddr,
+    pub shutdown: CancellationToken,
+    pub done: Arc<tokio::sync::Notify>,
+}

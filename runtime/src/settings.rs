@@ -1,0 +1,211 @@
+//! Typed settings, layered: built-in defaults, then an optional TOML file, then `SIGHTLINE_*`
+//! environment variables (`__` separates sections: `SIGHTLINE_LINKER__LISTEN=0.0.0.0:50051`).
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use figment::Figment;
+use figment::providers::{Env, Format, Toml};
+use serde::Deserialize;
+
+/// A secret from settings: usable, never printed.
+#[derive(Clone, Deserialize, PartialEq, Eq)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Self {
+        Self(value.into())
+    }
+
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret([redacted])")
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("invalid settings: {0}")]
+pub struct SettingsError(#[from] Box<figment::Error>);
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Settings {
+    /// Where SQLite files, the operator token and keys live.
+    pub data_dir: PathBuf,
+    pub log: LogSettings,
+    /// TLS for every listener; plaintext when absent (local development only).
+    pub tls: Option<TlsSettings>,
+    pub limits: Limits,
+    /// The token services present to each other. `sightline up` makes one when it is not set.
+    pub service_token: Option<Secret>,
+    pub linker: ServiceSettings,
+    pub consent: ServiceSettings,
+    pub collector: ServiceSettings,
+    pub insights: ServiceSettings,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            data_dir: PathBuf::from("./data"),
+            log: LogSettings::default(),
+            tls: None,
+            limits: Limits::default(),
+            service_token: None,
+            linker: ServiceSettings::local(50051),
+            consent: ServiceSettings::local(50052),
+            collector: ServiceSettings::local(50053),
+            insights: ServiceSettings::local(50054),
+        }
+    }
+}
+
+impl Settings {
+    /// Defaults, then `file` if given, then the environment.
+    pub fn load(file: Option<&Path>) -> Result<Self, SettingsError> {
+        let mut figment = Figment::new();
+        if let Some(file) = file {
+            figment = figment.merge(Toml::file_exact(file));
+        }
+        figment
+            .merge(Env::prefixed("SIGHTLINE_").split("__"))
+            .extract()
+            .map_err(|e| SettingsError(Box::new(e)))
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServiceSettings {
+    /// The address this service listens on; port 0 picks a free one.
+    pub listen: SocketAddr,
+    /// `sqlite://…` or `postgres://…`; a SQLite file under the data directory when absent.
+    pub database_url: Option<Secret>,
+    /// How other services reach this one, e.g. `http://127.0.0.1:50051`.
+    pub url: String,
+}
+
+impl ServiceSettings {
+    fn local(port: u16) -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], port)),
+            database_url: None,
+            url: format!("http://127.0.0.1:{port}"),
+        }
+    }
+}
+
+impl Default for ServiceSettings {
+    fn default() -> Self {
+        Self::local(0)
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogSettings {
+    pub format: LogFormat,
+    /// An `EnvFilter` directive, e.g. `info` or `info,linker_svc=debug`.
+    pub level: String,
+}
+
+impl Default for LogSettings {
+    fn default() -> Self {
+        Self {
+            format: LogFormat::Text,
+            level: "info".to_owned(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsSettings {
+    /// PEM certificate chain, leaf first.
+    pub cert: PathBuf,
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1).
+    pub key: PathBuf,
+    /// PEM CA certificates; when set, clients must present a certificate they signed (mTLS).
+    pub client_ca: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Limits {
+    /// Largest message a service decodes or encodes.
+    pub max_message_bytes: usize,
+    /// Longest a call may run, whatever deadline the client asks for.
+    pub request_timeout_ms: u64,
+    /// Sustained calls per second per tenant (org, or credential when there is no org).
+    pub rate_per_second: u32,
+    /// Calls a tenant may make in a burst above the sustained rate.
+    pub rate_burst: u32,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_message_bytes: 4 * 1024 * 1024,
+            request_timeout_ms: 30_000,
+            rate_per_second: 1_000,
+            rate_burst: 2_000,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_parse_with_no_file_and_no_environment() {
+        figment::Jail::expect_with(|_| {
+            let settings = Settings::load(None)?;
+            assert_eq!(settings.linker.listen.port(), 50051);
+            assert_eq!(settings.consent.listen.port(), 50052);
+            assert_eq!(settings.collector.listen.port(), 50053);
+            assert_eq!(settings.insights.listen.port(), 50054);
+            assert_eq!(settings.data_dir, PathBuf::from("./data"));
+            assert_eq!(settings.limits.max_message_bytes, 4 * 1024 * 1024);
+            assert!(settings.tls.is_none());
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn file_then_environment_override_defaults() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file(
+                "sightline.toml",
+                "data_dir = \"/var/lib/sightline\"\n[linker]\nlisten = \"0.0.0.0:6000\"\n",
+            )?;
+            jail.set_env("SIGHTLINE_LINKER__LISTEN", "127.0.0.1:7000");
+            jail.set_env("SIGHTLINE_LOG__FORMAT", "json");
+            let settings = Settings::load(Some(Path::new("sightline.toml")))?;
+            assert_eq!(settings.data_dir, PathBuf::from("/var/lib/sightline"));
+            assert_eq!(settings.linker.listen.port(), 7000);
+            assert_eq!(settings.log.format, LogFormat::Json);
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn secrets_never_print() {
+        let secret = Secret::new("slo_very_secret");
+        assert!(!format!("{secret:?}").contains("very_secret"));
+    }
+}
