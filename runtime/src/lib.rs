@@ -11,6 +11,8 @@ pub mod server;
 pub mod settings;
 pub mod storage;
 pub mod telemetry;
+#[cfg(feature = "testing")]
+pub mod testing;
 pub mod time;
 pub mod tls;
 pub mod token;

@@ -1,1 +1,637 @@
+//! The store conformance suite: every test is written once and runs against SQLite and PostgreSQL.
 
+use std::sync::Arc;
+
+use sightline_runtime::storage::{self, Database};
+use sightline_runtime::token;
+
+use super::*;
+use crate::audit::{ChainCheck, ChainVerifier, GENESIS};
+use crate::domain::{LINK_KEY_VALIDITY_MS, new_id};
+
+/// A store and a raw handle on the same database, for tampering the way an attacker with database
+/// access could.
+struct Harness {
+    store: Arc<dyn LinkerStore>,
+    db: Database,
+}
+
+impl Harness {
+    async fn sqlite() -> (Self, tempfile::TempDir) {
+        let dir = tempfile::tempdir().unwrap();
+        let url = storage::default_sqlite_url(dir.path(), "linker");
+        (Self::open(&url).await, dir)
+    }
+
+    async fn postgres() -> (Self, ()) {
+        let url = sightline_runtime::testing::fresh_postgres_url()
+            .await
+            .unwrap();
+        (Self::open(&url).await, ())
+    }
+
+    async fn open(url: &str) -> Self {
+        let db = storage::connect(url, MIGRATIONS).await.unwrap();
+        let store: Arc<dyn LinkerStore> = match &db {
+            Database::Sqlite(pool) => Arc::new(SqliteStore::new(pool.clone())),
+            Database::Postgres(pool) => Arc::new(PgStore::new(pool.clone())),
+        };
+        Self { store, db }
+    }
+
+    async fn exec(&self, sqlite: &'static str, postgres: &'static str) {
+        match &self.db {
+            Database::Sqlite(pool) => sqlx::query(sqlite).execute(pool).await.map(drop),
+            Database::Postgres(pool) => sqlx::query(postgres).execute(pool).await.map(drop),
+        }
+        .unwrap();
+    }
+
+    async fn count(&self, table_query: &'static str) -> i64 {
+        match &self.db {
+            Database::Sqlite(pool) => sqlx::query_scalar(table_query).fetch_one(pool).await,
+            Database::Postgres(pool) => sqlx::query_scalar(table_query).fetch_one(pool).await,
+        }
+        .unwrap()
+    }
+
+    async fn org(&self, at: i64) -> String {
+        let org = OrgRecord {
+            id: new_id(),
+            name: "Acme".into(),
+            created_at: at,
+        };
+        self.store
+            .create_org(
+                &org,
+                AuditDraft::new(at, "operator", "org.created", org.id.clone()),
+                GENESIS,
+            )
+            .await
+            .unwrap();
+        org.id
+    }
+
+    async fn key(&self, org_id: &str, at: i64) -> (String, LinkKeyRecord) {
+        let secret = token::generate(token::TokenKind::LinkKey);
+        let record = LinkKeyRecord {
+            id: new_id(),
+            org_id: org_id.into(),
+            label: "test".into(),
+            prefix: token::display_prefix(&secret),
+            created_at: at,
+            expires_at: at + LINK_KEY_VALIDITY_MS,
+            last_used_at: None,
+            revoked_at: None,
+            replaces_key_id: None,
+        };
+        let key = NewSecret {
+            record: record.clone(),
+            digest: token::digest(&secret),
+        };
+        self.store
+            .insert_link_key(
+                &key,
+                AuditDraft::new(at, "operator", "link_key.created", record.id.clone()),
+            )
+            .await
+            .unwrap();
+        (secret, record)
+    }
+
+    async fn link(
+        &self,
+        key_secret: &str,
+        server_id: &str,
+        at: i64,
+    ) -> StoreResult<(LinkOutcome, String)> {
+        let credential = token::generate(token::TokenKind::Instance);
+        let instance_id = new_id();
+        let link = NewLink {
+            instance: InstanceRecord {
+                id: instance_id.clone(),
+                org_id: String::new(),
+                server_id: server_id.into(),
+                base_url: format!("https://{server_id}.example.com"),
+                product: "jira".into(),
+                version: "9.12.0".into(),
+                license_sen: format!("SEN-{server_id}"),
+                node_count: 2,
+                link_key_id: String::new(),
+                linked_at: at,
+                unlinked_at: None,
+            },
+            credential: NewSecret {
+                record: CredentialRecord {
+                    id: new_id(),
+                    org_id: String::new(),
+                    instance_id: instance_id.clone(),
+                    prefix: token::display_prefix(&credential),
+                    created_at: at,
+                    last_used_at: None,
+                    revoked_at: None,
+                },
+                digest: token::digest(&credential),
+            },
+            app_links: vec![AppLinkRecord {
+                instance_id,
+                url: "https://wiki.example.com".into(),
+                product_family: "confluence".into(),
+                server_id: "WIKI-1".into(),
+                version: "8.5.0".into(),
+            }],
+        };
+        let outcome = self
+            .store
+            .link_instance(&token::digest(key_secret), link)
+            .await?;
+        Ok((outcome, credential))
+    }
+
+    async fn verify(&self, org_id: &str) -> ChainCheck {
+        let head = self.store.audit_head(org_id).await.unwrap().unwrap();
+        let mut verifier = ChainVerifier::default();
+        for entry in self.store.list_audit(org_id, 0, 10_000, "").await.unwrap() {
+            if !verifier.feed(&entry) {
+                break;
+            }
+        }
+        verifier.finish(&head)
+    }
+}
+
+const T0: i64 = 1_800_000_000_000;
+
+async fn orgs_start_with_an_intact_one_entry_chain(h: Harness) {
+    let org = h.org(T0).await;
+    assert_eq!(h.store.get_org(&org).await.unwrap().unwrap().name, "Acme");
+    assert!(h.store.get_org(&new_id()).await.unwrap().is_none());
+    assert!(matches!(
+        h.verify(&org).await,
+        ChainCheck::Intact { entries: 1, .. }
+    ));
+    let events = h.store.list_audit(&org, 0, 10, "").await.unwrap();
+    assert_eq!(events[0].action, "org.created");
+    assert_eq!(events[0].prev_hash, GENESIS.to_vec());
+}
+
+async fn regenerating_a_key_revokes_the_old_one(h: Harness) {
+    let org = h.org(T0).await;
+    let (_, old) = h.key(&org, T0).await;
+    let secret = token::generate(token::TokenKind::LinkKey);
+    let new_key = NewSecret {
+        record: LinkKeyRecord {
+            id: new_id(),
+            replaces_key_id: Some(old.id.clone()),
+            ..old.clone()
+        },
+        digest: token::digest(&secret),
+    };
+    let audit = || AuditDraft::new(T0 + 5, "operator", "link_key.regenerated", "x");
+    let revoked = h
+        .store
+        .regenerate_link_key(&org, &old.id, &new_key, audit())
+        .await
+        .unwrap();
+    assert_eq!(revoked.revoked_at, Some(T0 + 5));
+    let again = h
+        .store
+        .regenerate_link_key(&org, &old.id, &new_key, audit())
+        .await
+        .unwrap_err();
+    assert!(matches!(again, StoreError::Precondition(_)), "{again:?}");
+    let other_org = h.org(T0).await;
+    let foreign = h
+        .store
+        .regenerate_link_key(&other_org, &new_key.record.id, &new_key, audit())
+        .await
+        .unwrap_err();
+    assert!(matches!(foreign, StoreError::NotFound(_)), "{foreign:?}");
+    let keys = h.store.list_link_keys(&org, None, 10).await.unwrap();
+    assert_eq!(keys.len(), 2);
+    assert!(keys[0].id < keys[1].id);
+    let page2 = h
+        .store
+        .list_link_keys(&org, Some(&keys[0].id), 10)
+        .await
+        .unwrap();
+    assert_eq!(page2, keys[1..].to_vec());
+    assert!(matches!(
+        h.verify(&org).await,
+        ChainCheck::Intact { entries: 3, .. }
+    ));
+}
+
+async fn linking_checks_the_key_digest_revocation_and_expiry(h: Harness) {
+    let org = h.org(T0).await;
+    let (secret, key) = h.key(&org, T0).await;
+    let unknown = h
+        .link(&token::generate(token::TokenKind::LinkKey), "S0", T0)
+        .await
+        .unwrap_err();
+    assert!(matches!(
+        unknown,
+        StoreError::LinkKeyRejected(LinkKeyRejection::Unknown)
+    ));
+    let (outcome, _) = h
+        .link(&secret, "S1", T0 + LINK_KEY_VALIDITY_MS - 1_000)
+        .await
+        .unwrap();
+    assert_eq!(outcome.instance.org_id, org);
+    assert_eq!(outcome.instance.link_key_id, key.id);
+    assert!(!outcome.relinked);
+    let expired = h
+        .link(&secret, "S2", T0 + LINK_KEY_VALIDITY_MS + 1_000)
+        .await
+        .unwrap_err();
+    assert!(matches!(
+        expired,
+        StoreError::LinkKeyRejected(LinkKeyRejection::Expired)
+    ));
+    let new_key = NewSecret {
+        record: LinkKeyRecord {
+            id: new_id(),
+            ..key.clone()
+        },
+        digest: token::digest(&token::generate(token::TokenKind::LinkKey)),
+    };
+    h.store
+        .regenerate_link_key(
+            &org,
+            &key.id,
+            &new_key,
+            AuditDraft::new(T0, "operator", "link_key.regenerated", "k"),
+        )
+        .await
+        .unwrap();
+    let revoked = h.link(&secret, "S3", T0 + 1).await.unwrap_err();
+    assert!(matches!(
+        revoked,
+        StoreError::LinkKeyRejected(LinkKeyRejection::Revoked)
+    ));
+    assert_eq!(h.count("SELECT COUNT(*) FROM instances").await, 1);
+}
+
+async fn relinking_a_server_keeps_its_id_and_revokes_old_credentials(h: Harness) {
+    let org = h.org(T0).await;
+    let (secret, _) = h.key(&org, T0).await;
+    let (first, first_credential) = h.link(&secret, "S1", T0 + 1).await.unwrap();
+    let (second, second_credential) = h.link(&secret, "S1", T0 + 2).await.unwrap();
+    assert!(second.relinked);
+    assert_eq!(first.instance.id, second.instance.id);
+    let old = h
+        .store
+        .find_credential(&token::digest(&first_credential))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(old.record.revoked_at, Some(T0 + 2));
+    let new = h
+        .store
+        .find_credential(&token::digest(&second_credential))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(new.record.revoked_at, None);
+    assert_eq!(
+        h.store
+            .app_links_of(&[second.instance.id.clone()])
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
+}
+
+async fn unlinking_revokes_every_credential_and_stays_in_its_org(h: Harness) {
+    let org = h.org(T0).await;
+    let other = h.org(T0).await;
+    let (secret, _) = h.key(&org, T0).await;
+    let (outcome, credential) = h.link(&secret, "S1", T0).await.unwrap();
+    let audit = || AuditDraft::new(T0 + 9, "operator", "instance.unlinked", "i");
+    let foreign = h
+        .store
+        .unlink_instance(&other, &outcome.instance.id, audit())
+        .await
+        .unwrap_err();
+    assert!(matches!(foreign, StoreError::NotFound(_)));
+    let unlinked = h
+        .store
+        .unlink_instance(&org, &outcome.instance.id, audit())
+        .await
+        .unwrap();
+    assert_eq!(unlinked.unlinked_at, Some(T0 + 9));
+    let found = h
+        .store
+        .find_credential(&token::digest(&credential))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(found.instance_unlinked);
+    assert_eq!(found.record.revoked_at, Some(T0 + 9));
+    assert_eq!(
+        h.store
+            .list_instances(&other, None, 10)
+            .await
+            .unwrap()
+            .len(),
+        0
+    );
+    assert_eq!(
+        h.store.list_instances(&org, None, 10).await.unwrap().len(),
+        1
+    );
+}
+
+async fn credentials_and_admin_tokens_are_found_by_digest_and_revoked_per_org(h: Harness) {
+    let org = h.org(T0).await;
+    let other = h.org(T0).await;
+    let admin_secret = token::generate(token::TokenKind::Admin);
+    let admin = AdminTokenRecord {
+        id: new_id(),
+        org_id: org.clone(),
+        label: "ops".into(),
+        prefix: token::display_prefix(&admin_secret),
+        created_at: T0,
+        last_used_at: None,
+        revoked_at: None,
+    };
+    h.store
+        .insert_admin_token(
+            &NewSecret {
+                record: admin.clone(),
+                digest: token::digest(&admin_secret),
+            },
+            AuditDraft::new(T0, "operator", "admin_token.created", admin.id.clone()),
+        )
+        .await
+        .unwrap();
+    let found = h
+        .store
+        .find_admin_token(&token::digest(&admin_secret))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(found.record, admin);
+    h.store.touch_admin_token(&admin.id, T0 + 1).await.unwrap();
+    let audit = || AuditDraft::new(T0 + 2, "operator", "admin_token.revoked", "t");
+    assert!(matches!(
+        h.store.revoke_admin_token(&other, &admin.id, audit()).await,
+        Err(StoreError::NotFound(_))
+    ));
+    let revoked = h
+        .store
+        .revoke_admin_token(&org, &admin.id, audit())
+        .await
+        .unwrap();
+    assert_eq!(
+        (revoked.last_used_at, revoked.revoked_at),
+        (Some(T0 + 1), Some(T0 + 2))
+    );
+
+    let (secret, _) = h.key(&org, T0).await;
+    let (outcome, _) = h.link(&secret, "S1", T0).await.unwrap();
+    let audit = || AuditDraft::new(T0 + 3, "operator", "credential.revoked", "c");
+    assert!(matches!(
+        h.store
+            .revoke_credential(&other, &outcome.credential.id, audit())
+            .await,
+        Err(StoreError::NotFound(_))
+    ));
+    let revoked = h
+        .store
+        .revoke_credential(&org, &outcome.credential.id, audit())
+        .await
+        .unwrap();
+    assert_eq!(revoked.revoked_at, Some(T0 + 3));
+}
+
+async fn a_domain_is_verified_for_one_org_at_most(h: Harness) {
+    let org = h.org(T0).await;
+    let other = h.org(T0).await;
+    let claim = |org_id: &str, token: &str| DomainRecord {
+        org_id: org_id.into(),
+        domain: "example.com".into(),
+        token: token.into(),
+        claimed_at: T0,
+        verified_at: None,
+    };
+    let audit = |action| AuditDraft::new(T0 + 1, "operator", action, "example.com");
+    let first = h
+        .store
+        .claim_domain(&claim(&org, "tok1"), audit("domain.claimed"))
+        .await
+        .unwrap();
+    let again = h
+        .store
+        .claim_domain(&claim(&org, "tok2"), audit("domain.claimed"))
+        .await
+        .unwrap();
+    assert_eq!(first, again, "a repeated claim returns the first one");
+    h.store
+        .claim_domain(&claim(&other, "tok3"), audit("domain.claimed"))
+        .await
+        .unwrap();
+    let verified = h
+        .store
+        .mark_domain_verified(&org, "example.com", audit("domain.verified"))
+        .await
+        .unwrap();
+    assert_eq!(verified.verified_at, Some(T0 + 1));
+    let taken = h
+        .store
+        .mark_domain_verified(&other, "example.com", audit("domain.verified"))
+        .await
+        .unwrap_err();
+    assert!(matches!(taken, StoreError::AlreadyExists(_)), "{taken:?}");
+    let missing = h
+        .store
+        .mark_domain_verified(&org, "nope.com", audit("domain.verified"))
+        .await
+        .unwrap_err();
+    assert!(matches!(missing, StoreError::NotFound(_)));
+}
+
+async fn detection_inputs_match_licenses_to_verified_domains(h: Harness) {
+    let org = h.org(T0).await;
+    let license = |sen: &str, domain: &str| LicenseRecord {
+        sen: sen.into(),
+        product: "jira".into(),
+        domain: domain.into(),
+    };
+    let (inserted, updated) = h
+        .store
+        .import_licenses(
+            &[
+                license("SEN-1", "example.com"),
+                license("SEN-2", "jira.example.com"),
+                license("SEN-3", "notexample.com"),
+            ],
+            T0,
+        )
+        .await
+        .unwrap();
+    assert_eq!((inserted, updated), (3, 0));
+    assert_eq!(
+        h.store
+            .import_licenses(&[license("SEN-1", "example.com")], T0)
+            .await
+            .unwrap(),
+        (0, 1)
+    );
+    let unverified = h.store.detection_inputs(&org).await.unwrap();
+    assert!(
+        unverified.licenses.is_empty(),
+        "nothing matches before a domain is verified"
+    );
+    let audit = |action| AuditDraft::new(T0, "operator", action, "example.com");
+    h.store
+        .claim_domain(
+            &DomainRecord {
+                org_id: org.clone(),
+                domain: "example.com".into(),
+                token: "t".into(),
+                claimed_at: T0,
+                verified_at: None,
+            },
+            audit("domain.claimed"),
+        )
+        .await
+        .unwrap();
+    h.store
+        .mark_domain_verified(&org, "example.com", audit("domain.verified"))
+        .await
+        .unwrap();
+    let (secret, _) = h.key(&org, T0).await;
+    h.link(&secret, "S1", T0).await.unwrap();
+    let inputs = h.store.detection_inputs(&org).await.unwrap();
+    let sens: Vec<&str> = inputs.licenses.iter().map(|l| l.sen.as_str()).collect();
+    assert_eq!(sens, ["SEN-1", "SEN-2"]);
+    assert_eq!(inputs.linked_instances.len(), 1);
+    assert_eq!(inputs.app_links.len(), 1);
+}
+
+async fn the_audit_log_pages_filters_and_reports_an_edited_entry(h: Harness) {
+    let org = h.org(T0).await;
+    for i in 0..5 {
+        let action = if i % 2 == 0 {
+            "consent.updated"
+        } else {
+            "residency.requested"
+        };
+        let record = h
+            .store
+            .append_audit(
+                &org,
+                AuditDraft::new(T0 + i, "service:consent", action, format!("v{i}"))
+                    .with("level", "BASIC"),
+            )
+            .await
+            .unwrap();
+        assert_eq!(record.seq, i + 2);
+    }
+    let consent = h.store.list_audit(&org, 0, 100, "consent.").await.unwrap();
+    assert_eq!(consent.len(), 3);
+    let page = h.store.list_audit(&org, 2, 2, "").await.unwrap();
+    assert_eq!(page.iter().map(|e| e.seq).collect::<Vec<_>>(), [3, 4]);
+    // An underscore in a prefix is taken literally, not as a wildcard.
+    assert!(
+        h.store
+            .list_audit(&org, 0, 100, "consent_")
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert!(matches!(
+        h.verify(&org).await,
+        ChainCheck::Intact { entries: 6, .. }
+    ));
+
+    h.exec(
+        "UPDATE audit_events SET target = 'forged' WHERE seq = 4",
+        "UPDATE audit_events SET target = 'forged' WHERE seq = 4",
+    )
+    .await;
+    assert_eq!(
+        h.verify(&org).await,
+        ChainCheck::Broken {
+            entries: 4,
+            first_bad_seq: 4,
+            problem: "hash mismatch: entry was edited"
+        }
+    );
+}
+
+async fn an_action_whose_audit_entry_cannot_be_written_changes_nothing(h: Harness) {
+    let org = h.org(T0).await;
+    h.exec(
+        "CREATE TRIGGER audit_full BEFORE INSERT ON audit_events BEGIN SELECT RAISE(ABORT, 'audit log unavailable'); END",
+        "ALTER TABLE audit_events ADD CONSTRAINT audit_full CHECK (seq < 0) NOT VALID",
+    )
+    .await;
+    let secret = token::generate(token::TokenKind::LinkKey);
+    let key = NewSecret {
+        record: LinkKeyRecord {
+            id: new_id(),
+            org_id: org.clone(),
+            label: String::new(),
+            prefix: token::display_prefix(&secret),
+            created_at: T0,
+            expires_at: T0 + LINK_KEY_VALIDITY_MS,
+            last_used_at: None,
+            revoked_at: None,
+            replaces_key_id: None,
+        },
+        digest: token::digest(&secret),
+    };
+    let failed = h
+        .store
+        .insert_link_key(
+            &key,
+            AuditDraft::new(T0, "operator", "link_key.created", "k"),
+        )
+        .await;
+    assert!(failed.is_err());
+    assert_eq!(h.count("SELECT COUNT(*) FROM link_keys").await, 0);
+    assert_eq!(
+        h.store.audit_head(&org).await.unwrap().unwrap().seq,
+        1,
+        "the reserved seq rolled back"
+    );
+}
+
+macro_rules! conformance {
+    ($($test:ident),* $(,)?) => {
+        mod sqlite {
+            $(
+                #[tokio::test]
+                async fn $test() {
+                    let (harness, _dir) = super::Harness::sqlite().await;
+                    super::$test(harness).await;
+                }
+            )*
+        }
+        mod postgres {
+            $(
+                #[tokio::test]
+                async fn $test() {
+                    let (harness, _guard) = super::Harness::postgres().await;
+                    super::$test(harness).await;
+                }
+            )*
+        }
+    };
+}
+
+conformance!(
+    orgs_start_with_an_intact_one_entry_chain,
+    regenerating_a_key_revokes_the_old_one,
+    linking_checks_the_key_digest_revocation_and_expiry,
+    relinking_a_server_keeps_its_id_and_revokes_old_credentials,
+    unlinking_revokes_every_credential_and_stays_in_its_org,
+    credentials_and_admin_tokens_are_found_by_digest_and_revoked_per_org,
+    a_domain_is_verified_for_one_org_at_most,
+    detection_inputs_match_licenses_to_verified_domains,
+    the_audit_log_pages_filters_and_reports_an_edited_entry,
+    an_action_whose_audit_entry_cannot_be_written_changes_nothing,
+);

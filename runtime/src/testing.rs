@@ -1,0 +1,25 @@
+//! Helpers for tests that need a real PostgreSQL: each call makes a fresh schema in the test database
+//! and returns a URL whose connections use it, so tests run in parallel without seeing each other.
+
+use sqlx::Connection;
+
+/// The database tests use: `SIGHTLINE_TEST_POSTGRES_URL`, or the local `test` database.
+pub fn postgres_base_url() -> String {
+    std::env::var("SIGHTLINE_TEST_POSTGRES_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_owned())
+}
+
+/// Creates an empty schema and returns a URL that puts it first on the search path.
+pub async fn fresh_postgres_url() -> Result<String, sqlx::Error> {
+    let base = postgres_base_url();
+    let schema = format!("t_{}", uuid::Uuid::now_v7().simple());
+    let mut conn = sqlx::PgConnection::connect(&base).await?;
+    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE SCHEMA {schema}")))
+        .execute(&mut conn)
+        .await?;
+    conn.close().await?;
+    let separator = if base.contains('?') { '&' } else { '?' };
+    Ok(format!(
+        "{base}{separator}options=-c%20search_path%3D{schema}"
+    ))
+}
