@@ -159,13 +159,13 @@ impl CredentialClient {
         let parsed = token::parse(presented)
             .map_err(|e| Status::unauthenticated(format!("malformed bearer token: {e}")))?;
         let key = parsed.digest();
-        if let Some(hit) = self.cache.get(&key) {
-            if hit.until > Instant::now() {
-                return hit
-                    .principal
-                    .clone()
-                    .map_err(|(code, message)| Status::new(code, message));
-            }
+        if let Some(hit) = self.cache.get(&key)
+            && hit.until > Instant::now()
+        {
+            return hit
+                .principal
+                .clone()
+                .map_err(|(code, message)| Status::new(code, message));
         }
         let mut request = tonic::Request::new(ValidateCredentialRequest {
             credential: presented.to_owned(),

@@ -31,7 +31,7 @@ impl std::fmt::Debug for Secret {
 
 #[derive(Debug, thiserror::Error)]
 #[error("invalid settings: {0}")]
-pub struct SettingsError(#[from] Box<figment::Error>);
+pub struct SettingsError(#[from] pub Box<figment::Error>);
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -168,13 +168,14 @@ impl Default for Limits {
 }
 
 #[cfg(test)]
+#[allow(clippy::result_large_err)]
 mod tests {
     use super::*;
 
     #[test]
     fn defaults_parse_with_no_file_and_no_environment() {
         figment::Jail::expect_with(|_| {
-            let settings = Settings::load(None)?;
+            let settings = Settings::load(None).map_err(|e| *e.0)?;
             assert_eq!(settings.linker.listen.port(), 50051);
             assert_eq!(settings.consent.listen.port(), 50052);
             assert_eq!(settings.collector.listen.port(), 50053);
@@ -195,7 +196,7 @@ mod tests {
             )?;
             jail.set_env("SIGHTLINE_LINKER__LISTEN", "127.0.0.1:7000");
             jail.set_env("SIGHTLINE_LOG__FORMAT", "json");
-            let settings = Settings::load(Some(Path::new("sightline.toml")))?;
+            let settings = Settings::load(Some(Path::new("sightline.toml"))).map_err(|e| *e.0)?;
             assert_eq!(settings.data_dir, PathBuf::from("/var/lib/sightline"));
             assert_eq!(settings.linker.listen.port(), 7000);
             assert_eq!(settings.log.format, LogFormat::Json);

@@ -62,22 +62,12 @@ pub fn logs() -> LogCapture {
 }
 
 /// How to start linker-svc for a test.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct LinkerOptions {
     /// `None`: a SQLite file in the test's data directory.
     pub database_url: Option<String>,
     pub limits: Limits,
     pub tls: Option<TlsSettings>,
-}
-
-impl Default for LinkerOptions {
-    fn default() -> Self {
-        Self {
-            database_url: None,
-            limits: Limits::default(),
-            tls: None,
-        }
-    }
 }
 
 /// A running linker-svc with its secrets, clock and data directory.
@@ -100,9 +90,9 @@ impl TestLinker {
         let dir = tempfile::tempdir().unwrap();
         let (operator, _) = linker_svc::ensure_operator_token(dir.path()).unwrap();
         let service = sightline::ensure_service_token(dir.path()).unwrap();
-        let database_url = options
-            .database_url
-            .unwrap_or_else(|| sightline_runtime::storage::default_sqlite_url(dir.path(), "linker"));
+        let database_url = options.database_url.unwrap_or_else(|| {
+            sightline_runtime::storage::default_sqlite_url(dir.path(), "linker")
+        });
         let clock = ManualClock::new(T0_MS);
         let txt = Arc::new(StaticTxt::default());
         let linker = Linker::build(LinkerConfig {
@@ -202,7 +192,10 @@ pub fn grpcurl() -> String {
 
 /// The workspace root, where README.md lives.
 pub fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
 }
 
 /// The fenced bash block that follows `<!-- test:NAME -->` in README.md.

@@ -45,24 +45,44 @@ async fn org(linker: &TestLinker, name: &str) -> Org {
         .unwrap()
         .org_id;
     let token = client
-        .create_admin_token(authed(op, pb::CreateAdminTokenRequest { org_id: id.clone(), label: "ops".into() }))
+        .create_admin_token(authed(
+            op,
+            pb::CreateAdminTokenRequest {
+                org_id: id.clone(),
+                label: "ops".into(),
+            },
+        ))
         .await
         .unwrap()
         .into_inner();
-    Org { id, admin: token.secret, admin_id: token.token.unwrap().token_id }
+    Org {
+        id,
+        admin: token.secret,
+        admin_id: token.token.unwrap().token_id,
+    }
 }
 
 async fn link_key(linker: &TestLinker, org: &Org) -> pb::CreateLinkKeyResponse {
     linker
         .linker()
         .await
-        .create_link_key(authed(&org.admin, pb::CreateLinkKeyRequest { org_id: org.id.clone(), label: String::new() }))
+        .create_link_key(authed(
+            &org.admin,
+            pb::CreateLinkKeyRequest {
+                org_id: org.id.clone(),
+                label: String::new(),
+            },
+        ))
         .await
         .unwrap()
         .into_inner()
 }
 
-async fn link(linker: &TestLinker, key: &str, server_id: &str) -> Result<pb::LinkInstanceResponse, tonic::Status> {
+async fn link(
+    linker: &TestLinker,
+    key: &str,
+    server_id: &str,
+) -> Result<pb::LinkInstanceResponse, tonic::Status> {
     linker
         .linker()
         .await
@@ -86,7 +106,12 @@ async fn audit_count(linker: &TestLinker, org: &Org) -> u64 {
     linker
         .audit()
         .await
-        .verify_chain(authed(linker.operator.expose(), audit_pb::VerifyChainRequest { org_id: org.id.clone() }))
+        .verify_chain(authed(
+            linker.operator.expose(),
+            audit_pb::VerifyChainRequest {
+                org_id: org.id.clone(),
+            },
+        ))
         .await
         .unwrap()
         .into_inner()
@@ -110,7 +135,10 @@ async fn readme_walkthrough_runs_with_real_grpcurl() {
         .unwrap();
     let stdout = String::from_utf8_lossy(&output.stdout);
     let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(output.status.success(), "walkthrough failed\nstdout:\n{stdout}\nstderr:\n{stderr}");
+    assert!(
+        output.status.success(),
+        "walkthrough failed\nstdout:\n{stdout}\nstderr:\n{stderr}"
+    );
 
     let (shown, secrets) = stdout.rsplit_once("__SECRETS__ ").unwrap();
     let mut secrets = secrets.split_whitespace();
@@ -122,13 +150,28 @@ async fn readme_walkthrough_runs_with_real_grpcurl() {
         assert!(!shown.contains(secret), "a secret was printed:\n{shown}");
         assert!(!shown.contains(&secret[4..20]));
     }
-    assert!(shown.contains("\"kind\": \"CREDENTIAL_KIND_INSTANCE\""), "{shown}");
+    assert!(
+        shown.contains("\"kind\": \"CREDENTIAL_KIND_INSTANCE\""),
+        "{shown}"
+    );
     assert!(shown.contains("\"scopes\": ["), "{shown}");
-    assert!(shown.contains(&format!("\"prefix\": \"{}\"", &key[..8])), "{shown}");
-    assert!(shown.contains("\"oldKeyState\": \"SECRET_STATE_REVOKED\""), "{shown}");
+    assert!(
+        shown.contains(&format!("\"prefix\": \"{}\"", &key[..8])),
+        "{shown}"
+    );
+    assert!(
+        shown.contains("\"oldKeyState\": \"SECRET_STATE_REVOKED\""),
+        "{shown}"
+    );
     assert!(shown.contains("Code: Unauthenticated"), "{shown}");
     assert!(shown.contains("link key has been revoked"), "{shown}");
-    for action in ["org.created", "admin_token.created", "link_key.created", "instance.linked", "link_key.regenerated"] {
+    for action in [
+        "org.created",
+        "admin_token.created",
+        "link_key.created",
+        "instance.linked",
+        "link_key.regenerated",
+    ] {
         assert!(shown.contains(action), "audit log lacks {action}:\n{shown}");
     }
     assert!(shown.contains("\"intact\": true"), "{shown}");
@@ -140,7 +183,8 @@ async fn a_link_key_works_at_thirty_days_less_a_second_and_not_a_second_after() 
     let linker = TestLinker::start(LinkerOptions::default()).await;
     let acme = org(&linker, "Acme").await;
     let key = link_key(&linker, &acme).await;
-    let created = sightline_runtime::time::from_proto(key.key.as_ref().unwrap().created_at.as_ref().unwrap());
+    let created =
+        sightline_runtime::time::from_proto(key.key.as_ref().unwrap().created_at.as_ref().unwrap());
     assert_eq!(
         sightline_runtime::time::from_proto(key.key.as_ref().unwrap().expires_at.as_ref().unwrap()),
         created + 30 * DAY_MS
@@ -153,12 +197,22 @@ async fn a_link_key_works_at_thirty_days_less_a_second_and_not_a_second_after() 
     linker.clock.set_ms(created + 30 * DAY_MS + 1_000);
     let expired = link(&linker, &key.secret, "C9ZZ").await.unwrap_err();
     assert_eq!(expired.code(), Code::Unauthenticated);
-    assert!(expired.message().contains("expired"), "{}", expired.message());
+    assert!(
+        expired.message().contains("expired"),
+        "{}",
+        expired.message()
+    );
 
     let keys = linker
         .linker()
         .await
-        .list_link_keys(authed(&acme.admin, pb::ListLinkKeysRequest { org_id: acme.id.clone(), ..Default::default() }))
+        .list_link_keys(authed(
+            &acme.admin,
+            pb::ListLinkKeysRequest {
+                org_id: acme.id.clone(),
+                ..Default::default()
+            },
+        ))
         .await
         .unwrap()
         .into_inner()
@@ -181,7 +235,10 @@ async fn credentials_validate_until_revoked_or_unlinked() {
         let service = service.clone();
         async move {
             client
-                .validate_credential(authed(&service, pb::ValidateCredentialRequest { credential }))
+                .validate_credential(authed(
+                    &service,
+                    pb::ValidateCredentialRequest { credential },
+                ))
                 .await
                 .map(tonic::Response::into_inner)
         }
@@ -189,17 +246,43 @@ async fn credentials_validate_until_revoked_or_unlinked() {
     let valid = validate(first.credential.clone()).await.unwrap();
     assert_eq!(valid.kind(), pb::CredentialKind::Instance);
     assert_eq!(valid.org_id, acme.id);
-    assert_eq!(valid.instance_id, first.instance.as_ref().unwrap().instance_id);
+    assert_eq!(
+        valid.instance_id,
+        first.instance.as_ref().unwrap().instance_id
+    );
     assert!(valid.cache_ttl_ms > 0);
     let admin = validate(acme.admin.clone()).await.unwrap();
-    assert_eq!((admin.kind(), admin.credential_id.as_str()), (pb::CredentialKind::Admin, acme.admin_id.as_str()));
-    assert_eq!(validate(linker.operator.expose().into()).await.unwrap().kind(), pb::CredentialKind::Operator);
-    assert_eq!(validate(key.secret.clone()).await.unwrap_err().code(), Code::Unauthenticated);
-    assert_eq!(validate(stranger(TokenKind::Instance)).await.unwrap_err().code(), Code::Unauthenticated);
+    assert_eq!(
+        (admin.kind(), admin.credential_id.as_str()),
+        (pb::CredentialKind::Admin, acme.admin_id.as_str())
+    );
+    assert_eq!(
+        validate(linker.operator.expose().into())
+            .await
+            .unwrap()
+            .kind(),
+        pb::CredentialKind::Operator
+    );
+    assert_eq!(
+        validate(key.secret.clone()).await.unwrap_err().code(),
+        Code::Unauthenticated
+    );
+    assert_eq!(
+        validate(stranger(TokenKind::Instance))
+            .await
+            .unwrap_err()
+            .code(),
+        Code::Unauthenticated
+    );
 
     // Only services may ask.
     let denied = client
-        .validate_credential(authed(&acme.admin, pb::ValidateCredentialRequest { credential: first.credential.clone() }))
+        .validate_credential(authed(
+            &acme.admin,
+            pb::ValidateCredentialRequest {
+                credential: first.credential.clone(),
+            },
+        ))
         .await
         .unwrap_err();
     assert_eq!(denied.code(), Code::PermissionDenied);
@@ -214,12 +297,18 @@ async fn credentials_validate_until_revoked_or_unlinked() {
         ))
         .await
         .unwrap();
-    assert_eq!(validate(first.credential).await.unwrap_err().code(), Code::Unauthenticated);
+    assert_eq!(
+        validate(first.credential).await.unwrap_err().code(),
+        Code::Unauthenticated
+    );
 
     let unlinked = client
         .unlink_instance(authed(
             &acme.admin,
-            pb::UnlinkInstanceRequest { org_id: acme.id.clone(), instance_id: second.instance.unwrap().instance_id },
+            pb::UnlinkInstanceRequest {
+                org_id: acme.id.clone(),
+                instance_id: second.instance.unwrap().instance_id,
+            },
         ))
         .await
         .unwrap()
@@ -227,19 +316,36 @@ async fn credentials_validate_until_revoked_or_unlinked() {
         .instance
         .unwrap();
     assert_eq!(unlinked.state(), pb::InstanceState::Unlinked);
-    assert!(unlinked.credentials.iter().all(|c| c.state() == pb::SecretState::Revoked));
-    assert_eq!(validate(second.credential).await.unwrap_err().code(), Code::Unauthenticated);
+    assert!(
+        unlinked
+            .credentials
+            .iter()
+            .all(|c| c.state() == pb::SecretState::Revoked)
+    );
+    assert_eq!(
+        validate(second.credential).await.unwrap_err().code(),
+        Code::Unauthenticated
+    );
 
     // Revoking an admin token locks it out at once.
     client
         .revoke_admin_token(authed(
             linker.operator.expose(),
-            pb::RevokeAdminTokenRequest { org_id: acme.id.clone(), token_id: acme.admin_id.clone() },
+            pb::RevokeAdminTokenRequest {
+                org_id: acme.id.clone(),
+                token_id: acme.admin_id.clone(),
+            },
         ))
         .await
         .unwrap();
     let locked_out = client
-        .list_instances(authed(&acme.admin, pb::ListInstancesRequest { org_id: acme.id.clone(), ..Default::default() }))
+        .list_instances(authed(
+            &acme.admin,
+            pb::ListInstancesRequest {
+                org_id: acme.id.clone(),
+                ..Default::default()
+            },
+        ))
         .await
         .unwrap_err();
     assert_eq!(locked_out.code(), Code::Unauthenticated);
@@ -251,21 +357,44 @@ async fn detection_finds_instances_by_license_domain_and_by_app_links() {
     let acme = org(&linker, "Acme").await;
     let mut client = linker.linker().await;
     let claim = client
-        .claim_domain(authed(&acme.admin, pb::ClaimDomainRequest { org_id: acme.id.clone(), domain: "Acme.Example".into() }))
+        .claim_domain(authed(
+            &acme.admin,
+            pb::ClaimDomainRequest {
+                org_id: acme.id.clone(),
+                domain: "Acme.Example".into(),
+            },
+        ))
         .await
         .unwrap()
         .into_inner()
         .claim
         .unwrap();
-    assert_eq!((claim.domain.as_str(), claim.state()), ("acme.example", pb::DomainState::Pending));
+    assert_eq!(
+        (claim.domain.as_str(), claim.state()),
+        ("acme.example", pb::DomainState::Pending)
+    );
     let unverified = client
-        .verify_domain(authed(&acme.admin, pb::VerifyDomainRequest { org_id: acme.id.clone(), domain: "acme.example".into() }))
+        .verify_domain(authed(
+            &acme.admin,
+            pb::VerifyDomainRequest {
+                org_id: acme.id.clone(),
+                domain: "acme.example".into(),
+            },
+        ))
         .await
         .unwrap_err();
     assert_eq!(unverified.code(), Code::FailedPrecondition);
-    linker.txt.publish(&claim.txt_record_name, &claim.txt_record_value);
+    linker
+        .txt
+        .publish(&claim.txt_record_name, &claim.txt_record_value);
     let verified = client
-        .verify_domain(authed(&acme.admin, pb::VerifyDomainRequest { org_id: acme.id.clone(), domain: "acme.example".into() }))
+        .verify_domain(authed(
+            &acme.admin,
+            pb::VerifyDomainRequest {
+                org_id: acme.id.clone(),
+                domain: "acme.example".into(),
+            },
+        ))
         .await
         .unwrap()
         .into_inner()
@@ -273,12 +402,20 @@ async fn detection_finds_instances_by_license_domain_and_by_app_links() {
         .unwrap();
     assert_eq!(verified.state(), pb::DomainState::Verified);
 
-    let license = |sen: &str, domain: &str| pb::LicenseRecord { sen: sen.into(), product: "jira".into(), domain: domain.into() };
+    let license = |sen: &str, domain: &str| pb::LicenseRecord {
+        sen: sen.into(),
+        product: "jira".into(),
+        domain: domain.into(),
+    };
     let imported = client
         .import_licenses(authed(
             linker.operator.expose(),
             pb::ImportLicensesRequest {
-                licenses: vec![license("SEN-S1", "acme.example"), license("SEN-9", "jira.acme.example"), license("SEN-X", "other.example")],
+                licenses: vec![
+                    license("SEN-S1", "acme.example"),
+                    license("SEN-9", "jira.acme.example"),
+                    license("SEN-X", "other.example"),
+                ],
             },
         ))
         .await
@@ -286,7 +423,10 @@ async fn detection_finds_instances_by_license_domain_and_by_app_links() {
         .into_inner();
     assert_eq!(imported.inserted, 3);
     let denied = client
-        .import_licenses(authed(&acme.admin, pb::ImportLicensesRequest { licenses: vec![] }))
+        .import_licenses(authed(
+            &acme.admin,
+            pb::ImportLicensesRequest { licenses: vec![] },
+        ))
         .await
         .unwrap_err();
     assert_eq!(denied.code(), Code::PermissionDenied);
@@ -294,16 +434,29 @@ async fn detection_finds_instances_by_license_domain_and_by_app_links() {
     let key = link_key(&linker, &acme).await;
     let linked = link(&linker, &key.secret, "S1").await.unwrap();
     let found = client
-        .detect_instances(authed(&acme.admin, pb::DetectInstancesRequest { org_id: acme.id.clone() }))
+        .detect_instances(authed(
+            &acme.admin,
+            pb::DetectInstancesRequest {
+                org_id: acme.id.clone(),
+            },
+        ))
         .await
         .unwrap()
         .into_inner()
         .instances;
-    let by_license: Vec<_> = found.iter().filter(|d| d.method() == pb::DetectionMethod::LicenseDomain).collect();
+    let by_license: Vec<_> = found
+        .iter()
+        .filter(|d| d.method() == pb::DetectionMethod::LicenseDomain)
+        .collect();
     assert_eq!(by_license.len(), 2, "{found:?}");
-    assert!(by_license.iter().any(|d| d.sen == "SEN-S1" && d.linked && d.instance_id == linked.instance.as_ref().unwrap().instance_id));
+    assert!(by_license.iter().any(|d| d.sen == "SEN-S1"
+        && d.linked
+        && d.instance_id == linked.instance.as_ref().unwrap().instance_id));
     assert!(by_license.iter().any(|d| d.sen == "SEN-9" && !d.linked));
-    let by_link: Vec<_> = found.iter().filter(|d| d.method() == pb::DetectionMethod::AppLink).collect();
+    let by_link: Vec<_> = found
+        .iter()
+        .filter(|d| d.method() == pb::DetectionMethod::AppLink)
+        .collect();
     assert_eq!(by_link.len(), 1);
     assert_eq!(by_link[0].app_link.as_ref().unwrap().server_id, "WIKI-1");
     assert!(!by_link[0].linked);
@@ -320,11 +473,22 @@ async fn an_org_admin_can_neither_read_nor_change_another_org() {
     let b_key_id = b_key.key.as_ref().unwrap().key_id.clone();
     let b_linked = link(&linker, &b_key.secret, "BRAVO-1").await.unwrap();
     let b_instance = b_linked.instance.as_ref().unwrap().instance_id.clone();
-    let b_credential = b_linked.credential_info.as_ref().unwrap().credential_id.clone();
+    let b_credential = b_linked
+        .credential_info
+        .as_ref()
+        .unwrap()
+        .credential_id
+        .clone();
     let mut linker_client = linker.linker().await;
     let mut audit_client = linker.audit().await;
     linker_client
-        .claim_domain(authed(&b.admin, pb::ClaimDomainRequest { org_id: b.id.clone(), domain: "bravo.example".into() }))
+        .claim_domain(authed(
+            &b.admin,
+            pb::ClaimDomainRequest {
+                org_id: b.id.clone(),
+                domain: "bravo.example".into(),
+            },
+        ))
         .await
         .unwrap();
     let b_audit_before = audit_count(&linker, &b).await;
@@ -337,52 +501,204 @@ async fn an_org_admin_can_neither_read_nor_change_another_org() {
         };
     }
     // B's org id.
-    call!("CreateAdminToken", linker_client.create_admin_token(pb::CreateAdminTokenRequest { org_id: b.id.clone(), label: "x".into() }));
-    call!("RevokeAdminToken", linker_client.revoke_admin_token(pb::RevokeAdminTokenRequest { org_id: b.id.clone(), token_id: b.admin_id.clone() }));
-    call!("CreateLinkKey", linker_client.create_link_key(pb::CreateLinkKeyRequest { org_id: b.id.clone(), label: String::new() }));
-    call!("RegenerateLinkKey", linker_client.regenerate_link_key(pb::RegenerateLinkKeyRequest { org_id: b.id.clone(), key_id: b_key_id.clone() }));
-    call!("ListLinkKeys", linker_client.list_link_keys(pb::ListLinkKeysRequest { org_id: b.id.clone(), ..Default::default() }));
-    call!("ListInstances", linker_client.list_instances(pb::ListInstancesRequest { org_id: b.id.clone(), ..Default::default() }));
-    call!("UnlinkInstance", linker_client.unlink_instance(pb::UnlinkInstanceRequest { org_id: b.id.clone(), instance_id: b_instance.clone() }));
-    call!("RevokeCredential", linker_client.revoke_credential(pb::RevokeCredentialRequest { org_id: b.id.clone(), credential_id: b_credential.clone() }));
-    call!("ClaimDomain", linker_client.claim_domain(pb::ClaimDomainRequest { org_id: b.id.clone(), domain: "alpha.example".into() }));
-    call!("VerifyDomain", linker_client.verify_domain(pb::VerifyDomainRequest { org_id: b.id.clone(), domain: "bravo.example".into() }));
-    call!("DetectInstances", linker_client.detect_instances(pb::DetectInstancesRequest { org_id: b.id.clone() }));
-    call!("ListEvents", audit_client.list_events(audit_pb::ListEventsRequest { org_id: b.id.clone(), ..Default::default() }));
-    call!("VerifyChain", audit_client.verify_chain(audit_pb::VerifyChainRequest { org_id: b.id.clone() }));
+    call!(
+        "CreateAdminToken",
+        linker_client.create_admin_token(pb::CreateAdminTokenRequest {
+            org_id: b.id.clone(),
+            label: "x".into()
+        })
+    );
+    call!(
+        "RevokeAdminToken",
+        linker_client.revoke_admin_token(pb::RevokeAdminTokenRequest {
+            org_id: b.id.clone(),
+            token_id: b.admin_id.clone()
+        })
+    );
+    call!(
+        "CreateLinkKey",
+        linker_client.create_link_key(pb::CreateLinkKeyRequest {
+            org_id: b.id.clone(),
+            label: String::new()
+        })
+    );
+    call!(
+        "RegenerateLinkKey",
+        linker_client.regenerate_link_key(pb::RegenerateLinkKeyRequest {
+            org_id: b.id.clone(),
+            key_id: b_key_id.clone()
+        })
+    );
+    call!(
+        "ListLinkKeys",
+        linker_client.list_link_keys(pb::ListLinkKeysRequest {
+            org_id: b.id.clone(),
+            ..Default::default()
+        })
+    );
+    call!(
+        "ListInstances",
+        linker_client.list_instances(pb::ListInstancesRequest {
+            org_id: b.id.clone(),
+            ..Default::default()
+        })
+    );
+    call!(
+        "UnlinkInstance",
+        linker_client.unlink_instance(pb::UnlinkInstanceRequest {
+            org_id: b.id.clone(),
+            instance_id: b_instance.clone()
+        })
+    );
+    call!(
+        "RevokeCredential",
+        linker_client.revoke_credential(pb::RevokeCredentialRequest {
+            org_id: b.id.clone(),
+            credential_id: b_credential.clone()
+        })
+    );
+    call!(
+        "ClaimDomain",
+        linker_client.claim_domain(pb::ClaimDomainRequest {
+            org_id: b.id.clone(),
+            domain: "alpha.example".into()
+        })
+    );
+    call!(
+        "VerifyDomain",
+        linker_client.verify_domain(pb::VerifyDomainRequest {
+            org_id: b.id.clone(),
+            domain: "bravo.example".into()
+        })
+    );
+    call!(
+        "DetectInstances",
+        linker_client.detect_instances(pb::DetectInstancesRequest {
+            org_id: b.id.clone()
+        })
+    );
+    call!(
+        "ListEvents",
+        audit_client.list_events(audit_pb::ListEventsRequest {
+            org_id: b.id.clone(),
+            ..Default::default()
+        })
+    );
+    call!(
+        "VerifyChain",
+        audit_client.verify_chain(audit_pb::VerifyChainRequest {
+            org_id: b.id.clone()
+        })
+    );
     // A's org id with B's object ids.
-    call!("RevokeAdminToken/own org", linker_client.revoke_admin_token(pb::RevokeAdminTokenRequest { org_id: a.id.clone(), token_id: b.admin_id.clone() }));
-    call!("RegenerateLinkKey/own org", linker_client.regenerate_link_key(pb::RegenerateLinkKeyRequest { org_id: a.id.clone(), key_id: b_key_id.clone() }));
-    call!("UnlinkInstance/own org", linker_client.unlink_instance(pb::UnlinkInstanceRequest { org_id: a.id.clone(), instance_id: b_instance.clone() }));
-    call!("RevokeCredential/own org", linker_client.revoke_credential(pb::RevokeCredentialRequest { org_id: a.id.clone(), credential_id: b_credential.clone() }));
-    call!("VerifyDomain/own org", linker_client.verify_domain(pb::VerifyDomainRequest { org_id: a.id.clone(), domain: "bravo.example".into() }));
+    call!(
+        "RevokeAdminToken/own org",
+        linker_client.revoke_admin_token(pb::RevokeAdminTokenRequest {
+            org_id: a.id.clone(),
+            token_id: b.admin_id.clone()
+        })
+    );
+    call!(
+        "RegenerateLinkKey/own org",
+        linker_client.regenerate_link_key(pb::RegenerateLinkKeyRequest {
+            org_id: a.id.clone(),
+            key_id: b_key_id.clone()
+        })
+    );
+    call!(
+        "UnlinkInstance/own org",
+        linker_client.unlink_instance(pb::UnlinkInstanceRequest {
+            org_id: a.id.clone(),
+            instance_id: b_instance.clone()
+        })
+    );
+    call!(
+        "RevokeCredential/own org",
+        linker_client.revoke_credential(pb::RevokeCredentialRequest {
+            org_id: a.id.clone(),
+            credential_id: b_credential.clone()
+        })
+    );
+    call!(
+        "VerifyDomain/own org",
+        linker_client.verify_domain(pb::VerifyDomainRequest {
+            org_id: a.id.clone(),
+            domain: "bravo.example".into()
+        })
+    );
     // Operator- and service-only methods.
-    call!("CreateOrg", linker_client.create_org(pb::CreateOrgRequest { name: "Mallory".into() }));
-    call!("ImportLicenses", linker_client.import_licenses(pb::ImportLicensesRequest { licenses: vec![] }));
-    call!("ValidateCredential", linker_client.validate_credential(pb::ValidateCredentialRequest { credential: b_linked.credential.clone() }));
-    call!("AppendEvent", audit_client.append_event(audit_pb::AppendEventRequest { org_id: b.id.clone(), actor: "x".into(), action: "forged.entry".into(), ..Default::default() }));
+    call!(
+        "CreateOrg",
+        linker_client.create_org(pb::CreateOrgRequest {
+            name: "Mallory".into()
+        })
+    );
+    call!(
+        "ImportLicenses",
+        linker_client.import_licenses(pb::ImportLicensesRequest { licenses: vec![] })
+    );
+    call!(
+        "ValidateCredential",
+        linker_client.validate_credential(pb::ValidateCredentialRequest {
+            credential: b_linked.credential.clone()
+        })
+    );
+    call!(
+        "AppendEvent",
+        audit_client.append_event(audit_pb::AppendEventRequest {
+            org_id: b.id.clone(),
+            actor: "x".into(),
+            action: "forged.entry".into(),
+            ..Default::default()
+        })
+    );
     // LinkInstance takes a link key, not an admin token.
-    call!("LinkInstance", linker_client.link_instance(pb::LinkInstanceRequest { metadata: Some(metadata("MALLORY")), app_links: vec![] }));
+    call!(
+        "LinkInstance",
+        linker_client.link_instance(pb::LinkInstanceRequest {
+            metadata: Some(metadata("MALLORY")),
+            app_links: vec![]
+        })
+    );
 
     assert_eq!(outcomes.len(), 23);
     for (name, outcome) in &outcomes {
         let status = outcome.as_ref().expect_err(name);
         assert!(
-            matches!(status.code(), Code::NotFound | Code::PermissionDenied | Code::Unauthenticated),
+            matches!(
+                status.code(),
+                Code::NotFound | Code::PermissionDenied | Code::Unauthenticated
+            ),
             "{name}: {status:?}"
         );
         if *name != "LinkInstance" {
             assert_ne!(status.code(), Code::Unauthenticated, "{name}");
         }
-        for revealing in [b.id.as_str(), &b_instance, &b_key_id, &b_credential, "Bravo Secret Name", "BRAVO-1"] {
-            assert!(!status.message().contains(revealing), "{name} revealed {revealing}: {}", status.message());
+        for revealing in [
+            b.id.as_str(),
+            &b_instance,
+            &b_key_id,
+            &b_credential,
+            "Bravo Secret Name",
+            "BRAVO-1",
+        ] {
+            assert!(
+                !status.message().contains(revealing),
+                "{name} revealed {revealing}: {}",
+                status.message()
+            );
         }
     }
     // B is untouched: its log has no new entry, its key still links, its credential still validates.
     assert_eq!(audit_count(&linker, &b).await, b_audit_before);
     assert!(link(&linker, &b_key.secret, "BRAVO-2").await.is_ok());
     let validated = linker_client
-        .validate_credential(authed(linker.service.expose(), pb::ValidateCredentialRequest { credential: b_linked.credential }))
+        .validate_credential(authed(
+            linker.service.expose(),
+            pb::ValidateCredentialRequest {
+                credential: b_linked.credential,
+            },
+        ))
         .await
         .unwrap()
         .into_inner();
@@ -392,7 +708,10 @@ async fn an_org_admin_can_neither_read_nor_change_another_org() {
 #[tokio::test]
 async fn bad_input_names_the_field_and_writes_nothing() {
     let linker = TestLinker::start(LinkerOptions {
-        limits: Limits { max_message_bytes: 64 * 1024, ..Limits::default() },
+        limits: Limits {
+            max_message_bytes: 64 * 1024,
+            ..Limits::default()
+        },
         ..LinkerOptions::default()
     })
     .await;
@@ -405,34 +724,98 @@ async fn bad_input_names_the_field_and_writes_nothing() {
     let expect = |result: Result<(), tonic::Status>, code: Code, field: &str| {
         let status = result.unwrap_err();
         assert_eq!(status.code(), code, "{status:?}");
-        assert!(status.message().contains(field), "{field} not named in {:?}", status.message());
+        assert!(
+            status.message().contains(field),
+            "{field} not named in {:?}",
+            status.message()
+        );
     };
-    expect(client.create_link_key(authed(&acme.admin, pb::CreateLinkKeyRequest::default())).await.map(drop), Code::InvalidArgument, "org_id");
     expect(
-        client.regenerate_link_key(authed(&acme.admin, pb::RegenerateLinkKeyRequest { org_id: acme.id.clone(), key_id: "not-a-key-id".into() })).await.map(drop),
+        client
+            .create_link_key(authed(&acme.admin, pb::CreateLinkKeyRequest::default()))
+            .await
+            .map(drop),
+        Code::InvalidArgument,
+        "org_id",
+    );
+    expect(
+        client
+            .regenerate_link_key(authed(
+                &acme.admin,
+                pb::RegenerateLinkKeyRequest {
+                    org_id: acme.id.clone(),
+                    key_id: "not-a-key-id".into(),
+                },
+            ))
+            .await
+            .map(drop),
         Code::InvalidArgument,
         "key_id",
     );
-    expect(client.create_org(authed(op, pb::CreateOrgRequest { name: "   ".into() })).await.map(drop), Code::InvalidArgument, "name");
     expect(
-        client.list_link_keys(authed(&acme.admin, pb::ListLinkKeysRequest { org_id: acme.id.clone(), page_size: 5_000, ..Default::default() })).await.map(drop),
+        client
+            .create_org(authed(op, pb::CreateOrgRequest { name: "   ".into() }))
+            .await
+            .map(drop),
+        Code::InvalidArgument,
+        "name",
+    );
+    expect(
+        client
+            .list_link_keys(authed(
+                &acme.admin,
+                pb::ListLinkKeysRequest {
+                    org_id: acme.id.clone(),
+                    page_size: 5_000,
+                    ..Default::default()
+                },
+            ))
+            .await
+            .map(drop),
         Code::InvalidArgument,
         "page_size",
     );
     expect(
-        client.claim_domain(authed(&acme.admin, pb::ClaimDomainRequest { org_id: acme.id.clone(), domain: "not a domain".into() })).await.map(drop),
+        client
+            .claim_domain(authed(
+                &acme.admin,
+                pb::ClaimDomainRequest {
+                    org_id: acme.id.clone(),
+                    domain: "not a domain".into(),
+                },
+            ))
+            .await
+            .map(drop),
         Code::InvalidArgument,
         "domain",
     );
     let mut no_url = metadata("S1");
     no_url.base_url = "jira.acme.example".into();
     expect(
-        client.link_instance(authed(&key.secret, pb::LinkInstanceRequest { metadata: Some(no_url), app_links: vec![] })).await.map(drop),
+        client
+            .link_instance(authed(
+                &key.secret,
+                pb::LinkInstanceRequest {
+                    metadata: Some(no_url),
+                    app_links: vec![],
+                },
+            ))
+            .await
+            .map(drop),
         Code::InvalidArgument,
         "metadata.base_url",
     );
     expect(
-        client.link_instance(authed(&key.secret, pb::LinkInstanceRequest { metadata: None, app_links: vec![] })).await.map(drop),
+        client
+            .link_instance(authed(
+                &key.secret,
+                pb::LinkInstanceRequest {
+                    metadata: None,
+                    app_links: vec![],
+                },
+            ))
+            .await
+            .map(drop),
         Code::InvalidArgument,
         "metadata",
     );
@@ -441,39 +824,96 @@ async fn bad_input_names_the_field_and_writes_nothing() {
     let last = typo.pop().unwrap();
     typo.push(if last == 'a' { 'b' } else { 'a' });
     expect(
-        client.link_instance(authed(&typo, pb::LinkInstanceRequest { metadata: Some(metadata("S1")), app_links: vec![] })).await.map(drop),
+        client
+            .link_instance(authed(
+                &typo,
+                pb::LinkInstanceRequest {
+                    metadata: Some(metadata("S1")),
+                    app_links: vec![],
+                },
+            ))
+            .await
+            .map(drop),
         Code::Unauthenticated,
         "checksum",
     );
     expect(
-        client.create_link_key(authed("not-a-token", pb::CreateLinkKeyRequest { org_id: acme.id.clone(), label: String::new() })).await.map(drop),
+        client
+            .create_link_key(authed(
+                "not-a-token",
+                pb::CreateLinkKeyRequest {
+                    org_id: acme.id.clone(),
+                    label: String::new(),
+                },
+            ))
+            .await
+            .map(drop),
         Code::Unauthenticated,
         "token",
     );
-    let no_header = client.list_link_keys(tonic::Request::new(pb::ListLinkKeysRequest { org_id: acme.id.clone(), ..Default::default() })).await;
+    let no_header = client
+        .list_link_keys(tonic::Request::new(pb::ListLinkKeysRequest {
+            org_id: acme.id.clone(),
+            ..Default::default()
+        }))
+        .await;
     expect(no_header.map(drop), Code::Unauthenticated, "authorization");
     // An oversized message is refused before it is decoded.
     expect(
-        client.create_link_key(authed(&acme.admin, pb::CreateLinkKeyRequest { org_id: acme.id.clone(), label: "x".repeat(100_000) })).await.map(drop),
+        client
+            .create_link_key(authed(
+                &acme.admin,
+                pb::CreateLinkKeyRequest {
+                    org_id: acme.id.clone(),
+                    label: "x".repeat(100_000),
+                },
+            ))
+            .await
+            .map(drop),
         Code::ResourceExhausted,
         "max_message_bytes",
     );
     expect(
-        client.create_link_key(authed(&acme.admin, pb::CreateLinkKeyRequest { org_id: acme.id.clone(), label: "x".repeat(300) })).await.map(drop),
+        client
+            .create_link_key(authed(
+                &acme.admin,
+                pb::CreateLinkKeyRequest {
+                    org_id: acme.id.clone(),
+                    label: "x".repeat(300),
+                },
+            ))
+            .await
+            .map(drop),
         Code::InvalidArgument,
         "label",
     );
 
-    assert_eq!(audit_count(&linker, &acme).await, before, "nothing was written");
+    assert_eq!(
+        audit_count(&linker, &acme).await,
+        before,
+        "nothing was written"
+    );
     let keys = client
-        .list_link_keys(authed(&acme.admin, pb::ListLinkKeysRequest { org_id: acme.id.clone(), ..Default::default() }))
+        .list_link_keys(authed(
+            &acme.admin,
+            pb::ListLinkKeysRequest {
+                org_id: acme.id.clone(),
+                ..Default::default()
+            },
+        ))
         .await
         .unwrap()
         .into_inner()
         .keys;
     assert_eq!(keys.len(), 1);
     let instances = client
-        .list_instances(authed(&acme.admin, pb::ListInstancesRequest { org_id: acme.id.clone(), ..Default::default() }))
+        .list_instances(authed(
+            &acme.admin,
+            pb::ListInstancesRequest {
+                org_id: acme.id.clone(),
+                ..Default::default()
+            },
+        ))
         .await
         .unwrap()
         .into_inner()
@@ -491,7 +931,12 @@ async fn editing_or_removing_an_audit_row_makes_verify_chain_name_it() {
         linker
             .audit()
             .await
-            .verify_chain(authed(&acme.admin, audit_pb::VerifyChainRequest { org_id: acme.id.clone() }))
+            .verify_chain(authed(
+                &acme.admin,
+                audit_pb::VerifyChainRequest {
+                    org_id: acme.id.clone(),
+                },
+            ))
             .await
             .unwrap()
             .into_inner()
@@ -500,53 +945,96 @@ async fn editing_or_removing_an_audit_row_makes_verify_chain_name_it() {
     assert!(intact.intact);
     assert_eq!(intact.entries_checked, 4);
 
-    let mut db = sqlx::SqliteConnection::connect(&linker.database_url).await.unwrap();
+    let mut db = sqlx::SqliteConnection::connect(&linker.database_url)
+        .await
+        .unwrap();
     sqlx::query("UPDATE audit_events SET actor = 'operator' WHERE seq = 3")
         .execute(&mut db)
         .await
         .unwrap();
     let edited = verify().await;
     assert!(!edited.intact);
-    assert_eq!((edited.first_bad_seq, edited.problem.as_str()), (3, "hash mismatch: entry was edited"));
+    assert_eq!(
+        (edited.first_bad_seq, edited.problem.as_str()),
+        (3, "hash mismatch: entry was edited")
+    );
 
-    sqlx::query("DELETE FROM audit_events WHERE seq = 3").execute(&mut db).await.unwrap();
+    sqlx::query("DELETE FROM audit_events WHERE seq = 3")
+        .execute(&mut db)
+        .await
+        .unwrap();
     let removed = verify().await;
-    assert_eq!((removed.first_bad_seq, removed.problem.as_str()), (3, "entry missing"));
+    assert_eq!(
+        (removed.first_bad_seq, removed.problem.as_str()),
+        (3, "entry missing")
+    );
 
-    sqlx::query("DELETE FROM audit_events WHERE seq >= 3").execute(&mut db).await.unwrap();
+    sqlx::query("DELETE FROM audit_events WHERE seq >= 3")
+        .execute(&mut db)
+        .await
+        .unwrap();
     let truncated = verify().await;
-    assert_eq!((truncated.first_bad_seq, truncated.problem.as_str()), (3, "entry missing"));
+    assert_eq!(
+        (truncated.first_bad_seq, truncated.problem.as_str()),
+        (3, "entry missing")
+    );
 }
 
 #[tokio::test]
 async fn a_linker_action_whose_audit_entry_cannot_be_written_fails_and_changes_nothing() {
     let linker = TestLinker::start(LinkerOptions::default()).await;
     let acme = org(&linker, "Acme").await;
-    let mut db = sqlx::SqliteConnection::connect(&linker.database_url).await.unwrap();
+    let mut db = sqlx::SqliteConnection::connect(&linker.database_url)
+        .await
+        .unwrap();
     sqlx::query("CREATE TRIGGER audit_down BEFORE INSERT ON audit_events BEGIN SELECT RAISE(ABORT, 'audit log unavailable'); END")
         .execute(&mut db)
         .await
         .unwrap();
     let mut client = linker.linker().await;
     let failed = client
-        .create_link_key(authed(&acme.admin, pb::CreateLinkKeyRequest { org_id: acme.id.clone(), label: String::new() }))
+        .create_link_key(authed(
+            &acme.admin,
+            pb::CreateLinkKeyRequest {
+                org_id: acme.id.clone(),
+                label: String::new(),
+            },
+        ))
         .await
         .unwrap_err();
     assert_eq!(failed.code(), Code::Internal);
     assert!(failed.message().contains("nothing was changed"));
-    let count: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM link_keys").fetch_one(&mut db).await.unwrap();
-    assert_eq!(count, 0);
-    sqlx::query("DROP TRIGGER audit_down").execute(&mut db).await.unwrap();
-    assert!(client
-        .create_link_key(authed(&acme.admin, pb::CreateLinkKeyRequest { org_id: acme.id.clone(), label: String::new() }))
+    let count: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM link_keys")
+        .fetch_one(&mut db)
         .await
-        .is_ok());
+        .unwrap();
+    assert_eq!(count, 0);
+    sqlx::query("DROP TRIGGER audit_down")
+        .execute(&mut db)
+        .await
+        .unwrap();
+    assert!(
+        client
+            .create_link_key(authed(
+                &acme.admin,
+                pb::CreateLinkKeyRequest {
+                    org_id: acme.id.clone(),
+                    label: String::new()
+                }
+            ))
+            .await
+            .is_ok()
+    );
 }
 
 #[tokio::test]
 async fn rate_limits_apply_per_tenant() {
     let linker = TestLinker::start(LinkerOptions {
-        limits: Limits { rate_per_second: 1, rate_burst: 6, ..Limits::default() },
+        limits: Limits {
+            rate_per_second: 1,
+            rate_burst: 6,
+            ..Limits::default()
+        },
         ..LinkerOptions::default()
     })
     .await;
@@ -554,7 +1042,15 @@ async fn rate_limits_apply_per_tenant() {
     let a = org(&linker, "A").await;
     let b = org(&linker, "B").await;
     let mut client = linker.linker().await;
-    let list = |o: &Org| authed(&o.admin, pb::ListLinkKeysRequest { org_id: o.id.clone(), ..Default::default() });
+    let list = |o: &Org| {
+        authed(
+            &o.admin,
+            pb::ListLinkKeysRequest {
+                org_id: o.id.clone(),
+                ..Default::default()
+            },
+        )
+    };
     for _ in 0..6 {
         client.list_link_keys(list(&a)).await.unwrap();
     }
@@ -564,7 +1060,13 @@ async fn rate_limits_apply_per_tenant() {
     // Org B has its own bucket, and so has the operator (two calls left of six).
     client.list_link_keys(list(&b)).await.unwrap();
     client
-        .list_link_keys(authed(linker.operator.expose(), pb::ListLinkKeysRequest { org_id: a.id.clone(), ..Default::default() }))
+        .list_link_keys(authed(
+            linker.operator.expose(),
+            pb::ListLinkKeysRequest {
+                org_id: a.id.clone(),
+                ..Default::default()
+            },
+        ))
         .await
         .unwrap();
 }
@@ -577,13 +1079,21 @@ async fn issue_every_kind_of_secret(linker: &TestLinker) -> Vec<String> {
     let regenerated = client
         .regenerate_link_key(authed(
             &acme.admin,
-            pb::RegenerateLinkKeyRequest { org_id: acme.id.clone(), key_id: key.key.unwrap().key_id },
+            pb::RegenerateLinkKeyRequest {
+                org_id: acme.id.clone(),
+                key_id: key.key.unwrap().key_id,
+            },
         ))
         .await
         .unwrap()
         .into_inner();
     client
-        .validate_credential(authed(linker.service.expose(), pb::ValidateCredentialRequest { credential: linked.credential.clone() }))
+        .validate_credential(authed(
+            linker.service.expose(),
+            pb::ValidateCredentialRequest {
+                credential: linked.credential.clone(),
+            },
+        ))
         .await
         .unwrap();
     // A wrong secret presented, too: rejected ones must not be logged either.
@@ -600,9 +1110,15 @@ async fn issue_every_kind_of_secret(linker: &TestLinker) -> Vec<String> {
 
 fn assert_secrets_absent(haystack: &str, secrets: &[String], what: &str) {
     for secret in secrets {
-        assert!(!haystack.contains(secret.as_str()), "a secret appears in {what}");
+        assert!(
+            !haystack.contains(secret.as_str()),
+            "a secret appears in {what}"
+        );
         // Nor its random part without the prefix.
-        assert!(!haystack.contains(&secret[4..36]), "a secret's body appears in {what}");
+        assert!(
+            !haystack.contains(&secret[4..36]),
+            "a secret's body appears in {what}"
+        );
     }
 }
 
@@ -622,14 +1138,23 @@ async fn no_issued_secret_appears_in_logs_or_stored_rows_on_sqlite() {
     }
     assert!(stored.len() > 10_000);
     let stored = String::from_utf8_lossy(&stored);
-    assert!(stored.contains("instance.linked"), "the scan reads the rows");
+    assert!(
+        stored.contains("instance.linked"),
+        "the scan reads the rows"
+    );
     assert_secrets_absent(&stored, &secrets, "the SQLite files");
 }
 
 #[tokio::test]
 async fn no_issued_secret_appears_in_logs_or_stored_rows_on_postgres() {
-    let url = sightline_runtime::testing::fresh_postgres_url().await.unwrap();
-    let linker = TestLinker::start(LinkerOptions { database_url: Some(url.clone()), ..LinkerOptions::default() }).await;
+    let url = sightline_runtime::testing::fresh_postgres_url()
+        .await
+        .unwrap();
+    let linker = TestLinker::start(LinkerOptions {
+        database_url: Some(url.clone()),
+        ..LinkerOptions::default()
+    })
+    .await;
     let secrets = issue_every_kind_of_secret(&linker).await;
     assert_secrets_absent(&logs().text(), &secrets, "the logs");
     let mut db = sqlx::PgConnection::connect(&url).await.unwrap();
@@ -640,10 +1165,12 @@ async fn no_issued_secret_appears_in_logs_or_stored_rows_on_postgres() {
     assert!(tables.len() >= 9, "{tables:?}");
     let mut rows = String::new();
     for table in tables {
-        let dump: Vec<String> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!("SELECT row_to_json(t)::text FROM \"{table}\" t")))
-            .fetch_all(&mut db)
-            .await
-            .unwrap();
+        let dump: Vec<String> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+            "SELECT row_to_json(t)::text FROM \"{table}\" t"
+        )))
+        .fetch_all(&mut db)
+        .await
+        .unwrap();
         rows.push_str(&dump.join("\n"));
     }
     assert!(rows.contains("instance.linked"));
@@ -658,8 +1185,17 @@ async fn a_stopped_server_closes_its_listener() {
     let mut client = linker.linker().await;
     linker.stop().await;
     let after = client
-        .list_link_keys(authed(&acme.admin, pb::ListLinkKeysRequest { org_id: acme.id.clone(), ..Default::default() }))
+        .list_link_keys(authed(
+            &acme.admin,
+            pb::ListLinkKeysRequest {
+                org_id: acme.id.clone(),
+                ..Default::default()
+            },
+        ))
         .await;
     assert!(after.is_err(), "stopped server still answered");
-    assert!(tokio::net::TcpStream::connect(addr).await.is_err(), "listener still open");
+    assert!(
+        tokio::net::TcpStream::connect(addr).await.is_err(),
+        "listener still open"
+    );
 }

@@ -59,7 +59,7 @@ fn tls_settings(dir: &Path, require_client_cert: bool) -> TlsSettings {
     }
 }
 
-/// Calls grpc.health.v1.Health/Check over TLS limited to `versions`; returns the negotiated version.
+/// Calls linker-svc over TLS limited to `versions`; returns the negotiated version.
 async fn health_over_tls(
     linker: &TestLinker,
     pki: &Pki,
@@ -68,10 +68,12 @@ async fn health_over_tls(
 ) -> Result<rustls::ProtocolVersion, String> {
     let mut roots = rustls::RootCertStore::empty();
     roots.add(pki.ca_der.clone()).unwrap();
-    let builder = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-        .with_protocol_versions(versions)
-        .unwrap()
-        .with_root_certificates(roots);
+    let builder = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_protocol_versions(versions)
+    .unwrap()
+    .with_root_certificates(roots);
     let mut config = if with_client_cert {
         builder
             .with_client_auth_cert(
@@ -93,21 +95,25 @@ async fn health_over_tls(
             let seen = seen.clone();
             async move {
                 let tcp = TcpStream::connect(addr).await?;
-                let tls = connector.connect(ServerName::try_from("localhost").unwrap(), tcp).await?;
+                let tls = connector
+                    .connect(ServerName::try_from("localhost").unwrap(), tcp)
+                    .await?;
                 *seen.lock().unwrap() = tls.get_ref().1.protocol_version();
                 Ok::<_, std::io::Error>(TokioIo::new(tls))
             }
         }))
         .await
         .map_err(|e| format!("{e:?}"))?;
-    let mut health = tonic_health_client(channel);
-    health.await.map_err(|e| format!("{e:?}"))?;
+    service_answers(channel)
+        .await
+        .map_err(|e| format!("{e:?}"))?;
     let version = negotiated.lock().unwrap().ok_or("no version")?;
     Ok(version)
 }
 
-async fn tonic_health_client(channel: tonic::transport::Channel) -> Result<(), tonic::Status> {
-    let mut client = sightline_proto::linker::v1::linker_service_client::LinkerServiceClient::new(channel);
+async fn service_answers(channel: tonic::transport::Channel) -> Result<(), tonic::Status> {
+    let mut client =
+        sightline_proto::linker::v1::linker_service_client::LinkerServiceClient::new(channel);
     // Any answer from the service proves the call crossed TLS: without a token it is UNAUTHENTICATED.
     let status = client
         .list_link_keys(sightline_proto::linker::v1::ListLinkKeysRequest::default())
@@ -123,17 +129,29 @@ async fn tonic_health_client(channel: tonic::transport::Channel) -> Result<(), t
 #[tokio::test]
 async fn tls_1_2_and_1_3_clients_connect() {
     let pki = pki();
-    let linker = TestLinker::start(LinkerOptions { tls: Some(tls_settings(pki.dir.path(), false)), ..Default::default() }).await;
-    let v13 = health_over_tls(&linker, &pki, &[&rustls::version::TLS13], false).await.unwrap();
+    let linker = TestLinker::start(LinkerOptions {
+        tls: Some(tls_settings(pki.dir.path(), false)),
+        ..Default::default()
+    })
+    .await;
+    let v13 = health_over_tls(&linker, &pki, &[&rustls::version::TLS13], false)
+        .await
+        .unwrap();
     assert_eq!(v13, rustls::ProtocolVersion::TLSv1_3);
-    let v12 = health_over_tls(&linker, &pki, &[&rustls::version::TLS12], false).await.unwrap();
+    let v12 = health_over_tls(&linker, &pki, &[&rustls::version::TLS12], false)
+        .await
+        .unwrap();
     assert_eq!(v12, rustls::ProtocolVersion::TLSv1_2);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_tls_1_1_client_is_refused_at_the_handshake() {
     let pki = pki();
-    let linker = TestLinker::start(LinkerOptions { tls: Some(tls_settings(pki.dir.path(), false)), ..Default::default() }).await;
+    let linker = TestLinker::start(LinkerOptions {
+        tls: Some(tls_settings(pki.dir.path(), false)),
+        ..Default::default()
+    })
+    .await;
     // OpenSSL (through Python's ssl module) still speaks TLS 1.1 when asked to; rustls does not.
     let probe = r#"
 import socket, ssl, sys
@@ -156,13 +174,20 @@ except ssl.SSLError as e:
             .args(["-c", probe, &linker.addr.to_string(), version])
             .output()
             .unwrap();
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         String::from_utf8_lossy(&out.stdout).trim().to_owned()
     };
     let old = run("TLSv1_1");
     // The refusal is an alert from the server (rustls answers handshake_failure), not a client-side
     // "no protocols available".
-    assert!(old.starts_with("REFUSED") && old.contains("ALERT"), "the server must refuse TLS 1.1 itself: {old}");
+    assert!(
+        old.starts_with("REFUSED") && old.contains("ALERT"),
+        "the server must refuse TLS 1.1 itself: {old}"
+    );
     // The same probe gets through at TLS 1.2, so the refusal above is the server's doing.
     assert_eq!(run("TLSv1_2"), "CONNECTED TLSv1.2");
 }
@@ -170,7 +195,19 @@ except ssl.SSLError as e:
 #[tokio::test]
 async fn with_a_client_ca_only_certified_clients_get_in() {
     let pki = pki();
-    let linker = TestLinker::start(LinkerOptions { tls: Some(tls_settings(pki.dir.path(), true)), ..Default::default() }).await;
-    assert!(health_over_tls(&linker, &pki, &[&rustls::version::TLS13], true).await.is_ok());
-    assert!(health_over_tls(&linker, &pki, &[&rustls::version::TLS13], false).await.is_err());
+    let linker = TestLinker::start(LinkerOptions {
+        tls: Some(tls_settings(pki.dir.path(), true)),
+        ..Default::default()
+    })
+    .await;
+    assert!(
+        health_over_tls(&linker, &pki, &[&rustls::version::TLS13], true)
+            .await
+            .is_ok()
+    );
+    assert!(
+        health_over_tls(&linker, &pki, &[&rustls::version::TLS13], false)
+            .await
+            .is_err()
+    );
 }

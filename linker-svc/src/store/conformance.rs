@@ -295,7 +295,7 @@ async fn relinking_a_server_keeps_its_id_and_revokes_old_credentials(h: Harness)
     assert_eq!(new.record.revoked_at, None);
     assert_eq!(
         h.store
-            .app_links_of(&[second.instance.id.clone()])
+            .app_links_of(std::slice::from_ref(&second.instance.id))
             .await
             .unwrap()
             .len(),
