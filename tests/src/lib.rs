@@ -68,6 +68,8 @@ pub struct LinkerOptions {
     pub database_url: Option<String>,
     pub limits: Limits,
     pub tls: Option<TlsSettings>,
+    /// Skip the TRACE log capture (benchmarks measure the service, not the logging).
+    pub quiet: bool,
 }
 
 /// A running linker-svc with its secrets, clock and data directory.
@@ -86,7 +88,9 @@ pub struct TestLinker {
 
 impl TestLinker {
     pub async fn start(options: LinkerOptions) -> Self {
-        logs();
+        if !options.quiet {
+            logs();
+        }
         let dir = tempfile::tempdir().unwrap();
         let (operator, _) = linker_svc::ensure_operator_token(dir.path()).unwrap();
         let service = sightline::ensure_service_token(dir.path()).unwrap();

@@ -1,0 +1,138 @@
+//! Load generator for ValidateCredential: starts linker-svc in-process (SQLite in a temp dir, or
+//! PostgreSQL with `--postgres`), links an instance, then calls ValidateCredential from many concurrent
+//! clients for a fixed time and prints throughput and latency percentiles.
+//!
+//! cargo run --release -p sightline-tests --bin bench_validate -- [--seconds 10] [--concurrency 64]
+//!     [--connections 4] [--postgres]
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::time::{Duration, Instant};
+
+use sightline_proto::common::v1::InstanceMetadata;
+use sightline_proto::linker::v1 as pb;
+use sightline_runtime::settings::Limits;
+use sightline_tests::{LinkerOptions, TestLinker, authed};
+
+fn arg(name: &str, default: u64) -> u64 {
+    let args: Vec<String> = std::env::args().collect();
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+#[tokio::main]
+async fn main() {
+    let seconds = arg("--seconds", 10);
+    let concurrency = arg("--concurrency", 64) as usize;
+    let connections = arg("--connections", 4) as usize;
+    let postgres = std::env::args().any(|a| a == "--postgres");
+    let database_url = if postgres {
+        Some(sightline_runtime::testing::fresh_postgres_url().await.unwrap())
+    } else {
+        None
+    };
+    let linker = TestLinker::start(LinkerOptions {
+        database_url,
+        limits: Limits { rate_per_second: 10_000_000, rate_burst: 10_000_000, ..Limits::default() },
+        tls: None,
+        quiet: true,
+    })
+    .await;
+    let mut client = linker.linker().await;
+    let op = linker.operator.expose();
+    let org_id = client
+        .create_org(authed(op, pb::CreateOrgRequest { name: "Bench".into() }))
+        .await
+        .unwrap()
+        .into_inner()
+        .org
+        .unwrap()
+        .org_id;
+    let key = client
+        .create_link_key(authed(op, pb::CreateLinkKeyRequest { org_id, label: String::new() }))
+        .await
+        .unwrap()
+        .into_inner()
+        .secret;
+    let credential = client
+        .link_instance(authed(
+            &key,
+            pb::LinkInstanceRequest {
+                metadata: Some(InstanceMetadata {
+                    server_id: "BENCH-1".into(),
+                    base_url: "https://bench.example".into(),
+                    ..Default::default()
+                }),
+                app_links: vec![],
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .credential;
+
+    let mut channels = Vec::new();
+    for _ in 0..connections {
+        channels.push(linker.channel().await);
+    }
+    let service = linker.service.expose().to_owned();
+    // Warm up: prepared statements, connection pool.
+    for _ in 0..200 {
+        client
+            .validate_credential(authed(&service, pb::ValidateCredentialRequest { credential: credential.clone() }))
+            .await
+            .unwrap();
+    }
+
+    let deadline = Instant::now() + Duration::from_secs(seconds);
+    let started = Instant::now();
+    let mut workers = Vec::new();
+    for worker in 0..concurrency {
+        let mut client = pb::linker_service_client::LinkerServiceClient::new(channels[worker % connections].clone());
+        let service = service.clone();
+        let credential = credential.clone();
+        workers.push(tokio::spawn(async move {
+            let mut latencies_us = Vec::with_capacity(100_000);
+            let mut errors = 0u64;
+            while Instant::now() < deadline {
+                let sent = Instant::now();
+                let reply = client
+                    .validate_credential(authed(&service, pb::ValidateCredentialRequest { credential: credential.clone() }))
+                    .await;
+                match reply {
+                    Ok(_) => latencies_us.push(sent.elapsed().as_micros() as u64),
+                    Err(_) => errors += 1,
+                }
+            }
+            (latencies_us, errors)
+        }));
+    }
+    let mut all = Vec::new();
+    let mut errors = 0;
+    for worker in workers {
+        let (mut latencies, e) = worker.await.unwrap();
+        all.append(&mut latencies);
+        errors += e;
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    all.sort_unstable();
+    let pct = |p: f64| all[((all.len() as f64 - 1.0) * p).round() as usize] as f64 / 1_000.0;
+    println!(
+        "ValidateCredential ({}): {} calls in {:.1} s = {:.0} calls/s; errors {}; latency ms p50 {:.2} p90 {:.2} p99 {:.2} max {:.2} (concurrency {}, connections {})",
+        if postgres { "PostgreSQL" } else { "SQLite" },
+        all.len(),
+        elapsed,
+        all.len() as f64 / elapsed,
+        errors,
+        pct(0.50),
+        pct(0.90),
+        pct(0.99),
+        pct(1.0),
+        concurrency,
+        connections
+    );
+    linker.stop().await;
+}
