@@ -30,13 +30,21 @@ async fn main() {
     let connections = arg("--connections", 4) as usize;
     let postgres = std::env::args().any(|a| a == "--postgres");
     let database_url = if postgres {
-        Some(sightline_runtime::testing::fresh_postgres_url().await.unwrap())
+        Some(
+            sightline_runtime::testing::fresh_postgres_url()
+                .await
+                .unwrap(),
+        )
     } else {
         None
     };
     let linker = TestLinker::start(LinkerOptions {
         database_url,
-        limits: Limits { rate_per_second: 10_000_000, rate_burst: 10_000_000, ..Limits::default() },
+        limits: Limits {
+            rate_per_second: 10_000_000,
+            rate_burst: 10_000_000,
+            ..Limits::default()
+        },
         tls: None,
         quiet: true,
     })
@@ -44,7 +52,12 @@ async fn main() {
     let mut client = linker.linker().await;
     let op = linker.operator.expose();
     let org_id = client
-        .create_org(authed(op, pb::CreateOrgRequest { name: "Bench".into() }))
+        .create_org(authed(
+            op,
+            pb::CreateOrgRequest {
+                name: "Bench".into(),
+            },
+        ))
         .await
         .unwrap()
         .into_inner()
@@ -52,7 +65,13 @@ async fn main() {
         .unwrap()
         .org_id;
     let key = client
-        .create_link_key(authed(op, pb::CreateLinkKeyRequest { org_id, label: String::new() }))
+        .create_link_key(authed(
+            op,
+            pb::CreateLinkKeyRequest {
+                org_id,
+                label: String::new(),
+            },
+        ))
         .await
         .unwrap()
         .into_inner()
@@ -82,7 +101,12 @@ async fn main() {
     // Warm up: prepared statements, connection pool.
     for _ in 0..200 {
         client
-            .validate_credential(authed(&service, pb::ValidateCredentialRequest { credential: credential.clone() }))
+            .validate_credential(authed(
+                &service,
+                pb::ValidateCredentialRequest {
+                    credential: credential.clone(),
+                },
+            ))
             .await
             .unwrap();
     }
@@ -91,7 +115,9 @@ async fn main() {
     let started = Instant::now();
     let mut workers = Vec::new();
     for worker in 0..concurrency {
-        let mut client = pb::linker_service_client::LinkerServiceClient::new(channels[worker % connections].clone());
+        let mut client = pb::linker_service_client::LinkerServiceClient::new(
+            channels[worker % connections].clone(),
+        );
         let service = service.clone();
         let credential = credential.clone();
         workers.push(tokio::spawn(async move {
@@ -100,7 +126,12 @@ async fn main() {
             while Instant::now() < deadline {
                 let sent = Instant::now();
                 let reply = client
-                    .validate_credential(authed(&service, pb::ValidateCredentialRequest { credential: credential.clone() }))
+                    .validate_credential(authed(
+                        &service,
+                        pb::ValidateCredentialRequest {
+                            credential: credential.clone(),
+                        },
+                    ))
                     .await;
                 match reply {
                     Ok(_) => latencies_us.push(sent.elapsed().as_micros() as u64),
