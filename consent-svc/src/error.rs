@@ -1,0 +1,71 @@
+//! consent-svc's error and its one mapping to a gRPC status.
+
+use tonic::Status;
+
+use crate::store::{AuditFailure, StoreError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConsentError {
+    #[error("{field}: {reason}")]
+    InvalidArgument { field: &'static str, reason: String },
+    #[error("{0}")]
+    PermissionDenied(String),
+    #[error("{0} not found")]
+    NotFound(&'static str),
+    #[error("{0}")]
+    FailedPrecondition(String),
+    #[error("{0}")]
+    Aborted(String),
+    #[error("{0}")]
+    Unavailable(String),
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl From<StoreError> for ConsentError {
+    fn from(error: StoreError) -> Self {
+        match error {
+            StoreError::Conflict(why) => ConsentError::Aborted(why.to_owned()),
+            StoreError::Audit(AuditFailure::OrgNotFound) => ConsentError::NotFound("org"),
+            StoreError::Audit(AuditFailure::Unavailable(detail)) => {
+                tracing::warn!(%detail, "audit log unavailable; change rolled back");
+                ConsentError::Unavailable(
+                    "the audit log cannot be written; nothing was changed, retry later".to_owned(),
+                )
+            }
+            StoreError::Unavailable(e) => {
+                tracing::warn!(error = %e, "storage unavailable");
+                ConsentError::Unavailable(
+                    "storage unavailable; nothing was changed, retry later".to_owned(),
+                )
+            }
+            StoreError::Database(e) => ConsentError::Internal(e.to_string()),
+        }
+    }
+}
+
+impl From<ConsentError> for Status {
+    fn from(error: ConsentError) -> Self {
+        match error {
+            ConsentError::InvalidArgument { field, reason } => {
+                Status::invalid_argument(format!("{field}: {reason}"))
+            }
+            ConsentError::PermissionDenied(why) => Status::permission_denied(why),
+            ConsentError::NotFound(what) => Status::not_found(format!("{what} not found")),
+            ConsentError::FailedPrecondition(why) => Status::failed_precondition(why),
+            ConsentError::Aborted(why) => Status::aborted(why),
+            ConsentError::Unavailable(why) => {
+                let mut status = Status::unavailable(why);
+                status.metadata_mut().insert(
+                    "retry-after-ms",
+                    tonic::metadata::MetadataValue::from_static("1000"),
+                );
+                status
+            }
+            ConsentError::Internal(detail) => {
+                tracing::error!(%detail, "internal error");
+                Status::internal("internal error; nothing was changed")
+            }
+        }
+    }
+}

@@ -1,0 +1,134 @@
+//! consent-svc: Sightline's policy decision point. It owns each org's consent levels and their
+//! immutable, signed history (SPEC C1–C3), the effective policy and its live stream (C4), view-tracking
+//! settings (C5), data residency and its moves (C6), and retention (C7). collector-svc and
+//! insights-svc enforce what it decides. Every change is recorded in the org's audit log in
+//! linker-svc before it commits.
+
+pub mod audit;
+pub mod domain;
+pub mod error;
+pub mod grpc;
+pub mod receipt;
+pub mod store;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use sightline_proto::consent::v1::consent_service_server::ConsentServiceServer;
+use sightline_runtime::auth::CredentialClient;
+use sightline_runtime::ratelimit::RateLimiter;
+use sightline_runtime::server::{GrpcServer, ServerError};
+use sightline_runtime::settings::{Limits, TlsSettings};
+use sightline_runtime::storage::{self, StorageError};
+use sightline_runtime::{Secret, Settings, SharedClock};
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Endpoint;
+
+use crate::audit::LinkerAudit;
+use crate::grpc::ConsentApi;
+use crate::receipt::{KeyError, ReceiptSigner};
+
+/// Everything consent-svc needs to start.
+#[derive(Debug, Clone)]
+pub struct ConsentConfig {
+    pub listen: SocketAddr,
+    pub database_url: Secret,
+    /// The Ed25519 receipt key (PKCS#8, mode 0600), made on first start.
+    pub receipt_key_path: PathBuf,
+    /// Where linker-svc answers: credentials are validated and audit entries written there.
+    pub linker_url: String,
+    pub service_token: Secret,
+    pub limits: Limits,
+    pub tls: Option<TlsSettings>,
+    pub clock: SharedClock,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+    #[error(transparent)]
+    Server(#[from] ServerError),
+    #[error(transparent)]
+    Key(#[from] KeyError),
+    #[error("{0}")]
+    Config(String),
+}
+
+impl ConsentConfig {
+    pub fn from_settings(settings: &Settings) -> Result<Self, StartError> {
+        let service_token = settings.service_token.clone().ok_or_else(|| {
+            StartError::Config("consent-svc needs service_token (SIGHTLINE_SERVICE_TOKEN)".into())
+        })?;
+        Ok(Self {
+            listen: settings.consent.listen,
+            database_url: settings.consent.database_url.clone().unwrap_or_else(|| {
+                Secret::new(storage::default_sqlite_url(&settings.data_dir, "consent"))
+            }),
+            receipt_key_path: settings.data_dir.join("consent-receipt.key"),
+            linker_url: settings.linker.url.clone(),
+            service_token,
+            limits: settings.limits,
+            tls: settings.tls.clone(),
+            clock: sightline_runtime::clock::system(),
+        })
+    }
+}
+
+/// A bound consent-svc, ready to run.
+#[derive(Debug)]
+pub struct ConsentService {
+    server: GrpcServer,
+    stop_watchers: CancellationToken,
+}
+
+impl ConsentService {
+    pub async fn build(config: ConsentConfig) -> Result<Self, StartError> {
+        let store = store::open(config.database_url.expose()).await?;
+        let signer = Arc::new(ReceiptSigner::load_or_create(&config.receipt_key_path)?);
+        // Lazy: consent-svc starts before linker-svc answers, and reconnects when it comes back.
+        let linker = Endpoint::from_shared(config.linker_url.clone())
+            .map_err(|e| StartError::Config(format!("linker url: {e}")))?
+            .connect_lazy();
+        let stop_watchers = CancellationToken::new();
+        let api = ConsentApi::new(
+            store,
+            config.clock,
+            CredentialClient::new(linker.clone(), config.service_token.clone()),
+            RateLimiter::new(&config.limits),
+            Arc::new(LinkerAudit::new(linker, config.service_token)),
+            signer,
+            stop_watchers.clone(),
+        );
+        let max = config.limits.max_message_bytes;
+        let mut server =
+            GrpcServer::bind(config.listen, config.tls.as_ref(), config.limits).await?;
+        server
+            .add_service(
+                ConsentServiceServer::new(api)
+                    .max_decoding_message_size(max)
+                    .max_encoding_message_size(max),
+            )
+            .await;
+        Ok(Self {
+            server,
+            stop_watchers,
+        })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.server.local_addr()
+    }
+
+    /// Serves until `shutdown`; policy streams end then, so draining does not wait on watchers.
+    pub async fn run_until_stopped(self, shutdown: CancellationToken) -> Result<(), StartError> {
+        let stop_watchers = self.stop_watchers.clone();
+        let watch = shutdown.clone();
+        tokio::spawn(async move {
+            watch.cancelled().await;
+            stop_watchers.cancel();
+        });
+        Ok(self.server.run_until_stopped(shutdown).await?)
+    }
+}

@@ -1,0 +1,247 @@
+//! consent-svc's storage: the [`ConsentStore`] trait with a SQLite and a PostgreSQL implementation
+//! sharing one SQL text. Every change runs in one transaction that also bumps the org's policy
+//! revision and, before it commits, records the change in the org's audit log in linker-svc: when
+//! the audit log cannot be written, the change rolls back.
+
+mod sql;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use sightline_runtime::storage::{self, Database, Migrations, StorageError};
+
+pub use sql::{PgStore, SqliteStore};
+
+pub static SQLITE_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("migrations/sqlite");
+pub static POSTGRES_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("migrations/postgres");
+
+pub const MIGRATIONS: Migrations = Migrations {
+    sqlite: &SQLITE_MIGRATIONS,
+    postgres: &POSTGRES_MIGRATIONS,
+};
+
+pub async fn open(url: &str) -> Result<Arc<dyn ConsentStore>, StorageError> {
+    Ok(match storage::connect(url, MIGRATIONS).await? {
+        Database::Sqlite(pool) => Arc::new(SqliteStore::new(pool)),
+        Database::Postgres(pool) => Arc::new(PgStore::new(pool)),
+    })
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("{0}")]
+    Conflict(&'static str),
+    #[error("audit log: {0}")]
+    Audit(AuditFailure),
+    #[error("database unavailable: {0}")]
+    Unavailable(#[source] sqlx::Error),
+    #[error("database error: {0}")]
+    Database(#[source] sqlx::Error),
+}
+
+impl From<sqlx::Error> for StoreError {
+    fn from(error: sqlx::Error) -> Self {
+        match &error {
+            sqlx::Error::Database(db) if db.is_unique_violation() => {
+                StoreError::Conflict("changed concurrently; read it again and retry")
+            }
+            sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Io(_) => {
+                StoreError::Unavailable(error)
+            }
+            _ => StoreError::Database(error),
+        }
+    }
+}
+
+pub type StoreResult<T> = Result<T, StoreError>;
+
+/// Why an audit entry could not be written.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AuditFailure {
+    #[error("org not found")]
+    OrgNotFound,
+    #[error("unavailable: {0}")]
+    Unavailable(String),
+}
+
+/// An entry for the org's audit log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuditEntry {
+    pub org_id: String,
+    pub actor: String,
+    pub action: &'static str,
+    pub target: String,
+    pub attributes: BTreeMap<String, String>,
+}
+
+/// Where audit entries go: linker-svc's AuditService.
+#[async_trait]
+pub trait AuditSink: Send + Sync + std::fmt::Debug {
+    async fn append(&self, entry: &AuditEntry) -> Result<(), AuditFailure>;
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub struct ConsentRecord {
+    pub org_id: String,
+    pub version: i64,
+    pub usage_level: String,
+    pub sharing_level: String,
+    pub contribute_metadata: bool,
+    pub contribute_in_app_data: bool,
+    pub compliance_restricted: bool,
+    pub actor: String,
+    pub reason: String,
+    pub created_at: i64,
+    pub receipt_payload: Vec<u8>,
+    pub receipt_signature: Vec<u8>,
+    pub key_id: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub struct OverrideRecord {
+    pub org_id: String,
+    pub instance_id: String,
+    pub usage_level: String,
+    pub sharing_level: String,
+    pub reason: String,
+    pub updated_at: i64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub struct TrackingRecord {
+    pub org_id: String,
+    /// Channel numbers, comma-separated.
+    pub enabled_channels: String,
+    pub exclude_anonymous: bool,
+    /// JSON array of group names.
+    pub excluded_groups: String,
+    pub blocking_time_ms: i64,
+    pub view_counter_enabled: bool,
+    pub global_report_group: String,
+    pub updated_at: i64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub struct ResidencyRecord {
+    pub org_id: String,
+    pub location: String,
+    pub support_bundle_location: String,
+    pub updated_at: i64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub struct MoveRecord {
+    pub move_id: String,
+    pub org_id: String,
+    pub scope: String,
+    pub from_location: String,
+    pub to_location: String,
+    pub state: String,
+    pub requested_at: i64,
+    pub started_at: Option<i64>,
+    pub completed_at: Option<i64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub struct RetentionRecord {
+    pub org_id: String,
+    pub raw_days: i64,
+    pub assessment_days: i64,
+    pub aggregate_days: i64,
+    pub updated_at: i64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub struct PolicyStateRecord {
+    pub org_id: String,
+    pub revision: i64,
+    pub purge_usage: Option<String>,
+    pub purge_sharing: Option<String>,
+    pub purge_from_version: Option<i64>,
+    pub purge_issued_at: Option<i64>,
+}
+
+/// A purge instruction: delete what was collected above these levels.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Purge {
+    pub usage: String,
+    pub sharing: String,
+    pub from_version: i64,
+    pub issued_at: i64,
+}
+
+/// One change to an org's governance.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Change {
+    /// A new consent version; fails with Conflict when that version exists already.
+    Consent(ConsentRecord),
+    /// Sets (Some) or clears (None) an instance's override.
+    Override {
+        org_id: String,
+        instance_id: String,
+        record: Option<OverrideRecord>,
+    },
+    Tracking(TrackingRecord),
+    Retention(RetentionRecord),
+    /// A residency move, new (`expected_state` None) or advanced from `expected_state`; with the
+    /// org's residency when the move changes it.
+    Move {
+        record: MoveRecord,
+        expected_state: Option<String>,
+        residency: Option<ResidencyRecord>,
+    },
+}
+
+impl Change {
+    fn org_id(&self) -> &str {
+        match self {
+            Change::Consent(r) => &r.org_id,
+            Change::Override { org_id, .. } => org_id,
+            Change::Tracking(r) => &r.org_id,
+            Change::Retention(r) => &r.org_id,
+            Change::Move { record, .. } => &record.org_id,
+        }
+    }
+}
+
+#[async_trait]
+pub trait ConsentStore: Send + Sync + std::fmt::Debug + 'static {
+    async fn latest_consent(&self, org_id: &str) -> StoreResult<Option<ConsentRecord>>;
+    async fn consent_version(
+        &self,
+        org_id: &str,
+        version: i64,
+    ) -> StoreResult<Option<ConsentRecord>>;
+    /// Newest first, versions below `before` (all when None).
+    async fn list_consent(
+        &self,
+        org_id: &str,
+        before: Option<i64>,
+        limit: i64,
+    ) -> StoreResult<Vec<ConsentRecord>>;
+    async fn override_of(
+        &self,
+        org_id: &str,
+        instance_id: &str,
+    ) -> StoreResult<Option<OverrideRecord>>;
+    async fn tracking(&self, org_id: &str) -> StoreResult<Option<TrackingRecord>>;
+    async fn residency(&self, org_id: &str) -> StoreResult<Option<ResidencyRecord>>;
+    /// The org's moves, newest first.
+    async fn moves(&self, org_id: &str) -> StoreResult<Vec<MoveRecord>>;
+    async fn retention(&self, org_id: &str) -> StoreResult<Option<RetentionRecord>>;
+    async fn policy_state(&self, org_id: &str) -> StoreResult<Option<PolicyStateRecord>>;
+
+    /// Applies `change`, bumps the org's policy revision (recording `purge` if given), appends
+    /// `entry` to the audit log, and commits — or changes nothing. Returns the new revision.
+    async fn apply(
+        &self,
+        change: Change,
+        purge: Option<Purge>,
+        audit: &dyn AuditSink,
+        entry: &AuditEntry,
+    ) -> StoreResult<i64>;
+}
+
+#[cfg(test)]
+mod conformance;

@@ -1,0 +1,307 @@
+//! The SQL of [`ConsentStore`], written once for SQLite and PostgreSQL (both take `$n` placeholders,
+//! `ON CONFLICT … DO UPDATE` and `RETURNING`). SQLite write transactions take the lock up front.
+
+use async_trait::async_trait;
+use sqlx::postgres::PgPool;
+use sqlx::sqlite::SqlitePool;
+
+use super::{
+    AuditEntry, AuditSink, Change, ConsentRecord, ConsentStore, MoveRecord, OverrideRecord,
+    PolicyStateRecord, Purge, ResidencyRecord, RetentionRecord, StoreError, StoreResult,
+    TrackingRecord,
+};
+
+const CONSENT_COLUMNS: &str = "org_id, version, usage_level, sharing_level, contribute_metadata, contribute_in_app_data, compliance_restricted, actor, reason, created_at, receipt_payload, receipt_signature, key_id";
+
+macro_rules! sql_store {
+    ($store:ident, $pool:ty, $db:ty, $begin:literal) => {
+        #[derive(Debug, Clone)]
+        pub struct $store {
+            pool: $pool,
+        }
+
+        impl $store {
+            pub fn new(pool: $pool) -> Self {
+                Self { pool }
+            }
+        }
+
+        async fn write_change(
+            tx: &mut sqlx::Transaction<'static, $db>,
+            change: &Change,
+        ) -> StoreResult<()> {
+            match change {
+                Change::Consent(c) => {
+                    sqlx::query(sqlx::AssertSqlSafe(format!(
+                        "INSERT INTO consent_versions ({CONSENT_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)"
+                    )))
+                    .bind(&c.org_id)
+                    .bind(c.version)
+                    .bind(&c.usage_level)
+                    .bind(&c.sharing_level)
+                    .bind(c.contribute_metadata)
+                    .bind(c.contribute_in_app_data)
+                    .bind(c.compliance_restricted)
+                    .bind(&c.actor)
+                    .bind(&c.reason)
+                    .bind(c.created_at)
+                    .bind(&c.receipt_payload)
+                    .bind(&c.receipt_signature)
+                    .bind(&c.key_id)
+                    .execute(&mut **tx)
+                    .await?;
+                }
+                Change::Override { org_id, instance_id, record: None } => {
+                    sqlx::query("DELETE FROM instance_overrides WHERE org_id = $1 AND instance_id = $2")
+                        .bind(org_id)
+                        .bind(instance_id)
+                        .execute(&mut **tx)
+                        .await?;
+                }
+                Change::Override { record: Some(o), .. } => {
+                    sqlx::query(
+                        "INSERT INTO instance_overrides (org_id, instance_id, usage_level, sharing_level, reason, updated_at)
+                         VALUES ($1, $2, $3, $4, $5, $6)
+                         ON CONFLICT (org_id, instance_id) DO UPDATE SET usage_level = excluded.usage_level,
+                           sharing_level = excluded.sharing_level, reason = excluded.reason, updated_at = excluded.updated_at",
+                    )
+                    .bind(&o.org_id)
+                    .bind(&o.instance_id)
+                    .bind(&o.usage_level)
+                    .bind(&o.sharing_level)
+                    .bind(&o.reason)
+                    .bind(o.updated_at)
+                    .execute(&mut **tx)
+                    .await?;
+                }
+                Change::Tracking(t) => {
+                    sqlx::query(
+                        "INSERT INTO tracking_settings (org_id, enabled_channels, exclude_anonymous, excluded_groups, blocking_time_ms,
+                           view_counter_enabled, global_report_group, updated_at)
+                         VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+                         ON CONFLICT (org_id) DO UPDATE SET enabled_channels = excluded.enabled_channels,
+                           exclude_anonymous = excluded.exclude_anonymous, excluded_groups = excluded.excluded_groups,
+                           blocking_time_ms = excluded.blocking_time_ms, view_counter_enabled = excluded.view_counter_enabled,
+                           global_report_group = excluded.global_report_group, updated_at = excluded.updated_at",
+                    )
+                    .bind(&t.org_id)
+                    .bind(&t.enabled_channels)
+                    .bind(t.exclude_anonymous)
+                    .bind(&t.excluded_groups)
+                    .bind(t.blocking_time_ms)
+                    .bind(t.view_counter_enabled)
+                    .bind(&t.global_report_group)
+                    .bind(t.updated_at)
+                    .execute(&mut **tx)
+                    .await?;
+                }
+                Change::Retention(r) => {
+                    sqlx::query(
+                        "INSERT INTO retention (org_id, raw_days, assessment_days, aggregate_days, updated_at) VALUES ($1, $2, $3, $4, $5)
+                         ON CONFLICT (org_id) DO UPDATE SET raw_days = excluded.raw_days, assessment_days = excluded.assessment_days,
+                           aggregate_days = excluded.aggregate_days, updated_at = excluded.updated_at",
+                    )
+                    .bind(&r.org_id)
+                    .bind(r.raw_days)
+                    .bind(r.assessment_days)
+                    .bind(r.aggregate_days)
+                    .bind(r.updated_at)
+                    .execute(&mut **tx)
+                    .await?;
+                }
+                Change::Move { record: m, expected_state, residency } => {
+                    match expected_state {
+                        None => {
+                            let open: Option<(String,)> = sqlx::query_as(
+                                "SELECT move_id FROM residency_moves WHERE org_id = $1 AND scope = $2 AND state IN ('REQUESTED', 'MOVING')",
+                            )
+                            .bind(&m.org_id)
+                            .bind(&m.scope)
+                            .fetch_optional(&mut **tx)
+                            .await?;
+                            if open.is_some() {
+                                return Err(StoreError::Conflict("a move of this scope is already under way"));
+                            }
+                            sqlx::query(
+                                "INSERT INTO residency_moves (move_id, org_id, scope, from_location, to_location, state, requested_at, started_at, completed_at)
+                                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+                            )
+                            .bind(&m.move_id)
+                            .bind(&m.org_id)
+                            .bind(&m.scope)
+                            .bind(&m.from_location)
+                            .bind(&m.to_location)
+                            .bind(&m.state)
+                            .bind(m.requested_at)
+                            .bind(m.started_at)
+                            .bind(m.completed_at)
+                            .execute(&mut **tx)
+                            .await?;
+                        }
+                        Some(expected) => {
+                            let updated = sqlx::query(
+                                "UPDATE residency_moves SET state = $3, started_at = $4, completed_at = $5
+                                 WHERE move_id = $1 AND state = $2",
+                            )
+                            .bind(&m.move_id)
+                            .bind(expected)
+                            .bind(&m.state)
+                            .bind(m.started_at)
+                            .bind(m.completed_at)
+                            .execute(&mut **tx)
+                            .await?;
+                            if updated.rows_affected() != 1 {
+                                return Err(StoreError::Conflict("the move changed concurrently"));
+                            }
+                        }
+                    }
+                    if let Some(r) = residency {
+                        sqlx::query(
+                            "INSERT INTO residency (org_id, location, support_bundle_location, updated_at) VALUES ($1, $2, $3, $4)
+                             ON CONFLICT (org_id) DO UPDATE SET location = excluded.location,
+                               support_bundle_location = excluded.support_bundle_location, updated_at = excluded.updated_at",
+                        )
+                        .bind(&r.org_id)
+                        .bind(&r.location)
+                        .bind(&r.support_bundle_location)
+                        .bind(r.updated_at)
+                        .execute(&mut **tx)
+                        .await?;
+                    }
+                }
+            }
+            Ok(())
+        }
+
+        #[async_trait]
+        impl ConsentStore for $store {
+            async fn latest_consent(&self, org_id: &str) -> StoreResult<Option<ConsentRecord>> {
+                Ok(sqlx::query_as(sqlx::AssertSqlSafe(format!(
+                    "SELECT {CONSENT_COLUMNS} FROM consent_versions WHERE org_id = $1 ORDER BY version DESC LIMIT 1"
+                )))
+                .bind(org_id)
+                .fetch_optional(&self.pool)
+                .await?)
+            }
+
+            async fn consent_version(&self, org_id: &str, version: i64) -> StoreResult<Option<ConsentRecord>> {
+                Ok(sqlx::query_as(sqlx::AssertSqlSafe(format!(
+                    "SELECT {CONSENT_COLUMNS} FROM consent_versions WHERE org_id = $1 AND version = $2"
+                )))
+                .bind(org_id)
+                .bind(version)
+                .fetch_optional(&self.pool)
+                .await?)
+            }
+
+            async fn list_consent(&self, org_id: &str, before: Option<i64>, limit: i64) -> StoreResult<Vec<ConsentRecord>> {
+                Ok(sqlx::query_as(sqlx::AssertSqlSafe(format!(
+                    "SELECT {CONSENT_COLUMNS} FROM consent_versions WHERE org_id = $1 AND version < $2 ORDER BY version DESC LIMIT $3"
+                )))
+                .bind(org_id)
+                .bind(before.unwrap_or(i64::MAX))
+                .bind(limit)
+                .fetch_all(&self.pool)
+                .await?)
+            }
+
+            async fn override_of(&self, org_id: &str, instance_id: &str) -> StoreResult<Option<OverrideRecord>> {
+                Ok(sqlx::query_as(
+                    "SELECT org_id, instance_id, usage_level, sharing_level, reason, updated_at FROM instance_overrides
+                     WHERE org_id = $1 AND instance_id = $2",
+                )
+                .bind(org_id)
+                .bind(instance_id)
+                .fetch_optional(&self.pool)
+                .await?)
+            }
+
+            async fn tracking(&self, org_id: &str) -> StoreResult<Option<TrackingRecord>> {
+                Ok(sqlx::query_as(
+                    "SELECT org_id, enabled_channels, exclude_anonymous, excluded_groups, blocking_time_ms, view_counter_enabled,
+                       global_report_group, updated_at FROM tracking_settings WHERE org_id = $1",
+                )
+                .bind(org_id)
+                .fetch_optional(&self.pool)
+                .await?)
+            }
+
+            async fn residency(&self, org_id: &str) -> StoreResult<Option<ResidencyRecord>> {
+                Ok(sqlx::query_as(
+                    "SELECT org_id, location, support_bundle_location, updated_at FROM residency WHERE org_id = $1",
+                )
+                .bind(org_id)
+                .fetch_optional(&self.pool)
+                .await?)
+            }
+
+            async fn moves(&self, org_id: &str) -> StoreResult<Vec<MoveRecord>> {
+                Ok(sqlx::query_as(
+                    "SELECT move_id, org_id, scope, from_location, to_location, state, requested_at, started_at, completed_at
+                     FROM residency_moves WHERE org_id = $1 ORDER BY requested_at DESC, move_id DESC",
+                )
+                .bind(org_id)
+                .fetch_all(&self.pool)
+                .await?)
+            }
+
+            async fn retention(&self, org_id: &str) -> StoreResult<Option<RetentionRecord>> {
+                Ok(sqlx::query_as(
+                    "SELECT org_id, raw_days, assessment_days, aggregate_days, updated_at FROM retention WHERE org_id = $1",
+                )
+                .bind(org_id)
+                .fetch_optional(&self.pool)
+                .await?)
+            }
+
+            async fn policy_state(&self, org_id: &str) -> StoreResult<Option<PolicyStateRecord>> {
+                Ok(sqlx::query_as(
+                    "SELECT org_id, revision, purge_usage, purge_sharing, purge_from_version, purge_issued_at
+                     FROM policy_state WHERE org_id = $1",
+                )
+                .bind(org_id)
+                .fetch_optional(&self.pool)
+                .await?)
+            }
+
+            async fn apply(&self, change: Change, purge: Option<Purge>, audit: &dyn AuditSink, entry: &AuditEntry) -> StoreResult<i64> {
+                let mut tx = self.pool.begin_with($begin).await?;
+                write_change(&mut tx, &change).await?;
+                let (revision,): (i64,) = sqlx::query_as(
+                    "INSERT INTO policy_state (org_id, revision, purge_usage, purge_sharing, purge_from_version, purge_issued_at)
+                     VALUES ($1, 1, $2, $3, $4, $5)
+                     ON CONFLICT (org_id) DO UPDATE SET revision = policy_state.revision + 1,
+                       purge_usage = COALESCE(excluded.purge_usage, policy_state.purge_usage),
+                       purge_sharing = COALESCE(excluded.purge_sharing, policy_state.purge_sharing),
+                       purge_from_version = COALESCE(excluded.purge_from_version, policy_state.purge_from_version),
+                       purge_issued_at = COALESCE(excluded.purge_issued_at, policy_state.purge_issued_at)
+                     RETURNING revision",
+                )
+                .bind(change.org_id())
+                .bind(purge.as_ref().map(|p| p.usage.clone()))
+                .bind(purge.as_ref().map(|p| p.sharing.clone()))
+                .bind(purge.as_ref().map(|p| p.from_version))
+                .bind(purge.as_ref().map(|p| p.issued_at))
+                .fetch_one(&mut *tx)
+                .await?;
+                // Recorded before the commit: no audit entry, no change.
+                audit.append(entry).await.map_err(StoreError::Audit)?;
+                tx.commit().await?;
+                Ok(revision)
+            }
+        }
+    };
+}
+
+mod sqlite {
+    use super::*;
+    sql_store!(SqliteStore, SqlitePool, sqlx::Sqlite, "BEGIN IMMEDIATE");
+}
+
+mod postgres {
+    use super::*;
+    sql_store!(PgStore, PgPool, sqlx::Postgres, "BEGIN");
+}
+
+pub use postgres::PgStore;
+pub use sqlite::SqliteStore;
