@@ -7,6 +7,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
+use consent_svc::{ConsentConfig, ConsentService};
 use linker_svc::{Linker, LinkerConfig};
 use sightline_runtime::token::{self, TokenKind};
 use sightline_runtime::{Secret, Settings};
@@ -60,16 +61,30 @@ pub async fn start_stack(
     let linker = Linker::build(LinkerConfig::from_settings(&settings)?)
         .await
         .context("starting linker-svc")?;
-    let endpoints = vec![Endpoint {
-        name: "linker",
-        addr: linker.local_addr(),
-        services: &[
-            "sightline.linker.v1.LinkerService",
-            "sightline.audit.v1.AuditService",
-        ],
-    }];
+    // The other services reach linker-svc where it actually listens (port 0 picks one).
+    settings.linker.url = format!("http://{}", linker.local_addr());
+    let consent = ConsentService::build(ConsentConfig::from_settings(&settings)?)
+        .await
+        .context("starting consent-svc")?;
+    let endpoints = vec![
+        Endpoint {
+            name: "linker",
+            addr: linker.local_addr(),
+            services: &[
+                "sightline.linker.v1.LinkerService",
+                "sightline.audit.v1.AuditService",
+            ],
+        },
+        Endpoint {
+            name: "consent",
+            addr: consent.local_addr(),
+            services: &["sightline.consent.v1.ConsentService"],
+        },
+    ];
     let stop = shutdown.clone();
     tasks.spawn(async move { Ok(linker.run_until_stopped(stop).await?) });
+    let stop = shutdown.clone();
+    tasks.spawn(async move { Ok(consent.run_until_stopped(stop).await?) });
     Ok((endpoints, tasks))
 }
 

@@ -4,6 +4,7 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use consent_svc::{ConsentConfig, ConsentService};
 use linker_svc::{Linker, LinkerConfig};
 use sightline::{banner, load_settings, start_stack, stop_signal};
 use tokio_util::sync::CancellationToken;
@@ -32,6 +33,11 @@ enum Command {
     },
     /// Run linker-svc alone.
     Linker {
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+    },
+    /// Run consent-svc alone (it reaches linker-svc at `linker.url`).
+    Consent {
         #[arg(long)]
         data_dir: Option<PathBuf>,
     },
@@ -73,6 +79,17 @@ async fn main() -> anyhow::Result<()> {
             stop_signal().await;
             shutdown.cancel();
             serve.await.context("linker task panicked")??;
+        }
+        Command::Consent { data_dir } => {
+            let settings = load_settings(cli.config.as_deref(), data_dir)?;
+            sightline_runtime::telemetry::init(&settings.log);
+            let consent = ConsentService::build(ConsentConfig::from_settings(&settings)?).await?;
+            tracing::info!(addr = %consent.local_addr(), "consent-svc listening");
+            let stop = shutdown.clone();
+            let serve = tokio::spawn(consent.run_until_stopped(stop));
+            stop_signal().await;
+            shutdown.cancel();
+            serve.await.context("consent task panicked")??;
         }
     }
     Ok(())

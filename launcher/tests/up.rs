@@ -27,6 +27,7 @@ fn up_serves_linker_audit_health_and_reflection_without_printing_the_token() {
         .args(["up", "--data-dir"])
         .arg(data.path())
         .env("SIGHTLINE_LINKER__LISTEN", "127.0.0.1:0")
+        .env("SIGHTLINE_CONSENT__LISTEN", "127.0.0.1:0")
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -45,12 +46,28 @@ fn up_serves_linker_audit_health_and_reflection_without_printing_the_token() {
         }
         banner.push_str(&line);
     }
-    // The rest of the banner: the token's path and a first command.
-    for _ in 0..5 {
+    // The rest of the banner: the other services, the token's path and a first command.
+    let mut consent = None;
+    loop {
         let mut line = String::new();
-        stdout.read_line(&mut line).unwrap();
+        assert!(
+            stdout.read_line(&mut line).unwrap() > 0,
+            "banner ended early:\n{banner}"
+        );
+        if let Some(rest) = line.trim().strip_prefix("consent") {
+            consent = rest.split_whitespace().next().map(str::to_owned);
+        }
         banner.push_str(&line);
+        if line.contains("grpcurl ") {
+            break;
+        }
     }
+    let consent = consent.expect("consent-svc is in the banner");
+    let consent_listed = grpcurl(&["-plaintext", &consent, "list"]);
+    assert!(
+        consent_listed.contains("sightline.consent.v1.ConsentService"),
+        "{consent_listed}"
+    );
     let addr = addr.unwrap();
 
     let listed = grpcurl(&["-plaintext", &addr, "list"]);

@@ -10,9 +10,11 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, OnceLock};
 
+use consent_svc::{ConsentConfig, ConsentService};
 use linker_svc::domains::StaticTxt;
 use linker_svc::{Linker, LinkerConfig};
 use sightline_proto::audit::v1::audit_service_client::AuditServiceClient;
+use sightline_proto::consent::v1::consent_service_client::ConsentServiceClient;
 use sightline_proto::linker::v1::linker_service_client::LinkerServiceClient;
 use sightline_runtime::settings::{Limits, TlsSettings};
 use sightline_runtime::token::{self, TokenKind};
@@ -212,4 +214,109 @@ pub fn readme_block(name: &str) -> String {
         .1;
     let body = after.split_once("```bash\n").unwrap().1;
     body.split_once("\n```").unwrap().0.to_owned()
+}
+
+/// A running consent-svc wired to a [`TestLinker`] (credentials and audit log), sharing its clock.
+#[derive(Debug)]
+pub struct TestConsent {
+    pub addr: SocketAddr,
+    pub database_url: String,
+    shutdown: CancellationToken,
+    served: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl TestConsent {
+    /// Starts consent-svc against `linker`; `database_url` None means SQLite in the linker's data dir.
+    pub async fn start(linker: &TestLinker, database_url: Option<String>, limits: Limits) -> Self {
+        let database_url = database_url.unwrap_or_else(|| {
+            sightline_runtime::storage::default_sqlite_url(linker.data_dir(), "consent")
+        });
+        let consent = ConsentService::build(ConsentConfig {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            database_url: Secret::new(database_url.clone()),
+            receipt_key_path: linker.data_dir().join("consent-receipt.key"),
+            linker_url: format!("http://{}", linker.addr),
+            service_token: linker.service.clone(),
+            limits,
+            tls: None,
+            clock: linker.clock.clone(),
+        })
+        .await
+        .unwrap();
+        let addr = consent.local_addr();
+        let shutdown = CancellationToken::new();
+        let stop = shutdown.clone();
+        let served = tokio::spawn(async move {
+            consent.run_until_stopped(stop).await.unwrap();
+        });
+        Self {
+            addr,
+            database_url,
+            shutdown,
+            served: Some(served),
+        }
+    }
+
+    pub async fn client(&self) -> ConsentServiceClient<Channel> {
+        ConsentServiceClient::new(
+            Channel::from_shared(format!("http://{}", self.addr))
+                .unwrap()
+                .connect()
+                .await
+                .unwrap(),
+        )
+    }
+
+    pub async fn stop(mut self) {
+        self.shutdown.cancel();
+        if let Some(served) = self.served.take() {
+            served.await.unwrap();
+        }
+    }
+}
+
+impl Drop for TestConsent {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+/// An org with an admin token, made by the operator.
+#[derive(Debug, Clone)]
+pub struct TestOrg {
+    pub id: String,
+    pub admin: String,
+    pub admin_id: String,
+}
+
+impl TestLinker {
+    pub async fn org(&self, name: &str) -> TestOrg {
+        use sightline_proto::linker::v1 as pb;
+        let mut client = self.linker().await;
+        let op = self.operator.expose();
+        let id = client
+            .create_org(authed(op, pb::CreateOrgRequest { name: name.into() }))
+            .await
+            .unwrap()
+            .into_inner()
+            .org
+            .unwrap()
+            .org_id;
+        let token = client
+            .create_admin_token(authed(
+                op,
+                pb::CreateAdminTokenRequest {
+                    org_id: id.clone(),
+                    label: "ops".into(),
+                },
+            ))
+            .await
+            .unwrap()
+            .into_inner();
+        TestOrg {
+            id,
+            admin: token.secret,
+            admin_id: token.token.unwrap().token_id,
+        }
+    }
 }
