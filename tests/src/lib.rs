@@ -156,8 +156,8 @@ impl TestLinker {
         AuditServiceClient::new(self.channel().await)
     }
 
-    /// Stops the server and waits until in-flight calls have drained.
-    pub async fn stop(mut self) {
+    /// Stops the server and waits until in-flight calls have drained; the data directory stays.
+    pub async fn stop(&mut self) {
         self.shutdown.cancel();
         if let Some(served) = self.served.take() {
             served.await.unwrap();
@@ -267,7 +267,7 @@ impl TestConsent {
         )
     }
 
-    pub async fn stop(mut self) {
+    pub async fn stop(&mut self) {
         self.shutdown.cancel();
         if let Some(served) = self.served.take() {
             served.await.unwrap();

@@ -1179,7 +1179,7 @@ async fn no_issued_secret_appears_in_logs_or_stored_rows_on_postgres() {
 
 #[tokio::test]
 async fn a_stopped_server_closes_its_listener() {
-    let linker = TestLinker::start(LinkerOptions::default()).await;
+    let mut linker = TestLinker::start(LinkerOptions::default()).await;
     let acme = org(&linker, "Acme").await;
     let addr = linker.addr;
     let mut client = linker.linker().await;

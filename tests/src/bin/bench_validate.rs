@@ -38,7 +38,7 @@ async fn main() {
     } else {
         None
     };
-    let linker = TestLinker::start(LinkerOptions {
+    let mut linker = TestLinker::start(LinkerOptions {
         database_url,
         limits: Limits {
             rate_per_second: 10_000_000,
