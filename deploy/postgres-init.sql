@@ -1,0 +1,2 @@
+-- One database per service: each service owns its tables.
+CREATE DATABASE consent OWNER sightline;
