@@ -81,8 +81,11 @@ async fn main() -> anyhow::Result<()> {
             serve.await.context("linker task panicked")??;
         }
         Command::Consent { data_dir } => {
-            let settings = load_settings(cli.config.as_deref(), data_dir)?;
+            let mut settings = load_settings(cli.config.as_deref(), data_dir)?;
             sightline_runtime::telemetry::init(&settings.log);
+            if settings.service_token.is_none() {
+                settings.service_token = Some(sightline::ensure_service_token(&settings.data_dir)?);
+            }
             let consent = ConsentService::build(ConsentConfig::from_settings(&settings)?).await?;
             tracing::info!(addr = %consent.local_addr(), "consent-svc listening");
             let stop = shutdown.clone();
