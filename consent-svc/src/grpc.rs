@@ -238,6 +238,22 @@ impl ConsentApi {
         }
     }
 
+    /// Stores a change with its audit entry, then publishes the org's new policy: every change goes
+    /// through here, so none is made without its audit entry or hidden from watchers.
+    async fn commit(
+        &self,
+        change: Change,
+        purge: Option<Purge>,
+        entry: &AuditEntry,
+        instance_ids: Vec<String>,
+    ) -> Result<(), ConsentError> {
+        self.store
+            .apply(change, purge, self.audit.as_ref(), entry)
+            .await?;
+        self.publish(&entry.org_id, instance_ids).await;
+        Ok(())
+    }
+
     fn entry(
         &self,
         org_id: &str,
@@ -448,17 +464,10 @@ impl ConsentService for ConsentApi {
                 .attributes
                 .insert("purge".to_owned(), "true".to_owned());
         }
-        self.store
-            .apply(
-                Change::Consent(record.clone()),
-                purge,
-                self.audit.as_ref(),
-                &entry,
-            )
-            .await
-            .map_err(ConsentError::from)?;
+        self.commit(Change::Consent(record.clone()), purge, &entry, Vec::new())
+            .await?;
         tracing::info!(%org_id, version, usage = consent.usage.name(), sharing = consent.sharing.name(), "consent updated");
-        self.publish(&org_id, Vec::new()).await;
+
         Ok(Response::new(pb::UpdateConsentResponse {
             consent: Some(self.version_pb(&record)?),
         }))
@@ -724,21 +733,19 @@ impl ConsentService for ConsentApi {
                 .attributes
                 .insert("sharing_level".into(), o.sharing_level.clone());
         }
-        self.store
-            .apply(
-                Change::Override {
-                    org_id: org_id.clone(),
-                    instance_id: instance_id.clone(),
-                    record: record.clone(),
-                },
-                None,
-                self.audit.as_ref(),
-                &entry,
-            )
-            .await
-            .map_err(ConsentError::from)?;
+        self.commit(
+            Change::Override {
+                org_id: org_id.clone(),
+                instance_id: instance_id.clone(),
+                record: record.clone(),
+            },
+            None,
+            &entry,
+            vec![instance_id.clone()],
+        )
+        .await?;
         tracing::info!(%org_id, %instance_id, cleared = record.is_none(), "instance override changed");
-        self.publish(&org_id, vec![instance_id.clone()]).await;
+
         let policy = self.policy(&org_id, Some(&instance_id)).await?;
         Ok(Response::new(pb::SetInstanceOverrideResponse {
             r#override: record.map(|o| pb::InstanceOverride {
@@ -797,12 +804,10 @@ impl ConsentService for ConsentApi {
             "blocking_time_ms".into(),
             tracking.blocking_time_ms.to_string(),
         );
-        self.store
-            .apply(Change::Tracking(record), None, self.audit.as_ref(), &entry)
-            .await
-            .map_err(ConsentError::from)?;
+        self.commit(Change::Tracking(record), None, &entry, Vec::new())
+            .await?;
         tracing::info!(%org_id, "tracking settings updated");
-        self.publish(&org_id, Vec::new()).await;
+
         Ok(Response::new(pb::UpdateTrackingSettingsResponse {
             settings: Some(tracking.to_pb()),
         }))
@@ -942,21 +947,19 @@ impl ConsentService for ConsentApi {
         entry
             .attributes
             .insert("to".into(), record.to_location.clone());
-        self.store
-            .apply(
-                Change::Move {
-                    record: record.clone(),
-                    expected_state: expected,
-                    residency: new_residency,
-                },
-                None,
-                self.audit.as_ref(),
-                &entry,
-            )
-            .await
-            .map_err(ConsentError::from)?;
+        self.commit(
+            Change::Move {
+                record: record.clone(),
+                expected_state: expected,
+                residency: new_residency,
+            },
+            None,
+            &entry,
+            Vec::new(),
+        )
+        .await?;
         tracing::info!(%org_id, move_id = %record.move_id, state = %record.state, "residency move changed");
-        self.publish(&org_id, Vec::new()).await;
+
         Ok(Response::new(pb::RequestResidencyMoveResponse {
             residency: Some(self.residency(&org_id).await?.0),
             r#move: Some(move_pb(&record)),
@@ -995,23 +998,21 @@ impl ConsentService for ConsentApi {
             "aggregate_days".into(),
             retention.aggregate_days.to_string(),
         );
-        self.store
-            .apply(
-                Change::Retention(RetentionRecord {
-                    org_id: org_id.clone(),
-                    raw_days: i64::from(retention.raw_days),
-                    assessment_days: i64::from(retention.assessment_days),
-                    aggregate_days: i64::from(retention.aggregate_days),
-                    updated_at: self.clock.now_ms(),
-                }),
-                None,
-                self.audit.as_ref(),
-                &entry,
-            )
-            .await
-            .map_err(ConsentError::from)?;
+        self.commit(
+            Change::Retention(RetentionRecord {
+                org_id: org_id.clone(),
+                raw_days: i64::from(retention.raw_days),
+                assessment_days: i64::from(retention.assessment_days),
+                aggregate_days: i64::from(retention.aggregate_days),
+                updated_at: self.clock.now_ms(),
+            }),
+            None,
+            &entry,
+            Vec::new(),
+        )
+        .await?;
         tracing::info!(%org_id, "retention updated");
-        self.publish(&org_id, Vec::new()).await;
+
         Ok(Response::new(pb::UpdateRetentionResponse {
             retention: Some(retention.to_pb()),
         }))

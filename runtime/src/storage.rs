@@ -27,6 +27,29 @@ pub enum StorageError {
     Migrate(#[from] sqlx::migrate::MigrateError),
 }
 
+/// What a database error means for the caller, the same on SQLite and PostgreSQL.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DbFailure {
+    UniqueViolation,
+    ForeignKeyViolation,
+    /// The database cannot be reached right now; retrying may work.
+    Unavailable,
+    Other,
+}
+
+pub fn classify(error: &sqlx::Error) -> DbFailure {
+    match error {
+        sqlx::Error::Database(db) if db.is_unique_violation() => DbFailure::UniqueViolation,
+        sqlx::Error::Database(db) if db.is_foreign_key_violation() => {
+            DbFailure::ForeignKeyViolation
+        }
+        sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Io(_) => {
+            DbFailure::Unavailable
+        }
+        _ => DbFailure::Other,
+    }
+}
+
 /// A service's migrations, one set per backend.
 #[derive(Debug, Clone, Copy)]
 pub struct Migrations {

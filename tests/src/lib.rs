@@ -320,3 +320,25 @@ impl TestLinker {
         }
     }
 }
+
+/// Command-line and statistics helpers the load generators share.
+pub mod bench {
+    /// The number after `name` on the command line, or `default`.
+    pub fn arg(name: &str, default: u64) -> u64 {
+        let args: Vec<String> = std::env::args().collect();
+        args.iter()
+            .position(|a| a == name)
+            .and_then(|i| args.get(i + 1))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(default)
+    }
+
+    pub fn flag(name: &str) -> bool {
+        std::env::args().any(|a| a == name)
+    }
+
+    /// The `p` quantile (0 to 1) of sorted samples, nearest rank.
+    pub fn percentile(sorted: &[f64], p: f64) -> f64 {
+        sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
+    }
+}

@@ -11,7 +11,9 @@ use sightline_proto::linker::v1 as pb;
 use sightline_runtime::settings::Limits;
 use sightline_runtime::time::DAY_MS;
 use sightline_runtime::token::TokenKind;
-use sightline_tests::{LinkerOptions, TestLinker, authed, grpcurl, logs, readme_block, stranger};
+use sightline_tests::{
+    LinkerOptions, TestLinker, TestOrg as Org, authed, grpcurl, logs, readme_block, stranger,
+};
 use sqlx::Connection;
 use tonic::Code;
 
@@ -26,40 +28,8 @@ fn metadata(server_id: &str) -> InstanceMetadata {
     }
 }
 
-/// An org with an admin token, as the operator makes them.
-struct Org {
-    id: String,
-    admin: String,
-    admin_id: String,
-}
-
 async fn org(linker: &TestLinker, name: &str) -> Org {
-    let mut client = linker.linker().await;
-    let op = linker.operator.expose();
-    let id = client
-        .create_org(authed(op, pb::CreateOrgRequest { name: name.into() }))
-        .await
-        .unwrap()
-        .into_inner()
-        .org
-        .unwrap()
-        .org_id;
-    let token = client
-        .create_admin_token(authed(
-            op,
-            pb::CreateAdminTokenRequest {
-                org_id: id.clone(),
-                label: "ops".into(),
-            },
-        ))
-        .await
-        .unwrap()
-        .into_inner();
-    Org {
-        id,
-        admin: token.secret,
-        admin_id: token.token.unwrap().token_id,
-    }
+    linker.org(name).await
 }
 
 async fn link_key(linker: &TestLinker, org: &Org) -> pb::CreateLinkKeyResponse {

@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use sightline_runtime::storage::{self, Database, Migrations, StorageError};
+use sightline_runtime::storage::{self, Database, DbFailure, Migrations, StorageError};
 
 pub use sql::{PgStore, SqliteStore};
 
@@ -42,14 +42,13 @@ pub enum StoreError {
 
 impl From<sqlx::Error> for StoreError {
     fn from(error: sqlx::Error) -> Self {
-        match &error {
-            sqlx::Error::Database(db) if db.is_unique_violation() => {
+        match storage::classify(&error) {
+            // Versions and moves are keyed so that a concurrent writer collides.
+            DbFailure::UniqueViolation => {
                 StoreError::Conflict("changed concurrently; read it again and retry")
             }
-            sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Io(_) => {
-                StoreError::Unavailable(error)
-            }
-            _ => StoreError::Database(error),
+            DbFailure::Unavailable => StoreError::Unavailable(error),
+            DbFailure::ForeignKeyViolation | DbFailure::Other => StoreError::Database(error),
         }
     }
 }

@@ -10,7 +10,7 @@ mod sql;
 use std::collections::BTreeMap;
 
 use async_trait::async_trait;
-use sightline_runtime::storage::{self, Database, Migrations, StorageError};
+use sightline_runtime::storage::{self, Database, DbFailure, Migrations, StorageError};
 
 pub use sql::{PgStore, SqliteStore};
 
@@ -66,17 +66,11 @@ impl std::fmt::Display for LinkKeyRejection {
 
 impl From<sqlx::Error> for StoreError {
     fn from(error: sqlx::Error) -> Self {
-        match &error {
-            sqlx::Error::Database(db) if db.is_unique_violation() => {
-                StoreError::AlreadyExists("record")
-            }
-            sqlx::Error::Database(db) if db.is_foreign_key_violation() => {
-                StoreError::NotFound("referenced record")
-            }
-            sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Io(_) => {
-                StoreError::Unavailable(error)
-            }
-            _ => StoreError::Database(error),
+        match storage::classify(&error) {
+            DbFailure::UniqueViolation => StoreError::AlreadyExists("record"),
+            DbFailure::ForeignKeyViolation => StoreError::NotFound("referenced record"),
+            DbFailure::Unavailable => StoreError::Unavailable(error),
+            DbFailure::Other => StoreError::Database(error),
         }
     }
 }

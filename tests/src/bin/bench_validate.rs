@@ -12,23 +12,15 @@ use std::time::{Duration, Instant};
 use sightline_proto::common::v1::InstanceMetadata;
 use sightline_proto::linker::v1 as pb;
 use sightline_runtime::settings::Limits;
+use sightline_tests::bench::{arg, flag, percentile};
 use sightline_tests::{LinkerOptions, TestLinker, authed};
-
-fn arg(name: &str, default: u64) -> u64 {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
 
 #[tokio::main]
 async fn main() {
     let seconds = arg("--seconds", 10);
     let concurrency = arg("--concurrency", 64) as usize;
     let connections = arg("--connections", 4) as usize;
-    let postgres = std::env::args().any(|a| a == "--postgres");
+    let postgres = flag("--postgres");
     let database_url = if postgres {
         Some(
             sightline_runtime::testing::fresh_postgres_url()
@@ -144,13 +136,13 @@ async fn main() {
     let mut all = Vec::new();
     let mut errors = 0;
     for worker in workers {
-        let (mut latencies, e) = worker.await.unwrap();
-        all.append(&mut latencies);
+        let (latencies, e) = worker.await.unwrap();
+        all.extend(latencies.into_iter().map(|us| us as f64 / 1_000.0));
         errors += e;
     }
     let elapsed = started.elapsed().as_secs_f64();
-    all.sort_unstable();
-    let pct = |p: f64| all[((all.len() as f64 - 1.0) * p).round() as usize] as f64 / 1_000.0;
+    all.sort_by(f64::total_cmp);
+    let pct = |p: f64| percentile(&all, p);
     println!(
         "ValidateCredential ({}): {} calls in {:.1} s = {:.0} calls/s; errors {}; latency ms p50 {:.2} p90 {:.2} p99 {:.2} max {:.2} (concurrency {}, connections {})",
         if postgres { "PostgreSQL" } else { "SQLite" },

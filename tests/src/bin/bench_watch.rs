@@ -13,27 +13,15 @@ use futures::StreamExt;
 use sightline_proto::common::v1::{SharingLevel, UsageLevel};
 use sightline_proto::consent::v1 as pb;
 use sightline_runtime::settings::Limits;
+use sightline_tests::bench::{arg, flag, percentile};
 use sightline_tests::{LinkerOptions, TestConsent, TestLinker, authed};
 use tokio::sync::mpsc;
 
-fn arg(name: &str, default: usize) -> usize {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
-fn percentile(sorted: &[f64], p: f64) -> f64 {
-    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
-}
-
 #[tokio::main]
 async fn main() {
-    let watchers = arg("--watchers", 100);
-    let changes = arg("--changes", 200);
-    let postgres = std::env::args().any(|a| a == "--postgres");
+    let watchers = arg("--watchers", 100) as usize;
+    let changes = arg("--changes", 200) as usize;
+    let postgres = flag("--postgres");
     let url = |_: &str| async {
         if postgres {
             Some(
