@@ -168,9 +168,9 @@ impl LinkerApi {
     }
 
     /// The caller, who must administer `org_id`; and the org must exist.
-    async fn admin_of(&self, request_meta: &Principal, org_id: &str) -> Result<String, Status> {
+    async fn admin_of(&self, caller: &Principal, org_id: &str) -> Result<String, Status> {
         let org_id = domain::id("org_id", org_id)?;
-        request_meta.require_admin_of(&org_id)?;
+        caller.require_admin_of(&org_id)?;
         if self
             .store
             .get_org(&org_id)

@@ -10,7 +10,6 @@
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -98,10 +97,6 @@ impl GrpcServer {
         self.listener
             .local_addr()
             .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)))
-    }
-
-    pub fn limits(&self) -> Limits {
-        self.limits
     }
 
     /// Adds a service and marks it SERVING in the health service, in one step.
@@ -342,12 +337,4 @@ where
             Ok(response)
         })
     }
-}
-
-/// A running server's address and its stop handle, for tests and the launcher.
-#[derive(Debug, Clone)]
-pub struct Running {
-    pub addr: SocketAddr,
-    pub shutdown: CancellationToken,
-    pub done: Arc<tokio::sync::Notify>,
 }

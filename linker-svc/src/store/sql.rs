@@ -45,10 +45,6 @@ macro_rules! sql_store {
                 Self { pool }
             }
 
-            pub fn pool(&self) -> &$pool {
-                &self.pool
-            }
-
             async fn begin(&self) -> StoreResult<sqlx::Transaction<'static, <$pool as PoolDb>::Db>> {
                 Ok(self.pool.begin_with($begin).await?)
             }
