@@ -2,13 +2,13 @@
 //! the service's Ed25519 key, so anyone holding the published public key can verify it offline. The
 //! payload's exact form is documented on `sightline.consent.v1.ConsentReceipt`.
 
-use std::io::Write;
 use std::path::Path;
 
 use ring::rand::SystemRandom;
 use ring::signature::{ED25519, Ed25519KeyPair, KeyPair, UnparsedPublicKey};
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
+use sightline_runtime::secret_file;
 
 use crate::domain::{Consent, Sharing, Usage};
 
@@ -55,19 +55,7 @@ impl ReceiptSigner {
                             path: path.display().to_string(),
                         }
                     })?;
-                if let Some(parent) = path.parent() {
-                    std::fs::create_dir_all(parent).map_err(io)?;
-                }
-                let mut options = std::fs::OpenOptions::new();
-                options.write(true).create_new(true);
-                #[cfg(unix)]
-                {
-                    use std::os::unix::fs::OpenOptionsExt;
-                    options.mode(0o600);
-                }
-                let mut file = options.open(path).map_err(io)?;
-                file.write_all(generated.as_ref()).map_err(io)?;
-                file.sync_all().map_err(io)?;
+                secret_file::create_private(path, generated.as_ref()).map_err(io)?;
                 generated.as_ref().to_vec()
             }
             Err(e) => return Err(io(e)),

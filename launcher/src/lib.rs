@@ -2,14 +2,14 @@
 //! the data directory; `sightline linker` (and each other service by name) runs one service alone
 //! with its own settings, as docker-compose does.
 
-use std::io::Write;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use consent_svc::{ConsentConfig, ConsentService};
 use linker_svc::{Linker, LinkerConfig};
-use sightline_runtime::token::{self, TokenKind};
+use sightline_runtime::secret_file;
+use sightline_runtime::token::TokenKind;
 use sightline_runtime::{Secret, Settings};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -18,27 +18,9 @@ use tokio_util::sync::CancellationToken;
 /// to each other when settings do not name one.
 pub fn ensure_service_token(data_dir: &Path) -> anyhow::Result<Secret> {
     let path = data_dir.join("service.token");
-    if let Ok(existing) = std::fs::read_to_string(&path) {
-        let existing = existing.trim().to_owned();
-        if token::parse(&existing).is_ok_and(|p| p.kind == TokenKind::Service) {
-            return Ok(Secret::new(existing));
-        }
-        anyhow::bail!("{} does not hold a service token", path.display());
-    }
-    std::fs::create_dir_all(data_dir)?;
-    let secret = token::generate(TokenKind::Service);
-    let mut options = std::fs::OpenOptions::new();
-    options.write(true).create_new(true);
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::OpenOptionsExt;
-        options.mode(0o600);
-    }
-    let mut file = options
-        .open(&path)
-        .with_context(|| format!("cannot create {}", path.display()))?;
-    writeln!(file, "{secret}")?;
-    Ok(Secret::new(secret))
+    let (token, _) = secret_file::read_or_create_token(&path, TokenKind::Service)
+        .with_context(|| format!("service token file {}", path.display()))?;
+    Ok(token)
 }
 
 /// A service of the stack, started.

@@ -13,7 +13,6 @@ pub mod error;
 pub mod grpc;
 pub mod store;
 
-use std::io::Write;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
@@ -21,10 +20,11 @@ use std::sync::Arc;
 use sightline_proto::audit::v1::audit_service_server::AuditServiceServer;
 use sightline_proto::linker::v1::linker_service_server::LinkerServiceServer;
 use sightline_runtime::ratelimit::RateLimiter;
+use sightline_runtime::secret_file;
 use sightline_runtime::server::{GrpcServer, ServerError};
 use sightline_runtime::settings::{Limits, TlsSettings};
 use sightline_runtime::storage::{self, StorageError};
-use sightline_runtime::token::{self, TokenKind};
+use sightline_runtime::token::TokenKind;
 use sightline_runtime::{Secret, Settings, SharedClock};
 use tokio_util::sync::CancellationToken;
 
@@ -86,42 +86,12 @@ impl LinkerConfig {
 /// and whether it was created. The token itself is never printed or logged.
 pub fn ensure_operator_token(data_dir: &Path) -> Result<(Secret, bool), StartError> {
     let path = data_dir.join("operator.token");
-    let fail = |source| StartError::OperatorToken {
-        path: path.display().to_string(),
-        source,
-    };
-    match std::fs::read_to_string(&path) {
-        Ok(existing) => {
-            let existing = existing.trim().to_owned();
-            token::parse(&existing)
-                .ok()
-                .filter(|p| p.kind == TokenKind::Operator)
-                .ok_or_else(|| {
-                    fail(std::io::Error::new(
-                        std::io::ErrorKind::InvalidData,
-                        "file does not hold an operator token",
-                    ))
-                })?;
-            Ok((Secret::new(existing), false))
+    secret_file::read_or_create_token(&path, TokenKind::Operator).map_err(|source| {
+        StartError::OperatorToken {
+            path: path.display().to_string(),
+            source,
         }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            std::fs::create_dir_all(data_dir).map_err(fail)?;
-            let secret = token::generate(TokenKind::Operator);
-            let mut options = std::fs::OpenOptions::new();
-            options.write(true).create_new(true);
-            #[cfg(unix)]
-            {
-                use std::os::unix::fs::OpenOptionsExt;
-                options.mode(0o600);
-            }
-            let mut file = options.open(&path).map_err(fail)?;
-            file.write_all(secret.as_bytes()).map_err(fail)?;
-            file.write_all(b"\n").map_err(fail)?;
-            file.sync_all().map_err(fail)?;
-            Ok((Secret::new(secret), true))
-        }
-        Err(e) => Err(fail(e)),
-    }
+    })
 }
 
 /// A bound linker-svc, ready to run.

@@ -7,6 +7,7 @@
 pub mod auth;
 pub mod clock;
 pub mod ratelimit;
+pub mod secret_file;
 pub mod server;
 pub mod settings;
 pub mod storage;
