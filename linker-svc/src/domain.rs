@@ -190,42 +190,31 @@ pub struct Page {
     pub after: Option<String>,
 }
 
-pub fn page(page_size: u32, page_token: &str) -> Result<Page, LinkerError> {
-    if page_size > MAX_PAGE_SIZE {
-        return Err(invalid(
+/// A requested page size: 0 means the default, more than the maximum is refused.
+fn page_size(page_size: u32) -> Result<i64, LinkerError> {
+    match page_size {
+        0 => Ok(i64::from(DEFAULT_PAGE_SIZE)),
+        1..=MAX_PAGE_SIZE => Ok(i64::from(page_size)),
+        _ => Err(invalid(
             "page_size",
             format!("must be at most {MAX_PAGE_SIZE}"),
-        ));
+        )),
     }
-    let size = if page_size == 0 {
-        DEFAULT_PAGE_SIZE
-    } else {
-        page_size
-    };
+}
+
+pub fn page(page_size_requested: u32, page_token: &str) -> Result<Page, LinkerError> {
+    let size = page_size(page_size_requested)?;
     let after = if page_token.is_empty() {
         None
     } else {
         Some(id("page_token", page_token)?)
     };
-    Ok(Page {
-        size: i64::from(size),
-        after,
-    })
+    Ok(Page { size, after })
 }
 
 /// The audit log pages by seq.
-pub fn seq_page(page_size: u32, page_token: &str) -> Result<(i64, i64), LinkerError> {
-    if page_size > MAX_PAGE_SIZE {
-        return Err(invalid(
-            "page_size",
-            format!("must be at most {MAX_PAGE_SIZE}"),
-        ));
-    }
-    let size = if page_size == 0 {
-        DEFAULT_PAGE_SIZE
-    } else {
-        page_size
-    };
+pub fn seq_page(page_size_requested: u32, page_token: &str) -> Result<(i64, i64), LinkerError> {
+    let size = page_size(page_size_requested)?;
     let after = if page_token.is_empty() {
         0
     } else {
@@ -235,7 +224,7 @@ pub fn seq_page(page_size: u32, page_token: &str) -> Result<(i64, i64), LinkerEr
             .filter(|s| *s >= 0)
             .ok_or_else(|| invalid("page_token", "is not a valid page token"))?
     };
-    Ok((i64::from(size), after))
+    Ok((size, after))
 }
 
 pub fn audit_action(field: &'static str, value: &str) -> Result<String, LinkerError> {
