@@ -3,6 +3,7 @@
 //! naming the field.
 
 use sightline_proto::common::v1 as common_pb;
+use sightline_proto::common::v1::{DataClass, FieldAction};
 use sightline_proto::consent::v1 as pb;
 
 use crate::error::ConsentError;
@@ -145,26 +146,18 @@ impl Consent {
     }
 }
 
-/// What a change from `before` to `after` requires deleting (SPEC C7): when a level is lowered,
-/// everything collected above the new levels.
-pub fn purge_needed(before: &Consent, after: &Consent) -> bool {
-    after.usage < before.usage
-        || after.sharing < before.sharing
-        || (before.contributes().0 && !after.contributes().0)
-        || (before.contributes().1 && !after.contributes().1)
-}
-
 /// Event kinds a usage level allows (SPEC E3). Page views also need view tracking to allow them.
 pub fn allowed_kinds(usage: Usage, any_channel_tracked: bool) -> Vec<common_pb::EventKind> {
     use common_pb::EventKind as K;
     match usage {
         Usage::Disabled => vec![],
-        Usage::Basic => vec![K::InstanceMetadata, K::Metric, K::ClientMetric],
+        Usage::Basic => vec![K::InstanceMetadata, K::Metric, K::ClientMetric, K::AppInventory],
         Usage::Advanced => {
             let mut kinds = vec![
                 K::InstanceMetadata,
                 K::Metric,
                 K::ClientMetric,
+                K::AppInventory,
                 K::FeatureUsage,
             ];
             if any_channel_tracked {
@@ -173,6 +166,137 @@ pub fn allowed_kinds(usage: Usage, any_channel_tracked: bool) -> Vec<common_pb::
             kinds
         }
     }
+}
+
+/// What an enforcement point does with a field of `class` under `sharing` (SPEC E4, the seed's
+/// Basic/Extended table). Exhaustive: a new class does not compile without its rule.
+pub fn field_action(class: DataClass, sharing: Sharing) -> FieldAction {
+    use DataClass as C;
+    use FieldAction as A;
+    let extended = sharing == Sharing::Extended;
+    match class {
+        C::TechnicalId | C::Count | C::MetricValue | C::Category | C::Timestamp | C::PublicApp => {
+            A::Keep
+        }
+        // User-generated content: kept only under EXTENDED.
+        C::Key | C::Name => {
+            if extended {
+                A::Keep
+            } else {
+                A::Drop
+            }
+        }
+        // Custom apps are recognisable by a keyed hash under BASIC, readable under EXTENDED.
+        C::CustomAppId | C::CustomAppName => {
+            if extended {
+                A::Keep
+            } else {
+                A::KeyedHash
+            }
+        }
+        // People are only ever technical pseudonyms; machines too.
+        C::Username | C::UserId | C::NodeId => A::KeyedHash,
+        // Never stored.
+        C::DisplayName | C::Email | C::IpAddress | C::GroupName | C::Unspecified => A::Drop,
+        C::FreeText | C::Url => A::Scrub,
+    }
+}
+
+/// The policy's rules: one per class the contract defines.
+pub fn field_rules(sharing: Sharing) -> Vec<pb::FieldRule> {
+    sightline_proto::classes::all_classes()
+        .into_iter()
+        .map(|class| pb::FieldRule {
+            data_class: class as i32,
+            action: field_action(class, sharing) as i32,
+        })
+        .collect()
+}
+
+/// How much of a value an action keeps: a change to a higher rank must strip stored values.
+fn retained(action: FieldAction) -> u8 {
+    match action {
+        FieldAction::Keep => 3,
+        FieldAction::Scrub | FieldAction::KeyedHash => 2,
+        FieldAction::Drop | FieldAction::Unspecified => 0,
+    }
+}
+
+/// Kinds that may feed cross-org statistics under each contribution flag (metadata, in-app data).
+pub fn contribution_kinds() -> (Vec<common_pb::EventKind>, Vec<common_pb::EventKind>) {
+    use common_pb::EventKind as K;
+    (
+        vec![K::InstanceMetadata, K::AppInventory],
+        vec![K::Metric, K::ClientMetric, K::FeatureUsage],
+    )
+}
+
+/// What an org (or one instance) allows, as far as purges are concerned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Allowance {
+    pub usage: Usage,
+    pub sharing: Sharing,
+    /// Contribution after compliance restriction: (metadata, in-app data).
+    pub contributes: (bool, bool),
+}
+
+impl Allowance {
+    pub fn of(consent: &Consent) -> Self {
+        Self {
+            usage: consent.usage,
+            sharing: consent.sharing,
+            contributes: consent.contributes(),
+        }
+    }
+
+    /// Lowered to an instance override's levels.
+    pub fn lowered_to(self, usage: Usage, sharing: Sharing) -> Self {
+        Self {
+            usage: self.usage.min(usage),
+            sharing: self.sharing.min(sharing),
+            ..self
+        }
+    }
+}
+
+/// What must be deleted when `before` becomes `after` (SPEC C7, E9): the kinds no longer allowed,
+/// the classes whose rule keeps less, and withdrawn contribution. None when nothing is lowered.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PurgeSpec {
+    pub delete_kinds: Vec<common_pb::EventKind>,
+    pub strip_classes: Vec<DataClass>,
+    pub withdraw_metadata: bool,
+    pub withdraw_in_app_data: bool,
+}
+
+pub fn purge_between(before: Allowance, after: Allowance) -> Option<PurgeSpec> {
+    // Tracking settings only stop future collection; levels decide what is deleted.
+    let still = allowed_kinds(after.usage, true);
+    let delete_kinds: Vec<_> = allowed_kinds(before.usage, true)
+        .into_iter()
+        .filter(|k| !still.contains(k))
+        .collect();
+    let strip_classes: Vec<_> = if after.usage == Usage::Disabled {
+        Vec::new()
+    } else {
+        sightline_proto::classes::all_classes()
+            .into_iter()
+            .filter(|c| {
+                retained(field_action(*c, after.sharing)) < retained(field_action(*c, before.sharing))
+            })
+            .collect()
+    };
+    let spec = PurgeSpec {
+        delete_kinds,
+        strip_classes,
+        withdraw_metadata: before.contributes.0 && !after.contributes.0,
+        withdraw_in_app_data: before.contributes.1 && !after.contributes.1,
+    };
+    let nothing = spec.delete_kinds.is_empty()
+        && spec.strip_classes.is_empty()
+        && !spec.withdraw_metadata
+        && !spec.withdraw_in_app_data;
+    (!nothing).then_some(spec)
 }
 
 pub fn treatment(sharing: Sharing) -> pb::FieldTreatment {
@@ -311,16 +435,21 @@ impl Tracking {
     }
 }
 
-/// Retention in days (SPEC C7).
+/// Retention in days of every kind of stored data (SPEC C7).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Retention {
     pub raw_days: u32,
     pub assessment_days: u32,
     pub aggregate_days: u32,
+    pub score_history_days: u32,
+    pub support_bundle_days: u32,
+    /// How long event ids are remembered for de-duplication (and the oldest event accepted).
+    pub event_id_days: u32,
 }
 
 pub const TWO_YEARS_DAYS: u32 = 730;
 pub const SEVEN_YEARS_DAYS: u32 = 2_555;
+pub const DEFAULT_EVENT_ID_DAYS: u32 = 35;
 
 impl Default for Retention {
     fn default() -> Self {
@@ -328,6 +457,9 @@ impl Default for Retention {
             raw_days: TWO_YEARS_DAYS,
             assessment_days: TWO_YEARS_DAYS,
             aggregate_days: TWO_YEARS_DAYS,
+            score_history_days: TWO_YEARS_DAYS,
+            support_bundle_days: TWO_YEARS_DAYS,
+            event_id_days: DEFAULT_EVENT_ID_DAYS,
         }
     }
 }
@@ -342,8 +474,18 @@ impl Retention {
                 Err(invalid(field, format!("must be between 1 and {max} days")))
             }
         };
+        // The fields added later keep their default when left 0.
+        let or_default = |field, value: u32, default: u32, max: u32| {
+            if value == 0 {
+                Ok(default.min(max))
+            } else {
+                bounded(field, value, max)
+            }
+        };
+        let raw_days = bounded("retention.raw_days", r.raw_days, TWO_YEARS_DAYS)?;
+        let defaults = Retention::default();
         Ok(Self {
-            raw_days: bounded("retention.raw_days", r.raw_days, TWO_YEARS_DAYS)?,
+            raw_days,
             assessment_days: bounded(
                 "retention.assessment_days",
                 r.assessment_days,
@@ -354,6 +496,24 @@ impl Retention {
                 r.aggregate_days,
                 SEVEN_YEARS_DAYS,
             )?,
+            score_history_days: or_default(
+                "retention.score_history_days",
+                r.score_history_days,
+                defaults.score_history_days,
+                SEVEN_YEARS_DAYS,
+            )?,
+            support_bundle_days: or_default(
+                "retention.support_bundle_days",
+                r.support_bundle_days,
+                defaults.support_bundle_days,
+                TWO_YEARS_DAYS,
+            )?,
+            event_id_days: or_default(
+                "retention.event_id_days",
+                r.event_id_days,
+                defaults.event_id_days,
+                raw_days,
+            )?,
         })
     }
 
@@ -362,6 +522,9 @@ impl Retention {
             raw_days: self.raw_days,
             assessment_days: self.assessment_days,
             aggregate_days: self.aggregate_days,
+            score_history_days: self.score_history_days,
+            support_bundle_days: self.support_bundle_days,
+            event_id_days: self.event_id_days,
         }
     }
 }
@@ -458,24 +621,72 @@ mod tests {
 
     #[test]
     fn lowering_anything_needs_a_purge_and_raising_does_not() {
+        use common_pb::EventKind as K;
         let advanced = Consent {
             usage: Usage::Advanced,
             sharing: Sharing::Extended,
+            contribute_in_app_data: true,
             ..Consent::DEFAULT
         };
         let basic = Consent {
             usage: Usage::Basic,
             ..advanced
         };
-        assert!(purge_needed(&advanced, &basic));
-        assert!(!purge_needed(&basic, &advanced));
-        assert!(purge_needed(
-            &advanced,
-            &Consent {
-                sharing: Sharing::Basic,
-                ..advanced
+        let spec = purge_between(Allowance::of(&advanced), Allowance::of(&basic)).unwrap();
+        assert_eq!(spec.delete_kinds, [K::FeatureUsage, K::PageView]);
+        assert!(spec.strip_classes.is_empty() && !spec.withdraw_in_app_data);
+        assert_eq!(
+            purge_between(Allowance::of(&basic), Allowance::of(&advanced)),
+            None
+        );
+        let shared_less = Consent {
+            sharing: Sharing::Basic,
+            ..advanced
+        };
+        let spec = purge_between(Allowance::of(&advanced), Allowance::of(&shared_less)).unwrap();
+        assert!(spec.delete_kinds.is_empty());
+        assert_eq!(
+            spec.strip_classes,
+            [
+                DataClass::Key,
+                DataClass::Name,
+                DataClass::CustomAppId,
+                DataClass::CustomAppName
+            ]
+        );
+        let withdrawn = Consent {
+            compliance_restricted: true,
+            ..advanced
+        };
+        let spec = purge_between(Allowance::of(&advanced), Allowance::of(&withdrawn)).unwrap();
+        assert!(spec.withdraw_in_app_data && !spec.withdraw_metadata);
+        let off = Consent {
+            usage: Usage::Disabled,
+            ..advanced
+        };
+        let spec = purge_between(Allowance::of(&advanced), Allowance::of(&off)).unwrap();
+        assert_eq!(spec.delete_kinds.len(), 6, "everything goes");
+        assert!(spec.strip_classes.is_empty(), "nothing is left to strip");
+    }
+
+    #[test]
+    fn every_class_has_a_rule_and_personal_data_is_never_kept() {
+        use sightline_proto::classes::all_classes;
+        for sharing in [Sharing::Basic, Sharing::Extended] {
+            let rules = field_rules(sharing);
+            assert_eq!(rules.len(), all_classes().len());
+            for never in [DataClass::DisplayName, DataClass::Email, DataClass::IpAddress] {
+                assert_eq!(field_action(never, sharing), FieldAction::Drop);
             }
-        ));
+            assert_eq!(field_action(DataClass::Username, sharing), FieldAction::KeyedHash);
+            assert_eq!(field_action(DataClass::FreeText, sharing), FieldAction::Scrub);
+        }
+        assert_eq!(field_action(DataClass::Key, Sharing::Basic), FieldAction::Drop);
+        assert_eq!(field_action(DataClass::Key, Sharing::Extended), FieldAction::Keep);
+        assert_eq!(
+            field_action(DataClass::CustomAppName, Sharing::Basic),
+            FieldAction::KeyedHash
+        );
     }
 
     #[test]
@@ -558,8 +769,23 @@ mod tests {
             raw_days: 730,
             assessment_days: 30,
             aggregate_days: 2_555,
+            ..Default::default()
         };
-        assert!(Retention::parse(Some(&ok)).is_ok());
+        let parsed = Retention::parse(Some(&ok)).unwrap();
+        assert_eq!(parsed.event_id_days, DEFAULT_EVENT_ID_DAYS);
+        assert_eq!(parsed.score_history_days, TWO_YEARS_DAYS);
+        let short = pb::RetentionSettings {
+            raw_days: 10,
+            event_id_days: 11,
+            ..ok
+        };
+        assert!(matches!(
+            Retention::parse(Some(&short)),
+            Err(ConsentError::InvalidArgument {
+                field: "retention.event_id_days",
+                ..
+            })
+        ));
         let long = pb::RetentionSettings {
             aggregate_days: 2_556,
             ..ok

@@ -4,6 +4,7 @@
 use std::collections::BTreeMap;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::time::Duration;
 
 use dashmap::DashMap;
 use futures::Stream;
@@ -12,6 +13,7 @@ use sightline_proto::consent::v1 as pb;
 use sightline_proto::consent::v1::consent_service_server::ConsentService;
 use sightline_runtime::SharedClock;
 use sightline_runtime::auth::{CredentialClient, Principal};
+use sightline_runtime::directory::Directory;
 use sightline_runtime::ratelimit::RateLimiter;
 use sightline_runtime::time::{to_proto, to_proto_opt};
 use tokio::sync::{Mutex, broadcast, mpsc};
@@ -19,19 +21,44 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
-use crate::domain::{self, Consent, Retention, Sharing, Tracking, Usage};
+use crate::domain::{self, Allowance, Consent, PurgeSpec, Retention, Sharing, Tracking, Usage};
 use crate::error::ConsentError;
+use crate::policy::{self, OrgState, Override, SCOPE_INSTANCE, SCOPE_ORG};
 use crate::receipt::{self, ReceiptSigner, Statement};
 use crate::store::{
-    AuditEntry, AuditSink, Change, ConsentRecord, ConsentStore, MoveRecord, OverrideRecord, Purge,
-    ResidencyRecord, RetentionRecord, TrackingRecord,
+    AuditEntry, AuditSink, Change, ConsentRecord, ConsentStore, MoveRecord, OverrideRecord,
+    PurgeRecord, ResidencyRecord, RetentionRecord, TrackingRecord,
 };
 
 type GrpcResult<T> = Result<Response<T>, Status>;
 
-/// While an org's data moves, enforcement points tell clients to retry after this long.
-const MOVING_RETRY_AFTER_MS: u32 = 60_000;
 const HUB_CAPACITY: usize = 4_096;
+
+/// What a WatchPolicy stream follows.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Watched {
+    AllOrgs,
+    Org(String),
+    Instance { org_id: String, instance_id: String },
+}
+
+/// How the API behaves, beyond its collaborators.
+#[derive(Debug, Clone, Copy)]
+pub struct ApiOptions {
+    /// Messages a watcher may leave unread before its stream ends with ABORTED.
+    pub watch_buffer: usize,
+    /// The pseudonymization key version policies name.
+    pub pseudonym_key_version: u32,
+}
+
+impl Default for ApiOptions {
+    fn default() -> Self {
+        Self {
+            watch_buffer: 256,
+            pseudonym_key_version: 1,
+        }
+    }
+}
 
 /// Everything the handlers share.
 #[derive(Debug, Clone)]
@@ -39,12 +66,14 @@ pub struct ConsentApi {
     store: Arc<dyn ConsentStore>,
     clock: SharedClock,
     credentials: CredentialClient,
+    directory: Directory,
     limiter: Arc<RateLimiter>,
     audit: Arc<dyn AuditSink>,
     signer: Arc<ReceiptSigner>,
     hub: broadcast::Sender<Arc<pb::WatchPolicyResponse>>,
     locks: Arc<DashMap<String, Arc<Mutex<()>>>>,
     shutdown: CancellationToken,
+    options: ApiOptions,
 }
 
 impl ConsentApi {
@@ -53,21 +82,25 @@ impl ConsentApi {
         store: Arc<dyn ConsentStore>,
         clock: SharedClock,
         credentials: CredentialClient,
+        directory: Directory,
         limiter: RateLimiter,
         audit: Arc<dyn AuditSink>,
         signer: Arc<ReceiptSigner>,
         shutdown: CancellationToken,
+        options: ApiOptions,
     ) -> Self {
         Self {
             store,
             clock,
             credentials,
+            directory,
             limiter: Arc::new(limiter),
             audit,
             signer,
             hub: broadcast::channel(HUB_CAPACITY).0,
             locks: Arc::new(DashMap::new()),
             shutdown,
+            options,
         }
     }
 
@@ -86,6 +119,7 @@ impl ConsentApi {
         let caller = self.caller(request).await?;
         let org_id = domain::id("org_id", org_id)?;
         caller.require_admin_of(&org_id)?;
+        self.directory.require_org(&org_id).await?;
         Ok((caller, org_id))
     }
 
@@ -98,7 +132,50 @@ impl ConsentApi {
         let caller = self.caller(request).await?;
         let org_id = domain::id("org_id", org_id)?;
         caller.require_reader_of(&org_id)?;
+        self.directory.require_org(&org_id).await?;
         Ok((caller, org_id))
+    }
+
+    /// Whose policy a GetPolicy or WatchPolicy asks for. An instance credential reads its own
+    /// instance's only (ids it sends must be its own); other readers name an existing org and,
+    /// optionally, one of its instances.
+    async fn policy_scope(
+        &self,
+        caller: &Principal,
+        org_id: &str,
+        instance_id: &str,
+    ) -> Result<(String, Option<String>), Status> {
+        if let Principal::Instance {
+            org_id: own_org,
+            instance_id: own_instance,
+            ..
+        } = caller
+        {
+            if !org_id.is_empty() && &domain::id("org_id", org_id)? != own_org {
+                return Err(Status::permission_denied(
+                    "org_id: an instance credential reads its own org's policy only",
+                ));
+            }
+            if !instance_id.is_empty() && &domain::id("instance_id", instance_id)? != own_instance
+            {
+                return Err(Status::permission_denied(
+                    "instance_id: an instance credential reads its own instance's policy only",
+                ));
+            }
+            return Ok((own_org.clone(), Some(own_instance.clone())));
+        }
+        let org_id = domain::id("org_id", org_id)?;
+        caller.require_reader_of(&org_id)?;
+        self.directory.require_org(&org_id).await?;
+        let instance_id = match instance_id {
+            "" => None,
+            id => {
+                let id = domain::id("instance_id", id)?;
+                self.directory.require_instance(&org_id, &id).await?;
+                Some(id)
+            }
+        };
+        Ok((org_id, instance_id))
     }
 
     fn lock(&self, org_id: &str) -> Arc<Mutex<()>> {
@@ -129,11 +206,7 @@ impl ConsentApi {
 
     async fn retention(&self, org_id: &str) -> Result<Retention, ConsentError> {
         Ok(match self.store.retention(org_id).await? {
-            Some(r) => Retention {
-                raw_days: u32::try_from(r.raw_days).unwrap_or(domain::TWO_YEARS_DAYS),
-                assessment_days: u32::try_from(r.assessment_days).unwrap_or(domain::TWO_YEARS_DAYS),
-                aggregate_days: u32::try_from(r.aggregate_days).unwrap_or(domain::TWO_YEARS_DAYS),
-            },
+            Some(r) => retention_of(&r),
             None => Retention::default(),
         })
     }
@@ -170,71 +243,91 @@ impl ConsentApi {
         ))
     }
 
+    /// Everything the org's policies derive from.
+    async fn state(&self, org_id: &str) -> Result<OrgState, ConsentError> {
+        let (consent, record) = self.consent(org_id).await?;
+        let (residency, moves) = self.residency(org_id).await?;
+        let moving = |scope: pb::ResidencyScope| {
+            moves
+                .iter()
+                .any(|m| m.scope == scope_name(scope) && m.state == "MOVING")
+        };
+        let overrides = self
+            .store
+            .overrides(org_id)
+            .await?
+            .iter()
+            .map(override_of)
+            .collect::<Result<_, _>>()?;
+        Ok(OrgState {
+            org_id: org_id.to_owned(),
+            consent,
+            consent_version: record.map_or(0, |r| u64::try_from(r.version).unwrap_or(0)),
+            revision: self
+                .store
+                .policy_state(org_id)
+                .await?
+                .map_or(0, |s| u64::try_from(s.revision).unwrap_or(0)),
+            tracking: self.tracking(org_id).await?,
+            retention: self.retention(org_id).await?,
+            location: residency.location(),
+            support_bundle_location: residency.support_bundle_location(),
+            data_moving: moving(pb::ResidencyScope::Data),
+            support_bundles_moving: moving(pb::ResidencyScope::SupportBundles),
+            overrides,
+            purges: self.store.purges(org_id).await?,
+            pseudonym_key_version: self.options.pseudonym_key_version,
+        })
+    }
+
     /// The effective policy of an org, or of one of its instances.
     pub async fn policy(
         &self,
         org_id: &str,
         instance_id: Option<&str>,
     ) -> Result<pb::Policy, ConsentError> {
-        let (consent, record) = self.consent(org_id).await?;
-        let tracking = self.tracking(org_id).await?;
-        let (residency, moves) = self.residency(org_id).await?;
-        let retention = self.retention(org_id).await?;
-        let state = self.store.policy_state(org_id).await?;
-        let (mut usage, mut sharing) = (consent.usage, consent.sharing);
-        if let Some(instance_id) = instance_id
-            && let Some(o) = self.store.override_of(org_id, instance_id).await?
-        {
-            usage = usage.min(Usage::from_name(&o.usage_level).unwrap_or(Usage::Disabled));
-            sharing = sharing.min(Sharing::from_name(&o.sharing_level).unwrap_or(Sharing::Basic));
-        }
-        let (contribute_metadata, contribute_in_app_data) = consent.contributes();
-        let moving = moves
-            .iter()
-            .any(|m| m.scope == scope_name(pb::ResidencyScope::Data) && m.state == "MOVING");
-        let purge = state.as_ref().and_then(|s| {
-            Some(pb::PurgeInstruction {
-                max_usage_level: Usage::from_name(s.purge_usage.as_deref()?)?.to_pb() as i32,
-                max_sharing_level: Sharing::from_name(s.purge_sharing.as_deref()?)?.to_pb() as i32,
-                from_consent_version: u64::try_from(s.purge_from_version?).ok()?,
-                issued_at: Some(to_proto(s.purge_issued_at?)),
-            })
-        });
-        Ok(pb::Policy {
-            org_id: org_id.to_owned(),
-            instance_id: instance_id.unwrap_or_default().to_owned(),
-            consent_version: record.map_or(0, |r| u64::try_from(r.version).unwrap_or(0)),
-            revision: state.map_or(0, |s| u64::try_from(s.revision).unwrap_or(0)),
-            usage_level: usage.to_pb() as i32,
-            sharing_level: sharing.to_pb() as i32,
-            allowed_kinds: domain::allowed_kinds(usage, !tracking.channels.is_empty())
-                .into_iter()
-                .map(|k| k as i32)
-                .collect(),
-            field_treatment: domain::treatment(sharing) as i32,
-            contribute_metadata,
-            contribute_in_app_data,
-            tracking: Some(tracking.to_pb()),
-            location: residency.location,
-            support_bundle_location: residency.support_bundle_location,
-            moving,
-            retry_after_ms: if moving { MOVING_RETRY_AFTER_MS } else { 0 },
-            retention: Some(retention.to_pb()),
-            purge,
-        })
+        Ok(self.state(org_id).await?.policy(instance_id))
     }
 
-    /// Sends the org's new policy to every watcher.
+    /// Sends the org's new policies to every watcher.
     async fn publish(&self, org_id: &str, instance_ids: Vec<String>) {
-        match self.policy(org_id, None).await {
-            Ok(policy) => {
+        match self.state(org_id).await {
+            Ok(state) => {
                 // No receiver is fine: nobody is watching.
-                let _ = self.hub.send(Arc::new(pb::WatchPolicyResponse {
-                    policy: Some(policy),
-                    instance_ids,
-                }));
+                let _ = self.hub.send(Arc::new(state.watch_message(instance_ids)));
             }
             Err(error) => tracing::error!(%org_id, %error, "cannot publish policy"),
+        }
+    }
+
+    /// A purge to store with a change that lowers what `org_id` (or one instance) allows.
+    fn purge_record(
+        &self,
+        org_id: &str,
+        instance_id: Option<&str>,
+        spec: PurgeSpec,
+        before_consent_version: i64,
+    ) -> PurgeRecord {
+        let join = |values: Vec<i32>| {
+            values
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join(",")
+        };
+        PurgeRecord {
+            purge_id: uuid::Uuid::now_v7().to_string(),
+            org_id: org_id.to_owned(),
+            scope: if instance_id.is_some() { SCOPE_INSTANCE } else { SCOPE_ORG }.to_owned(),
+            instance_id: instance_id.unwrap_or_default().to_owned(),
+            delete_kinds: join(spec.delete_kinds.iter().map(|k| *k as i32).collect()),
+            strip_classes: join(spec.strip_classes.iter().map(|c| *c as i32).collect()),
+            withdraw_metadata: spec.withdraw_metadata,
+            withdraw_in_app_data: spec.withdraw_in_app_data,
+            before_consent_version,
+            // Set by the store to the change's revision.
+            before_revision: 0,
+            issued_at: self.clock.now_ms(),
         }
     }
 
@@ -243,7 +336,7 @@ impl ConsentApi {
     async fn commit(
         &self,
         change: Change,
-        purge: Option<Purge>,
+        purge: Option<PurgeRecord>,
         entry: &AuditEntry,
         instance_ids: Vec<String>,
     ) -> Result<(), ConsentError> {
@@ -252,6 +345,101 @@ impl ConsentApi {
             .await?;
         self.publish(&entry.org_id, instance_ids).await;
         Ok(())
+    }
+
+    /// Sends a watcher its snapshot, then every change it watches, until it goes or falls behind.
+    async fn follow(
+        &self,
+        watched: Watched,
+        mut changes: broadcast::Receiver<Arc<pb::WatchPolicyResponse>>,
+        tx: mpsc::Sender<Result<pb::WatchPolicyResponse, Status>>,
+    ) {
+        let snapshot = match self.snapshot(&watched).await {
+            Ok(snapshot) => snapshot,
+            Err(error) => {
+                let _ = tx.send(Err(error.into())).await;
+                return;
+            }
+        };
+        for message in snapshot {
+            // A snapshot is bounded: wait for a slow reader rather than drop any of it.
+            if tx.send(Ok(message)).await.is_err() {
+                return;
+            }
+        }
+        loop {
+            let update = tokio::select! {
+                () = tx.closed() => return,
+                change = changes.recv() => match change {
+                    Ok(update) => update,
+                    Err(broadcast::error::RecvError::Lagged(missed)) => {
+                        abort(&tx, &format!("watcher fell {missed} changes behind")).await;
+                        return;
+                    }
+                    Err(broadcast::error::RecvError::Closed) => return,
+                },
+            };
+            let Some(org_id) = update.policy.as_ref().map(|p| p.org_id.as_str()) else {
+                continue;
+            };
+            let message = match &watched {
+                Watched::AllOrgs => update.as_ref().clone(),
+                Watched::Org(org) if org == org_id => update.as_ref().clone(),
+                Watched::Instance {
+                    org_id: org,
+                    instance_id,
+                } if org == org_id => pb::WatchPolicyResponse {
+                    policy: policy::for_instance(&update, instance_id),
+                    instance_ids: Vec::new(),
+                    instance_policies: Vec::new(),
+                    snapshot_complete: false,
+                },
+                Watched::Org(_) | Watched::Instance { .. } => continue,
+            };
+            if tx.capacity() <= 1 {
+                abort(&tx, "watcher fell behind").await;
+                return;
+            }
+            if tx.try_send(Ok(message)).is_err() {
+                return;
+            }
+        }
+    }
+
+    /// The first messages of a watch: the current policies, the last marked `snapshot_complete`.
+    async fn snapshot(
+        &self,
+        watched: &Watched,
+    ) -> Result<Vec<pb::WatchPolicyResponse>, ConsentError> {
+        let mut messages = match watched {
+            Watched::AllOrgs => {
+                let mut all = Vec::new();
+                for org_id in self.store.orgs().await? {
+                    all.push(self.state(&org_id).await?.watch_message(Vec::new()));
+                }
+                all
+            }
+            Watched::Org(org_id) => vec![self.state(org_id).await?.watch_message(Vec::new())],
+            Watched::Instance {
+                org_id,
+                instance_id,
+            } => vec![pb::WatchPolicyResponse {
+                policy: Some(self.policy(org_id, Some(instance_id)).await?),
+                instance_ids: Vec::new(),
+                instance_policies: Vec::new(),
+                snapshot_complete: false,
+            }],
+        };
+        match messages.last_mut() {
+            Some(last) => last.snapshot_complete = true,
+            None => messages.push(pb::WatchPolicyResponse {
+                policy: None,
+                instance_ids: Vec::new(),
+                instance_policies: Vec::new(),
+                snapshot_complete: true,
+            }),
+        }
+        Ok(messages)
     }
 
     fn entry(
@@ -301,6 +489,41 @@ fn consent_of(r: &ConsentRecord) -> Result<Consent, ConsentError> {
     })
 }
 
+fn override_of(r: &OverrideRecord) -> Result<Override, ConsentError> {
+    Ok(Override {
+        instance_id: r.instance_id.clone(),
+        usage: Usage::from_name(&r.usage_level).ok_or_else(|| {
+            ConsentError::Internal(format!("stored override level {}", r.usage_level))
+        })?,
+        sharing: Sharing::from_name(&r.sharing_level).ok_or_else(|| {
+            ConsentError::Internal(format!("stored override level {}", r.sharing_level))
+        })?,
+    })
+}
+
+fn retention_of(r: &RetentionRecord) -> Retention {
+    let days = |value: i64, default: u32| u32::try_from(value).unwrap_or(default);
+    let d = Retention::default();
+    Retention {
+        raw_days: days(r.raw_days, d.raw_days),
+        assessment_days: days(r.assessment_days, d.assessment_days),
+        aggregate_days: days(r.aggregate_days, d.aggregate_days),
+        score_history_days: days(r.score_history_days, d.score_history_days),
+        support_bundle_days: days(r.support_bundle_days, d.support_bundle_days),
+        event_id_days: days(r.event_id_days, d.event_id_days),
+    }
+}
+
+/// Records what a purge says in its change's audit entry.
+fn note_purge(entry: &mut AuditEntry, purge: &PurgeRecord) {
+    entry.attributes.extend([
+        ("purge_id".to_owned(), purge.purge_id.clone()),
+        ("purge_scope".to_owned(), purge.scope.clone()),
+        ("purge_delete_kinds".to_owned(), purge.delete_kinds.clone()),
+        ("purge_strip_classes".to_owned(), purge.strip_classes.clone()),
+    ]);
+}
+
 fn tracking_of(r: &TrackingRecord) -> Tracking {
     Tracking {
         channels: r
@@ -316,6 +539,15 @@ fn tracking_of(r: &TrackingRecord) -> Tracking {
         view_counter_enabled: r.view_counter_enabled,
         global_report_group: r.global_report_group.clone(),
     }
+}
+
+/// Ends a watcher's stream with ABORTED: it must resubscribe and drop its cached policy.
+async fn abort(tx: &mpsc::Sender<Result<pb::WatchPolicyResponse, Status>>, why: &str) {
+    let status = Status::aborted(format!(
+        "{why}; resubscribe and drop the cached policy (fail closed meanwhile)"
+    ));
+    // The reserved slot normally takes it at once; a reader that never reads is not waited for long.
+    let _ = tokio::time::timeout(Duration::from_secs(5), tx.send(Err(status))).await;
 }
 
 fn scope_name(scope: pb::ResidencyScope) -> &'static str {
@@ -432,12 +664,8 @@ impl ConsentService for ConsentApi {
             receipt_payload: payload,
             key_id: self.signer.key_id().to_owned(),
         };
-        let purge = domain::purge_needed(&before, &consent).then(|| Purge {
-            usage: consent.usage.name().to_owned(),
-            sharing: consent.sharing.name().to_owned(),
-            from_version: version,
-            issued_at: now,
-        });
+        let purge = domain::purge_between(Allowance::of(&before), Allowance::of(&consent))
+            .map(|spec| self.purge_record(&org_id, None, spec, version));
         let mut entry = self.entry(&org_id, &caller, "consent.updated", format!("v{version}"));
         entry.attributes.extend([
             ("version".to_owned(), version.to_string()),
@@ -459,10 +687,8 @@ impl ConsentService for ConsentApi {
                 consent.compliance_restricted.to_string(),
             ),
         ]);
-        if purge.is_some() {
-            entry
-                .attributes
-                .insert("purge".to_owned(), "true".to_owned());
+        if let Some(purge) = &purge {
+            note_purge(&mut entry, purge);
         }
         self.commit(Change::Consent(record.clone()), purge, &entry, Vec::new())
             .await?;
@@ -598,11 +824,11 @@ impl ConsentService for ConsentApi {
         &self,
         request: Request<pb::GetPolicyRequest>,
     ) -> GrpcResult<pb::GetPolicyResponse> {
-        let (_, org_id) = self.reader(&request, &request.get_ref().org_id).await?;
-        let instance_id = match request.get_ref().instance_id.as_str() {
-            "" => None,
-            id => Some(domain::id("instance_id", id)?),
-        };
+        let caller = self.caller(&request).await?;
+        let r = request.get_ref();
+        let (org_id, instance_id) = self
+            .policy_scope(&caller, &r.org_id, &r.instance_id)
+            .await?;
         let policy = self.policy(&org_id, instance_id.as_deref()).await?;
         Ok(Response::new(pb::GetPolicyResponse {
             policy: Some(policy),
@@ -618,70 +844,34 @@ impl ConsentService for ConsentApi {
         request: Request<pb::WatchPolicyRequest>,
     ) -> GrpcResult<Self::WatchPolicyStream> {
         let caller = self.caller(&request).await?;
-        let org = match request.get_ref().org_id.as_str() {
-            "" => {
-                caller.require_service()?;
-                None
-            }
-            id => {
-                let id = domain::id("org_id", id)?;
-                caller.require_reader_of(&id)?;
-                Some(id)
+        let r = request.get_ref();
+        let every_org = r.org_id.is_empty()
+            && r.instance_id.is_empty()
+            && !matches!(caller, Principal::Instance { .. });
+        let watched = if every_org {
+            caller.require_service()?;
+            Watched::AllOrgs
+        } else {
+            match self
+                .policy_scope(&caller, &r.org_id, &r.instance_id)
+                .await?
+            {
+                (org_id, None) => Watched::Org(org_id),
+                (org_id, Some(instance_id)) => Watched::Instance {
+                    org_id,
+                    instance_id,
+                },
             }
         };
-        // Subscribe before reading the current policy, so no change falls between the two.
-        let mut changes = self.hub.subscribe();
-        let (tx, rx) = mpsc::channel(64);
-        if let Some(org) = &org {
-            let current = self.policy(org, None).await?;
-            let _ = tx
-                .send(Ok(pb::WatchPolicyResponse {
-                    policy: Some(current),
-                    instance_ids: Vec::new(),
-                }))
-                .await;
-        }
+        // Subscribe before reading the snapshot, so no change falls between the two.
+        let changes = self.hub.subscribe();
+        // One slot stays free for the ABORTED that ends a watcher who fell behind.
+        let (tx, rx) = mpsc::channel(self.options.watch_buffer + 1);
         let api = self.clone();
         tokio::spawn(async move {
-            loop {
-                let change = tokio::select! {
-                    () = api.shutdown.cancelled() => break,
-                    () = tx.closed() => break,
-                    change = changes.recv() => change,
-                };
-                let update = match change {
-                    Ok(update) => update,
-                    Err(broadcast::error::RecvError::Lagged(missed)) => match &org {
-                        // One org: catch up by sending its current policy.
-                        Some(org) => match api.policy(org, None).await {
-                            Ok(policy) => Arc::new(pb::WatchPolicyResponse {
-                                policy: Some(policy),
-                                instance_ids: Vec::new(),
-                            }),
-                            Err(error) => {
-                                let _ = tx.send(Err(error.into())).await;
-                                break;
-                            }
-                        },
-                        None => {
-                            let _ = tx
-                                .send(Err(Status::aborted(format!(
-                                    "watcher fell {missed} changes behind; resubscribe"
-                                ))))
-                                .await;
-                            break;
-                        }
-                    },
-                    Err(broadcast::error::RecvError::Closed) => break,
-                };
-                let for_us = match (&org, &update.policy) {
-                    (Some(org), Some(policy)) => &policy.org_id == org,
-                    (None, _) => true,
-                    (Some(_), None) => false,
-                };
-                if for_us && tx.send(Ok(update.as_ref().clone())).await.is_err() {
-                    break;
-                }
+            tokio::select! {
+                () = api.shutdown.cancelled() => {}
+                () = api.follow(watched, changes, tx) => {}
             }
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
@@ -696,16 +886,25 @@ impl ConsentService for ConsentApi {
         let r = request.get_ref();
         let instance_id = domain::id("instance_id", &r.instance_id)?;
         let reason = domain::text("reason", &r.reason, 500)?;
+        let levels = if r.clear {
+            None
+        } else {
+            Some((
+                Usage::parse("usage_level", r.usage_level)?,
+                Sharing::parse("sharing_level", r.sharing_level)?,
+            ))
+        };
+        // Only the org's own instances: nothing is stored or audited for another id.
+        self.directory
+            .require_instance(&org_id, &instance_id)
+            .await?;
         let lock = self.lock(&org_id);
         let _guard = lock.lock().await;
         let now = self.clock.now_ms();
-        let record = if r.clear {
-            None
-        } else {
-            let usage = Usage::parse("usage_level", r.usage_level)?;
-            let sharing = Sharing::parse("sharing_level", r.sharing_level)?;
-            let (org_consent, _) = self.consent(&org_id).await?;
-            domain::check_override(&org_consent, usage, sharing)?;
+        let state = self.state(&org_id).await?;
+        let org_allows = Allowance::of(&state.consent);
+        let record = if let Some((usage, sharing)) = levels {
+            domain::check_override(&state.consent, usage, sharing)?;
             Some(OverrideRecord {
                 org_id: org_id.clone(),
                 instance_id: instance_id.clone(),
@@ -714,6 +913,8 @@ impl ConsentService for ConsentApi {
                 reason,
                 updated_at: now,
             })
+        } else {
+            None
         };
         let mut entry = self.entry(
             &org_id,
@@ -733,13 +934,25 @@ impl ConsentService for ConsentApi {
                 .attributes
                 .insert("sharing_level".into(), o.sharing_level.clone());
         }
+        let after = match &record {
+            Some(o) => override_of(o).map(|o| org_allows.lowered_to(o.usage, o.sharing))?,
+            None => org_allows,
+        };
+        // The consent version does not change: every record of the instance so far is covered.
+        let purge = domain::purge_between(state.allowance(Some(&instance_id)), after).map(|spec| {
+            let next = i64::try_from(state.consent_version).unwrap_or(i64::MAX - 1) + 1;
+            self.purge_record(&org_id, Some(&instance_id), spec, next)
+        });
+        if let Some(purge) = &purge {
+            note_purge(&mut entry, purge);
+        }
         self.commit(
             Change::Override {
                 org_id: org_id.clone(),
                 instance_id: instance_id.clone(),
                 record: record.clone(),
             },
-            None,
+            purge,
             &entry,
             vec![instance_id.clone()],
         )
@@ -1005,6 +1218,9 @@ impl ConsentService for ConsentApi {
                 assessment_days: i64::from(retention.assessment_days),
                 aggregate_days: i64::from(retention.aggregate_days),
                 updated_at: self.clock.now_ms(),
+                score_history_days: i64::from(retention.score_history_days),
+                support_bundle_days: i64::from(retention.support_bundle_days),
+                event_id_days: i64::from(retention.event_id_days),
             }),
             None,
             &entry,

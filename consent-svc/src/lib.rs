@@ -8,6 +8,7 @@ pub mod audit;
 pub mod domain;
 pub mod error;
 pub mod grpc;
+pub mod policy;
 pub mod receipt;
 pub mod store;
 
@@ -17,6 +18,7 @@ use std::sync::Arc;
 
 use sightline_proto::consent::v1::consent_service_server::ConsentServiceServer;
 use sightline_runtime::auth::CredentialClient;
+use sightline_runtime::directory::Directory;
 use sightline_runtime::ratelimit::RateLimiter;
 use sightline_runtime::server::{GrpcServer, ServerError};
 use sightline_runtime::settings::{Limits, TlsSettings};
@@ -26,7 +28,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::transport::Endpoint;
 
 use crate::audit::LinkerAudit;
-use crate::grpc::ConsentApi;
+use crate::grpc::{ApiOptions, ConsentApi};
 use crate::receipt::{KeyError, ReceiptSigner};
 
 /// Everything consent-svc needs to start.
@@ -42,6 +44,7 @@ pub struct ConsentConfig {
     pub limits: Limits,
     pub tls: Option<TlsSettings>,
     pub clock: SharedClock,
+    pub options: ApiOptions,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -72,6 +75,7 @@ impl ConsentConfig {
             limits: settings.limits,
             tls: settings.tls.clone(),
             clock: sightline_runtime::clock::system(),
+            options: ApiOptions::default(),
         })
     }
 }
@@ -96,10 +100,12 @@ impl ConsentService {
             store,
             config.clock,
             CredentialClient::new(linker.clone(), config.service_token.clone()),
+            Directory::new(linker.clone(), config.service_token.clone()),
             RateLimiter::new(&config.limits),
             Arc::new(LinkerAudit::new(linker, config.service_token)),
             signer,
             stop_watchers.clone(),
+            config.options,
         );
         let max = config.limits.max_message_bytes;
         let mut server =

@@ -276,6 +276,8 @@ fn instance_pb(
             version: i.version.clone(),
             license_sen: i.license_sen.clone(),
             node_count: u32::try_from(i.node_count).unwrap_or(0),
+            // Linker keeps what linking needs; nodes and flags travel as collector events.
+            ..Default::default()
         }),
         state: if i.unlinked_at.is_some() {
             pb::InstanceState::Unlinked
@@ -619,13 +621,27 @@ impl LinkerService for LinkerApi {
     ) -> GrpcResult<pb::ListInstancesResponse> {
         let caller = self.authority.caller(&request).await?;
         let r = request.get_ref();
-        let org_id = self.admin_of(&caller, &r.org_id).await?;
+        // Services (enforcement points) check that an instance is an org's.
+        let org_id = match caller {
+            Principal::Service { .. } => self.admin_of(&Principal::Operator, &r.org_id).await?,
+            _ => self.admin_of(&caller, &r.org_id).await?,
+        };
         let page = domain::page(r.page_size, &r.page_token)?;
-        let instances = self
-            .store
-            .list_instances(&org_id, page.after.as_deref(), page.size)
-            .await
-            .map_err(LinkerError::from)?;
+        let instances = if r.instance_id.is_empty() {
+            self.store
+                .list_instances(&org_id, page.after.as_deref(), page.size)
+                .await
+                .map_err(LinkerError::from)?
+        } else {
+            let instance_id = domain::id("instance_id", &r.instance_id)?;
+            let found = self
+                .store
+                .get_instance(&org_id, &instance_id)
+                .await
+                .map_err(LinkerError::from)?
+                .ok_or(LinkerError::NotFound("instance"))?;
+            vec![found]
+        };
         let ids: Vec<String> = instances.iter().map(|i| i.id.clone()).collect();
         let credentials = self
             .store

@@ -7,6 +7,8 @@
 // Generated code is exempt from the workspace lints.
 #![allow(unreachable_pub, missing_debug_implementations, clippy::all)]
 
+pub mod classes;
+
 pub use prost;
 pub use prost_types;
 pub use tonic;

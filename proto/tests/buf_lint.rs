@@ -1,4 +1,6 @@
-//! The contracts pass `buf lint` with the STANDARD rules (`proto/buf.yaml`).
+//! The contracts pass `buf lint` with the STANDARD rules (`proto/buf.yaml`), and `buf breaking`
+//! against the released contracts (`proto/baseline/contracts-v1.binpb`, the image of the contracts
+//! as first released): field numbers, names and types never change.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -27,6 +29,23 @@ fn protos_pass_buf_lint() {
     assert!(
         output.status.success(),
         "buf lint failed:\n{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+#[test]
+fn protos_are_wire_compatible_with_the_released_contracts() {
+    let output = Command::new(buf())
+        .args(["breaking", "--against", "baseline/contracts-v1.binpb"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .unwrap_or_else(|e| {
+            panic!("buf is required (npm install --prefix .tools @bufbuild/buf): {e}")
+        });
+    assert!(
+        output.status.success(),
+        "buf breaking found incompatible changes:\n{}{}",
         String::from_utf8_lossy(&output.stdout),
         String::from_utf8_lossy(&output.stderr)
     );

@@ -6,6 +6,8 @@
 
 pub mod auth;
 pub mod clock;
+pub mod directory;
+pub mod pseudonym;
 pub mod ratelimit;
 pub mod secret_file;
 pub mod server;

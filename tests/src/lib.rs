@@ -10,6 +10,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, OnceLock};
 
+use consent_svc::grpc::ApiOptions;
 use consent_svc::{ConsentConfig, ConsentService};
 use linker_svc::domains::StaticTxt;
 use linker_svc::{Linker, LinkerConfig};
@@ -228,6 +229,16 @@ pub struct TestConsent {
 impl TestConsent {
     /// Starts consent-svc against `linker`; `database_url` None means SQLite in the linker's data dir.
     pub async fn start(linker: &TestLinker, database_url: Option<String>, limits: Limits) -> Self {
+        Self::start_with(linker, database_url, limits, ApiOptions::default()).await
+    }
+
+    /// As [`TestConsent::start`], with the API's options (watch buffer, pseudonym key version).
+    pub async fn start_with(
+        linker: &TestLinker,
+        database_url: Option<String>,
+        limits: Limits,
+        options: ApiOptions,
+    ) -> Self {
         let database_url = database_url.unwrap_or_else(|| {
             sightline_runtime::storage::default_sqlite_url(linker.data_dir(), "consent")
         });
@@ -240,6 +251,7 @@ impl TestConsent {
             limits,
             tls: None,
             clock: linker.clock.clone(),
+            options,
         })
         .await
         .unwrap();
@@ -317,6 +329,55 @@ impl TestLinker {
             id,
             admin: token.secret,
             admin_id: token.token.unwrap().token_id,
+        }
+    }
+}
+
+/// A linked instance: its id and its credential (shown once by linker-svc).
+#[derive(Debug, Clone)]
+pub struct TestInstance {
+    pub id: String,
+    pub credential: String,
+}
+
+impl TestLinker {
+    /// Links an instance (server id `server_id`) to `org` with a fresh link key.
+    pub async fn link_instance(&self, org: &TestOrg, server_id: &str) -> TestInstance {
+        use sightline_proto::common::v1::InstanceMetadata;
+        use sightline_proto::linker::v1 as pb;
+        let mut client = self.linker().await;
+        let key = client
+            .create_link_key(authed(
+                &org.admin,
+                pb::CreateLinkKeyRequest {
+                    org_id: org.id.clone(),
+                    label: String::new(),
+                },
+            ))
+            .await
+            .unwrap()
+            .into_inner()
+            .secret;
+        let linked = client
+            .link_instance(authed(
+                &key,
+                pb::LinkInstanceRequest {
+                    metadata: Some(InstanceMetadata {
+                        server_id: server_id.into(),
+                        base_url: format!("https://{server_id}.example.com"),
+                        product: "jira".into(),
+                        version: "9.12.4".into(),
+                        ..Default::default()
+                    }),
+                    app_links: Vec::new(),
+                },
+            ))
+            .await
+            .unwrap()
+            .into_inner();
+        TestInstance {
+            id: linked.instance.unwrap().instance_id,
+            credential: linked.credential,
         }
     }
 }

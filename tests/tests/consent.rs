@@ -112,18 +112,28 @@ async fn readme_consent_walkthrough_runs_with_real_grpcurl() {
         stdout.contains("{\"valid\":true,\"reason\":null}"),
         "{stdout}"
     );
-    let last = lines.last().unwrap();
+    let opted_out = lines[lines.len() - 2];
     assert!(
-        last.contains("\"usageLevel\":\"USAGE_LEVEL_DISABLED\""),
+        opted_out.contains("\"usageLevel\":\"USAGE_LEVEL_DISABLED\""),
         "{stdout}"
     );
     assert!(
-        last.contains("\"allowedKinds\":null"),
+        opted_out.contains("\"allowedKinds\":null"),
         "nothing may be collected: {stdout}"
     );
     assert!(
-        last.contains("\"fromConsentVersion\":\"4\""),
+        opted_out.contains("\"scope\":\"PURGE_SCOPE_ORG\"")
+            && opted_out.contains("\"beforeConsentVersion\":\"4\"")
+            && opted_out.contains("EVENT_KIND_PAGE_VIEW"),
         "the opt-out carries a purge: {stdout}"
+    );
+    let back = lines.last().unwrap();
+    assert!(
+        back.contains("\"consentVersion\":\"5\"")
+            && back.contains("\"purges\":[\"4\"]")
+            && back.contains("{\"dataClass\":\"DATA_CLASS_KEY\",\"action\":\"FIELD_ACTION_DROP\"}")
+            && back.contains("{\"dataClass\":\"DATA_CLASS_EMAIL\",\"action\":\"FIELD_ACTION_DROP\"}"),
+        "{stdout}"
     );
 }
 
@@ -171,7 +181,8 @@ async fn a_new_org_collects_nothing_until_an_admin_opts_in() {
         [
             EventKind::InstanceMetadata,
             EventKind::Metric,
-            EventKind::ClientMetric
+            EventKind::ClientMetric,
+            EventKind::AppInventory
         ]
     );
     assert_eq!(p.field_treatment(), pb::FieldTreatment::Basic);
@@ -330,6 +341,7 @@ async fn a_hundred_watchers_all_receive_an_opt_out() {
                 &org.admin,
                 pb::WatchPolicyRequest {
                     org_id: org.id.clone(),
+                    instance_id: String::new(),
                 },
             ))
             .await
@@ -366,9 +378,10 @@ async fn a_hundred_watchers_all_receive_an_opt_out() {
         assert_eq!(p.consent_version, opted_out.version);
         let purge = p.purge.unwrap();
         assert_eq!(
-            (purge.max_usage_level(), purge.from_consent_version),
-            (UsageLevel::Disabled, opted_out.version)
+            (purge.scope(), purge.before_consent_version),
+            (pb::PurgeScope::Org, opted_out.version)
         );
+        assert_eq!(purge.delete_kinds.len(), 6, "everything collected goes");
     }
 }
 
@@ -383,7 +396,8 @@ async fn overrides_only_lower_and_the_effective_policy_is_the_lower_of_both() {
     )
     .await
     .unwrap();
-    let instance = "0190a000-0000-7000-8000-0000000000aa";
+    let linked = linker.link_instance(&org, "ACME-1").await;
+    let instance = linked.id.as_str();
     let mut client = consent.client().await;
     let set =
         |usage: UsageLevel, sharing: SharingLevel, clear: bool| pb::SetInstanceOverrideRequest {
@@ -592,6 +606,7 @@ async fn tracking_and_retention_have_sane_defaults_and_take_changes() {
         raw_days: 90,
         assessment_days: 365,
         aggregate_days: 2_555,
+        ..Default::default()
     };
     client
         .update_retention(authed(
@@ -603,7 +618,16 @@ async fn tracking_and_retention_have_sane_defaults_and_take_changes() {
         ))
         .await
         .unwrap();
-    assert_eq!(policy(&consent, &org, "").await.retention.unwrap(), shorter);
+    // Fields left 0 keep their defaults.
+    assert_eq!(
+        policy(&consent, &org, "").await.retention.unwrap(),
+        pb::RetentionSettings {
+            score_history_days: 730,
+            support_bundle_days: 730,
+            event_id_days: 35,
+            ..shorter
+        }
+    );
 }
 
 #[tokio::test]
@@ -680,7 +704,7 @@ async fn bad_input_names_the_field_and_changes_nothing() {
     );
     let raise = pb::SetInstanceOverrideRequest {
         org_id: org.id.clone(),
-        instance_id: "0190a000-0000-7000-8000-0000000000aa".into(),
+        instance_id: linker.link_instance(&org, "ACME-1").await.id,
         usage_level: UsageLevel::Basic as i32,
         sharing_level: SharingLevel::Basic as i32,
         ..Default::default()
@@ -737,6 +761,7 @@ async fn bad_input_names_the_field_and_changes_nothing() {
         raw_days: 730,
         assessment_days: 730,
         aggregate_days: 3_000,
+        ..Default::default()
     };
     expect(
         client
@@ -792,7 +817,7 @@ async fn an_org_admin_can_neither_read_nor_change_another_orgs_governance() {
     let mut c = consent.client().await;
     let t = a.admin.clone();
     let b_id = b.id.clone();
-    let instance = "0190a000-0000-7000-8000-0000000000bb".to_owned();
+    let instance = linker.link_instance(&b, "BRAVO-1").await.id;
     let mut outcomes: Vec<(&str, Result<(), tonic::Status>)> = Vec::new();
     macro_rules! call {
         ($name:literal, $method:ident ($msg:expr)) => {
@@ -884,7 +909,8 @@ async fn an_org_admin_can_neither_read_nor_change_another_orgs_governance() {
             retention: Some(pb::RetentionSettings {
                 raw_days: 1,
                 assessment_days: 1,
-                aggregate_days: 1
+                aggregate_days: 1,
+                ..Default::default()
             })
         })
     );
@@ -893,6 +919,7 @@ async fn an_org_admin_can_neither_read_nor_change_another_orgs_governance() {
             &t,
             pb::WatchPolicyRequest {
                 org_id: b_id.clone(),
+                instance_id: String::new(),
             },
         ))
         .await
@@ -903,6 +930,7 @@ async fn an_org_admin_can_neither_read_nor_change_another_orgs_governance() {
             &t,
             pb::WatchPolicyRequest {
                 org_id: String::new(),
+                instance_id: String::new(),
             },
         ))
         .await

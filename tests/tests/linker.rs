@@ -25,6 +25,7 @@ fn metadata(server_id: &str) -> InstanceMetadata {
         version: "9.12.4".into(),
         license_sen: format!("SEN-{server_id}"),
         node_count: 2,
+        ..Default::default()
     }
 }
 

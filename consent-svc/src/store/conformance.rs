@@ -162,14 +162,26 @@ async fn a_change_whose_audit_entry_fails_changes_nothing(store: Arc<dyn Consent
     assert_eq!(store.policy_state(ORG).await.unwrap().unwrap().revision, 1);
 }
 
-async fn purge_instructions_persist_until_replaced(store: Arc<dyn ConsentStore>) {
-    let sink = Sink::default();
-    let purge = Purge {
-        usage: "BASIC".into(),
-        sharing: "BASIC".into(),
-        from_version: 2,
+fn purge(id: &str, scope: &str, instance_id: &str, before_version: i64) -> PurgeRecord {
+    PurgeRecord {
+        purge_id: id.into(),
+        org_id: ORG.into(),
+        scope: scope.into(),
+        instance_id: instance_id.into(),
+        delete_kinds: "3,4".into(),
+        strip_classes: "6,7".into(),
+        withdraw_metadata: false,
+        withdraw_in_app_data: true,
+        before_consent_version: before_version,
+        before_revision: 0,
         issued_at: 9,
-    };
+    }
+}
+
+async fn purges_carry_the_revision_of_their_change_and_roll_back_with_it(
+    store: Arc<dyn ConsentStore>,
+) {
+    let sink = Sink::default();
     store
         .apply(
             Change::Consent(version(ORG, 1, "ADVANCED")),
@@ -179,15 +191,44 @@ async fn purge_instructions_persist_until_replaced(store: Arc<dyn ConsentStore>)
         )
         .await
         .unwrap();
-    store
+    let revision = store
         .apply(
             Change::Consent(version(ORG, 2, "BASIC")),
-            Some(purge),
+            Some(purge("p-org", "ORG", "", 2)),
             &sink,
             &entry(ORG),
         )
         .await
         .unwrap();
+    assert_eq!(revision, 2);
+    // A failed change stores no purge.
+    let down = Sink {
+        fail: true,
+        ..Sink::default()
+    };
+    store
+        .apply(
+            Change::Consent(version(ORG, 3, "DISABLED")),
+            Some(purge("p-lost", "ORG", "", 3)),
+            &down,
+            &entry(ORG),
+        )
+        .await
+        .unwrap_err();
+    store
+        .apply(
+            Change::Override {
+                org_id: ORG.into(),
+                instance_id: "i1".into(),
+                record: None,
+            },
+            Some(purge("p-inst", "INSTANCE", "i1", 3)),
+            &sink,
+            &entry(ORG),
+        )
+        .await
+        .unwrap();
+    // Raising again issues nothing; the purges stay, newest first.
     store
         .apply(
             Change::Consent(version(ORG, 3, "ADVANCED")),
@@ -197,13 +238,19 @@ async fn purge_instructions_persist_until_replaced(store: Arc<dyn ConsentStore>)
         )
         .await
         .unwrap();
-    let state = store.policy_state(ORG).await.unwrap().unwrap();
-    assert_eq!(state.revision, 3);
+    let purges = store.purges(ORG).await.unwrap();
+    let ids: Vec<&str> = purges.iter().map(|p| p.purge_id.as_str()).collect();
+    assert_eq!(ids, ["p-inst", "p-org"]);
     assert_eq!(
-        (state.purge_usage.as_deref(), state.purge_from_version),
-        (Some("BASIC"), Some(2))
+        (purges[1].before_revision, purges[0].before_revision),
+        (2, 3)
     );
-    assert!(store.policy_state(OTHER).await.unwrap().is_none());
+    assert_eq!(purges[0].instance_id, "i1");
+    assert_eq!(purges[1].delete_kinds, "3,4");
+    assert!(purges[1].withdraw_in_app_data && !purges[1].withdraw_metadata);
+    assert_eq!(store.policy_state(ORG).await.unwrap().unwrap().revision, 4);
+    assert!(store.purges(OTHER).await.unwrap().is_empty());
+    assert_eq!(store.orgs().await.unwrap(), [ORG]);
 }
 
 async fn overrides_tracking_and_retention_upsert_per_org(store: Arc<dyn ConsentStore>) {
@@ -272,6 +319,9 @@ async fn overrides_tracking_and_retention_upsert_per_org(store: Arc<dyn ConsentS
         assessment_days: 60,
         aggregate_days: 2_555,
         updated_at: 6,
+        score_history_days: 400,
+        support_bundle_days: 90,
+        event_id_days: 14,
     };
     store
         .apply(
@@ -415,7 +465,7 @@ macro_rules! conformance {
 conformance!(
     versions_append_list_newest_first_and_never_collide,
     a_change_whose_audit_entry_fails_changes_nothing,
-    purge_instructions_persist_until_replaced,
+    purges_carry_the_revision_of_their_change_and_roll_back_with_it,
     overrides_tracking_and_retention_upsert_per_org,
     residency_moves_advance_only_from_their_expected_state,
 );

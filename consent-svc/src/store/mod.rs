@@ -149,24 +149,35 @@ pub struct RetentionRecord {
     pub assessment_days: i64,
     pub aggregate_days: i64,
     pub updated_at: i64,
+    pub score_history_days: i64,
+    pub support_bundle_days: i64,
+    pub event_id_days: i64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
 pub struct PolicyStateRecord {
     pub org_id: String,
     pub revision: i64,
-    pub purge_usage: Option<String>,
-    pub purge_sharing: Option<String>,
-    pub purge_from_version: Option<i64>,
-    pub purge_issued_at: Option<i64>,
 }
 
-/// A purge instruction: delete what was collected above these levels.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Purge {
-    pub usage: String,
-    pub sharing: String,
-    pub from_version: i64,
+/// A purge instruction, as enforcement points read it (consent.proto `PurgeInstruction`).
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub struct PurgeRecord {
+    pub purge_id: String,
+    pub org_id: String,
+    /// "ORG" or "INSTANCE".
+    pub scope: String,
+    /// Empty for the org scope.
+    pub instance_id: String,
+    /// Event kind numbers, comma-separated.
+    pub delete_kinds: String,
+    /// Data class numbers, comma-separated.
+    pub strip_classes: String,
+    pub withdraw_metadata: bool,
+    pub withdraw_in_app_data: bool,
+    pub before_consent_version: i64,
+    /// Set by [`ConsentStore::apply`] to the revision of the change that issues the purge.
+    pub before_revision: i64,
     pub issued_at: i64,
 }
 
@@ -230,13 +241,20 @@ pub trait ConsentStore: Send + Sync + std::fmt::Debug + 'static {
     async fn moves(&self, org_id: &str) -> StoreResult<Vec<MoveRecord>>;
     async fn retention(&self, org_id: &str) -> StoreResult<Option<RetentionRecord>>;
     async fn policy_state(&self, org_id: &str) -> StoreResult<Option<PolicyStateRecord>>;
+    /// Every override of the org's instances.
+    async fn overrides(&self, org_id: &str) -> StoreResult<Vec<OverrideRecord>>;
+    /// Every purge issued for the org, newest first.
+    async fn purges(&self, org_id: &str) -> StoreResult<Vec<PurgeRecord>>;
+    /// Every org that has ever changed anything (has a policy revision), by id.
+    async fn orgs(&self) -> StoreResult<Vec<String>>;
 
-    /// Applies `change`, bumps the org's policy revision (recording `purge` if given), appends
-    /// `entry` to the audit log, and commits — or changes nothing. Returns the new revision.
+    /// Applies `change`, bumps the org's policy revision (recording `purge` if given, with
+    /// `before_revision` set to the new revision), appends `entry` to the audit log, and commits —
+    /// or changes nothing. Returns the new revision.
     async fn apply(
         &self,
         change: Change,
-        purge: Option<Purge>,
+        purge: Option<PurgeRecord>,
         audit: &dyn AuditSink,
         entry: &AuditEntry,
     ) -> StoreResult<i64>;

@@ -7,9 +7,12 @@ use sqlx::sqlite::SqlitePool;
 
 use super::{
     AuditEntry, AuditSink, Change, ConsentRecord, ConsentStore, MoveRecord, OverrideRecord,
-    PolicyStateRecord, Purge, ResidencyRecord, RetentionRecord, StoreError, StoreResult,
+    PolicyStateRecord, PurgeRecord, ResidencyRecord, RetentionRecord, StoreError, StoreResult,
     TrackingRecord,
 };
+
+const PURGE_COLUMNS: &str = "purge_id, org_id, scope, instance_id, delete_kinds, strip_classes, withdraw_metadata, withdraw_in_app_data, before_consent_version, before_revision, issued_at";
+const RETENTION_COLUMNS: &str = "org_id, raw_days, assessment_days, aggregate_days, updated_at, score_history_days, support_bundle_days, event_id_days";
 
 const CONSENT_COLUMNS: &str = "org_id, version, usage_level, sharing_level, contribute_metadata, contribute_in_app_data, compliance_restricted, actor, reason, created_at, receipt_payload, receipt_signature, key_id";
 
@@ -96,16 +99,21 @@ macro_rules! sql_store {
                     .await?;
                 }
                 Change::Retention(r) => {
-                    sqlx::query(
-                        "INSERT INTO retention (org_id, raw_days, assessment_days, aggregate_days, updated_at) VALUES ($1, $2, $3, $4, $5)
+                    sqlx::query(sqlx::AssertSqlSafe(format!(
+                        "INSERT INTO retention ({RETENTION_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
                          ON CONFLICT (org_id) DO UPDATE SET raw_days = excluded.raw_days, assessment_days = excluded.assessment_days,
-                           aggregate_days = excluded.aggregate_days, updated_at = excluded.updated_at",
-                    )
+                           aggregate_days = excluded.aggregate_days, updated_at = excluded.updated_at,
+                           score_history_days = excluded.score_history_days, support_bundle_days = excluded.support_bundle_days,
+                           event_id_days = excluded.event_id_days"
+                    )))
                     .bind(&r.org_id)
                     .bind(r.raw_days)
                     .bind(r.assessment_days)
                     .bind(r.aggregate_days)
                     .bind(r.updated_at)
+                    .bind(r.score_history_days)
+                    .bind(r.support_bundle_days)
+                    .bind(r.event_id_days)
                     .execute(&mut **tx)
                     .await?;
                 }
@@ -246,44 +254,76 @@ macro_rules! sql_store {
             }
 
             async fn retention(&self, org_id: &str) -> StoreResult<Option<RetentionRecord>> {
-                Ok(sqlx::query_as(
-                    "SELECT org_id, raw_days, assessment_days, aggregate_days, updated_at FROM retention WHERE org_id = $1",
-                )
+                Ok(sqlx::query_as(sqlx::AssertSqlSafe(format!(
+                    "SELECT {RETENTION_COLUMNS} FROM retention WHERE org_id = $1"
+                )))
                 .bind(org_id)
                 .fetch_optional(&self.pool)
                 .await?)
             }
 
             async fn policy_state(&self, org_id: &str) -> StoreResult<Option<PolicyStateRecord>> {
+                Ok(sqlx::query_as("SELECT org_id, revision FROM policy_state WHERE org_id = $1")
+                    .bind(org_id)
+                    .fetch_optional(&self.pool)
+                    .await?)
+            }
+
+            async fn overrides(&self, org_id: &str) -> StoreResult<Vec<OverrideRecord>> {
                 Ok(sqlx::query_as(
-                    "SELECT org_id, revision, purge_usage, purge_sharing, purge_from_version, purge_issued_at
-                     FROM policy_state WHERE org_id = $1",
+                    "SELECT org_id, instance_id, usage_level, sharing_level, reason, updated_at FROM instance_overrides
+                     WHERE org_id = $1 ORDER BY instance_id",
                 )
                 .bind(org_id)
-                .fetch_optional(&self.pool)
+                .fetch_all(&self.pool)
                 .await?)
             }
 
-            async fn apply(&self, change: Change, purge: Option<Purge>, audit: &dyn AuditSink, entry: &AuditEntry) -> StoreResult<i64> {
+            async fn purges(&self, org_id: &str) -> StoreResult<Vec<PurgeRecord>> {
+                Ok(sqlx::query_as(sqlx::AssertSqlSafe(format!(
+                    "SELECT {PURGE_COLUMNS} FROM purges WHERE org_id = $1 ORDER BY before_revision DESC"
+                )))
+                .bind(org_id)
+                .fetch_all(&self.pool)
+                .await?)
+            }
+
+            async fn orgs(&self) -> StoreResult<Vec<String>> {
+                let rows: Vec<(String,)> = sqlx::query_as("SELECT org_id FROM policy_state ORDER BY org_id")
+                    .fetch_all(&self.pool)
+                    .await?;
+                Ok(rows.into_iter().map(|(id,)| id).collect())
+            }
+
+            async fn apply(&self, change: Change, purge: Option<PurgeRecord>, audit: &dyn AuditSink, entry: &AuditEntry) -> StoreResult<i64> {
                 let mut tx = self.pool.begin_with($begin).await?;
                 write_change(&mut tx, &change).await?;
                 let (revision,): (i64,) = sqlx::query_as(
-                    "INSERT INTO policy_state (org_id, revision, purge_usage, purge_sharing, purge_from_version, purge_issued_at)
-                     VALUES ($1, 1, $2, $3, $4, $5)
-                     ON CONFLICT (org_id) DO UPDATE SET revision = policy_state.revision + 1,
-                       purge_usage = COALESCE(excluded.purge_usage, policy_state.purge_usage),
-                       purge_sharing = COALESCE(excluded.purge_sharing, policy_state.purge_sharing),
-                       purge_from_version = COALESCE(excluded.purge_from_version, policy_state.purge_from_version),
-                       purge_issued_at = COALESCE(excluded.purge_issued_at, policy_state.purge_issued_at)
+                    "INSERT INTO policy_state (org_id, revision) VALUES ($1, 1)
+                     ON CONFLICT (org_id) DO UPDATE SET revision = policy_state.revision + 1
                      RETURNING revision",
                 )
                 .bind(change.org_id())
-                .bind(purge.as_ref().map(|p| p.usage.clone()))
-                .bind(purge.as_ref().map(|p| p.sharing.clone()))
-                .bind(purge.as_ref().map(|p| p.from_version))
-                .bind(purge.as_ref().map(|p| p.issued_at))
                 .fetch_one(&mut *tx)
                 .await?;
+                if let Some(p) = purge {
+                    sqlx::query(sqlx::AssertSqlSafe(format!(
+                        "INSERT INTO purges ({PURGE_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)"
+                    )))
+                    .bind(&p.purge_id)
+                    .bind(&p.org_id)
+                    .bind(&p.scope)
+                    .bind(&p.instance_id)
+                    .bind(&p.delete_kinds)
+                    .bind(&p.strip_classes)
+                    .bind(p.withdraw_metadata)
+                    .bind(p.withdraw_in_app_data)
+                    .bind(p.before_consent_version)
+                    .bind(revision)
+                    .bind(p.issued_at)
+                    .execute(&mut *tx)
+                    .await?;
+                }
                 // Recorded before the commit: no audit entry, no change.
                 audit.append(entry).await.map_err(StoreError::Audit)?;
                 tx.commit().await?;

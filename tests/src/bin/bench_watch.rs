@@ -61,6 +61,7 @@ async fn main() {
                 &org.admin,
                 pb::WatchPolicyRequest {
                     org_id: org.id.clone(),
+                    instance_id: String::new(),
                 },
             ))
             .await
