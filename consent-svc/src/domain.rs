@@ -151,7 +151,12 @@ pub fn allowed_kinds(usage: Usage, any_channel_tracked: bool) -> Vec<common_pb::
     use common_pb::EventKind as K;
     match usage {
         Usage::Disabled => vec![],
-        Usage::Basic => vec![K::InstanceMetadata, K::Metric, K::ClientMetric, K::AppInventory],
+        Usage::Basic => vec![
+            K::InstanceMetadata,
+            K::Metric,
+            K::ClientMetric,
+            K::AppInventory,
+        ],
         Usage::Advanced => {
             let mut kinds = vec![
                 K::InstanceMetadata,
@@ -282,7 +287,8 @@ pub fn purge_between(before: Allowance, after: Allowance) -> Option<PurgeSpec> {
         sightline_proto::classes::all_classes()
             .into_iter()
             .filter(|c| {
-                retained(field_action(*c, after.sharing)) < retained(field_action(*c, before.sharing))
+                retained(field_action(*c, after.sharing))
+                    < retained(field_action(*c, before.sharing))
             })
             .collect()
     };
@@ -675,14 +681,30 @@ mod tests {
         for sharing in [Sharing::Basic, Sharing::Extended] {
             let rules = field_rules(sharing);
             assert_eq!(rules.len(), all_classes().len());
-            for never in [DataClass::DisplayName, DataClass::Email, DataClass::IpAddress] {
+            for never in [
+                DataClass::DisplayName,
+                DataClass::Email,
+                DataClass::IpAddress,
+            ] {
                 assert_eq!(field_action(never, sharing), FieldAction::Drop);
             }
-            assert_eq!(field_action(DataClass::Username, sharing), FieldAction::KeyedHash);
-            assert_eq!(field_action(DataClass::FreeText, sharing), FieldAction::Scrub);
+            assert_eq!(
+                field_action(DataClass::Username, sharing),
+                FieldAction::KeyedHash
+            );
+            assert_eq!(
+                field_action(DataClass::FreeText, sharing),
+                FieldAction::Scrub
+            );
         }
-        assert_eq!(field_action(DataClass::Key, Sharing::Basic), FieldAction::Drop);
-        assert_eq!(field_action(DataClass::Key, Sharing::Extended), FieldAction::Keep);
+        assert_eq!(
+            field_action(DataClass::Key, Sharing::Basic),
+            FieldAction::Drop
+        );
+        assert_eq!(
+            field_action(DataClass::Key, Sharing::Extended),
+            FieldAction::Keep
+        );
         assert_eq!(
             field_action(DataClass::CustomAppName, Sharing::Basic),
             FieldAction::KeyedHash

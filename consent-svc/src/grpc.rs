@@ -156,8 +156,7 @@ impl ConsentApi {
                     "org_id: an instance credential reads its own org's policy only",
                 ));
             }
-            if !instance_id.is_empty() && &domain::id("instance_id", instance_id)? != own_instance
-            {
+            if !instance_id.is_empty() && &domain::id("instance_id", instance_id)? != own_instance {
                 return Err(Status::permission_denied(
                     "instance_id: an instance credential reads its own instance's policy only",
                 ));
@@ -318,7 +317,12 @@ impl ConsentApi {
         PurgeRecord {
             purge_id: uuid::Uuid::now_v7().to_string(),
             org_id: org_id.to_owned(),
-            scope: if instance_id.is_some() { SCOPE_INSTANCE } else { SCOPE_ORG }.to_owned(),
+            scope: if instance_id.is_some() {
+                SCOPE_INSTANCE
+            } else {
+                SCOPE_ORG
+            }
+            .to_owned(),
             instance_id: instance_id.unwrap_or_default().to_owned(),
             delete_kinds: join(spec.delete_kinds.iter().map(|k| *k as i32).collect()),
             strip_classes: join(spec.strip_classes.iter().map(|c| *c as i32).collect()),
@@ -520,7 +524,10 @@ fn note_purge(entry: &mut AuditEntry, purge: &PurgeRecord) {
         ("purge_id".to_owned(), purge.purge_id.clone()),
         ("purge_scope".to_owned(), purge.scope.clone()),
         ("purge_delete_kinds".to_owned(), purge.delete_kinds.clone()),
-        ("purge_strip_classes".to_owned(), purge.strip_classes.clone()),
+        (
+            "purge_strip_classes".to_owned(),
+            purge.strip_classes.clone(),
+        ),
     ]);
 }
 

@@ -170,9 +170,7 @@ pub fn for_instance(message: &pb::WatchPolicyResponse, instance_id: &str) -> Opt
     }
     let mut policy = message.policy.clone()?;
     policy.instance_id = instance_id.to_owned();
-    policy
-        .purges
-        .retain(|p| p.scope() == pb::PurgeScope::Org);
+    policy.purges.retain(|p| p.scope() == pb::PurgeScope::Org);
     policy.purge = policy.purges.last().cloned();
     Some(policy)
 }
@@ -278,6 +276,9 @@ mod tests {
         let low = for_instance(&message, "i-low").unwrap();
         assert_eq!(low, s.policy(Some("i-low")));
         assert_eq!(low.usage_level(), common_pb::UsageLevel::Basic);
-        assert!(!low.allowed_kinds().any(|k| k == common_pb::EventKind::PageView));
+        assert!(
+            !low.allowed_kinds()
+                .any(|k| k == common_pb::EventKind::PageView)
+        );
     }
 }

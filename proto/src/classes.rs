@@ -108,7 +108,10 @@ fn walk(
     missing: &mut Vec<String>,
 ) {
     if !on_path.insert(message.full_name().to_owned()) {
-        missing.push(format!("{prefix} (recursive message {})", message.full_name()));
+        missing.push(format!(
+            "{prefix} (recursive message {})",
+            message.full_name()
+        ));
         return;
     }
     for field in message.fields() {
@@ -143,7 +146,5 @@ fn walk(
 
 /// Every class the contract defines, UNSPECIFIED excepted.
 pub fn all_classes() -> Vec<DataClass> {
-    (1..)
-        .map_while(|n| DataClass::try_from(n).ok())
-        .collect()
+    (1..).map_while(|n| DataClass::try_from(n).ok()).collect()
 }

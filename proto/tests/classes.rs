@@ -42,7 +42,11 @@ fn every_event_field_has_a_data_class() {
 fn every_assessment_field_has_a_data_class() {
     let fields = classes::classify(ASSESSMENT_MESSAGE).unwrap_or_else(|e| panic!("{e}"));
     assert!(fields.iter().any(|f| f.path == "entities.name"));
-    assert!(fields.iter().any(|f| f.path == "metrics.tags" && f.repeated));
+    assert!(
+        fields
+            .iter()
+            .any(|f| f.path == "metrics.tags" && f.repeated)
+    );
 }
 
 #[test]
@@ -101,4 +105,29 @@ fn all_classes_lists_every_value_of_the_enum() {
     assert_eq!(all.first(), Some(&DataClass::TechnicalId));
     assert!(all.contains(&DataClass::NodeId));
     assert!(!all.contains(&DataClass::Unspecified));
+}
+
+#[test]
+fn the_example_assessment_file_is_the_json_form_of_the_contract_message() {
+    let pool = classes::pool().unwrap();
+    let message = pool.get_message_by_name(ASSESSMENT_MESSAGE).unwrap();
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/assessment.json");
+    let text = std::fs::read_to_string(path).unwrap();
+    let mut json = serde_json::Deserializer::from_str(&text);
+    let parsed = prost_reflect::DynamicMessage::deserialize(message, &mut json)
+        .unwrap_or_else(|e| panic!("examples/assessment.json does not parse: {e}"));
+    json.end().unwrap();
+    assert_eq!(
+        parsed.get_field_by_name("format").unwrap().as_str(),
+        Some("sightline.assessment")
+    );
+    assert_eq!(
+        parsed.get_field_by_name("format_version").unwrap().as_u32(),
+        Some(1)
+    );
+    // A field the contract does not have is refused, not ignored.
+    let wrong = text.replacen("\"format\"", "\"formatt\"", 1);
+    let mut json = serde_json::Deserializer::from_str(&wrong);
+    let message = pool.get_message_by_name(ASSESSMENT_MESSAGE).unwrap();
+    assert!(prost_reflect::DynamicMessage::deserialize(message, &mut json).is_err());
 }

@@ -69,10 +69,12 @@ impl Directory {
                 self.known.insert(key, ());
                 Ok(())
             }
-            Err(status) if status.code() == Code::NotFound => Err(Status::not_found(match instance_id {
-                Some(_) => "instance_id: no such instance in this org",
-                None => "org_id: no such org",
-            })),
+            Err(status) if status.code() == Code::NotFound => {
+                Err(Status::not_found(match instance_id {
+                    Some(_) => "instance_id: no such instance in this org",
+                    None => "org_id: no such org",
+                }))
+            }
             Err(status) if status.code() == Code::InvalidArgument => {
                 Err(Status::invalid_argument(status.message().to_owned()))
             }

@@ -136,7 +136,10 @@ mod tests {
         let secret: [u8; 32] = std::array::from_fn(|i| i as u8);
         let org = PseudonymSecret::new(1, secret).org_key("0190a000-0000-7000-8000-000000000001");
         let p = org.pseudonym(DataClass::UserId, "u-42");
-        assert_eq!(p, include_str!("../../tests/python/pseudonym_vector.txt").trim());
+        assert_eq!(
+            p,
+            include_str!("../../tests/python/pseudonym_vector.txt").trim()
+        );
         assert_eq!(p.len(), 37);
         assert!(p.starts_with("psn1_"));
     }
@@ -147,7 +150,12 @@ mod tests {
         let a = secret.org_key("org-a");
         let b = secret.org_key("org-b");
         let x = a.pseudonym(DataClass::UserId, "alice");
-        assert_eq!(x, secret.org_key("org-a").pseudonym(DataClass::UserId, "alice"));
+        assert_eq!(
+            x,
+            secret
+                .org_key("org-a")
+                .pseudonym(DataClass::UserId, "alice")
+        );
         assert_ne!(x, b.pseudonym(DataClass::UserId, "alice"));
         assert_ne!(x, a.pseudonym(DataClass::Username, "alice"));
         assert_ne!(x, a.pseudonym(DataClass::UserId, "alicf"));

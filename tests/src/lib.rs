@@ -382,6 +382,68 @@ impl TestLinker {
     }
 }
 
+/// consent-svc helpers the suites share: a linker + consent stack and the common calls.
+pub mod consent {
+    use sightline_proto::common::v1::{SharingLevel, UsageLevel};
+    use sightline_proto::consent::v1 as pb;
+    use sightline_runtime::settings::Limits;
+
+    use super::{LinkerOptions, TestConsent, TestLinker, TestOrg, authed};
+
+    pub async fn stack() -> (TestLinker, TestConsent) {
+        let linker = TestLinker::start(LinkerOptions::default()).await;
+        let consent = TestConsent::start(&linker, None, Limits::default()).await;
+        (linker, consent)
+    }
+
+    pub fn settings(usage: UsageLevel, sharing: SharingLevel) -> pb::ConsentSettings {
+        pb::ConsentSettings {
+            usage_level: usage as i32,
+            sharing_level: sharing as i32,
+            ..Default::default()
+        }
+    }
+
+    pub async fn update(
+        consent: &TestConsent,
+        org: &TestOrg,
+        s: pb::ConsentSettings,
+    ) -> Result<pb::ConsentVersion, tonic::Status> {
+        consent
+            .client()
+            .await
+            .update_consent(authed(
+                &org.admin,
+                pb::UpdateConsentRequest {
+                    org_id: org.id.clone(),
+                    settings: Some(s),
+                    reason: "test".into(),
+                    expected_version: 0,
+                },
+            ))
+            .await
+            .map(|r| r.into_inner().consent.unwrap())
+    }
+
+    pub async fn policy(consent: &TestConsent, org: &TestOrg, instance_id: &str) -> pb::Policy {
+        consent
+            .client()
+            .await
+            .get_policy(authed(
+                &org.admin,
+                pb::GetPolicyRequest {
+                    org_id: org.id.clone(),
+                    instance_id: instance_id.into(),
+                },
+            ))
+            .await
+            .unwrap()
+            .into_inner()
+            .policy
+            .unwrap()
+    }
+}
+
 /// Command-line and statistics helpers the load generators share.
 pub mod bench {
     /// The number after `name` on the command line, or `default`.

@@ -11,65 +11,10 @@ use futures::StreamExt;
 use sightline_proto::audit::v1 as audit_pb;
 use sightline_proto::common::v1::{Channel, EventKind, Location, SharingLevel, UsageLevel};
 use sightline_proto::consent::v1 as pb;
-use sightline_runtime::settings::Limits;
-use sightline_tests::{
-    LinkerOptions, TestConsent, TestLinker, TestOrg, authed, grpcurl, readme_block, workspace_root,
-};
+use sightline_tests::consent::{policy, settings, stack, update};
+use sightline_tests::{authed, grpcurl, readme_block, workspace_root};
 use sqlx::Connection;
 use tonic::Code;
-
-async fn stack() -> (TestLinker, TestConsent) {
-    let linker = TestLinker::start(LinkerOptions::default()).await;
-    let consent = TestConsent::start(&linker, None, Limits::default()).await;
-    (linker, consent)
-}
-
-fn settings(usage: UsageLevel, sharing: SharingLevel) -> pb::ConsentSettings {
-    pb::ConsentSettings {
-        usage_level: usage as i32,
-        sharing_level: sharing as i32,
-        ..Default::default()
-    }
-}
-
-async fn update(
-    consent: &TestConsent,
-    org: &TestOrg,
-    s: pb::ConsentSettings,
-) -> Result<pb::ConsentVersion, tonic::Status> {
-    consent
-        .client()
-        .await
-        .update_consent(authed(
-            &org.admin,
-            pb::UpdateConsentRequest {
-                org_id: org.id.clone(),
-                settings: Some(s),
-                reason: "test".into(),
-                expected_version: 0,
-            },
-        ))
-        .await
-        .map(|r| r.into_inner().consent.unwrap())
-}
-
-async fn policy(consent: &TestConsent, org: &TestOrg, instance_id: &str) -> pb::Policy {
-    consent
-        .client()
-        .await
-        .get_policy(authed(
-            &org.admin,
-            pb::GetPolicyRequest {
-                org_id: org.id.clone(),
-                instance_id: instance_id.into(),
-            },
-        ))
-        .await
-        .unwrap()
-        .into_inner()
-        .policy
-        .unwrap()
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn readme_consent_walkthrough_runs_with_real_grpcurl() {
@@ -132,7 +77,8 @@ async fn readme_consent_walkthrough_runs_with_real_grpcurl() {
         back.contains("\"consentVersion\":\"5\"")
             && back.contains("\"purges\":[\"4\"]")
             && back.contains("{\"dataClass\":\"DATA_CLASS_KEY\",\"action\":\"FIELD_ACTION_DROP\"}")
-            && back.contains("{\"dataClass\":\"DATA_CLASS_EMAIL\",\"action\":\"FIELD_ACTION_DROP\"}"),
+            && back
+                .contains("{\"dataClass\":\"DATA_CLASS_EMAIL\",\"action\":\"FIELD_ACTION_DROP\"}"),
         "{stdout}"
     );
 }
