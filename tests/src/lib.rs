@@ -341,12 +341,14 @@ pub struct TestInstance {
 }
 
 impl TestLinker {
-    /// Links an instance (server id `server_id`) to `org` with a fresh link key.
-    pub async fn link_instance(&self, org: &TestOrg, server_id: &str) -> TestInstance {
-        use sightline_proto::common::v1::InstanceMetadata;
+    /// A new link key of `org`, made by its admin.
+    pub async fn create_link_key(
+        &self,
+        org: &TestOrg,
+    ) -> sightline_proto::linker::v1::CreateLinkKeyResponse {
         use sightline_proto::linker::v1 as pb;
-        let mut client = self.linker().await;
-        let key = client
+        self.linker()
+            .await
             .create_link_key(authed(
                 &org.admin,
                 pb::CreateLinkKeyRequest {
@@ -357,8 +359,16 @@ impl TestLinker {
             .await
             .unwrap()
             .into_inner()
-            .secret;
-        let linked = client
+    }
+
+    /// Links an instance (server id `server_id`) to `org` with a fresh link key.
+    pub async fn link_instance(&self, org: &TestOrg, server_id: &str) -> TestInstance {
+        use sightline_proto::common::v1::InstanceMetadata;
+        use sightline_proto::linker::v1 as pb;
+        let key = self.create_link_key(org).await.secret;
+        let linked = self
+            .linker()
+            .await
             .link_instance(authed(
                 &key,
                 pb::LinkInstanceRequest {
@@ -423,6 +433,36 @@ pub mod consent {
             ))
             .await
             .map(|r| r.into_inner().consent.unwrap())
+    }
+
+    /// Sets the org's levels (a new consent version) and returns the version.
+    pub async fn opt_in(
+        consent: &TestConsent,
+        org: &TestOrg,
+        usage: UsageLevel,
+        sharing: SharingLevel,
+    ) -> pb::ConsentVersion {
+        update(consent, org, settings(usage, sharing))
+            .await
+            .unwrap()
+    }
+
+    /// Watches one org's policy with `token` on `client`.
+    pub async fn watch_org(
+        client: &mut pb::consent_service_client::ConsentServiceClient<tonic::transport::Channel>,
+        token: &str,
+        org_id: &str,
+    ) -> Result<tonic::Streaming<pb::WatchPolicyResponse>, tonic::Status> {
+        client
+            .watch_policy(authed(
+                token,
+                pb::WatchPolicyRequest {
+                    org_id: org_id.to_owned(),
+                    instance_id: String::new(),
+                },
+            ))
+            .await
+            .map(tonic::Response::into_inner)
     }
 
     pub async fn policy(consent: &TestConsent, org: &TestOrg, instance_id: &str) -> pb::Policy {

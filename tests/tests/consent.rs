@@ -11,7 +11,7 @@ use futures::StreamExt;
 use sightline_proto::audit::v1 as audit_pb;
 use sightline_proto::common::v1::{Channel, EventKind, Location, SharingLevel, UsageLevel};
 use sightline_proto::consent::v1 as pb;
-use sightline_tests::consent::{policy, settings, stack, update};
+use sightline_tests::consent::{opt_in, policy, settings, stack, update, watch_org};
 use sightline_tests::{authed, grpcurl, readme_block, workspace_root};
 use sqlx::Connection;
 use tonic::Code;
@@ -112,13 +112,7 @@ async fn a_new_org_collects_nothing_until_an_admin_opts_in() {
     assert!(p.allowed_kinds.is_empty());
     assert_eq!(p.consent_version, 0);
 
-    let v1 = update(
-        &consent,
-        &org,
-        settings(UsageLevel::Basic, SharingLevel::Basic),
-    )
-    .await
-    .unwrap();
+    let v1 = opt_in(&consent, &org, UsageLevel::Basic, SharingLevel::Basic).await;
     assert_eq!(v1.version, 1);
     let p = policy(&consent, &org, "").await;
     assert_eq!(p.consent_version, 1);
@@ -172,13 +166,7 @@ async fn a_new_org_collects_nothing_until_an_admin_opts_in() {
 async fn an_independent_python_verifier_accepts_a_receipt_and_rejects_a_flipped_byte() {
     let (linker, consent) = stack().await;
     let org = linker.org("Acme").await;
-    let version = update(
-        &consent,
-        &org,
-        settings(UsageLevel::Advanced, SharingLevel::Basic),
-    )
-    .await
-    .unwrap();
+    let version = opt_in(&consent, &org, UsageLevel::Advanced, SharingLevel::Basic).await;
     let receipt = version.receipt.unwrap();
     let key = consent
         .client()
@@ -267,13 +255,7 @@ async fn an_independent_python_verifier_accepts_a_receipt_and_rejects_a_flipped_
 async fn a_hundred_watchers_all_receive_an_opt_out() {
     let (linker, consent) = stack().await;
     let org = linker.org("Acme").await;
-    update(
-        &consent,
-        &org,
-        settings(UsageLevel::Advanced, SharingLevel::Extended),
-    )
-    .await
-    .unwrap();
+    opt_in(&consent, &org, UsageLevel::Advanced, SharingLevel::Extended).await;
     let channel = tonic::transport::Channel::from_shared(format!("http://{}", consent.addr))
         .unwrap()
         .connect()
@@ -282,17 +264,7 @@ async fn a_hundred_watchers_all_receive_an_opt_out() {
     let mut streams = Vec::new();
     for _ in 0..100 {
         let mut client = pb::consent_service_client::ConsentServiceClient::new(channel.clone());
-        let mut stream = client
-            .watch_policy(authed(
-                &org.admin,
-                pb::WatchPolicyRequest {
-                    org_id: org.id.clone(),
-                    instance_id: String::new(),
-                },
-            ))
-            .await
-            .unwrap()
-            .into_inner();
+        let mut stream = watch_org(&mut client, &org.admin, &org.id).await.unwrap();
         let first = stream.next().await.unwrap().unwrap().policy.unwrap();
         assert_eq!(
             first.usage_level(),
@@ -301,13 +273,7 @@ async fn a_hundred_watchers_all_receive_an_opt_out() {
         );
         streams.push(stream);
     }
-    let opted_out = update(
-        &consent,
-        &org,
-        settings(UsageLevel::Disabled, SharingLevel::Basic),
-    )
-    .await
-    .unwrap();
+    let opted_out = opt_in(&consent, &org, UsageLevel::Disabled, SharingLevel::Basic).await;
     let received = futures::future::join_all(streams.iter_mut().map(|s| async {
         tokio::time::timeout(Duration::from_secs(10), s.next())
             .await
@@ -335,13 +301,7 @@ async fn a_hundred_watchers_all_receive_an_opt_out() {
 async fn overrides_only_lower_and_the_effective_policy_is_the_lower_of_both() {
     let (linker, consent) = stack().await;
     let org = linker.org("Acme").await;
-    update(
-        &consent,
-        &org,
-        settings(UsageLevel::Basic, SharingLevel::Extended),
-    )
-    .await
-    .unwrap();
+    opt_in(&consent, &org, UsageLevel::Basic, SharingLevel::Extended).await;
     let linked = linker.link_instance(&org, "ACME-1").await;
     let instance = linked.id.as_str();
     let mut client = consent.client().await;
@@ -385,13 +345,7 @@ async fn overrides_only_lower_and_the_effective_policy_is_the_lower_of_both() {
         "the org keeps its own level"
     );
     // The org lowering below the override wins.
-    update(
-        &consent,
-        &org,
-        settings(UsageLevel::Disabled, SharingLevel::Basic),
-    )
-    .await
-    .unwrap();
+    opt_in(&consent, &org, UsageLevel::Disabled, SharingLevel::Basic).await;
     assert_eq!(
         policy(&consent, &org, instance).await.usage_level(),
         UsageLevel::Disabled
@@ -403,13 +357,7 @@ async fn overrides_only_lower_and_the_effective_policy_is_the_lower_of_both() {
         ))
         .await
         .unwrap();
-    update(
-        &consent,
-        &org,
-        settings(UsageLevel::Advanced, SharingLevel::Extended),
-    )
-    .await
-    .unwrap();
+    opt_in(&consent, &org, UsageLevel::Advanced, SharingLevel::Extended).await;
     assert_eq!(
         policy(&consent, &org, instance).await.usage_level(),
         UsageLevel::Advanced,
@@ -752,13 +700,7 @@ async fn an_org_admin_can_neither_read_nor_change_another_orgs_governance() {
     let (linker, consent) = stack().await;
     let a = linker.org("Alpha").await;
     let b = linker.org("Bravo").await;
-    let b_version = update(
-        &consent,
-        &b,
-        settings(UsageLevel::Advanced, SharingLevel::Extended),
-    )
-    .await
-    .unwrap();
+    let b_version = opt_in(&consent, &b, UsageLevel::Advanced, SharingLevel::Extended).await;
     let b_policy = policy(&consent, &b, "").await;
     let mut c = consent.client().await;
     let t = a.admin.clone();
@@ -901,13 +843,7 @@ async fn an_org_admin_can_neither_read_nor_change_another_orgs_governance() {
 async fn with_linker_stopped_update_consent_is_unavailable_and_nothing_changes() {
     let (mut linker, consent) = stack().await;
     let org = linker.org("Acme").await;
-    update(
-        &consent,
-        &org,
-        settings(UsageLevel::Basic, SharingLevel::Basic),
-    )
-    .await
-    .unwrap();
+    opt_in(&consent, &org, UsageLevel::Basic, SharingLevel::Basic).await;
     linker.stop().await;
     let failed = update(
         &consent,

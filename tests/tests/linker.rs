@@ -34,19 +34,7 @@ async fn org(linker: &TestLinker, name: &str) -> Org {
 }
 
 async fn link_key(linker: &TestLinker, org: &Org) -> pb::CreateLinkKeyResponse {
-    linker
-        .linker()
-        .await
-        .create_link_key(authed(
-            &org.admin,
-            pb::CreateLinkKeyRequest {
-                org_id: org.id.clone(),
-                label: String::new(),
-            },
-        ))
-        .await
-        .unwrap()
-        .into_inner()
+    linker.create_link_key(org).await
 }
 
 async fn link(

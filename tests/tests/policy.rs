@@ -13,7 +13,7 @@ use sightline_proto::common::v1::{DataClass, EventKind, FieldAction, SharingLeve
 use sightline_proto::consent::v1 as pb;
 use sightline_proto::consent::v1::consent_service_client::ConsentServiceClient;
 use sightline_runtime::settings::Limits;
-use sightline_tests::consent::{policy, settings, stack, update};
+use sightline_tests::consent::{opt_in, policy, settings, stack, update, watch_org};
 use sightline_tests::{LinkerOptions, TestConsent, TestLinker, TestOrg, authed};
 use tonic::Code;
 
@@ -107,13 +107,7 @@ async fn the_policy_has_a_rule_for_every_data_class_of_the_contract() {
     }
     let p = policy(&consent, &org, "").await;
     assert_eq!(rule(&p, DataClass::CustomAppName), FieldAction::Keep);
-    update(
-        &consent,
-        &org,
-        settings(UsageLevel::Basic, SharingLevel::Basic),
-    )
-    .await
-    .unwrap();
+    opt_in(&consent, &org, UsageLevel::Basic, SharingLevel::Basic).await;
     let p = policy(&consent, &org, "").await;
     assert_eq!(rule(&p, DataClass::CustomAppName), FieldAction::KeyedHash);
 }
@@ -122,30 +116,12 @@ async fn the_policy_has_a_rule_for_every_data_class_of_the_contract() {
 async fn raising_again_after_a_lowering_carries_no_purge_of_what_the_raised_level_collects() {
     let (linker, consent) = stack().await;
     let org = linker.org("Acme").await;
-    update(
-        &consent,
-        &org,
-        settings(UsageLevel::Basic, SharingLevel::Basic),
-    )
-    .await
-    .unwrap();
-    update(
-        &consent,
-        &org,
-        settings(UsageLevel::Advanced, SharingLevel::Extended),
-    )
-    .await
-    .unwrap();
+    opt_in(&consent, &org, UsageLevel::Basic, SharingLevel::Basic).await;
+    opt_in(&consent, &org, UsageLevel::Advanced, SharingLevel::Extended).await;
     let advanced = policy(&consent, &org, "").await;
     assert!(advanced.purges.is_empty(), "raising issues nothing");
 
-    let lowered = update(
-        &consent,
-        &org,
-        settings(UsageLevel::Basic, SharingLevel::Basic),
-    )
-    .await
-    .unwrap();
+    let lowered = opt_in(&consent, &org, UsageLevel::Basic, SharingLevel::Basic).await;
     let basic = policy(&consent, &org, "").await;
     let purge = basic.purge.clone().unwrap();
     assert_eq!(purge.scope(), pb::PurgeScope::Org);
@@ -173,13 +149,7 @@ async fn raising_again_after_a_lowering_carries_no_purge_of_what_the_raised_leve
     let old_reading = (purge.max_usage_level, purge.from_consent_version);
     assert_eq!(old_reading, (0, 0), "the misleading fields are never set");
 
-    update(
-        &consent,
-        &org,
-        settings(UsageLevel::Advanced, SharingLevel::Extended),
-    )
-    .await
-    .unwrap();
+    opt_in(&consent, &org, UsageLevel::Advanced, SharingLevel::Extended).await;
     let again = policy(&consent, &org, "").await;
     assert_eq!(
         again.purges,
@@ -226,13 +196,7 @@ async fn lowering_an_instance_override_issues_an_instance_scoped_purge() {
     let org = linker.org("Acme").await;
     let low = linker.link_instance(&org, "LOW").await;
     let other = linker.link_instance(&org, "OTHER").await;
-    update(
-        &consent,
-        &org,
-        settings(UsageLevel::Advanced, SharingLevel::Extended),
-    )
-    .await
-    .unwrap();
+    opt_in(&consent, &org, UsageLevel::Advanced, SharingLevel::Extended).await;
     let before = policy(&consent, &org, &low.id).await;
     let reply = set_override(
         &consent,
@@ -329,26 +293,10 @@ async fn a_watcher_first_gets_the_current_policy_then_instance_policies_with_eac
     let (linker, consent) = stack().await;
     let org = linker.org("Acme").await;
     let instance = linker.link_instance(&org, "ACME-1").await;
-    update(
-        &consent,
-        &org,
-        settings(UsageLevel::Advanced, SharingLevel::Extended),
-    )
-    .await
-    .unwrap();
+    opt_in(&consent, &org, UsageLevel::Advanced, SharingLevel::Extended).await;
     let current = policy(&consent, &org, "").await;
     let mut client = consent.client().await;
-    let mut org_watch = client
-        .watch_policy(authed(
-            &org.admin,
-            pb::WatchPolicyRequest {
-                org_id: org.id.clone(),
-                instance_id: String::new(),
-            },
-        ))
-        .await
-        .unwrap()
-        .into_inner();
+    let mut org_watch = watch_org(&mut client, &org.admin, &org.id).await.unwrap();
     let first = org_watch.next().await.unwrap().unwrap();
     assert!(first.snapshot_complete);
     assert_eq!(first.policy.unwrap(), current);
@@ -403,13 +351,7 @@ async fn a_watcher_first_gets_the_current_policy_then_instance_policies_with_eac
 
     // Every org's snapshot for a service watching all orgs, the last one marked.
     let other = linker.org("Other").await;
-    update(
-        &consent,
-        &other,
-        settings(UsageLevel::Basic, SharingLevel::Basic),
-    )
-    .await
-    .unwrap();
+    opt_in(&consent, &other, UsageLevel::Basic, SharingLevel::Basic).await;
     let mut all = client
         .watch_policy(authed(
             linker.service.expose(),
@@ -467,18 +409,13 @@ async fn a_watcher_that_falls_behind_gets_aborted() {
     )
     .await;
     let org = linker.org("Acme").await;
-    let mut slow = client_with_small_window(&consent)
-        .await
-        .watch_policy(authed(
-            &org.admin,
-            pb::WatchPolicyRequest {
-                org_id: org.id.clone(),
-                instance_id: String::new(),
-            },
-        ))
-        .await
-        .unwrap()
-        .into_inner();
+    let mut slow = watch_org(
+        &mut client_with_small_window(&consent).await,
+        &org.admin,
+        &org.id,
+    )
+    .await
+    .unwrap();
     assert!(slow.next().await.unwrap().unwrap().snapshot_complete);
     // The slow watcher reads nothing while 400 changes are made.
     let mut admin = consent.client().await;
@@ -513,19 +450,9 @@ async fn a_watcher_that_falls_behind_gets_aborted() {
     assert!(end.message().contains("resubscribe"), "{}", end.message());
     assert!(delivered < 400, "it fell behind: {delivered}");
     // A fresh subscription starts again from the current policy.
-    let mut again = consent
-        .client()
+    let mut again = watch_org(&mut consent.client().await, &org.admin, &org.id)
         .await
-        .watch_policy(authed(
-            &org.admin,
-            pb::WatchPolicyRequest {
-                org_id: org.id.clone(),
-                instance_id: String::new(),
-            },
-        ))
-        .await
-        .unwrap()
-        .into_inner();
+        .unwrap();
     let snapshot = again.next().await.unwrap().unwrap();
     assert_eq!(
         snapshot.policy.unwrap().tracking.unwrap().blocking_time_ms,
@@ -618,13 +545,7 @@ async fn instance_ids_of_another_org_or_of_none_are_not_found_and_nothing_is_sto
     let org = linker.org("Acme").await;
     let theirs_org = linker.org("Other").await;
     let theirs = linker.link_instance(&theirs_org, "THEIRS").await;
-    update(
-        &consent,
-        &org,
-        settings(UsageLevel::Advanced, SharingLevel::Extended),
-    )
-    .await
-    .unwrap();
+    opt_in(&consent, &org, UsageLevel::Advanced, SharingLevel::Extended).await;
     let before = policy(&consent, &org, "").await;
     let audited = audit_entries(&linker, &org).await.len();
     let nobody = "0190a000-0000-7000-8000-0000000000ee";
@@ -709,4 +630,44 @@ async fn instance_ids_of_another_org_or_of_none_are_not_found_and_nothing_is_sto
         .await
         .unwrap_err();
     assert_eq!(get.code(), Code::NotFound);
+}
+
+#[tokio::test]
+async fn moving_is_said_per_scope_so_bundles_are_not_written_to_the_old_location() {
+    let (linker, consent) = stack().await;
+    let org = linker.org("Acme").await;
+    let mut client = consent.client().await;
+    let step = |token: &str, transition: pb::MoveTransition| {
+        authed(
+            token,
+            pb::RequestResidencyMoveRequest {
+                org_id: org.id.clone(),
+                transition: transition as i32,
+                scope: pb::ResidencyScope::SupportBundles as i32,
+                to_location: sightline_proto::common::v1::Location::Eu as i32,
+            },
+        )
+    };
+    client
+        .request_residency_move(step(&org.admin, pb::MoveTransition::Request))
+        .await
+        .unwrap();
+    client
+        .request_residency_move(step(linker.operator.expose(), pb::MoveTransition::Start))
+        .await
+        .unwrap();
+    let p = policy(&consent, &org, "").await;
+    assert!(p.support_bundles_moving, "bundle uploads must wait");
+    assert!(!p.moving, "the org's collected data is not moving");
+    assert_eq!(p.retry_after_ms, 60_000);
+    client
+        .request_residency_move(step(linker.service.expose(), pb::MoveTransition::Complete))
+        .await
+        .unwrap();
+    let p = policy(&consent, &org, "").await;
+    assert!(!p.support_bundles_moving && p.retry_after_ms == 0);
+    assert_eq!(
+        p.support_bundle_location(),
+        sightline_proto::common::v1::Location::Eu
+    );
 }

@@ -56,17 +56,9 @@ async fn main() {
     let (delivered_tx, mut delivered) = mpsc::unbounded_channel::<(u64, Instant)>();
     for _ in 0..watchers {
         let mut client = pb::consent_service_client::ConsentServiceClient::new(channel.clone());
-        let mut stream = client
-            .watch_policy(authed(
-                &org.admin,
-                pb::WatchPolicyRequest {
-                    org_id: org.id.clone(),
-                    instance_id: String::new(),
-                },
-            ))
+        let mut stream = sightline_tests::consent::watch_org(&mut client, &org.admin, &org.id)
             .await
-            .unwrap()
-            .into_inner();
+            .unwrap();
         stream.next().await.unwrap().unwrap();
         let tx = delivered_tx.clone();
         tokio::spawn(async move {
