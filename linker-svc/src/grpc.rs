@@ -997,15 +997,18 @@ impl AuditService for LinkerApi {
             .await
             .map_err(LinkerError::from)?
             .ok_or(LinkerError::NotFound("org"))?;
+        // The head and the entry it names are written in one transaction and entries are never
+        // removed, so the entries up to the head read above are one consistent view; entries that
+        // concurrent writers append after it are not part of this check.
         let mut verifier = ChainVerifier::default();
         let mut after = 0;
-        'pages: loop {
+        'pages: while after < head.seq {
             let page = self
                 .store
                 .list_audit(&org_id, after, 1_000, "")
                 .await
                 .map_err(LinkerError::from)?;
-            for entry in &page {
+            for entry in page.iter().take_while(|e| e.seq <= head.seq) {
                 if !verifier.feed(entry) {
                     break 'pages;
                 }
