@@ -245,6 +245,24 @@ pub fn audit_text(field: &'static str, value: &str, required: bool) -> Result<St
     text(field, value, required, 200)
 }
 
+/// An audit entry's optional idempotency key: 1 to 100 characters of [A-Za-z0-9._:-].
+pub fn idempotency_key(value: &str) -> Result<Option<&str>, LinkerError> {
+    if value.is_empty() {
+        return Ok(None);
+    }
+    if value.len() > 100
+        || !value
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | ':' | '-'))
+    {
+        return Err(invalid(
+            "idempotency_key",
+            "must be 1 to 100 characters of A-Z, a-z, 0-9, '.', '_', ':' and '-'",
+        ));
+    }
+    Ok(Some(value))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -24,7 +24,7 @@ use crate::domains::{self, TxtResolver};
 use crate::error::LinkerError;
 use crate::store::{
     AdminTokenRecord, AppLinkRecord, AuditDraft, AuditRecord, CredentialRecord, DomainRecord,
-    InstanceRecord, LinkKeyRecord, LinkerStore, NewLink, NewSecret, OrgRecord,
+    InstanceRecord, KeyedAppend, LinkKeyRecord, LinkerStore, NewLink, NewSecret, OrgRecord,
 };
 
 /// How long other services may cache a ValidateCredential answer.
@@ -953,14 +953,49 @@ impl AuditService for LinkerApi {
                 domain::audit_text("attributes.value", value, false)?,
             );
         }
-        let record = self
-            .store
-            .append_audit(&org_id, draft)
-            .await
-            .map_err(LinkerError::from)?;
-        tracing::info!(%org_id, seq = record.seq, action = %record.action, "audit event appended");
+        let key = domain::idempotency_key(&r.idempotency_key)?;
+        let outcome = match (key, r.resolve_only) {
+            (None, true) => {
+                return Err(LinkerError::InvalidArgument {
+                    field: "idempotency_key",
+                    reason: "is required with resolve_only".into(),
+                }
+                .into());
+            }
+            (None, false) => KeyedAppend::Appended(
+                self.store
+                    .append_audit(&org_id, draft)
+                    .await
+                    .map_err(LinkerError::from)?,
+            ),
+            (Some(key), false) => self
+                .store
+                .append_audit_keyed(&org_id, draft, key)
+                .await
+                .map_err(LinkerError::from)?,
+            (Some(key), true) => self
+                .store
+                .resolve_audit_key(&org_id, key, self.clock.now_ms())
+                .await
+                .map_err(LinkerError::from)?,
+        };
+        let (event, outcome) = match outcome {
+            KeyedAppend::Appended(record) => {
+                tracing::info!(%org_id, seq = record.seq, action = %record.action, "audit event appended");
+                (Some(audit_pb(&record)), audit_pb::AppendOutcome::Appended)
+            }
+            KeyedAppend::AlreadyAppended(record) => (
+                Some(audit_pb(&record)),
+                audit_pb::AppendOutcome::AlreadyAppended,
+            ),
+            KeyedAppend::Fenced => {
+                tracing::info!(%org_id, "audit key fenced");
+                (None, audit_pb::AppendOutcome::Fenced)
+            }
+        };
         Ok(Response::new(audit_pb::AppendEventResponse {
-            event: Some(audit_pb(&record)),
+            event,
+            outcome: outcome as i32,
         }))
     }
 

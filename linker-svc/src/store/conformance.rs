@@ -175,6 +175,70 @@ async fn orgs_start_with_an_intact_one_entry_chain(h: Harness) {
     assert_eq!(events[0].prev_hash, GENESIS.to_vec());
 }
 
+async fn a_keyed_entry_is_appended_once_and_a_fenced_key_never(h: Harness) {
+    let org = h.org(T0).await;
+    let draft =
+        |target: &str| AuditDraft::new(T0 + 1, "service:consent", "consent.updated", target);
+    let first = h
+        .store
+        .append_audit_keyed(&org, draft("v1"), "change-1")
+        .await
+        .unwrap();
+    let KeyedAppend::Appended(entry) = first else {
+        panic!("{first:?}")
+    };
+    assert_eq!(entry.seq, 2);
+    // A retry appends nothing and returns the same entry; resolving finds it.
+    assert_eq!(
+        h.store
+            .append_audit_keyed(&org, draft("v1 again"), "change-1")
+            .await
+            .unwrap(),
+        KeyedAppend::AlreadyAppended(entry.clone())
+    );
+    assert_eq!(
+        h.store
+            .resolve_audit_key(&org, "change-1", T0)
+            .await
+            .unwrap(),
+        KeyedAppend::AlreadyAppended(entry)
+    );
+    // Resolving an unknown key fences it: a late append with it appends nothing.
+    assert_eq!(
+        h.store
+            .resolve_audit_key(&org, "change-2", T0)
+            .await
+            .unwrap(),
+        KeyedAppend::Fenced
+    );
+    assert_eq!(
+        h.store
+            .append_audit_keyed(&org, draft("v2"), "change-2")
+            .await
+            .unwrap(),
+        KeyedAppend::Fenced
+    );
+    let events = h.store.list_audit(&org, 0, 10, "").await.unwrap();
+    assert_eq!(events.len(), 2, "org.created and v1 only");
+    assert!(matches!(
+        h.verify(&org).await,
+        ChainCheck::Intact { entries: 2, .. }
+    ));
+    // Keys are per org; an unknown org is not found.
+    let other = h.org(T0).await;
+    assert!(matches!(
+        h.store
+            .append_audit_keyed(&other, draft("v1"), "change-1")
+            .await
+            .unwrap(),
+        KeyedAppend::Appended(_)
+    ));
+    assert!(matches!(
+        h.store.resolve_audit_key(&new_id(), "change-1", T0).await,
+        Err(StoreError::NotFound("org"))
+    ));
+}
+
 async fn regenerating_a_key_revokes_the_old_one(h: Harness) {
     let org = h.org(T0).await;
     let (_, old) = h.key(&org, T0).await;
@@ -625,6 +689,7 @@ macro_rules! conformance {
 
 conformance!(
     orgs_start_with_an_intact_one_entry_chain,
+    a_keyed_entry_is_appended_once_and_a_fenced_key_never,
     regenerating_a_key_revokes_the_old_one,
     linking_checks_the_key_digest_revocation_and_expiry,
     relinking_a_server_keeps_its_id_and_revokes_old_credentials,

@@ -249,6 +249,14 @@ pub struct AuditHead {
     pub hash: Vec<u8>,
 }
 
+/// What an append with an idempotency key did (audit.proto `AppendOutcome`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KeyedAppend {
+    Appended(AuditRecord),
+    AlreadyAppended(AuditRecord),
+    Fenced,
+}
+
 /// What detection works from.
 #[derive(Debug, Clone, Default)]
 pub struct DetectionInputs {
@@ -355,6 +363,21 @@ pub trait LinkerStore: Send + Sync + std::fmt::Debug + 'static {
     async fn detection_inputs(&self, org_id: &str) -> StoreResult<DetectionInputs>;
 
     async fn append_audit(&self, org_id: &str, audit: AuditDraft) -> StoreResult<AuditRecord>;
+    /// Appends `audit` as the entry of `key` unless the key is in the log already (then returns
+    /// that entry) or fenced.
+    async fn append_audit_keyed(
+        &self,
+        org_id: &str,
+        audit: AuditDraft,
+        key: &str,
+    ) -> StoreResult<KeyedAppend>;
+    /// The key's entry if it is in the log; otherwise fences the key (at `now`) and says so.
+    async fn resolve_audit_key(
+        &self,
+        org_id: &str,
+        key: &str,
+        now: i64,
+    ) -> StoreResult<KeyedAppend>;
     async fn list_audit(
         &self,
         org_id: &str,

@@ -9,9 +9,9 @@ use sqlx::sqlite::SqlitePool;
 
 use super::{
     AdminTokenRecord, AppLinkRecord, AuditDraft, AuditHead, AuditRecord, CredentialRecord,
-    DetectionInputs, DomainRecord, FoundAdminToken, FoundCredential, InstanceRecord, LicenseRecord,
-    LinkKeyRecord, LinkKeyRejection, LinkOutcome, LinkerStore, NewLink, NewSecret, OrgRecord,
-    StoreError, StoreResult,
+    DetectionInputs, DomainRecord, FoundAdminToken, FoundCredential, InstanceRecord, KeyedAppend,
+    LicenseRecord, LinkKeyRecord, LinkKeyRejection, LinkOutcome, LinkerStore, NewLink, NewSecret,
+    OrgRecord, StoreError, StoreResult,
 };
 use crate::audit::{self, Canonical};
 
@@ -63,6 +63,36 @@ macro_rules! sql_store {
             .await?;
             let (seq, prev) = row.ok_or(StoreError::NotFound("org"))?;
             Ok(AuditHead { seq, hash: prev })
+        }
+
+        /// Whether `key` is in the org's log (with its entry) or fenced; None when it is neither.
+        async fn key_state(
+            tx: &mut sqlx::Transaction<'static, <$pool as PoolDb>::Db>,
+            org_id: &str,
+            key: &str,
+        ) -> StoreResult<Option<KeyedAppend>> {
+            let row: Option<(Option<i64>,)> = sqlx::query_as(
+                "SELECT seq FROM audit_keys WHERE org_id = $1 AND idempotency_key = $2",
+            )
+            .bind(org_id)
+            .bind(key)
+            .fetch_optional(&mut **tx)
+            .await?;
+            match row {
+                None => Ok(None),
+                Some((None,)) => Ok(Some(KeyedAppend::Fenced)),
+                Some((Some(seq),)) => {
+                    let record: AuditRecord = sqlx::query_as(
+                        "SELECT org_id, seq, occurred_at, actor, service, action, target, attributes, prev_hash, hash
+                         FROM audit_events WHERE org_id = $1 AND seq = $2",
+                    )
+                    .bind(org_id)
+                    .bind(seq)
+                    .fetch_one(&mut **tx)
+                    .await?;
+                    Ok(Some(KeyedAppend::AlreadyAppended(record)))
+                }
+            }
         }
 
         /// Writes the reserved entry and moves the chain head to it.
@@ -642,6 +672,47 @@ macro_rules! sql_store {
                 let record = write_audit(&mut tx, org_id, reserved, &audit).await?;
                 tx.commit().await?;
                 Ok(record)
+            }
+
+            async fn append_audit_keyed(&self, org_id: &str, audit: AuditDraft, key: &str) -> StoreResult<KeyedAppend> {
+                let mut tx = self.begin().await?;
+                // Reserving locks the org's chain, so the key is checked with no append racing it.
+                let reserved = reserve_audit(&mut tx, org_id).await?;
+                if let Some(known) = key_state(&mut tx, org_id, key).await? {
+                    // Dropping the transaction gives the reserved seq back.
+                    return Ok(known);
+                }
+                let record = write_audit(&mut tx, org_id, reserved, &audit).await?;
+                sqlx::query("INSERT INTO audit_keys (org_id, idempotency_key, seq, fenced_at) VALUES ($1, $2, $3, NULL)")
+                    .bind(org_id)
+                    .bind(key)
+                    .bind(record.seq)
+                    .execute(&mut *tx)
+                    .await?;
+                tx.commit().await?;
+                Ok(KeyedAppend::Appended(record))
+            }
+
+            async fn resolve_audit_key(&self, org_id: &str, key: &str, now: i64) -> StoreResult<KeyedAppend> {
+                let mut tx = self.begin().await?;
+                let locked = sqlx::query("UPDATE orgs SET audit_seq = audit_seq WHERE id = $1")
+                    .bind(org_id)
+                    .execute(&mut *tx)
+                    .await?;
+                if locked.rows_affected() == 0 {
+                    return Err(StoreError::NotFound("org"));
+                }
+                if let Some(known) = key_state(&mut tx, org_id, key).await? {
+                    return Ok(known);
+                }
+                sqlx::query("INSERT INTO audit_keys (org_id, idempotency_key, seq, fenced_at) VALUES ($1, $2, NULL, $3)")
+                    .bind(org_id)
+                    .bind(key)
+                    .bind(now)
+                    .execute(&mut *tx)
+                    .await?;
+                tx.commit().await?;
+                Ok(KeyedAppend::Fenced)
             }
 
             async fn list_audit(&self, org_id: &str, after_seq: i64, limit: i64, action_prefix: &str) -> StoreResult<Vec<AuditRecord>> {
