@@ -2,7 +2,9 @@
 
 use tonic::Status;
 
-use crate::store::{AuditFailure, StoreError};
+use sightline_runtime::audited::{ChangeLogError, CommitError};
+
+use crate::store::StoreError;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConsentError {
@@ -18,6 +20,8 @@ pub enum ConsentError {
     Aborted(String),
     #[error("{0}")]
     Unavailable(String),
+    #[error("{0}")]
+    DeadlineExceeded(String),
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -26,13 +30,6 @@ impl From<StoreError> for ConsentError {
     fn from(error: StoreError) -> Self {
         match error {
             StoreError::Conflict(why) => ConsentError::Aborted(why.to_owned()),
-            StoreError::Audit(AuditFailure::OrgNotFound) => ConsentError::NotFound("org"),
-            StoreError::Audit(AuditFailure::Unavailable(detail)) => {
-                tracing::warn!(%detail, "audit log unavailable; change rolled back");
-                ConsentError::Unavailable(
-                    "the audit log cannot be written; nothing was changed, retry later".to_owned(),
-                )
-            }
             StoreError::Unavailable(e) => {
                 tracing::warn!(error = %e, "storage unavailable");
                 ConsentError::Unavailable(
@@ -40,6 +37,32 @@ impl From<StoreError> for ConsentError {
                 )
             }
             StoreError::Database(e) => ConsentError::Internal(e.to_string()),
+        }
+    }
+}
+
+impl From<CommitError> for ConsentError {
+    fn from(error: CommitError) -> Self {
+        match error {
+            CommitError::DeadlineExceeded => ConsentError::DeadlineExceeded(
+                "the deadline left no time to record the change; nothing was changed".to_owned(),
+            ),
+            CommitError::OrgNotFound => ConsentError::NotFound("org"),
+            CommitError::Unavailable { message, settling } => {
+                tracing::warn!(%message, settling, "audit log unavailable");
+                ConsentError::Unavailable(if settling {
+                    "the audit log cannot be reached; the change is applied only if its entry was \
+                     written, which is settled when the log answers; read before retrying"
+                        .to_owned()
+                } else {
+                    "the audit log cannot be written; nothing was changed, retry later".to_owned()
+                })
+            }
+            CommitError::Store(ChangeLogError::Unavailable(detail)) => {
+                tracing::warn!(%detail, "storage unavailable");
+                ConsentError::Unavailable("storage unavailable; retry later".to_owned())
+            }
+            CommitError::Store(ChangeLogError::Refused(detail)) => ConsentError::Internal(detail),
         }
     }
 }
@@ -62,6 +85,7 @@ impl From<ConsentError> for Status {
                 );
                 status
             }
+            ConsentError::DeadlineExceeded(why) => Status::deadline_exceeded(why),
             ConsentError::Internal(detail) => {
                 tracing::error!(%detail, "internal error");
                 Status::internal("internal error; nothing was changed")

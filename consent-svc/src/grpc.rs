@@ -12,11 +12,12 @@ use sightline_proto::common::v1 as common_pb;
 use sightline_proto::consent::v1 as pb;
 use sightline_proto::consent::v1::consent_service_server::ConsentService;
 use sightline_runtime::SharedClock;
+use sightline_runtime::audited::{AuditEntry, Auditor, StagedChange, deadline_of};
 use sightline_runtime::auth::{CredentialClient, Principal};
 use sightline_runtime::directory::Directory;
 use sightline_runtime::ratelimit::RateLimiter;
 use sightline_runtime::time::{to_proto, to_proto_opt};
-use tokio::sync::{Mutex, broadcast, mpsc};
+use tokio::sync::{Mutex, OwnedMutexGuard, broadcast, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
@@ -26,8 +27,8 @@ use crate::error::ConsentError;
 use crate::policy::{self, OrgState, Override, SCOPE_INSTANCE, SCOPE_ORG};
 use crate::receipt::{self, ReceiptSigner, Statement};
 use crate::store::{
-    AuditEntry, AuditSink, Change, ConsentRecord, ConsentStore, MoveRecord, OverrideRecord,
-    PurgeRecord, ResidencyRecord, RetentionRecord, TrackingRecord,
+    Change, ConsentRecord, ConsentStore, MoveRecord, OverrideRecord, PurgeRecord, ResidencyRecord,
+    RetentionRecord, StagedPayload, TrackingRecord,
 };
 
 type GrpcResult<T> = Result<Response<T>, Status>;
@@ -47,6 +48,9 @@ enum Watched {
 pub struct ApiOptions {
     /// Messages a watcher may leave unread before its stream ends with ABORTED.
     pub watch_buffer: usize,
+    /// The server's longest call (`limits.request_timeout_ms`): a change must be recorded within it
+    /// as within the client's own deadline.
+    pub call_limit: Duration,
     /// The pseudonymization key version policies name.
     pub pseudonym_key_version: u32,
 }
@@ -55,6 +59,7 @@ impl Default for ApiOptions {
     fn default() -> Self {
         Self {
             watch_buffer: 256,
+            call_limit: Duration::from_secs(30),
             pseudonym_key_version: 1,
         }
     }
@@ -68,7 +73,7 @@ pub struct ConsentApi {
     credentials: CredentialClient,
     directory: Directory,
     limiter: Arc<RateLimiter>,
-    audit: Arc<dyn AuditSink>,
+    auditor: Auditor,
     signer: Arc<ReceiptSigner>,
     hub: broadcast::Sender<Arc<pb::WatchPolicyResponse>>,
     locks: Arc<DashMap<String, Arc<Mutex<()>>>>,
@@ -84,7 +89,7 @@ impl ConsentApi {
         credentials: CredentialClient,
         directory: Directory,
         limiter: RateLimiter,
-        audit: Arc<dyn AuditSink>,
+        auditor: Auditor,
         signer: Arc<ReceiptSigner>,
         shutdown: CancellationToken,
         options: ApiOptions,
@@ -95,7 +100,7 @@ impl ConsentApi {
             credentials,
             directory,
             limiter: Arc::new(limiter),
-            audit,
+            auditor,
             signer,
             hub: broadcast::channel(HUB_CAPACITY).0,
             locks: Arc::new(DashMap::new()),
@@ -177,11 +182,38 @@ impl ConsentApi {
         Ok((org_id, instance_id))
     }
 
-    fn lock(&self, org_id: &str) -> Arc<Mutex<()>> {
-        self.locks
+    /// Serialises the org's changes, with the org's earlier staged changes settled first, so a new
+    /// change is computed from the state every earlier one left.
+    async fn lock(&self, org_id: &str) -> Result<OwnedMutexGuard<()>, ConsentError> {
+        let lock = self
+            .locks
             .entry(org_id.to_owned())
             .or_insert_with(|| Arc::new(Mutex::new(())))
-            .clone()
+            .clone();
+        let guard = lock.lock_owned().await;
+        let settled = self.auditor.settle_org(self.store.as_ref(), org_id).await?;
+        if settled.applied > 0 {
+            self.publish(org_id, Vec::new()).await;
+        }
+        Ok(guard)
+    }
+
+    /// When a call must be done by: the client's deadline or the server's limit, the earlier.
+    fn deadline<T>(&self, request: &Request<T>) -> std::time::Instant {
+        let limit = std::time::Instant::now() + self.options.call_limit;
+        deadline_of(request.metadata()).map_or(limit, |d| d.min(limit))
+    }
+
+    /// Settles what a crash or a lost answer left staged, and publishes the orgs that changed.
+    pub async fn recover(&self) {
+        match self.auditor.recover(self.store.as_ref()).await {
+            Ok(settled) => {
+                for org_id in settled.changed_orgs {
+                    self.publish(&org_id, Vec::new()).await;
+                }
+            }
+            Err(error) => tracing::warn!(%error, "cannot settle staged changes"),
+        }
     }
 
     async fn consent(
@@ -335,20 +367,38 @@ impl ConsentApi {
         }
     }
 
-    /// Stores a change with its audit entry, then publishes the org's new policy: every change goes
-    /// through here, so none is made without its audit entry or hidden from watchers.
+    /// Makes a change through the audited-change protocol (`runtime::audited`), then publishes the
+    /// org's new policy: every change goes through here, so none is made without its audit entry or
+    /// hidden from watchers. The commit runs to its end even when the caller goes, holding the org's
+    /// lock until the change is settled.
     async fn commit(
         &self,
+        guard: OwnedMutexGuard<()>,
         change: Change,
         purge: Option<PurgeRecord>,
-        entry: &AuditEntry,
+        entry: AuditEntry,
         instance_ids: Vec<String>,
+        deadline: Option<std::time::Instant>,
     ) -> Result<(), ConsentError> {
-        self.store
-            .apply(change, purge, self.audit.as_ref(), entry)
-            .await?;
-        self.publish(&entry.org_id, instance_ids).await;
-        Ok(())
+        let org_id = entry.org_id.clone();
+        let staged = StagedChange {
+            change_id: uuid::Uuid::now_v7().to_string(),
+            org_id: org_id.clone(),
+            entry,
+            payload: StagedPayload { change, purge }.encode(),
+            staged_at_ms: self.clock.now_ms(),
+        };
+        let api = self.clone();
+        tokio::spawn(async move {
+            let _guard = guard;
+            api.auditor
+                .commit(api.store.as_ref(), staged, deadline)
+                .await?;
+            api.publish(&org_id, instance_ids).await;
+            Ok(())
+        })
+        .await
+        .map_err(|e| ConsentError::Internal(format!("commit task: {e}")))?
     }
 
     /// Sends a watcher its snapshot, then every change it watches, until it goes or falls behind.
@@ -456,7 +506,7 @@ impl ConsentApi {
         AuditEntry {
             org_id: org_id.to_owned(),
             actor: caller.actor(),
-            action,
+            action: action.to_owned(),
             target,
             attributes: BTreeMap::new(),
         }
@@ -629,12 +679,12 @@ impl ConsentService for ConsentApi {
         &self,
         request: Request<pb::UpdateConsentRequest>,
     ) -> GrpcResult<pb::UpdateConsentResponse> {
+        let deadline = Some(self.deadline(&request));
         let (caller, org_id) = self.admin(&request, &request.get_ref().org_id).await?;
         let r = request.get_ref();
         let consent = Consent::parse(r.settings.as_ref())?;
         let reason = domain::text("reason", &r.reason, 500)?;
-        let lock = self.lock(&org_id);
-        let _guard = lock.lock().await;
+        let guard = self.lock(&org_id).await?;
         let (before, latest) = self.consent(&org_id).await?;
         let current = latest.as_ref().map_or(0, |l| l.version);
         if r.expected_version != 0 && i64::try_from(r.expected_version).ok() != Some(current) {
@@ -697,8 +747,15 @@ impl ConsentService for ConsentApi {
         if let Some(purge) = &purge {
             note_purge(&mut entry, purge);
         }
-        self.commit(Change::Consent(record.clone()), purge, &entry, Vec::new())
-            .await?;
+        self.commit(
+            guard,
+            Change::Consent(record.clone()),
+            purge,
+            entry,
+            Vec::new(),
+            deadline,
+        )
+        .await?;
         tracing::info!(%org_id, version, usage = consent.usage.name(), sharing = consent.sharing.name(), "consent updated");
 
         Ok(Response::new(pb::UpdateConsentResponse {
@@ -889,6 +946,7 @@ impl ConsentService for ConsentApi {
         &self,
         request: Request<pb::SetInstanceOverrideRequest>,
     ) -> GrpcResult<pb::SetInstanceOverrideResponse> {
+        let deadline = Some(self.deadline(&request));
         let (caller, org_id) = self.admin(&request, &request.get_ref().org_id).await?;
         let r = request.get_ref();
         let instance_id = domain::id("instance_id", &r.instance_id)?;
@@ -905,8 +963,7 @@ impl ConsentService for ConsentApi {
         self.directory
             .require_instance(&org_id, &instance_id)
             .await?;
-        let lock = self.lock(&org_id);
-        let _guard = lock.lock().await;
+        let guard = self.lock(&org_id).await?;
         let now = self.clock.now_ms();
         let state = self.state(&org_id).await?;
         let org_allows = Allowance::of(&state.consent);
@@ -954,14 +1011,16 @@ impl ConsentService for ConsentApi {
             note_purge(&mut entry, purge);
         }
         self.commit(
+            guard,
             Change::Override {
                 org_id: org_id.clone(),
                 instance_id: instance_id.clone(),
                 record: record.clone(),
             },
             purge,
-            &entry,
+            entry,
             vec![instance_id.clone()],
+            deadline,
         )
         .await?;
         tracing::info!(%org_id, %instance_id, cleared = record.is_none(), "instance override changed");
@@ -996,10 +1055,10 @@ impl ConsentService for ConsentApi {
         &self,
         request: Request<pb::UpdateTrackingSettingsRequest>,
     ) -> GrpcResult<pb::UpdateTrackingSettingsResponse> {
+        let deadline = Some(self.deadline(&request));
         let (caller, org_id) = self.admin(&request, &request.get_ref().org_id).await?;
         let tracking = Tracking::parse(request.get_ref().settings.as_ref())?;
-        let lock = self.lock(&org_id);
-        let _guard = lock.lock().await;
+        let guard = self.lock(&org_id).await?;
         let record = TrackingRecord {
             org_id: org_id.clone(),
             enabled_channels: tracking
@@ -1024,8 +1083,15 @@ impl ConsentService for ConsentApi {
             "blocking_time_ms".into(),
             tracking.blocking_time_ms.to_string(),
         );
-        self.commit(Change::Tracking(record), None, &entry, Vec::new())
-            .await?;
+        self.commit(
+            guard,
+            Change::Tracking(record),
+            None,
+            entry,
+            Vec::new(),
+            deadline,
+        )
+        .await?;
         tracing::info!(%org_id, "tracking settings updated");
 
         Ok(Response::new(pb::UpdateTrackingSettingsResponse {
@@ -1049,6 +1115,7 @@ impl ConsentService for ConsentApi {
         &self,
         request: Request<pb::RequestResidencyMoveRequest>,
     ) -> GrpcResult<pb::RequestResidencyMoveResponse> {
+        let deadline = Some(self.deadline(&request));
         let caller = self.caller(&request).await?;
         let r = request.get_ref();
         let org_id = domain::id("org_id", &r.org_id)?;
@@ -1065,8 +1132,7 @@ impl ConsentService for ConsentApi {
                 }
             }
         }
-        let lock = self.lock(&org_id);
-        let _guard = lock.lock().await;
+        let guard = self.lock(&org_id).await?;
         let (residency, moves) = self.residency(&org_id).await?;
         let current_location = match scope {
             pb::ResidencyScope::SupportBundles => residency.support_bundle_location(),
@@ -1168,14 +1234,16 @@ impl ConsentService for ConsentApi {
             .attributes
             .insert("to".into(), record.to_location.clone());
         self.commit(
+            guard,
             Change::Move {
                 record: record.clone(),
                 expected_state: expected,
                 residency: new_residency,
             },
             None,
-            &entry,
+            entry,
             Vec::new(),
+            deadline,
         )
         .await?;
         tracing::info!(%org_id, move_id = %record.move_id, state = %record.state, "residency move changed");
@@ -1202,10 +1270,10 @@ impl ConsentService for ConsentApi {
         &self,
         request: Request<pb::UpdateRetentionRequest>,
     ) -> GrpcResult<pb::UpdateRetentionResponse> {
+        let deadline = Some(self.deadline(&request));
         let (caller, org_id) = self.admin(&request, &request.get_ref().org_id).await?;
         let retention = Retention::parse(request.get_ref().retention.as_ref())?;
-        let lock = self.lock(&org_id);
-        let _guard = lock.lock().await;
+        let guard = self.lock(&org_id).await?;
         let mut entry = self.entry(&org_id, &caller, "retention.updated", org_id.clone());
         entry
             .attributes
@@ -1219,6 +1287,7 @@ impl ConsentService for ConsentApi {
             retention.aggregate_days.to_string(),
         );
         self.commit(
+            guard,
             Change::Retention(RetentionRecord {
                 org_id: org_id.clone(),
                 raw_days: i64::from(retention.raw_days),
@@ -1230,8 +1299,9 @@ impl ConsentService for ConsentApi {
                 event_id_days: i64::from(retention.event_id_days),
             }),
             None,
-            &entry,
+            entry,
             Vec::new(),
+            deadline,
         )
         .await?;
         tracing::info!(%org_id, "retention updated");

@@ -4,7 +4,6 @@
 //! insights-svc enforce what it decides. Every change is recorded in the org's audit log in
 //! linker-svc before it commits.
 
-pub mod audit;
 pub mod domain;
 pub mod error;
 pub mod grpc;
@@ -17,6 +16,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use sightline_proto::consent::v1::consent_service_server::ConsentServiceServer;
+use sightline_runtime::audited::{Auditor, LinkerAuditLog};
 use sightline_runtime::auth::CredentialClient;
 use sightline_runtime::directory::Directory;
 use sightline_runtime::ratelimit::RateLimiter;
@@ -27,7 +27,6 @@ use sightline_runtime::{Secret, Settings, SharedClock};
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Endpoint;
 
-use crate::audit::LinkerAudit;
 use crate::grpc::{ApiOptions, ConsentApi};
 use crate::receipt::{KeyError, ReceiptSigner};
 
@@ -75,7 +74,10 @@ impl ConsentConfig {
             limits: settings.limits,
             tls: settings.tls.clone(),
             clock: sightline_runtime::clock::system(),
-            options: ApiOptions::default(),
+            options: ApiOptions {
+                call_limit: std::time::Duration::from_millis(settings.limits.request_timeout_ms),
+                ..ApiOptions::default()
+            },
         })
     }
 }
@@ -85,7 +87,11 @@ impl ConsentConfig {
 pub struct ConsentService {
     server: GrpcServer,
     stop_watchers: CancellationToken,
+    api: ConsentApi,
 }
+
+/// How often staged changes left by a crash or a lost answer are settled.
+const SETTLE_EVERY: std::time::Duration = std::time::Duration::from_secs(2);
 
 impl ConsentService {
     pub async fn build(config: ConsentConfig) -> Result<Self, StartError> {
@@ -102,7 +108,11 @@ impl ConsentService {
             CredentialClient::new(linker.clone(), config.service_token.clone()),
             Directory::new(linker.clone(), config.service_token.clone()),
             RateLimiter::new(&config.limits),
-            Arc::new(LinkerAudit::new(linker, config.service_token)),
+            Auditor::new(Arc::new(LinkerAuditLog::new(
+                linker,
+                config.service_token,
+                "consent",
+            ))),
             signer,
             stop_watchers.clone(),
             config.options,
@@ -112,7 +122,7 @@ impl ConsentService {
             GrpcServer::bind(config.listen, config.tls.as_ref(), config.limits).await?;
         server
             .add_service(
-                ConsentServiceServer::new(api)
+                ConsentServiceServer::new(api.clone())
                     .max_decoding_message_size(max)
                     .max_encoding_message_size(max),
             )
@@ -120,6 +130,7 @@ impl ConsentService {
         Ok(Self {
             server,
             stop_watchers,
+            api,
         })
     }
 
@@ -134,6 +145,18 @@ impl ConsentService {
         tokio::spawn(async move {
             watch.cancelled().await;
             stop_watchers.cancel();
+        });
+        // Settle whatever a crash left staged, at start and then on a schedule.
+        let api = self.api.clone();
+        let stop = shutdown.clone();
+        tokio::spawn(async move {
+            loop {
+                api.recover().await;
+                tokio::select! {
+                    () = stop.cancelled() => break,
+                    () = tokio::time::sleep(SETTLE_EVERY) => {}
+                }
+            }
         });
         Ok(self.server.run_until_stopped(shutdown).await?)
     }

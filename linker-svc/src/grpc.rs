@@ -191,6 +191,27 @@ impl LinkerApi {
     }
 }
 
+fn append_response(org_id: &str, outcome: KeyedAppend) -> audit_pb::AppendEventResponse {
+    let (event, outcome) = match outcome {
+        KeyedAppend::Appended(record) => {
+            tracing::info!(%org_id, seq = record.seq, action = %record.action, "audit event appended");
+            (Some(audit_pb(&record)), audit_pb::AppendOutcome::Appended)
+        }
+        KeyedAppend::AlreadyAppended(record) => (
+            Some(audit_pb(&record)),
+            audit_pb::AppendOutcome::AlreadyAppended,
+        ),
+        KeyedAppend::Fenced => {
+            tracing::info!(%org_id, "audit key fenced");
+            (None, audit_pb::AppendOutcome::Fenced)
+        }
+    };
+    audit_pb::AppendEventResponse {
+        event,
+        outcome: outcome as i32,
+    }
+}
+
 fn secret_state(revoked_at: Option<i64>, expires_at: Option<i64>, now: i64) -> i32 {
     let state = if revoked_at.is_some() {
         pb::SecretState::Revoked
@@ -933,6 +954,20 @@ impl AuditService for LinkerApi {
         caller.require_service()?;
         let r = request.get_ref();
         let org_id = domain::id("org_id", &r.org_id)?;
+        let key = domain::idempotency_key(&r.idempotency_key)?;
+        if r.resolve_only {
+            // Only the key matters: the entry it names was (or was not) written before.
+            let key = key.ok_or(LinkerError::InvalidArgument {
+                field: "idempotency_key",
+                reason: "is required with resolve_only".into(),
+            })?;
+            let outcome = self
+                .store
+                .resolve_audit_key(&org_id, key, self.clock.now_ms())
+                .await
+                .map_err(LinkerError::from)?;
+            return Ok(Response::new(append_response(&org_id, outcome)));
+        }
         let mut draft = AuditDraft::new(
             self.clock.now_ms(),
             domain::audit_text("actor", &r.actor, true)?,
@@ -953,50 +988,20 @@ impl AuditService for LinkerApi {
                 domain::audit_text("attributes.value", value, false)?,
             );
         }
-        let key = domain::idempotency_key(&r.idempotency_key)?;
-        let outcome = match (key, r.resolve_only) {
-            (None, true) => {
-                return Err(LinkerError::InvalidArgument {
-                    field: "idempotency_key",
-                    reason: "is required with resolve_only".into(),
-                }
-                .into());
-            }
-            (None, false) => KeyedAppend::Appended(
+        let outcome = match key {
+            None => KeyedAppend::Appended(
                 self.store
                     .append_audit(&org_id, draft)
                     .await
                     .map_err(LinkerError::from)?,
             ),
-            (Some(key), false) => self
+            Some(key) => self
                 .store
                 .append_audit_keyed(&org_id, draft, key)
                 .await
                 .map_err(LinkerError::from)?,
-            (Some(key), true) => self
-                .store
-                .resolve_audit_key(&org_id, key, self.clock.now_ms())
-                .await
-                .map_err(LinkerError::from)?,
         };
-        let (event, outcome) = match outcome {
-            KeyedAppend::Appended(record) => {
-                tracing::info!(%org_id, seq = record.seq, action = %record.action, "audit event appended");
-                (Some(audit_pb(&record)), audit_pb::AppendOutcome::Appended)
-            }
-            KeyedAppend::AlreadyAppended(record) => (
-                Some(audit_pb(&record)),
-                audit_pb::AppendOutcome::AlreadyAppended,
-            ),
-            KeyedAppend::Fenced => {
-                tracing::info!(%org_id, "audit key fenced");
-                (None, audit_pb::AppendOutcome::Fenced)
-            }
-        };
-        Ok(Response::new(audit_pb::AppendEventResponse {
-            event,
-            outcome: outcome as i32,
-        }))
+        Ok(Response::new(append_response(&org_id, outcome)))
     }
 
     #[tracing::instrument(skip_all)]

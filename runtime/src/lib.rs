@@ -4,6 +4,7 @@
 //!
 //! Domain logic does not live here: each service owns its rules and its tables.
 
+pub mod audited;
 pub mod auth;
 pub mod clock;
 pub mod directory;

@@ -151,10 +151,14 @@ impl GrpcServer {
             }
             tracing::info!(%addr, "shutting down; draining in-flight calls");
         };
+        let limit = Duration::from_millis(self.limits.request_timeout_ms);
         tonic::transport::Server::builder()
-            .timeout(Duration::from_millis(self.limits.request_timeout_ms))
             .tcp_nodelay(true)
             .layer(tower::layer::layer_fn(OversizeAsResourceExhausted))
+            .layer(tower::layer::layer_fn(move |inner| Deadline {
+                inner,
+                limit,
+            }))
             .add_routes(routes.routes())
             .serve_with_incoming_shutdown(incoming, signal)
             .await?;
@@ -290,6 +294,48 @@ impl AsyncWrite for Conn {
 /// status is in the response headers.
 #[derive(Debug, Clone)]
 struct OversizeAsResourceExhausted<S>(S);
+
+/// Ends a call at the client's deadline (`grpc-timeout`) or the server's limit, whichever comes
+/// first, answering DEADLINE_EXCEEDED (tonic's own timeout answers CANCELLED). The handler's future
+/// is dropped then: work that must not be cut short (an audited commit) runs in its own task.
+#[derive(Debug, Clone)]
+struct Deadline<S> {
+    inner: S,
+    limit: Duration,
+}
+
+impl<S, B> Service<http::Request<B>> for Deadline<S>
+where
+    S: Service<http::Request<B>, Response = http::Response<Body>>,
+    S::Future: Send + 'static,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<B>) -> Self::Future {
+        let timeout = request
+            .headers()
+            .get("grpc-timeout")
+            .and_then(|v| v.to_str().ok())
+            .and_then(crate::audited::grpc_timeout)
+            .map_or(self.limit, |t| t.min(self.limit));
+        let future = self.inner.call(request);
+        Box::pin(async move {
+            match tokio::time::timeout(timeout, future).await {
+                Ok(response) => response,
+                Err(_) => Ok(tonic::Status::deadline_exceeded(
+                    "the deadline passed before the call completed",
+                )
+                .into_http()),
+            }
+        })
+    }
+}
 
 const OUT_OF_RANGE: &str = "11";
 const RESOURCE_EXHAUSTED: &str = "8";

@@ -251,7 +251,10 @@ impl TestConsent {
             limits,
             tls: None,
             clock: linker.clock.clone(),
-            options,
+            options: ApiOptions {
+                call_limit: std::time::Duration::from_millis(limits.request_timeout_ms),
+                ..options
+            },
         })
         .await
         .unwrap();

@@ -3,10 +3,21 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use sightline_proto::audit::v1 as audit_pb;
-use sightline_tests::{LinkerOptions, TestLinker, authed};
+use sightline_proto::common::v1::{SharingLevel, UsageLevel};
+use sightline_proto::consent::v1 as consent_pb;
+use sightline_proto::consent::v1::consent_service_client::ConsentServiceClient;
+use sightline_runtime::settings::Limits;
+use sightline_tests::consent::{settings, stack};
+use sightline_tests::{LinkerOptions, TestConsent, TestLinker, TestOrg, authed};
+use tonic::Code;
+use tonic::transport::Channel;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn verify_chain_never_reports_tampering_on_an_intact_chain_under_concurrent_writers() {
@@ -66,4 +77,442 @@ async fn verify_chain_never_reports_tampering_on_an_intact_chain_under_concurren
         false_reports.len(),
         false_reports.first()
     );
+}
+
+/// What consent-svc stored and what the org's audit log says about it.
+#[derive(Debug)]
+struct Ledger {
+    /// version → reason.
+    stored: BTreeMap<u64, String>,
+    /// version → how many `consent.updated` entries name it.
+    entries: BTreeMap<u64, u32>,
+    chain_intact: bool,
+}
+
+async fn ledger(linker: &TestLinker, consent: &mut ConsentClient, org: &TestOrg) -> Ledger {
+    let mut stored = BTreeMap::new();
+    let mut page_token = String::new();
+    loop {
+        let page = consent
+            .list_consent_history(authed(
+                &org.admin,
+                consent_pb::ListConsentHistoryRequest {
+                    org_id: org.id.clone(),
+                    page_size: 1000,
+                    page_token: page_token.clone(),
+                },
+            ))
+            .await
+            .unwrap()
+            .into_inner();
+        for v in page.versions {
+            stored.insert(v.version, v.reason);
+        }
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        page_token = page.next_page_token;
+    }
+    let mut audit = linker.audit().await;
+    let mut entries = BTreeMap::new();
+    let mut page_token = String::new();
+    loop {
+        let page = audit
+            .list_events(authed(
+                &org.admin,
+                audit_pb::ListEventsRequest {
+                    org_id: org.id.clone(),
+                    page_size: 1000,
+                    page_token: page_token.clone(),
+                    action_prefix: "consent.updated".into(),
+                },
+            ))
+            .await
+            .unwrap()
+            .into_inner();
+        for e in page.events {
+            let version: u64 = e.attributes["version"].parse().unwrap();
+            *entries.entry(version).or_insert(0) += 1;
+        }
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        page_token = page.next_page_token;
+    }
+    let chain_intact = audit
+        .verify_chain(authed(
+            &org.admin,
+            audit_pb::VerifyChainRequest {
+                org_id: org.id.clone(),
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .intact;
+    Ledger {
+        stored,
+        entries,
+        chain_intact,
+    }
+}
+
+/// What writers saw: acknowledged (version, reason) and the reasons of calls answered
+/// DEADLINE_EXCEEDED or CANCELLED.
+#[derive(Debug, Default)]
+struct Seen {
+    acked: Vec<(u64, String)>,
+    late: Vec<String>,
+}
+
+impl Seen {
+    /// What writers wrote to org `i` of two: writer w writes to org w % 2 with reasons "w<w>-<n>".
+    fn of_org(&self, i: usize) -> Seen {
+        let mine = |reason: &str| {
+            reason
+                .strip_prefix('w')
+                .and_then(|r| r.split('-').next())
+                .and_then(|w| w.parse::<usize>().ok())
+                .is_some_and(|w| w % 2 == i)
+        };
+        Seen {
+            acked: self
+                .acked
+                .iter()
+                .filter(|(_, r)| mine(r))
+                .cloned()
+                .collect(),
+            late: self.late.clone(),
+        }
+    }
+}
+
+/// Every acknowledged change is stored; every stored change has exactly one entry and every entry a
+/// stored change; nothing answered late is stored; the chain is intact.
+fn assert_agreement(ledger: &Ledger, seen: &Seen) {
+    for (version, reason) in &seen.acked {
+        assert_eq!(
+            ledger.stored.get(version),
+            Some(reason),
+            "acknowledged v{version} ({reason}) was lost"
+        );
+    }
+    for version in ledger.stored.keys() {
+        assert_eq!(
+            ledger.entries.get(version),
+            Some(&1),
+            "stored v{version} has {:?} audit entries",
+            ledger.entries.get(version)
+        );
+    }
+    for version in ledger.entries.keys() {
+        assert!(
+            ledger.stored.contains_key(version),
+            "an audit entry names v{version}, which is not stored"
+        );
+    }
+    let stored_reasons: HashSet<&String> = ledger.stored.values().collect();
+    for reason in &seen.late {
+        assert!(
+            !stored_reasons.contains(reason),
+            "{reason} answered late but was stored"
+        );
+    }
+    assert!(ledger.chain_intact, "the audit chain is not intact");
+}
+
+type ConsentClient = ConsentServiceClient<Channel>;
+
+/// One UpdateConsent with a unique reason and an optional deadline.
+async fn write(
+    client: &mut ConsentClient,
+    org: &TestOrg,
+    reason: &str,
+    n: u32,
+    timeout: Option<Duration>,
+) -> Result<u64, tonic::Status> {
+    let (usage, sharing) = if n.is_multiple_of(2) {
+        (UsageLevel::Basic, SharingLevel::Basic)
+    } else {
+        (UsageLevel::Advanced, SharingLevel::Extended)
+    };
+    let mut request = authed(
+        &org.admin,
+        consent_pb::UpdateConsentRequest {
+            org_id: org.id.clone(),
+            settings: Some(settings(usage, sharing)),
+            reason: reason.into(),
+            expected_version: 0,
+        },
+    );
+    if let Some(timeout) = timeout {
+        request.set_timeout(timeout);
+    }
+    client
+        .update_consent(request)
+        .await
+        .map(|r| r.into_inner().consent.unwrap().version)
+}
+
+fn record(seen: &Mutex<Seen>, reason: String, outcome: Result<u64, tonic::Status>) {
+    let mut seen = seen.lock().unwrap();
+    match outcome {
+        Ok(version) => seen.acked.push((version, reason)),
+        Err(status) if matches!(status.code(), Code::DeadlineExceeded | Code::Cancelled) => {
+            seen.late.push(reason);
+        }
+        Err(_) => {}
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_call_past_the_servers_deadline_answers_deadline_exceeded_and_stores_nothing() {
+    // The server's own limit is 2 ms and the client sets none, so every answer is the server's.
+    let linker = TestLinker::start(LinkerOptions::default()).await;
+    let tight = Limits {
+        request_timeout_ms: 2,
+        ..Limits::default()
+    };
+    let consent = TestConsent::start(&linker, None, tight).await;
+    let org = linker.org("Acme").await;
+    let mut client = consent.client().await;
+    let seen = Mutex::new(Seen::default());
+    for n in 0..100 {
+        let reason = format!("late-{n}");
+        let outcome = write(&mut client, &org, &reason, n, None).await;
+        let status = outcome.as_ref().unwrap_err();
+        assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
+        record(&seen, reason, outcome);
+    }
+    let seen = seen.into_inner().unwrap();
+    assert_eq!(seen.late.len(), 100);
+    // Read back through a consent-svc with room to answer, on the same database.
+    let roomy = TestConsent::start(
+        &linker,
+        Some(consent.database_url.clone()),
+        Limits::default(),
+    )
+    .await;
+    let mut reader = roomy.client().await;
+    let ledger = ledger(&linker, &mut reader, &org).await;
+    assert!(
+        ledger.stored.is_empty() && ledger.entries.is_empty(),
+        "{ledger:?}"
+    );
+    assert_agreement(&ledger, &seen);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn writes_with_1_to_2_ms_deadlines_store_nothing_and_a_roomy_one_goes_through() {
+    let (linker, consent) = stack().await;
+    let org = linker.org("Acme").await;
+    let mut client = consent.client().await;
+    let seen = Mutex::new(Seen::default());
+    for n in 0..100 {
+        let reason = format!("late-{n}");
+        let timeout = Duration::from_millis(1 + u64::from(n % 2));
+        let outcome = write(&mut client, &org, &reason, n, Some(timeout)).await;
+        // tonic's client enforces the deadline itself (CANCELLED "Timeout expired") when it fires
+        // before the server's DEADLINE_EXCEEDED arrives; either way the call is late.
+        let status = outcome.as_ref().unwrap_err();
+        assert!(
+            matches!(status.code(), Code::DeadlineExceeded | Code::Cancelled),
+            "{status:?}"
+        );
+        record(&seen, reason, outcome);
+    }
+    let seen = seen.into_inner().unwrap();
+    assert_eq!(seen.late.len(), 100);
+    let ledger = ledger(&linker, &mut client, &org).await;
+    assert!(
+        ledger.stored.is_empty() && ledger.entries.is_empty(),
+        "{ledger:?}"
+    );
+    assert_agreement(&ledger, &seen);
+    let version = write(
+        &mut client,
+        &org,
+        "in time",
+        0,
+        Some(Duration::from_secs(5)),
+    )
+    .await
+    .unwrap();
+    assert_eq!(version, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn with_tight_deadlines_and_four_writers_the_log_and_the_store_agree() {
+    let (linker, consent) = stack().await;
+    let orgs = [linker.org("Alpha").await, linker.org("Bravo").await];
+    let seen = Arc::new(Mutex::new(Seen::default()));
+    let mut writers = Vec::new();
+    for w in 0..4u32 {
+        let org = orgs[(w % 2) as usize].clone();
+        let mut client = consent.client().await;
+        let seen = seen.clone();
+        writers.push(tokio::spawn(async move {
+            for n in 0..60u32 {
+                let reason = format!("w{w}-{n}");
+                // Mostly 1–10 ms; every fifth call has time to spare, so changes do happen.
+                let ms = if n % 5 == 0 {
+                    2_000
+                } else {
+                    rand::random_range(1..=10)
+                };
+                let outcome = write(
+                    &mut client,
+                    &org,
+                    &reason,
+                    n,
+                    Some(Duration::from_millis(ms)),
+                )
+                .await;
+                record(&seen, reason, outcome);
+            }
+        }));
+    }
+    for w in writers {
+        w.await.unwrap();
+    }
+    let seen = Arc::try_unwrap(seen).unwrap().into_inner().unwrap();
+    assert!(seen.acked.len() >= 40, "{} acknowledged", seen.acked.len());
+    assert!(!seen.late.is_empty());
+    let mut client = consent.client().await;
+    for (i, org) in orgs.iter().enumerate() {
+        let ledger = ledger(&linker, &mut client, org).await;
+        assert_agreement(&ledger, &seen.of_org(i));
+    }
+}
+
+/// A consent-svc process (the `sightline consent` binary) wired to an in-process linker.
+struct ConsentProcess {
+    child: tokio::process::Child,
+}
+
+fn sightline_binary() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let binary = exe
+        .parent()
+        .and_then(Path::parent)
+        .unwrap()
+        .join("sightline");
+    assert!(
+        binary.exists(),
+        "{} is missing: cargo build --bin sightline",
+        binary.display()
+    );
+    binary
+}
+
+impl ConsentProcess {
+    async fn start(linker: &TestLinker, addr: SocketAddr, database_url: Option<&str>) -> Self {
+        let mut command = tokio::process::Command::new(sightline_binary());
+        command
+            .arg("consent")
+            .arg("--data-dir")
+            .arg(linker.data_dir())
+            .env("SIGHTLINE_CONSENT__LISTEN", addr.to_string())
+            .env("SIGHTLINE_LINKER__URL", format!("http://{}", linker.addr))
+            .env("SIGHTLINE_LOG__LEVEL", "warn")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .kill_on_drop(true);
+        if let Some(url) = database_url {
+            command.env("SIGHTLINE_CONSENT__DATABASE_URL", url);
+        }
+        let child = command.spawn().unwrap();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        while tokio::net::TcpStream::connect(addr).await.is_err() {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "consent-svc did not start"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        Self { child }
+    }
+
+    async fn kill9(&mut self) {
+        self.child.kill().await.unwrap();
+    }
+}
+
+fn free_addr() -> SocketAddr {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+}
+
+async fn kill_loop_keeps_every_acknowledged_change_and_the_log_in_agreement(
+    database_url: Option<String>,
+) {
+    let linker = TestLinker::start(LinkerOptions {
+        quiet: true,
+        ..LinkerOptions::default()
+    })
+    .await;
+    let orgs = [linker.org("Alpha").await, linker.org("Bravo").await];
+    let addr = free_addr();
+    let mut process = ConsentProcess::start(&linker, addr, database_url.as_deref()).await;
+    let channel = Channel::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect_lazy();
+    let seen = Arc::new(Mutex::new(Seen::default()));
+    let stop = tokio_util::sync::CancellationToken::new();
+    let mut writers = Vec::new();
+    for w in 0..4u32 {
+        let org = orgs[(w % 2) as usize].clone();
+        let mut client = ConsentServiceClient::new(channel.clone());
+        let (seen, stop) = (seen.clone(), stop.clone());
+        writers.push(tokio::spawn(async move {
+            let mut n = 0u32;
+            while !stop.is_cancelled() {
+                let reason = format!("w{w}-{n}");
+                let outcome =
+                    write(&mut client, &org, &reason, n, Some(Duration::from_secs(2))).await;
+                if outcome.is_err() {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                record(&seen, reason, outcome);
+                n += 1;
+            }
+        }));
+    }
+    for _ in 0..20 {
+        tokio::time::sleep(Duration::from_millis(rand::random_range(60..240))).await;
+        process.kill9().await;
+        process = ConsentProcess::start(&linker, addr, database_url.as_deref()).await;
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    stop.cancel();
+    for w in writers {
+        w.await.unwrap();
+    }
+    // One more change per org settles whatever the last kill left staged before it is made.
+    let mut client = ConsentServiceClient::new(channel.clone());
+    for org in &orgs {
+        write(&mut client, org, "final", 0, None).await.unwrap();
+    }
+    let seen = Arc::try_unwrap(seen).unwrap().into_inner().unwrap();
+    assert!(seen.acked.len() >= 40, "{} acknowledged", seen.acked.len());
+    for (i, org) in orgs.iter().enumerate() {
+        let ledger = ledger(&linker, &mut client, org).await;
+        assert_agreement(&ledger, &seen.of_org(i));
+    }
+    drop(process);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn kill_9_loop_on_sqlite_loses_no_acknowledged_change_and_the_log_agrees() {
+    kill_loop_keeps_every_acknowledged_change_and_the_log_in_agreement(None).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn kill_9_loop_on_postgres_loses_no_acknowledged_change_and_the_log_agrees() {
+    let url = sightline_runtime::testing::fresh_postgres_url()
+        .await
+        .unwrap();
+    kill_loop_keeps_every_acknowledged_change_and_the_log_in_agreement(Some(url)).await;
 }

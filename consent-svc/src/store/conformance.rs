@@ -1,27 +1,46 @@
 //! The consent store suite: written once, run against SQLite and PostgreSQL.
 
-use std::sync::Mutex;
-
+use sightline_runtime::audited::{AuditEntry, StagedChange};
 use sightline_runtime::storage::{self, Database};
 
 use super::*;
 
-/// Records entries, or refuses them all when `fail` is set.
-#[derive(Debug, Default)]
-struct Sink {
-    fail: bool,
-    entries: Mutex<Vec<AuditEntry>>,
+fn staged(change: Change, purge: Option<PurgeRecord>) -> StagedChange {
+    let org_id = change.org_id().to_owned();
+    StagedChange {
+        change_id: uuid::Uuid::now_v7().to_string(),
+        org_id: org_id.clone(),
+        entry: AuditEntry {
+            org_id,
+            actor: "operator".into(),
+            action: "test.changed".into(),
+            target: "t".into(),
+            attributes: Default::default(),
+        },
+        payload: StagedPayload { change, purge }.encode(),
+        staged_at_ms: 1,
+    }
 }
 
-#[async_trait]
-impl AuditSink for Sink {
-    async fn append(&self, entry: &AuditEntry) -> Result<(), AuditFailure> {
-        if self.fail {
-            return Err(AuditFailure::Unavailable("linker down".into()));
-        }
-        self.entries.lock().unwrap().push(entry.clone());
-        Ok(())
+/// Stages and applies a change, as the protocol does once its audit entry is in the log; returns
+/// the org's policy revision after it.
+async fn commit(
+    store: &Arc<dyn ConsentStore>,
+    change: Change,
+    purge: Option<PurgeRecord>,
+) -> Result<i64, ChangeLogError> {
+    let change = staged(change, purge);
+    store.stage(&change).await?;
+    let applied = store.apply(&change).await;
+    if applied.is_err() {
+        store.discard(&change.change_id).await?;
     }
+    applied?;
+    Ok(store
+        .policy_state(&change.org_id)
+        .await
+        .unwrap()
+        .map_or(0, |s| s.revision))
 }
 
 async fn sqlite() -> (Arc<dyn ConsentStore>, tempfile::TempDir) {
@@ -67,49 +86,20 @@ fn version(org: &str, v: i64, usage: &str) -> ConsentRecord {
     }
 }
 
-fn entry(org: &str) -> AuditEntry {
-    AuditEntry {
-        org_id: org.into(),
-        actor: "admin:t".into(),
-        action: "consent.updated",
-        target: "x".into(),
-        attributes: BTreeMap::new(),
-    }
-}
-
 async fn versions_append_list_newest_first_and_never_collide(store: Arc<dyn ConsentStore>) {
-    let sink = Sink::default();
     for (v, usage) in [(1, "BASIC"), (2, "ADVANCED"), (3, "DISABLED")] {
-        let revision = store
-            .apply(
-                Change::Consent(version(ORG, v, usage)),
-                None,
-                &sink,
-                &entry(ORG),
-            )
+        let revision = commit(&store, Change::Consent(version(ORG, v, usage)), None)
             .await
             .unwrap();
         assert_eq!(revision, v);
     }
-    store
-        .apply(
-            Change::Consent(version(OTHER, 1, "BASIC")),
-            None,
-            &sink,
-            &entry(OTHER),
-        )
+    commit(&store, Change::Consent(version(OTHER, 1, "BASIC")), None)
         .await
         .unwrap();
-    let again = store
-        .apply(
-            Change::Consent(version(ORG, 3, "BASIC")),
-            None,
-            &sink,
-            &entry(ORG),
-        )
+    let again = commit(&store, Change::Consent(version(ORG, 3, "BASIC")), None)
         .await
         .unwrap_err();
-    assert!(matches!(again, StoreError::Conflict(_)), "{again:?}");
+    assert!(matches!(again, ChangeLogError::Refused(_)), "{again:?}");
     assert_eq!(
         store
             .latest_consent(ORG)
@@ -127,39 +117,37 @@ async fn versions_append_list_newest_first_and_never_collide(store: Arc<dyn Cons
         store.consent_version(ORG, 2).await.unwrap().unwrap(),
         version(ORG, 2, "ADVANCED")
     );
-    assert_eq!(sink.entries.lock().unwrap().len(), 4);
 }
 
-async fn a_change_whose_audit_entry_fails_changes_nothing(store: Arc<dyn ConsentStore>) {
-    let ok = Sink::default();
-    store
-        .apply(
-            Change::Consent(version(ORG, 1, "BASIC")),
-            None,
-            &ok,
-            &entry(ORG),
-        )
+async fn a_staged_change_has_no_effect_until_applied_and_applies_once(
+    store: Arc<dyn ConsentStore>,
+) {
+    commit(&store, Change::Consent(version(ORG, 1, "BASIC")), None)
         .await
         .unwrap();
-    let down = Sink {
-        fail: true,
-        ..Sink::default()
-    };
-    let failed = store
-        .apply(
-            Change::Consent(version(ORG, 2, "ADVANCED")),
-            None,
-            &down,
-            &entry(ORG),
-        )
-        .await
-        .unwrap_err();
-    assert!(matches!(
-        failed,
-        StoreError::Audit(AuditFailure::Unavailable(_))
-    ));
+    // Staged, not applied: nothing a reader sees changes.
+    let pending = staged(Change::Consent(version(ORG, 2, "ADVANCED")), None);
+    store.stage(&pending).await.unwrap();
     assert_eq!(store.latest_consent(ORG).await.unwrap().unwrap().version, 1);
     assert_eq!(store.policy_state(ORG).await.unwrap().unwrap().revision, 1);
+    assert_eq!(
+        store.staged(Some(ORG)).await.unwrap(),
+        std::slice::from_ref(&pending)
+    );
+    assert!(store.staged(Some(OTHER)).await.unwrap().is_empty());
+    // Discarded: gone, and a late apply of it does nothing.
+    store.discard(&pending.change_id).await.unwrap();
+    store.apply(&pending).await.unwrap();
+    assert!(store.staged(None).await.unwrap().is_empty());
+    assert_eq!(store.latest_consent(ORG).await.unwrap().unwrap().version, 1);
+    // Applied twice (two settlers): applied once.
+    let next = staged(Change::Consent(version(ORG, 2, "ADVANCED")), None);
+    store.stage(&next).await.unwrap();
+    store.apply(&next).await.unwrap();
+    store.apply(&next).await.unwrap();
+    assert_eq!(store.latest_consent(ORG).await.unwrap().unwrap().version, 2);
+    assert_eq!(store.policy_state(ORG).await.unwrap().unwrap().revision, 2);
+    assert!(store.staged(None).await.unwrap().is_empty());
 }
 
 fn purge(id: &str, scope: &str, instance_id: &str, before_version: i64) -> PurgeRecord {
@@ -181,61 +169,37 @@ fn purge(id: &str, scope: &str, instance_id: &str, before_version: i64) -> Purge
 async fn purges_carry_the_revision_of_their_change_and_roll_back_with_it(
     store: Arc<dyn ConsentStore>,
 ) {
-    let sink = Sink::default();
-    store
-        .apply(
-            Change::Consent(version(ORG, 1, "ADVANCED")),
-            None,
-            &sink,
-            &entry(ORG),
-        )
+    commit(&store, Change::Consent(version(ORG, 1, "ADVANCED")), None)
         .await
         .unwrap();
-    let revision = store
-        .apply(
-            Change::Consent(version(ORG, 2, "BASIC")),
-            Some(purge("p-org", "ORG", "", 2)),
-            &sink,
-            &entry(ORG),
-        )
-        .await
-        .unwrap();
+    let revision = commit(
+        &store,
+        Change::Consent(version(ORG, 2, "BASIC")),
+        Some(purge("p-org", "ORG", "", 2)),
+    )
+    .await
+    .unwrap();
     assert_eq!(revision, 2);
-    // A failed change stores no purge.
-    let down = Sink {
-        fail: true,
-        ..Sink::default()
-    };
-    store
-        .apply(
-            Change::Consent(version(ORG, 3, "DISABLED")),
-            Some(purge("p-lost", "ORG", "", 3)),
-            &down,
-            &entry(ORG),
-        )
-        .await
-        .unwrap_err();
-    store
-        .apply(
-            Change::Override {
-                org_id: ORG.into(),
-                instance_id: "i1".into(),
-                record: None,
-            },
-            Some(purge("p-inst", "INSTANCE", "i1", 3)),
-            &sink,
-            &entry(ORG),
-        )
-        .await
-        .unwrap();
+    // A change that is discarded stores no purge.
+    let lost = staged(
+        Change::Consent(version(ORG, 3, "DISABLED")),
+        Some(purge("p-lost", "ORG", "", 3)),
+    );
+    store.stage(&lost).await.unwrap();
+    store.discard(&lost.change_id).await.unwrap();
+    commit(
+        &store,
+        Change::Override {
+            org_id: ORG.into(),
+            instance_id: "i1".into(),
+            record: None,
+        },
+        Some(purge("p-inst", "INSTANCE", "i1", 3)),
+    )
+    .await
+    .unwrap();
     // Raising again issues nothing; the purges stay, newest first.
-    store
-        .apply(
-            Change::Consent(version(ORG, 3, "ADVANCED")),
-            None,
-            &sink,
-            &entry(ORG),
-        )
+    commit(&store, Change::Consent(version(ORG, 3, "ADVANCED")), None)
         .await
         .unwrap();
     let purges = store.purges(ORG).await.unwrap();
@@ -254,7 +218,6 @@ async fn purges_carry_the_revision_of_their_change_and_roll_back_with_it(
 }
 
 async fn overrides_tracking_and_retention_upsert_per_org(store: Arc<dyn ConsentStore>) {
-    let sink = Sink::default();
     let o = OverrideRecord {
         org_id: ORG.into(),
         instance_id: "i1".into(),
@@ -268,24 +231,17 @@ async fn overrides_tracking_and_retention_upsert_per_org(store: Arc<dyn ConsentS
         instance_id: "i1".into(),
         record,
     };
-    store
-        .apply(set(Some(o.clone())), None, &sink, &entry(ORG))
-        .await
-        .unwrap();
+    commit(&store, set(Some(o.clone())), None).await.unwrap();
     let lowered = OverrideRecord {
         usage_level: "DISABLED".into(),
         ..o.clone()
     };
-    store
-        .apply(set(Some(lowered.clone())), None, &sink, &entry(ORG))
+    commit(&store, set(Some(lowered.clone())), None)
         .await
         .unwrap();
     assert_eq!(store.override_of(ORG, "i1").await.unwrap(), Some(lowered));
     assert_eq!(store.override_of(OTHER, "i1").await.unwrap(), None);
-    store
-        .apply(set(None), None, &sink, &entry(ORG))
-        .await
-        .unwrap();
+    commit(&store, set(None), None).await.unwrap();
     assert_eq!(store.override_of(ORG, "i1").await.unwrap(), None);
 
     let tracking = TrackingRecord {
@@ -298,16 +254,14 @@ async fn overrides_tracking_and_retention_upsert_per_org(store: Arc<dyn ConsentS
         global_report_group: "analysts".into(),
         updated_at: 5,
     };
-    store
-        .apply(Change::Tracking(tracking.clone()), None, &sink, &entry(ORG))
+    commit(&store, Change::Tracking(tracking.clone()), None)
         .await
         .unwrap();
     let changed = TrackingRecord {
         blocking_time_ms: 0,
         ..tracking
     };
-    store
-        .apply(Change::Tracking(changed.clone()), None, &sink, &entry(ORG))
+    commit(&store, Change::Tracking(changed.clone()), None)
         .await
         .unwrap();
     assert_eq!(store.tracking(ORG).await.unwrap(), Some(changed));
@@ -323,20 +277,13 @@ async fn overrides_tracking_and_retention_upsert_per_org(store: Arc<dyn ConsentS
         support_bundle_days: 90,
         event_id_days: 14,
     };
-    store
-        .apply(
-            Change::Retention(retention.clone()),
-            None,
-            &sink,
-            &entry(ORG),
-        )
+    commit(&store, Change::Retention(retention.clone()), None)
         .await
         .unwrap();
     assert_eq!(store.retention(ORG).await.unwrap(), Some(retention));
 }
 
 async fn residency_moves_advance_only_from_their_expected_state(store: Arc<dyn ConsentStore>) {
-    let sink = Sink::default();
     let requested = MoveRecord {
         move_id: "m1".into(),
         org_id: ORG.into(),
@@ -353,24 +300,19 @@ async fn residency_moves_advance_only_from_their_expected_state(store: Arc<dyn C
         expected_state: None,
         residency: None,
     };
-    store
-        .apply(new(requested.clone()), None, &sink, &entry(ORG))
-        .await
-        .unwrap();
-    let second = store
-        .apply(
-            new(MoveRecord {
-                move_id: "m2".into(),
-                ..requested.clone()
-            }),
-            None,
-            &sink,
-            &entry(ORG),
-        )
-        .await
-        .unwrap_err();
+    commit(&store, new(requested.clone()), None).await.unwrap();
+    let second = commit(
+        &store,
+        new(MoveRecord {
+            move_id: "m2".into(),
+            ..requested.clone()
+        }),
+        None,
+    )
+    .await
+    .unwrap_err();
     assert!(
-        matches!(second, StoreError::Conflict(_)),
+        matches!(second, ChangeLogError::Refused(_)),
         "one open move per scope"
     );
     let bundles = MoveRecord {
@@ -378,10 +320,7 @@ async fn residency_moves_advance_only_from_their_expected_state(store: Arc<dyn C
         scope: "SUPPORT_BUNDLES".into(),
         ..requested.clone()
     };
-    store
-        .apply(new(bundles), None, &sink, &entry(ORG))
-        .await
-        .unwrap();
+    commit(&store, new(bundles), None).await.unwrap();
 
     let moving = MoveRecord {
         state: "MOVING".into(),
@@ -393,23 +332,11 @@ async fn residency_moves_advance_only_from_their_expected_state(store: Arc<dyn C
         expected_state: Some(from.into()),
         residency,
     };
-    let wrong = store
-        .apply(
-            advance(moving.clone(), "MOVING", None),
-            None,
-            &sink,
-            &entry(ORG),
-        )
+    let wrong = commit(&store, advance(moving.clone(), "MOVING", None), None)
         .await
         .unwrap_err();
-    assert!(matches!(wrong, StoreError::Conflict(_)));
-    store
-        .apply(
-            advance(moving.clone(), "REQUESTED", None),
-            None,
-            &sink,
-            &entry(ORG),
-        )
+    assert!(matches!(wrong, ChangeLogError::Refused(_)));
+    commit(&store, advance(moving.clone(), "REQUESTED", None), None)
         .await
         .unwrap();
     let done = MoveRecord {
@@ -423,15 +350,13 @@ async fn residency_moves_advance_only_from_their_expected_state(store: Arc<dyn C
         support_bundle_location: "GLOBAL".into(),
         updated_at: 3,
     };
-    store
-        .apply(
-            advance(done.clone(), "MOVING", Some(residency.clone())),
-            None,
-            &sink,
-            &entry(ORG),
-        )
-        .await
-        .unwrap();
+    commit(
+        &store,
+        advance(done.clone(), "MOVING", Some(residency.clone())),
+        None,
+    )
+    .await
+    .unwrap();
     assert_eq!(store.residency(ORG).await.unwrap(), Some(residency));
     let moves = store.moves(ORG).await.unwrap();
     assert_eq!(moves.len(), 2);
@@ -464,7 +389,7 @@ macro_rules! conformance {
 
 conformance!(
     versions_append_list_newest_first_and_never_collide,
-    a_change_whose_audit_entry_fails_changes_nothing,
+    a_staged_change_has_no_effect_until_applied_and_applies_once,
     purges_carry_the_revision_of_their_change_and_roll_back_with_it,
     overrides_tracking_and_retention_upsert_per_org,
     residency_moves_advance_only_from_their_expected_state,

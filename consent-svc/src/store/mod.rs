@@ -1,14 +1,15 @@
 //! consent-svc's storage: the [`ConsentStore`] trait with a SQLite and a PostgreSQL implementation
-//! sharing one SQL text. Every change runs in one transaction that also bumps the org's policy
-//! revision and, before it commits, records the change in the org's audit log in linker-svc: when
-//! the audit log cannot be written, the change rolls back.
+//! sharing one SQL text. Changes go through the audited-change protocol (`runtime::audited`): staged
+//! first, applied — in one transaction that also bumps the org's policy revision and records its
+//! purge — only once the org's audit log holds the change's entry.
 
 mod sql;
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+use sightline_runtime::audited::{ChangeLog, ChangeLogError};
 use sightline_runtime::storage::{self, Database, DbFailure, Migrations, StorageError};
 
 pub use sql::{PgStore, SqliteStore};
@@ -32,8 +33,6 @@ pub async fn open(url: &str) -> Result<Arc<dyn ConsentStore>, StorageError> {
 pub enum StoreError {
     #[error("{0}")]
     Conflict(&'static str),
-    #[error("audit log: {0}")]
-    Audit(AuditFailure),
     #[error("database unavailable: {0}")]
     Unavailable(#[source] sqlx::Error),
     #[error("database error: {0}")]
@@ -55,32 +54,7 @@ impl From<sqlx::Error> for StoreError {
 
 pub type StoreResult<T> = Result<T, StoreError>;
 
-/// Why an audit entry could not be written.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum AuditFailure {
-    #[error("org not found")]
-    OrgNotFound,
-    #[error("unavailable: {0}")]
-    Unavailable(String),
-}
-
-/// An entry for the org's audit log.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct AuditEntry {
-    pub org_id: String,
-    pub actor: String,
-    pub action: &'static str,
-    pub target: String,
-    pub attributes: BTreeMap<String, String>,
-}
-
-/// Where audit entries go: linker-svc's AuditService.
-#[async_trait]
-pub trait AuditSink: Send + Sync + std::fmt::Debug {
-    async fn append(&self, entry: &AuditEntry) -> Result<(), AuditFailure>;
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow, Serialize, Deserialize)]
 pub struct ConsentRecord {
     pub org_id: String,
     pub version: i64,
@@ -97,7 +71,7 @@ pub struct ConsentRecord {
     pub key_id: String,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow, Serialize, Deserialize)]
 pub struct OverrideRecord {
     pub org_id: String,
     pub instance_id: String,
@@ -107,7 +81,7 @@ pub struct OverrideRecord {
     pub updated_at: i64,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow, Serialize, Deserialize)]
 pub struct TrackingRecord {
     pub org_id: String,
     /// Channel numbers, comma-separated.
@@ -121,7 +95,7 @@ pub struct TrackingRecord {
     pub updated_at: i64,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow, Serialize, Deserialize)]
 pub struct ResidencyRecord {
     pub org_id: String,
     pub location: String,
@@ -129,7 +103,7 @@ pub struct ResidencyRecord {
     pub updated_at: i64,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow, Serialize, Deserialize)]
 pub struct MoveRecord {
     pub move_id: String,
     pub org_id: String,
@@ -142,7 +116,7 @@ pub struct MoveRecord {
     pub completed_at: Option<i64>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow, Serialize, Deserialize)]
 pub struct RetentionRecord {
     pub org_id: String,
     pub raw_days: i64,
@@ -154,14 +128,14 @@ pub struct RetentionRecord {
     pub event_id_days: i64,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow, Serialize, Deserialize)]
 pub struct PolicyStateRecord {
     pub org_id: String,
     pub revision: i64,
 }
 
 /// A purge instruction, as enforcement points read it (consent.proto `PurgeInstruction`).
-#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow, Serialize, Deserialize)]
 pub struct PurgeRecord {
     pub purge_id: String,
     pub org_id: String,
@@ -182,7 +156,7 @@ pub struct PurgeRecord {
 }
 
 /// One change to an org's governance.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Change {
     /// A new consent version; fails with Conflict when that version exists already.
     Consent(ConsentRecord),
@@ -216,7 +190,9 @@ impl Change {
 }
 
 #[async_trait]
-pub trait ConsentStore: Send + Sync + std::fmt::Debug + 'static {
+/// Reads of governance, and changes through the audited-change protocol ([`ChangeLog`]): a change is
+/// staged, then applied once its audit entry is in the org's log.
+pub trait ConsentStore: ChangeLog + Send + Sync + std::fmt::Debug + 'static {
     async fn latest_consent(&self, org_id: &str) -> StoreResult<Option<ConsentRecord>>;
     async fn consent_version(
         &self,
@@ -247,17 +223,35 @@ pub trait ConsentStore: Send + Sync + std::fmt::Debug + 'static {
     async fn purges(&self, org_id: &str) -> StoreResult<Vec<PurgeRecord>>;
     /// Every org that has ever changed anything (has a policy revision), by id.
     async fn orgs(&self) -> StoreResult<Vec<String>>;
+}
 
-    /// Applies `change`, bumps the org's policy revision (recording `purge` if given, with
-    /// `before_revision` set to the new revision), appends `entry` to the audit log, and commits —
-    /// or changes nothing. Returns the new revision.
-    async fn apply(
-        &self,
-        change: Change,
-        purge: Option<PurgeRecord>,
-        audit: &dyn AuditSink,
-        entry: &AuditEntry,
-    ) -> StoreResult<i64>;
+/// What a staged change holds: the change, and the purge it issues. Applying it bumps the org's
+/// policy revision and records the purge with `before_revision` set to that revision.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StagedPayload {
+    pub change: Change,
+    pub purge: Option<PurgeRecord>,
+}
+
+impl StagedPayload {
+    pub fn encode(&self) -> String {
+        // Plain data: serialising it cannot fail.
+        serde_json::to_string(self).unwrap_or_default()
+    }
+
+    pub fn decode(text: &str) -> Result<Self, ChangeLogError> {
+        serde_json::from_str(text)
+            .map_err(|e| ChangeLogError::Refused(format!("staged payload does not decode: {e}")))
+    }
+}
+
+impl From<StoreError> for ChangeLogError {
+    fn from(error: StoreError) -> Self {
+        match error {
+            StoreError::Unavailable(e) => ChangeLogError::Unavailable(e.to_string()),
+            other => ChangeLogError::Refused(other.to_string()),
+        }
+    }
 }
 
 #[cfg(test)]

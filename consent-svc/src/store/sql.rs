@@ -5,11 +5,33 @@ use async_trait::async_trait;
 use sqlx::postgres::PgPool;
 use sqlx::sqlite::SqlitePool;
 
+use sightline_runtime::audited::{ChangeLog, ChangeLogError, StagedChange};
+
 use super::{
-    AuditEntry, AuditSink, Change, ConsentRecord, ConsentStore, MoveRecord, OverrideRecord,
-    PolicyStateRecord, PurgeRecord, ResidencyRecord, RetentionRecord, StoreError, StoreResult,
+    Change, ConsentRecord, ConsentStore, MoveRecord, OverrideRecord, PolicyStateRecord,
+    PurgeRecord, ResidencyRecord, RetentionRecord, StagedPayload, StoreError, StoreResult,
     TrackingRecord,
 };
+
+fn db(error: sqlx::Error) -> ChangeLogError {
+    StoreError::from(error).into()
+}
+
+type StagedRow = (String, String, String, String, i64);
+
+fn staged_of(
+    (change_id, org_id, entry, payload, staged_at_ms): StagedRow,
+) -> Result<StagedChange, ChangeLogError> {
+    Ok(StagedChange {
+        change_id,
+        org_id,
+        entry: serde_json::from_str(&entry).map_err(|e| {
+            ChangeLogError::Refused(format!("staged audit entry does not decode: {e}"))
+        })?,
+        payload,
+        staged_at_ms,
+    })
+}
 
 const PURGE_COLUMNS: &str = "purge_id, org_id, scope, instance_id, delete_kinds, strip_classes, withdraw_metadata, withdraw_in_app_data, before_consent_version, before_revision, issued_at";
 const RETENTION_COLUMNS: &str = "org_id, raw_days, assessment_days, aggregate_days, updated_at, score_history_days, support_bundle_days, event_id_days";
@@ -295,17 +317,46 @@ macro_rules! sql_store {
                 Ok(rows.into_iter().map(|(id,)| id).collect())
             }
 
-            async fn apply(&self, change: Change, purge: Option<PurgeRecord>, audit: &dyn AuditSink, entry: &AuditEntry) -> StoreResult<i64> {
-                let mut tx = self.pool.begin_with($begin).await?;
-                write_change(&mut tx, &change).await?;
+        }
+
+        #[async_trait]
+        impl ChangeLog for $store {
+            async fn stage(&self, change: &StagedChange) -> Result<(), ChangeLogError> {
+                let entry = serde_json::to_string(&change.entry).map_err(|e| ChangeLogError::Refused(e.to_string()))?;
+                sqlx::query("INSERT INTO staged_changes (change_id, org_id, entry, payload, staged_at) VALUES ($1, $2, $3, $4, $5)")
+                    .bind(&change.change_id)
+                    .bind(&change.org_id)
+                    .bind(entry)
+                    .bind(&change.payload)
+                    .bind(change.staged_at_ms)
+                    .execute(&self.pool)
+                    .await
+                    .map_err(db)?;
+                Ok(())
+            }
+
+            async fn apply(&self, change: &StagedChange) -> Result<(), ChangeLogError> {
+                let StagedPayload { change: staged, purge } = StagedPayload::decode(&change.payload)?;
+                let mut tx = self.pool.begin_with($begin).await.map_err(db)?;
+                let removed = sqlx::query("DELETE FROM staged_changes WHERE change_id = $1")
+                    .bind(&change.change_id)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(db)?;
+                if removed.rows_affected() == 0 {
+                    // Settled already (by another settler): applying twice would apply it twice.
+                    return Ok(());
+                }
+                write_change(&mut tx, &staged).await?;
                 let (revision,): (i64,) = sqlx::query_as(
                     "INSERT INTO policy_state (org_id, revision) VALUES ($1, 1)
                      ON CONFLICT (org_id) DO UPDATE SET revision = policy_state.revision + 1
                      RETURNING revision",
                 )
-                .bind(change.org_id())
+                .bind(staged.org_id())
                 .fetch_one(&mut *tx)
-                .await?;
+                .await
+                .map_err(db)?;
                 if let Some(p) = purge {
                     sqlx::query(sqlx::AssertSqlSafe(format!(
                         "INSERT INTO purges ({PURGE_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)"
@@ -322,12 +373,39 @@ macro_rules! sql_store {
                     .bind(revision)
                     .bind(p.issued_at)
                     .execute(&mut *tx)
-                    .await?;
+                    .await
+                    .map_err(db)?;
                 }
-                // Recorded before the commit: no audit entry, no change.
-                audit.append(entry).await.map_err(StoreError::Audit)?;
-                tx.commit().await?;
-                Ok(revision)
+                tx.commit().await.map_err(db)?;
+                Ok(())
+            }
+
+            async fn discard(&self, change_id: &str) -> Result<(), ChangeLogError> {
+                sqlx::query("DELETE FROM staged_changes WHERE change_id = $1")
+                    .bind(change_id)
+                    .execute(&self.pool)
+                    .await
+                    .map_err(db)?;
+                Ok(())
+            }
+
+            async fn staged(&self, org_id: Option<&str>) -> Result<Vec<StagedChange>, ChangeLogError> {
+                const COLUMNS: &str = "change_id, org_id, entry, payload, staged_at";
+                let rows: Vec<StagedRow> = match org_id {
+                    Some(org_id) => sqlx::query_as(sqlx::AssertSqlSafe(format!(
+                        "SELECT {COLUMNS} FROM staged_changes WHERE org_id = $1 ORDER BY staged_at, change_id"
+                    )))
+                    .bind(org_id)
+                    .fetch_all(&self.pool)
+                    .await,
+                    None => sqlx::query_as(sqlx::AssertSqlSafe(format!(
+                        "SELECT {COLUMNS} FROM staged_changes ORDER BY staged_at, change_id"
+                    )))
+                    .fetch_all(&self.pool)
+                    .await,
+                }
+                .map_err(db)?;
+                rows.into_iter().map(staged_of).collect()
             }
         }
     };
