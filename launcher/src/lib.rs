@@ -63,10 +63,17 @@ pub async fn start_stack(
             services: &["sightline.consent.v1.ConsentService"],
         },
     ];
-    let stop = shutdown.clone();
+    // Stop in dependency order: consent-svc drains first (its in-flight changes still need the audit
+    // log), then linker-svc.
+    let linker_stop = CancellationToken::new();
+    let stop = linker_stop.clone();
     tasks.spawn(async move { Ok(linker.run_until_stopped(stop).await?) });
     let stop = shutdown.clone();
-    tasks.spawn(async move { Ok(consent.run_until_stopped(stop).await?) });
+    tasks.spawn(async move {
+        let served = consent.run_until_stopped(stop).await;
+        linker_stop.cancel();
+        Ok(served?)
+    });
     Ok((endpoints, tasks))
 }
 

@@ -3,8 +3,10 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
+use std::io::{BufRead, BufReader, Write};
+use std::path::Path;
+use std::process::{Child, ChildStdout, Command, Stdio};
+use std::time::{Duration, Instant};
 
 fn grpcurl(args: &[&str]) -> String {
     let binary = std::env::var("GRPCURL").unwrap_or_else(|_| "grpcurl".to_owned());
@@ -20,55 +22,73 @@ fn grpcurl(args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-#[test]
-fn up_serves_linker_audit_health_and_reflection_without_printing_the_token() {
-    let data = tempfile::tempdir().unwrap();
+/// A running `sightline up` on ephemeral ports, with its banner read.
+struct Up {
+    child: Child,
+    stdout: BufReader<ChildStdout>,
+    banner: String,
+    linker: String,
+    consent: String,
+}
+
+fn start_up(data: &Path, env: &[(&str, &str)]) -> Up {
     let mut child = Command::new(env!("CARGO_BIN_EXE_sightline"))
         .args(["up", "--data-dir"])
-        .arg(data.path())
+        .arg(data)
         .env("SIGHTLINE_LINKER__LISTEN", "127.0.0.1:0")
         .env("SIGHTLINE_CONSENT__LISTEN", "127.0.0.1:0")
+        .envs(env.iter().copied())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
     let mut stdout = BufReader::new(child.stdout.take().unwrap());
     let mut banner = String::new();
-    let mut addr = None;
-    while addr.is_none() {
+    let (mut linker, mut consent) = (None, None);
+    loop {
         let mut line = String::new();
         assert!(
             stdout.read_line(&mut line).unwrap() > 0,
             "exited early; printed:\n{banner}"
         );
-        if let Some(rest) = line.trim().strip_prefix("linker") {
-            addr = rest.split_whitespace().next().map(str::to_owned);
-        }
+        let named = |name: &str| {
+            line.trim()
+                .strip_prefix(name)
+                .and_then(|rest| rest.split_whitespace().next())
+                .map(str::to_owned)
+        };
+        linker = linker.or_else(|| named("linker"));
+        consent = consent.or_else(|| named("consent"));
         banner.push_str(&line);
-    }
-    // The rest of the banner: the other services, the token's path and a first command.
-    let mut consent = None;
-    loop {
-        let mut line = String::new();
-        assert!(
-            stdout.read_line(&mut line).unwrap() > 0,
-            "banner ended early:\n{banner}"
-        );
-        if let Some(rest) = line.trim().strip_prefix("consent") {
-            consent = rest.split_whitespace().next().map(str::to_owned);
-        }
-        banner.push_str(&line);
+        // The banner ends with the first command to run.
         if line.contains("grpcurl ") {
             break;
         }
     }
-    let consent = consent.expect("consent-svc is in the banner");
+    Up {
+        child,
+        stdout,
+        banner,
+        linker: linker.expect("linker-svc is in the banner"),
+        consent: consent.expect("consent-svc is in the banner"),
+    }
+}
+
+#[test]
+fn up_serves_linker_audit_health_and_reflection_without_printing_the_token() {
+    let data = tempfile::tempdir().unwrap();
+    let Up {
+        mut child,
+        mut stdout,
+        banner,
+        linker: addr,
+        consent,
+    } = start_up(data.path(), &[]);
     let consent_listed = grpcurl(&["-plaintext", &consent, "list"]);
     assert!(
         consent_listed.contains("sightline.consent.v1.ConsentService"),
         "{consent_listed}"
     );
-    let addr = addr.unwrap();
 
     let listed = grpcurl(&["-plaintext", &addr, "list"]);
     for service in [
@@ -150,4 +170,41 @@ fn up_serves_linker_audit_health_and_reflection_without_printing_the_token() {
         assert!(!output.contains(&token), "the operator token was printed");
     }
     assert!(stderr.contains("stopped"), "{stderr}");
+}
+
+#[test]
+fn sigterm_with_stalled_connections_exits_within_the_drain_limit() {
+    let data = tempfile::tempdir().unwrap();
+    let mut up = start_up(
+        data.path(),
+        &[("SIGHTLINE_LIMITS__DRAIN_TIMEOUT_MS", "1000")],
+    );
+    // One connection that never sends the HTTP/2 preface, and one whose request body never comes.
+    let _silent = std::net::TcpStream::connect(&up.linker).unwrap();
+    let mut half = std::net::TcpStream::connect(&up.consent).unwrap();
+    half.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n").unwrap();
+    half.write_all(&[0, 0, 0, 4, 0, 0, 0, 0, 0]).unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    let asked = Instant::now();
+    Command::new("kill")
+        .arg(up.child.id().to_string())
+        .status()
+        .unwrap();
+    loop {
+        if let Some(status) = up.child.try_wait().unwrap() {
+            assert!(status.success(), "{status:?}");
+            break;
+        }
+        assert!(
+            asked.elapsed() < Duration::from_secs(6),
+            "still running {:?} after SIGTERM with a 1 s drain limit",
+            asked.elapsed()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut up.child.stderr.take().unwrap(), &mut stderr).unwrap();
+    assert!(stderr.contains("drain limit reached"), "{stderr}");
+    drop(up.stdout);
+    assert!(!up.banner.is_empty());
 }

@@ -152,7 +152,7 @@ impl GrpcServer {
             tracing::info!(%addr, "shutting down; draining in-flight calls");
         };
         let limit = Duration::from_millis(self.limits.request_timeout_ms);
-        tonic::transport::Server::builder()
+        let serve = tonic::transport::Server::builder()
             .tcp_nodelay(true)
             .layer(tower::layer::layer_fn(OversizeAsResourceExhausted))
             .layer(tower::layer::layer_fn(move |inner| Deadline {
@@ -160,8 +160,20 @@ impl GrpcServer {
                 limit,
             }))
             .add_routes(routes.routes())
-            .serve_with_incoming_shutdown(incoming, signal)
-            .await?;
+            .serve_with_incoming_shutdown(incoming, signal);
+        // Graceful shutdown waits for every connection to close; a client that never sends a
+        // request (or never finishes one) would hold it forever, so the drain is bounded.
+        let drain_ms = self.limits.drain_timeout_ms;
+        let bounded = async {
+            shutdown.cancelled().await;
+            tokio::time::sleep(Duration::from_millis(drain_ms)).await;
+        };
+        tokio::select! {
+            served = serve => served?,
+            () = bounded => {
+                tracing::warn!(%addr, drain_ms, "drain limit reached; dropping open connections");
+            }
+        }
         tracing::info!(%addr, "stopped");
         Ok(())
     }

@@ -154,6 +154,9 @@ pub struct Limits {
     pub rate_per_second: u32,
     /// Calls a tenant may make in a burst above the sustained rate.
     pub rate_burst: u32,
+    /// On shutdown, how long in-flight calls may run on; connections still open then (a stalled
+    /// client, a body that never arrives) are dropped and the service exits.
+    pub drain_timeout_ms: u64,
 }
 
 impl Default for Limits {
@@ -163,6 +166,7 @@ impl Default for Limits {
             request_timeout_ms: 30_000,
             rate_per_second: 1_000,
             rate_burst: 2_000,
+            drain_timeout_ms: 10_000,
         }
     }
 }
