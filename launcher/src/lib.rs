@@ -136,5 +136,8 @@ pub fn load_settings(config: Option<&Path>, data_dir: Option<PathBuf>) -> anyhow
     if let Some(dir) = data_dir {
         settings.data_dir = dir;
     }
+    // Made 0700, or refused when others can read it, before anything is written there.
+    sightline_runtime::secret_file::private_dir(&settings.data_dir)
+        .with_context(|| format!("data directory {}", settings.data_dir.display()))?;
     Ok(settings)
 }

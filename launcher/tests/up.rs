@@ -47,10 +47,11 @@ fn start_up(data: &Path, env: &[(&str, &str)]) -> Up {
     let (mut linker, mut consent) = (None, None);
     loop {
         let mut line = String::new();
-        assert!(
-            stdout.read_line(&mut line).unwrap() > 0,
-            "exited early; printed:\n{banner}"
-        );
+        if stdout.read_line(&mut line).unwrap() == 0 {
+            let mut stderr = String::new();
+            std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
+            panic!("exited early; printed:\n{banner}\nstderr:\n{stderr}");
+        }
         let named = |name: &str| {
             line.trim()
                 .strip_prefix(name)
@@ -76,7 +77,10 @@ fn start_up(data: &Path, env: &[(&str, &str)]) -> Up {
 
 #[test]
 fn up_serves_linker_audit_health_and_reflection_without_printing_the_token() {
-    let data = tempfile::tempdir().unwrap();
+    let data = tempfile::Builder::new()
+        .permissions(std::os::unix::fs::PermissionsExt::from_mode(0o700))
+        .tempdir()
+        .unwrap();
     let Up {
         mut child,
         mut stdout,
@@ -174,7 +178,10 @@ fn up_serves_linker_audit_health_and_reflection_without_printing_the_token() {
 
 #[test]
 fn sigterm_with_stalled_connections_exits_within_the_drain_limit() {
-    let data = tempfile::tempdir().unwrap();
+    let data = tempfile::Builder::new()
+        .permissions(std::os::unix::fs::PermissionsExt::from_mode(0o700))
+        .tempdir()
+        .unwrap();
     let mut up = start_up(
         data.path(),
         &[("SIGHTLINE_LIMITS__DRAIN_TIMEOUT_MS", "1000")],
@@ -207,4 +214,74 @@ fn sigterm_with_stalled_connections_exits_within_the_drain_limit() {
     assert!(stderr.contains("drain limit reached"), "{stderr}");
     drop(up.stdout);
     assert!(!up.banner.is_empty());
+}
+
+#[cfg(unix)]
+#[test]
+fn under_umask_022_the_data_directory_is_0700_and_every_file_in_it_0600() {
+    use std::os::unix::fs::PermissionsExt;
+    let parent = tempfile::Builder::new()
+        .permissions(std::os::unix::fs::PermissionsExt::from_mode(0o700))
+        .tempdir()
+        .unwrap();
+    let data = parent.path().join("data");
+    // `up` run from a shell with the common umask 022.
+    let script = format!(
+        "umask 022; exec {} up --data-dir {}",
+        env!("CARGO_BIN_EXE_sightline"),
+        data.display()
+    );
+    let mut child = Command::new("bash")
+        .args(["-c", &script])
+        .env("SIGHTLINE_LINKER__LISTEN", "127.0.0.1:0")
+        .env("SIGHTLINE_CONSENT__LISTEN", "127.0.0.1:0")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut stdout = BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    while !line.contains("grpcurl ") {
+        line.clear();
+        assert!(stdout.read_line(&mut line).unwrap() > 0, "up exited early");
+    }
+    let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&data), 0o700, "the data directory");
+    let files: Vec<_> = std::fs::read_dir(&data)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    for expected in [
+        "linker.db",
+        "linker.db-wal",
+        "consent.db",
+        "operator.token",
+        "service.token",
+    ] {
+        assert!(
+            files.iter().any(|f| f.ends_with(expected)),
+            "{expected} missing from {files:?}"
+        );
+    }
+    for file in &files {
+        assert_eq!(mode(file), 0o600, "{}", file.display());
+    }
+    Command::new("kill")
+        .arg(child.id().to_string())
+        .status()
+        .unwrap();
+    child.wait().unwrap();
+
+    // A data directory others can read is refused, naming the fix.
+    std::fs::set_permissions(&data, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let refused = Command::new(env!("CARGO_BIN_EXE_sightline"))
+        .args(["up", "--data-dir"])
+        .arg(&data)
+        .env("SIGHTLINE_LINKER__LISTEN", "127.0.0.1:0")
+        .env("SIGHTLINE_CONSENT__LISTEN", "127.0.0.1:0")
+        .output()
+        .unwrap();
+    assert!(!refused.status.success());
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(stderr.contains("chmod 700"), "{stderr}");
 }

@@ -164,7 +164,10 @@ mod tests {
 
     #[test]
     fn the_secret_file_is_private_and_reused() {
-        let dir = tempfile::tempdir().unwrap();
+        let dir = tempfile::Builder::new()
+            .permissions(std::os::unix::fs::PermissionsExt::from_mode(0o700))
+            .tempdir()
+            .unwrap();
         let path = secret_path(dir.path(), 1);
         let made = PseudonymSecret::load_or_create(&path, 1).unwrap();
         let again = PseudonymSecret::load_or_create(&path, 1).unwrap();

@@ -16,7 +16,7 @@ use sqlx::sqlite::{
 pub enum StorageError {
     #[error("unsupported database URL scheme (use sqlite:// or postgres://)")]
     Scheme,
-    #[error("cannot create data directory {path}: {source}")]
+    #[error("data directory or database file {path}: {source}")]
     DataDir {
         path: String,
         source: std::io::Error,
@@ -85,11 +85,17 @@ pub async fn connect(url: &str, migrations: Migrations) -> Result<Database, Stor
         if let Some(parent) = options.get_filename().parent()
             && !parent.as_os_str().is_empty()
         {
-            std::fs::create_dir_all(parent).map_err(|source| StorageError::DataDir {
+            crate::secret_file::private_dir(parent).map_err(|source| StorageError::DataDir {
                 path: parent.display().to_string(),
                 source,
             })?;
         }
+        crate::secret_file::private_database_file(options.get_filename()).map_err(|source| {
+            StorageError::DataDir {
+                path: options.get_filename().display().to_string(),
+                source,
+            }
+        })?;
         let pool = SqlitePoolOptions::new()
             .max_connections(8)
             .connect_with(options)

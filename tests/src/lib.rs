@@ -94,7 +94,10 @@ impl TestLinker {
         if !options.quiet {
             logs();
         }
-        let dir = tempfile::tempdir().unwrap();
+        let dir = tempfile::Builder::new()
+            .permissions(std::os::unix::fs::PermissionsExt::from_mode(0o700))
+            .tempdir()
+            .unwrap();
         let (operator, _) = linker_svc::ensure_operator_token(dir.path()).unwrap();
         let service = sightline::ensure_service_token(dir.path()).unwrap();
         let database_url = options.database_url.unwrap_or_else(|| {
