@@ -364,11 +364,13 @@ impl Default for Tracking {
 }
 
 fn group(field: &'static str, value: &str) -> Result<String, ConsentError> {
-    let value = value.trim();
-    if value.chars().count() > 200 || value.chars().any(char::is_control) {
-        return Err(invalid(field, "must be at most 200 printable characters"));
-    }
-    Ok(value.to_owned())
+    text(field, value, 200).and_then(|v| {
+        if v.contains('\n') {
+            Err(invalid(field, "contains control characters"))
+        } else {
+            Ok(v)
+        }
+    })
 }
 
 impl Tracking {
@@ -570,11 +572,8 @@ pub fn transition(value: i32) -> Result<pb::MoveTransition, ConsentError> {
 
 pub fn text(field: &'static str, value: &str, max: usize) -> Result<String, ConsentError> {
     let value = value.trim();
-    if value.chars().count() > max {
-        return Err(invalid(field, format!("is longer than {max} characters")));
-    }
-    if value.chars().any(|c| c.is_control() && c != '\n') {
-        return Err(invalid(field, "contains control characters"));
+    if let Some(problem) = sightline_runtime::text::problem(value, max, true) {
+        return Err(invalid(field, problem));
     }
     Ok(value.to_owned())
 }

@@ -41,11 +41,8 @@ fn text(
     if required && value.is_empty() {
         return Err(invalid(field, "is required"));
     }
-    if value.chars().count() > max {
-        return Err(invalid(field, format!("is longer than {max} characters")));
-    }
-    if value.chars().any(char::is_control) {
-        return Err(invalid(field, "contains control characters"));
+    if let Some(problem) = sightline_runtime::text::problem(value, max, false) {
+        return Err(invalid(field, problem));
     }
     Ok(value.to_owned())
 }
@@ -236,6 +233,24 @@ pub fn audit_action(field: &'static str, value: &str) -> Result<String, LinkerEr
         return Err(invalid(
             field,
             "must be dotted lower case, e.g. consent.updated",
+        ));
+    }
+    Ok(value)
+}
+
+/// A ListEvents filter: empty, or the start of an action (dotted lower case, at most 100 characters).
+pub fn action_prefix(value: &str) -> Result<&str, LinkerError> {
+    if value.is_empty() {
+        return Ok(value);
+    }
+    if value.len() > 100
+        || !value
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '.' | '_'))
+    {
+        return Err(invalid(
+            "action_prefix",
+            "must be at most 100 characters of dotted lower case, e.g. consent.",
         ));
     }
     Ok(value)

@@ -1013,9 +1013,10 @@ impl AuditService for LinkerApi {
         let r = request.get_ref();
         let org_id = self.admin_of(&caller, &r.org_id).await?;
         let (size, after) = domain::seq_page(r.page_size, &r.page_token)?;
+        let prefix = domain::action_prefix(&r.action_prefix)?;
         let events = self
             .store
-            .list_audit(&org_id, after, size, &r.action_prefix)
+            .list_audit(&org_id, after, size, prefix)
             .await
             .map_err(LinkerError::from)?;
         Ok(Response::new(audit_pb::ListEventsResponse {

@@ -95,6 +95,8 @@ impl Principal {
     }
 }
 
+const MAX_TOKEN_BYTES: usize = 256;
+
 /// The token in `authorization: Bearer <token>`.
 pub fn bearer(metadata: &MetadataMap) -> Result<&str, Status> {
     let value = metadata
@@ -110,6 +112,12 @@ pub fn bearer(metadata: &MetadataMap) -> Result<&str, Status> {
     if token.is_empty() {
         return Err(Status::unauthenticated(
             "authorization bearer token is empty",
+        ));
+    }
+    // Every Sightline token is under 50 characters; a huge one is refused before any work.
+    if token.len() > MAX_TOKEN_BYTES {
+        return Err(Status::unauthenticated(
+            "authorization bearer token is too long",
         ));
     }
     Ok(token)

@@ -46,6 +46,8 @@ pub enum ServerError {
     Transport(#[from] tonic::transport::Error),
 }
 
+const MAX_HEADER_LIST_BYTES: u32 = 256 * 1024;
+
 /// A bound, not yet running, gRPC server.
 pub struct GrpcServer {
     listener: TcpListener,
@@ -154,6 +156,9 @@ impl GrpcServer {
         let limit = Duration::from_millis(self.limits.request_timeout_ms);
         let serve = tonic::transport::Server::builder()
             .tcp_nodelay(true)
+            // Oversized metadata (a 64 KiB token) reaches the call and gets a status there, instead
+            // of the connection being torn down; beyond this the connection is refused.
+            .http2_max_header_list_size(Some(MAX_HEADER_LIST_BYTES))
             .layer(tower::layer::layer_fn(OversizeAsResourceExhausted))
             .layer(tower::layer::layer_fn(move |inner| Deadline {
                 inner,

@@ -6,6 +6,7 @@ use std::path::Path;
 use std::str::FromStr;
 use std::time::Duration;
 
+use sqlx::Connection;
 use sqlx::migrate::Migrator;
 use sqlx::postgres::{PgPool, PgPoolOptions};
 use sqlx::sqlite::{
@@ -104,6 +105,14 @@ pub async fn connect(url: &str, migrations: Migrations) -> Result<Database, Stor
         migrations.sqlite.run(&pool).await?;
         Ok(Database::Sqlite(pool))
     } else if url.starts_with("postgres:") || url.starts_with("postgresql:") {
+        // One plain connection first: a pool that cannot connect says only "timed out", while
+        // this says why (refused, unknown host, authentication failed, no such database).
+        sqlx::PgConnection::connect(url)
+            .await
+            .map_err(StorageError::Connect)?
+            .close()
+            .await
+            .map_err(StorageError::Connect)?;
         let pool = PgPoolOptions::new()
             .max_connections(16)
             .acquire_timeout(Duration::from_secs(10))
@@ -114,5 +123,26 @@ pub async fn connect(url: &str, migrations: Migrations) -> Result<Database, Stor
         Ok(Database::Postgres(pool))
     } else {
         Err(StorageError::Scheme)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    static NONE: sqlx::migrate::Migrator = sqlx::migrate::Migrator::DEFAULT;
+
+    #[tokio::test]
+    async fn an_unreachable_postgres_says_why() {
+        let migrations = Migrations {
+            sqlite: &NONE,
+            postgres: &NONE,
+        };
+        let error = connect("postgres://sightline@127.0.0.1:1/nothing", migrations)
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(error.to_lowercase().contains("refused"), "{error}");
+        assert!(!error.contains("timed out"), "{error}");
     }
 }

@@ -516,3 +516,96 @@ async fn kill_9_loop_on_postgres_loses_no_acknowledged_change_and_the_log_agrees
         .unwrap();
     kill_loop_keeps_every_acknowledged_change_and_the_log_in_agreement(Some(url)).await;
 }
+
+#[tokio::test]
+async fn hostile_input_gets_a_status_naming_the_field_not_an_internal_error() {
+    use sightline_proto::linker::v1 as linker_pb;
+    let (linker, consent) = stack().await;
+    let org = linker.org("Acme").await;
+    let mut linker_client = linker.linker().await;
+
+    // Names that read differently from what they are.
+    for name in ["invoice\u{202E}fdp.exe", "ad\u{200B}min", "bell\u{7}"] {
+        let refused = linker_client
+            .create_org(authed(
+                linker.operator.expose(),
+                linker_pb::CreateOrgRequest { name: name.into() },
+            ))
+            .await
+            .unwrap_err();
+        assert_eq!(refused.code(), Code::InvalidArgument, "{name:?}");
+        assert!(
+            refused.message().starts_with("name:"),
+            "{}",
+            refused.message()
+        );
+    }
+    let mut consent_client = consent.client().await;
+    let mut update = consent_pb::UpdateConsentRequest {
+        org_id: org.id.clone(),
+        settings: Some(settings(UsageLevel::Basic, SharingLevel::Basic)),
+        reason: "looks fine\u{2066}".into(),
+        expected_version: 0,
+    };
+    let refused = consent_client
+        .update_consent(authed(&org.admin, update.clone()))
+        .await
+        .unwrap_err();
+    assert!(
+        refused.message().starts_with("reason:"),
+        "{}",
+        refused.message()
+    );
+    update.reason = "fine".into();
+    consent_client
+        .update_consent(authed(&org.admin, update))
+        .await
+        .unwrap();
+
+    // A 50,000-character LIKE prefix is refused before it reaches the database.
+    let refused = linker
+        .audit()
+        .await
+        .list_events(authed(
+            &org.admin,
+            audit_pb::ListEventsRequest {
+                org_id: org.id.clone(),
+                action_prefix: "a%_".repeat(17_000),
+                ..Default::default()
+            },
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::InvalidArgument, "{refused:?}");
+    assert!(refused.message().starts_with("action_prefix:"));
+
+    // A 64 KiB authorization header gets a status on the call, and the connection lives on.
+    let huge = "x".repeat(64 * 1024);
+    let refused = linker_client
+        .create_org(authed(
+            &huge,
+            linker_pb::CreateOrgRequest { name: "Big".into() },
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::Unauthenticated, "{refused:?}");
+    let refused = consent_client
+        .get_consent(authed(
+            &huge,
+            consent_pb::GetConsentRequest {
+                org_id: org.id.clone(),
+            },
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::Unauthenticated, "{refused:?}");
+    linker_client
+        .create_org(authed(
+            linker.operator.expose(),
+            linker_pb::CreateOrgRequest {
+                name: "Next".into(),
+            },
+        ))
+        .await
+        .unwrap();
+}
