@@ -23,9 +23,12 @@ pub struct DnsTxt {
 
 impl DnsTxt {
     pub fn from_system() -> Result<Self, String> {
+        // DNSSEC validation stays off (the `dnssec-*` features are not enabled): the NSEC3 advisory
+        // RUSTSEC-2026-0118 is reached only with it.
         let resolver = hickory_resolver::TokioResolver::builder_tokio()
             .map_err(|e| e.to_string())?
-            .build();
+            .build()
+            .map_err(|e| e.to_string())?;
         Ok(Self { resolver })
     }
 }
@@ -39,12 +42,16 @@ impl TxtResolver for DnsTxt {
             .await
             .map_err(|e| e.to_string())?;
         Ok(lookup
+            .answers()
             .iter()
-            .map(|txt| {
-                txt.txt_data()
-                    .iter()
-                    .map(|part| String::from_utf8_lossy(part).into_owned())
-                    .collect::<String>()
+            .filter_map(|record| match &record.data {
+                hickory_resolver::proto::rr::RData::TXT(txt) => Some(
+                    txt.txt_data
+                        .iter()
+                        .map(|part| String::from_utf8_lossy(part).into_owned())
+                        .collect::<String>(),
+                ),
+                _ => None,
             })
             .collect())
     }
