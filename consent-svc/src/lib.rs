@@ -18,6 +18,7 @@ use std::sync::Arc;
 use sightline_proto::consent::v1::consent_service_server::ConsentServiceServer;
 use sightline_runtime::audited::{Auditor, LinkerAuditLog};
 use sightline_runtime::auth::CredentialClient;
+use sightline_runtime::client;
 use sightline_runtime::directory::Directory;
 use sightline_runtime::ratelimit::RateLimiter;
 use sightline_runtime::server::{GrpcServer, ServerError};
@@ -25,7 +26,6 @@ use sightline_runtime::settings::{Limits, TlsSettings};
 use sightline_runtime::storage::{self, StorageError};
 use sightline_runtime::{Secret, Settings, SharedClock};
 use tokio_util::sync::CancellationToken;
-use tonic::transport::Endpoint;
 
 use crate::grpc::{ApiOptions, ConsentApi};
 use crate::receipt::{KeyError, ReceiptSigner};
@@ -88,7 +88,11 @@ pub struct ConsentService {
     server: GrpcServer,
     stop_watchers: CancellationToken,
     api: ConsentApi,
+    linker: tonic::transport::Channel,
 }
+
+/// How often consent-svc checks that linker-svc answers (its health follows).
+const DEPENDENCY_CHECK_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// How often staged changes left by a crash or a lost answer are settled.
 const SETTLE_EVERY: std::time::Duration = std::time::Duration::from_secs(2);
@@ -98,9 +102,8 @@ impl ConsentService {
         let store = store::open(config.database_url.expose()).await?;
         let signer = Arc::new(ReceiptSigner::load_or_create(&config.receipt_key_path)?);
         // Lazy: consent-svc starts before linker-svc answers, and reconnects when it comes back.
-        let linker = Endpoint::from_shared(config.linker_url.clone())
-            .map_err(|e| StartError::Config(format!("linker url: {e}")))?
-            .connect_lazy();
+        let linker = client::service_channel(&config.linker_url, config.tls.as_ref())
+            .map_err(|e| StartError::Config(format!("linker: {e}")))?;
         let stop_watchers = CancellationToken::new();
         let api = ConsentApi::new(
             store,
@@ -109,7 +112,7 @@ impl ConsentService {
             Directory::new(linker.clone(), config.service_token.clone()),
             RateLimiter::new(&config.limits),
             Auditor::new(Arc::new(LinkerAuditLog::new(
-                linker,
+                linker.clone(),
                 config.service_token,
                 "consent",
             ))),
@@ -131,6 +134,7 @@ impl ConsentService {
             server,
             stop_watchers,
             api,
+            linker,
         })
     }
 
@@ -146,6 +150,11 @@ impl ConsentService {
             watch.cancelled().await;
             stop_watchers.cancel();
         });
+        self.server.follow_dependency(
+            self.linker.clone(),
+            DEPENDENCY_CHECK_EVERY,
+            shutdown.clone(),
+        );
         // Settle whatever a crash left staged, at start and then on a schedule.
         let api = self.api.clone();
         let stop = shutdown.clone();

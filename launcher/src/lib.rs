@@ -44,7 +44,8 @@ pub async fn start_stack(
         .await
         .context("starting linker-svc")?;
     // The other services reach linker-svc where it actually listens (port 0 picks one).
-    settings.linker.url = format!("http://{}", linker.local_addr());
+    settings.linker.url =
+        sightline_runtime::client::service_url(linker.local_addr(), settings.tls.as_ref());
     let consent = ConsentService::build(ConsentConfig::from_settings(&settings)?)
         .await
         .context("starting consent-svc")?;

@@ -6,6 +6,7 @@
 
 pub mod audited;
 pub mod auth;
+pub mod client;
 pub mod clock;
 pub mod directory;
 pub mod pseudonym;

@@ -95,6 +95,51 @@ impl GrpcServer {
         })
     }
 
+    /// Follows a service this one cannot work without: while `dependency` does not answer its
+    /// health check, every service of this server (and the server as a whole) reports NOT_SERVING,
+    /// so load balancers and operators see what callers would meet.
+    pub fn follow_dependency(
+        &self,
+        dependency: tonic::transport::Channel,
+        every: Duration,
+        stop: CancellationToken,
+    ) {
+        let health = self.health.clone();
+        let services = self.services.clone();
+        tokio::spawn(async move {
+            let mut client = tonic_health::pb::health_client::HealthClient::new(dependency);
+            let mut last = None;
+            loop {
+                let mut request =
+                    tonic::Request::new(tonic_health::pb::HealthCheckRequest::default());
+                request.set_timeout(Duration::from_secs(2));
+                let answers = client.check(request).await.is_ok_and(|r| {
+                    r.into_inner().status()
+                        == tonic_health::pb::health_check_response::ServingStatus::Serving
+                });
+                if last != Some(answers) {
+                    let status = if answers {
+                        ServingStatus::Serving
+                    } else {
+                        tracing::warn!(
+                            "a service this one depends on does not answer; reporting NOT_SERVING"
+                        );
+                        ServingStatus::NotServing
+                    };
+                    health.set_service_status("", status).await;
+                    for name in &services {
+                        health.set_service_status(*name, status).await;
+                    }
+                    last = Some(answers);
+                }
+                tokio::select! {
+                    () = stop.cancelled() => break,
+                    () = tokio::time::sleep(every) => {}
+                }
+            }
+        });
+    }
+
     pub fn local_addr(&self) -> SocketAddr {
         self.listener
             .local_addr()

@@ -141,6 +141,11 @@ pub struct TlsSettings {
     pub key: PathBuf,
     /// PEM CA certificates; when set, clients must present a certificate they signed (mTLS).
     pub client_ca: Option<PathBuf>,
+    /// PEM CA certificates a service trusts when it calls another service (the CA that signed the
+    /// services' `cert`); defaults to `client_ca`. Calls between services then use TLS, and present
+    /// `cert` as the client certificate.
+    #[serde(default)]
+    pub ca: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Copy, Deserialize)]

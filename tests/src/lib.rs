@@ -242,6 +242,28 @@ impl TestConsent {
         limits: Limits,
         options: ApiOptions,
     ) -> Self {
+        Self::start_full(linker, database_url, limits, options, None).await
+    }
+
+    /// consent-svc with TLS on its listener and on its calls to linker-svc (which must use TLS too).
+    pub async fn start_tls(linker: &TestLinker, tls: TlsSettings) -> Self {
+        Self::start_full(
+            linker,
+            None,
+            Limits::default(),
+            ApiOptions::default(),
+            Some(tls),
+        )
+        .await
+    }
+
+    async fn start_full(
+        linker: &TestLinker,
+        database_url: Option<String>,
+        limits: Limits,
+        options: ApiOptions,
+        tls: Option<TlsSettings>,
+    ) -> Self {
         let database_url = database_url.unwrap_or_else(|| {
             sightline_runtime::storage::default_sqlite_url(linker.data_dir(), "consent")
         });
@@ -249,10 +271,10 @@ impl TestConsent {
             listen: "127.0.0.1:0".parse().unwrap(),
             database_url: Secret::new(database_url.clone()),
             receipt_key_path: linker.data_dir().join("consent-receipt.key"),
-            linker_url: format!("http://{}", linker.addr),
+            linker_url: sightline_runtime::client::service_url(linker.addr, tls.as_ref()),
             service_token: linker.service.clone(),
             limits,
-            tls: None,
+            tls,
             clock: linker.clock.clone(),
             options: ApiOptions {
                 call_limit: std::time::Duration::from_millis(limits.request_timeout_ms),

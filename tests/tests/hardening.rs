@@ -609,3 +609,51 @@ async fn hostile_input_gets_a_status_naming_the_field_not_an_internal_error() {
         .await
         .unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consent_reports_not_serving_while_linker_does_not_answer() {
+    use tonic_health::pb::HealthCheckRequest;
+    use tonic_health::pb::health_check_response::ServingStatus;
+    use tonic_health::pb::health_client::HealthClient;
+
+    let (mut linker, consent) = stack().await;
+    let channel = Channel::from_shared(format!("http://{}", consent.addr))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut health = HealthClient::new(channel);
+    let status = |health: &mut HealthClient<Channel>, service: &str| {
+        let mut health = health.clone();
+        let service = service.to_owned();
+        async move {
+            health
+                .check(HealthCheckRequest { service })
+                .await
+                .unwrap()
+                .into_inner()
+                .status()
+        }
+    };
+    let wait_for = |want: ServingStatus| {
+        let mut health = health.clone();
+        async move {
+            for _ in 0..100 {
+                if status(&mut health, "sightline.consent.v1.ConsentService").await == want
+                    && status(&mut health, "").await == want
+                {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            panic!("consent-svc never reported {want:?}");
+        }
+    };
+    wait_for(ServingStatus::Serving).await;
+    linker.stop().await;
+    wait_for(ServingStatus::NotServing).await;
+    assert_eq!(
+        status(&mut health, "sightline.consent.v1.ConsentService").await,
+        ServingStatus::NotServing
+    );
+}

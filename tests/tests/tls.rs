@@ -33,7 +33,7 @@ fn pki() -> Pki {
     let issuer = Issuer::new(ca_params, ca_key);
 
     let server_key = KeyPair::generate().unwrap();
-    let server_cert = CertificateParams::new(vec!["localhost".to_owned()])
+    let server_cert = CertificateParams::new(vec!["localhost".to_owned(), "127.0.0.1".to_owned()])
         .unwrap()
         .signed_by(&server_key, &issuer)
         .unwrap();
@@ -59,16 +59,17 @@ fn tls_settings(dir: &Path, require_client_cert: bool) -> TlsSettings {
         cert: dir.join("server.pem"),
         key: dir.join("server.key"),
         client_ca: require_client_cert.then(|| dir.join("ca.pem")),
+        ca: Some(dir.join("ca.pem")),
     }
 }
 
-/// Calls linker-svc over TLS limited to `versions`; returns the negotiated version.
-async fn health_over_tls(
-    linker: &TestLinker,
+/// A channel to `addr` over TLS limited to `versions`, and the version the handshake settles on.
+async fn tls_channel(
+    addr: std::net::SocketAddr,
     pki: &Pki,
     versions: &[&'static rustls::SupportedProtocolVersion],
     with_client_cert: bool,
-) -> Result<rustls::ProtocolVersion, String> {
+) -> Result<(tonic::transport::Channel, rustls::ProtocolVersion), String> {
     let mut roots = rustls::RootCertStore::empty();
     roots.add(pki.ca_der.clone()).unwrap();
     let builder = rustls::ClientConfig::builder_with_provider(Arc::new(
@@ -91,7 +92,6 @@ async fn health_over_tls(
     let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
     let negotiated = Arc::new(Mutex::new(None));
     let seen = negotiated.clone();
-    let addr = linker.addr;
     let channel = Endpoint::from_static("http://localhost")
         .connect_with_connector(tower::service_fn(move |_| {
             let connector = connector.clone();
@@ -107,10 +107,21 @@ async fn health_over_tls(
         }))
         .await
         .map_err(|e| format!("{e:?}"))?;
+    let version = negotiated.lock().unwrap().ok_or("no version")?;
+    Ok((channel, version))
+}
+
+/// Calls linker-svc over TLS limited to `versions`; returns the negotiated version.
+async fn health_over_tls(
+    linker: &TestLinker,
+    pki: &Pki,
+    versions: &[&'static rustls::SupportedProtocolVersion],
+    with_client_cert: bool,
+) -> Result<rustls::ProtocolVersion, String> {
+    let (channel, version) = tls_channel(linker.addr, pki, versions, with_client_cert).await?;
     service_answers(channel)
         .await
         .map_err(|e| format!("{e:?}"))?;
-    let version = negotiated.lock().unwrap().ok_or("no version")?;
     Ok(version)
 }
 
@@ -213,4 +224,100 @@ async fn with_a_client_ca_only_certified_clients_get_in() {
             .await
             .is_err()
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_tls_on_consent_calls_linker_over_mtls_and_clients_change_consent_over_tls_1_2_and_1_3()
+ {
+    use sightline_proto::common::v1::{SharingLevel, UsageLevel};
+    use sightline_proto::consent::v1 as consent_pb;
+    use sightline_proto::linker::v1 as linker_pb;
+    use sightline_tests::authed;
+
+    let pki = pki();
+    // Both services require client certificates (mTLS) and trust the stack's CA.
+    let tls = tls_settings(pki.dir.path(), true);
+    let linker = TestLinker::start(LinkerOptions {
+        tls: Some(tls.clone()),
+        ..Default::default()
+    })
+    .await;
+    let consent = sightline_tests::TestConsent::start_tls(&linker, tls).await;
+    let (to_linker, _) = tls_channel(linker.addr, &pki, &[&rustls::version::TLS13], true)
+        .await
+        .unwrap();
+    let mut linker_client = linker_pb::linker_service_client::LinkerServiceClient::new(to_linker);
+    let org_id = linker_client
+        .create_org(authed(
+            linker.operator.expose(),
+            linker_pb::CreateOrgRequest {
+                name: "Acme".into(),
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .org
+        .unwrap()
+        .org_id;
+    let admin = linker_client
+        .create_admin_token(authed(
+            linker.operator.expose(),
+            linker_pb::CreateAdminTokenRequest {
+                org_id: org_id.clone(),
+                label: "ops".into(),
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .secret;
+    for (version, want, usage) in [
+        (
+            &rustls::version::TLS12,
+            rustls::ProtocolVersion::TLSv1_2,
+            UsageLevel::Basic,
+        ),
+        (
+            &rustls::version::TLS13,
+            rustls::ProtocolVersion::TLSv1_3,
+            UsageLevel::Advanced,
+        ),
+    ] {
+        let (to_consent, negotiated) = tls_channel(consent.addr, &pki, &[version], true)
+            .await
+            .unwrap();
+        assert_eq!(negotiated, want);
+        // The change needs consent-svc to validate the token and write the audit entry in
+        // linker-svc, both over mTLS.
+        let changed = consent_pb::consent_service_client::ConsentServiceClient::new(to_consent)
+            .update_consent(authed(
+                &admin,
+                consent_pb::UpdateConsentRequest {
+                    org_id: org_id.clone(),
+                    settings: Some(consent_pb::ConsentSettings {
+                        usage_level: usage as i32,
+                        sharing_level: SharingLevel::Basic as i32,
+                        ..Default::default()
+                    }),
+                    reason: format!("over {want:?}"),
+                    expected_version: 0,
+                },
+            ))
+            .await
+            .unwrap()
+            .into_inner()
+            .consent
+            .unwrap();
+        assert_eq!(changed.settings.unwrap().usage_level(), usage);
+    }
+    // Without a client certificate consent-svc lets nobody in either.
+    let refused = match tls_channel(consent.addr, &pki, &[&rustls::version::TLS13], false).await {
+        Err(_) => true,
+        Ok((channel, _)) => consent_pb::consent_service_client::ConsentServiceClient::new(channel)
+            .get_receipt_key(consent_pb::GetReceiptKeyRequest {})
+            .await
+            .is_err_and(|s| s.code() != tonic::Code::Unauthenticated),
+    };
+    assert!(refused, "a client without a certificate got through");
 }
