@@ -110,7 +110,7 @@ impl ConsentApi {
     }
 
     async fn caller<T>(&self, request: &Request<T>) -> Result<Principal, Status> {
-        let principal = self.credentials.authenticate(request.metadata()).await?;
+        let principal = self.credentials.authenticate(request).await?;
         self.limiter.check(&principal.tenant())?;
         Ok(principal)
     }

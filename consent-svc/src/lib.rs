@@ -108,7 +108,7 @@ impl ConsentService {
         let api = ConsentApi::new(
             store,
             config.clock,
-            CredentialClient::new(linker.clone(), config.service_token.clone()),
+            CredentialClient::new(linker.clone(), config.service_token.clone(), &config.limits),
             Directory::new(linker.clone(), config.service_token.clone()),
             RateLimiter::new(&config.limits),
             Auditor::new(Arc::new(LinkerAuditLog::new(

@@ -13,7 +13,8 @@ use sightline_proto::linker::v1 as pb;
 use sightline_proto::linker::v1::linker_service_server::LinkerService;
 use sightline_runtime::SharedClock;
 use sightline_runtime::auth::{self, Principal};
-use sightline_runtime::ratelimit::RateLimiter;
+use sightline_runtime::ratelimit::{FailureLimiter, PeerKey, RateLimiter};
+use sightline_runtime::settings::Limits;
 use sightline_runtime::time::{to_proto, to_proto_opt};
 use sightline_runtime::token::{self, TokenKind};
 use tonic::{Request, Response, Status};
@@ -42,6 +43,7 @@ pub struct Authority {
     operator_digest: [u8; 32],
     service_digests: Vec<[u8; 32]>,
     limiter: RateLimiter,
+    failures: FailureLimiter,
 }
 
 impl Authority {
@@ -50,22 +52,39 @@ impl Authority {
         clock: SharedClock,
         operator_token: &str,
         service_tokens: &[&str],
-        limiter: RateLimiter,
+        limits: &Limits,
     ) -> Self {
         Self {
             store,
             clock,
             operator_digest: token::digest(operator_token),
             service_digests: service_tokens.iter().map(|t| token::digest(t)).collect(),
-            limiter,
+            limiter: RateLimiter::new(limits),
+            failures: FailureLimiter::new(limits),
         }
     }
 
-    /// The caller of a request, rate-limited per tenant.
+    /// The caller of a request, rate-limited per tenant. Services are not limited here: they call
+    /// on behalf of tenants who were limited where they called (a shared service bucket would let
+    /// one tenant use up another's checks and audit appends). A peer that keeps presenting bad
+    /// tokens is refused before its next one costs a lookup.
     async fn caller<T>(&self, request: &Request<T>) -> Result<Principal, Status> {
-        let presented = auth::bearer(request.metadata())?;
-        let principal = self.resolve(presented).await?;
-        self.limiter.check(&principal.tenant())?;
+        let peer = PeerKey::of_request(request);
+        let presented =
+            auth::bearer(request.metadata()).inspect_err(|_| self.failures.charge(peer))?;
+        self.failures.check(peer)?;
+        let principal = match self.resolve(presented).await {
+            Ok(principal) => principal,
+            Err(error) => {
+                if matches!(error, LinkerError::Unauthenticated(_)) {
+                    self.failures.charge(peer);
+                }
+                return Err(error.into());
+            }
+        };
+        if !matches!(principal, Principal::Service { .. }) {
+            self.limiter.check(&principal.tenant())?;
+        }
         Ok(principal)
     }
 
@@ -559,6 +578,8 @@ impl LinkerService for LinkerApi {
             .into());
         }
         let key_digest = parsed.digest();
+        let peer = PeerKey::of_request(&request);
+        self.authority.failures.check(peer)?;
         self.authority
             .limiter
             .check(&format!("link:{}", hex::encode(&key_digest[..8])))?;
@@ -608,7 +629,13 @@ impl LinkerService for LinkerApi {
             .store
             .link_instance(&key_digest, link)
             .await
-            .map_err(LinkerError::from)?;
+            .map_err(|e| {
+                let error = LinkerError::from(e);
+                if matches!(error, LinkerError::Unauthenticated(_)) {
+                    self.authority.failures.charge(peer);
+                }
+                error
+            })?;
         tracing::info!(
             org_id = %outcome.instance.org_id,
             instance_id = %outcome.instance.id,

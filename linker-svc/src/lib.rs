@@ -19,7 +19,6 @@ use std::sync::Arc;
 
 use sightline_proto::audit::v1::audit_service_server::AuditServiceServer;
 use sightline_proto::linker::v1::linker_service_server::LinkerServiceServer;
-use sightline_runtime::ratelimit::RateLimiter;
 use sightline_runtime::secret_file;
 use sightline_runtime::server::{GrpcServer, ServerError};
 use sightline_runtime::settings::{Limits, TlsSettings};
@@ -109,7 +108,7 @@ impl Linker {
             config.clock.clone(),
             config.operator_token.expose(),
             &service_tokens,
-            RateLimiter::new(&config.limits),
+            &config.limits,
         ));
         let api = LinkerApi::new(store, config.clock, authority, config.txt_resolver);
         let max = config.limits.max_message_bytes;

@@ -376,7 +376,11 @@ impl LinkerAuditLog {
             },
             Err(status) => Err(match status.code() {
                 Code::NotFound => AuditLogError::OrgNotFound,
-                Code::InvalidArgument | Code::PermissionDenied | Code::Unauthenticated => {
+                // Refused before anything was appended.
+                Code::InvalidArgument
+                | Code::PermissionDenied
+                | Code::Unauthenticated
+                | Code::ResourceExhausted => {
                     AuditLogError::Refused(format!("{:?}: {}", status.code(), status.message()))
                 }
                 _ => AuditLogError::Unknown(format!("{:?}: {}", status.code(), status.message())),

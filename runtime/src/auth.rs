@@ -4,14 +4,15 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use dashmap::DashMap;
+use moka::sync::Cache;
 use sightline_proto::linker::v1::linker_service_client::LinkerServiceClient;
 use sightline_proto::linker::v1::{CredentialKind, ValidateCredentialRequest};
 use tonic::metadata::MetadataMap;
 use tonic::transport::Channel;
 use tonic::{Code, Status};
 
-use crate::settings::Secret;
+use crate::ratelimit::{FailureLimiter, PeerKey};
+use crate::settings::{Limits, Secret};
 use crate::token;
 
 /// The caller of a request, once its token is validated.
@@ -133,12 +134,16 @@ pub fn authorize<T>(request: &mut tonic::Request<T>, token: &Secret) -> Result<(
 }
 
 /// Validates callers' tokens with linker-svc, caching each answer for the TTL linker gives (capped),
-/// so revocations are seen within that TTL. Failures are cached for a shorter time.
+/// so revocations are seen within that TTL. Failures are cached for a shorter time, in a smaller
+/// cache of their own, and charged to the caller's peer: a peer past its failure budget is refused
+/// before its next unknown token costs a lookup. Both caches are bounded.
 #[derive(Debug, Clone)]
 pub struct CredentialClient {
     linker: LinkerServiceClient<Channel>,
     service_token: Secret,
-    cache: Arc<DashMap<[u8; 32], Cached>>,
+    known: Cache<[u8; 32], Cached>,
+    refused: Cache<[u8; 32], (Code, String)>,
+    failures: Arc<FailureLimiter>,
     max_ttl: Duration,
 }
 
@@ -149,25 +154,37 @@ struct Cached {
 }
 
 const NEGATIVE_TTL: Duration = Duration::from_millis(500);
-const MAX_CACHE_ENTRIES: usize = 100_000;
+const MAX_KNOWN: u64 = 100_000;
+const MAX_REFUSED: u64 = 10_000;
 
 impl CredentialClient {
-    pub fn new(linker: Channel, service_token: Secret) -> Self {
+    pub fn new(linker: Channel, service_token: Secret, limits: &Limits) -> Self {
         Self {
             linker: LinkerServiceClient::new(linker),
             service_token,
-            cache: Arc::new(DashMap::new()),
+            known: Cache::builder()
+                .max_capacity(MAX_KNOWN)
+                .time_to_live(Duration::from_secs(5))
+                .build(),
+            refused: Cache::builder()
+                .max_capacity(MAX_REFUSED)
+                .time_to_live(NEGATIVE_TTL)
+                .build(),
+            failures: Arc::new(FailureLimiter::new(limits)),
             max_ttl: Duration::from_secs(5),
         }
     }
 
     /// Resolves the bearer token of a request.
-    pub async fn authenticate(&self, metadata: &MetadataMap) -> Result<Principal, Status> {
-        let presented = bearer(metadata)?;
-        let parsed = token::parse(presented)
-            .map_err(|e| Status::unauthenticated(format!("malformed bearer token: {e}")))?;
+    pub async fn authenticate<T>(&self, request: &tonic::Request<T>) -> Result<Principal, Status> {
+        let peer = PeerKey::of_request(request);
+        let presented = bearer(request.metadata()).inspect_err(|_| self.failures.charge(peer))?;
+        let parsed = token::parse(presented).map_err(|e| {
+            self.failures.charge(peer);
+            Status::unauthenticated(format!("malformed bearer token: {e}"))
+        })?;
         let key = parsed.digest();
-        if let Some(hit) = self.cache.get(&key)
+        if let Some(hit) = self.known.get(&key)
             && hit.until > Instant::now()
         {
             return hit
@@ -175,6 +192,12 @@ impl CredentialClient {
                 .clone()
                 .map_err(|(code, message)| Status::new(code, message));
         }
+        if let Some((code, message)) = self.refused.get(&key) {
+            self.failures.charge(peer);
+            return Err(Status::new(code, message));
+        }
+        // An unknown token costs a lookup: not for a peer that keeps failing.
+        self.failures.check(peer)?;
         let mut request = tonic::Request::new(ValidateCredentialRequest {
             credential: presented.to_owned(),
         });
@@ -198,17 +221,19 @@ impl CredentialClient {
                 )));
             }
         };
-        if self.cache.len() >= MAX_CACHE_ENTRIES {
-            let now = Instant::now();
-            self.cache.retain(|_, cached| cached.until > now);
+        match &principal {
+            Ok(_) => self.known.insert(
+                key,
+                Cached {
+                    principal: principal.clone(),
+                    until: Instant::now() + ttl,
+                },
+            ),
+            Err(refusal) => {
+                self.failures.charge(peer);
+                self.refused.insert(key, refusal.clone());
+            }
         }
-        self.cache.insert(
-            key,
-            Cached {
-                principal: principal.clone(),
-                until: Instant::now() + ttl,
-            },
-        );
         principal.map_err(|(code, message)| Status::new(code, message))
     }
 }

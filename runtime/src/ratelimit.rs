@@ -1,17 +1,50 @@
-//! Per-tenant rate limits: a token bucket per tenant key, refilled continuously.
+//! Per-tenant rate limits (a token bucket per tenant key, refilled continuously) and a per-peer
+//! budget of failed authentications, both in bounded memory: a bucket idle long enough to be full
+//! again is forgotten (it would be recreated full), and at most `MAX_KEYS` are held, so a flood of
+//! random keys or tokens cannot grow a service.
 
-use std::time::Instant;
+use std::hash::{BuildHasher, Hash};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
 
-use dashmap::DashMap;
+use moka::sync::Cache;
 use tonic::Status;
 
 use crate::settings::Limits;
 
+const MAX_KEYS: u64 = 100_000;
+
+/// A keyed hash of a caller's IP address: enough to tell peers apart for limits, never the address
+/// (peer addresses are personal data and are neither logged nor stored). Put in each request's
+/// extensions by the server.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct PeerKey(u64);
+
+impl std::fmt::Debug for PeerKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("PeerKey(..)")
+    }
+}
+
+impl PeerKey {
+    pub fn of(ip: std::net::IpAddr) -> Self {
+        // Keyed with a per-process random key, so the value says nothing outside this process.
+        static KEY: OnceLock<std::collections::hash_map::RandomState> = OnceLock::new();
+        Self(KEY.get_or_init(Default::default).hash_one(ip))
+    }
+
+    /// The peer of a request, when the server recorded one.
+    pub fn of_request<T>(request: &tonic::Request<T>) -> Option<Self> {
+        request.extensions().get::<PeerKey>().copied()
+    }
+}
+
+/// Token buckets by key, in bounded memory.
 #[derive(Debug)]
-pub struct RateLimiter {
+struct Buckets<K: Hash + Eq + Send + Sync + 'static> {
     rate_per_second: f64,
     burst: f64,
-    buckets: DashMap<String, Bucket>,
+    buckets: Cache<K, Arc<Mutex<Bucket>>>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -20,12 +53,75 @@ struct Bucket {
     refilled_at: Instant,
 }
 
+impl<K: Hash + Eq + Clone + Send + Sync + 'static> Buckets<K> {
+    fn new(rate_per_second: u32, burst: u32) -> Self {
+        let rate_per_second = f64::from(rate_per_second.max(1));
+        let burst = f64::from(burst.max(1));
+        // After this long idle a bucket is full again: forgetting it changes nothing.
+        let refill = Duration::from_secs_f64(burst / rate_per_second) + Duration::from_secs(1);
+        Self {
+            rate_per_second,
+            burst,
+            buckets: Cache::builder()
+                .max_capacity(MAX_KEYS)
+                .time_to_idle(refill)
+                .build(),
+        }
+    }
+
+    fn bucket(&self, key: &K, now: Instant) -> Arc<Mutex<Bucket>> {
+        self.buckets.get_with(key.clone(), || {
+            Arc::new(Mutex::new(Bucket {
+                tokens: self.burst,
+                refilled_at: now,
+            }))
+        })
+    }
+
+    /// Refills, then takes `take` tokens if there are that many; otherwise how long to wait.
+    fn take(&self, key: &K, now: Instant, take: f64) -> Result<(), u64> {
+        let bucket = self.bucket(key, now);
+        let mut bucket = bucket
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let elapsed = now
+            .saturating_duration_since(bucket.refilled_at)
+            .as_secs_f64();
+        bucket.tokens = (bucket.tokens + elapsed * self.rate_per_second).min(self.burst);
+        bucket.refilled_at = now;
+        if bucket.tokens >= 1.0 {
+            bucket.tokens -= take;
+            Ok(())
+        } else {
+            // Whole milliseconds, at least one.
+            let wait = ((1.0 - bucket.tokens) / self.rate_per_second * 1_000.0).ceil();
+            Err(if wait >= 1.0 { wait as u64 } else { 1 })
+        }
+    }
+
+    fn len(&self) -> u64 {
+        self.buckets.run_pending_tasks();
+        self.buckets.entry_count()
+    }
+}
+
+fn exhausted(message: String, wait_ms: u64) -> Status {
+    let mut status = Status::resource_exhausted(message);
+    if let Ok(value) = wait_ms.to_string().parse() {
+        status.metadata_mut().insert("retry-after-ms", value);
+    }
+    status
+}
+
+#[derive(Debug)]
+pub struct RateLimiter {
+    calls: Buckets<String>,
+}
+
 impl RateLimiter {
     pub fn new(limits: &Limits) -> Self {
         Self {
-            rate_per_second: f64::from(limits.rate_per_second.max(1)),
-            burst: f64::from(limits.rate_burst.max(1)),
-            buckets: DashMap::new(),
+            calls: Buckets::new(limits.rate_per_second, limits.rate_burst),
         }
     }
 
@@ -35,36 +131,70 @@ impl RateLimiter {
     }
 
     fn check_at(&self, tenant: &str, now: Instant) -> Result<(), Status> {
-        let mut bucket = self.buckets.entry(tenant.to_owned()).or_insert(Bucket {
-            tokens: self.burst,
-            refilled_at: now,
-        });
-        let elapsed = now
-            .saturating_duration_since(bucket.refilled_at)
-            .as_secs_f64();
-        bucket.tokens = (bucket.tokens + elapsed * self.rate_per_second).min(self.burst);
-        bucket.refilled_at = now;
-        if bucket.tokens >= 1.0 {
-            bucket.tokens -= 1.0;
-            Ok(())
-        } else {
-            let wait_ms = ((1.0 - bucket.tokens) / self.rate_per_second * 1_000.0).ceil();
-            let mut status = Status::resource_exhausted(format!(
-                "rate limit of {} calls per second exceeded; retry in {wait_ms} ms",
-                self.rate_per_second
-            ));
-            if let Ok(value) = wait_ms.to_string().parse() {
-                status.metadata_mut().insert("retry-after-ms", value);
-            }
-            Err(status)
+        self.calls
+            .take(&tenant.to_owned(), now, 1.0)
+            .map_err(|wait_ms| {
+                exhausted(
+                    format!(
+                        "rate limit of {} calls per second exceeded; retry in {wait_ms} ms",
+                        self.calls.rate_per_second
+                    ),
+                    wait_ms,
+                )
+            })
+    }
+
+    /// How many tenants are being tracked (bounded).
+    pub fn tracked(&self) -> u64 {
+        self.calls.len()
+    }
+}
+
+/// A budget of failed authentications per peer: a peer that keeps presenting unknown or revoked
+/// tokens is refused before its next token costs a lookup, while callers whose tokens are known go
+/// on as usual.
+#[derive(Debug)]
+pub struct FailureLimiter {
+    failures: Buckets<PeerKey>,
+}
+
+impl FailureLimiter {
+    pub fn new(limits: &Limits) -> Self {
+        Self {
+            failures: Buckets::new(limits.auth_failures_per_second, limits.auth_failure_burst),
         }
+    }
+
+    /// Whether `peer` may still have a token looked up.
+    pub fn check(&self, peer: Option<PeerKey>) -> Result<(), Status> {
+        let Some(peer) = peer else { return Ok(()) };
+        // Taking nothing: only look whether the budget has a failure left.
+        self.failures
+            .take(&peer, Instant::now(), 0.0)
+            .map_err(|wait_ms| {
+                exhausted(
+                    format!(
+                        "too many failed authentications from this address; retry in {wait_ms} ms"
+                    ),
+                    wait_ms,
+                )
+            })
+    }
+
+    /// Records a failed authentication of `peer`.
+    pub fn charge(&self, peer: Option<PeerKey>) {
+        if let Some(peer) = peer {
+            let _ = self.failures.take(&peer, Instant::now(), 1.0);
+        }
+    }
+
+    pub fn tracked(&self) -> u64 {
+        self.failures.len()
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use std::time::Duration;
-
     use super::*;
 
     #[test]
@@ -88,5 +218,36 @@ mod tests {
                 .check_at("org-a", now + Duration::from_millis(100))
                 .is_ok()
         );
+    }
+
+    #[test]
+    fn memory_stays_bounded_under_random_keys() {
+        let limiter = RateLimiter::new(&Limits::default());
+        for i in 0..(MAX_KEYS + 20_000) {
+            let _ = limiter.check(&format!("key-{i}"));
+        }
+        assert!(limiter.tracked() <= MAX_KEYS, "{}", limiter.tracked());
+    }
+
+    #[test]
+    fn a_peer_that_keeps_failing_is_refused_before_a_lookup_and_others_are_not() {
+        let limits = Limits {
+            auth_failures_per_second: 1,
+            auth_failure_burst: 3,
+            ..Limits::default()
+        };
+        let failures = FailureLimiter::new(&limits);
+        let bad_peer = PeerKey::of("10.0.0.1".parse().unwrap());
+        let bad = Some(bad_peer);
+        let good = Some(PeerKey::of("10.0.0.2".parse().unwrap()));
+        for _ in 0..3 {
+            assert!(failures.check(bad).is_ok());
+            failures.charge(bad);
+        }
+        let refused = failures.check(bad).unwrap_err();
+        assert_eq!(refused.code(), tonic::Code::ResourceExhausted);
+        assert!(failures.check(good).is_ok());
+        assert!(failures.check(None).is_ok());
+        assert_eq!(format!("{bad_peer:?}"), "PeerKey(..)");
     }
 }

@@ -28,6 +28,7 @@ use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
 use tower::Service;
 
+use crate::ratelimit::PeerKey;
 use crate::settings::{Limits, TlsSettings};
 use crate::tls::{self, TlsError};
 
@@ -242,8 +243,8 @@ fn accept_loop(
                 () = shutdown.cancelled() => break,
                 accepted = listener.accept() => accepted,
             };
-            let stream = match accepted {
-                Ok((stream, _peer)) => stream,
+            let (stream, peer) = match accepted {
+                Ok((stream, addr)) => (stream, PeerKey::of(addr.ip())),
                 Err(error) => {
                     tracing::warn!(%error, "accept failed");
                     tokio::time::sleep(Duration::from_millis(50)).await;
@@ -253,7 +254,7 @@ fn accept_loop(
             let _ = stream.set_nodelay(true);
             match tls.clone() {
                 None => {
-                    if tx.send(Ok(Conn::Plain(stream))).await.is_err() {
+                    if tx.send(Ok(Conn::Plain(stream, peer))).await.is_err() {
                         break;
                     }
                 }
@@ -264,7 +265,7 @@ fn accept_loop(
                             tokio::time::timeout(Duration::from_secs(10), acceptor.accept(stream));
                         match handshake.await {
                             Ok(Ok(tls)) => {
-                                let _ = tx.send(Ok(Conn::Tls(Box::new(tls)))).await;
+                                let _ = tx.send(Ok(Conn::Tls(Box::new(tls), peer))).await;
                             }
                             // A failed handshake (old protocol, bad client certificate) is the
                             // client's problem; the peer address is not logged.
@@ -279,18 +280,23 @@ fn accept_loop(
     ReceiverStream::new(rx)
 }
 
-/// An accepted connection, plain or TLS.
+/// An accepted connection, plain or TLS, with its peer's key.
 #[derive(Debug)]
 pub enum Conn {
-    Plain(TcpStream),
-    Tls(Box<tokio_rustls::server::TlsStream<TcpStream>>),
+    Plain(TcpStream, PeerKey),
+    Tls(Box<tokio_rustls::server::TlsStream<TcpStream>>, PeerKey),
 }
 
 impl Connected for Conn {
-    // Peer addresses are deliberately not exposed to handlers: they are personal data.
-    type ConnectInfo = ();
+    // Handlers get a keyed hash of the peer's address, for per-peer limits; never the address,
+    // which is personal data.
+    type ConnectInfo = PeerKey;
 
-    fn connect_info(&self) -> Self::ConnectInfo {}
+    fn connect_info(&self) -> Self::ConnectInfo {
+        match self {
+            Conn::Plain(_, peer) | Conn::Tls(_, peer) => *peer,
+        }
+    }
 }
 
 impl AsyncRead for Conn {
@@ -300,8 +306,8 @@ impl AsyncRead for Conn {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
         match self.get_mut() {
-            Conn::Plain(s) => Pin::new(s).poll_read(cx, buf),
-            Conn::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+            Conn::Plain(s, _) => Pin::new(s).poll_read(cx, buf),
+            Conn::Tls(s, _) => Pin::new(s.as_mut()).poll_read(cx, buf),
         }
     }
 }
@@ -313,22 +319,22 @@ impl AsyncWrite for Conn {
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
         match self.get_mut() {
-            Conn::Plain(s) => Pin::new(s).poll_write(cx, buf),
-            Conn::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+            Conn::Plain(s, _) => Pin::new(s).poll_write(cx, buf),
+            Conn::Tls(s, _) => Pin::new(s.as_mut()).poll_write(cx, buf),
         }
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         match self.get_mut() {
-            Conn::Plain(s) => Pin::new(s).poll_flush(cx),
-            Conn::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+            Conn::Plain(s, _) => Pin::new(s).poll_flush(cx),
+            Conn::Tls(s, _) => Pin::new(s.as_mut()).poll_flush(cx),
         }
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         match self.get_mut() {
-            Conn::Plain(s) => Pin::new(s).poll_shutdown(cx),
-            Conn::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+            Conn::Plain(s, _) => Pin::new(s).poll_shutdown(cx),
+            Conn::Tls(s, _) => Pin::new(s.as_mut()).poll_shutdown(cx),
         }
     }
 
@@ -338,15 +344,15 @@ impl AsyncWrite for Conn {
         bufs: &[std::io::IoSlice<'_>],
     ) -> Poll<std::io::Result<usize>> {
         match self.get_mut() {
-            Conn::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
-            Conn::Tls(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
+            Conn::Plain(s, _) => Pin::new(s).poll_write_vectored(cx, bufs),
+            Conn::Tls(s, _) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
         }
     }
 
     fn is_write_vectored(&self) -> bool {
         match self {
-            Conn::Plain(s) => s.is_write_vectored(),
-            Conn::Tls(s) => s.is_write_vectored(),
+            Conn::Plain(s, _) => s.is_write_vectored(),
+            Conn::Tls(s, _) => s.is_write_vectored(),
         }
     }
 }

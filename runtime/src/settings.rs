@@ -162,6 +162,10 @@ pub struct Limits {
     /// On shutdown, how long in-flight calls may run on; connections still open then (a stalled
     /// client, a body that never arrives) are dropped and the service exits.
     pub drain_timeout_ms: u64,
+    /// Failed authentications (unknown, revoked, expired tokens) one peer address may cause per
+    /// second; past its burst, its calls with tokens not already known are refused before a lookup.
+    pub auth_failures_per_second: u32,
+    pub auth_failure_burst: u32,
 }
 
 impl Default for Limits {
@@ -172,6 +176,8 @@ impl Default for Limits {
             rate_per_second: 1_000,
             rate_burst: 2_000,
             drain_timeout_ms: 10_000,
+            auth_failures_per_second: 20,
+            auth_failure_burst: 100,
         }
     }
 }

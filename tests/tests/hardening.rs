@@ -657,3 +657,242 @@ async fn consent_reports_not_serving_while_linker_does_not_answer() {
         ServingStatus::NotServing
     );
 }
+
+/// A consent client whose connections come from `local` (loopback has all of 127.0.0.0/8).
+async fn consent_from(consent: &TestConsent, local: &str) -> ConsentClient {
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", consent.addr))
+        .unwrap()
+        .local_address(Some(local.parse().unwrap()))
+        .connect()
+        .await
+        .unwrap();
+    ConsentServiceClient::new(channel)
+}
+
+fn tracking_write(
+    org: &TestOrg,
+    n: u64,
+) -> tonic::Request<consent_pb::UpdateTrackingSettingsRequest> {
+    authed(
+        &org.admin,
+        consent_pb::UpdateTrackingSettingsRequest {
+            org_id: org.id.clone(),
+            settings: Some(consent_pb::TrackingSettings {
+                enabled_channels: vec![1],
+                blocking_time_ms: n,
+                ..Default::default()
+            }),
+        },
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn one_tenant_over_its_limit_and_a_flood_of_unknown_tokens_leave_another_tenant_whole() {
+    use sightline_runtime::token::TokenKind;
+    let limits = Limits {
+        rate_per_second: 40,
+        rate_burst: 40,
+        ..Limits::default()
+    };
+    let linker = TestLinker::start(LinkerOptions {
+        limits,
+        ..LinkerOptions::default()
+    })
+    .await;
+    let consent = TestConsent::start(&linker, None, limits).await;
+    let (a, b) = (linker.org("Alpha").await, linker.org("Bravo").await);
+    let stop = tokio_util::sync::CancellationToken::new();
+    let mut noise = Vec::new();
+    // Tenant A writes at three times its limit.
+    for _ in 0..3 {
+        let (mut client, a, stop) = (consent.client().await, a.clone(), stop.clone());
+        noise.push(tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(25));
+            let mut n = 0;
+            while !stop.is_cancelled() {
+                tick.tick().await;
+                let _ = client.update_tracking_settings(tracking_write(&a, n)).await;
+                n += 1;
+            }
+        }));
+    }
+    // A flood of well-formed tokens nobody issued, from another address, as fast as it goes.
+    for _ in 0..4 {
+        let mut client = consent_from(&consent, "127.0.0.2").await;
+        let mut audit = sightline_proto::audit::v1::audit_service_client::AuditServiceClient::new(
+            tonic::transport::Endpoint::from_shared(format!("http://{}", linker.addr))
+                .unwrap()
+                .local_address(Some("127.0.0.2".parse().unwrap()))
+                .connect()
+                .await
+                .unwrap(),
+        );
+        let (b_id, stop) = (b.id.clone(), stop.clone());
+        noise.push(tokio::spawn(async move {
+            while !stop.is_cancelled() {
+                let token = sightline_tests::stranger(TokenKind::Admin);
+                let _ = client
+                    .get_consent(authed(
+                        &token,
+                        consent_pb::GetConsentRequest {
+                            org_id: b_id.clone(),
+                        },
+                    ))
+                    .await;
+                let _ = audit
+                    .list_events(authed(
+                        &token,
+                        audit_pb::ListEventsRequest {
+                            org_id: b_id.clone(),
+                            ..Default::default()
+                        },
+                    ))
+                    .await;
+            }
+        }));
+    }
+    // Tenant B, within its limit: reads and writes, to consent-svc and linker-svc.
+    let mut client = consent.client().await;
+    let mut audit = linker.audit().await;
+    let (mut ok, mut failed) = (0u32, Vec::new());
+    let mut tick = tokio::time::interval(Duration::from_millis(40));
+    for n in 0..150u64 {
+        tick.tick().await;
+        let outcome = match n % 3 {
+            0 => client
+                .update_tracking_settings(tracking_write(&b, n))
+                .await
+                .map(drop),
+            1 => client
+                .get_consent(authed(
+                    &b.admin,
+                    consent_pb::GetConsentRequest {
+                        org_id: b.id.clone(),
+                    },
+                ))
+                .await
+                .map(drop),
+            _ => audit
+                .list_events(authed(
+                    &b.admin,
+                    audit_pb::ListEventsRequest {
+                        org_id: b.id.clone(),
+                        page_size: 1,
+                        ..Default::default()
+                    },
+                ))
+                .await
+                .map(drop),
+        };
+        match outcome {
+            Ok(()) => ok += 1,
+            Err(status) => failed.push(status),
+        }
+    }
+    stop.cancel();
+    for task in noise {
+        task.await.unwrap();
+    }
+    let rate = f64::from(ok) / 150.0;
+    assert!(
+        rate >= 0.99,
+        "tenant B got {ok}/150 through; first failure: {:?}",
+        failed.first()
+    );
+}
+
+fn rss_bytes() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .unwrap()
+        .trim()
+        .trim_end_matches(" kB")
+        .trim()
+        .parse()
+        .unwrap();
+    kb * 1024
+}
+
+/// Sends `calls` calls, each with a new random secret of `kind`, from `connections` connections each
+/// from its own loopback address (so no per-peer budget hides what a cache would keep).
+async fn flood(
+    addr: SocketAddr,
+    kind: sightline_runtime::token::TokenKind,
+    to_linker: bool,
+    calls: usize,
+    connections: usize,
+) {
+    use sightline_proto::linker::v1 as linker_pb;
+    let mut tasks = Vec::new();
+    for c in 0..connections {
+        let local = format!(
+            "127.{}.{}.{}",
+            10 + c / 60_000,
+            (c / 250) % 240 + 1,
+            c % 250 + 1
+        );
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+            .unwrap()
+            .local_address(Some(local.parse().unwrap()))
+            .connect()
+            .await
+            .unwrap();
+        tasks.push(tokio::spawn(async move {
+            let mut linker =
+                linker_pb::linker_service_client::LinkerServiceClient::new(channel.clone());
+            let mut consent = ConsentServiceClient::new(channel);
+            for _ in 0..calls / connections {
+                let secret = sightline_tests::stranger(kind);
+                let _ = if kind == sightline_runtime::token::TokenKind::LinkKey {
+                    linker
+                        .link_instance(authed(&secret, linker_pb::LinkInstanceRequest::default()))
+                        .await
+                        .map(drop)
+                } else if to_linker {
+                    linker
+                        .list_link_keys(authed(&secret, linker_pb::ListLinkKeysRequest::default()))
+                        .await
+                        .map(drop)
+                } else {
+                    consent
+                        .get_receipt_key(authed(&secret, consent_pb::GetReceiptKeyRequest {}))
+                        .await
+                        .map(drop)
+                };
+            }
+        }));
+    }
+    for task in tasks {
+        task.await.unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn memory_stays_flat_under_floods_of_random_link_keys_and_unknown_tokens() {
+    use sightline_runtime::token::TokenKind;
+    let linker = TestLinker::start(LinkerOptions {
+        quiet: true,
+        ..LinkerOptions::default()
+    })
+    .await;
+    let consent = TestConsent::start(&linker, None, Limits::default()).await;
+    // A first round brings pools, connections' buffers and allocator arenas to their working size;
+    // a second, identical round of new random keys and tokens must not grow the process: whatever
+    // is kept per key or token is bounded.
+    let round = || async {
+        flood(linker.addr, TokenKind::LinkKey, true, 30_000, 300).await;
+        flood(linker.addr, TokenKind::Admin, true, 30_000, 300).await;
+        flood(consent.addr, TokenKind::Admin, false, 30_000, 300).await;
+    };
+    round().await;
+    let before = rss_bytes();
+    round().await;
+    let grown = rss_bytes().saturating_sub(before);
+    assert!(
+        grown <= 5 * 1024 * 1024,
+        "RSS grew {:.1} MiB across a second 90k random keys and tokens",
+        grown as f64 / 1_048_576.0
+    );
+}
