@@ -44,6 +44,8 @@ pub struct ConsentConfig {
     pub tls: Option<TlsSettings>,
     pub clock: SharedClock,
     pub options: ApiOptions,
+    /// Where Prometheus scrapes `/metrics`; None for no metrics listener.
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -78,6 +80,10 @@ impl ConsentConfig {
                 call_limit: std::time::Duration::from_millis(settings.limits.request_timeout_ms),
                 ..ApiOptions::default()
             },
+            metrics_listen: settings
+                .consent
+                .metrics_addr()
+                .map_err(StartError::Config)?,
         })
     }
 }
@@ -108,9 +114,14 @@ impl ConsentService {
         let api = ConsentApi::new(
             store,
             config.clock,
-            CredentialClient::new(linker.clone(), config.service_token.clone(), &config.limits),
+            CredentialClient::new(
+                linker.clone(),
+                config.service_token.clone(),
+                "consent",
+                &config.limits,
+            ),
             Directory::new(linker.clone(), config.service_token.clone()),
-            RateLimiter::new(&config.limits),
+            RateLimiter::new("consent", &config.limits),
             Auditor::new(Arc::new(LinkerAuditLog::new(
                 linker.clone(),
                 config.service_token,
@@ -121,8 +132,14 @@ impl ConsentService {
             config.options,
         );
         let max = config.limits.max_message_bytes;
-        let mut server =
-            GrpcServer::bind(config.listen, config.tls.as_ref(), config.limits).await?;
+        let mut server = GrpcServer::bind(
+            "consent",
+            config.listen,
+            config.tls.as_ref(),
+            config.limits,
+            config.metrics_listen,
+        )
+        .await?;
         server
             .add_service(
                 ConsentServiceServer::new(api.clone())
@@ -140,6 +157,11 @@ impl ConsentService {
 
     pub fn local_addr(&self) -> SocketAddr {
         self.server.local_addr()
+    }
+
+    /// Where `/metrics` is served, when it is.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.server.metrics_addr()
     }
 
     /// Serves until `shutdown`; policy streams end then, so draining does not wait on watchers.

@@ -29,6 +29,8 @@ pub struct Endpoint {
     pub name: &'static str,
     pub addr: SocketAddr,
     pub services: &'static [&'static str],
+    /// Where Prometheus scrapes its `/metrics`, when it serves them.
+    pub metrics: Option<SocketAddr>,
 }
 
 /// Starts every service of the stack; returns their endpoints and the tasks serving them.
@@ -53,6 +55,7 @@ pub async fn start_stack(
         Endpoint {
             name: "linker",
             addr: linker.local_addr(),
+            metrics: linker.metrics_addr(),
             services: &[
                 "sightline.linker.v1.LinkerService",
                 "sightline.audit.v1.AuditService",
@@ -61,6 +64,7 @@ pub async fn start_stack(
         Endpoint {
             name: "consent",
             addr: consent.local_addr(),
+            metrics: consent.metrics_addr(),
             services: &["sightline.consent.v1.ConsentService"],
         },
     ];
@@ -92,6 +96,14 @@ pub fn banner(data_dir: &Path, endpoints: &[Endpoint], plaintext: bool) -> Strin
             e.addr,
             e.services.join(", ")
         ));
+    }
+    for e in endpoints {
+        if let Some(metrics) = e.metrics {
+            out.push_str(&format!(
+                "  {:<10} metrics http://{metrics}/metrics\n",
+                e.name
+            ));
+        }
     }
     out.push_str(&format!(
         "\noperator token: {} (mode 0600; it is never printed)\n",

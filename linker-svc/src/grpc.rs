@@ -59,8 +59,8 @@ impl Authority {
             clock,
             operator_digest: token::digest(operator_token),
             service_digests: service_tokens.iter().map(|t| token::digest(t)).collect(),
-            limiter: RateLimiter::new(limits),
-            failures: FailureLimiter::new(limits),
+            limiter: RateLimiter::new("linker", limits),
+            failures: FailureLimiter::new("linker", limits),
         }
     }
 

@@ -42,6 +42,8 @@ pub struct LinkerConfig {
     pub tls: Option<TlsSettings>,
     pub clock: SharedClock,
     pub txt_resolver: Arc<dyn TxtResolver>,
+    /// Where Prometheus scrapes `/metrics`; None for no metrics listener.
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -77,6 +79,7 @@ impl LinkerConfig {
             tls: settings.tls.clone(),
             clock: sightline_runtime::clock::system(),
             txt_resolver,
+            metrics_listen: settings.linker.metrics_addr().map_err(StartError::Config)?,
         })
     }
 }
@@ -112,8 +115,14 @@ impl Linker {
         ));
         let api = LinkerApi::new(store, config.clock, authority, config.txt_resolver);
         let max = config.limits.max_message_bytes;
-        let mut server =
-            GrpcServer::bind(config.listen, config.tls.as_ref(), config.limits).await?;
+        let mut server = GrpcServer::bind(
+            "linker",
+            config.listen,
+            config.tls.as_ref(),
+            config.limits,
+            config.metrics_listen,
+        )
+        .await?;
         server
             .add_service(
                 LinkerServiceServer::new(api.clone())
@@ -133,6 +142,11 @@ impl Linker {
 
     pub fn local_addr(&self) -> SocketAddr {
         self.server.local_addr()
+    }
+
+    /// Where `/metrics` is served, when it is.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.server.metrics_addr()
     }
 
     pub async fn run_until_stopped(self, shutdown: CancellationToken) -> Result<(), StartError> {

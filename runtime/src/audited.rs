@@ -366,7 +366,23 @@ impl LinkerAuditLog {
         authorize(&mut request, &self.service_token)
             .map_err(|e| AuditLogError::Refused(e.message().to_owned()))?;
         request.set_timeout(timeout);
-        match self.client.clone().append_event(request).await {
+        let answer = self.client.clone().append_event(request).await;
+        let outcome = match &answer {
+            Ok(reply) => match reply.get_ref().outcome() {
+                AppendOutcome::Appended => "appended",
+                AppendOutcome::AlreadyAppended => "already_appended",
+                AppendOutcome::Fenced => "fenced",
+                AppendOutcome::Unspecified => "unknown",
+            },
+            Err(_) => "failed",
+        };
+        metrics::counter!(
+            crate::metrics::AUDIT_APPENDS,
+            "service" => self.service.clone(),
+            "outcome" => outcome
+        )
+        .increment(1);
+        match answer {
             Ok(reply) => match reply.into_inner().outcome() {
                 AppendOutcome::Appended | AppendOutcome::AlreadyAppended => Ok(Logged::Appended),
                 AppendOutcome::Fenced => Ok(Logged::Fenced),

@@ -158,7 +158,13 @@ const MAX_KNOWN: u64 = 100_000;
 const MAX_REFUSED: u64 = 10_000;
 
 impl CredentialClient {
-    pub fn new(linker: Channel, service_token: Secret, limits: &Limits) -> Self {
+    /// `component` names the calling service in metrics.
+    pub fn new(
+        linker: Channel,
+        service_token: Secret,
+        component: &'static str,
+        limits: &Limits,
+    ) -> Self {
         Self {
             linker: LinkerServiceClient::new(linker),
             service_token,
@@ -170,7 +176,7 @@ impl CredentialClient {
                 .max_capacity(MAX_REFUSED)
                 .time_to_live(NEGATIVE_TTL)
                 .build(),
-            failures: Arc::new(FailureLimiter::new(limits)),
+            failures: Arc::new(FailureLimiter::new(component, limits)),
             max_ttl: Duration::from_secs(5),
         }
     }

@@ -9,6 +9,7 @@ pub mod auth;
 pub mod client;
 pub mod clock;
 pub mod directory;
+pub mod metrics;
 pub mod pseudonym;
 pub mod ratelimit;
 pub mod secret_file;

@@ -105,6 +105,11 @@ impl<K: Hash + Eq + Clone + Send + Sync + 'static> Buckets<K> {
     }
 }
 
+fn refused(component: &'static str, limit: &'static str) {
+    metrics::counter!(crate::metrics::REFUSED, "service" => component, "limit" => limit)
+        .increment(1);
+}
+
 fn exhausted(message: String, wait_ms: u64) -> Status {
     let mut status = Status::resource_exhausted(message);
     if let Ok(value) = wait_ms.to_string().parse() {
@@ -115,12 +120,15 @@ fn exhausted(message: String, wait_ms: u64) -> Status {
 
 #[derive(Debug)]
 pub struct RateLimiter {
+    component: &'static str,
     calls: Buckets<String>,
 }
 
 impl RateLimiter {
-    pub fn new(limits: &Limits) -> Self {
+    /// `component` names the service in the refusal metric.
+    pub fn new(component: &'static str, limits: &Limits) -> Self {
         Self {
+            component,
             calls: Buckets::new(limits.rate_per_second, limits.rate_burst),
         }
     }
@@ -134,6 +142,7 @@ impl RateLimiter {
         self.calls
             .take(&tenant.to_owned(), now, 1.0)
             .map_err(|wait_ms| {
+                refused(self.component, "tenant_rate");
                 exhausted(
                     format!(
                         "rate limit of {} calls per second exceeded; retry in {wait_ms} ms",
@@ -155,12 +164,14 @@ impl RateLimiter {
 /// on as usual.
 #[derive(Debug)]
 pub struct FailureLimiter {
+    component: &'static str,
     failures: Buckets<PeerKey>,
 }
 
 impl FailureLimiter {
-    pub fn new(limits: &Limits) -> Self {
+    pub fn new(component: &'static str, limits: &Limits) -> Self {
         Self {
+            component,
             failures: Buckets::new(limits.auth_failures_per_second, limits.auth_failure_burst),
         }
     }
@@ -172,6 +183,7 @@ impl FailureLimiter {
         self.failures
             .take(&peer, Instant::now(), 0.0)
             .map_err(|wait_ms| {
+                refused(self.component, "failed_authentications");
                 exhausted(
                     format!(
                         "too many failed authentications from this address; retry in {wait_ms} ms"
@@ -199,11 +211,14 @@ mod tests {
 
     #[test]
     fn a_tenant_past_its_burst_is_refused_and_others_are_not() {
-        let limiter = RateLimiter::new(&Limits {
-            rate_per_second: 10,
-            rate_burst: 3,
-            ..Limits::default()
-        });
+        let limiter = RateLimiter::new(
+            "test",
+            &Limits {
+                rate_per_second: 10,
+                rate_burst: 3,
+                ..Limits::default()
+            },
+        );
         let now = Instant::now();
         for _ in 0..3 {
             assert!(limiter.check_at("org-a", now).is_ok());
@@ -222,7 +237,7 @@ mod tests {
 
     #[test]
     fn memory_stays_bounded_under_random_keys() {
-        let limiter = RateLimiter::new(&Limits::default());
+        let limiter = RateLimiter::new("test", &Limits::default());
         for i in 0..(MAX_KEYS + 20_000) {
             let _ = limiter.check(&format!("key-{i}"));
         }
@@ -236,7 +251,7 @@ mod tests {
             auth_failure_burst: 3,
             ..Limits::default()
         };
-        let failures = FailureLimiter::new(&limits);
+        let failures = FailureLimiter::new("test", &limits);
         let bad_peer = PeerKey::of("10.0.0.1".parse().unwrap());
         let bad = Some(bad_peer);
         let good = Some(PeerKey::of("10.0.0.2".parse().unwrap()));

@@ -51,12 +51,16 @@ const MAX_HEADER_LIST_BYTES: u32 = 256 * 1024;
 
 /// A bound, not yet running, gRPC server.
 pub struct GrpcServer {
+    /// The component it serves, e.g. "consent": the `service` label of its metrics.
+    component: &'static str,
     listener: TcpListener,
     tls: Option<TlsAcceptor>,
     limits: Limits,
     routes: RoutesBuilder,
     health: HealthReporter,
     services: Vec<&'static str>,
+    metrics_addr: Option<SocketAddr>,
+    stop_metrics: CancellationToken,
 }
 
 impl std::fmt::Debug for GrpcServer {
@@ -70,11 +74,14 @@ impl std::fmt::Debug for GrpcServer {
 }
 
 impl GrpcServer {
-    /// Binds `addr` and sets up health and reflection.
+    /// Binds `addr` (and `metrics`, where Prometheus scrapes `/metrics`) and sets up health and
+    /// reflection; `component` names the service in metrics.
     pub async fn bind(
+        component: &'static str,
         addr: SocketAddr,
         tls: Option<&TlsSettings>,
         limits: Limits,
+        metrics: Option<SocketAddr>,
     ) -> Result<Self, ServerError> {
         let tls = tls
             .map(tls::server_config)
@@ -86,7 +93,19 @@ impl GrpcServer {
         let (health, health_service) = tonic_health::server::health_reporter();
         let mut routes = RoutesBuilder::default();
         routes.add_service(health_service);
+        let stop_metrics = CancellationToken::new();
+        let metrics_addr = match metrics {
+            Some(addr) => Some(
+                crate::metrics::serve(addr, stop_metrics.clone())
+                    .await
+                    .map_err(|source| ServerError::Bind { addr, source })?,
+            ),
+            None => None,
+        };
         Ok(Self {
+            component,
+            metrics_addr,
+            stop_metrics,
             listener,
             tls,
             limits,
@@ -139,6 +158,11 @@ impl GrpcServer {
                 }
             }
         });
+    }
+
+    /// Where `/metrics` is served, when it is.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_addr
     }
 
     pub fn local_addr(&self) -> SocketAddr {
@@ -200,8 +224,13 @@ impl GrpcServer {
             tracing::info!(%addr, "shutting down; draining in-flight calls");
         };
         let limit = Duration::from_millis(self.limits.request_timeout_ms);
+        let component = self.component;
         let serve = tonic::transport::Server::builder()
             .tcp_nodelay(true)
+            .layer(tower::layer::layer_fn(move |inner| Measured {
+                inner,
+                component,
+            }))
             // Oversized metadata (a 64 KiB token) reaches the call and gets a status there, instead
             // of the connection being torn down; beyond this the connection is refused.
             .http2_max_header_list_size(Some(MAX_HEADER_LIST_BYTES))
@@ -219,12 +248,15 @@ impl GrpcServer {
             shutdown.cancelled().await;
             tokio::time::sleep(Duration::from_millis(drain_ms)).await;
         };
-        tokio::select! {
-            served = serve => served?,
+        let outcome = tokio::select! {
+            served = serve => served,
             () = bounded => {
                 tracing::warn!(%addr, drain_ms, "drain limit reached; dropping open connections");
+                Ok(())
             }
-        }
+        };
+        self.stop_metrics.cancel();
+        outcome?;
         tracing::info!(%addr, "stopped");
         Ok(())
     }
@@ -362,6 +394,201 @@ impl AsyncWrite for Conn {
 /// status is in the response headers.
 #[derive(Debug, Clone)]
 struct OversizeAsResourceExhausted<S>(S);
+
+/// Measures every call (see [`crate::metrics`]): in flight, then, when its status is known (in the
+/// response headers for an error, in the trailers otherwise), counted by code with its latency. A
+/// call the client abandons is counted as CANCELLED.
+#[derive(Debug, Clone)]
+struct Measured<S> {
+    inner: S,
+    component: &'static str,
+}
+
+impl<S, B> Service<http::Request<B>> for Measured<S>
+where
+    S: Service<http::Request<B>, Response = http::Response<Body>>,
+    S::Future: Send + 'static,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<B>) -> Self::Future {
+        let call = CallRecord::start(self.component, request.uri().path());
+        let future = self.inner.call(request);
+        Box::pin(async move {
+            let mut call = call;
+            let response = future.await?;
+            if let Some(code) = response.headers().get("grpc-status") {
+                call.finish(code);
+                return Ok(response);
+            }
+            Ok(response.map(|body| Body::new(MeasuredBody { inner: body, call })))
+        })
+    }
+}
+
+/// One call being measured; recorded once, as CANCELLED if dropped unfinished.
+struct CallRecord {
+    component: &'static str,
+    grpc_service: &'static str,
+    method: &'static str,
+    started: std::time::Instant,
+    done: bool,
+}
+
+impl CallRecord {
+    fn start(component: &'static str, path: &str) -> Self {
+        let (grpc_service, method) = known_method(path);
+        metrics::gauge!(crate::metrics::IN_FLIGHT, "service" => component).increment(1.0);
+        Self {
+            component,
+            grpc_service,
+            method,
+            started: std::time::Instant::now(),
+            done: false,
+        }
+    }
+
+    fn finish(&mut self, status: &http::HeaderValue) {
+        let code = status
+            .to_str()
+            .ok()
+            .and_then(|s| s.parse::<i32>().ok())
+            .map_or("UNKNOWN", |n| code_name(tonic::Code::from(n)));
+        self.record(code);
+    }
+
+    fn record(&mut self, code: &'static str) {
+        if std::mem::replace(&mut self.done, true) {
+            return;
+        }
+        let labels = [
+            ("service", self.component),
+            ("grpc_service", self.grpc_service),
+            ("grpc_method", self.method),
+        ];
+        metrics::gauge!(crate::metrics::IN_FLIGHT, "service" => self.component).decrement(1.0);
+        metrics::histogram!(crate::metrics::LATENCY, &labels)
+            .record(self.started.elapsed().as_secs_f64());
+        metrics::counter!(
+            crate::metrics::CALLS,
+            "service" => self.component,
+            "grpc_service" => self.grpc_service,
+            "grpc_method" => self.method,
+            "grpc_code" => code
+        )
+        .increment(1);
+    }
+}
+
+impl Drop for CallRecord {
+    fn drop(&mut self) {
+        self.record("CANCELLED");
+    }
+}
+
+/// A response body that records its call when the trailers carry the status.
+struct MeasuredBody {
+    inner: Body,
+    call: CallRecord,
+}
+
+impl http_body::Body for MeasuredBody {
+    type Data = bytes::Bytes;
+    type Error = tonic::Status;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.inner).poll_frame(cx);
+        match &polled {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(code) = frame.trailers_ref().and_then(|t| t.get("grpc-status")) {
+                    this.call.finish(code);
+                }
+            }
+            Poll::Ready(Some(Err(_))) => this.call.record("INTERNAL"),
+            Poll::Ready(None) => this.call.record("UNKNOWN"),
+            Poll::Pending => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// The (service, method) labels of a request path, for the methods the contracts define (plus
+/// health and reflection); anything else is "unknown", so a client cannot mint new series.
+fn known_method(path: &str) -> (&'static str, &'static str) {
+    static KNOWN: std::sync::OnceLock<
+        std::collections::HashMap<String, (&'static str, &'static str)>,
+    > = std::sync::OnceLock::new();
+    let known = KNOWN.get_or_init(|| {
+        let mut known = std::collections::HashMap::new();
+        let mut add = |service: &str, method: &str| {
+            let labels: (&'static str, &'static str) = (
+                Box::leak(service.to_owned().into_boxed_str()),
+                Box::leak(method.to_owned().into_boxed_str()),
+            );
+            known.insert(format!("/{service}/{method}"), labels);
+        };
+        if let Ok(pool) = sightline_proto::classes::pool() {
+            for service in pool.services() {
+                for method in service.methods() {
+                    add(service.full_name(), method.name());
+                }
+            }
+        }
+        add("grpc.health.v1.Health", "Check");
+        add("grpc.health.v1.Health", "Watch");
+        add(
+            "grpc.reflection.v1.ServerReflection",
+            "ServerReflectionInfo",
+        );
+        add(
+            "grpc.reflection.v1alpha.ServerReflection",
+            "ServerReflectionInfo",
+        );
+        known
+    });
+    known.get(path).copied().unwrap_or(("unknown", "unknown"))
+}
+
+fn code_name(code: tonic::Code) -> &'static str {
+    use tonic::Code as C;
+    match code {
+        C::Ok => "OK",
+        C::Cancelled => "CANCELLED",
+        C::Unknown => "UNKNOWN",
+        C::InvalidArgument => "INVALID_ARGUMENT",
+        C::DeadlineExceeded => "DEADLINE_EXCEEDED",
+        C::NotFound => "NOT_FOUND",
+        C::AlreadyExists => "ALREADY_EXISTS",
+        C::PermissionDenied => "PERMISSION_DENIED",
+        C::ResourceExhausted => "RESOURCE_EXHAUSTED",
+        C::FailedPrecondition => "FAILED_PRECONDITION",
+        C::Aborted => "ABORTED",
+        C::OutOfRange => "OUT_OF_RANGE",
+        C::Unimplemented => "UNIMPLEMENTED",
+        C::Internal => "INTERNAL",
+        C::Unavailable => "UNAVAILABLE",
+        C::DataLoss => "DATA_LOSS",
+        C::Unauthenticated => "UNAUTHENTICATED",
+    }
+}
 
 /// Ends a call at the client's deadline (`grpc-timeout`) or the server's limit, whichever comes
 /// first, answering DEADLINE_EXCEEDED (tonic's own timeout answers CANCELLED). The handler's future

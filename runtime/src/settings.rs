@@ -89,14 +89,30 @@ pub struct ServiceSettings {
     pub database_url: Option<Secret>,
     /// How other services reach this one, e.g. `http://127.0.0.1:50051`.
     pub url: String,
+    /// Where Prometheus scrapes `GET /metrics`, off the gRPC port; "off" for none.
+    pub metrics_listen: String,
 }
 
 impl ServiceSettings {
     fn local(port: u16) -> Self {
+        // 50051 → 9151, 50052 → 9152 …; port 0 (tests) → an ephemeral one.
+        let metrics_port = if port == 0 { 0 } else { port - 50_051 + 9_151 };
         Self {
             listen: SocketAddr::from(([127, 0, 0, 1], port)),
             database_url: None,
             url: format!("http://127.0.0.1:{port}"),
+            metrics_listen: format!("127.0.0.1:{metrics_port}"),
+        }
+    }
+
+    /// The metrics listener's address, or None when it is "off".
+    pub fn metrics_addr(&self) -> Result<Option<SocketAddr>, String> {
+        match self.metrics_listen.trim() {
+            "" | "off" => Ok(None),
+            addr => addr
+                .parse()
+                .map(Some)
+                .map_err(|e| format!("metrics_listen {addr:?}: {e}")),
         }
     }
 }

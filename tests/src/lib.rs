@@ -79,6 +79,8 @@ pub struct LinkerOptions {
 #[derive(Debug)]
 pub struct TestLinker {
     pub addr: SocketAddr,
+    /// Where its `/metrics` is served.
+    pub metrics: Option<SocketAddr>,
     pub operator: Secret,
     pub service: Secret,
     pub clock: Arc<ManualClock>,
@@ -114,10 +116,12 @@ impl TestLinker {
             tls: options.tls,
             clock: clock.clone(),
             txt_resolver: txt.clone(),
+            metrics_listen: Some("127.0.0.1:0".parse().unwrap()),
         })
         .await
         .unwrap();
         let addr = linker.local_addr();
+        let metrics = linker.metrics_addr();
         let shutdown = CancellationToken::new();
         let stop = shutdown.clone();
         let served = tokio::spawn(async move {
@@ -125,6 +129,7 @@ impl TestLinker {
         });
         Self {
             addr,
+            metrics,
             operator,
             service,
             clock,
@@ -224,6 +229,8 @@ pub fn readme_block(name: &str) -> String {
 #[derive(Debug)]
 pub struct TestConsent {
     pub addr: SocketAddr,
+    /// Where its `/metrics` is served.
+    pub metrics: Option<SocketAddr>,
     pub database_url: String,
     shutdown: CancellationToken,
     served: Option<tokio::task::JoinHandle<()>>,
@@ -280,10 +287,12 @@ impl TestConsent {
                 call_limit: std::time::Duration::from_millis(limits.request_timeout_ms),
                 ..options
             },
+            metrics_listen: Some("127.0.0.1:0".parse().unwrap()),
         })
         .await
         .unwrap();
         let addr = consent.local_addr();
+        let metrics = consent.metrics_addr();
         let shutdown = CancellationToken::new();
         let stop = shutdown.clone();
         let served = tokio::spawn(async move {
@@ -291,6 +300,7 @@ impl TestConsent {
         });
         Self {
             addr,
+            metrics,
             database_url,
             shutdown,
             served: Some(served),
