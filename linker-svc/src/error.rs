@@ -20,6 +20,8 @@ pub enum LinkerError {
     FailedPrecondition(String),
     #[error("{0}")]
     Unavailable(String),
+    #[error("the deadline left no time to record the change; nothing was changed")]
+    DeadlineExceeded,
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -35,6 +37,7 @@ impl From<StoreError> for LinkerError {
                 LinkKeyRejection::Revoked => "link key has been revoked".to_owned(),
                 LinkKeyRejection::Expired => "link key has expired; regenerate it".to_owned(),
             }),
+            StoreError::DeadlineExceeded => LinkerError::DeadlineExceeded,
             StoreError::Unavailable(e) => LinkerError::Unavailable(e.to_string()),
             StoreError::Database(e) => LinkerError::Internal(e.to_string()),
         }
@@ -61,6 +64,9 @@ impl From<LinkerError> for Status {
                 tracing::warn!(%detail, "storage unavailable");
                 Status::unavailable("storage unavailable; nothing was changed, retry later")
             }
+            LinkerError::DeadlineExceeded => Status::deadline_exceeded(
+                "the deadline left no time to record the change; nothing was changed",
+            ),
             LinkerError::Internal(detail) => {
                 tracing::error!(%detail, "internal error");
                 Status::internal("internal error; nothing was changed")

@@ -44,6 +44,8 @@ pub struct Authority {
     service_digests: Vec<[u8; 32]>,
     limiter: RateLimiter,
     failures: FailureLimiter,
+    /// The server's longest call (`limits.request_timeout_ms`).
+    call_limit: std::time::Duration,
 }
 
 impl Authority {
@@ -61,6 +63,7 @@ impl Authority {
             service_digests: service_tokens.iter().map(|t| token::digest(t)).collect(),
             limiter: RateLimiter::new("linker", limits),
             failures: FailureLimiter::new("linker", limits),
+            call_limit: std::time::Duration::from_millis(limits.request_timeout_ms),
         }
     }
 
@@ -200,6 +203,13 @@ impl LinkerApi {
             return Err(LinkerError::NotFound("org").into());
         }
         Ok(org_id)
+    }
+
+    /// When a call must be done by: the client's deadline or the server's limit, the earlier. A
+    /// change whose audit entry would be written with less than a margin left is refused instead.
+    fn deadline<T>(&self, request: &Request<T>) -> std::time::Instant {
+        let limit = std::time::Instant::now() + self.authority.call_limit;
+        sightline_runtime::audited::deadline_of(request.metadata()).map_or(limit, |d| d.min(limit))
     }
 
     fn issue<R>(&self, kind: TokenKind, make: impl FnOnce(String) -> R) -> (String, NewSecret<R>) {
@@ -397,7 +407,8 @@ impl LinkerService for LinkerApi {
             name,
             created_at: now,
         };
-        let audit = AuditDraft::new(now, caller.actor(), "org.created", org.id.clone());
+        let audit = AuditDraft::new(now, caller.actor(), "org.created", org.id.clone())
+            .until(self.deadline(&request));
         self.store
             .create_org(&org, audit, GENESIS)
             .await
@@ -431,7 +442,8 @@ impl LinkerService for LinkerApi {
             caller.actor(),
             "admin_token.created",
             token.record.id.clone(),
-        );
+        )
+        .until(self.deadline(&request));
         self.store
             .insert_admin_token(&token, audit)
             .await
@@ -452,7 +464,8 @@ impl LinkerService for LinkerApi {
         let org_id = self.admin_of(&caller, &request.get_ref().org_id).await?;
         let token_id = domain::id("token_id", &request.get_ref().token_id)?;
         let now = self.clock.now_ms();
-        let audit = AuditDraft::new(now, caller.actor(), "admin_token.revoked", token_id.clone());
+        let audit = AuditDraft::new(now, caller.actor(), "admin_token.revoked", token_id.clone())
+            .until(self.deadline(&request));
         let revoked = self
             .store
             .revoke_admin_token(&org_id, &token_id, audit)
@@ -490,6 +503,7 @@ impl LinkerService for LinkerApi {
             "link_key.created",
             key.record.id.clone(),
         )
+        .until(self.deadline(&request))
         .with("expires_at_ms", key.record.expires_at.to_string());
         self.store
             .insert_link_key(&key, audit)
@@ -528,6 +542,7 @@ impl LinkerService for LinkerApi {
             "link_key.regenerated",
             key.record.id.clone(),
         )
+        .until(self.deadline(&request))
         .with("revoked_key_id", old_id.clone());
         let revoked = self
             .store
@@ -725,7 +740,8 @@ impl LinkerService for LinkerApi {
             caller.actor(),
             "instance.unlinked",
             instance_id.clone(),
-        );
+        )
+        .until(self.deadline(&request));
         let instance = self
             .store
             .unlink_instance(&org_id, &instance_id, audit)
@@ -822,7 +838,8 @@ impl LinkerService for LinkerApi {
             caller.actor(),
             "credential.revoked",
             credential_id.clone(),
-        );
+        )
+        .until(self.deadline(&request));
         let revoked = self
             .store
             .revoke_credential(&org_id, &credential_id, audit)
@@ -855,7 +872,8 @@ impl LinkerService for LinkerApi {
             claimed_at: now,
             verified_at: None,
         };
-        let audit = AuditDraft::new(now, caller.actor(), "domain.claimed", domain_name.clone());
+        let audit = AuditDraft::new(now, caller.actor(), "domain.claimed", domain_name.clone())
+            .until(self.deadline(&request));
         let claim = self
             .store
             .claim_domain(&claim, audit)
@@ -900,7 +918,8 @@ impl LinkerService for LinkerApi {
             .into());
         }
         let now = self.clock.now_ms();
-        let audit = AuditDraft::new(now, caller.actor(), "domain.verified", domain_name.clone());
+        let audit = AuditDraft::new(now, caller.actor(), "domain.verified", domain_name.clone())
+            .until(self.deadline(&request));
         let verified = self
             .store
             .mark_domain_verified(&org_id, &domain_name, audit)
@@ -1000,7 +1019,8 @@ impl AuditService for LinkerApi {
             domain::audit_text("actor", &r.actor, true)?,
             &domain::audit_action("action", &r.action)?,
             domain::audit_text("target", &r.target, false)?,
-        );
+        )
+        .until(self.deadline(&request));
         draft.service = domain::audit_action("service", &r.service)?;
         if r.attributes.len() > 50 {
             return Err(LinkerError::InvalidArgument {

@@ -180,7 +180,7 @@ impl Auditor {
         Self {
             log,
             margin: Duration::from_millis(20),
-            append_timeout: Duration::from_secs(5),
+            append_timeout: Duration::from_secs(10),
             resolve_timeout: Duration::from_secs(2),
         }
     }
@@ -501,7 +501,7 @@ mod tests {
     #[test]
     fn a_deadline_too_close_leaves_no_budget() {
         let auditor = Auditor::new(Arc::new(NoLog));
-        assert_eq!(auditor.budget(None), Some(Duration::from_secs(5)));
+        assert_eq!(auditor.budget(None), Some(Duration::from_secs(10)));
         assert!(
             auditor
                 .budget(Some(Instant::now() + Duration::from_millis(2)))

@@ -896,3 +896,81 @@ async fn memory_stays_flat_under_floods_of_random_link_keys_and_unknown_tokens()
         grown as f64 / 1_048_576.0
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn linker_writes_past_their_deadline_answer_deadline_exceeded_and_store_nothing() {
+    use sightline_proto::linker::v1 as linker_pb;
+    let roomy = TestLinker::start(LinkerOptions::default()).await;
+    let org = roomy.org("Acme").await;
+    let count_keys = || async {
+        roomy
+            .linker()
+            .await
+            .list_link_keys(authed(
+                &org.admin,
+                linker_pb::ListLinkKeysRequest {
+                    org_id: org.id.clone(),
+                    page_size: 1000,
+                    page_token: String::new(),
+                },
+            ))
+            .await
+            .unwrap()
+            .into_inner()
+            .keys
+            .len()
+    };
+    let audited = || async {
+        roomy
+            .audit()
+            .await
+            .verify_chain(authed(
+                &org.admin,
+                audit_pb::VerifyChainRequest {
+                    org_id: org.id.clone(),
+                },
+            ))
+            .await
+            .unwrap()
+            .into_inner()
+            .entries_checked
+    };
+    let (keys_before, entries_before) = (count_keys().await, audited().await);
+    // 1–2 ms deadlines from the client (tonic answers CANCELLED locally when its own timer fires
+    // first; the server answers DEADLINE_EXCEEDED): none of these may be stored.
+    let mut client = roomy.linker().await;
+    for n in 0..100u64 {
+        let mut request = authed(
+            &org.admin,
+            linker_pb::CreateLinkKeyRequest {
+                org_id: org.id.clone(),
+                label: format!("late-{n}"),
+            },
+        );
+        request.set_timeout(Duration::from_millis(1 + n % 2));
+        let status = client.create_link_key(request).await.unwrap_err();
+        assert!(
+            matches!(status.code(), Code::DeadlineExceeded | Code::Cancelled),
+            "{status:?}"
+        );
+    }
+    // Give any commit that was under way time to land, then count.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(
+        count_keys().await,
+        keys_before,
+        "a late CreateLinkKey was stored"
+    );
+    assert_eq!(audited().await, entries_before, "a late change was audited");
+    // With time to spare it goes through.
+    let mut request = authed(
+        &org.admin,
+        linker_pb::CreateLinkKeyRequest {
+            org_id: org.id.clone(),
+            label: "in time".into(),
+        },
+    );
+    request.set_timeout(Duration::from_secs(5));
+    client.create_link_key(request).await.unwrap();
+    assert_eq!(count_keys().await, keys_before + 1);
+}

@@ -9,8 +9,9 @@ use std::net::SocketAddr;
 use serde_json::Value;
 use sightline_proto::common::v1::{SharingLevel, UsageLevel};
 use sightline_proto::consent::v1 as pb;
+use sightline_runtime::settings::Limits;
 use sightline_tests::consent::{opt_in, stack};
-use sightline_tests::{authed, workspace_root};
+use sightline_tests::{LinkerOptions, TestConsent, TestLinker, authed, workspace_root};
 
 fn scrape(addr: SocketAddr) -> Vec<Value> {
     let out = std::process::Command::new("python3")
@@ -39,7 +40,14 @@ fn value(samples: &[Value], name: &str, labels: &[(&str, &str)]) -> Option<f64> 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_scrape_parses_and_counts_calls_codes_latency_refusals_and_audit_appends() {
-    let (linker, consent) = stack().await;
+    // A small budget of failed authentications, so the flood below surely runs past it.
+    let limits = Limits {
+        auth_failures_per_second: 1,
+        auth_failure_burst: 100,
+        ..Limits::default()
+    };
+    let linker = TestLinker::start(LinkerOptions::default()).await;
+    let consent = TestConsent::start(&linker, None, limits).await;
     let org = linker.org("Acme").await;
     opt_in(&consent, &org, UsageLevel::Basic, SharingLevel::Basic).await;
     let mut client = consent.client().await;

@@ -40,6 +40,8 @@ pub enum StoreError {
     Precondition(&'static str),
     #[error("link key rejected: {0}")]
     LinkKeyRejected(LinkKeyRejection),
+    #[error("the deadline leaves no time to commit the change")]
+    DeadlineExceeded,
     #[error("database unavailable: {0}")]
     Unavailable(#[source] sqlx::Error),
     #[error("database error: {0}")]
@@ -184,7 +186,13 @@ pub struct AuditDraft {
     pub action: String,
     pub target: String,
     pub attributes: BTreeMap<String, String>,
+    /// When the call recording it must be done by: the change is refused, rather than committed
+    /// after its caller stopped waiting, when less than [`COMMIT_MARGIN`] is left.
+    pub deadline: Option<std::time::Instant>,
 }
+
+/// Time kept back from a call's deadline for writing and committing its change.
+pub const COMMIT_MARGIN: std::time::Duration = std::time::Duration::from_millis(20);
 
 impl AuditDraft {
     pub fn new(at: i64, actor: impl Into<String>, action: &str, target: impl Into<String>) -> Self {
@@ -195,7 +203,13 @@ impl AuditDraft {
             action: action.to_owned(),
             target: target.into(),
             attributes: BTreeMap::new(),
+            deadline: None,
         }
+    }
+
+    pub fn until(mut self, deadline: std::time::Instant) -> Self {
+        self.deadline = Some(deadline);
+        self
     }
 
     pub fn with(mut self, key: &str, value: impl Into<String>) -> Self {

@@ -102,6 +102,13 @@ macro_rules! sql_store {
             reserved: AuditHead,
             draft: &AuditDraft,
         ) -> StoreResult<AuditRecord> {
+            // The entry is written last, just before the commit: refuse here, and nothing commits.
+            if draft
+                .deadline
+                .is_some_and(|d| d.saturating_duration_since(std::time::Instant::now()) < crate::store::COMMIT_MARGIN)
+            {
+                return Err(StoreError::DeadlineExceeded);
+            }
             let attributes = attributes_json(draft);
             let hash = audit::hash(Canonical {
                 org_id,
