@@ -684,7 +684,32 @@ impl ConsentService for ConsentApi {
         let r = request.get_ref();
         let consent = Consent::parse(r.settings.as_ref())?;
         let reason = domain::text("reason", &r.reason, 500)?;
+        let request_key = sightline_runtime::idempotency::parse(&r.request_id)
+            .map_err(|reason| ConsentError::InvalidArgument {
+                field: "request_id",
+                reason: reason.to_owned(),
+            })?
+            .map(sightline_runtime::idempotency::request_key);
+        // Locking settles the org's earlier changes, so a first attempt still in flight is found.
         let guard = self.lock(&org_id).await?;
+        if let Some(key) = &request_key
+            && let Some(first) = self
+                .store
+                .consent_by_request(&org_id, key)
+                .await
+                .map_err(ConsentError::from)?
+        {
+            if consent_of(&first)? != consent {
+                return Err(ConsentError::InvalidArgument {
+                    field: "request_id",
+                    reason: "was used for a different change".into(),
+                }
+                .into());
+            }
+            return Ok(Response::new(pb::UpdateConsentResponse {
+                consent: Some(self.version_pb(&first)?),
+            }));
+        }
         let (before, latest) = self.consent(&org_id).await?;
         let current = latest.as_ref().map_or(0, |l| l.version);
         if r.expected_version != 0 && i64::try_from(r.expected_version).ok() != Some(current) {
@@ -720,6 +745,7 @@ impl ConsentService for ConsentApi {
             receipt_signature: self.signer.sign(&payload),
             receipt_payload: payload,
             key_id: self.signer.key_id().to_owned(),
+            request_key,
         };
         let purge = domain::purge_between(Allowance::of(&before), Allowance::of(&consent))
             .map(|spec| self.purge_record(&org_id, None, spec, version));

@@ -13,6 +13,7 @@ use sightline_proto::linker::v1 as pb;
 use sightline_proto::linker::v1::linker_service_server::LinkerService;
 use sightline_runtime::SharedClock;
 use sightline_runtime::auth::{self, Principal};
+use sightline_runtime::idempotency;
 use sightline_runtime::ratelimit::{FailureLimiter, PeerKey, RateLimiter};
 use sightline_runtime::settings::Limits;
 use sightline_runtime::time::{to_proto, to_proto_opt};
@@ -25,7 +26,8 @@ use crate::domains::{self, TxtResolver};
 use crate::error::LinkerError;
 use crate::store::{
     AdminTokenRecord, AppLinkRecord, AuditDraft, AuditRecord, CredentialRecord, DomainRecord,
-    InstanceRecord, KeyedAppend, LinkKeyRecord, LinkerStore, NewLink, NewSecret, OrgRecord,
+    IdempotentReply, InstanceRecord, KeyedAppend, LinkKeyRecord, LinkerStore, NewLink, NewSecret,
+    OrgRecord,
 };
 
 /// How long other services may cache a ValidateCredential answer.
@@ -212,12 +214,89 @@ impl LinkerApi {
         sightline_runtime::audited::deadline_of(request.metadata()).map_or(limit, |d| d.min(limit))
     }
 
+    /// The first answer to an earlier request with this id, when there was one (within 24 hours).
+    async fn replay<M: sightline_proto::prost::Message + Default>(
+        &self,
+        method: &'static str,
+        org_id: &str,
+        request_id: Option<&str>,
+    ) -> Result<Option<M>, Status> {
+        let Some(id) = request_id else {
+            return Ok(None);
+        };
+        let since = self.clock.now_ms() - idempotency::WINDOW_MS;
+        let Some(sealed) = self
+            .store
+            .replay(org_id, method, &idempotency::request_key(id), since)
+            .await
+            .map_err(LinkerError::from)?
+        else {
+            return Ok(None);
+        };
+        let answer = idempotency::open(id, &reply_context(method, org_id), &sealed)
+            .and_then(|plain| M::decode(plain.as_slice()).ok())
+            .ok_or(LinkerError::Internal("a kept answer does not open".into()))?;
+        Ok(Some(answer))
+    }
+
+    /// After storing a change that keeps its answer: when a concurrent request with the same id won
+    /// (the kept answer already exists), its answer; otherwise the store's outcome.
+    async fn after_race<M: sightline_proto::prost::Message + Default>(
+        &self,
+        method: &'static str,
+        org_id: &str,
+        request_id: Option<&str>,
+        stored: Result<(), crate::store::StoreError>,
+    ) -> Result<Option<M>, Status> {
+        match stored {
+            Ok(()) => Ok(None),
+            Err(crate::store::StoreError::AlreadyExists(_)) if request_id.is_some() => {
+                match self.replay(method, org_id, request_id).await? {
+                    Some(first) => Ok(Some(first)),
+                    None => Err(LinkerError::AlreadyExists("record").into()),
+                }
+            }
+            Err(error) => Err(LinkerError::from(error).into()),
+        }
+    }
+
     fn issue<R>(&self, kind: TokenKind, make: impl FnOnce(String) -> R) -> (String, NewSecret<R>) {
         let secret = token::generate(kind);
         let record = make(token::display_prefix(&secret));
         let digest = token::digest(&secret);
         (secret, NewSecret { record, digest })
     }
+}
+
+fn request_id(value: &str) -> Result<Option<&str>, LinkerError> {
+    idempotency::parse(value).map_err(|reason| LinkerError::InvalidArgument {
+        field: "request_id",
+        reason: reason.to_owned(),
+    })
+}
+
+fn reply_context(method: &str, org_id: &str) -> Vec<u8> {
+    format!("{method}/{org_id}").into_bytes()
+}
+
+/// Seals `answer` into `audit` for retries, when the request has an id.
+fn keep_reply<M: sightline_proto::prost::Message>(
+    mut audit: AuditDraft,
+    method: &'static str,
+    org_id: &str,
+    request_id: Option<&str>,
+    answer: &M,
+) -> AuditDraft {
+    audit.reply = request_id.and_then(|id| {
+        let sealed =
+            idempotency::seal(id, &reply_context(method, org_id), &answer.encode_to_vec())?;
+        Some(IdempotentReply {
+            method,
+            request_key: idempotency::request_key(id),
+            sealed,
+        })
+    });
+    audit
 }
 
 fn append_response(org_id: &str, outcome: KeyedAppend) -> audit_pb::AppendEventResponse {
@@ -427,6 +506,10 @@ impl LinkerService for LinkerApi {
         let caller = self.authority.caller(&request).await?;
         let org_id = self.admin_of(&caller, &request.get_ref().org_id).await?;
         let label = domain::label(&request.get_ref().label)?;
+        let request_id = request_id(&request.get_ref().request_id)?;
+        if let Some(first) = self.replay("CreateAdminToken", &org_id, request_id).await? {
+            return Ok(Response::new(first));
+        }
         let now = self.clock.now_ms();
         let (secret, token) = self.issue(TokenKind::Admin, |prefix| AdminTokenRecord {
             id: domain::new_id(),
@@ -444,15 +527,20 @@ impl LinkerService for LinkerApi {
             token.record.id.clone(),
         )
         .until(self.deadline(&request));
-        self.store
-            .insert_admin_token(&token, audit)
-            .await
-            .map_err(LinkerError::from)?;
-        tracing::info!(%org_id, token_id = %token.record.id, "admin token created");
-        Ok(Response::new(pb::CreateAdminTokenResponse {
+        let answer = pb::CreateAdminTokenResponse {
             token: Some(admin_token_pb(&token.record, now)),
             secret,
-        }))
+        };
+        let audit = keep_reply(audit, "CreateAdminToken", &org_id, request_id, &answer);
+        let stored = self.store.insert_admin_token(&token, audit).await;
+        if let Some(first) = self
+            .after_race("CreateAdminToken", &org_id, request_id, stored)
+            .await?
+        {
+            return Ok(Response::new(first));
+        }
+        tracing::info!(%org_id, token_id = %token.record.id, "admin token created");
+        Ok(Response::new(answer))
     }
 
     #[tracing::instrument(skip_all)]
@@ -485,6 +573,10 @@ impl LinkerService for LinkerApi {
         let caller = self.authority.caller(&request).await?;
         let org_id = self.admin_of(&caller, &request.get_ref().org_id).await?;
         let label = domain::label(&request.get_ref().label)?;
+        let request_id = request_id(&request.get_ref().request_id)?;
+        if let Some(first) = self.replay("CreateLinkKey", &org_id, request_id).await? {
+            return Ok(Response::new(first));
+        }
         let now = self.clock.now_ms();
         let (secret, key) = self.issue(TokenKind::LinkKey, |prefix| LinkKeyRecord {
             id: domain::new_id(),
@@ -505,15 +597,20 @@ impl LinkerService for LinkerApi {
         )
         .until(self.deadline(&request))
         .with("expires_at_ms", key.record.expires_at.to_string());
-        self.store
-            .insert_link_key(&key, audit)
-            .await
-            .map_err(LinkerError::from)?;
-        tracing::info!(%org_id, key_id = %key.record.id, "link key created");
-        Ok(Response::new(pb::CreateLinkKeyResponse {
+        let answer = pb::CreateLinkKeyResponse {
             key: Some(link_key_pb(&key.record, now)),
             secret,
-        }))
+        };
+        let audit = keep_reply(audit, "CreateLinkKey", &org_id, request_id, &answer);
+        let stored = self.store.insert_link_key(&key, audit).await;
+        if let Some(first) = self
+            .after_race("CreateLinkKey", &org_id, request_id, stored)
+            .await?
+        {
+            return Ok(Response::new(first));
+        }
+        tracing::info!(%org_id, key_id = %key.record.id, "link key created");
+        Ok(Response::new(answer))
     }
 
     #[tracing::instrument(skip_all)]

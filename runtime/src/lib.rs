@@ -9,6 +9,7 @@ pub mod auth;
 pub mod client;
 pub mod clock;
 pub mod directory;
+pub mod idempotency;
 pub mod metrics;
 pub mod pseudonym;
 pub mod ratelimit;

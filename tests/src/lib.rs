@@ -358,6 +358,7 @@ impl TestLinker {
                 pb::CreateAdminTokenRequest {
                     org_id: id.clone(),
                     label: "ops".into(),
+                    request_id: String::new(),
                 },
             ))
             .await
@@ -392,6 +393,7 @@ impl TestLinker {
                 pb::CreateLinkKeyRequest {
                     org_id: org.id.clone(),
                     label: String::new(),
+                    request_id: String::new(),
                 },
             ))
             .await
@@ -467,6 +469,7 @@ pub mod consent {
                     settings: Some(s),
                     reason: "test".into(),
                     expected_version: 0,
+                    request_id: String::new(),
                 },
             ))
             .await

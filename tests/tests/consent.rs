@@ -546,6 +546,7 @@ async fn bad_input_names_the_field_and_changes_nothing() {
                 settings: Some(s),
                 reason: String::new(),
                 expected_version: 0,
+                request_id: String::new(),
             },
         )
     };

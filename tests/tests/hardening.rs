@@ -243,6 +243,7 @@ async fn write(
             settings: Some(settings(usage, sharing)),
             reason: reason.into(),
             expected_version: 0,
+            request_id: String::new(),
         },
     );
     if let Some(timeout) = timeout {
@@ -546,6 +547,7 @@ async fn hostile_input_gets_a_status_naming_the_field_not_an_internal_error() {
         settings: Some(settings(UsageLevel::Basic, SharingLevel::Basic)),
         reason: "looks fine\u{2066}".into(),
         expected_version: 0,
+        request_id: String::new(),
     };
     let refused = consent_client
         .update_consent(authed(&org.admin, update.clone()))
@@ -945,6 +947,7 @@ async fn linker_writes_past_their_deadline_answer_deadline_exceeded_and_store_no
             linker_pb::CreateLinkKeyRequest {
                 org_id: org.id.clone(),
                 label: format!("late-{n}"),
+                request_id: String::new(),
             },
         );
         request.set_timeout(Duration::from_millis(1 + n % 2));
@@ -968,9 +971,141 @@ async fn linker_writes_past_their_deadline_answer_deadline_exceeded_and_store_no
         linker_pb::CreateLinkKeyRequest {
             org_id: org.id.clone(),
             label: "in time".into(),
+            request_id: String::new(),
         },
     );
     request.set_timeout(Duration::from_secs(5));
     client.create_link_key(request).await.unwrap();
     assert_eq!(count_keys().await, keys_before + 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_retried_write_with_its_request_id_returns_the_first_answer_and_stores_once() {
+    use sightline_proto::linker::v1 as linker_pb;
+    let (linker, consent) = stack().await;
+    let org = linker.org("Acme").await;
+    let id = "Jx8nQe2v_T0aPZk3LmR7wA-retry1";
+    let create = |request_id: &str| {
+        authed(
+            &org.admin,
+            linker_pb::CreateLinkKeyRequest {
+                org_id: org.id.clone(),
+                label: "companion".into(),
+                request_id: request_id.into(),
+            },
+        )
+    };
+    // Concurrent retries of one request: one key, one answer.
+    let mut answers = Vec::new();
+    let mut tasks = Vec::new();
+    for _ in 0..8 {
+        let mut client = linker.linker().await;
+        let request = create(id);
+        tasks.push(tokio::spawn(async move {
+            client.create_link_key(request).await.unwrap().into_inner()
+        }));
+    }
+    for task in tasks {
+        answers.push(task.await.unwrap());
+    }
+    let first = answers[0].clone();
+    assert!(
+        answers.iter().all(|a| a == &first),
+        "one answer for every retry"
+    );
+    let again = linker
+        .linker()
+        .await
+        .create_link_key(create(id))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(again, first);
+    let other = linker
+        .linker()
+        .await
+        .create_link_key(create("Jx8nQe2v_T0aPZk3LmR7wA-retry2"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_ne!(other.secret, first.secret);
+    let keys = linker
+        .linker()
+        .await
+        .list_link_keys(authed(
+            &org.admin,
+            linker_pb::ListLinkKeysRequest {
+                org_id: org.id.clone(),
+                page_size: 100,
+                page_token: String::new(),
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .keys;
+    assert_eq!(keys.len(), 2, "nothing stored twice");
+    let bad = linker
+        .linker()
+        .await
+        .create_link_key(create("short"))
+        .await
+        .unwrap_err();
+    assert!(
+        bad.message().starts_with("request_id:"),
+        "{}",
+        bad.message()
+    );
+    // The kept answer reveals neither the secret nor the request id.
+    drop(linker.linker().await);
+    let stored = std::fs::read(linker.sqlite_path()).unwrap();
+    let wal = std::fs::read(linker.sqlite_path().with_extension("db-wal")).unwrap_or_default();
+    for bytes in [&stored, &wal] {
+        for needle in [first.secret.as_bytes(), id.as_bytes()] {
+            assert!(
+                !bytes.windows(needle.len()).any(|w| w == needle),
+                "{} found in the database",
+                String::from_utf8_lossy(needle)
+            );
+        }
+    }
+
+    // UpdateConsent: a retry gets the first version; the same id with other settings is refused.
+    let mut client = consent.client().await;
+    let update = |usage: UsageLevel| {
+        authed(
+            &org.admin,
+            consent_pb::UpdateConsentRequest {
+                org_id: org.id.clone(),
+                settings: Some(settings(usage, SharingLevel::Basic)),
+                reason: "rollout".into(),
+                expected_version: 0,
+                request_id: "consent-Jx8nQe2v_T0aPZk3LmR7wA".into(),
+            },
+        )
+    };
+    let v1 = client
+        .update_consent(update(UsageLevel::Basic))
+        .await
+        .unwrap()
+        .into_inner()
+        .consent
+        .unwrap();
+    let retried = client
+        .update_consent(update(UsageLevel::Basic))
+        .await
+        .unwrap()
+        .into_inner()
+        .consent
+        .unwrap();
+    assert_eq!(retried, v1);
+    let reused = client
+        .update_consent(update(UsageLevel::Advanced))
+        .await
+        .unwrap_err();
+    assert_eq!(reused.code(), Code::InvalidArgument);
+    assert!(reused.message().starts_with("request_id:"));
+    let ledger = ledger(&linker, &mut client, &org).await;
+    assert_eq!(ledger.stored.len(), 1, "one version");
+    assert_eq!(ledger.entries.get(&1), Some(&1), "one audit entry");
 }

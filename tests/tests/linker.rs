@@ -464,7 +464,8 @@ async fn an_org_admin_can_neither_read_nor_change_another_org() {
         "CreateAdminToken",
         linker_client.create_admin_token(pb::CreateAdminTokenRequest {
             org_id: b.id.clone(),
-            label: "x".into()
+            label: "x".into(),
+            request_id: String::new(),
         })
     );
     call!(
@@ -478,7 +479,8 @@ async fn an_org_admin_can_neither_read_nor_change_another_org() {
         "CreateLinkKey",
         linker_client.create_link_key(pb::CreateLinkKeyRequest {
             org_id: b.id.clone(),
-            label: String::new()
+            label: String::new(),
+            request_id: String::new(),
         })
     );
     call!(
@@ -803,6 +805,7 @@ async fn bad_input_names_the_field_and_writes_nothing() {
                 pb::CreateLinkKeyRequest {
                     org_id: acme.id.clone(),
                     label: String::new(),
+                    request_id: String::new(),
                 },
             ))
             .await
@@ -825,6 +828,7 @@ async fn bad_input_names_the_field_and_writes_nothing() {
                 pb::CreateLinkKeyRequest {
                     org_id: acme.id.clone(),
                     label: "x".repeat(100_000),
+                    request_id: String::new(),
                 },
             ))
             .await
@@ -839,6 +843,7 @@ async fn bad_input_names_the_field_and_writes_nothing() {
                 pb::CreateLinkKeyRequest {
                     org_id: acme.id.clone(),
                     label: "x".repeat(300),
+                    request_id: String::new(),
                 },
             ))
             .await
@@ -957,6 +962,7 @@ async fn a_linker_action_whose_audit_entry_cannot_be_written_fails_and_changes_n
             pb::CreateLinkKeyRequest {
                 org_id: acme.id.clone(),
                 label: String::new(),
+                request_id: String::new(),
             },
         ))
         .await
@@ -978,7 +984,8 @@ async fn a_linker_action_whose_audit_entry_cannot_be_written_fails_and_changes_n
                 &acme.admin,
                 pb::CreateLinkKeyRequest {
                     org_id: acme.id.clone(),
-                    label: String::new()
+                    label: String::new(),
+                    request_id: String::new(),
                 }
             ))
             .await

@@ -433,7 +433,14 @@ async fn a_watcher_that_falls_behind_gets_aborted() {
                 },
             ))
             .await
-            .unwrap();
+            .unwrap_or_else(|status| {
+                let logs = sightline_tests::logs().text();
+                let why: Vec<&str> = logs
+                    .lines()
+                    .filter(|l| l.contains(" WARN ") || l.contains(" ERROR ") || l.contains("fenced"))
+                    .collect();
+                panic!("change {i}: {status:?}\n{}", why[why.len().saturating_sub(15)..].join("\n"))
+            });
     }
     let mut delivered = 0;
     let end = loop {

@@ -266,6 +266,7 @@ async fn with_tls_on_consent_calls_linker_over_mtls_and_clients_change_consent_o
             linker_pb::CreateAdminTokenRequest {
                 org_id: org_id.clone(),
                 label: "ops".into(),
+                request_id: String::new(),
             },
         ))
         .await
@@ -302,6 +303,7 @@ async fn with_tls_on_consent_calls_linker_over_mtls_and_clients_change_consent_o
                     }),
                     reason: format!("over {want:?}"),
                     expected_version: 0,
+                    request_id: String::new(),
                 },
             ))
             .await

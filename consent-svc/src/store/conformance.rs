@@ -86,6 +86,7 @@ fn version(org: &str, v: i64, usage: &str) -> ConsentRecord {
         receipt_payload: format!("payload {v}").into_bytes(),
         receipt_signature: vec![7; 64],
         key_id: "k".into(),
+        request_key: None,
     }
 }
 

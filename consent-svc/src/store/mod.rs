@@ -69,6 +69,9 @@ pub struct ConsentRecord {
     pub receipt_payload: Vec<u8>,
     pub receipt_signature: Vec<u8>,
     pub key_id: String,
+    /// The digest of the client's request id the version was made for, if it gave one.
+    #[serde(default)]
+    pub request_key: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow, Serialize, Deserialize)]
@@ -198,6 +201,12 @@ pub trait ConsentStore: ChangeLog + Send + Sync + std::fmt::Debug + 'static {
         &self,
         org_id: &str,
         version: i64,
+    ) -> StoreResult<Option<ConsentRecord>>;
+    /// The version made for the request whose id digests to `request_key`.
+    async fn consent_by_request(
+        &self,
+        org_id: &str,
+        request_key: &str,
     ) -> StoreResult<Option<ConsentRecord>>;
     /// Newest first, versions below `before` (all when None).
     async fn list_consent(

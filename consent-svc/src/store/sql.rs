@@ -36,7 +36,7 @@ fn staged_of(
 const PURGE_COLUMNS: &str = "purge_id, org_id, scope, instance_id, delete_kinds, strip_classes, withdraw_metadata, withdraw_in_app_data, before_consent_version, before_revision, issued_at";
 const RETENTION_COLUMNS: &str = "org_id, raw_days, assessment_days, aggregate_days, updated_at, score_history_days, support_bundle_days, event_id_days";
 
-const CONSENT_COLUMNS: &str = "org_id, version, usage_level, sharing_level, contribute_metadata, contribute_in_app_data, compliance_restricted, actor, reason, created_at, receipt_payload, receipt_signature, key_id";
+const CONSENT_COLUMNS: &str = "org_id, version, usage_level, sharing_level, contribute_metadata, contribute_in_app_data, compliance_restricted, actor, reason, created_at, receipt_payload, receipt_signature, key_id, request_key";
 
 macro_rules! sql_store {
     ($store:ident, $pool:ty, $db:ty, $begin:literal) => {
@@ -58,7 +58,7 @@ macro_rules! sql_store {
             match change {
                 Change::Consent(c) => {
                     sqlx::query(sqlx::AssertSqlSafe(format!(
-                        "INSERT INTO consent_versions ({CONSENT_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)"
+                        "INSERT INTO consent_versions ({CONSENT_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)"
                     )))
                     .bind(&c.org_id)
                     .bind(c.version)
@@ -73,6 +73,7 @@ macro_rules! sql_store {
                     .bind(&c.receipt_payload)
                     .bind(&c.receipt_signature)
                     .bind(&c.key_id)
+                    .bind(&c.request_key)
                     .execute(&mut **tx)
                     .await?;
                 }
@@ -220,6 +221,16 @@ macro_rules! sql_store {
                 )))
                 .bind(org_id)
                 .bind(version)
+                .fetch_optional(&self.pool)
+                .await?)
+            }
+
+            async fn consent_by_request(&self, org_id: &str, request_key: &str) -> StoreResult<Option<ConsentRecord>> {
+                Ok(sqlx::query_as(sqlx::AssertSqlSafe(format!(
+                    "SELECT {CONSENT_COLUMNS} FROM consent_versions WHERE org_id = $1 AND request_key = $2"
+                )))
+                .bind(org_id)
+                .bind(request_key)
                 .fetch_optional(&self.pool)
                 .await?)
             }

@@ -189,6 +189,17 @@ pub struct AuditDraft {
     /// When the call recording it must be done by: the change is refused, rather than committed
     /// after its caller stopped waiting, when less than [`COMMIT_MARGIN`] is left.
     pub deadline: Option<std::time::Instant>,
+    /// The sealed first answer to keep for retries of the same request, written with the entry.
+    pub reply: Option<IdempotentReply>,
+}
+
+/// A first answer kept for retries (`runtime::idempotency`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IdempotentReply {
+    pub method: &'static str,
+    /// The digest of the request id.
+    pub request_key: String,
+    pub sealed: Vec<u8>,
 }
 
 /// Time kept back from a call's deadline for writing and committing its change.
@@ -204,6 +215,7 @@ impl AuditDraft {
             target: target.into(),
             attributes: BTreeMap::new(),
             deadline: None,
+            reply: None,
         }
     }
 
@@ -400,6 +412,14 @@ pub trait LinkerStore: Send + Sync + std::fmt::Debug + 'static {
         action_prefix: &str,
     ) -> StoreResult<Vec<AuditRecord>>;
     async fn audit_head(&self, org_id: &str) -> StoreResult<Option<AuditHead>>;
+    /// The sealed first answer of a request, when one was kept since `since` (Unix ms).
+    async fn replay(
+        &self,
+        org_id: &str,
+        method: &str,
+        request_key: &str,
+        since: i64,
+    ) -> StoreResult<Option<Vec<u8>>>;
 }
 
 #[cfg(test)]

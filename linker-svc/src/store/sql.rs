@@ -142,6 +142,24 @@ macro_rules! sql_store {
                 .bind(org_id)
                 .execute(&mut **tx)
                 .await?;
+            if let Some(reply) = &draft.reply {
+                // Answers past the retry window go as new ones are kept.
+                sqlx::query("DELETE FROM idempotent_replies WHERE org_id = $1 AND created_at < $2")
+                    .bind(org_id)
+                    .bind(draft.at - sightline_runtime::idempotency::WINDOW_MS)
+                    .execute(&mut **tx)
+                    .await?;
+                sqlx::query(
+                    "INSERT INTO idempotent_replies (org_id, method, request_key, sealed, created_at) VALUES ($1, $2, $3, $4, $5)",
+                )
+                .bind(org_id)
+                .bind(reply.method)
+                .bind(&reply.request_key)
+                .bind(&reply.sealed)
+                .bind(draft.at)
+                .execute(&mut **tx)
+                .await?;
+            }
             Ok(AuditRecord {
                 org_id: org_id.to_owned(),
                 seq: reserved.seq,
@@ -733,6 +751,19 @@ macro_rules! sql_store {
                 .bind(starts_with_pattern(action_prefix))
                 .fetch_all(&self.pool)
                 .await?)
+            }
+
+            async fn replay(&self, org_id: &str, method: &str, request_key: &str, since: i64) -> StoreResult<Option<Vec<u8>>> {
+                let row: Option<(Vec<u8>,)> = sqlx::query_as(
+                    "SELECT sealed FROM idempotent_replies WHERE org_id = $1 AND method = $2 AND request_key = $3 AND created_at >= $4",
+                )
+                .bind(org_id)
+                .bind(method)
+                .bind(request_key)
+                .bind(since)
+                .fetch_optional(&self.pool)
+                .await?;
+                Ok(row.map(|(sealed,)| sealed))
             }
 
             async fn audit_head(&self, org_id: &str) -> StoreResult<Option<AuditHead>> {

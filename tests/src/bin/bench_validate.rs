@@ -62,6 +62,7 @@ async fn main() {
             pb::CreateLinkKeyRequest {
                 org_id,
                 label: String::new(),
+                request_id: String::new(),
             },
         ))
         .await

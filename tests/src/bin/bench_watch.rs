@@ -93,6 +93,7 @@ async fn main() {
                     }),
                     reason: "bench".into(),
                     expected_version: 0,
+                    request_id: String::new(),
                 },
             ))
             .await
