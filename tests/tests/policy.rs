@@ -437,9 +437,14 @@ async fn a_watcher_that_falls_behind_gets_aborted() {
                 let logs = sightline_tests::logs().text();
                 let why: Vec<&str> = logs
                     .lines()
-                    .filter(|l| l.contains(" WARN ") || l.contains(" ERROR ") || l.contains("fenced"))
+                    .filter(|l| {
+                        l.contains(" WARN ") || l.contains(" ERROR ") || l.contains("fenced")
+                    })
                     .collect();
-                panic!("change {i}: {status:?}\n{}", why[why.len().saturating_sub(15)..].join("\n"))
+                panic!(
+                    "change {i}: {status:?}\n{}",
+                    why[why.len().saturating_sub(15)..].join("\n")
+                )
             });
     }
     let mut delivered = 0;
