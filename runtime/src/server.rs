@@ -652,30 +652,72 @@ where
         let future = self.0.call(request);
         Box::pin(async move {
             let mut response = future.await?;
-            let headers = response.headers_mut();
-            let oversize = headers
-                .get("grpc-status")
-                .is_some_and(|s| s == OUT_OF_RANGE)
-                && headers
-                    .get("grpc-message")
-                    .and_then(|m| m.to_str().ok())
-                    .is_some_and(|m| {
-                        m.contains("message%20length%20too%20large")
-                            || m.contains("message length too large")
-                    });
-            if oversize {
-                headers.insert(
-                    "grpc-status",
-                    http::HeaderValue::from_static(RESOURCE_EXHAUSTED),
-                );
-                headers.insert(
-                    "grpc-message",
-                    http::HeaderValue::from_static(
-                        "request: message exceeds the server's max_message_bytes limit",
-                    ),
-                );
+            // A request too large fails before any reply: the status is in the headers.
+            if rewrite_oversize(
+                response.headers_mut(),
+                "request: message exceeds the server's max_message_bytes limit",
+            ) {
+                return Ok(response);
             }
-            Ok(response)
+            // A reply too large fails while it is encoded: the status is in the trailers.
+            Ok(response.map(|body| Body::new(OversizeReply { inner: body })))
         })
+    }
+}
+
+/// Turns tonic's OUT_OF_RANGE "message length too large" in `headers` into RESOURCE_EXHAUSTED with
+/// `message`; says whether it did.
+fn rewrite_oversize(headers: &mut http::HeaderMap, message: &'static str) -> bool {
+    let oversize = headers
+        .get("grpc-status")
+        .is_some_and(|s| s == OUT_OF_RANGE)
+        && headers
+            .get("grpc-message")
+            .and_then(|m| m.to_str().ok())
+            .is_some_and(|m| {
+                m.contains("message%20length%20too%20large")
+                    || m.contains("message length too large")
+            });
+    if oversize {
+        headers.insert(
+            "grpc-status",
+            http::HeaderValue::from_static(RESOURCE_EXHAUSTED),
+        );
+        headers.insert("grpc-message", http::HeaderValue::from_static(message));
+    }
+    oversize
+}
+
+/// A reply body whose trailers get the same rewrite.
+struct OversizeReply {
+    inner: Body,
+}
+
+impl http_body::Body for OversizeReply {
+    type Data = bytes::Bytes;
+    type Error = tonic::Status;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        let mut polled = Pin::new(&mut self.get_mut().inner).poll_frame(cx);
+        if let Poll::Ready(Some(Ok(frame))) = &mut polled
+            && let Some(trailers) = frame.trailers_mut()
+        {
+            rewrite_oversize(
+                trailers,
+                "reply: message exceeds the server's max_message_bytes limit; ask for a smaller page",
+            );
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
     }
 }

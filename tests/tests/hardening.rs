@@ -1125,3 +1125,48 @@ async fn a_retried_write_with_its_request_id_returns_the_first_answer_and_stores
     assert_eq!(ledger.stored.len(), 1, "one version");
     assert_eq!(ledger.entries.get(&1), Some(&1), "one audit entry");
 }
+
+#[tokio::test]
+async fn a_reply_over_the_size_limit_answers_resource_exhausted() {
+    let linker = TestLinker::start(LinkerOptions::default()).await;
+    let small = Limits {
+        max_message_bytes: 4_096,
+        ..Limits::default()
+    };
+    let consent = TestConsent::start(&linker, None, small).await;
+    let org = linker.org("Acme").await;
+    for n in 0..20u32 {
+        let usage = if n.is_multiple_of(2) {
+            UsageLevel::Basic
+        } else {
+            UsageLevel::Advanced
+        };
+        sightline_tests::consent::opt_in(&consent, &org, usage, SharingLevel::Basic).await;
+    }
+    let mut client = consent.client().await;
+    let history = |page_size: u32| {
+        authed(
+            &org.admin,
+            consent_pb::ListConsentHistoryRequest {
+                org_id: org.id.clone(),
+                page_size,
+                page_token: String::new(),
+            },
+        )
+    };
+    // Twenty versions with their signed receipts do not fit in 4 KiB.
+    let refused = client.list_consent_history(history(20)).await.unwrap_err();
+    assert_eq!(refused.code(), Code::ResourceExhausted, "{refused:?}");
+    assert!(
+        refused.message().starts_with("reply:"),
+        "{}",
+        refused.message()
+    );
+    // A smaller page does.
+    let page = client
+        .list_consent_history(history(2))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(page.versions.len(), 2);
+}
