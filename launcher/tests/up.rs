@@ -285,3 +285,138 @@ fn under_umask_022_the_data_directory_is_0700_and_every_file_in_it_0600() {
     let stderr = String::from_utf8_lossy(&refused.stderr);
     assert!(stderr.contains("chmod 700"), "{stderr}");
 }
+
+/// A CA, a certificate for the services (localhost and 127.0.0.1) and one for a client, as PEM files.
+fn pki(dir: &Path) {
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    // Distinct names: OpenSSL takes a leaf named like its issuer for a self-signed one.
+    ca_params
+        .distinguished_name
+        .push(DnType::CommonName, "Sightline test CA");
+    let ca = ca_params.self_signed(&ca_key).unwrap();
+    let issuer = Issuer::new(ca_params, ca_key);
+    for (name, sans) in [
+        (
+            "server",
+            vec!["localhost".to_owned(), "127.0.0.1".to_owned()],
+        ),
+        ("client", vec!["admin.acme.example".to_owned()]),
+    ] {
+        let key = KeyPair::generate().unwrap();
+        let mut params = CertificateParams::new(sans).unwrap();
+        params
+            .distinguished_name
+            .push(DnType::CommonName, format!("sightline {name}"));
+        let cert = params.signed_by(&key, &issuer).unwrap();
+        std::fs::write(dir.join(format!("{name}.pem")), cert.pem()).unwrap();
+        std::fs::write(dir.join(format!("{name}.key")), key.serialize_pem()).unwrap();
+    }
+    std::fs::write(dir.join("ca.pem"), ca.pem()).unwrap();
+}
+
+/// The TLS version a handshake with `addr` settles on when the client allows only `version`.
+fn handshake(addr: &str, dir: &Path, version: &str) -> String {
+    let probe = r#"
+import socket, ssl, sys
+addr, d, v = sys.argv[1], sys.argv[2], sys.argv[3]
+ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+ctx.load_verify_locations(d + "/ca.pem")
+ctx.load_cert_chain(d + "/client.pem", d + "/client.key")
+ctx.minimum_version = ctx.maximum_version = getattr(ssl.TLSVersion, v)
+ctx.set_alpn_protocols(["h2"])
+host, port = addr.rsplit(":", 1)
+with socket.create_connection((host, int(port)), timeout=5) as s:
+    with ctx.wrap_socket(s, server_hostname="localhost") as t:
+        print(t.version())
+"#;
+    let out = Command::new("python3")
+        .args(["-c", probe, addr])
+        .arg(dir)
+        .arg(version)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+#[test]
+fn up_with_tls_on_works_end_to_end_over_tls_1_2_and_1_3_with_client_certificates() {
+    let data = tempfile::tempdir().unwrap();
+    let pki_dir = data.path().join("pki");
+    std::fs::create_dir(&pki_dir).unwrap();
+    pki(&pki_dir);
+    let path = |f: &str| pki_dir.join(f).display().to_string();
+    let env = [
+        ("SIGHTLINE_TLS__CERT", path("server.pem")),
+        ("SIGHTLINE_TLS__KEY", path("server.key")),
+        ("SIGHTLINE_TLS__CLIENT_CA", path("ca.pem")),
+    ];
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let state = data.path().join("state");
+    let mut up = start_up(&state, &env);
+    assert!(!up.banner.contains("-plaintext"), "{}", up.banner);
+
+    // Both services speak TLS 1.2 and 1.3 (and nothing older: see tests/tls.rs).
+    for addr in [&up.linker, &up.consent] {
+        assert_eq!(handshake(addr, &pki_dir, "TLSv1_2"), "TLSv1.2");
+        assert_eq!(handshake(addr, &pki_dir, "TLSv1_3"), "TLSv1.3");
+    }
+    // An admin flow over TLS with a client certificate: the consent change needs consent-svc to
+    // reach linker-svc over mTLS for the credential check and the audit entry.
+    let token = std::fs::read_to_string(state.join("operator.token")).unwrap();
+    let tls = |addr: &str, bearer: &str, method: &str, body: &str| {
+        grpcurl(&[
+            "-cacert",
+            &path("ca.pem"),
+            "-cert",
+            &path("client.pem"),
+            "-key",
+            &path("client.key"),
+            "-servername",
+            "localhost",
+            "-H",
+            &format!("authorization: Bearer {}", bearer.trim()),
+            "-d",
+            body,
+            addr,
+            method,
+        ])
+    };
+    let org: serde_json::Value = serde_json::from_str(&tls(
+        &up.linker,
+        &token,
+        "sightline.linker.v1.LinkerService/CreateOrg",
+        r#"{"name":"Acme"}"#,
+    ))
+    .unwrap();
+    let org_id = org["org"]["orgId"].as_str().unwrap().to_owned();
+    let admin: serde_json::Value = serde_json::from_str(&tls(
+        &up.linker,
+        &token,
+        "sightline.linker.v1.LinkerService/CreateAdminToken",
+        &format!(r#"{{"org_id":"{org_id}"}}"#),
+    ))
+    .unwrap();
+    let admin = admin["secret"].as_str().unwrap().to_owned();
+    let changed = tls(
+        &up.consent,
+        &admin,
+        "sightline.consent.v1.ConsentService/UpdateConsent",
+        &format!(
+            r#"{{"org_id":"{org_id}","reason":"tls","settings":{{"usage_level":"USAGE_LEVEL_BASIC","sharing_level":"SHARING_LEVEL_BASIC"}}}}"#
+        ),
+    );
+    assert!(changed.contains("\"version\": \"1\""), "{changed}");
+    Command::new("kill")
+        .arg(up.child.id().to_string())
+        .status()
+        .unwrap();
+    assert!(up.child.wait().unwrap().success());
+}
