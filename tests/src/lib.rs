@@ -380,6 +380,44 @@ pub struct TestInstance {
 }
 
 impl TestLinker {
+    /// VerifyChain of `org`'s audit log, as its admin.
+    pub async fn verify_chain(
+        &self,
+        org: &TestOrg,
+    ) -> sightline_proto::audit::v1::VerifyChainResponse {
+        use sightline_proto::audit::v1 as pb;
+        self.audit()
+            .await
+            .verify_chain(authed(
+                &org.admin,
+                pb::VerifyChainRequest {
+                    org_id: org.id.clone(),
+                },
+            ))
+            .await
+            .unwrap()
+            .into_inner()
+    }
+
+    /// `org`'s link keys (first 1000), as its admin.
+    pub async fn link_keys(&self, org: &TestOrg) -> Vec<sightline_proto::linker::v1::LinkKeyInfo> {
+        use sightline_proto::linker::v1 as pb;
+        self.linker()
+            .await
+            .list_link_keys(authed(
+                &org.admin,
+                pb::ListLinkKeysRequest {
+                    org_id: org.id.clone(),
+                    page_size: 1000,
+                    page_token: String::new(),
+                },
+            ))
+            .await
+            .unwrap()
+            .into_inner()
+            .keys
+    }
+
     /// A new link key of `org`, made by its admin.
     pub async fn create_link_key(
         &self,

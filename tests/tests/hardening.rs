@@ -48,20 +48,10 @@ async fn verify_chain_never_reports_tampering_on_an_intact_chain_under_concurren
             }
         }));
     }
-    let mut audit = linker.audit().await;
     let mut checks = 0;
     let mut false_reports = Vec::new();
     while writers.iter().any(|w| !w.is_finished()) || checks < 40 {
-        let verdict = audit
-            .verify_chain(authed(
-                &org.admin,
-                audit_pb::VerifyChainRequest {
-                    org_id: org.id.clone(),
-                },
-            ))
-            .await
-            .unwrap()
-            .into_inner();
+        let verdict = linker.verify_chain(&org).await;
         checks += 1;
         if !verdict.intact {
             false_reports.push(verdict);
@@ -139,17 +129,7 @@ async fn ledger(linker: &TestLinker, consent: &mut ConsentClient, org: &TestOrg)
         }
         page_token = page.next_page_token;
     }
-    let chain_intact = audit
-        .verify_chain(authed(
-            &org.admin,
-            audit_pb::VerifyChainRequest {
-                org_id: org.id.clone(),
-            },
-        ))
-        .await
-        .unwrap()
-        .into_inner()
-        .intact;
+    let chain_intact = linker.verify_chain(org).await.intact;
     Ledger {
         stored,
         entries,
@@ -920,39 +900,8 @@ async fn linker_writes_past_their_deadline_answer_deadline_exceeded_and_store_no
     use sightline_proto::linker::v1 as linker_pb;
     let roomy = TestLinker::start(LinkerOptions::default()).await;
     let org = roomy.org("Acme").await;
-    let count_keys = || async {
-        roomy
-            .linker()
-            .await
-            .list_link_keys(authed(
-                &org.admin,
-                linker_pb::ListLinkKeysRequest {
-                    org_id: org.id.clone(),
-                    page_size: 1000,
-                    page_token: String::new(),
-                },
-            ))
-            .await
-            .unwrap()
-            .into_inner()
-            .keys
-            .len()
-    };
-    let audited = || async {
-        roomy
-            .audit()
-            .await
-            .verify_chain(authed(
-                &org.admin,
-                audit_pb::VerifyChainRequest {
-                    org_id: org.id.clone(),
-                },
-            ))
-            .await
-            .unwrap()
-            .into_inner()
-            .entries_checked
-    };
+    let count_keys = || async { roomy.link_keys(&org).await.len() };
+    let audited = || async { roomy.verify_chain(&org).await.entries_checked };
     let (keys_before, entries_before) = (count_keys().await, audited().await);
     // 1–2 ms deadlines from the client (tonic answers CANCELLED locally when its own timer fires
     // first; the server answers DEADLINE_EXCEEDED): none of these may be stored.
@@ -1045,21 +994,7 @@ async fn a_retried_write_with_its_request_id_returns_the_first_answer_and_stores
         .unwrap()
         .into_inner();
     assert_ne!(other.secret, first.secret);
-    let keys = linker
-        .linker()
-        .await
-        .list_link_keys(authed(
-            &org.admin,
-            linker_pb::ListLinkKeysRequest {
-                org_id: org.id.clone(),
-                page_size: 100,
-                page_token: String::new(),
-            },
-        ))
-        .await
-        .unwrap()
-        .into_inner()
-        .keys;
+    let keys = linker.link_keys(&org).await;
     assert_eq!(keys.len(), 2, "nothing stored twice");
     let bad = linker
         .linker()
