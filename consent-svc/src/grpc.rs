@@ -125,6 +125,7 @@ impl ConsentApi {
         let org_id = domain::id("org_id", org_id)?;
         caller.require_admin_of(&org_id)?;
         self.directory.require_org(&org_id).await?;
+        sightline_runtime::telemetry::note_ids(&org_id, None);
         Ok((caller, org_id))
     }
 
@@ -138,6 +139,7 @@ impl ConsentApi {
         let org_id = domain::id("org_id", org_id)?;
         caller.require_reader_of(&org_id)?;
         self.directory.require_org(&org_id).await?;
+        sightline_runtime::telemetry::note_ids(&org_id, None);
         Ok((caller, org_id))
     }
 
@@ -166,6 +168,7 @@ impl ConsentApi {
                     "instance_id: an instance credential reads its own instance's policy only",
                 ));
             }
+            sightline_runtime::telemetry::note_ids(own_org, Some(own_instance));
             return Ok((own_org.clone(), Some(own_instance.clone())));
         }
         let org_id = domain::id("org_id", org_id)?;
@@ -179,6 +182,7 @@ impl ConsentApi {
                 Some(id)
             }
         };
+        sightline_runtime::telemetry::note_ids(&org_id, instance_id.as_deref());
         Ok((org_id, instance_id))
     }
 
@@ -650,7 +654,7 @@ fn page_size(size: u32) -> Result<i64, ConsentError> {
 
 #[tonic::async_trait]
 impl ConsentService for ConsentApi {
-    #[tracing::instrument(skip_all)]
+    #[tracing::instrument(skip_all, fields(org_id = tracing::field::Empty, instance_id = tracing::field::Empty))]
     async fn get_consent(
         &self,
         request: Request<pb::GetConsentRequest>,
@@ -674,7 +678,7 @@ impl ConsentService for ConsentApi {
         }))
     }
 
-    #[tracing::instrument(skip_all)]
+    #[tracing::instrument(skip_all, fields(org_id = tracing::field::Empty, instance_id = tracing::field::Empty))]
     async fn update_consent(
         &self,
         request: Request<pb::UpdateConsentRequest>,
@@ -789,7 +793,7 @@ impl ConsentService for ConsentApi {
         }))
     }
 
-    #[tracing::instrument(skip_all)]
+    #[tracing::instrument(skip_all, fields(org_id = tracing::field::Empty, instance_id = tracing::field::Empty))]
     async fn list_consent_history(
         &self,
         request: Request<pb::ListConsentHistoryRequest>,
@@ -829,7 +833,7 @@ impl ConsentService for ConsentApi {
         }))
     }
 
-    #[tracing::instrument(skip_all)]
+    #[tracing::instrument(skip_all, fields(org_id = tracing::field::Empty, instance_id = tracing::field::Empty))]
     async fn get_receipt_key(
         &self,
         request: Request<pb::GetReceiptKeyRequest>,
@@ -842,7 +846,7 @@ impl ConsentService for ConsentApi {
         }))
     }
 
-    #[tracing::instrument(skip_all)]
+    #[tracing::instrument(skip_all, fields(org_id = tracing::field::Empty, instance_id = tracing::field::Empty))]
     async fn verify_receipt(
         &self,
         request: Request<pb::VerifyReceiptRequest>,
@@ -909,7 +913,7 @@ impl ConsentService for ConsentApi {
         }
     }
 
-    #[tracing::instrument(skip_all)]
+    #[tracing::instrument(skip_all, fields(org_id = tracing::field::Empty, instance_id = tracing::field::Empty))]
     async fn get_policy(
         &self,
         request: Request<pb::GetPolicyRequest>,
@@ -928,7 +932,7 @@ impl ConsentService for ConsentApi {
     type WatchPolicyStream =
         Pin<Box<dyn Stream<Item = Result<pb::WatchPolicyResponse, Status>> + Send>>;
 
-    #[tracing::instrument(skip_all)]
+    #[tracing::instrument(skip_all, fields(org_id = tracing::field::Empty, instance_id = tracing::field::Empty))]
     async fn watch_policy(
         &self,
         request: Request<pb::WatchPolicyRequest>,
@@ -967,7 +971,7 @@ impl ConsentService for ConsentApi {
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 
-    #[tracing::instrument(skip_all)]
+    #[tracing::instrument(skip_all, fields(org_id = tracing::field::Empty, instance_id = tracing::field::Empty))]
     async fn set_instance_override(
         &self,
         request: Request<pb::SetInstanceOverrideRequest>,
@@ -1065,7 +1069,7 @@ impl ConsentService for ConsentApi {
         }))
     }
 
-    #[tracing::instrument(skip_all)]
+    #[tracing::instrument(skip_all, fields(org_id = tracing::field::Empty, instance_id = tracing::field::Empty))]
     async fn get_tracking_settings(
         &self,
         request: Request<pb::GetTrackingSettingsRequest>,
@@ -1076,7 +1080,7 @@ impl ConsentService for ConsentApi {
         }))
     }
 
-    #[tracing::instrument(skip_all)]
+    #[tracing::instrument(skip_all, fields(org_id = tracing::field::Empty, instance_id = tracing::field::Empty))]
     async fn update_tracking_settings(
         &self,
         request: Request<pb::UpdateTrackingSettingsRequest>,
@@ -1125,7 +1129,7 @@ impl ConsentService for ConsentApi {
         }))
     }
 
-    #[tracing::instrument(skip_all)]
+    #[tracing::instrument(skip_all, fields(org_id = tracing::field::Empty, instance_id = tracing::field::Empty))]
     async fn get_residency(
         &self,
         request: Request<pb::GetResidencyRequest>,
@@ -1136,7 +1140,7 @@ impl ConsentService for ConsentApi {
         }))
     }
 
-    #[tracing::instrument(skip_all)]
+    #[tracing::instrument(skip_all, fields(org_id = tracing::field::Empty, instance_id = tracing::field::Empty))]
     async fn request_residency_move(
         &self,
         request: Request<pb::RequestResidencyMoveRequest>,
@@ -1280,7 +1284,7 @@ impl ConsentService for ConsentApi {
         }))
     }
 
-    #[tracing::instrument(skip_all)]
+    #[tracing::instrument(skip_all, fields(org_id = tracing::field::Empty, instance_id = tracing::field::Empty))]
     async fn get_retention(
         &self,
         request: Request<pb::GetRetentionRequest>,
@@ -1291,7 +1295,7 @@ impl ConsentService for ConsentApi {
         }))
     }
 
-    #[tracing::instrument(skip_all)]
+    #[tracing::instrument(skip_all, fields(org_id = tracing::field::Empty, instance_id = tracing::field::Empty))]
     async fn update_retention(
         &self,
         request: Request<pb::UpdateRetentionRequest>,

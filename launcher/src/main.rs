@@ -50,7 +50,7 @@ async fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Up { data_dir } => {
             let settings = load_settings(cli.config.as_deref(), data_dir)?;
-            sightline_runtime::telemetry::init(&settings.log);
+            let _telemetry = sightline_runtime::telemetry::init(&settings.log, "sightline");
             let data_dir = settings.data_dir.clone();
             let plaintext = settings.tls.is_none();
             let (endpoints, mut tasks) = start_stack(settings, shutdown.clone()).await?;
@@ -68,7 +68,7 @@ async fn main() -> anyhow::Result<()> {
         }
         Command::Linker { data_dir } => {
             let mut settings = load_settings(cli.config.as_deref(), data_dir)?;
-            sightline_runtime::telemetry::init(&settings.log);
+            let _telemetry = sightline_runtime::telemetry::init(&settings.log, "sightline-linker");
             if settings.service_token.is_none() {
                 settings.service_token = Some(sightline::ensure_service_token(&settings.data_dir)?);
             }
@@ -82,7 +82,7 @@ async fn main() -> anyhow::Result<()> {
         }
         Command::Consent { data_dir } => {
             let mut settings = load_settings(cli.config.as_deref(), data_dir)?;
-            sightline_runtime::telemetry::init(&settings.log);
+            let _telemetry = sightline_runtime::telemetry::init(&settings.log, "sightline-consent");
             if settings.service_token.is_none() {
                 settings.service_token = Some(sightline::ensure_service_token(&settings.data_dir)?);
             }

@@ -204,6 +204,7 @@ impl LinkerApi {
         {
             return Err(LinkerError::NotFound("org").into());
         }
+        sightline_runtime::telemetry::note_ids(&org_id, None);
         Ok(org_id)
     }
 
@@ -472,7 +473,7 @@ fn next_token<T>(items: &[T], page_size: i64, key: impl Fn(&T) -> String) -> Str
 
 #[tonic::async_trait]
 impl LinkerService for LinkerApi {
-    #[tracing::instrument(skip_all)]
+    #[tracing::instrument(skip_all, fields(org_id = tracing::field::Empty, instance_id = tracing::field::Empty))]
     async fn create_org(
         &self,
         request: Request<pb::CreateOrgRequest>,
@@ -498,7 +499,7 @@ impl LinkerService for LinkerApi {
         }))
     }
 
-    #[tracing::instrument(skip_all)]
+    #[tracing::instrument(skip_all, fields(org_id = tracing::field::Empty, instance_id = tracing::field::Empty))]
     async fn create_admin_token(
         &self,
         request: Request<pb::CreateAdminTokenRequest>,
@@ -543,7 +544,7 @@ impl LinkerService for LinkerApi {
         Ok(Response::new(answer))
     }
 
-    #[tracing::instrument(skip_all)]
+    #[tracing::instrument(skip_all, fields(org_id = tracing::field::Empty, instance_id = tracing::field::Empty))]
     async fn revoke_admin_token(
         &self,
         request: Request<pb::RevokeAdminTokenRequest>,
@@ -565,7 +566,7 @@ impl LinkerService for LinkerApi {
         }))
     }
 
-    #[tracing::instrument(skip_all)]
+    #[tracing::instrument(skip_all, fields(org_id = tracing::field::Empty, instance_id = tracing::field::Empty))]
     async fn create_link_key(
         &self,
         request: Request<pb::CreateLinkKeyRequest>,
@@ -613,7 +614,7 @@ impl LinkerService for LinkerApi {
         Ok(Response::new(answer))
     }
 
-    #[tracing::instrument(skip_all)]
+    #[tracing::instrument(skip_all, fields(org_id = tracing::field::Empty, instance_id = tracing::field::Empty))]
     async fn regenerate_link_key(
         &self,
         request: Request<pb::RegenerateLinkKeyRequest>,
@@ -654,7 +655,7 @@ impl LinkerService for LinkerApi {
         }))
     }
 
-    #[tracing::instrument(skip_all)]
+    #[tracing::instrument(skip_all, fields(org_id = tracing::field::Empty, instance_id = tracing::field::Empty))]
     async fn list_link_keys(
         &self,
         request: Request<pb::ListLinkKeysRequest>,
@@ -675,7 +676,7 @@ impl LinkerService for LinkerApi {
         }))
     }
 
-    #[tracing::instrument(skip_all)]
+    #[tracing::instrument(skip_all, fields(org_id = tracing::field::Empty, instance_id = tracing::field::Empty))]
     async fn link_instance(
         &self,
         request: Request<pb::LinkInstanceRequest>,
@@ -774,7 +775,7 @@ impl LinkerService for LinkerApi {
         }))
     }
 
-    #[tracing::instrument(skip_all)]
+    #[tracing::instrument(skip_all, fields(org_id = tracing::field::Empty, instance_id = tracing::field::Empty))]
     async fn list_instances(
         &self,
         request: Request<pb::ListInstancesRequest>,
@@ -823,7 +824,7 @@ impl LinkerService for LinkerApi {
         }))
     }
 
-    #[tracing::instrument(skip_all)]
+    #[tracing::instrument(skip_all, fields(org_id = tracing::field::Empty, instance_id = tracing::field::Empty))]
     async fn unlink_instance(
         &self,
         request: Request<pb::UnlinkInstanceRequest>,
@@ -861,7 +862,7 @@ impl LinkerService for LinkerApi {
         }))
     }
 
-    #[tracing::instrument(skip_all)]
+    #[tracing::instrument(skip_all, fields(org_id = tracing::field::Empty, instance_id = tracing::field::Empty))]
     async fn validate_credential(
         &self,
         request: Request<pb::ValidateCredentialRequest>,
@@ -921,7 +922,7 @@ impl LinkerService for LinkerApi {
         }))
     }
 
-    #[tracing::instrument(skip_all)]
+    #[tracing::instrument(skip_all, fields(org_id = tracing::field::Empty, instance_id = tracing::field::Empty))]
     async fn revoke_credential(
         &self,
         request: Request<pb::RevokeCredentialRequest>,
@@ -948,7 +949,7 @@ impl LinkerService for LinkerApi {
         }))
     }
 
-    #[tracing::instrument(skip_all)]
+    #[tracing::instrument(skip_all, fields(org_id = tracing::field::Empty, instance_id = tracing::field::Empty))]
     async fn claim_domain(
         &self,
         request: Request<pb::ClaimDomainRequest>,
@@ -982,7 +983,7 @@ impl LinkerService for LinkerApi {
         }))
     }
 
-    #[tracing::instrument(skip_all)]
+    #[tracing::instrument(skip_all, fields(org_id = tracing::field::Empty, instance_id = tracing::field::Empty))]
     async fn verify_domain(
         &self,
         request: Request<pb::VerifyDomainRequest>,
@@ -1028,7 +1029,7 @@ impl LinkerService for LinkerApi {
         }))
     }
 
-    #[tracing::instrument(skip_all)]
+    #[tracing::instrument(skip_all, fields(org_id = tracing::field::Empty, instance_id = tracing::field::Empty))]
     async fn import_licenses(
         &self,
         request: Request<pb::ImportLicensesRequest>,
@@ -1068,7 +1069,7 @@ impl LinkerService for LinkerApi {
         }))
     }
 
-    #[tracing::instrument(skip_all)]
+    #[tracing::instrument(skip_all, fields(org_id = tracing::field::Empty, instance_id = tracing::field::Empty))]
     async fn detect_instances(
         &self,
         request: Request<pb::DetectInstancesRequest>,
@@ -1088,7 +1089,7 @@ impl LinkerService for LinkerApi {
 
 #[tonic::async_trait]
 impl AuditService for LinkerApi {
-    #[tracing::instrument(skip_all)]
+    #[tracing::instrument(skip_all, fields(org_id = tracing::field::Empty, instance_id = tracing::field::Empty))]
     async fn append_event(
         &self,
         request: Request<audit_pb::AppendEventRequest>,
@@ -1148,7 +1149,7 @@ impl AuditService for LinkerApi {
         Ok(Response::new(append_response(&org_id, outcome)))
     }
 
-    #[tracing::instrument(skip_all)]
+    #[tracing::instrument(skip_all, fields(org_id = tracing::field::Empty, instance_id = tracing::field::Empty))]
     async fn list_events(
         &self,
         request: Request<audit_pb::ListEventsRequest>,
@@ -1169,7 +1170,7 @@ impl AuditService for LinkerApi {
         }))
     }
 
-    #[tracing::instrument(skip_all)]
+    #[tracing::instrument(skip_all, fields(org_id = tracing::field::Empty, instance_id = tracing::field::Empty))]
     async fn verify_chain(
         &self,
         request: Request<audit_pb::VerifyChainRequest>,

@@ -27,6 +27,7 @@ use tonic::transport::server::Connected;
 use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
 use tower::Service;
+use tracing::Instrument;
 
 use crate::ratelimit::PeerKey;
 use crate::settings::{Limits, TlsSettings};
@@ -419,16 +420,29 @@ where
 
     fn call(&mut self, request: http::Request<B>) -> Self::Future {
         let call = CallRecord::start(self.component, request.uri().path());
+        // One span per call (exported over OTLP when configured); handlers' spans, which record the
+        // org and instance ids, nest in it.
+        let span = tracing::info_span!(
+            "grpc",
+            otel.kind = "server",
+            rpc.system = "grpc",
+            rpc.service = call.grpc_service,
+            rpc.method = call.method,
+            service = self.component,
+        );
         let future = self.inner.call(request);
-        Box::pin(async move {
-            let mut call = call;
-            let response = future.await?;
-            if let Some(code) = response.headers().get("grpc-status") {
-                call.finish(code);
-                return Ok(response);
+        Box::pin(
+            async move {
+                let mut call = call;
+                let response = future.await?;
+                if let Some(code) = response.headers().get("grpc-status") {
+                    call.finish(code);
+                    return Ok(response);
+                }
+                Ok(response.map(|body| Body::new(MeasuredBody { inner: body, call })))
             }
-            Ok(response.map(|body| Body::new(MeasuredBody { inner: body, call })))
-        })
+            .instrument(span),
+        )
     }
 }
 

@@ -137,6 +137,8 @@ pub struct LogSettings {
     pub format: LogFormat,
     /// An `EnvFilter` directive, e.g. `info` or `info,linker_svc=debug`.
     pub level: String,
+    /// Where to export trace spans over OTLP/gRPC, e.g. `http://otel-collector:4317`; off when unset.
+    pub otlp_endpoint: Option<String>,
 }
 
 impl Default for LogSettings {
@@ -144,6 +146,7 @@ impl Default for LogSettings {
         Self {
             format: LogFormat::Text,
             level: "info".to_owned(),
+            otlp_endpoint: None,
         }
     }
 }
