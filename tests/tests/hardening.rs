@@ -80,6 +80,15 @@ struct Ledger {
 }
 
 async fn ledger(linker: &TestLinker, consent: &mut ConsentClient, org: &TestOrg) -> Ledger {
+    ledger_from(&mut linker.audit().await, consent, org).await
+}
+
+/// As [`ledger`], reading the audit log through `audit`.
+async fn ledger_from(
+    audit: &mut sightline_proto::audit::v1::audit_service_client::AuditServiceClient<Channel>,
+    consent: &mut ConsentClient,
+    org: &TestOrg,
+) -> Ledger {
     let mut stored = BTreeMap::new();
     let mut page_token = String::new();
     loop {
@@ -103,7 +112,6 @@ async fn ledger(linker: &TestLinker, consent: &mut ConsentClient, org: &TestOrg)
         }
         page_token = page.next_page_token;
     }
-    let mut audit = linker.audit().await;
     let mut entries = BTreeMap::new();
     let mut page_token = String::new();
     loop {
@@ -129,7 +137,17 @@ async fn ledger(linker: &TestLinker, consent: &mut ConsentClient, org: &TestOrg)
         }
         page_token = page.next_page_token;
     }
-    let chain_intact = linker.verify_chain(org).await.intact;
+    let chain_intact = audit
+        .verify_chain(authed(
+            &org.admin,
+            audit_pb::VerifyChainRequest {
+                org_id: org.id.clone(),
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .intact;
     Ledger {
         stored,
         entries,
@@ -1116,4 +1134,168 @@ async fn a_reply_over_the_size_limit_answers_resource_exhausted() {
         .unwrap()
         .into_inner();
     assert_eq!(page.versions.len(), 2);
+}
+
+/// A `sightline <service>` process on `addr` with `data` as its data directory.
+fn service_process(service: &str, data: &Path, env: &[(&str, String)]) -> tokio::process::Child {
+    tokio::process::Command::new(sightline_binary())
+        .arg(service)
+        .arg("--data-dir")
+        .arg(data)
+        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+        .env("SIGHTLINE_LOG__LEVEL", "warn")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap()
+}
+
+async fn wait_listening(addr: SocketAddr) {
+    for _ in 0..1000 {
+        if tokio::net::TcpStream::connect(addr).await.is_ok() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("{addr} never listened");
+}
+
+fn signal(child: &tokio::process::Child, name: &str) {
+    let status = std::process::Command::new("kill")
+        .arg(format!("-{name}"))
+        .arg(child.id().unwrap().to_string())
+        .status()
+        .unwrap();
+    assert!(status.success());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn with_linker_frozen_writes_of_every_org_answer_unavailable_and_settle_when_it_thaws() {
+    use sightline_proto::linker::v1 as linker_pb;
+    let parent = tempfile::Builder::new()
+        .permissions(std::os::unix::fs::PermissionsExt::from_mode(0o700))
+        .tempdir()
+        .unwrap();
+    let data = parent.path().join("data");
+    let (linker_addr, consent_addr) = (free_addr(), free_addr());
+    let linker = service_process(
+        "linker",
+        &data,
+        &[
+            ("SIGHTLINE_LINKER__LISTEN", linker_addr.to_string()),
+            ("SIGHTLINE_LINKER__METRICS_LISTEN", "off".into()),
+        ],
+    );
+    wait_listening(linker_addr).await;
+    let _consent = service_process(
+        "consent",
+        &data,
+        &[
+            ("SIGHTLINE_CONSENT__LISTEN", consent_addr.to_string()),
+            ("SIGHTLINE_CONSENT__METRICS_LISTEN", "off".into()),
+            ("SIGHTLINE_LINKER__URL", format!("http://{linker_addr}")),
+        ],
+    );
+    wait_listening(consent_addr).await;
+    let to_linker = Channel::from_shared(format!("http://{linker_addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let operator = std::fs::read_to_string(data.join("operator.token")).unwrap();
+    let mut linker_client =
+        linker_pb::linker_service_client::LinkerServiceClient::new(to_linker.clone());
+    let mut orgs = Vec::new();
+    for n in 0..5 {
+        let id = linker_client
+            .create_org(authed(
+                operator.trim(),
+                linker_pb::CreateOrgRequest {
+                    name: format!("Org {n}"),
+                },
+            ))
+            .await
+            .unwrap()
+            .into_inner()
+            .org
+            .unwrap()
+            .org_id;
+        let admin = linker_client
+            .create_admin_token(authed(
+                operator.trim(),
+                linker_pb::CreateAdminTokenRequest {
+                    org_id: id.clone(),
+                    label: "ops".into(),
+                    request_id: String::new(),
+                },
+            ))
+            .await
+            .unwrap()
+            .into_inner();
+        orgs.push(TestOrg {
+            id,
+            admin: admin.secret,
+            admin_id: admin.token.unwrap().token_id,
+        });
+    }
+    let consent_channel = Channel::from_shared(format!("http://{consent_addr}"))
+        .unwrap()
+        .connect_lazy();
+    let mut consent = ConsentServiceClient::new(consent_channel.clone());
+    for org in &orgs {
+        write(&mut consent, org, "warm", 0, None).await.unwrap();
+    }
+
+    // Freeze linker-svc (as SIGSTOP does to a hung host): every org writes at once.
+    signal(&linker, "STOP");
+    let mut writers = Vec::new();
+    for org in orgs.clone() {
+        let mut client = ConsentServiceClient::new(consent_channel.clone());
+        writers.push(tokio::spawn(async move {
+            write(
+                &mut client,
+                &org,
+                "frozen",
+                1,
+                Some(Duration::from_secs(30)),
+            )
+            .await
+        }));
+    }
+    for writer in writers {
+        let status = writer.await.unwrap().unwrap_err();
+        assert_eq!(
+            status.code(),
+            Code::Unavailable,
+            "a write while linker-svc is frozen: {status:?}"
+        );
+        assert!(!status.message().contains("locked"), "{status:?}");
+    }
+
+    // Thawed: staged changes settle (applied exactly when their entry made it), and writes go on.
+    signal(&linker, "CONT");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let mut audit =
+        sightline_proto::audit::v1::audit_service_client::AuditServiceClient::new(to_linker);
+    for org in &orgs {
+        write(
+            &mut consent,
+            org,
+            "thawed",
+            0,
+            Some(Duration::from_secs(10)),
+        )
+        .await
+        .unwrap();
+        let ledger = ledger_from(&mut audit, &mut consent, org).await;
+        assert!(ledger.stored.values().any(|r| r == "thawed"));
+        assert_agreement(
+            &ledger,
+            &Seen {
+                acked: Vec::new(),
+                late: Vec::new(),
+            },
+        );
+    }
 }
