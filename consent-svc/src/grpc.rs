@@ -12,7 +12,7 @@ use sightline_proto::common::v1 as common_pb;
 use sightline_proto::consent::v1 as pb;
 use sightline_proto::consent::v1::consent_service_server::ConsentService;
 use sightline_runtime::SharedClock;
-use sightline_runtime::audited::{AuditEntry, Auditor, StagedChange, deadline_of};
+use sightline_runtime::audited::{AuditEntry, Auditor, StagedChange};
 use sightline_runtime::auth::{CredentialClient, Principal};
 use sightline_runtime::directory::Directory;
 use sightline_runtime::ratelimit::RateLimiter;
@@ -204,8 +204,7 @@ impl ConsentApi {
 
     /// When a call must be done by: the client's deadline or the server's limit, the earlier.
     fn deadline<T>(&self, request: &Request<T>) -> std::time::Instant {
-        let limit = std::time::Instant::now() + self.options.call_limit;
-        deadline_of(request.metadata()).map_or(limit, |d| d.min(limit))
+        sightline_runtime::deadline::call_deadline(request.metadata(), self.options.call_limit)
     }
 
     /// Settles what a crash or a lost answer left staged, and publishes the orgs that changed.

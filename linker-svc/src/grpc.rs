@@ -211,8 +211,7 @@ impl LinkerApi {
     /// When a call must be done by: the client's deadline or the server's limit, the earlier. A
     /// change whose audit entry would be written with less than a margin left is refused instead.
     fn deadline<T>(&self, request: &Request<T>) -> std::time::Instant {
-        let limit = std::time::Instant::now() + self.authority.call_limit;
-        sightline_runtime::audited::deadline_of(request.metadata()).map_or(limit, |d| d.min(limit))
+        sightline_runtime::deadline::call_deadline(request.metadata(), self.authority.call_limit)
     }
 
     /// The first answer to an earlier request with this id, when there was one (within 24 hours).

@@ -449,54 +449,9 @@ impl AuditLog for LinkerAuditLog {
     }
 }
 
-/// The deadline a client set on a request (`grpc-timeout`), measured from now.
-pub fn deadline_of(metadata: &tonic::metadata::MetadataMap) -> Option<Instant> {
-    let timeout = grpc_timeout(metadata.get("grpc-timeout")?.to_str().ok()?)?;
-    Instant::now().checked_add(timeout)
-}
-
-/// A `grpc-timeout` header value (e.g. `150m`), as the gRPC wire spec defines it.
-pub fn grpc_timeout(value: &str) -> Option<Duration> {
-    let (digits, unit) = value.split_at(value.len().checked_sub(1)?);
-    let amount: u64 = digits.parse().ok()?;
-    Some(match unit {
-        "H" => Duration::from_secs(amount.saturating_mul(3600)),
-        "M" => Duration::from_secs(amount.saturating_mul(60)),
-        "S" => Duration::from_secs(amount),
-        "m" => Duration::from_millis(amount),
-        "u" => Duration::from_micros(amount),
-        "n" => Duration::from_nanos(amount),
-        _ => return None,
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn grpc_timeouts_parse_in_every_unit() {
-        let mut metadata = tonic::metadata::MetadataMap::new();
-        assert!(deadline_of(&metadata).is_none());
-        for (value, at_least_ms, at_most_ms) in [
-            ("2S", 1_900, 2_000),
-            ("150m", 100, 150),
-            ("3000000u", 2_900, 3_000),
-            ("1M", 59_000, 60_000),
-        ] {
-            metadata.insert("grpc-timeout", value.parse().unwrap());
-            let left = deadline_of(&metadata)
-                .unwrap()
-                .duration_since(Instant::now())
-                .as_millis();
-            assert!(
-                (at_least_ms..=at_most_ms).contains(&left),
-                "{value}: {left}"
-            );
-        }
-        metadata.insert("grpc-timeout", "5x".parse().unwrap());
-        assert!(deadline_of(&metadata).is_none());
-    }
 
     #[test]
     fn a_deadline_too_close_leaves_no_budget() {

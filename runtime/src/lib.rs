@@ -8,6 +8,7 @@ pub mod audited;
 pub mod auth;
 pub mod client;
 pub mod clock;
+pub mod deadline;
 pub mod directory;
 pub mod idempotency;
 pub mod metrics;

@@ -627,12 +627,11 @@ where
     }
 
     fn call(&mut self, request: http::Request<B>) -> Self::Future {
-        let timeout = request
+        let header = request
             .headers()
             .get("grpc-timeout")
-            .and_then(|v| v.to_str().ok())
-            .and_then(crate::audited::grpc_timeout)
-            .map_or(self.limit, |t| t.min(self.limit));
+            .and_then(|v| v.to_str().ok());
+        let timeout = crate::deadline::call_timeout(header, self.limit);
         let future = self.inner.call(request);
         Box::pin(async move {
             match tokio::time::timeout(timeout, future).await {
