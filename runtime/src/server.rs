@@ -228,18 +228,14 @@ impl GrpcServer {
         let component = self.component;
         let serve = tonic::transport::Server::builder()
             .tcp_nodelay(true)
-            .layer(tower::layer::layer_fn(move |inner| Measured {
+            .layer(tower::layer::layer_fn(move |inner| CallLayer {
                 inner,
                 component,
+                limit,
             }))
             // Oversized metadata (a 64 KiB token) reaches the call and gets a status there, instead
             // of the connection being torn down; beyond this the connection is refused.
             .http2_max_header_list_size(Some(MAX_HEADER_LIST_BYTES))
-            .layer(tower::layer::layer_fn(OversizeAsResourceExhausted))
-            .layer(tower::layer::layer_fn(move |inner| Deadline {
-                inner,
-                limit,
-            }))
             .add_routes(routes.routes())
             .serve_with_incoming_shutdown(incoming, signal);
         // Graceful shutdown waits for every connection to close; a client that never sends a
@@ -390,22 +386,25 @@ impl AsyncWrite for Conn {
     }
 }
 
-/// tonic answers a request above the decoding limit with OUT_OF_RANGE; gRPC's convention (and
-/// ours) is RESOURCE_EXHAUSTED naming what was too large. Such answers are trailers-only, so the
-/// status is in the response headers.
+/// Every call passes here, in this order: the handler runs until the call's deadline (the client's
+/// `grpc-timeout` or the server's limit; then DEADLINE_EXCEEDED, since tonic's own timeout answers
+/// CANCELLED — the handler's future is dropped, so work that must not be cut short, an audited
+/// commit, runs in its own task); tonic's OUT_OF_RANGE for a message too large becomes
+/// RESOURCE_EXHAUSTED naming it (gRPC's convention, and ours); and the call is measured (see
+/// [`crate::metrics`]) in a span of its own, counted by the code the client finally gets — found in
+/// the response headers for an error, in the trailers otherwise.
 #[derive(Debug, Clone)]
-struct OversizeAsResourceExhausted<S>(S);
-
-/// Measures every call (see [`crate::metrics`]): in flight, then, when its status is known (in the
-/// response headers for an error, in the trailers otherwise), counted by code with its latency. A
-/// call the client abandons is counted as CANCELLED.
-#[derive(Debug, Clone)]
-struct Measured<S> {
+struct CallLayer<S> {
     inner: S,
     component: &'static str,
+    limit: Duration,
 }
 
-impl<S, B> Service<http::Request<B>> for Measured<S>
+const REQUEST_TOO_LARGE: &str = "request: message exceeds the server's max_message_bytes limit";
+const REPLY_TOO_LARGE: &str =
+    "reply: message exceeds the server's max_message_bytes limit; ask for a smaller page";
+
+impl<S, B> Service<http::Request<B>> for CallLayer<S>
 where
     S: Service<http::Request<B>, Response = http::Response<Body>>,
     S::Future: Send + 'static,
@@ -430,16 +429,29 @@ where
             rpc.method = call.method,
             service = self.component,
         );
+        let header = request
+            .headers()
+            .get("grpc-timeout")
+            .and_then(|v| v.to_str().ok());
+        let timeout = crate::deadline::call_timeout(header, self.limit);
         let future = self.inner.call(request);
         Box::pin(
             async move {
                 let mut call = call;
-                let response = future.await?;
+                let mut response = match tokio::time::timeout(timeout, future).await {
+                    Ok(response) => response?,
+                    Err(_) => tonic::Status::deadline_exceeded(
+                        "the deadline passed before the call completed",
+                    )
+                    .into_http(),
+                };
+                // A request too large fails before any reply: trailers-only, in the headers.
+                rewrite_oversize(response.headers_mut(), REQUEST_TOO_LARGE);
                 if let Some(code) = response.headers().get("grpc-status") {
                     call.finish(code);
                     return Ok(response);
                 }
-                Ok(response.map(|body| Body::new(MeasuredBody { inner: body, call })))
+                Ok(response.map(|body| Body::new(CallBody { inner: body, call })))
             }
             .instrument(span),
         )
@@ -506,13 +518,14 @@ impl Drop for CallRecord {
     }
 }
 
-/// A response body that records its call when the trailers carry the status.
-struct MeasuredBody {
+/// A response body whose trailers carry the call's status: a reply too large (it fails while it is
+/// encoded) gets the same rewrite, then the call is recorded.
+struct CallBody {
     inner: Body,
     call: CallRecord,
 }
 
-impl http_body::Body for MeasuredBody {
+impl http_body::Body for CallBody {
     type Data = bytes::Bytes;
     type Error = tonic::Status;
 
@@ -521,11 +534,14 @@ impl http_body::Body for MeasuredBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
         let this = self.get_mut();
-        let polled = Pin::new(&mut this.inner).poll_frame(cx);
-        match &polled {
+        let mut polled = Pin::new(&mut this.inner).poll_frame(cx);
+        match &mut polled {
             Poll::Ready(Some(Ok(frame))) => {
-                if let Some(code) = frame.trailers_ref().and_then(|t| t.get("grpc-status")) {
-                    this.call.finish(code);
+                if let Some(trailers) = frame.trailers_mut() {
+                    rewrite_oversize(trailers, REPLY_TOO_LARGE);
+                    if let Some(code) = trailers.get("grpc-status") {
+                        this.call.finish(code);
+                    }
                 }
             }
             Poll::Ready(Some(Err(_))) => this.call.record("INTERNAL"),
@@ -604,83 +620,12 @@ fn code_name(code: tonic::Code) -> &'static str {
     }
 }
 
-/// Ends a call at the client's deadline (`grpc-timeout`) or the server's limit, whichever comes
-/// first, answering DEADLINE_EXCEEDED (tonic's own timeout answers CANCELLED). The handler's future
-/// is dropped then: work that must not be cut short (an audited commit) runs in its own task.
-#[derive(Debug, Clone)]
-struct Deadline<S> {
-    inner: S,
-    limit: Duration,
-}
-
-impl<S, B> Service<http::Request<B>> for Deadline<S>
-where
-    S: Service<http::Request<B>, Response = http::Response<Body>>,
-    S::Future: Send + 'static,
-{
-    type Response = S::Response;
-    type Error = S::Error;
-    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, request: http::Request<B>) -> Self::Future {
-        let header = request
-            .headers()
-            .get("grpc-timeout")
-            .and_then(|v| v.to_str().ok());
-        let timeout = crate::deadline::call_timeout(header, self.limit);
-        let future = self.inner.call(request);
-        Box::pin(async move {
-            match tokio::time::timeout(timeout, future).await {
-                Ok(response) => response,
-                Err(_) => Ok(tonic::Status::deadline_exceeded(
-                    "the deadline passed before the call completed",
-                )
-                .into_http()),
-            }
-        })
-    }
-}
-
 const OUT_OF_RANGE: &str = "11";
 const RESOURCE_EXHAUSTED: &str = "8";
 
-impl<S, B> Service<http::Request<B>> for OversizeAsResourceExhausted<S>
-where
-    S: Service<http::Request<B>, Response = http::Response<Body>>,
-    S::Future: Send + 'static,
-{
-    type Response = S::Response;
-    type Error = S::Error;
-    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        self.0.poll_ready(cx)
-    }
-
-    fn call(&mut self, request: http::Request<B>) -> Self::Future {
-        let future = self.0.call(request);
-        Box::pin(async move {
-            let mut response = future.await?;
-            // A request too large fails before any reply: the status is in the headers.
-            if rewrite_oversize(
-                response.headers_mut(),
-                "request: message exceeds the server's max_message_bytes limit",
-            ) {
-                return Ok(response);
-            }
-            // A reply too large fails while it is encoded: the status is in the trailers.
-            Ok(response.map(|body| Body::new(OversizeReply { inner: body })))
-        })
-    }
-}
-
 /// Turns tonic's OUT_OF_RANGE "message length too large" in `headers` into RESOURCE_EXHAUSTED with
-/// `message`; says whether it did.
-fn rewrite_oversize(headers: &mut http::HeaderMap, message: &'static str) -> bool {
+/// `message`.
+fn rewrite_oversize(headers: &mut http::HeaderMap, message: &'static str) {
     let oversize = headers
         .get("grpc-status")
         .is_some_and(|s| s == OUT_OF_RANGE)
@@ -697,40 +642,5 @@ fn rewrite_oversize(headers: &mut http::HeaderMap, message: &'static str) -> boo
             http::HeaderValue::from_static(RESOURCE_EXHAUSTED),
         );
         headers.insert("grpc-message", http::HeaderValue::from_static(message));
-    }
-    oversize
-}
-
-/// A reply body whose trailers get the same rewrite.
-struct OversizeReply {
-    inner: Body,
-}
-
-impl http_body::Body for OversizeReply {
-    type Data = bytes::Bytes;
-    type Error = tonic::Status;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
-        let mut polled = Pin::new(&mut self.get_mut().inner).poll_frame(cx);
-        if let Poll::Ready(Some(Ok(frame))) = &mut polled
-            && let Some(trailers) = frame.trailers_mut()
-        {
-            rewrite_oversize(
-                trailers,
-                "reply: message exceeds the server's max_message_bytes limit; ask for a smaller page",
-            );
-        }
-        polled
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> http_body::SizeHint {
-        self.inner.size_hint()
     }
 }
