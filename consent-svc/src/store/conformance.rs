@@ -243,10 +243,10 @@ async fn overrides_tracking_and_retention_upsert_per_org(store: Arc<dyn ConsentS
     commit(&store, set(Some(lowered.clone())), None)
         .await
         .unwrap();
-    assert_eq!(store.override_of(ORG, "i1").await.unwrap(), Some(lowered));
-    assert_eq!(store.override_of(OTHER, "i1").await.unwrap(), None);
+    assert_eq!(store.overrides(ORG).await.unwrap(), [lowered]);
+    assert!(store.overrides(OTHER).await.unwrap().is_empty());
     commit(&store, set(None), None).await.unwrap();
-    assert_eq!(store.override_of(ORG, "i1").await.unwrap(), None);
+    assert!(store.overrides(ORG).await.unwrap().is_empty());
 
     let tracking = TrackingRecord {
         org_id: ORG.into(),

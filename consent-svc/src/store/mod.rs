@@ -215,11 +215,6 @@ pub trait ConsentStore: ChangeLog + Send + Sync + std::fmt::Debug + 'static {
         before: Option<i64>,
         limit: i64,
     ) -> StoreResult<Vec<ConsentRecord>>;
-    async fn override_of(
-        &self,
-        org_id: &str,
-        instance_id: &str,
-    ) -> StoreResult<Option<OverrideRecord>>;
     async fn tracking(&self, org_id: &str) -> StoreResult<Option<TrackingRecord>>;
     async fn residency(&self, org_id: &str) -> StoreResult<Option<ResidencyRecord>>;
     /// The org's moves, newest first.

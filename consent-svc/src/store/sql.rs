@@ -246,17 +246,6 @@ macro_rules! sql_store {
                 .await?)
             }
 
-            async fn override_of(&self, org_id: &str, instance_id: &str) -> StoreResult<Option<OverrideRecord>> {
-                Ok(sqlx::query_as(
-                    "SELECT org_id, instance_id, usage_level, sharing_level, reason, updated_at FROM instance_overrides
-                     WHERE org_id = $1 AND instance_id = $2",
-                )
-                .bind(org_id)
-                .bind(instance_id)
-                .fetch_optional(&self.pool)
-                .await?)
-            }
-
             async fn tracking(&self, org_id: &str) -> StoreResult<Option<TrackingRecord>> {
                 Ok(sqlx::query_as(
                     "SELECT org_id, enabled_channels, exclude_anonymous, excluded_groups, blocking_time_ms, view_counter_enabled,
