@@ -4,8 +4,9 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
+mod common;
+
+use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -17,6 +18,8 @@ use opentelemetry_proto::tonic::collector::trace::v1::{
 };
 use opentelemetry_proto::tonic::common::v1::any_value::Value;
 use opentelemetry_proto::tonic::trace::v1::Span;
+
+use common::{grpcurl, start_up};
 
 #[derive(Debug, Clone, Default)]
 struct Collector(Arc<Mutex<Vec<Span>>>);
@@ -49,19 +52,6 @@ fn attribute(span: &Span, key: &str) -> Option<String> {
         })
 }
 
-fn grpcurl(args: &[&str]) -> String {
-    let out = Command::new(std::env::var("GRPCURL").unwrap_or_else(|_| "grpcurl".into()))
-        .args(args)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn up_exports_a_span_per_call_with_method_and_org_over_otlp_and_nothing_secret() {
     let collector = Collector::default();
@@ -78,39 +68,22 @@ async fn up_exports_a_span_per_call_with_method_and_org_over_otlp_and_nothing_se
 
     let parent = tempfile::tempdir().unwrap();
     let data = parent.path().join("data");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_sightline"))
-        .args(["up", "--data-dir"])
-        .arg(&data)
-        .env("SIGHTLINE_LINKER__LISTEN", "127.0.0.1:0")
-        .env("SIGHTLINE_CONSENT__LISTEN", "127.0.0.1:0")
-        .env("SIGHTLINE_LINKER__METRICS_LISTEN", "off")
-        .env("SIGHTLINE_CONSENT__METRICS_LISTEN", "off")
-        .env("SIGHTLINE_LOG__OTLP_ENDPOINT", &endpoint)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let (linker, consent) = tokio::task::spawn_blocking({
-        let stdout = child.stdout.take().unwrap();
+    let up = tokio::task::spawn_blocking({
+        let (data, endpoint) = (data.clone(), endpoint.clone());
         move || {
-            let mut lines = BufReader::new(stdout).lines();
-            let (mut linker, mut consent) = (None, None);
-            while linker.is_none() || consent.is_none() {
-                let line = lines.next().expect("up exited early").unwrap();
-                let named = |name: &str| {
-                    line.trim()
-                        .strip_prefix(name)
-                        .and_then(|r| r.split_whitespace().next())
-                        .map(str::to_owned)
-                };
-                linker = linker.or_else(|| named("linker"));
-                consent = consent.or_else(|| named("consent"));
-            }
-            (linker.unwrap(), consent.unwrap())
+            start_up(
+                &data,
+                &[
+                    ("SIGHTLINE_LINKER__METRICS_LISTEN", "off"),
+                    ("SIGHTLINE_CONSENT__METRICS_LISTEN", "off"),
+                    ("SIGHTLINE_LOG__OTLP_ENDPOINT", &endpoint),
+                ],
+            )
         }
     })
     .await
     .unwrap();
+    let (linker, consent) = (up.linker.clone(), up.consent.clone());
 
     let operator = std::fs::read_to_string(data.join("operator.token")).unwrap();
     let operator = operator.trim().to_owned();
@@ -151,9 +124,10 @@ async fn up_exports_a_span_per_call_with_method_and_org_over_otlp_and_nothing_se
     );
     // SIGTERM: the exporter flushes what it holds before the process exits.
     Command::new("kill")
-        .arg(child.id().to_string())
+        .arg(up.child.id().to_string())
         .status()
         .unwrap();
+    let mut child = up.child;
     tokio::task::spawn_blocking(move || child.wait().unwrap())
         .await
         .unwrap();
