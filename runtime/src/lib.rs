@@ -11,6 +11,7 @@ pub mod clock;
 pub mod deadline;
 pub mod directory;
 pub mod idempotency;
+pub mod ids;
 pub mod metrics;
 pub mod pseudonym;
 pub mod ratelimit;

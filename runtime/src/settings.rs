@@ -48,6 +48,44 @@ pub struct Settings {
     pub consent: ServiceSettings,
     pub collector: ServiceSettings,
     pub insights: ServiceSettings,
+    /// How collector-svc stores, rolls up and shares what it collects.
+    pub collection: CollectionSettings,
+}
+
+/// collector-svc's own settings (the `[collection]` section).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CollectionSettings {
+    /// Storage URL per data-residency location (`global`, `eu`, `germany`, …). A location not named
+    /// here is stored at `collector.database_url` when that is set (every location in one database,
+    /// told apart by a column), else in its own SQLite file `collector-<location>.db`.
+    pub locations: std::collections::BTreeMap<String, Secret>,
+    /// Contributed aggregates: no cell from fewer orgs than this (k-anonymity).
+    pub min_orgs: u32,
+    /// Contributed aggregates: the epsilon each org's ledger may spend in all.
+    pub epsilon_budget: f64,
+    /// How often hourly rollups are brought up to date.
+    pub rollup_every_ms: u64,
+    /// How often retention is enforced.
+    pub sweep_every_ms: u64,
+    /// How often purges from the policies are checked for (they are also applied on every change).
+    pub purge_check_every_ms: u64,
+    /// Writer tasks per PostgreSQL store (SQLite has one writer).
+    pub writers: usize,
+}
+
+impl Default for CollectionSettings {
+    fn default() -> Self {
+        Self {
+            locations: std::collections::BTreeMap::new(),
+            min_orgs: 5,
+            epsilon_budget: 10.0,
+            rollup_every_ms: 30_000,
+            sweep_every_ms: 3_600_000,
+            purge_check_every_ms: 5_000,
+            writers: 4,
+        }
+    }
 }
 
 impl Default for Settings {
@@ -62,6 +100,7 @@ impl Default for Settings {
             consent: ServiceSettings::local(50052),
             collector: ServiceSettings::local(50053),
             insights: ServiceSettings::local(50054),
+            collection: CollectionSettings::default(),
         }
     }
 }

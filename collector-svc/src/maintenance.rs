@@ -1,0 +1,430 @@
+//! Work that runs beside the API: hourly rollups (SPEC E6), purges from the policies (E9), retention
+//! sweeps, and erasures. Purges and erasures are audited changes: counted, staged, recorded in the
+//! org's audit log, then applied (`runtime::audited`).
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use prost::Message;
+use sightline_proto::collector::v1 as pb;
+use sightline_proto::consent::v1 as consent_pb;
+use sightline_runtime::SharedClock;
+use sightline_runtime::audited::{AuditEntry, Auditor, CommitError, StagedChange};
+use tokio_util::sync::CancellationToken;
+
+use crate::enforce::DAY_MS;
+use crate::policy::Policies;
+use crate::store::{Change, CollectorStore, EraseSpec, PurgeSpec, Removed, Rollup};
+use crate::stores::{Stores, location_name};
+
+const HOUR_MS: i64 = 3_600_000;
+
+/// The value at quantile `q` of sorted `values` (nearest rank).
+fn quantile(sorted: &[f64], q: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    #[allow(
+        clippy::cast_possible_truncation,
+        clippy::cast_sign_loss,
+        clippy::cast_precision_loss
+    )]
+    let rank = ((q * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len());
+    sorted[rank - 1]
+}
+
+/// A series' tags as canonical JSON (sorted keys), the key rollups are kept under.
+pub fn tags_key(tags: &std::collections::HashMap<String, String>) -> String {
+    let sorted: BTreeMap<&String, &String> = tags.iter().collect();
+    serde_json::to_string(&sorted).unwrap_or_else(|_| "{}".to_owned())
+}
+
+/// The rollups of one instance's hour from its samples: per metric and tag set, count, min, max,
+/// sum, p50, p95 of the periodic samples. A rollup carries the lowest consent version and policy
+/// revision of its samples, so a purge that covers any of them covers it.
+pub fn roll_up(
+    org_id: &str,
+    instance_id: &str,
+    hour: i64,
+    samples: &[(Vec<u8>, i64, i64)],
+) -> Vec<Rollup> {
+    struct Series {
+        unit: String,
+        values: Vec<f64>,
+        consent_version: i64,
+        policy_revision: i64,
+    }
+    let mut series: BTreeMap<(String, String), Series> = BTreeMap::new();
+    for (body, version, revision) in samples {
+        let Ok(event) = pb::Event::decode(body.as_slice()) else {
+            continue;
+        };
+        let Some(pb::event::Payload::Metric(metric)) = event.payload else {
+            continue;
+        };
+        if !metric.periodic_sample || !metric.value.is_finite() {
+            continue;
+        }
+        let entry = series
+            .entry((metric.name.clone(), tags_key(&metric.tags)))
+            .or_insert_with(|| Series {
+                unit: metric.unit.clone(),
+                values: Vec::new(),
+                consent_version: *version,
+                policy_revision: *revision,
+            });
+        entry.values.push(metric.value);
+        entry.consent_version = entry.consent_version.min(*version);
+        entry.policy_revision = entry.policy_revision.min(*revision);
+    }
+    series
+        .into_iter()
+        .map(|((name, tags), mut s)| {
+            s.values.sort_by(f64::total_cmp);
+            Rollup {
+                instance_id: instance_id.to_owned(),
+                name,
+                tags,
+                hour,
+                org_id: org_id.to_owned(),
+                unit: s.unit,
+                count: i64::try_from(s.values.len()).unwrap_or(i64::MAX),
+                min: s.values.first().copied().unwrap_or_default(),
+                max: s.values.last().copied().unwrap_or_default(),
+                sum: s.values.iter().sum(),
+                p50: quantile(&s.values, 0.5),
+                p95: quantile(&s.values, 0.95),
+                consent_version: s.consent_version,
+                policy_revision: s.policy_revision,
+            }
+        })
+        .collect()
+}
+
+/// Brings the rollups of every hour with new samples up to date; returns the hours done.
+pub async fn roll_up_dirty(store: &dyn CollectorStore) -> Result<usize, crate::store::StoreError> {
+    let mut done = 0;
+    loop {
+        let hours = store.take_dirty_hours(500).await?;
+        if hours.is_empty() {
+            return Ok(done);
+        }
+        for (org_id, instance_id, hour) in hours {
+            let samples = store.hour_samples(&instance_id, hour).await?;
+            let rollups = roll_up(&org_id, &instance_id, hour, &samples);
+            store.replace_rollups(&instance_id, hour, &rollups).await?;
+            done += 1;
+        }
+    }
+}
+
+/// The purges of a policy, as the store reads them.
+pub fn purge_specs(policy: &consent_pb::Policy) -> Vec<PurgeSpec> {
+    policy
+        .purges
+        .iter()
+        .filter(|p| !p.purge_id.is_empty())
+        .map(|p| PurgeSpec {
+            purge_id: p.purge_id.clone(),
+            org_id: policy.org_id.clone(),
+            instance_id: (p.scope() == consent_pb::PurgeScope::Instance)
+                .then(|| p.instance_id.clone()),
+            delete_kinds: p.delete_kinds.iter().map(|k| i64::from(*k)).collect(),
+            strip_classes: p.strip_classes.clone(),
+            before_consent_version: i64::try_from(p.before_consent_version).unwrap_or(i64::MAX),
+            before_revision: i64::try_from(p.before_revision).unwrap_or(i64::MAX),
+        })
+        .collect()
+}
+
+fn counts(removed: &Removed) -> BTreeMap<String, String> {
+    [
+        ("events", removed.events),
+        ("page_views", removed.page_views),
+        ("feature_usage", removed.feature_usage),
+        ("records_stripped", removed.stripped),
+        ("view_counters", removed.view_counters),
+        ("unique_viewer_entries", removed.unique_viewer_entries),
+        ("dedupe_entries", removed.dedupe_entries),
+        ("rollups", removed.rollups),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v.to_string()))
+    .collect()
+}
+
+/// Runs the audited changes of collector-svc.
+#[derive(Debug, Clone)]
+pub struct Maintenance {
+    pub stores: Stores,
+    pub policies: Arc<Policies>,
+    pub auditor: Auditor,
+    pub clock: SharedClock,
+}
+
+impl Maintenance {
+    /// Applies every purge of the current policies not applied yet, each once; returns how many.
+    pub async fn apply_purges(&self) -> usize {
+        if !self.policies.is_ready() {
+            return 0;
+        }
+        let mut applied = 0;
+        for policy in self.policies.policies() {
+            let specs = purge_specs(&policy);
+            if specs.is_empty() {
+                continue;
+            }
+            let Ok(opened) = self.stores.get(policy.location()).await else {
+                continue;
+            };
+            for spec in specs {
+                match opened.store.purge_applied(&spec.purge_id).await {
+                    Ok(true) => continue,
+                    Ok(false) => {}
+                    Err(error) => {
+                        tracing::warn!(%error, "cannot read applied purges");
+                        continue;
+                    }
+                }
+                match self.purge(opened.store.as_ref(), &spec).await {
+                    Ok(removed) => {
+                        applied += 1;
+                        tracing::info!(org_id = %spec.org_id, purge_id = %spec.purge_id, events = removed.events, "purge applied");
+                    }
+                    Err(error) => {
+                        tracing::warn!(org_id = %spec.org_id, purge_id = %spec.purge_id, %error, "purge not applied yet");
+                    }
+                }
+            }
+        }
+        applied
+    }
+
+    async fn purge(
+        &self,
+        store: &dyn CollectorStore,
+        spec: &PurgeSpec,
+    ) -> Result<Removed, CommitError> {
+        self.auditor.settle_org(store, &spec.org_id).await?;
+        // Settling may have applied it.
+        if store.purge_applied(&spec.purge_id).await.unwrap_or(false) {
+            return Ok(Removed::default());
+        }
+        let removed = store
+            .purge_counts(spec)
+            .await
+            .map_err(|e| CommitError::Store(e.into()))?;
+        let mut attributes = counts(&removed);
+        attributes.insert("purge_id".into(), spec.purge_id.clone());
+        attributes.insert(
+            "scope".into(),
+            spec.instance_id.clone().unwrap_or_else(|| "org".into()),
+        );
+        let change = StagedChange {
+            change_id: uuid::Uuid::now_v7().to_string(),
+            org_id: spec.org_id.clone(),
+            entry: AuditEntry {
+                org_id: spec.org_id.clone(),
+                actor: "service:collector".into(),
+                action: "collector.purge_applied".into(),
+                target: spec.purge_id.clone(),
+                attributes,
+            },
+            payload: Change::Purge { spec: spec.clone() }.encode(),
+            staged_at_ms: self.clock.now_ms(),
+        };
+        self.auditor.commit(store, change, None).await?;
+        Ok(removed)
+    }
+
+    /// Erases one viewer of one instance: counted, audited, then deleted. `subjects` are the
+    /// viewer's stored forms.
+    pub async fn erase(
+        &self,
+        store: &dyn CollectorStore,
+        spec: EraseSpec,
+        actor: String,
+        deadline: Option<std::time::Instant>,
+    ) -> Result<Removed, CommitError> {
+        self.auditor.settle_org(store, &spec.org_id).await?;
+        let removed = store
+            .erase_counts(&spec)
+            .await
+            .map_err(|e| CommitError::Store(e.into()))?;
+        let mut attributes = counts(&removed);
+        attributes.insert("instance_id".into(), spec.instance_id.clone());
+        let change = StagedChange {
+            change_id: uuid::Uuid::now_v7().to_string(),
+            org_id: spec.org_id.clone(),
+            entry: AuditEntry {
+                org_id: spec.org_id.clone(),
+                actor,
+                action: "collector.viewer_erased".into(),
+                // The viewer's pseudonym names the erasure: never the id the instance sent.
+                target: spec.subjects.first().cloned().unwrap_or_default(),
+                attributes,
+            },
+            payload: Change::Erase(spec).encode(),
+            staged_at_ms: self.clock.now_ms(),
+        };
+        self.auditor.commit(store, change, deadline).await?;
+        Ok(removed)
+    }
+
+    /// Deletes what each org's retention no longer allows; returns rows removed.
+    pub async fn sweep(&self) -> i64 {
+        if !self.policies.is_ready() {
+            return 0;
+        }
+        let now = self.clock.now_ms();
+        let mut total = 0;
+        for policy in self.policies.policies() {
+            let Ok(opened) = self.stores.get(policy.location()).await else {
+                continue;
+            };
+            let retention = policy.retention.clone().unwrap_or_default();
+            let days = |d: u32| i64::from(d.max(1)) * DAY_MS;
+            let raw_before = now - days(retention.raw_days);
+            let aggregate_before =
+                (now - days(retention.aggregate_days)).div_euclid(HOUR_MS) * HOUR_MS;
+            let ids_before = now - days(retention.event_id_days);
+            match opened
+                .store
+                .sweep(&policy.org_id, raw_before, aggregate_before, ids_before)
+                .await
+            {
+                Ok(removed) => {
+                    let n = removed.events
+                        + removed.view_counters
+                        + removed.unique_viewer_entries
+                        + removed.dedupe_entries
+                        + removed.rollups;
+                    if n > 0 {
+                        tracing::info!(org_id = %policy.org_id, location = %location_name(policy.location()), removed = n, "retention sweep");
+                    }
+                    total += n;
+                }
+                Err(error) => tracing::warn!(%error, "retention sweep failed"),
+            }
+        }
+        total
+    }
+
+    /// Rolls up every open store.
+    pub async fn roll_up(&self) {
+        for opened in self.stores.open_now() {
+            if let Err(error) = roll_up_dirty(opened.store.as_ref()).await {
+                tracing::warn!(%error, "rollup failed");
+            }
+        }
+    }
+
+    /// Settles staged changes left by a crash, in every open store.
+    pub async fn recover(&self) {
+        for opened in self.stores.open_now() {
+            if let Err(error) = self.auditor.recover(opened.store.as_ref()).await {
+                tracing::warn!(%error, "cannot settle staged changes");
+            }
+        }
+    }
+
+    /// Runs rollups, purges, sweeps and recovery on their schedules until `shutdown`.
+    pub fn spawn(self, every: Schedules, shutdown: CancellationToken) {
+        let m = self.clone();
+        let stop = shutdown.clone();
+        tokio::spawn(async move {
+            loop {
+                m.recover().await;
+                m.apply_purges().await;
+                tokio::select! {
+                    () = stop.cancelled() => break,
+                    () = m.policies.changed.notified() => {
+                        // Let the commits in flight under the old policy finish first.
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                    }
+                    () = tokio::time::sleep(every.purges) => {}
+                }
+            }
+        });
+        let m = self.clone();
+        let stop = shutdown.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    () = stop.cancelled() => break,
+                    () = tokio::time::sleep(every.rollups) => m.roll_up().await,
+                }
+            }
+        });
+        let m = self;
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    () = shutdown.cancelled() => break,
+                    () = tokio::time::sleep(every.sweeps) => { m.sweep().await; }
+                }
+            }
+        });
+    }
+}
+
+/// How often background work runs.
+#[derive(Debug, Clone, Copy)]
+pub struct Schedules {
+    pub rollups: Duration,
+    pub sweeps: Duration,
+    pub purges: Duration,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quantiles_use_the_nearest_rank() {
+        let values: Vec<f64> = (1..=100).map(f64::from).collect();
+        assert_eq!(quantile(&values, 0.5), 50.0);
+        assert_eq!(quantile(&values, 0.95), 95.0);
+        assert_eq!(quantile(&[7.0], 0.95), 7.0);
+        assert_eq!(quantile(&[], 0.5), 0.0);
+    }
+
+    #[test]
+    fn rollups_group_by_metric_and_tags_and_skip_one_off_readings() {
+        let sample = |name: &str, value: f64, tag: &str, periodic: bool, version: i64| {
+            let event = pb::Event {
+                event_id: "e".into(),
+                occurred_at: None,
+                payload: Some(pb::event::Payload::Metric(pb::MetricEvent {
+                    name: name.into(),
+                    value,
+                    unit: "ms".into(),
+                    periodic_sample: periodic,
+                    tags: [("pluginKey".to_owned(), tag.to_owned())]
+                        .into_iter()
+                        .collect(),
+                    ..Default::default()
+                })),
+            };
+            (event.encode_to_vec(), version, version)
+        };
+        let samples = vec![
+            sample("latency", 10.0, "a", true, 3),
+            sample("latency", 30.0, "a", true, 2),
+            sample("latency", 20.0, "a", true, 3),
+            sample("latency", 99.0, "b", true, 3),
+            sample("latency", 1000.0, "a", false, 3),
+        ];
+        let rollups = roll_up("o", "i", 0, &samples);
+        assert_eq!(rollups.len(), 2);
+        let a = &rollups[0];
+        assert_eq!(a.tags, r#"{"pluginKey":"a"}"#);
+        assert_eq!(
+            (a.count, a.min, a.max, a.sum, a.p50),
+            (3, 10.0, 30.0, 60.0, 20.0)
+        );
+        assert_eq!(a.consent_version, 2);
+        assert_eq!(rollups[1].count, 1);
+    }
+}

@@ -1,0 +1,362 @@
+//! collector-svc's storage: the [`CollectorStore`] trait with one SQL text for SQLite and PostgreSQL.
+//! Events arrive already de-identified; the store de-duplicates them on (instance, event_id), keeps
+//! page-view counters, unique-viewer entries and blocking-time memory, rolls metrics up by hour, and
+//! applies purges and erasures through the audited-change protocol (`runtime::audited`).
+
+mod sql;
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+use sightline_runtime::audited::{ChangeLog, ChangeLogError};
+use sightline_runtime::storage::{self, Database, DbFailure, Migrations, StorageError};
+
+pub use sql::{PgStore, SqliteStore};
+
+pub static SQLITE_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("migrations/sqlite");
+pub static POSTGRES_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("migrations/postgres");
+
+pub const MIGRATIONS: Migrations = Migrations {
+    sqlite: &SQLITE_MIGRATIONS,
+    postgres: &POSTGRES_MIGRATIONS,
+};
+
+/// Opens the store of one location at `url`.
+pub async fn open(url: &str, location: &str) -> Result<Arc<dyn CollectorStore>, StorageError> {
+    Ok(match storage::connect(url, MIGRATIONS).await? {
+        Database::Sqlite(pool) => Arc::new(SqliteStore::new(pool, location)),
+        Database::Postgres(pool) => Arc::new(PgStore::new(pool, location)),
+    })
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("database unavailable: {0}")]
+    Unavailable(#[source] sqlx::Error),
+    #[error("database error: {0}")]
+    Database(#[source] sqlx::Error),
+    /// A batch for another location than the store's.
+    #[error("this store holds {store} data; the batch is for {batch}")]
+    WrongLocation { store: String, batch: String },
+    #[error("stored data does not decode: {0}")]
+    Corrupt(String),
+}
+
+impl From<sqlx::Error> for StoreError {
+    fn from(error: sqlx::Error) -> Self {
+        match storage::classify(&error) {
+            DbFailure::Unavailable => StoreError::Unavailable(error),
+            _ => StoreError::Database(error),
+        }
+    }
+}
+
+impl From<StoreError> for ChangeLogError {
+    fn from(error: StoreError) -> Self {
+        match error {
+            StoreError::Unavailable(e) => ChangeLogError::Unavailable(e.to_string()),
+            other => ChangeLogError::Refused(other.to_string()),
+        }
+    }
+}
+
+impl From<StoreError> for tonic::Status {
+    fn from(error: StoreError) -> Self {
+        match &error {
+            StoreError::Unavailable(_) => tonic::Status::unavailable(error.to_string()),
+            StoreError::WrongLocation { .. } => {
+                tonic::Status::unavailable("the org's data location is changing; retry shortly")
+            }
+            _ => {
+                tracing::error!(%error, "store failed");
+                tonic::Status::internal("the collector's store failed")
+            }
+        }
+    }
+}
+
+pub type StoreResult<T> = Result<T, StoreError>;
+
+/// One event to store, already enforced.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Row {
+    pub event_id: String,
+    pub kind: i64,
+    pub occurred_at: i64,
+    pub name: String,
+    pub value: Option<f64>,
+    pub subject: Option<String>,
+    /// The stored event, protobuf-encoded.
+    pub body: Vec<u8>,
+    pub view: Option<View>,
+}
+
+/// What a page view adds to counters and unique-viewer entries.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct View {
+    pub page_id: String,
+    pub space_id: String,
+    pub channel: i64,
+    pub viewer: Option<String>,
+}
+
+/// A batch of one instance, enforced under one policy revision.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Batch {
+    pub org_id: String,
+    pub instance_id: String,
+    pub location: String,
+    pub consent_version: i64,
+    pub policy_revision: i64,
+    pub stored_at: i64,
+    pub blocking_time_ms: i64,
+    pub rows: Vec<Row>,
+}
+
+/// What happened to one row of a batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RowOutcome {
+    Stored,
+    /// Already stored under this event id (or remembered after a purge).
+    Duplicate,
+    /// A repeated view inside the blocking time.
+    Blocked,
+}
+
+/// What happened to one batch of a group commit.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BatchOutcome {
+    /// Committed; one outcome per row, in order.
+    Committed(Vec<RowOutcome>),
+    /// The policy changed after the batch was enforced: nothing stored; enforce it again.
+    Stale,
+}
+
+/// Which page views a report covers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ViewScope {
+    Page {
+        instance_id: String,
+        page_id: String,
+    },
+    Space {
+        instance_id: String,
+        space_id: String,
+    },
+    Org {
+        org_id: String,
+        instance_id: Option<String>,
+    },
+}
+
+/// Views and unique viewers over whole UTC days [from_day, to_day).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ViewTotals {
+    pub views: i64,
+    pub unique_viewers: i64,
+    /// (channel, views)
+    pub by_channel: Vec<(i64, i64)>,
+    /// (day, views, unique viewers)
+    pub by_day: Vec<(i64, i64, i64)>,
+}
+
+/// A page or space in a ranking.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Ranked {
+    pub instance_id: String,
+    pub id: String,
+    pub views: i64,
+    pub unique_viewers: i64,
+}
+
+/// A raw metric sample as stored.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Sample {
+    pub occurred_at: i64,
+    pub event_id: String,
+    pub consent_version: i64,
+    pub body: Vec<u8>,
+}
+
+/// An hourly rollup.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Rollup {
+    pub instance_id: String,
+    pub name: String,
+    /// The series' tags, canonical JSON (sorted keys).
+    pub tags: String,
+    pub hour: i64,
+    pub org_id: String,
+    pub unit: String,
+    pub count: i64,
+    pub min: f64,
+    pub max: f64,
+    pub sum: f64,
+    pub p50: f64,
+    pub p95: f64,
+    pub consent_version: i64,
+    pub policy_revision: i64,
+}
+
+/// Which stored records a purge covers (consent.proto `PurgeInstruction`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PurgeSpec {
+    pub purge_id: String,
+    pub org_id: String,
+    /// Set for an instance-scoped purge.
+    pub instance_id: Option<String>,
+    pub delete_kinds: Vec<i64>,
+    pub strip_classes: Vec<i32>,
+    pub before_consent_version: i64,
+    pub before_revision: i64,
+}
+
+/// What a purge or an erasure removes, per store.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Removed {
+    pub events: i64,
+    pub stripped: i64,
+    pub page_views: i64,
+    pub feature_usage: i64,
+    pub view_counters: i64,
+    pub unique_viewer_entries: i64,
+    pub dedupe_entries: i64,
+    pub rollups: i64,
+}
+
+/// Whom an erasure covers: one viewer's stored forms on one instance, stored up to `until`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EraseSpec {
+    pub org_id: String,
+    pub instance_id: String,
+    /// The stored forms of the viewer's id (its pseudonym, and the id itself if a policy kept it).
+    pub subjects: Vec<String>,
+    pub until: i64,
+}
+
+/// The changes collector-svc records in the org's audit log before they take effect.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Change {
+    /// Apply a purge (records covered are deleted or stripped) and remember its id.
+    Purge {
+        spec: PurgeSpec,
+    },
+    Erase(EraseSpec),
+}
+
+impl Change {
+    pub fn encode(&self) -> String {
+        // Plain data: serialising it cannot fail.
+        serde_json::to_string(self).unwrap_or_default()
+    }
+
+    pub fn decode(text: &str) -> Result<Self, ChangeLogError> {
+        serde_json::from_str(text)
+            .map_err(|e| ChangeLogError::Refused(format!("staged change does not decode: {e}")))
+    }
+}
+
+/// The current policy revision of (org, instance), as the writer checks it before a commit.
+pub type Revisions<'a> = &'a (dyn Fn(&str, &str) -> Option<u64> + Send + Sync);
+
+#[async_trait]
+pub trait CollectorStore: ChangeLog + Send + Sync + std::fmt::Debug + 'static {
+    /// The location this store holds.
+    fn location(&self) -> &str;
+
+    /// Commits several batches in one transaction (group commit). A batch whose policy revision is
+    /// no longer the current one is not stored (`Stale`).
+    async fn commit(
+        &self,
+        batches: &[Batch],
+        current: Revisions<'_>,
+    ) -> StoreResult<Vec<BatchOutcome>>;
+
+    /// All-time views and unique viewers of one page.
+    async fn view_count(&self, instance_id: &str, page_id: &str) -> StoreResult<(i64, i64)>;
+    async fn view_totals(
+        &self,
+        scope: &ViewScope,
+        from_day: i64,
+        to_day: i64,
+    ) -> StoreResult<ViewTotals>;
+    /// Pages of a space, most viewed first.
+    async fn top_pages(
+        &self,
+        instance_id: &str,
+        space_id: &str,
+        from_day: i64,
+        to_day: i64,
+        offset: i64,
+        limit: i64,
+    ) -> StoreResult<Vec<Ranked>>;
+    /// Spaces of an org (or one instance), most viewed first.
+    async fn top_spaces(
+        &self,
+        org_id: &str,
+        instance_id: Option<&str>,
+        from_day: i64,
+        to_day: i64,
+        offset: i64,
+        limit: i64,
+    ) -> StoreResult<Vec<Ranked>>;
+
+    /// Raw samples of a metric in [from, to), after the (occurred_at, event_id) cursor.
+    async fn samples(
+        &self,
+        instance_id: &str,
+        name: &str,
+        from: i64,
+        to: i64,
+        after: Option<(i64, String)>,
+        limit: i64,
+    ) -> StoreResult<Vec<Sample>>;
+    /// Hourly rollups of a metric with hours in [from, to), after the (hour, tags) cursor.
+    async fn rollups(
+        &self,
+        instance_id: &str,
+        name: &str,
+        from: i64,
+        to: i64,
+        after: Option<(i64, String)>,
+        limit: i64,
+    ) -> StoreResult<Vec<Rollup>>;
+
+    /// Takes up to `limit` hours waiting to be rolled up: (org, instance, hour).
+    async fn take_dirty_hours(&self, limit: i64) -> StoreResult<Vec<(String, String, i64)>>;
+    /// The samples of one instance's hour: (body, consent_version, policy_revision).
+    async fn hour_samples(
+        &self,
+        instance_id: &str,
+        hour: i64,
+    ) -> StoreResult<Vec<(Vec<u8>, i64, i64)>>;
+    /// Replaces the rollups of one instance's hour.
+    async fn replace_rollups(
+        &self,
+        instance_id: &str,
+        hour: i64,
+        rollups: &[Rollup],
+    ) -> StoreResult<()>;
+
+    /// Whether a purge was applied already.
+    async fn purge_applied(&self, purge_id: &str) -> StoreResult<bool>;
+    /// What a purge would remove now (`stripped`: covered records of kinds that carry a stripped
+    /// class).
+    async fn purge_counts(&self, spec: &PurgeSpec) -> StoreResult<Removed>;
+    /// What an erasure would remove now.
+    async fn erase_counts(&self, spec: &EraseSpec) -> StoreResult<Removed>;
+
+    /// Deletes what retention no longer allows: records older than `raw_before`, rollups older than
+    /// `aggregate_before`, remembered event ids older than `ids_before`. Returns rows removed.
+    async fn sweep(
+        &self,
+        org_id: &str,
+        raw_before: i64,
+        aggregate_before: i64,
+        ids_before: i64,
+    ) -> StoreResult<Removed>;
+}
+
+#[cfg(test)]
+mod conformance;

@@ -1,0 +1,956 @@
+//! The SQL of [`CollectorStore`], written once for SQLite and PostgreSQL (both take `$n` placeholders,
+//! `ON CONFLICT`, `RETURNING` and row values). SQLite write transactions take the lock up front; on
+//! PostgreSQL a commit holds a shared advisory lock per org and a purge an exclusive one, so a batch
+//! enforced under an old policy can never commit after the purge that covers it.
+
+use std::collections::{BTreeSet, HashSet};
+
+use async_trait::async_trait;
+use sqlx::postgres::PgPool;
+use sqlx::sqlite::SqlitePool;
+
+use sightline_runtime::audited::{ChangeLog, ChangeLogError, StagedChange};
+
+use super::{
+    Batch, BatchOutcome, Change, CollectorStore, EraseSpec, PurgeSpec, Ranked, Removed, Revisions,
+    Rollup, RowOutcome, Sample, StoreError, StoreResult, ViewScope, ViewTotals,
+};
+use crate::enforce::{self, DAY_MS};
+
+const HOUR_MS: i64 = 3_600_000;
+/// Rows per INSERT statement: a fixed size keeps the statement text (and its prepared form) reused.
+const INSERT_CHUNK: usize = 200;
+/// Rows per DELETE of a sweep, so no write transaction runs long.
+const SWEEP_CHUNK: i64 = 5_000;
+const KIND_TOMBSTONE: i64 = 0;
+const KIND_METRIC: i64 = 2;
+const KIND_FEATURE_USAGE: i64 = 3;
+const KIND_PAGE_VIEW: i64 = 4;
+
+fn db(error: sqlx::Error) -> ChangeLogError {
+    StoreError::from(error).into()
+}
+
+type StagedRow = (String, String, String, String, i64);
+
+fn staged_of(
+    (change_id, org_id, entry, payload, staged_at_ms): StagedRow,
+) -> Result<StagedChange, ChangeLogError> {
+    Ok(StagedChange {
+        change_id,
+        org_id,
+        entry: serde_json::from_str(&entry).map_err(|e| {
+            ChangeLogError::Refused(format!("staged audit entry does not decode: {e}"))
+        })?,
+        payload,
+        staged_at_ms,
+    })
+}
+
+/// `kind IN (…)` for kind numbers (integers we parsed: safe to write into the SQL).
+fn kinds_in(kinds: &[i64]) -> String {
+    let list: Vec<String> = kinds.iter().map(i64::to_string).collect();
+    format!("kind IN ({})", list.join(", "))
+}
+
+/// The filter of a purge's covered records, with its binds: org, then instance when scoped.
+fn covered(spec: &PurgeSpec) -> (String, Vec<String>) {
+    match &spec.instance_id {
+        Some(instance) => (
+            "org_id = $1 AND instance_id = $2 AND consent_version < $3 AND policy_revision < $4"
+                .to_owned(),
+            vec![spec.org_id.clone(), instance.clone()],
+        ),
+        None => (
+            "org_id = $1 AND consent_version < $2 AND policy_revision < $3".to_owned(),
+            vec![spec.org_id.clone()],
+        ),
+    }
+}
+
+/// A report scope's filter over page_view_days / page_viewers, with its binds.
+fn scope_filter(scope: &ViewScope) -> (&'static str, Vec<String>) {
+    match scope {
+        ViewScope::Page {
+            instance_id,
+            page_id,
+        } => (
+            "instance_id = $1 AND page_id = $2",
+            vec![instance_id.clone(), page_id.clone()],
+        ),
+        ViewScope::Space {
+            instance_id,
+            space_id,
+        } => (
+            "instance_id = $1 AND space_id = $2",
+            vec![instance_id.clone(), space_id.clone()],
+        ),
+        ViewScope::Org {
+            org_id,
+            instance_id: Some(instance),
+        } => (
+            "org_id = $1 AND instance_id = $2",
+            vec![org_id.clone(), instance.clone()],
+        ),
+        ViewScope::Org {
+            org_id,
+            instance_id: None,
+        } => ("org_id = $1", vec![org_id.clone()]),
+    }
+}
+
+/// Kinds of the rows of a purge whose bodies may carry a stripped class.
+fn strip_kinds(spec: &PurgeSpec) -> Vec<i64> {
+    enforce::kinds_with_classes(&spec.strip_classes)
+        .into_iter()
+        .filter(|k| !spec.delete_kinds.contains(k))
+        .collect()
+}
+
+macro_rules! sql_store {
+    ($store:ident, $pool:ty, $db:ty, $begin:literal, $shared_lock:expr, $exclusive_lock:expr) => {
+        #[derive(Debug, Clone)]
+        pub struct $store {
+            pool: $pool,
+            location: String,
+        }
+
+        impl $store {
+            pub fn new(pool: $pool, location: &str) -> Self {
+                Self {
+                    pool,
+                    location: location.to_owned(),
+                }
+            }
+
+            /// Locks the org against purges (shared: commits; exclusive: purges), PostgreSQL only.
+            async fn lock_org(
+                tx: &mut sqlx::Transaction<'static, $db>,
+                org_id: &str,
+                exclusive: bool,
+            ) -> StoreResult<()> {
+                let sql: Option<&'static str> = if exclusive { $exclusive_lock } else { $shared_lock };
+                if let Some(sql) = sql {
+                    sqlx::query(sql).bind(org_id).execute(&mut **tx).await?;
+                }
+                Ok(())
+            }
+
+            async fn insert_rows(
+                tx: &mut sqlx::Transaction<'static, $db>,
+                batch: &Batch,
+                location: &str,
+            ) -> StoreResult<HashSet<String>> {
+                let mut inserted = HashSet::with_capacity(batch.rows.len());
+                for chunk in batch.rows.chunks(INSERT_CHUNK) {
+                    let mut query = sqlx::QueryBuilder::<$db>::new(
+                        "INSERT INTO events (instance_id, event_id, org_id, location, kind, occurred_at, stored_at, name, value, subject, consent_version, policy_revision, body) ",
+                    );
+                    query.push_values(chunk, |mut b, row| {
+                        b.push_bind(&batch.instance_id)
+                            .push_bind(&row.event_id)
+                            .push_bind(&batch.org_id)
+                            .push_bind(location)
+                            .push_bind(row.kind)
+                            .push_bind(row.occurred_at)
+                            .push_bind(batch.stored_at)
+                            .push_bind(&row.name)
+                            .push_bind(row.value)
+                            .push_bind(row.subject.as_deref())
+                            .push_bind(batch.consent_version)
+                            .push_bind(batch.policy_revision)
+                            .push_bind(row.body.as_slice());
+                    });
+                    query.push(" ON CONFLICT (instance_id, event_id) DO NOTHING RETURNING event_id");
+                    let ids: Vec<(String,)> = query.build_query_as().fetch_all(&mut **tx).await?;
+                    inserted.extend(ids.into_iter().map(|(id,)| id));
+                }
+                Ok(inserted)
+            }
+
+            /// Counts one stored page view, unless the viewer saw the page inside the blocking time.
+            async fn count_view(
+                tx: &mut sqlx::Transaction<'static, $db>,
+                batch: &Batch,
+                row: &crate::store::Row,
+                view: &crate::store::View,
+            ) -> StoreResult<RowOutcome> {
+                if let (Some(viewer), true) = (&view.viewer, batch.blocking_time_ms > 0) {
+                    let counted: Option<(i64,)> = sqlx::query_as(
+                        "INSERT INTO view_memory (instance_id, page_id, viewer, org_id, last_at, stored_at) VALUES ($1, $2, $3, $4, $5, $6)
+                         ON CONFLICT (instance_id, page_id, viewer) DO UPDATE SET last_at = excluded.last_at, stored_at = excluded.stored_at
+                         WHERE view_memory.last_at <= excluded.last_at - $7
+                         RETURNING last_at",
+                    )
+                    .bind(&batch.instance_id)
+                    .bind(&view.page_id)
+                    .bind(viewer)
+                    .bind(&batch.org_id)
+                    .bind(row.occurred_at)
+                    .bind(batch.stored_at)
+                    .bind(batch.blocking_time_ms)
+                    .fetch_optional(&mut **tx)
+                    .await?;
+                    if counted.is_none() {
+                        sqlx::query("DELETE FROM events WHERE instance_id = $1 AND event_id = $2")
+                            .bind(&batch.instance_id)
+                            .bind(&row.event_id)
+                            .execute(&mut **tx)
+                            .await?;
+                        return Ok(RowOutcome::Blocked);
+                    }
+                }
+                let day = row.occurred_at.div_euclid(DAY_MS);
+                sqlx::query(
+                    "INSERT INTO page_view_days (instance_id, page_id, day, channel, consent_version, policy_revision, org_id, space_id, views)
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, 1)
+                     ON CONFLICT (instance_id, page_id, day, channel, consent_version, policy_revision) DO UPDATE SET views = page_view_days.views + 1",
+                )
+                .bind(&batch.instance_id)
+                .bind(&view.page_id)
+                .bind(day)
+                .bind(view.channel)
+                .bind(batch.consent_version)
+                .bind(batch.policy_revision)
+                .bind(&batch.org_id)
+                .bind(&view.space_id)
+                .execute(&mut **tx)
+                .await?;
+                if let Some(viewer) = &view.viewer {
+                    sqlx::query(
+                        "INSERT INTO page_viewers (instance_id, page_id, day, viewer, org_id, space_id, consent_version, policy_revision, stored_at)
+                         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) ON CONFLICT (instance_id, page_id, day, viewer) DO NOTHING",
+                    )
+                    .bind(&batch.instance_id)
+                    .bind(&view.page_id)
+                    .bind(day)
+                    .bind(viewer)
+                    .bind(&batch.org_id)
+                    .bind(&view.space_id)
+                    .bind(batch.consent_version)
+                    .bind(batch.policy_revision)
+                    .bind(batch.stored_at)
+                    .execute(&mut **tx)
+                    .await?;
+                }
+                Ok(RowOutcome::Stored)
+            }
+
+            async fn count_where(&self, sql: String, binds: &[String], tail: &[i64]) -> StoreResult<i64> {
+                let mut query = sqlx::query_as::<_, (i64,)>(sqlx::AssertSqlSafe(sql));
+                for b in binds {
+                    query = query.bind(b);
+                }
+                for t in tail {
+                    query = query.bind(*t);
+                }
+                Ok(query.fetch_one(&self.pool).await?.0)
+            }
+
+            async fn apply_purge(
+                tx: &mut sqlx::Transaction<'static, $db>,
+                spec: &PurgeSpec,
+                now: i64,
+            ) -> StoreResult<()> {
+                Self::lock_org(tx, &spec.org_id, true).await?;
+                let (filter, binds) = covered(spec);
+                let tail = [spec.before_consent_version, spec.before_revision];
+                macro_rules! run {
+                    ($sql:expr) => {{
+                        let sql: String = $sql;
+                        let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
+                        for b in &binds {
+                            query = query.bind(b);
+                        }
+                        for t in tail {
+                            query = query.bind(t);
+                        }
+                        query.execute(&mut **tx).await?;
+                    }};
+                }
+                if !spec.delete_kinds.is_empty() {
+                    run!(format!(
+                        "UPDATE events SET kind = {KIND_TOMBSTONE}, body = NULL, name = '', value = NULL, subject = NULL WHERE {filter} AND {}",
+                        kinds_in(&spec.delete_kinds)
+                    ));
+                }
+                if spec.delete_kinds.contains(&KIND_PAGE_VIEW) {
+                    run!(format!("DELETE FROM page_view_days WHERE {filter}"));
+                    run!(format!("DELETE FROM page_viewers WHERE {filter}"));
+                    let scope = match &spec.instance_id {
+                        Some(_) => "org_id = $1 AND instance_id = $2",
+                        None => "org_id = $1",
+                    };
+                    let mut query = sqlx::query(sqlx::AssertSqlSafe(format!("DELETE FROM view_memory WHERE {scope}")));
+                    for b in &binds {
+                        query = query.bind(b);
+                    }
+                    query.execute(&mut **tx).await?;
+                }
+                if spec.delete_kinds.contains(&KIND_METRIC) {
+                    run!(format!("DELETE FROM rollups WHERE {filter}"));
+                }
+                let kinds = strip_kinds(spec);
+                if !spec.strip_classes.is_empty() && !kinds.is_empty() {
+                    let sql = format!(
+                        "SELECT instance_id, event_id, body FROM events WHERE {filter} AND {} AND body IS NOT NULL",
+                        kinds_in(&kinds)
+                    );
+                    let mut query = sqlx::query_as::<_, (String, String, Vec<u8>)>(sqlx::AssertSqlSafe(sql));
+                    for b in &binds {
+                        query = query.bind(b);
+                    }
+                    for t in tail {
+                        query = query.bind(t);
+                    }
+                    let rows = query.fetch_all(&mut **tx).await?;
+                    for (instance_id, event_id, body) in rows {
+                        if let Some(stripped) = enforce::strip_body(&body, &spec.strip_classes) {
+                            sqlx::query("UPDATE events SET body = $3 WHERE instance_id = $1 AND event_id = $2")
+                                .bind(&instance_id)
+                                .bind(&event_id)
+                                .bind(stripped)
+                                .execute(&mut **tx)
+                                .await?;
+                        }
+                    }
+                }
+                sqlx::query("INSERT INTO applied_purges (purge_id, org_id, applied_at, counts) VALUES ($1, $2, $3, '{}') ON CONFLICT (purge_id) DO NOTHING")
+                    .bind(&spec.purge_id)
+                    .bind(&spec.org_id)
+                    .bind(now)
+                    .execute(&mut **tx)
+                    .await?;
+                Ok(())
+            }
+
+            async fn apply_erase(
+                tx: &mut sqlx::Transaction<'static, $db>,
+                spec: &EraseSpec,
+            ) -> StoreResult<()> {
+                for subject in &spec.subjects {
+                    // Each erased page view was one counted view: take it off its counter.
+                    let views: Vec<(String, i64, Option<f64>, i64, i64)> = sqlx::query_as(
+                        "SELECT name, occurred_at, value, consent_version, policy_revision FROM events
+                         WHERE instance_id = $1 AND subject = $2 AND stored_at <= $3 AND kind = 4",
+                    )
+                    .bind(&spec.instance_id)
+                    .bind(subject)
+                    .bind(spec.until)
+                    .fetch_all(&mut **tx)
+                    .await?;
+                    for (page_id, occurred_at, channel, version, revision) in views {
+                        #[allow(clippy::cast_possible_truncation)]
+                        let channel = channel.unwrap_or_default() as i64;
+                        sqlx::query(
+                            "UPDATE page_view_days SET views = views - 1 WHERE instance_id = $1 AND page_id = $2 AND day = $3
+                             AND channel = $4 AND consent_version = $5 AND policy_revision = $6",
+                        )
+                        .bind(&spec.instance_id)
+                        .bind(&page_id)
+                        .bind(occurred_at.div_euclid(DAY_MS))
+                        .bind(channel)
+                        .bind(version)
+                        .bind(revision)
+                        .execute(&mut **tx)
+                        .await?;
+                    }
+                    sqlx::query("DELETE FROM page_view_days WHERE instance_id = $1 AND views <= 0")
+                        .bind(&spec.instance_id)
+                        .execute(&mut **tx)
+                        .await?;
+                    sqlx::query(sqlx::AssertSqlSafe(format!(
+                        "UPDATE events SET kind = {KIND_TOMBSTONE}, body = NULL, name = '', value = NULL, subject = NULL
+                         WHERE instance_id = $1 AND subject = $2 AND stored_at <= $3"
+                    )))
+                    .bind(&spec.instance_id)
+                    .bind(subject)
+                    .bind(spec.until)
+                    .execute(&mut **tx)
+                    .await?;
+                    sqlx::query("DELETE FROM page_viewers WHERE instance_id = $1 AND viewer = $2 AND stored_at <= $3")
+                        .bind(&spec.instance_id)
+                        .bind(subject)
+                        .bind(spec.until)
+                        .execute(&mut **tx)
+                        .await?;
+                    sqlx::query("DELETE FROM view_memory WHERE instance_id = $1 AND viewer = $2 AND stored_at <= $3")
+                        .bind(&spec.instance_id)
+                        .bind(subject)
+                        .bind(spec.until)
+                        .execute(&mut **tx)
+                        .await?;
+                }
+                Ok(())
+            }
+
+            async fn delete_chunked(&self, sql: String, org_id: &str, before: i64) -> StoreResult<i64> {
+                let mut total = 0;
+                loop {
+                    let done = sqlx::query(sqlx::AssertSqlSafe(sql.clone()))
+                        .bind(org_id)
+                        .bind(before)
+                        .bind(SWEEP_CHUNK)
+                        .execute(&self.pool)
+                        .await?
+                        .rows_affected();
+                    total += i64::try_from(done).unwrap_or(i64::MAX);
+                    if done < u64::try_from(SWEEP_CHUNK).unwrap_or(u64::MAX) {
+                        return Ok(total);
+                    }
+                }
+            }
+        }
+
+        #[async_trait]
+        impl CollectorStore for $store {
+            fn location(&self) -> &str {
+                &self.location
+            }
+
+            async fn commit(
+                &self,
+                batches: &[Batch],
+                current: Revisions<'_>,
+            ) -> StoreResult<Vec<BatchOutcome>> {
+                if let Some(wrong) = batches.iter().find(|b| b.location != self.location) {
+                    return Err(StoreError::WrongLocation {
+                        store: self.location.clone(),
+                        batch: wrong.location.clone(),
+                    });
+                }
+                let mut tx = self.pool.begin_with($begin).await?;
+                let orgs: BTreeSet<&str> = batches.iter().map(|b| b.org_id.as_str()).collect();
+                for org in orgs {
+                    Self::lock_org(&mut tx, org, false).await?;
+                }
+                let mut outcomes = Vec::with_capacity(batches.len());
+                for batch in batches {
+                    let revision = u64::try_from(batch.policy_revision).ok();
+                    if current(&batch.org_id, &batch.instance_id) != revision {
+                        outcomes.push(BatchOutcome::Stale);
+                        continue;
+                    }
+                    let inserted = Self::insert_rows(&mut tx, batch, &self.location).await?;
+                    let mut rows = Vec::with_capacity(batch.rows.len());
+                    let mut hours = BTreeSet::new();
+                    for row in &batch.rows {
+                        if !inserted.contains(&row.event_id) {
+                            rows.push(RowOutcome::Duplicate);
+                            continue;
+                        }
+                        if let Some(view) = &row.view {
+                            rows.push(Self::count_view(&mut tx, batch, row, view).await?);
+                            continue;
+                        }
+                        if row.kind == KIND_METRIC {
+                            hours.insert(row.occurred_at.div_euclid(HOUR_MS) * HOUR_MS);
+                        }
+                        rows.push(RowOutcome::Stored);
+                    }
+                    for hour in hours {
+                        sqlx::query("INSERT INTO rollup_dirty (instance_id, hour, org_id) VALUES ($1, $2, $3) ON CONFLICT (instance_id, hour) DO NOTHING")
+                            .bind(&batch.instance_id)
+                            .bind(hour)
+                            .bind(&batch.org_id)
+                            .execute(&mut *tx)
+                            .await?;
+                    }
+                    outcomes.push(BatchOutcome::Committed(rows));
+                }
+                tx.commit().await?;
+                Ok(outcomes)
+            }
+
+            async fn view_count(&self, instance_id: &str, page_id: &str) -> StoreResult<(i64, i64)> {
+                let (views,): (i64,) = sqlx::query_as(
+                    "SELECT CAST(COALESCE(SUM(views), 0) AS BIGINT) FROM page_view_days WHERE instance_id = $1 AND page_id = $2",
+                )
+                .bind(instance_id)
+                .bind(page_id)
+                .fetch_one(&self.pool)
+                .await?;
+                let (unique,): (i64,) = sqlx::query_as(
+                    "SELECT COUNT(DISTINCT viewer) FROM page_viewers WHERE instance_id = $1 AND page_id = $2",
+                )
+                .bind(instance_id)
+                .bind(page_id)
+                .fetch_one(&self.pool)
+                .await?;
+                Ok((views, unique))
+            }
+
+            async fn view_totals(&self, scope: &ViewScope, from_day: i64, to_day: i64) -> StoreResult<ViewTotals> {
+                let (filter, binds) = scope_filter(scope);
+                let n = binds.len();
+                let days = format!("day >= ${} AND day < ${}", n + 1, n + 2);
+                let mut query = sqlx::query_as::<_, (i64, i64, i64)>(sqlx::AssertSqlSafe(format!(
+                    "SELECT day, channel, CAST(SUM(views) AS BIGINT) FROM page_view_days WHERE {filter} AND {days} GROUP BY day, channel ORDER BY day, channel"
+                )));
+                for b in &binds {
+                    query = query.bind(b);
+                }
+                let cells = query.bind(from_day).bind(to_day).fetch_all(&self.pool).await?;
+                let mut query = sqlx::query_as::<_, (i64, i64)>(sqlx::AssertSqlSafe(format!(
+                    "SELECT day, COUNT(DISTINCT instance_id || '/' || viewer) FROM page_viewers WHERE {filter} AND {days} GROUP BY day ORDER BY day"
+                )));
+                for b in &binds {
+                    query = query.bind(b);
+                }
+                let uniques = query.bind(from_day).bind(to_day).fetch_all(&self.pool).await?;
+                let unique_viewers = self
+                    .count_where(
+                        format!("SELECT COUNT(DISTINCT instance_id || '/' || viewer) FROM page_viewers WHERE {filter} AND {days}"),
+                        &binds,
+                        &[from_day, to_day],
+                    )
+                    .await?;
+                let mut totals = ViewTotals {
+                    unique_viewers,
+                    ..ViewTotals::default()
+                };
+                for (day, channel, views) in cells {
+                    totals.views += views;
+                    match totals.by_channel.iter_mut().find(|(c, _)| *c == channel) {
+                        Some((_, v)) => *v += views,
+                        None => totals.by_channel.push((channel, views)),
+                    }
+                    match totals.by_day.last_mut() {
+                        Some((d, v, _)) if *d == day => *v += views,
+                        _ => totals.by_day.push((day, views, 0)),
+                    }
+                }
+                totals.by_channel.sort_unstable();
+                for (day, unique) in uniques {
+                    if let Some(entry) = totals.by_day.iter_mut().find(|(d, _, _)| *d == day) {
+                        entry.2 = unique;
+                    }
+                }
+                Ok(totals)
+            }
+
+            async fn top_pages(
+                &self,
+                instance_id: &str,
+                space_id: &str,
+                from_day: i64,
+                to_day: i64,
+                offset: i64,
+                limit: i64,
+            ) -> StoreResult<Vec<Ranked>> {
+                let pages: Vec<(String, i64)> = sqlx::query_as(
+                    "SELECT page_id, CAST(SUM(views) AS BIGINT) AS v FROM page_view_days
+                     WHERE instance_id = $1 AND space_id = $2 AND day >= $3 AND day < $4
+                     GROUP BY page_id ORDER BY v DESC, page_id LIMIT $5 OFFSET $6",
+                )
+                .bind(instance_id)
+                .bind(space_id)
+                .bind(from_day)
+                .bind(to_day)
+                .bind(limit)
+                .bind(offset)
+                .fetch_all(&self.pool)
+                .await?;
+                let mut ranked = Vec::with_capacity(pages.len());
+                for (page_id, views) in pages {
+                    let (unique,): (i64,) = sqlx::query_as(
+                        "SELECT COUNT(DISTINCT viewer) FROM page_viewers WHERE instance_id = $1 AND page_id = $2 AND day >= $3 AND day < $4",
+                    )
+                    .bind(instance_id)
+                    .bind(&page_id)
+                    .bind(from_day)
+                    .bind(to_day)
+                    .fetch_one(&self.pool)
+                    .await?;
+                    ranked.push(Ranked {
+                        instance_id: instance_id.to_owned(),
+                        id: page_id,
+                        views,
+                        unique_viewers: unique,
+                    });
+                }
+                Ok(ranked)
+            }
+
+            async fn top_spaces(
+                &self,
+                org_id: &str,
+                instance_id: Option<&str>,
+                from_day: i64,
+                to_day: i64,
+                offset: i64,
+                limit: i64,
+            ) -> StoreResult<Vec<Ranked>> {
+                let spaces: Vec<(String, String, i64)> = sqlx::query_as(
+                    "SELECT instance_id, space_id, CAST(SUM(views) AS BIGINT) AS v FROM page_view_days
+                     WHERE org_id = $1 AND ($2 = '' OR instance_id = $2) AND day >= $3 AND day < $4
+                     GROUP BY instance_id, space_id ORDER BY v DESC, instance_id, space_id LIMIT $5 OFFSET $6",
+                )
+                .bind(org_id)
+                .bind(instance_id.unwrap_or_default())
+                .bind(from_day)
+                .bind(to_day)
+                .bind(limit)
+                .bind(offset)
+                .fetch_all(&self.pool)
+                .await?;
+                let mut ranked = Vec::with_capacity(spaces.len());
+                for (instance_id, space_id, views) in spaces {
+                    let (unique,): (i64,) = sqlx::query_as(
+                        "SELECT COUNT(DISTINCT viewer) FROM page_viewers WHERE instance_id = $1 AND space_id = $2 AND day >= $3 AND day < $4",
+                    )
+                    .bind(&instance_id)
+                    .bind(&space_id)
+                    .bind(from_day)
+                    .bind(to_day)
+                    .fetch_one(&self.pool)
+                    .await?;
+                    ranked.push(Ranked {
+                        instance_id,
+                        id: space_id,
+                        views,
+                        unique_viewers: unique,
+                    });
+                }
+                Ok(ranked)
+            }
+
+            async fn samples(
+                &self,
+                instance_id: &str,
+                name: &str,
+                from: i64,
+                to: i64,
+                after: Option<(i64, String)>,
+                limit: i64,
+            ) -> StoreResult<Vec<Sample>> {
+                let (at, id) = after.unwrap_or((i64::MIN, String::new()));
+                let rows: Vec<(i64, String, i64, Vec<u8>)> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+                    "SELECT occurred_at, event_id, consent_version, body FROM events
+                     WHERE instance_id = $1 AND kind = {KIND_METRIC} AND name = $2 AND occurred_at >= $3 AND occurred_at < $4
+                       AND (occurred_at > $5 OR (occurred_at = $5 AND event_id > $6)) AND body IS NOT NULL
+                     ORDER BY occurred_at, event_id LIMIT $7"
+                )))
+                .bind(instance_id)
+                .bind(name)
+                .bind(from)
+                .bind(to)
+                .bind(at)
+                .bind(id)
+                .bind(limit)
+                .fetch_all(&self.pool)
+                .await?;
+                Ok(rows
+                    .into_iter()
+                    .map(|(occurred_at, event_id, consent_version, body)| Sample {
+                        occurred_at,
+                        event_id,
+                        consent_version,
+                        body,
+                    })
+                    .collect())
+            }
+
+            async fn rollups(
+                &self,
+                instance_id: &str,
+                name: &str,
+                from: i64,
+                to: i64,
+                after: Option<(i64, String)>,
+                limit: i64,
+            ) -> StoreResult<Vec<Rollup>> {
+                let (at, tags) = after.unwrap_or((i64::MIN, String::new()));
+                type R = (String, String, String, i64, String, String, i64, f64, f64, f64, f64, f64, i64, i64);
+                let rows: Vec<R> = sqlx::query_as(
+                    "SELECT instance_id, name, tags, hour, org_id, unit, count, min, max, sum, p50, p95, consent_version, policy_revision
+                     FROM rollups WHERE instance_id = $1 AND name = $2 AND hour >= $3 AND hour < $4
+                       AND (hour > $5 OR (hour = $5 AND tags > $6))
+                     ORDER BY hour, tags LIMIT $7",
+                )
+                .bind(instance_id)
+                .bind(name)
+                .bind(from)
+                .bind(to)
+                .bind(at)
+                .bind(tags)
+                .bind(limit)
+                .fetch_all(&self.pool)
+                .await?;
+                Ok(rows
+                    .into_iter()
+                    .map(
+                        |(instance_id, name, tags, hour, org_id, unit, count, min, max, sum, p50, p95, consent_version, policy_revision)| Rollup {
+                            instance_id,
+                            name,
+                            tags,
+                            hour,
+                            org_id,
+                            unit,
+                            count,
+                            min,
+                            max,
+                            sum,
+                            p50,
+                            p95,
+                            consent_version,
+                            policy_revision,
+                        },
+                    )
+                    .collect())
+            }
+
+            async fn take_dirty_hours(&self, limit: i64) -> StoreResult<Vec<(String, String, i64)>> {
+                let rows: Vec<(String, String, i64)> = sqlx::query_as(
+                    "SELECT org_id, instance_id, hour FROM rollup_dirty ORDER BY hour LIMIT $1",
+                )
+                .bind(limit)
+                .fetch_all(&self.pool)
+                .await?;
+                for (_, instance_id, hour) in &rows {
+                    // Taken before the samples are read: a sample stored meanwhile marks it again.
+                    sqlx::query("DELETE FROM rollup_dirty WHERE instance_id = $1 AND hour = $2")
+                        .bind(instance_id)
+                        .bind(hour)
+                        .execute(&self.pool)
+                        .await?;
+                }
+                Ok(rows)
+            }
+
+            async fn hour_samples(&self, instance_id: &str, hour: i64) -> StoreResult<Vec<(Vec<u8>, i64, i64)>> {
+                Ok(sqlx::query_as(sqlx::AssertSqlSafe(format!(
+                    "SELECT body, consent_version, policy_revision FROM events
+                     WHERE instance_id = $1 AND kind = {KIND_METRIC} AND occurred_at >= $2 AND occurred_at < $3 AND body IS NOT NULL"
+                )))
+                .bind(instance_id)
+                .bind(hour)
+                .bind(hour + HOUR_MS)
+                .fetch_all(&self.pool)
+                .await?)
+            }
+
+            async fn replace_rollups(&self, instance_id: &str, hour: i64, rollups: &[Rollup]) -> StoreResult<()> {
+                let mut tx = self.pool.begin_with($begin).await?;
+                sqlx::query("DELETE FROM rollups WHERE instance_id = $1 AND hour = $2")
+                    .bind(instance_id)
+                    .bind(hour)
+                    .execute(&mut *tx)
+                    .await?;
+                for r in rollups {
+                    sqlx::query(
+                        "INSERT INTO rollups (instance_id, name, tags, hour, org_id, location, unit, count, min, max, sum, p50, p95, consent_version, policy_revision)
+                         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)",
+                    )
+                    .bind(&r.instance_id)
+                    .bind(&r.name)
+                    .bind(&r.tags)
+                    .bind(r.hour)
+                    .bind(&r.org_id)
+                    .bind(&self.location)
+                    .bind(&r.unit)
+                    .bind(r.count)
+                    .bind(r.min)
+                    .bind(r.max)
+                    .bind(r.sum)
+                    .bind(r.p50)
+                    .bind(r.p95)
+                    .bind(r.consent_version)
+                    .bind(r.policy_revision)
+                    .execute(&mut *tx)
+                    .await?;
+                }
+                tx.commit().await?;
+                Ok(())
+            }
+
+            async fn purge_applied(&self, purge_id: &str) -> StoreResult<bool> {
+                let row: Option<(String,)> = sqlx::query_as("SELECT purge_id FROM applied_purges WHERE purge_id = $1")
+                    .bind(purge_id)
+                    .fetch_optional(&self.pool)
+                    .await?;
+                Ok(row.is_some())
+            }
+
+            async fn purge_counts(&self, spec: &PurgeSpec) -> StoreResult<Removed> {
+                let (filter, binds) = covered(spec);
+                let tail = [spec.before_consent_version, spec.before_revision];
+                let mut removed = Removed::default();
+                if !spec.delete_kinds.is_empty() {
+                    let kinds = kinds_in(&spec.delete_kinds);
+                    removed.events = self.count_where(format!("SELECT COUNT(*) FROM events WHERE {filter} AND {kinds}"), &binds, &tail).await?;
+                    removed.page_views = self.count_where(format!("SELECT COUNT(*) FROM events WHERE {filter} AND kind = {KIND_PAGE_VIEW}"), &binds, &tail).await?;
+                    removed.feature_usage = self.count_where(format!("SELECT COUNT(*) FROM events WHERE {filter} AND kind = {KIND_FEATURE_USAGE}"), &binds, &tail).await?;
+                    removed.page_views = if spec.delete_kinds.contains(&KIND_PAGE_VIEW) { removed.page_views } else { 0 };
+                    removed.feature_usage = if spec.delete_kinds.contains(&KIND_FEATURE_USAGE) { removed.feature_usage } else { 0 };
+                }
+                if spec.delete_kinds.contains(&KIND_PAGE_VIEW) {
+                    removed.view_counters = self.count_where(format!("SELECT COUNT(*) FROM page_view_days WHERE {filter}"), &binds, &tail).await?;
+                    removed.unique_viewer_entries = self.count_where(format!("SELECT COUNT(*) FROM page_viewers WHERE {filter}"), &binds, &tail).await?;
+                    let scope = match &spec.instance_id {
+                        Some(_) => "org_id = $1 AND instance_id = $2",
+                        None => "org_id = $1",
+                    };
+                    removed.dedupe_entries = self.count_where(format!("SELECT COUNT(*) FROM view_memory WHERE {scope}"), &binds, &[]).await?;
+                }
+                if spec.delete_kinds.contains(&KIND_METRIC) {
+                    removed.rollups = self.count_where(format!("SELECT COUNT(*) FROM rollups WHERE {filter}"), &binds, &tail).await?;
+                }
+                let kinds = strip_kinds(spec);
+                if !spec.strip_classes.is_empty() && !kinds.is_empty() {
+                    removed.stripped = self
+                        .count_where(
+                            format!("SELECT COUNT(*) FROM events WHERE {filter} AND {} AND body IS NOT NULL", kinds_in(&kinds)),
+                            &binds,
+                            &tail,
+                        )
+                        .await?;
+                }
+                Ok(removed)
+            }
+
+            async fn erase_counts(&self, spec: &EraseSpec) -> StoreResult<Removed> {
+                let mut removed = Removed::default();
+                for subject in &spec.subjects {
+                    let binds = [spec.instance_id.clone(), subject.clone()];
+                    removed.page_views += self.count_where(
+                        format!("SELECT COUNT(*) FROM events WHERE instance_id = $1 AND subject = $2 AND stored_at <= $3 AND kind = {KIND_PAGE_VIEW}"),
+                        &binds, &[spec.until]).await?;
+                    removed.feature_usage += self.count_where(
+                        format!("SELECT COUNT(*) FROM events WHERE instance_id = $1 AND subject = $2 AND stored_at <= $3 AND kind = {KIND_FEATURE_USAGE}"),
+                        &binds, &[spec.until]).await?;
+                    removed.unique_viewer_entries += self.count_where(
+                        "SELECT COUNT(*) FROM page_viewers WHERE instance_id = $1 AND viewer = $2 AND stored_at <= $3".to_owned(),
+                        &binds, &[spec.until]).await?;
+                    removed.dedupe_entries += self.count_where(
+                        "SELECT COUNT(*) FROM view_memory WHERE instance_id = $1 AND viewer = $2 AND stored_at <= $3".to_owned(),
+                        &binds, &[spec.until]).await?;
+                }
+                removed.events = removed.page_views + removed.feature_usage;
+                Ok(removed)
+            }
+
+            async fn sweep(
+                &self,
+                org_id: &str,
+                raw_before: i64,
+                aggregate_before: i64,
+                ids_before: i64,
+            ) -> StoreResult<Removed> {
+                let mut removed = Removed::default();
+                removed.events = self.delete_chunked(
+                    "DELETE FROM events WHERE (instance_id, event_id) IN (SELECT instance_id, event_id FROM events WHERE org_id = $1 AND occurred_at < $2 LIMIT $3)".to_owned(),
+                    org_id, raw_before).await?;
+                removed.events += self.delete_chunked(
+                    format!("DELETE FROM events WHERE (instance_id, event_id) IN (SELECT instance_id, event_id FROM events WHERE org_id = $1 AND kind = {KIND_TOMBSTONE} AND occurred_at < $2 LIMIT $3)"),
+                    org_id, ids_before).await?;
+                let raw_day = raw_before.div_euclid(DAY_MS);
+                removed.view_counters = self.delete_chunked(
+                    "DELETE FROM page_view_days WHERE (instance_id, page_id, day, channel, consent_version, policy_revision) IN (SELECT instance_id, page_id, day, channel, consent_version, policy_revision FROM page_view_days WHERE org_id = $1 AND day < $2 LIMIT $3)".to_owned(),
+                    org_id, raw_day).await?;
+                removed.unique_viewer_entries = self.delete_chunked(
+                    "DELETE FROM page_viewers WHERE (instance_id, page_id, day, viewer) IN (SELECT instance_id, page_id, day, viewer FROM page_viewers WHERE org_id = $1 AND day < $2 LIMIT $3)".to_owned(),
+                    org_id, raw_day).await?;
+                removed.dedupe_entries = self.delete_chunked(
+                    "DELETE FROM view_memory WHERE (instance_id, page_id, viewer) IN (SELECT instance_id, page_id, viewer FROM view_memory WHERE org_id = $1 AND last_at < $2 LIMIT $3)".to_owned(),
+                    org_id, raw_before).await?;
+                removed.rollups = self.delete_chunked(
+                    "DELETE FROM rollups WHERE (instance_id, name, tags, hour) IN (SELECT instance_id, name, tags, hour FROM rollups WHERE org_id = $1 AND hour < $2 LIMIT $3)".to_owned(),
+                    org_id, aggregate_before).await?;
+                Ok(removed)
+            }
+        }
+
+        #[async_trait]
+        impl ChangeLog for $store {
+            async fn stage(&self, change: &StagedChange) -> Result<(), ChangeLogError> {
+                let entry = serde_json::to_string(&change.entry).map_err(|e| ChangeLogError::Refused(e.to_string()))?;
+                sqlx::query("INSERT INTO staged_changes (change_id, org_id, entry, payload, staged_at) VALUES ($1, $2, $3, $4, $5)")
+                    .bind(&change.change_id)
+                    .bind(&change.org_id)
+                    .bind(entry)
+                    .bind(&change.payload)
+                    .bind(change.staged_at_ms)
+                    .execute(&self.pool)
+                    .await
+                    .map_err(db)?;
+                Ok(())
+            }
+
+            async fn apply(&self, change: &StagedChange) -> Result<(), ChangeLogError> {
+                let staged = Change::decode(&change.payload)?;
+                let mut tx = self.pool.begin_with($begin).await.map_err(db)?;
+                let removed = sqlx::query("DELETE FROM staged_changes WHERE change_id = $1")
+                    .bind(&change.change_id)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(db)?;
+                if removed.rows_affected() == 0 {
+                    // Settled already: applying twice would apply it twice.
+                    return Ok(());
+                }
+                match &staged {
+                    Change::Purge { spec } => Self::apply_purge(&mut tx, spec, change.staged_at_ms).await?,
+                    Change::Erase(spec) => Self::apply_erase(&mut tx, spec).await?,
+                }
+                tx.commit().await.map_err(db)?;
+                Ok(())
+            }
+
+            async fn discard(&self, change_id: &str) -> Result<(), ChangeLogError> {
+                sqlx::query("DELETE FROM staged_changes WHERE change_id = $1")
+                    .bind(change_id)
+                    .execute(&self.pool)
+                    .await
+                    .map_err(db)?;
+                Ok(())
+            }
+
+            async fn staged(&self, org_id: Option<&str>) -> Result<Vec<StagedChange>, ChangeLogError> {
+                const COLUMNS: &str = "change_id, org_id, entry, payload, staged_at";
+                let rows: Vec<StagedRow> = match org_id {
+                    Some(org_id) => sqlx::query_as(sqlx::AssertSqlSafe(format!(
+                        "SELECT {COLUMNS} FROM staged_changes WHERE org_id = $1 ORDER BY staged_at, change_id"
+                    )))
+                    .bind(org_id)
+                    .fetch_all(&self.pool)
+                    .await,
+                    None => sqlx::query_as(sqlx::AssertSqlSafe(format!(
+                        "SELECT {COLUMNS} FROM staged_changes ORDER BY staged_at, change_id"
+                    )))
+                    .fetch_all(&self.pool)
+                    .await,
+                }
+                .map_err(db)?;
+                rows.into_iter().map(staged_of).collect()
+            }
+        }
+    };
+}
+
+mod sqlite {
+    use super::*;
+    sql_store!(
+        SqliteStore,
+        SqlitePool,
+        sqlx::Sqlite,
+        "BEGIN IMMEDIATE",
+        None,
+        None
+    );
+}
+
+mod postgres {
+    use super::*;
+    sql_store!(
+        PgStore,
+        PgPool,
+        sqlx::Postgres,
+        "BEGIN",
+        Some("SELECT pg_advisory_xact_lock_shared(hashtext($1))"),
+        Some("SELECT pg_advisory_xact_lock(hashtext($1))")
+    );
+}
+
+pub use postgres::PgStore;
+pub use sqlite::SqliteStore;

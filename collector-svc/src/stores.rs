@@ -1,0 +1,152 @@
+//! One store per data-residency location (SPEC E10): an org's records go to its location's store,
+//! and a store refuses records of another location. Stores open on first use (a location no org
+//! uses costs nothing) and at start when their database already exists.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use dashmap::DashMap;
+use sightline_proto::common::v1::Location;
+use sightline_runtime::Secret;
+use sightline_runtime::storage::{self, StorageError};
+use tokio::sync::OnceCell;
+use tokio_util::sync::CancellationToken;
+use tonic::Status;
+
+use crate::policy::Policies;
+use crate::store::{self, CollectorStore};
+use crate::writer::Writer;
+
+/// Where each location's data lives.
+#[derive(Debug, Clone)]
+pub struct StoreUrls {
+    /// Named locations.
+    pub locations: BTreeMap<String, Secret>,
+    /// Every other location, when set (one database for all).
+    pub shared: Option<Secret>,
+    /// Else a SQLite file per location here.
+    pub data_dir: PathBuf,
+}
+
+impl StoreUrls {
+    pub fn url(&self, location: &str) -> String {
+        match (self.locations.get(location), &self.shared) {
+            (Some(url), _) | (None, Some(url)) => url.expose().to_owned(),
+            (None, None) => {
+                storage::default_sqlite_url(&self.data_dir, &format!("collector-{location}"))
+            }
+        }
+    }
+}
+
+/// The name a location has in settings and in stored rows: `global`, `eu`, `south_korea`, …
+pub fn location_name(location: Location) -> String {
+    match location {
+        Location::Unspecified => "global".to_owned(),
+        other => other
+            .as_str_name()
+            .trim_start_matches("LOCATION_")
+            .to_ascii_lowercase(),
+    }
+}
+
+/// Every location's name.
+pub fn all_locations() -> Vec<String> {
+    (1..)
+        .map_while(|n| Location::try_from(n).ok())
+        .map(location_name)
+        .collect()
+}
+
+#[derive(Debug, Clone)]
+pub struct Opened {
+    pub store: Arc<dyn CollectorStore>,
+    pub writer: Writer,
+}
+
+#[derive(Debug, Clone)]
+pub struct Stores {
+    urls: StoreUrls,
+    opened: Arc<DashMap<String, Arc<OnceCell<Opened>>>>,
+    policies: Arc<Policies>,
+    writers: usize,
+    shutdown: CancellationToken,
+}
+
+impl Stores {
+    pub fn new(
+        urls: StoreUrls,
+        policies: Arc<Policies>,
+        writers: usize,
+        shutdown: CancellationToken,
+    ) -> Self {
+        Self {
+            urls,
+            opened: Arc::new(DashMap::new()),
+            policies,
+            writers,
+            shutdown,
+        }
+    }
+
+    /// Opens the stores that hold data already (named in settings, or an existing SQLite file), so
+    /// rollups, purges and retention reach them after a restart.
+    pub async fn open_existing(&self) -> Result<(), StorageError> {
+        for location in all_locations() {
+            let url = self.urls.url(&location);
+            let exists = match url.strip_prefix("sqlite://") {
+                Some(path) => std::path::Path::new(path).exists(),
+                None => true,
+            };
+            if exists {
+                self.open(&location).await?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn open(&self, location: &str) -> Result<Opened, StorageError> {
+        let cell = self
+            .opened
+            .entry(location.to_owned())
+            .or_insert_with(|| Arc::new(OnceCell::new()))
+            .clone();
+        cell.get_or_try_init(|| async {
+            let url = self.urls.url(location);
+            let store = store::open(&url, location).await?;
+            let writers = if url.starts_with("sqlite:") {
+                1
+            } else {
+                self.writers
+            };
+            let writer = Writer::start(
+                store.clone(),
+                self.policies.clone(),
+                writers,
+                1_024,
+                self.shutdown.clone(),
+            );
+            tracing::info!(location, "collector store open");
+            Ok(Opened { store, writer })
+        })
+        .await
+        .cloned()
+    }
+
+    /// The store of `location`, opened if need be.
+    pub async fn get(&self, location: Location) -> Result<Opened, Status> {
+        self.open(&location_name(location)).await.map_err(|error| {
+            tracing::error!(%error, "collector store cannot open");
+            Status::unavailable("the store of the org's data location is unavailable")
+        })
+    }
+
+    /// Every store open now.
+    pub fn open_now(&self) -> Vec<Opened> {
+        self.opened
+            .iter()
+            .filter_map(|entry| entry.value().get().cloned())
+            .collect()
+    }
+}

@@ -1,0 +1,114 @@
+//! Group commit: batches from every concurrent Ingest and IngestStream call queue here, and each
+//! writer task commits as many as are waiting in one transaction (one fsync on SQLite), then answers
+//! each. An answer means the batch is durably committed.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{Mutex, mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+use tonic::Status;
+
+use crate::policy::Policies;
+use crate::store::{Batch, BatchOutcome, CollectorStore};
+
+/// Rows one transaction takes at most.
+const MAX_GROUP_ROWS: usize = 16_000;
+
+type Reply = oneshot::Sender<Result<BatchOutcome, Status>>;
+
+#[derive(Debug)]
+struct Job {
+    batch: Batch,
+    reply: Reply,
+}
+
+/// The queue in front of one store.
+#[derive(Debug, Clone)]
+pub struct Writer {
+    queue: mpsc::Sender<Job>,
+}
+
+impl Writer {
+    /// Starts `writers` tasks committing into `store` (1 for SQLite, which has one writer anyway).
+    pub fn start(
+        store: Arc<dyn CollectorStore>,
+        policies: Arc<Policies>,
+        writers: usize,
+        queue: usize,
+        shutdown: CancellationToken,
+    ) -> Self {
+        let (tx, rx) = mpsc::channel::<Job>(queue.max(1));
+        let rx = Arc::new(Mutex::new(rx));
+        for _ in 0..writers.max(1) {
+            let rx = rx.clone();
+            let store = store.clone();
+            let policies = policies.clone();
+            let shutdown = shutdown.clone();
+            tokio::spawn(async move {
+                loop {
+                    let jobs = {
+                        let mut rx = rx.lock().await;
+                        let first = tokio::select! {
+                            job = rx.recv() => job,
+                            () = shutdown.cancelled() => None,
+                        };
+                        let Some(first) = first else { break };
+                        let mut rows = first.batch.rows.len();
+                        let mut jobs = vec![first];
+                        while rows < MAX_GROUP_ROWS {
+                            match rx.try_recv() {
+                                Ok(job) => {
+                                    rows += job.batch.rows.len();
+                                    jobs.push(job);
+                                }
+                                Err(_) => break,
+                            }
+                        }
+                        jobs
+                    };
+                    commit(store.as_ref(), &policies, jobs).await;
+                }
+            });
+        }
+        Self { queue: tx }
+    }
+
+    /// Commits one batch (with whatever else is waiting) and answers when it is durable.
+    pub async fn write(&self, batch: Batch) -> Result<BatchOutcome, Status> {
+        let (reply, answer) = oneshot::channel();
+        self.queue
+            .send(Job { batch, reply })
+            .await
+            .map_err(|_| Status::unavailable("the collector is shutting down"))?;
+        answer
+            .await
+            .map_err(|_| Status::unavailable("the collector is shutting down"))?
+    }
+}
+
+async fn commit(store: &dyn CollectorStore, policies: &Policies, jobs: Vec<Job>) {
+    let (batches, replies): (Vec<Batch>, Vec<Reply>) =
+        jobs.into_iter().map(|j| (j.batch, j.reply)).unzip();
+    let current = |org: &str, instance: &str| policies.revision(org, instance);
+    let started = std::time::Instant::now();
+    let result = store.commit(&batches, &current).await;
+    metrics::histogram!("sightline_collector_commit_seconds")
+        .record(started.elapsed().as_secs_f64());
+    metrics::counter!("sightline_collector_commits_total").increment(1);
+    match result {
+        Ok(outcomes) => {
+            for (reply, outcome) in replies.into_iter().zip(outcomes) {
+                let _ = reply.send(Ok(outcome));
+            }
+        }
+        Err(error) => {
+            let status = Status::from(error);
+            for reply in replies {
+                let _ = reply.send(Err(status.clone()));
+            }
+            // A database that fails now will likely fail again at once: let it breathe.
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
