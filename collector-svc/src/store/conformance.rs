@@ -1,1 +1,376 @@
+//! The collector store suite: written once, run against SQLite and PostgreSQL.
 
+use prost::Message;
+use sightline_proto::collector::v1 as pb;
+use sightline_runtime::audited::{AuditEntry, StagedChange};
+use sightline_runtime::storage;
+
+use super::*;
+
+const ORG: &str = "0190a000-0000-7000-8000-000000000001";
+const OTHER: &str = "0190a000-0000-7000-8000-000000000002";
+const INSTANCE: &str = "0190a000-0000-7000-8000-0000000000a1";
+const OTHER_INSTANCE: &str = "0190a000-0000-7000-8000-0000000000b1";
+const DAY: i64 = 86_400_000;
+const T0: i64 = 20_000 * DAY;
+
+async fn sqlite() -> (Arc<dyn CollectorStore>, tempfile::TempDir) {
+    let dir = tempfile::Builder::new()
+        .permissions(std::os::unix::fs::PermissionsExt::from_mode(0o700))
+        .tempdir()
+        .unwrap();
+    let store = open(&storage::default_sqlite_url(dir.path(), "collector"), "global")
+        .await
+        .unwrap();
+    (store, dir)
+}
+
+async fn postgres() -> (Arc<dyn CollectorStore>, ()) {
+    let url = sightline_runtime::testing::fresh_postgres_url()
+        .await
+        .unwrap();
+    (open(&url, "global").await.unwrap(), ())
+}
+
+fn metric_body(name: &str, value: f64, tag: &str) -> Vec<u8> {
+    pb::Event {
+        event_id: String::new(),
+        occurred_at: None,
+        payload: Some(pb::event::Payload::Metric(pb::MetricEvent {
+            name: name.into(),
+            value,
+            unit: "ms".into(),
+            periodic_sample: true,
+            tags: [("pluginKey".to_owned(), tag.to_owned())].into_iter().collect(),
+            ..Default::default()
+        })),
+    }
+    .encode_to_vec()
+}
+
+fn metric(id: &str, at: i64, value: f64) -> Row {
+    Row {
+        event_id: id.into(),
+        kind: 2,
+        occurred_at: at,
+        name: "latency".into(),
+        value: Some(value),
+        subject: None,
+        body: metric_body("latency", value, "a"),
+        view: None,
+    }
+}
+
+fn view(id: &str, at: i64, page: &str, space: &str, viewer: Option<&str>) -> Row {
+    let body = pb::Event {
+        event_id: id.into(),
+        occurred_at: None,
+        payload: Some(pb::event::Payload::PageView(pb::PageViewEvent {
+            page_id: page.into(),
+            space_id: space.into(),
+            page_title: "Quarterly plan".into(),
+            channel: 1,
+            ..Default::default()
+        })),
+    }
+    .encode_to_vec();
+    Row {
+        event_id: id.into(),
+        kind: 4,
+        occurred_at: at,
+        name: page.into(),
+        value: Some(1.0),
+        subject: viewer.map(str::to_owned),
+        body,
+        view: Some(View {
+            page_id: page.into(),
+            space_id: space.into(),
+            channel: 1,
+            viewer: viewer.map(str::to_owned),
+        }),
+    }
+}
+
+fn batch(org: &str, instance: &str, revision: i64, rows: Vec<Row>) -> Batch {
+    Batch {
+        org_id: org.into(),
+        instance_id: instance.into(),
+        location: "global".into(),
+        consent_version: revision,
+        policy_revision: revision,
+        stored_at: T0,
+        blocking_time_ms: 30 * 60_000,
+        rows,
+    }
+}
+
+fn revision_is(revision: u64) -> impl Fn(&str, &str) -> Option<u64> + Send + Sync {
+    move |_: &str, _: &str| Some(revision)
+}
+
+async fn commit_one(store: &Arc<dyn CollectorStore>, b: Batch) -> Vec<RowOutcome> {
+    let revision = u64::try_from(b.policy_revision).unwrap();
+    match store.commit(&[b], &revision_is(revision)).await.unwrap().remove(0) {
+        BatchOutcome::Committed(rows) => rows,
+        BatchOutcome::Stale => panic!("stale"),
+    }
+}
+
+fn staged(org: &str, change: Change) -> StagedChange {
+    StagedChange {
+        change_id: uuid::Uuid::now_v7().to_string(),
+        org_id: org.into(),
+        entry: AuditEntry {
+            org_id: org.into(),
+            actor: "service:collector".into(),
+            action: "test".into(),
+            target: "t".into(),
+            attributes: Default::default(),
+        },
+        payload: change.encode(),
+        staged_at_ms: T0,
+    }
+}
+
+async fn apply(store: &Arc<dyn CollectorStore>, org: &str, change: Change) {
+    let change = staged(org, change);
+    store.stage(&change).await.unwrap();
+    store.apply(&change).await.unwrap();
+    assert!(store.staged(Some(org)).await.unwrap().is_empty());
+}
+
+macro_rules! suite {
+    ($backend:ident) => {
+        mod $backend {
+            use super::*;
+
+            #[tokio::test]
+            async fn events_are_stored_once_per_instance_and_event_id() {
+                let (store, _guard) = super::$backend().await;
+                let first = commit_one(&store, batch(ORG, INSTANCE, 1, vec![metric("a", T0, 1.0), metric("b", T0, 2.0)])).await;
+                assert_eq!(first, vec![RowOutcome::Stored, RowOutcome::Stored]);
+                let again = commit_one(&store, batch(ORG, INSTANCE, 1, vec![metric("b", T0, 2.0), metric("c", T0, 3.0)])).await;
+                assert_eq!(again, vec![RowOutcome::Duplicate, RowOutcome::Stored]);
+                // Another instance has its own ids.
+                let other = commit_one(&store, batch(ORG, OTHER_INSTANCE, 1, vec![metric("a", T0, 1.0)])).await;
+                assert_eq!(other, vec![RowOutcome::Stored]);
+                // Two batches of one group commit with the same id: the second is the duplicate.
+                let group = store
+                    .commit(
+                        &[batch(ORG, INSTANCE, 1, vec![metric("d", T0, 1.0)]), batch(ORG, INSTANCE, 1, vec![metric("d", T0, 1.0)])],
+                        &revision_is(1),
+                    )
+                    .await
+                    .unwrap();
+                assert_eq!(group, vec![BatchOutcome::Committed(vec![RowOutcome::Stored]), BatchOutcome::Committed(vec![RowOutcome::Duplicate])]);
+                let samples = store.samples(INSTANCE, "latency", 0, i64::MAX, None, 100).await.unwrap();
+                assert_eq!(samples.len(), 4);
+            }
+
+            #[tokio::test]
+            async fn a_batch_enforced_under_an_old_revision_stores_nothing() {
+                let (store, _guard) = super::$backend().await;
+                let outcome = store
+                    .commit(&[batch(ORG, INSTANCE, 1, vec![metric("a", T0, 1.0)])], &revision_is(2))
+                    .await
+                    .unwrap();
+                assert_eq!(outcome, vec![BatchOutcome::Stale]);
+                assert!(store.samples(INSTANCE, "latency", 0, i64::MAX, None, 10).await.unwrap().is_empty());
+            }
+
+            #[tokio::test]
+            async fn a_store_refuses_another_locations_records() {
+                let (store, _guard) = super::$backend().await;
+                let mut b = batch(ORG, INSTANCE, 1, vec![metric("a", T0, 1.0)]);
+                b.location = "eu".into();
+                let refused = store.commit(&[b], &revision_is(1)).await.unwrap_err();
+                assert!(matches!(refused, StoreError::WrongLocation { .. }));
+                assert!(store.samples(INSTANCE, "latency", 0, i64::MAX, None, 10).await.unwrap().is_empty());
+            }
+
+            #[tokio::test]
+            async fn views_count_once_per_viewer_inside_the_blocking_time() {
+                let (store, _guard) = super::$backend().await;
+                let rows = vec![
+                    view("v1", T0, "p1", "s1", Some("alice")),
+                    view("v2", T0 + 60_000, "p1", "s1", Some("alice")),
+                    view("v3", T0 + 31 * 60_000, "p1", "s1", Some("alice")),
+                    view("v4", T0, "p1", "s1", Some("bob")),
+                    view("v5", T0, "p2", "s1", Some("alice")),
+                    view("v6", T0, "p1", "s1", None),
+                ];
+                let outcomes = commit_one(&store, batch(ORG, INSTANCE, 1, rows)).await;
+                assert_eq!(
+                    outcomes,
+                    vec![RowOutcome::Stored, RowOutcome::Blocked, RowOutcome::Stored, RowOutcome::Stored, RowOutcome::Stored, RowOutcome::Stored]
+                );
+                assert_eq!(store.view_count(INSTANCE, "p1").await.unwrap(), (4, 2));
+                assert_eq!(store.view_count(INSTANCE, "p2").await.unwrap(), (1, 1));
+                // Unique viewers across days are distinct viewers, not a sum of days.
+                commit_one(&store, batch(ORG, INSTANCE, 1, vec![view("v7", T0 + DAY, "p1", "s1", Some("alice"))])).await;
+                let day = T0 / DAY;
+                let totals = store
+                    .view_totals(&ViewScope::Page { instance_id: INSTANCE.into(), page_id: "p1".into() }, day, day + 2)
+                    .await
+                    .unwrap();
+                assert_eq!(totals.views, 5);
+                assert_eq!(totals.unique_viewers, 2);
+                assert_eq!(totals.by_day, vec![(day, 4, 2), (day + 1, 1, 1)]);
+                assert_eq!(totals.by_channel, vec![(1, 5)]);
+                let pages = store.top_pages(INSTANCE, "s1", day, day + 2, 0, 10).await.unwrap();
+                assert_eq!(pages.iter().map(|p| (p.id.as_str(), p.views, p.unique_viewers)).collect::<Vec<_>>(), vec![("p1", 5, 2), ("p2", 1, 1)]);
+                let second = store.top_pages(INSTANCE, "s1", day, day + 2, 1, 10).await.unwrap();
+                assert_eq!(second.len(), 1);
+            }
+
+            #[tokio::test]
+            async fn reports_of_one_org_never_include_another() {
+                let (store, _guard) = super::$backend().await;
+                commit_one(&store, batch(ORG, INSTANCE, 1, vec![view("v1", T0, "p1", "s1", Some("alice"))])).await;
+                commit_one(&store, batch(OTHER, OTHER_INSTANCE, 1, vec![view("v1", T0, "p1", "s1", Some("alice")), view("v2", T0, "p9", "s9", Some("eve"))])).await;
+                let day = T0 / DAY;
+                let mine = store.view_totals(&ViewScope::Org { org_id: ORG.into(), instance_id: None }, day, day + 1).await.unwrap();
+                assert_eq!((mine.views, mine.unique_viewers), (1, 1));
+                let spaces = store.top_spaces(ORG, None, day, day + 1, 0, 10).await.unwrap();
+                assert_eq!(spaces.len(), 1);
+                assert_eq!(spaces[0].instance_id, INSTANCE);
+                let theirs = store.top_spaces(OTHER, Some(OTHER_INSTANCE), day, day + 1, 0, 10).await.unwrap();
+                assert_eq!(theirs.len(), 2);
+            }
+
+            #[tokio::test]
+            async fn rollups_are_made_from_dirty_hours_and_read_by_range() {
+                let (store, _guard) = super::$backend().await;
+                let hour = T0;
+                commit_one(&store, batch(ORG, INSTANCE, 1, vec![metric("a", hour + 1, 10.0), metric("b", hour + 2, 30.0), metric("c", hour + 3_600_000, 5.0)])).await;
+                let dirty = store.take_dirty_hours(10).await.unwrap();
+                assert_eq!(dirty.len(), 2);
+                assert!(store.take_dirty_hours(10).await.unwrap().is_empty());
+                for (org, instance, h) in dirty {
+                    let samples = store.hour_samples(&instance, h).await.unwrap();
+                    let rollups = crate::maintenance::roll_up(&org, &instance, h, &samples);
+                    store.replace_rollups(&instance, h, &rollups).await.unwrap();
+                }
+                let all = store.rollups(INSTANCE, "latency", hour, hour + 7_200_000, None, 10).await.unwrap();
+                assert_eq!(all.len(), 2);
+                assert_eq!((all[0].count, all[0].min, all[0].max, all[0].sum), (2, 10.0, 30.0, 40.0));
+                let after = store.rollups(INSTANCE, "latency", hour, hour + 7_200_000, Some((all[0].hour, all[0].tags.clone())), 10).await.unwrap();
+                assert_eq!(after.len(), 1);
+                let page = store.samples(INSTANCE, "latency", hour, hour + 7_200_000, None, 2).await.unwrap();
+                assert_eq!(page.len(), 2);
+                let rest = store.samples(INSTANCE, "latency", hour, hour + 7_200_000, Some((page[1].occurred_at, page[1].event_id.clone())), 2).await.unwrap();
+                assert_eq!(rest.len(), 1);
+            }
+
+            #[tokio::test]
+            async fn a_purge_removes_exactly_what_it_counted_and_remembers_the_ids() {
+                let (store, _guard) = super::$backend().await;
+                commit_one(&store, batch(ORG, INSTANCE, 1, vec![view("v1", T0, "p1", "s1", Some("alice")), metric("m1", T0, 1.0)])).await;
+                commit_one(&store, batch(ORG, OTHER_INSTANCE, 1, vec![view("v1", T0, "p1", "s1", Some("bob"))])).await;
+                // Stored under the newer revision: not covered.
+                commit_one(&store, batch(ORG, INSTANCE, 5, vec![view("v2", T0 + DAY, "p1", "s1", Some("carol"))])).await;
+                let spec = PurgeSpec {
+                    purge_id: "purge-1".into(),
+                    org_id: ORG.into(),
+                    instance_id: None,
+                    delete_kinds: vec![4],
+                    strip_classes: vec![],
+                    before_consent_version: 5,
+                    before_revision: 5,
+                };
+                let counted = store.purge_counts(&spec).await.unwrap();
+                assert_eq!((counted.events, counted.page_views, counted.unique_viewer_entries), (2, 2, 2));
+                assert!(!store.purge_applied("purge-1").await.unwrap());
+                apply(&store, ORG, Change::Purge { spec: spec.clone() }).await;
+                assert!(store.purge_applied("purge-1").await.unwrap());
+                assert_eq!(store.purge_counts(&spec).await.unwrap().events, 0);
+                assert_eq!(store.view_count(INSTANCE, "p1").await.unwrap(), (1, 1));
+                assert_eq!(store.view_count(OTHER_INSTANCE, "p1").await.unwrap(), (0, 0));
+                // The purged id is remembered: a retry of it is a duplicate, not stored again.
+                let retry = commit_one(&store, batch(ORG, INSTANCE, 5, vec![view("v1", T0, "p1", "s1", Some("alice"))])).await;
+                assert_eq!(retry, vec![RowOutcome::Duplicate]);
+                // Metrics were not in the purge.
+                assert_eq!(store.samples(INSTANCE, "latency", 0, i64::MAX, None, 10).await.unwrap().len(), 1);
+            }
+
+            #[tokio::test]
+            async fn a_purge_strips_classes_from_covered_records() {
+                let (store, _guard) = super::$backend().await;
+                commit_one(&store, batch(ORG, INSTANCE, 1, vec![metric("m1", T0, 1.0)])).await;
+                commit_one(&store, batch(ORG, INSTANCE, 6, vec![metric("m2", T0 + 1, 2.0)])).await;
+                let spec = PurgeSpec {
+                    purge_id: "purge-2".into(),
+                    org_id: ORG.into(),
+                    instance_id: Some(INSTANCE.into()),
+                    delete_kinds: vec![],
+                    strip_classes: vec![sightline_proto::common::v1::DataClass::FreeText as i32],
+                    before_consent_version: 5,
+                    before_revision: 5,
+                };
+                assert_eq!(store.purge_counts(&spec).await.unwrap().stripped, 1);
+                apply(&store, ORG, Change::Purge { spec }).await;
+                let samples = store.samples(INSTANCE, "latency", 0, i64::MAX, None, 10).await.unwrap();
+                let tags: Vec<usize> = samples
+                    .iter()
+                    .map(|s| match pb::Event::decode(s.body.as_slice()).unwrap().payload {
+                        Some(pb::event::Payload::Metric(m)) => m.tags.len(),
+                        _ => 99,
+                    })
+                    .collect();
+                // The covered sample lost its free text; the newer one kept it.
+                assert_eq!(tags, vec![0, 1]);
+            }
+
+            #[tokio::test]
+            async fn erasing_a_viewer_removes_their_views_entries_and_counts() {
+                let (store, _guard) = super::$backend().await;
+                commit_one(&store, batch(ORG, INSTANCE, 1, vec![
+                    view("v1", T0, "p1", "s1", Some("alice")),
+                    view("v2", T0 + DAY, "p1", "s1", Some("alice")),
+                    view("v3", T0, "p1", "s1", Some("bob")),
+                ])).await;
+                let spec = EraseSpec { org_id: ORG.into(), instance_id: INSTANCE.into(), subjects: vec!["alice".into()], until: T0 };
+                let counted = store.erase_counts(&spec).await.unwrap();
+                assert_eq!((counted.page_views, counted.unique_viewer_entries, counted.dedupe_entries), (2, 2, 1));
+                apply(&store, ORG, Change::Erase(spec.clone())).await;
+                assert_eq!(store.erase_counts(&spec).await.unwrap(), Removed::default());
+                assert_eq!(store.view_count(INSTANCE, "p1").await.unwrap(), (1, 1));
+                // Another instance's viewer of the same id is untouched.
+                let other = EraseSpec { instance_id: OTHER_INSTANCE.into(), ..spec };
+                assert_eq!(store.erase_counts(&other).await.unwrap(), Removed::default());
+            }
+
+            #[tokio::test]
+            async fn retention_sweeps_old_records_and_keeps_recent_ones() {
+                let (store, _guard) = super::$backend().await;
+                commit_one(&store, batch(ORG, INSTANCE, 1, vec![metric("old", T0 - 40 * DAY, 1.0), metric("new", T0, 2.0), view("v", T0 - 40 * DAY, "p", "s", Some("a"))])).await;
+                commit_one(&store, batch(OTHER, OTHER_INSTANCE, 1, vec![metric("old", T0 - 40 * DAY, 1.0)])).await;
+                let removed = store.sweep(ORG, T0 - 30 * DAY, T0 - 30 * DAY, T0 - 30 * DAY).await.unwrap();
+                assert_eq!(removed.events, 2);
+                assert_eq!(removed.view_counters, 1);
+                assert_eq!(store.samples(INSTANCE, "latency", 0, i64::MAX, None, 10).await.unwrap().len(), 1);
+                assert_eq!(store.samples(OTHER_INSTANCE, "latency", 0, i64::MAX, None, 10).await.unwrap().len(), 1);
+            }
+
+            #[tokio::test]
+            async fn staged_changes_are_listed_until_applied_or_discarded() {
+                let (store, _guard) = super::$backend().await;
+                let spec = EraseSpec { org_id: ORG.into(), instance_id: INSTANCE.into(), subjects: vec!["x".into()], until: T0 };
+                let a = staged(ORG, Change::Erase(spec.clone()));
+                let b = staged(OTHER, Change::Erase(spec));
+                store.stage(&a).await.unwrap();
+                store.stage(&b).await.unwrap();
+                assert_eq!(store.staged(Some(ORG)).await.unwrap(), vec![a.clone()]);
+                assert_eq!(store.staged(None).await.unwrap().len(), 2);
+                store.discard(&b.change_id).await.unwrap();
+                store.apply(&a).await.unwrap();
+                // Applying twice changes nothing.
+                store.apply(&a).await.unwrap();
+                assert!(store.staged(None).await.unwrap().is_empty());
+            }
+        }
+    };
+}
+
+suite!(sqlite);
+suite!(postgres);
