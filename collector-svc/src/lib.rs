@@ -213,6 +213,16 @@ impl CollectorService {
         self.server.metrics_addr()
     }
 
+    /// The policies it enforces (tests wait on them).
+    pub fn policies(&self) -> Arc<Policies> {
+        self.api.policies.clone()
+    }
+
+    /// Its background work (tests run purges and rollups at once instead of waiting).
+    pub fn maintenance(&self) -> Maintenance {
+        self.api.maintenance.clone()
+    }
+
     /// Serves until `shutdown`: follows the policy stream, runs rollups, purges and retention.
     pub async fn run_until_stopped(self, shutdown: CancellationToken) -> Result<(), StartError> {
         let background = self.background.clone();

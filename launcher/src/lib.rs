@@ -6,6 +6,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
+use collector_svc::{CollectorConfig, CollectorService};
 use consent_svc::{ConsentConfig, ConsentService};
 use linker_svc::{Linker, LinkerConfig};
 use sightline_runtime::secret_file;
@@ -51,6 +52,11 @@ pub async fn start_stack(
     let consent = ConsentService::build(ConsentConfig::from_settings(&settings)?)
         .await
         .context("starting consent-svc")?;
+    settings.consent.url =
+        sightline_runtime::client::service_url(consent.local_addr(), settings.tls.as_ref());
+    let collector = CollectorService::build(CollectorConfig::from_settings(&settings)?)
+        .await
+        .context("starting collector-svc")?;
     let endpoints = vec![
         Endpoint {
             name: "linker",
@@ -67,16 +73,30 @@ pub async fn start_stack(
             metrics: consent.metrics_addr(),
             services: &["sightline.consent.v1.ConsentService"],
         },
+        Endpoint {
+            name: "collector",
+            addr: collector.local_addr(),
+            metrics: collector.metrics_addr(),
+            services: &["sightline.collector.v1.CollectorService"],
+        },
     ];
-    // Stop in dependency order: consent-svc drains first (its in-flight changes still need the audit
-    // log), then linker-svc.
+    // Stop in dependency order: collector-svc drains first (its batches need their policy and its
+    // erasures the audit log), then consent-svc (its in-flight changes still need the audit log),
+    // then linker-svc.
     let linker_stop = CancellationToken::new();
+    let consent_stop = CancellationToken::new();
     let stop = linker_stop.clone();
     tasks.spawn(async move { Ok(linker.run_until_stopped(stop).await?) });
-    let stop = shutdown.clone();
+    let stop = consent_stop.clone();
     tasks.spawn(async move {
         let served = consent.run_until_stopped(stop).await;
         linker_stop.cancel();
+        Ok(served?)
+    });
+    let stop = shutdown.clone();
+    tasks.spawn(async move {
+        let served = collector.run_until_stopped(stop).await;
+        consent_stop.cancel();
         Ok(served?)
     });
     Ok((endpoints, tasks))

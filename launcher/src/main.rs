@@ -4,6 +4,7 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use collector_svc::{CollectorConfig, CollectorService};
 use consent_svc::{ConsentConfig, ConsentService};
 use linker_svc::{Linker, LinkerConfig};
 use sightline::{banner, load_settings, start_stack, stop_signal};
@@ -38,6 +39,11 @@ enum Command {
     },
     /// Run consent-svc alone (it reaches linker-svc at `linker.url`).
     Consent {
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+    },
+    /// Run collector-svc alone (it reaches linker-svc at `linker.url`, consent-svc at `consent.url`).
+    Collector {
         #[arg(long)]
         data_dir: Option<PathBuf>,
     },
@@ -93,6 +99,22 @@ async fn main() -> anyhow::Result<()> {
             stop_signal().await;
             shutdown.cancel();
             serve.await.context("consent task panicked")??;
+        }
+        Command::Collector { data_dir } => {
+            let mut settings = load_settings(cli.config.as_deref(), data_dir)?;
+            let _telemetry =
+                sightline_runtime::telemetry::init(&settings.log, "sightline-collector");
+            if settings.service_token.is_none() {
+                settings.service_token = Some(sightline::ensure_service_token(&settings.data_dir)?);
+            }
+            let collector =
+                CollectorService::build(CollectorConfig::from_settings(&settings)?).await?;
+            tracing::info!(addr = %collector.local_addr(), "collector-svc listening");
+            let stop = shutdown.clone();
+            let serve = tokio::spawn(collector.run_until_stopped(stop));
+            stop_signal().await;
+            shutdown.cancel();
+            serve.await.context("collector task panicked")??;
         }
     }
     Ok(())

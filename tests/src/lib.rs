@@ -470,6 +470,211 @@ impl TestLinker {
     }
 }
 
+/// How to start collector-svc for a test.
+#[derive(Debug, Clone)]
+pub struct CollectorOptions {
+    /// One database for every location; None: a SQLite file per location in the data directory.
+    pub database_url: Option<String>,
+    pub collection: sightline_runtime::settings::CollectionSettings,
+    pub limits: Limits,
+}
+
+impl Default for CollectorOptions {
+    fn default() -> Self {
+        Self {
+            database_url: None,
+            collection: sightline_runtime::settings::CollectionSettings {
+                rollup_every_ms: 200,
+                purge_check_every_ms: 200,
+                ..Default::default()
+            },
+            limits: Limits::default(),
+        }
+    }
+}
+
+/// A running collector-svc wired to a [`TestLinker`] and a [`TestConsent`], sharing their clock and
+/// data directory (so it holds the same pseudonymization secret).
+#[derive(Debug)]
+pub struct TestCollector {
+    pub addr: SocketAddr,
+    pub metrics: Option<SocketAddr>,
+    pub policies: Arc<collector_svc::policy::Policies>,
+    pub maintenance: collector_svc::maintenance::Maintenance,
+    shutdown: CancellationToken,
+    served: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl TestCollector {
+    pub async fn start(
+        linker: &TestLinker,
+        consent: &TestConsent,
+        options: CollectorOptions,
+    ) -> Self {
+        let started = Self::launch(linker, consent, options).await;
+        started.wait_ready().await;
+        started
+    }
+
+    /// Starts collector-svc without waiting for its policy snapshot.
+    pub async fn launch(
+        linker: &TestLinker,
+        consent: &TestConsent,
+        options: CollectorOptions,
+    ) -> Self {
+        let collector = collector_svc::CollectorService::build(collector_svc::CollectorConfig {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            database_url: options.database_url.map(Secret::new),
+            data_dir: linker.data_dir().to_owned(),
+            collection: options.collection,
+            linker_url: format!("http://{}", linker.addr),
+            consent_url: format!("http://{}", consent.addr),
+            service_token: linker.service.clone(),
+            limits: options.limits,
+            tls: None,
+            clock: linker.clock.clone(),
+            metrics_listen: Some("127.0.0.1:0".parse().unwrap()),
+        })
+        .await
+        .unwrap();
+        let addr = collector.local_addr();
+        let metrics = collector.metrics_addr();
+        let policies = collector.policies();
+        let maintenance = collector.maintenance();
+        let shutdown = CancellationToken::new();
+        let stop = shutdown.clone();
+        let served = tokio::spawn(async move {
+            collector.run_until_stopped(stop).await.unwrap();
+        });
+        Self {
+            addr,
+            metrics,
+            policies,
+            maintenance,
+            shutdown,
+            served: Some(served),
+        }
+    }
+
+    /// Waits until the policy snapshot has arrived.
+    pub async fn wait_ready(&self) {
+        for _ in 0..500 {
+            if self.policies.is_ready() {
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        panic!("collector-svc never received its policy snapshot");
+    }
+
+    /// Waits until the collector enforces `org`'s policy at `revision` or later.
+    pub async fn wait_revision(&self, org_id: &str, instance_id: &str, revision: u64) {
+        for _ in 0..500 {
+            if self
+                .policies
+                .revision(org_id, instance_id)
+                .is_some_and(|r| r >= revision)
+            {
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        panic!("collector-svc never saw revision {revision} of {org_id}");
+    }
+
+    pub async fn client(
+        &self,
+    ) -> sightline_proto::collector::v1::collector_service_client::CollectorServiceClient<Channel>
+    {
+        sightline_proto::collector::v1::collector_service_client::CollectorServiceClient::new(
+            Channel::from_shared(format!("http://{}", self.addr))
+                .unwrap()
+                .connect()
+                .await
+                .unwrap(),
+        )
+    }
+
+    pub async fn stop(&mut self) {
+        self.shutdown.cancel();
+        if let Some(served) = self.served.take() {
+            served.await.unwrap();
+        }
+    }
+}
+
+impl Drop for TestCollector {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+/// collector-svc helpers: events and the common calls.
+pub mod collector {
+    use sightline_proto::collector::v1 as pb;
+    use sightline_proto::common::v1 as common;
+
+    use super::{TestCollector, TestInstance, authed};
+
+    pub fn at(ms: i64) -> Option<prost_types::Timestamp> {
+        Some(sightline_runtime::time::to_proto(ms))
+    }
+
+    pub fn metric(id: &str, at_ms: i64, name: &str, value: f64) -> pb::Event {
+        pb::Event {
+            event_id: id.into(),
+            occurred_at: at(at_ms),
+            payload: Some(pb::event::Payload::Metric(pb::MetricEvent {
+                name: name.into(),
+                r#type: common::MetricType::JmxMetric as i32,
+                value,
+                unit: "ms".into(),
+                periodic_sample: true,
+                ..Default::default()
+            })),
+        }
+    }
+
+    pub fn page_view(id: &str, at_ms: i64, page: &str, space: &str, viewer: &str) -> pb::Event {
+        pb::Event {
+            event_id: id.into(),
+            occurred_at: at(at_ms),
+            payload: Some(pb::event::Payload::PageView(pb::PageViewEvent {
+                page_id: page.into(),
+                space_id: space.into(),
+                page_title: format!("Title of {page}"),
+                space_key: format!("KEY{space}").to_uppercase().replace('-', ""),
+                viewer_id: viewer.into(),
+                channel: common::Channel::Desktop as i32,
+                ..Default::default()
+            })),
+        }
+    }
+
+    pub async fn ingest(
+        collector: &TestCollector,
+        instance: &TestInstance,
+        events: Vec<pb::Event>,
+    ) -> Result<pb::IngestResult, tonic::Status> {
+        collector
+            .client()
+            .await
+            .ingest(authed(&instance.credential, pb::IngestRequest { events }))
+            .await
+            .map(|r| r.into_inner().result.unwrap_or_default())
+    }
+
+    /// How many events of `result` were dropped for `reason`.
+    pub fn dropped(result: &pb::IngestResult, reason: pb::DropReason) -> u32 {
+        result
+            .dropped
+            .iter()
+            .filter(|d| d.reason == reason as i32)
+            .map(|d| d.count)
+            .sum()
+    }
+}
+
 /// consent-svc helpers the suites share: a linker + consent stack and the common calls.
 pub mod consent {
     use sightline_proto::common::v1::{SharingLevel, UsageLevel};

@@ -19,9 +19,12 @@ async fn sqlite() -> (Arc<dyn CollectorStore>, tempfile::TempDir) {
         .permissions(std::os::unix::fs::PermissionsExt::from_mode(0o700))
         .tempdir()
         .unwrap();
-    let store = open(&storage::default_sqlite_url(dir.path(), "collector"), "global")
-        .await
-        .unwrap();
+    let store = open(
+        &storage::default_sqlite_url(dir.path(), "collector"),
+        "global",
+    )
+    .await
+    .unwrap();
     (store, dir)
 }
 
@@ -41,7 +44,9 @@ fn metric_body(name: &str, value: f64, tag: &str) -> Vec<u8> {
             value,
             unit: "ms".into(),
             periodic_sample: true,
-            tags: [("pluginKey".to_owned(), tag.to_owned())].into_iter().collect(),
+            tags: [("pluginKey".to_owned(), tag.to_owned())]
+                .into_iter()
+                .collect(),
             ..Default::default()
         })),
     }
@@ -110,7 +115,12 @@ fn revision_is(revision: u64) -> impl Fn(&str, &str) -> Option<u64> + Send + Syn
 
 async fn commit_one(store: &Arc<dyn CollectorStore>, b: Batch) -> Vec<RowOutcome> {
     let revision = u64::try_from(b.policy_revision).unwrap();
-    match store.commit(&[b], &revision_is(revision)).await.unwrap().remove(0) {
+    match store
+        .commit(&[b], &revision_is(revision))
+        .await
+        .unwrap()
+        .remove(0)
+    {
         BatchOutcome::Committed(rows) => rows,
         BatchOutcome::Stale => panic!("stale"),
     }
@@ -147,23 +157,57 @@ macro_rules! suite {
             #[tokio::test]
             async fn events_are_stored_once_per_instance_and_event_id() {
                 let (store, _guard) = super::$backend().await;
-                let first = commit_one(&store, batch(ORG, INSTANCE, 1, vec![metric("a", T0, 1.0), metric("b", T0, 2.0)])).await;
+                let first = commit_one(
+                    &store,
+                    batch(
+                        ORG,
+                        INSTANCE,
+                        1,
+                        vec![metric("a", T0, 1.0), metric("b", T0, 2.0)],
+                    ),
+                )
+                .await;
                 assert_eq!(first, vec![RowOutcome::Stored, RowOutcome::Stored]);
-                let again = commit_one(&store, batch(ORG, INSTANCE, 1, vec![metric("b", T0, 2.0), metric("c", T0, 3.0)])).await;
+                let again = commit_one(
+                    &store,
+                    batch(
+                        ORG,
+                        INSTANCE,
+                        1,
+                        vec![metric("b", T0, 2.0), metric("c", T0, 3.0)],
+                    ),
+                )
+                .await;
                 assert_eq!(again, vec![RowOutcome::Duplicate, RowOutcome::Stored]);
                 // Another instance has its own ids.
-                let other = commit_one(&store, batch(ORG, OTHER_INSTANCE, 1, vec![metric("a", T0, 1.0)])).await;
+                let other = commit_one(
+                    &store,
+                    batch(ORG, OTHER_INSTANCE, 1, vec![metric("a", T0, 1.0)]),
+                )
+                .await;
                 assert_eq!(other, vec![RowOutcome::Stored]);
                 // Two batches of one group commit with the same id: the second is the duplicate.
                 let group = store
                     .commit(
-                        &[batch(ORG, INSTANCE, 1, vec![metric("d", T0, 1.0)]), batch(ORG, INSTANCE, 1, vec![metric("d", T0, 1.0)])],
+                        &[
+                            batch(ORG, INSTANCE, 1, vec![metric("d", T0, 1.0)]),
+                            batch(ORG, INSTANCE, 1, vec![metric("d", T0, 1.0)]),
+                        ],
                         &revision_is(1),
                     )
                     .await
                     .unwrap();
-                assert_eq!(group, vec![BatchOutcome::Committed(vec![RowOutcome::Stored]), BatchOutcome::Committed(vec![RowOutcome::Duplicate])]);
-                let samples = store.samples(INSTANCE, "latency", 0, i64::MAX, None, 100).await.unwrap();
+                assert_eq!(
+                    group,
+                    vec![
+                        BatchOutcome::Committed(vec![RowOutcome::Stored]),
+                        BatchOutcome::Committed(vec![RowOutcome::Duplicate])
+                    ]
+                );
+                let samples = store
+                    .samples(INSTANCE, "latency", 0, i64::MAX, None, 100)
+                    .await
+                    .unwrap();
                 assert_eq!(samples.len(), 4);
             }
 
@@ -171,11 +215,20 @@ macro_rules! suite {
             async fn a_batch_enforced_under_an_old_revision_stores_nothing() {
                 let (store, _guard) = super::$backend().await;
                 let outcome = store
-                    .commit(&[batch(ORG, INSTANCE, 1, vec![metric("a", T0, 1.0)])], &revision_is(2))
+                    .commit(
+                        &[batch(ORG, INSTANCE, 1, vec![metric("a", T0, 1.0)])],
+                        &revision_is(2),
+                    )
                     .await
                     .unwrap();
                 assert_eq!(outcome, vec![BatchOutcome::Stale]);
-                assert!(store.samples(INSTANCE, "latency", 0, i64::MAX, None, 10).await.unwrap().is_empty());
+                assert!(
+                    store
+                        .samples(INSTANCE, "latency", 0, i64::MAX, None, 10)
+                        .await
+                        .unwrap()
+                        .is_empty()
+                );
             }
 
             #[tokio::test]
@@ -185,7 +238,13 @@ macro_rules! suite {
                 b.location = "eu".into();
                 let refused = store.commit(&[b], &revision_is(1)).await.unwrap_err();
                 assert!(matches!(refused, StoreError::WrongLocation { .. }));
-                assert!(store.samples(INSTANCE, "latency", 0, i64::MAX, None, 10).await.unwrap().is_empty());
+                assert!(
+                    store
+                        .samples(INSTANCE, "latency", 0, i64::MAX, None, 10)
+                        .await
+                        .unwrap()
+                        .is_empty()
+                );
             }
 
             #[tokio::test]
@@ -202,39 +261,111 @@ macro_rules! suite {
                 let outcomes = commit_one(&store, batch(ORG, INSTANCE, 1, rows)).await;
                 assert_eq!(
                     outcomes,
-                    vec![RowOutcome::Stored, RowOutcome::Blocked, RowOutcome::Stored, RowOutcome::Stored, RowOutcome::Stored, RowOutcome::Stored]
+                    vec![
+                        RowOutcome::Stored,
+                        RowOutcome::Blocked,
+                        RowOutcome::Stored,
+                        RowOutcome::Stored,
+                        RowOutcome::Stored,
+                        RowOutcome::Stored
+                    ]
                 );
                 assert_eq!(store.view_count(INSTANCE, "p1").await.unwrap(), (4, 2));
                 assert_eq!(store.view_count(INSTANCE, "p2").await.unwrap(), (1, 1));
                 // Unique viewers across days are distinct viewers, not a sum of days.
-                commit_one(&store, batch(ORG, INSTANCE, 1, vec![view("v7", T0 + DAY, "p1", "s1", Some("alice"))])).await;
+                commit_one(
+                    &store,
+                    batch(
+                        ORG,
+                        INSTANCE,
+                        1,
+                        vec![view("v7", T0 + DAY, "p1", "s1", Some("alice"))],
+                    ),
+                )
+                .await;
                 let day = T0 / DAY;
                 let totals = store
-                    .view_totals(&ViewScope::Page { instance_id: INSTANCE.into(), page_id: "p1".into() }, day, day + 2)
+                    .view_totals(
+                        &ViewScope::Page {
+                            instance_id: INSTANCE.into(),
+                            page_id: "p1".into(),
+                        },
+                        day,
+                        day + 2,
+                    )
                     .await
                     .unwrap();
                 assert_eq!(totals.views, 5);
                 assert_eq!(totals.unique_viewers, 2);
                 assert_eq!(totals.by_day, vec![(day, 4, 2), (day + 1, 1, 1)]);
                 assert_eq!(totals.by_channel, vec![(1, 5)]);
-                let pages = store.top_pages(INSTANCE, "s1", day, day + 2, 0, 10).await.unwrap();
-                assert_eq!(pages.iter().map(|p| (p.id.as_str(), p.views, p.unique_viewers)).collect::<Vec<_>>(), vec![("p1", 5, 2), ("p2", 1, 1)]);
-                let second = store.top_pages(INSTANCE, "s1", day, day + 2, 1, 10).await.unwrap();
+                let pages = store
+                    .top_pages(INSTANCE, "s1", day, day + 2, 0, 10)
+                    .await
+                    .unwrap();
+                assert_eq!(
+                    pages
+                        .iter()
+                        .map(|p| (p.id.as_str(), p.views, p.unique_viewers))
+                        .collect::<Vec<_>>(),
+                    vec![("p1", 5, 2), ("p2", 1, 1)]
+                );
+                let second = store
+                    .top_pages(INSTANCE, "s1", day, day + 2, 1, 10)
+                    .await
+                    .unwrap();
                 assert_eq!(second.len(), 1);
             }
 
             #[tokio::test]
             async fn reports_of_one_org_never_include_another() {
                 let (store, _guard) = super::$backend().await;
-                commit_one(&store, batch(ORG, INSTANCE, 1, vec![view("v1", T0, "p1", "s1", Some("alice"))])).await;
-                commit_one(&store, batch(OTHER, OTHER_INSTANCE, 1, vec![view("v1", T0, "p1", "s1", Some("alice")), view("v2", T0, "p9", "s9", Some("eve"))])).await;
+                commit_one(
+                    &store,
+                    batch(
+                        ORG,
+                        INSTANCE,
+                        1,
+                        vec![view("v1", T0, "p1", "s1", Some("alice"))],
+                    ),
+                )
+                .await;
+                commit_one(
+                    &store,
+                    batch(
+                        OTHER,
+                        OTHER_INSTANCE,
+                        1,
+                        vec![
+                            view("v1", T0, "p1", "s1", Some("alice")),
+                            view("v2", T0, "p9", "s9", Some("eve")),
+                        ],
+                    ),
+                )
+                .await;
                 let day = T0 / DAY;
-                let mine = store.view_totals(&ViewScope::Org { org_id: ORG.into(), instance_id: None }, day, day + 1).await.unwrap();
+                let mine = store
+                    .view_totals(
+                        &ViewScope::Org {
+                            org_id: ORG.into(),
+                            instance_id: None,
+                        },
+                        day,
+                        day + 1,
+                    )
+                    .await
+                    .unwrap();
                 assert_eq!((mine.views, mine.unique_viewers), (1, 1));
-                let spaces = store.top_spaces(ORG, None, day, day + 1, 0, 10).await.unwrap();
+                let spaces = store
+                    .top_spaces(ORG, None, day, day + 1, 0, 10)
+                    .await
+                    .unwrap();
                 assert_eq!(spaces.len(), 1);
                 assert_eq!(spaces[0].instance_id, INSTANCE);
-                let theirs = store.top_spaces(OTHER, Some(OTHER_INSTANCE), day, day + 1, 0, 10).await.unwrap();
+                let theirs = store
+                    .top_spaces(OTHER, Some(OTHER_INSTANCE), day, day + 1, 0, 10)
+                    .await
+                    .unwrap();
                 assert_eq!(theirs.len(), 2);
             }
 
@@ -242,7 +373,20 @@ macro_rules! suite {
             async fn rollups_are_made_from_dirty_hours_and_read_by_range() {
                 let (store, _guard) = super::$backend().await;
                 let hour = T0;
-                commit_one(&store, batch(ORG, INSTANCE, 1, vec![metric("a", hour + 1, 10.0), metric("b", hour + 2, 30.0), metric("c", hour + 3_600_000, 5.0)])).await;
+                commit_one(
+                    &store,
+                    batch(
+                        ORG,
+                        INSTANCE,
+                        1,
+                        vec![
+                            metric("a", hour + 1, 10.0),
+                            metric("b", hour + 2, 30.0),
+                            metric("c", hour + 3_600_000, 5.0),
+                        ],
+                    ),
+                )
+                .await;
                 let dirty = store.take_dirty_hours(10).await.unwrap();
                 assert_eq!(dirty.len(), 2);
                 assert!(store.take_dirty_hours(10).await.unwrap().is_empty());
@@ -251,24 +395,83 @@ macro_rules! suite {
                     let rollups = crate::maintenance::roll_up(&org, &instance, h, &samples);
                     store.replace_rollups(&instance, h, &rollups).await.unwrap();
                 }
-                let all = store.rollups(INSTANCE, "latency", hour, hour + 7_200_000, None, 10).await.unwrap();
+                let all = store
+                    .rollups(INSTANCE, "latency", hour, hour + 7_200_000, None, 10)
+                    .await
+                    .unwrap();
                 assert_eq!(all.len(), 2);
-                assert_eq!((all[0].count, all[0].min, all[0].max, all[0].sum), (2, 10.0, 30.0, 40.0));
-                let after = store.rollups(INSTANCE, "latency", hour, hour + 7_200_000, Some((all[0].hour, all[0].tags.clone())), 10).await.unwrap();
+                assert_eq!(
+                    (all[0].count, all[0].min, all[0].max, all[0].sum),
+                    (2, 10.0, 30.0, 40.0)
+                );
+                let after = store
+                    .rollups(
+                        INSTANCE,
+                        "latency",
+                        hour,
+                        hour + 7_200_000,
+                        Some((all[0].hour, all[0].tags.clone())),
+                        10,
+                    )
+                    .await
+                    .unwrap();
                 assert_eq!(after.len(), 1);
-                let page = store.samples(INSTANCE, "latency", hour, hour + 7_200_000, None, 2).await.unwrap();
+                let page = store
+                    .samples(INSTANCE, "latency", hour, hour + 7_200_000, None, 2)
+                    .await
+                    .unwrap();
                 assert_eq!(page.len(), 2);
-                let rest = store.samples(INSTANCE, "latency", hour, hour + 7_200_000, Some((page[1].occurred_at, page[1].event_id.clone())), 2).await.unwrap();
+                let rest = store
+                    .samples(
+                        INSTANCE,
+                        "latency",
+                        hour,
+                        hour + 7_200_000,
+                        Some((page[1].occurred_at, page[1].event_id.clone())),
+                        2,
+                    )
+                    .await
+                    .unwrap();
                 assert_eq!(rest.len(), 1);
             }
 
             #[tokio::test]
             async fn a_purge_removes_exactly_what_it_counted_and_remembers_the_ids() {
                 let (store, _guard) = super::$backend().await;
-                commit_one(&store, batch(ORG, INSTANCE, 1, vec![view("v1", T0, "p1", "s1", Some("alice")), metric("m1", T0, 1.0)])).await;
-                commit_one(&store, batch(ORG, OTHER_INSTANCE, 1, vec![view("v1", T0, "p1", "s1", Some("bob"))])).await;
+                commit_one(
+                    &store,
+                    batch(
+                        ORG,
+                        INSTANCE,
+                        1,
+                        vec![
+                            view("v1", T0, "p1", "s1", Some("alice")),
+                            metric("m1", T0, 1.0),
+                        ],
+                    ),
+                )
+                .await;
+                commit_one(
+                    &store,
+                    batch(
+                        ORG,
+                        OTHER_INSTANCE,
+                        1,
+                        vec![view("v1", T0, "p1", "s1", Some("bob"))],
+                    ),
+                )
+                .await;
                 // Stored under the newer revision: not covered.
-                commit_one(&store, batch(ORG, INSTANCE, 5, vec![view("v2", T0 + DAY, "p1", "s1", Some("carol"))])).await;
+                commit_one(
+                    &store,
+                    batch(
+                        ORG,
+                        INSTANCE,
+                        5,
+                        vec![view("v2", T0 + DAY, "p1", "s1", Some("carol"))],
+                    ),
+                )
+                .await;
                 let spec = PurgeSpec {
                     purge_id: "purge-1".into(),
                     org_id: ORG.into(),
@@ -279,25 +482,55 @@ macro_rules! suite {
                     before_revision: 5,
                 };
                 let counted = store.purge_counts(&spec).await.unwrap();
-                assert_eq!((counted.events, counted.page_views, counted.unique_viewer_entries), (2, 2, 2));
+                assert_eq!(
+                    (
+                        counted.events,
+                        counted.page_views,
+                        counted.unique_viewer_entries
+                    ),
+                    (2, 2, 2)
+                );
                 assert!(!store.purge_applied("purge-1").await.unwrap());
                 apply(&store, ORG, Change::Purge { spec: spec.clone() }).await;
                 assert!(store.purge_applied("purge-1").await.unwrap());
                 assert_eq!(store.purge_counts(&spec).await.unwrap().events, 0);
                 assert_eq!(store.view_count(INSTANCE, "p1").await.unwrap(), (1, 1));
-                assert_eq!(store.view_count(OTHER_INSTANCE, "p1").await.unwrap(), (0, 0));
+                assert_eq!(
+                    store.view_count(OTHER_INSTANCE, "p1").await.unwrap(),
+                    (0, 0)
+                );
                 // The purged id is remembered: a retry of it is a duplicate, not stored again.
-                let retry = commit_one(&store, batch(ORG, INSTANCE, 5, vec![view("v1", T0, "p1", "s1", Some("alice"))])).await;
+                let retry = commit_one(
+                    &store,
+                    batch(
+                        ORG,
+                        INSTANCE,
+                        5,
+                        vec![view("v1", T0, "p1", "s1", Some("alice"))],
+                    ),
+                )
+                .await;
                 assert_eq!(retry, vec![RowOutcome::Duplicate]);
                 // Metrics were not in the purge.
-                assert_eq!(store.samples(INSTANCE, "latency", 0, i64::MAX, None, 10).await.unwrap().len(), 1);
+                assert_eq!(
+                    store
+                        .samples(INSTANCE, "latency", 0, i64::MAX, None, 10)
+                        .await
+                        .unwrap()
+                        .len(),
+                    1
+                );
             }
 
             #[tokio::test]
             async fn a_purge_strips_classes_from_covered_records() {
                 let (store, _guard) = super::$backend().await;
                 commit_one(&store, batch(ORG, INSTANCE, 1, vec![metric("m1", T0, 1.0)])).await;
-                commit_one(&store, batch(ORG, INSTANCE, 6, vec![metric("m2", T0 + 1, 2.0)])).await;
+                commit_one(
+                    &store,
+                    batch(ORG, INSTANCE, 6, vec![metric("m2", T0 + 1, 2.0)]),
+                )
+                .await;
                 let spec = PurgeSpec {
                     purge_id: "purge-2".into(),
                     org_id: ORG.into(),
@@ -309,13 +542,18 @@ macro_rules! suite {
                 };
                 assert_eq!(store.purge_counts(&spec).await.unwrap().stripped, 1);
                 apply(&store, ORG, Change::Purge { spec }).await;
-                let samples = store.samples(INSTANCE, "latency", 0, i64::MAX, None, 10).await.unwrap();
+                let samples = store
+                    .samples(INSTANCE, "latency", 0, i64::MAX, None, 10)
+                    .await
+                    .unwrap();
                 let tags: Vec<usize> = samples
                     .iter()
-                    .map(|s| match pb::Event::decode(s.body.as_slice()).unwrap().payload {
-                        Some(pb::event::Payload::Metric(m)) => m.tags.len(),
-                        _ => 99,
-                    })
+                    .map(
+                        |s| match pb::Event::decode(s.body.as_slice()).unwrap().payload {
+                            Some(pb::event::Payload::Metric(m)) => m.tags.len(),
+                            _ => 99,
+                        },
+                    )
                     .collect();
                 // The covered sample lost its free text; the newer one kept it.
                 assert_eq!(tags, vec![0, 1]);
@@ -324,38 +562,109 @@ macro_rules! suite {
             #[tokio::test]
             async fn erasing_a_viewer_removes_their_views_entries_and_counts() {
                 let (store, _guard) = super::$backend().await;
-                commit_one(&store, batch(ORG, INSTANCE, 1, vec![
-                    view("v1", T0, "p1", "s1", Some("alice")),
-                    view("v2", T0 + DAY, "p1", "s1", Some("alice")),
-                    view("v3", T0, "p1", "s1", Some("bob")),
-                ])).await;
-                let spec = EraseSpec { org_id: ORG.into(), instance_id: INSTANCE.into(), subjects: vec!["alice".into()], until: T0 };
+                commit_one(
+                    &store,
+                    batch(
+                        ORG,
+                        INSTANCE,
+                        1,
+                        vec![
+                            view("v1", T0, "p1", "s1", Some("alice")),
+                            view("v2", T0 + DAY, "p1", "s1", Some("alice")),
+                            view("v3", T0, "p1", "s1", Some("bob")),
+                        ],
+                    ),
+                )
+                .await;
+                let spec = EraseSpec {
+                    org_id: ORG.into(),
+                    instance_id: INSTANCE.into(),
+                    subjects: vec!["alice".into()],
+                    until: T0,
+                };
                 let counted = store.erase_counts(&spec).await.unwrap();
-                assert_eq!((counted.page_views, counted.unique_viewer_entries, counted.dedupe_entries), (2, 2, 1));
+                assert_eq!(
+                    (
+                        counted.page_views,
+                        counted.unique_viewer_entries,
+                        counted.dedupe_entries
+                    ),
+                    (2, 2, 1)
+                );
                 apply(&store, ORG, Change::Erase(spec.clone())).await;
                 assert_eq!(store.erase_counts(&spec).await.unwrap(), Removed::default());
                 assert_eq!(store.view_count(INSTANCE, "p1").await.unwrap(), (1, 1));
                 // Another instance's viewer of the same id is untouched.
-                let other = EraseSpec { instance_id: OTHER_INSTANCE.into(), ..spec };
-                assert_eq!(store.erase_counts(&other).await.unwrap(), Removed::default());
+                let other = EraseSpec {
+                    instance_id: OTHER_INSTANCE.into(),
+                    ..spec
+                };
+                assert_eq!(
+                    store.erase_counts(&other).await.unwrap(),
+                    Removed::default()
+                );
             }
 
             #[tokio::test]
             async fn retention_sweeps_old_records_and_keeps_recent_ones() {
                 let (store, _guard) = super::$backend().await;
-                commit_one(&store, batch(ORG, INSTANCE, 1, vec![metric("old", T0 - 40 * DAY, 1.0), metric("new", T0, 2.0), view("v", T0 - 40 * DAY, "p", "s", Some("a"))])).await;
-                commit_one(&store, batch(OTHER, OTHER_INSTANCE, 1, vec![metric("old", T0 - 40 * DAY, 1.0)])).await;
-                let removed = store.sweep(ORG, T0 - 30 * DAY, T0 - 30 * DAY, T0 - 30 * DAY).await.unwrap();
+                commit_one(
+                    &store,
+                    batch(
+                        ORG,
+                        INSTANCE,
+                        1,
+                        vec![
+                            metric("old", T0 - 40 * DAY, 1.0),
+                            metric("new", T0, 2.0),
+                            view("v", T0 - 40 * DAY, "p", "s", Some("a")),
+                        ],
+                    ),
+                )
+                .await;
+                commit_one(
+                    &store,
+                    batch(
+                        OTHER,
+                        OTHER_INSTANCE,
+                        1,
+                        vec![metric("old", T0 - 40 * DAY, 1.0)],
+                    ),
+                )
+                .await;
+                let removed = store
+                    .sweep(ORG, T0 - 30 * DAY, T0 - 30 * DAY, T0 - 30 * DAY)
+                    .await
+                    .unwrap();
                 assert_eq!(removed.events, 2);
                 assert_eq!(removed.view_counters, 1);
-                assert_eq!(store.samples(INSTANCE, "latency", 0, i64::MAX, None, 10).await.unwrap().len(), 1);
-                assert_eq!(store.samples(OTHER_INSTANCE, "latency", 0, i64::MAX, None, 10).await.unwrap().len(), 1);
+                assert_eq!(
+                    store
+                        .samples(INSTANCE, "latency", 0, i64::MAX, None, 10)
+                        .await
+                        .unwrap()
+                        .len(),
+                    1
+                );
+                assert_eq!(
+                    store
+                        .samples(OTHER_INSTANCE, "latency", 0, i64::MAX, None, 10)
+                        .await
+                        .unwrap()
+                        .len(),
+                    1
+                );
             }
 
             #[tokio::test]
             async fn staged_changes_are_listed_until_applied_or_discarded() {
                 let (store, _guard) = super::$backend().await;
-                let spec = EraseSpec { org_id: ORG.into(), instance_id: INSTANCE.into(), subjects: vec!["x".into()], until: T0 };
+                let spec = EraseSpec {
+                    org_id: ORG.into(),
+                    instance_id: INSTANCE.into(),
+                    subjects: vec!["x".into()],
+                    until: T0,
+                };
                 let a = staged(ORG, Change::Erase(spec.clone()));
                 let b = staged(OTHER, Change::Erase(spec));
                 store.stage(&a).await.unwrap();

@@ -1,0 +1,1142 @@
+//! collector-svc end to end, wired to a real linker-svc and consent-svc: enforcement from the policy,
+//! de-identification, idempotent ingest, streams, preview, page-view reports, rollups, purges and
+//! erasure with their audit entries, and isolation between orgs.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::HashMap;
+
+use prost::Message;
+use sightline_proto::audit::v1 as audit_pb;
+use sightline_proto::collector::v1::{self as pb, DropReason};
+use sightline_proto::common::v1::{self as common, Channel, SharingLevel, UsageLevel};
+use sightline_proto::consent::v1 as consent_pb;
+use sightline_runtime::settings::Limits;
+use sightline_tests::collector::{dropped, ingest, metric, page_view};
+use sightline_tests::consent::{opt_in, policy};
+use sightline_tests::{
+    CollectorOptions, LinkerOptions, T0_MS, TestCollector, TestConsent, TestInstance, TestLinker,
+    TestOrg, authed,
+};
+use tonic::Code;
+
+const DAY: i64 = 86_400_000;
+
+struct Stack {
+    linker: TestLinker,
+    consent: TestConsent,
+    collector: TestCollector,
+    org: TestOrg,
+    instance: TestInstance,
+}
+
+impl Stack {
+    async fn start(usage: UsageLevel, sharing: SharingLevel) -> Self {
+        Self::start_with(usage, sharing, CollectorOptions::default()).await
+    }
+
+    async fn start_with(
+        usage: UsageLevel,
+        sharing: SharingLevel,
+        options: CollectorOptions,
+    ) -> Self {
+        let linker = TestLinker::start(LinkerOptions::default()).await;
+        let consent = TestConsent::start(&linker, None, Limits::default()).await;
+        let collector = TestCollector::start(&linker, &consent, options).await;
+        let org = linker.org("Acme").await;
+        let instance = linker.link_instance(&org, "SRV-A").await;
+        let stack = Self {
+            linker,
+            consent,
+            collector,
+            org,
+            instance,
+        };
+        if usage != UsageLevel::Disabled {
+            opt_in(&stack.consent, &stack.org, usage, sharing).await;
+            stack.settle().await;
+        }
+        stack
+    }
+
+    /// Waits until the collector enforces the org's current policy.
+    async fn settle(&self) {
+        let current = policy(&self.consent, &self.org, &self.instance.id).await;
+        self.collector
+            .wait_revision(&self.org.id, &self.instance.id, current.revision)
+            .await;
+    }
+
+    async fn track_views(&self, global_group: &str) {
+        self.consent
+            .client()
+            .await
+            .update_tracking_settings(authed(
+                &self.org.admin,
+                consent_pb::UpdateTrackingSettingsRequest {
+                    org_id: self.org.id.clone(),
+                    settings: Some(consent_pb::TrackingSettings {
+                        enabled_channels: vec![Channel::Desktop as i32],
+                        exclude_anonymous: true,
+                        excluded_groups: vec!["bots".into()],
+                        blocking_time_ms: 30 * 60_000,
+                        view_counter_enabled: true,
+                        global_report_group: global_group.into(),
+                    }),
+                },
+            ))
+            .await
+            .unwrap();
+        self.settle().await;
+    }
+
+    fn range(&self, from: i64, to: i64) -> Option<common::TimeRange> {
+        Some(common::TimeRange {
+            start: sightline_tests::collector::at(from),
+            end: sightline_tests::collector::at(to),
+        })
+    }
+
+    async fn audit_actions(&self) -> Vec<audit_pb::AuditEvent> {
+        self.linker
+            .audit()
+            .await
+            .list_events(authed(
+                &self.org.admin,
+                audit_pb::ListEventsRequest {
+                    org_id: self.org.id.clone(),
+                    page_size: 1000,
+                    ..Default::default()
+                },
+            ))
+            .await
+            .unwrap()
+            .into_inner()
+            .events
+    }
+
+    async fn raw_metrics(&self, name: &str) -> Vec<pb::MetricPoint> {
+        self.collector
+            .client()
+            .await
+            .query_metrics(authed(
+                &self.org.admin,
+                pb::QueryMetricsRequest {
+                    org_id: self.org.id.clone(),
+                    instance_id: self.instance.id.clone(),
+                    metric_name: name.into(),
+                    range: self.range(T0_MS - 30 * DAY, T0_MS + DAY),
+                    ..Default::default()
+                },
+            ))
+            .await
+            .unwrap()
+            .into_inner()
+            .points
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nothing_is_collected_before_the_org_opts_in() {
+    let s = Stack::start(UsageLevel::Disabled, SharingLevel::Basic).await;
+    let result = ingest(
+        &s.collector,
+        &s.instance,
+        vec![metric("m1", T0_MS, "jvm.cpu.load", 0.5)],
+    )
+    .await
+    .unwrap();
+    assert_eq!(result.accepted, 0);
+    assert_eq!(dropped(&result, DropReason::Consent), 1);
+    assert!(s.raw_metrics("jvm.cpu.load").await.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn basic_stores_metrics_and_refuses_what_it_does_not_allow() {
+    let s = Stack::start(UsageLevel::Basic, SharingLevel::Basic).await;
+    let result = ingest(
+        &s.collector,
+        &s.instance,
+        vec![
+            metric("m1", T0_MS - 1_000, "jvm.cpu.load", 0.5),
+            page_view("v1", T0_MS - 1_000, "p1", "s1", "u1"),
+        ],
+    )
+    .await
+    .unwrap();
+    assert_eq!(result.accepted, 1);
+    assert_eq!(dropped(&result, DropReason::Consent), 1);
+    assert_eq!(result.consent_version, 1);
+    assert!(result.policy_revision > 0);
+    let points = s.raw_metrics("jvm.cpu.load").await;
+    assert_eq!(points.len(), 1);
+    assert_eq!(points[0].max, 0.5);
+    assert_eq!(points[0].consent_version, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retried_batch_stores_nothing_twice() {
+    let s = Stack::start(UsageLevel::Basic, SharingLevel::Basic).await;
+    let batch: Vec<_> = (0..50)
+        .map(|i| metric(&format!("m{i}"), T0_MS - i, "latency", i as f64))
+        .collect();
+    let first = ingest(&s.collector, &s.instance, batch.clone())
+        .await
+        .unwrap();
+    assert_eq!(first.accepted, 50);
+    let again = ingest(&s.collector, &s.instance, batch).await.unwrap();
+    assert_eq!(again.accepted, 0);
+    assert_eq!(dropped(&again, DropReason::Duplicate), 50);
+    assert_eq!(s.raw_metrics("latency").await.len(), 50);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_batches_are_refused_whole_and_bad_events_one_by_one() {
+    let s = Stack::start(UsageLevel::Basic, SharingLevel::Basic).await;
+    let refused = |events: Vec<pb::Event>| {
+        let s = &s;
+        async move { ingest(&s.collector, &s.instance, events).await.unwrap_err() }
+    };
+    let empty = refused(vec![]).await;
+    assert_eq!(empty.code(), Code::InvalidArgument);
+    assert!(
+        empty.message().starts_with("events:"),
+        "{}",
+        empty.message()
+    );
+    let many: Vec<_> = (0..1001)
+        .map(|i| metric(&format!("m{i}"), T0_MS, "x", 1.0))
+        .collect();
+    assert_eq!(refused(many).await.code(), Code::InvalidArgument);
+    let repeated = refused(vec![
+        metric("same", T0_MS, "x", 1.0),
+        metric("ok", T0_MS, "x", 1.0),
+        metric("same", T0_MS, "x", 2.0),
+    ])
+    .await;
+    assert_eq!(repeated.code(), Code::InvalidArgument);
+    assert!(
+        repeated.message().contains("events[2].event_id"),
+        "{}",
+        repeated.message()
+    );
+    assert!(
+        s.raw_metrics("x").await.is_empty(),
+        "nothing of a refused batch is stored"
+    );
+
+    let mut unknown_kind = metric("k", T0_MS, "x", 1.0);
+    unknown_kind.payload = None;
+    let mut no_time = metric("t", T0_MS, "x", 1.0);
+    no_time.occurred_at = None;
+    let result = ingest(
+        &s.collector,
+        &s.instance,
+        vec![
+            unknown_kind,
+            no_time,
+            metric("", T0_MS, "x", 1.0),
+            metric("future", T0_MS + 3_600_000, "x", 1.0),
+            metric("ancient", T0_MS - 400 * DAY, "x", 1.0),
+            metric("good", T0_MS, "x", 1.0),
+        ],
+    )
+    .await
+    .unwrap();
+    assert_eq!(result.accepted, 1);
+    assert_eq!(dropped(&result, DropReason::Invalid), 3);
+    assert_eq!(dropped(&result, DropReason::OutOfWindow), 2);
+    let messages: Vec<&str> = result.rejected.iter().map(|r| r.message.as_str()).collect();
+    assert!(
+        messages.contains(&"events[0].payload: is required (one event kind)"),
+        "{messages:?}"
+    );
+    assert!(
+        messages
+            .iter()
+            .any(|m| m.starts_with("events[1].occurred_at")),
+        "{messages:?}"
+    );
+    assert!(
+        messages.iter().any(|m| m.starts_with("events[2].event_id")),
+        "{messages:?}"
+    );
+    assert!(
+        messages
+            .iter()
+            .any(|m| m.starts_with("events[3].occurred_at: more than 5 minutes")),
+        "{messages:?}"
+    );
+    assert_eq!(s.raw_metrics("x").await.len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_an_instance_credential_sends_events() {
+    let s = Stack::start(UsageLevel::Basic, SharingLevel::Basic).await;
+    let mut client = s.collector.client().await;
+    let admin = client
+        .ingest(authed(
+            &s.org.admin,
+            pb::IngestRequest {
+                events: vec![metric("m", T0_MS, "x", 1.0)],
+            },
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(admin.code(), Code::PermissionDenied);
+    let stranger = client
+        .ingest(authed(
+            &sightline_tests::stranger(sightline_runtime::token::TokenKind::Instance),
+            pb::IngestRequest {
+                events: vec![metric("m", T0_MS, "x", 1.0)],
+            },
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(stranger.code(), Code::Unauthenticated);
+    let none = client
+        .ingest(tonic::Request::new(pb::IngestRequest {
+            events: vec![metric("m", T0_MS, "x", 1.0)],
+        }))
+        .await
+        .unwrap_err();
+    assert_eq!(none.code(), Code::Unauthenticated);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_policy_stream_the_collector_refuses_instead_of_allowing() {
+    let linker = TestLinker::start(LinkerOptions::default()).await;
+    let mut consent = TestConsent::start(&linker, None, Limits::default()).await;
+    let org = linker.org("Acme").await;
+    let instance = linker.link_instance(&org, "SRV-A").await;
+    opt_in(&consent, &org, UsageLevel::Basic, SharingLevel::Basic).await;
+    consent.stop().await;
+    let collector = TestCollector::launch(&linker, &consent, CollectorOptions::default()).await;
+    let refused = ingest(&collector, &instance, vec![metric("m", T0_MS, "x", 1.0)])
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::Unavailable);
+    assert!(
+        refused.message().contains("no current policy"),
+        "{}",
+        refused.message()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_acks_every_batch_in_order_and_goes_on_after_a_bad_one() {
+    let s = Stack::start(UsageLevel::Basic, SharingLevel::Basic).await;
+    let batches = vec![
+        pb::IngestStreamRequest {
+            batch_id: "b1".into(),
+            events: vec![metric("m1", T0_MS, "x", 1.0)],
+        },
+        pb::IngestStreamRequest {
+            batch_id: "b2".into(),
+            events: vec![],
+        },
+        pb::IngestStreamRequest {
+            batch_id: "b3".into(),
+            events: vec![metric("m3", T0_MS, "x", 3.0), metric("m1", T0_MS, "x", 1.0)],
+        },
+    ];
+    let mut acks = s
+        .collector
+        .client()
+        .await
+        .ingest_stream(authed(
+            &s.instance.credential,
+            futures::stream::iter(batches),
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut got = Vec::new();
+    while let Some(ack) = acks.message().await.unwrap() {
+        got.push(ack);
+    }
+    assert_eq!(
+        got.iter().map(|a| a.batch_id.as_str()).collect::<Vec<_>>(),
+        vec!["b1", "b2", "b3"]
+    );
+    assert_eq!(got[0].result.as_ref().unwrap().accepted, 1);
+    let error = got[1].error.as_ref().unwrap();
+    assert_eq!(error.code, Code::InvalidArgument as u32);
+    assert_eq!(error.retry_after_ms, 0);
+    let third = got[2].result.as_ref().unwrap();
+    assert_eq!(
+        (third.accepted, dropped(third, DropReason::Duplicate)),
+        (1, 1)
+    );
+    assert_eq!(s.raw_metrics("x").await.len(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_credential_ends_the_stream() {
+    let s = Stack::start(UsageLevel::Basic, SharingLevel::Basic).await;
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    let mut acks = s
+        .collector
+        .client()
+        .await
+        .ingest_stream(authed(
+            &s.instance.credential,
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    tx.send(pb::IngestStreamRequest {
+        batch_id: "b1".into(),
+        events: vec![metric("m1", T0_MS, "x", 1.0)],
+    })
+    .await
+    .unwrap();
+    assert!(acks.message().await.unwrap().unwrap().error.is_none());
+    s.linker
+        .linker()
+        .await
+        .unlink_instance(authed(
+            &s.org.admin,
+            sightline_proto::linker::v1::UnlinkInstanceRequest {
+                org_id: s.org.id.clone(),
+                instance_id: s.instance.id.clone(),
+            },
+        ))
+        .await
+        .unwrap();
+    // The credential cache lives at most 5 s.
+    let mut ended = None;
+    for i in 0..80 {
+        if tx
+            .send(pb::IngestStreamRequest {
+                batch_id: format!("r{i}"),
+                events: vec![metric(&format!("r{i}"), T0_MS, "x", 1.0)],
+            })
+            .await
+            .is_err()
+        {
+            break;
+        }
+        match acks.message().await {
+            Ok(Some(_)) => tokio::time::sleep(std::time::Duration::from_millis(100)).await,
+            Ok(None) => break,
+            Err(status) => {
+                ended = Some(status);
+                break;
+            }
+        }
+    }
+    assert_eq!(
+        ended.expect("the stream ends").code(),
+        Code::Unauthenticated
+    );
+}
+
+fn canary_view(id: &str, at: i64) -> pb::Event {
+    pb::Event {
+        event_id: id.into(),
+        occurred_at: sightline_tests::collector::at(at),
+        payload: Some(pb::event::Payload::PageView(pb::PageViewEvent {
+            page_id: "p-7".into(),
+            space_id: "s-7".into(),
+            page_title: "Launch plan by Dana Scully".into(),
+            space_key: "XFILES".into(),
+            space_name: "X Files".into(),
+            viewer_id: "u-1013".into(),
+            channel: Channel::Desktop as i32,
+            viewer_display_name: "Dana Scully".into(),
+            viewer_email: "dana.scully@fbi.example".into(),
+            client_ip: "192.0.2.44".into(),
+            page_url: "https://wiki.example/p-7?who=dana.scully%40fbi.example&from=192.0.2.44"
+                .into(),
+            ..Default::default()
+        })),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn preview_shows_exactly_what_ingest_stores() {
+    let s = Stack::start(UsageLevel::Advanced, SharingLevel::Basic).await;
+    s.track_views("").await;
+    let events = vec![
+        canary_view("v1", T0_MS - 5_000),
+        metric("m1", T0_MS, "x", 1.0),
+        page_view("v2", T0_MS, "p", "s", ""),
+    ];
+    let preview = s
+        .collector
+        .client()
+        .await
+        .preview_sample(authed(
+            &s.instance.credential,
+            pb::PreviewSampleRequest {
+                events: events.clone(),
+                ..Default::default()
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(preview.events.len(), 3);
+    let view = &preview.events[0];
+    assert!(view.kept);
+    assert!(
+        view.removed_fields
+            .contains(&"page_view.page_title".to_owned()),
+        "{view:?}"
+    );
+    assert!(
+        view.removed_fields
+            .contains(&"page_view.viewer_email".to_owned())
+    );
+    assert_eq!(view.hashed_fields, vec!["page_view.viewer_id".to_owned()]);
+    assert_eq!(view.scrubbed_fields, vec!["page_view.page_url".to_owned()]);
+    assert_eq!(preview.events[2].drop_reason, DropReason::Anonymous as i32);
+    // Preview stores nothing.
+    assert!(s.raw_metrics("x").await.is_empty());
+
+    let result = ingest(&s.collector, &s.instance, events).await.unwrap();
+    assert_eq!(result.accepted, 2);
+    let db = sqlx::SqlitePool::connect(&format!(
+        "sqlite://{}",
+        s.linker.data_dir().join("collector-global.db").display()
+    ))
+    .await
+    .unwrap();
+    let (body,): (Vec<u8>,) = sqlx::query_as("SELECT body FROM events WHERE event_id = 'v1'")
+        .fetch_one(&db)
+        .await
+        .unwrap();
+    assert_eq!(
+        body,
+        view.stored.as_ref().unwrap().encode_to_vec(),
+        "preview and store agree byte for byte"
+    );
+    let (metric_body,): (Vec<u8>,) =
+        sqlx::query_as("SELECT body FROM events WHERE event_id = 'm1'")
+            .fetch_one(&db)
+            .await
+            .unwrap();
+    assert_eq!(
+        metric_body,
+        preview.events[1].stored.as_ref().unwrap().encode_to_vec()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn page_views_feed_the_counter_and_the_reports() {
+    let s = Stack::start(UsageLevel::Advanced, SharingLevel::Extended).await;
+    s.track_views("analysts").await;
+    let t = T0_MS - 2 * DAY;
+    let mut events = vec![
+        page_view("a1", t, "p1", "s1", "alice"),
+        page_view("a2", t + 60_000, "p1", "s1", "alice"),
+        page_view("a3", t + 31 * 60_000, "p1", "s1", "alice"),
+        page_view("b1", t, "p1", "s1", "bob"),
+        page_view("b2", t + DAY, "p2", "s1", "bob"),
+        page_view("c1", t + DAY, "p9", "s2", "carol"),
+    ];
+    let mut bot = page_view("x1", t, "p1", "s1", "robot");
+    if let Some(pb::event::Payload::PageView(v)) = bot.payload.as_mut() {
+        v.viewer_groups = vec!["bots".into()];
+    }
+    events.push(bot);
+    let result = ingest(&s.collector, &s.instance, events).await.unwrap();
+    assert_eq!(result.accepted, 5);
+    assert_eq!(dropped(&result, DropReason::BlockingTime), 1);
+    assert_eq!(dropped(&result, DropReason::ExcludedGroup), 1);
+
+    let mut client = s.collector.client().await;
+    let count = client
+        .get_view_count(authed(
+            &s.instance.credential,
+            pb::GetViewCountRequest {
+                page_id: "p1".into(),
+                ..Default::default()
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        (count.views, count.unique_viewers, count.enabled),
+        (3, 2, true)
+    );
+
+    let range = s.range(T0_MS - 10 * DAY, T0_MS);
+    let page = client
+        .get_page_report(authed(
+            &s.org.admin,
+            pb::GetPageReportRequest {
+                org_id: s.org.id.clone(),
+                page_id: "p1".into(),
+                range: range.clone(),
+                instance_id: s.instance.id.clone(),
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    let stats = page.stats.unwrap();
+    assert_eq!((stats.views, stats.unique_viewers), (3, 2));
+    assert_eq!(
+        stats.by_channel,
+        vec![pb::ChannelCount {
+            channel: Channel::Desktop as i32,
+            views: 3
+        }]
+    );
+    assert_eq!(stats.by_day.len(), 1);
+    assert_eq!(stats.unique_viewers_error, 0.0);
+
+    let space = client
+        .get_space_report(authed(
+            &s.org.admin,
+            pb::GetSpaceReportRequest {
+                org_id: s.org.id.clone(),
+                space_id: "s1".into(),
+                range: range.clone(),
+                instance_id: s.instance.id.clone(),
+                page_size: 1,
+                ..Default::default()
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    let stats = space.stats.unwrap();
+    assert_eq!(
+        (stats.views, stats.unique_viewers, stats.by_day.len()),
+        (4, 2, 2)
+    );
+    assert_eq!(space.top_pages.len(), 1);
+    assert_eq!(space.top_pages[0].page_id, "p1");
+    let next = client
+        .get_space_report(authed(
+            &s.org.admin,
+            pb::GetSpaceReportRequest {
+                org_id: s.org.id.clone(),
+                space_id: "s1".into(),
+                range: range.clone(),
+                instance_id: s.instance.id.clone(),
+                page_size: 1,
+                page_token: space.next_page_token,
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(next.top_pages[0].page_id, "p2");
+
+    let global = |token: &str, groups: Vec<String>| {
+        let mut client = client.clone();
+        let request = authed(
+            token,
+            pb::GetGlobalReportRequest {
+                org_id: String::new(),
+                range: range.clone(),
+                reader_groups: groups,
+                ..Default::default()
+            },
+        );
+        async move { client.get_global_report(request).await }
+    };
+    let outsider = global(&s.instance.credential, vec!["staff".into()])
+        .await
+        .unwrap_err();
+    assert_eq!(outsider.code(), Code::PermissionDenied);
+    let analyst = global(&s.instance.credential, vec!["analysts".into()])
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(analyst.stats.unwrap().views, 5);
+    let mut admin_request = pb::GetGlobalReportRequest {
+        org_id: s.org.id.clone(),
+        range: range.clone(),
+        ..Default::default()
+    };
+    admin_request.reader_groups = vec![];
+    let admin = client
+        .get_global_report(authed(&s.org.admin, admin_request))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(admin.stats.as_ref().unwrap().unique_viewers, 3);
+    assert_eq!(admin.top_spaces.len(), 2);
+    assert_eq!(admin.top_spaces[0].instance_id, s.instance.id);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lowering_the_level_is_enforced_at_once_and_purges_what_it_no_longer_allows() {
+    let s = Stack::start(UsageLevel::Advanced, SharingLevel::Extended).await;
+    s.track_views("").await;
+    let stored = ingest(
+        &s.collector,
+        &s.instance,
+        vec![
+            page_view("v1", T0_MS, "p1", "s1", "alice"),
+            metric("m1", T0_MS, "x", 1.0),
+        ],
+    )
+    .await
+    .unwrap();
+    assert_eq!(stored.accepted, 2);
+    opt_in(&s.consent, &s.org, UsageLevel::Basic, SharingLevel::Basic).await;
+    s.settle().await;
+    let after = ingest(
+        &s.collector,
+        &s.instance,
+        vec![page_view("v2", T0_MS, "p1", "s1", "bob")],
+    )
+    .await
+    .unwrap();
+    assert_eq!(dropped(&after, DropReason::Consent), 1);
+    // The purge is applied once, with its counts in the org's audit log.
+    s.collector.maintenance.apply_purges().await;
+    assert_eq!(
+        s.collector.maintenance.apply_purges().await,
+        0,
+        "a purge is applied once"
+    );
+    let mut client = s.collector.client().await;
+    let count = client
+        .get_page_report(authed(
+            &s.org.admin,
+            pb::GetPageReportRequest {
+                org_id: s.org.id.clone(),
+                page_id: "p1".into(),
+                range: s.range(T0_MS - DAY, T0_MS + DAY),
+                instance_id: s.instance.id.clone(),
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(count.stats.unwrap().views, 0);
+    assert_eq!(
+        s.raw_metrics("x").await.len(),
+        1,
+        "metrics are still allowed"
+    );
+    let purges: Vec<_> = s
+        .audit_actions()
+        .await
+        .into_iter()
+        .filter(|e| e.action == "collector.purge_applied")
+        .collect();
+    assert_eq!(purges.len(), 1);
+    assert_eq!(
+        purges[0].attributes.get("page_views").map(String::as_str),
+        Some("1")
+    );
+    assert!(s.linker.verify_chain(&s.org).await.intact);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn erasing_a_viewer_is_audited_and_removes_everything_about_them() {
+    let s = Stack::start(UsageLevel::Advanced, SharingLevel::Basic).await;
+    s.track_views("").await;
+    let mut usage = metric("f1", T0_MS, "x", 1.0);
+    usage.payload = Some(pb::event::Payload::FeatureUsage(pb::FeatureUsageEvent {
+        feature: "issue.create".into(),
+        user_id: "alice".into(),
+        count: 2,
+        ..Default::default()
+    }));
+    ingest(
+        &s.collector,
+        &s.instance,
+        vec![
+            page_view("v1", T0_MS, "p1", "s1", "alice"),
+            page_view("v2", T0_MS, "p1", "s1", "bob"),
+            usage,
+        ],
+    )
+    .await
+    .unwrap();
+    let client = s.collector.client().await;
+    let erase = |token: &str, org: &str, instance: &str| {
+        let mut client = client.clone();
+        let request = authed(
+            token,
+            pb::EraseViewerRequest {
+                org_id: org.into(),
+                viewer_id: "alice".into(),
+                instance_id: instance.into(),
+            },
+        );
+        async move { client.erase_viewer(request).await }
+    };
+    let erased = erase(&s.org.admin, &s.org.id, &s.instance.id)
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(erased.page_views_deleted, 1);
+    assert_eq!(erased.feature_usage_deleted, 1);
+    assert_eq!(erased.unique_viewer_entries_deleted, 1);
+    assert_eq!(erased.dedupe_entries_deleted, 1);
+    let again = erase(&s.org.admin, &s.org.id, &s.instance.id)
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(again, pb::EraseViewerResponse::default());
+    let count = s
+        .collector
+        .client()
+        .await
+        .get_view_count(authed(
+            &s.instance.credential,
+            pb::GetViewCountRequest {
+                page_id: "p1".into(),
+                ..Default::default()
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((count.views, count.unique_viewers), (1, 1));
+    let entries: Vec<_> = s
+        .audit_actions()
+        .await
+        .into_iter()
+        .filter(|e| e.action == "collector.viewer_erased")
+        .collect();
+    assert_eq!(entries.len(), 2);
+    assert!(
+        entries.iter().all(|e| !e.target.contains("alice")),
+        "the audit log names the pseudonym only"
+    );
+    // Another org's admin, and another org's instance id, are refused.
+    let other = s.linker.org("Other").await;
+    let denied = erase(&other.admin, &s.org.id, &s.instance.id)
+        .await
+        .unwrap_err();
+    assert_eq!(denied.code(), Code::PermissionDenied);
+    let foreign = s.linker.link_instance(&other, "SRV-O").await;
+    let missing = erase(&s.org.admin, &s.org.id, &foreign.id)
+        .await
+        .unwrap_err();
+    assert_eq!(missing.code(), Code::NotFound);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hourly_rollups_answer_metric_queries_by_tag_and_page() {
+    let s = Stack::start(UsageLevel::Basic, SharingLevel::Basic).await;
+    let hour = (T0_MS - 3 * 3_600_000) / 3_600_000 * 3_600_000;
+    let mut events = Vec::new();
+    for i in 0..40 {
+        let mut e = metric(
+            &format!("m{i}"),
+            hour + i * 60_000,
+            "db.latency",
+            f64::from(i as u32),
+        );
+        if let Some(pb::event::Payload::Metric(m)) = e.payload.as_mut() {
+            m.tags.insert(
+                "pluginKey".into(),
+                if i % 2 == 0 {
+                    "even".into()
+                } else {
+                    "odd".into()
+                },
+            );
+        }
+        events.push(e);
+    }
+    ingest(&s.collector, &s.instance, events).await.unwrap();
+    s.collector.maintenance.roll_up().await;
+    let mut client = s.collector.client().await;
+    let query = |tags: HashMap<String, String>,
+                 resolution: pb::Resolution,
+                 page_size: u32,
+                 token: String| pb::QueryMetricsRequest {
+        org_id: s.org.id.clone(),
+        instance_id: s.instance.id.clone(),
+        metric_name: "db.latency".into(),
+        range: s.range(hour - 3_600_000, hour + 2 * 3_600_000),
+        resolution: resolution as i32,
+        page_size,
+        page_token: token,
+        tags,
+    };
+    let hourly = client
+        .query_metrics(authed(
+            &s.linker.service.expose().to_owned(),
+            query(HashMap::new(), pb::Resolution::Hourly, 0, String::new()),
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    // Two tag sets in the first hour, two in the second (minutes 0-39 span one hour: only one).
+    assert_eq!(hourly.points.len(), 2);
+    let even = &hourly.points[0];
+    assert_eq!(even.tags.get("pluginKey").map(String::as_str), Some("even"));
+    assert_eq!((even.count, even.min, even.max), (20, 0.0, 38.0));
+    let odd_only = client
+        .query_metrics(authed(
+            &s.org.admin,
+            query(
+                [("pluginKey".to_owned(), "odd".to_owned())].into(),
+                pb::Resolution::Raw,
+                7,
+                String::new(),
+            ),
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(odd_only.points.len(), 7);
+    assert!(!odd_only.next_page_token.is_empty());
+    let mut all = odd_only.points.len();
+    let mut token = odd_only.next_page_token;
+    while !token.is_empty() {
+        let page = client
+            .query_metrics(authed(
+                &s.org.admin,
+                query(
+                    [("pluginKey".to_owned(), "odd".to_owned())].into(),
+                    pb::Resolution::Raw,
+                    7,
+                    token,
+                ),
+            ))
+            .await
+            .unwrap()
+            .into_inner();
+        all += page.points.len();
+        token = page.next_page_token;
+    }
+    assert_eq!(all, 20);
+    let denied = client
+        .query_metrics(authed(
+            &s.instance.credential,
+            query(HashMap::new(), pb::Resolution::Raw, 0, String::new()),
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(denied.code(), Code::PermissionDenied);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_orgs_tokens_and_ids_reveal_nothing_in_any_method() {
+    let s = Stack::start(UsageLevel::Advanced, SharingLevel::Basic).await;
+    s.track_views("").await;
+    ingest(
+        &s.collector,
+        &s.instance,
+        vec![page_view("v1", T0_MS, "p1", "s1", "alice")],
+    )
+    .await
+    .unwrap();
+    let other = s.linker.org("Other").await;
+    let foreign = s.linker.link_instance(&other, "SRV-O").await;
+    let mut c = s.collector.client().await;
+    let range = s.range(T0_MS - DAY, T0_MS + DAY);
+    let (a, org, inst) = (&other.admin, s.org.id.clone(), s.instance.id.clone());
+    let denied = [
+        c.preview_sample(authed(
+            a,
+            pb::PreviewSampleRequest {
+                org_id: org.clone(),
+                instance_id: inst.clone(),
+                events: vec![metric("m", T0_MS, "x", 1.0)],
+            },
+        ))
+        .await
+        .map(|_| ()),
+        c.get_view_count(authed(
+            a,
+            pb::GetViewCountRequest {
+                org_id: org.clone(),
+                page_id: "p1".into(),
+                instance_id: inst.clone(),
+            },
+        ))
+        .await
+        .map(|_| ()),
+        c.get_page_report(authed(
+            a,
+            pb::GetPageReportRequest {
+                org_id: org.clone(),
+                page_id: "p1".into(),
+                range: range.clone(),
+                instance_id: inst.clone(),
+            },
+        ))
+        .await
+        .map(|_| ()),
+        c.get_space_report(authed(
+            a,
+            pb::GetSpaceReportRequest {
+                org_id: org.clone(),
+                space_id: "s1".into(),
+                range: range.clone(),
+                instance_id: inst.clone(),
+                ..Default::default()
+            },
+        ))
+        .await
+        .map(|_| ()),
+        c.get_global_report(authed(
+            a,
+            pb::GetGlobalReportRequest {
+                org_id: org.clone(),
+                range: range.clone(),
+                ..Default::default()
+            },
+        ))
+        .await
+        .map(|_| ()),
+        c.query_metrics(authed(
+            a,
+            pb::QueryMetricsRequest {
+                org_id: org.clone(),
+                instance_id: inst.clone(),
+                metric_name: "x".into(),
+                range: range.clone(),
+                ..Default::default()
+            },
+        ))
+        .await
+        .map(|_| ()),
+        c.erase_viewer(authed(
+            a,
+            pb::EraseViewerRequest {
+                org_id: org.clone(),
+                viewer_id: "alice".into(),
+                instance_id: inst.clone(),
+            },
+        ))
+        .await
+        .map(|_| ()),
+        // Another org's instance credential naming this org or instance.
+        c.get_view_count(authed(
+            &foreign.credential,
+            pb::GetViewCountRequest {
+                org_id: org.clone(),
+                page_id: "p1".into(),
+                instance_id: String::new(),
+            },
+        ))
+        .await
+        .map(|_| ()),
+        c.get_global_report(authed(
+            &foreign.credential,
+            pb::GetGlobalReportRequest {
+                instance_id: inst.clone(),
+                range: range.clone(),
+                ..Default::default()
+            },
+        ))
+        .await
+        .map(|_| ()),
+        c.preview_sample(authed(
+            &foreign.credential,
+            pb::PreviewSampleRequest {
+                instance_id: inst.clone(),
+                events: vec![metric("m", T0_MS, "x", 1.0)],
+                ..Default::default()
+            },
+        ))
+        .await
+        .map(|_| ()),
+        c.get_contributed_aggregates(authed(a, pb::GetContributedAggregatesRequest::default()))
+            .await
+            .map(|_| ()),
+    ];
+    for (i, outcome) in denied.into_iter().enumerate() {
+        assert_eq!(
+            outcome.unwrap_err().code(),
+            Code::PermissionDenied,
+            "call {i}"
+        );
+    }
+    // This org's admin naming the other org's instance: not found, nothing about it revealed.
+    let (admin, foreign_id) = (&s.org.admin, foreign.id.clone());
+    let missing = [
+        c.get_page_report(authed(
+            admin,
+            pb::GetPageReportRequest {
+                org_id: org.clone(),
+                page_id: "p1".into(),
+                range: range.clone(),
+                instance_id: foreign_id.clone(),
+            },
+        ))
+        .await
+        .map(|_| ()),
+        c.get_space_report(authed(
+            admin,
+            pb::GetSpaceReportRequest {
+                org_id: org.clone(),
+                space_id: "s1".into(),
+                range: range.clone(),
+                instance_id: foreign_id.clone(),
+                ..Default::default()
+            },
+        ))
+        .await
+        .map(|_| ()),
+        c.get_global_report(authed(
+            admin,
+            pb::GetGlobalReportRequest {
+                org_id: org.clone(),
+                range: range.clone(),
+                instance_id: foreign_id.clone(),
+                ..Default::default()
+            },
+        ))
+        .await
+        .map(|_| ()),
+        c.query_metrics(authed(
+            admin,
+            pb::QueryMetricsRequest {
+                org_id: org.clone(),
+                instance_id: foreign_id.clone(),
+                metric_name: "x".into(),
+                range: range.clone(),
+                ..Default::default()
+            },
+        ))
+        .await
+        .map(|_| ()),
+        c.get_view_count(authed(
+            admin,
+            pb::GetViewCountRequest {
+                org_id: org.clone(),
+                page_id: "p1".into(),
+                instance_id: foreign_id.clone(),
+            },
+        ))
+        .await
+        .map(|_| ()),
+        c.preview_sample(authed(
+            admin,
+            pb::PreviewSampleRequest {
+                org_id: org.clone(),
+                instance_id: foreign_id.clone(),
+                events: vec![metric("m", T0_MS, "x", 1.0)],
+            },
+        ))
+        .await
+        .map(|_| ()),
+    ];
+    for (i, outcome) in missing.into_iter().enumerate() {
+        assert_eq!(outcome.unwrap_err().code(), Code::NotFound, "call {i}");
+    }
+    // The other org's own reports are empty: its ingest went nowhere near this org's data.
+    let theirs = c
+        .get_global_report(authed(
+            &other.admin,
+            pb::GetGlobalReportRequest {
+                org_id: other.id.clone(),
+                range,
+                ..Default::default()
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(theirs.stats.unwrap().views, 0);
+}
