@@ -309,7 +309,12 @@ fn email_at(bytes: &[u8], at: usize) -> Option<Span> {
 fn ipv4(bytes: &[u8], spans: &mut Vec<Span>) {
     let mut i = 0;
     while i < bytes.len() {
-        if bytes[i].is_ascii_digit() && (i == 0 || !matches!(bytes[i - 1], b'0'..=b'9' | b'.')) {
+        // Not inside a longer dotted number: a digit before, or a dot after a digit, rules it out
+        // ("1.2.3.4.5"), while a dot after a letter does not ("latency.10.0.0.1").
+        let inside_number = i > 0
+            && (bytes[i - 1].is_ascii_digit()
+                || (bytes[i - 1] == b'.' && i > 1 && bytes[i - 2].is_ascii_digit()));
+        if bytes[i].is_ascii_digit() && !inside_number {
             if let Some(end) = dotted_quad(bytes, i) {
                 spans.push(Span {
                     start: i,
@@ -463,6 +468,7 @@ mod tests {
         assert_eq!(scrubbed("addr ::ffff:10.0.0.1 end"), "addr [ip] end");
         assert_eq!(scrubbed("x=2001%3Adb8%3A%3A7"), "x=[ip]");
         assert_eq!(scrubbed("999.1.1.1"), "999.1.1.1");
+        assert_eq!(scrubbed("latency.10.0.0.1"), "latency.[ip]");
     }
 
     #[test]

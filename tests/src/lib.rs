@@ -470,6 +470,30 @@ impl TestLinker {
     }
 }
 
+/// The `sightline` binary next to the test binary (built by `cargo build --bin sightline`).
+pub fn sightline_binary() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let binary = exe
+        .parent()
+        .and_then(Path::parent)
+        .unwrap()
+        .join("sightline");
+    assert!(
+        binary.exists(),
+        "{} is missing: cargo build --bin sightline",
+        binary.display()
+    );
+    binary
+}
+
+/// A free local address (bound and released).
+pub fn free_addr() -> SocketAddr {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+}
+
 /// How to start collector-svc for a test.
 #[derive(Debug, Clone)]
 pub struct CollectorOptions {

@@ -5,7 +5,7 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -15,7 +15,9 @@ use sightline_proto::consent::v1 as consent_pb;
 use sightline_proto::consent::v1::consent_service_client::ConsentServiceClient;
 use sightline_runtime::settings::Limits;
 use sightline_tests::consent::{settings, stack};
-use sightline_tests::{LinkerOptions, TestConsent, TestLinker, TestOrg, authed};
+use sightline_tests::{
+    LinkerOptions, TestConsent, TestLinker, TestOrg, authed, free_addr, sightline_binary,
+};
 use tonic::Code;
 use tonic::transport::Channel;
 
@@ -389,21 +391,6 @@ struct ConsentProcess {
     child: tokio::process::Child,
 }
 
-fn sightline_binary() -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    let binary = exe
-        .parent()
-        .and_then(Path::parent)
-        .unwrap()
-        .join("sightline");
-    assert!(
-        binary.exists(),
-        "{} is missing: cargo build --bin sightline",
-        binary.display()
-    );
-    binary
-}
-
 impl ConsentProcess {
     async fn start(linker: &TestLinker, addr: SocketAddr, database_url: Option<&str>) -> Self {
         let mut command = tokio::process::Command::new(sightline_binary());
@@ -435,13 +422,6 @@ impl ConsentProcess {
     async fn kill9(&mut self) {
         self.child.kill().await.unwrap();
     }
-}
-
-fn free_addr() -> SocketAddr {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
 }
 
 async fn kill_loop_keeps_every_acknowledged_change_and_the_log_in_agreement(
