@@ -137,6 +137,91 @@ impl Stack {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readme_collector_walkthrough_runs_with_real_grpcurl() {
+    let linker = TestLinker::start(LinkerOptions::default()).await;
+    let consent = TestConsent::start(&linker, None, Limits::default()).await;
+    let collector = TestCollector::start(&linker, &consent, CollectorOptions::default()).await;
+    let grpcurl = sightline_tests::grpcurl();
+    let script = format!(
+        "set -euo pipefail\ngrpcurl() {{ command \"{grpcurl}\" \"$@\"; }}\n{}\n",
+        sightline_tests::readme_block("collector-walkthrough")
+    );
+    // The services run on the test's clock: "now" is its time.
+    let now = chrono_free_rfc3339(T0_MS);
+    let output = std::process::Command::new("bash")
+        .arg("-c")
+        .arg(&script)
+        .env("ADDR", linker.addr.to_string())
+        .env("CONSENT", consent.addr.to_string())
+        .env("COLLECTOR", collector.addr.to_string())
+        .env("DATA", linker.data_dir())
+        .env("NOW", &now)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "walkthrough failed\n{stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(lines.len(), 7, "{stdout}");
+    assert!(
+        lines[0].contains("\"accepted\":1")
+            && lines[0].contains("DROP_REASON_CONSENT")
+            && lines[0].contains("DROP_REASON_INVALID"),
+        "{stdout}"
+    );
+    assert!(lines[0].contains("events[2].event_id"), "{stdout}");
+    assert!(
+        lines[1].contains("\"kept\":true")
+            && lines[1].contains("page_view.viewer_email")
+            && lines[1].contains("page_view.page_title"),
+        "{stdout}"
+    );
+    assert!(
+        lines[1].contains("\"hashedFields\":[\"page_view.viewer_id\"]")
+            && lines[1].contains("from=[email]"),
+        "{stdout}"
+    );
+    assert!(lines[2].contains("\"accepted\":1"), "{stdout}");
+    assert!(lines[3].contains("DROP_REASON_DUPLICATE"), "{stdout}");
+    assert!(
+        lines[4].contains("\"views\":\"1\"") && lines[4].contains("\"uniqueViewers\":\"1\""),
+        "{stdout}"
+    );
+    assert!(lines[5].contains("\"pageViewsDeleted\":\"1\""), "{stdout}");
+    assert!(
+        lines[6].contains("collector.viewer_erased") && lines[6].contains("psn1_"),
+        "{stdout}"
+    );
+    for secret in [
+        "milton@initech.example",
+        "203.0.113.9",
+        "Milton Waddams",
+        "u-1001",
+    ] {
+        assert!(
+            !lines[1].contains(secret) && !lines[6].contains(secret),
+            "{secret}: {stdout}"
+        );
+    }
+}
+
+/// RFC 3339 (UTC, whole seconds) of Unix milliseconds.
+fn chrono_free_rfc3339(ms: i64) -> String {
+    let days = ms.div_euclid(DAY);
+    let secs = ms.rem_euclid(DAY) / 1_000;
+    format!(
+        "{}T{:02}:{:02}:{:02}Z",
+        collector_svc::grpc::day_text(days),
+        secs / 3_600,
+        secs % 3_600 / 60,
+        secs % 60
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nothing_is_collected_before_the_org_opts_in() {
     let s = Stack::start(UsageLevel::Disabled, SharingLevel::Basic).await;
     let result = ingest(
