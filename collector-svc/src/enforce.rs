@@ -553,42 +553,8 @@ impl Treat<'_> {
 
     /// Treats one text value by its field's rule.
     fn text(&mut self, field: Field, value: &mut String) {
-        if value.is_empty() {
-            return;
-        }
-        match self.plan.action(field) {
-            FieldAction::Keep => {
-                if is_identifier(self.plan.class(field)) {
-                    if let Some(found) = scrub::first_finding(value, &self.secrets) {
-                        // The event id is checked apart; its own value is among no secrets.
-                        self.refuse(field, found);
-                    }
-                } else {
-                    self.scrub_text(field, value);
-                }
-            }
-            FieldAction::Scrub => self.scrub_text(field, value),
-            FieldAction::KeyedHash => match &self.plan.pseudonyms {
-                Some(keys) => {
-                    *value = keys.pseudonym(self.plan.class(field), value);
-                    self.note(field, Change::Hashed);
-                }
-                None => {
-                    value.clear();
-                    self.note(field, Change::Removed);
-                }
-            },
-            FieldAction::Drop | FieldAction::Unspecified => {
-                value.clear();
-                self.note(field, Change::Removed);
-            }
-        }
-    }
-
-    fn scrub_text(&mut self, field: Field, value: &mut String) {
-        if let Some((clean, _)) = scrub::scrub(value, &self.secrets) {
-            *value = clean;
-            self.note(field, Change::Scrubbed);
+        if let Some(new) = self.changed_text(field, value) {
+            *value = new;
         }
     }
 
@@ -619,11 +585,58 @@ impl Treat<'_> {
             self.note(field, Change::Removed);
             return;
         }
-        let entries = std::mem::take(map);
-        for (mut key, mut value) in entries {
-            self.text(field, &mut key);
-            self.text(field, &mut value);
-            map.insert(key, value);
+        for value in map.values_mut() {
+            self.text(field, value);
+        }
+        self.keys(field, map);
+    }
+
+    /// Treats a map's keys; keys are replaced only when they change (rarely).
+    fn keys<V>(&mut self, field: Field, map: &mut HashMap<String, V>) {
+        let mut renamed = Vec::new();
+        for key in map.keys() {
+            if let Some(new) = self.changed_text(field, key) {
+                renamed.push((key.clone(), new));
+            }
+        }
+        for (old, new) in renamed {
+            if let Some(value) = map.remove(&old) {
+                map.insert(new, value);
+            }
+        }
+    }
+
+    /// What a text value becomes by its field's rule, when it changes (refusals are noted).
+    fn changed_text(&mut self, field: Field, value: &str) -> Option<String> {
+        if value.is_empty() {
+            return None;
+        }
+        match self.plan.action(field) {
+            FieldAction::Keep if is_identifier(self.plan.class(field)) => {
+                if let Some(found) = scrub::first_finding(value, &self.secrets) {
+                    self.refuse(field, found);
+                }
+                None
+            }
+            FieldAction::Keep | FieldAction::Scrub => {
+                let (clean, _) = scrub::scrub(value, &self.secrets)?;
+                self.note(field, Change::Scrubbed);
+                Some(clean)
+            }
+            FieldAction::KeyedHash => match &self.plan.pseudonyms {
+                Some(keys) => {
+                    self.note(field, Change::Hashed);
+                    Some(keys.pseudonym(self.plan.class(field), value))
+                }
+                None => {
+                    self.note(field, Change::Removed);
+                    Some(String::new())
+                }
+            },
+            FieldAction::Drop | FieldAction::Unspecified => {
+                self.note(field, Change::Removed);
+                Some(String::new())
+            }
         }
     }
 
@@ -640,11 +653,7 @@ impl Treat<'_> {
             self.note(field, Change::Removed);
             return;
         }
-        let entries = std::mem::take(map);
-        for (mut key, value) in entries {
-            self.text(field, &mut key);
-            map.insert(key, value);
-        }
+        self.keys(field, map);
     }
 
     /// A number, flag or enum: kept, or reset when its rule does not keep it (a number has no
@@ -815,7 +824,12 @@ fn check_map<V>(
         return Err(format!("{field}: more than {MAX_MAP_ENTRIES} entries"));
     }
     for (key, v) in map {
-        check_required(&format!("{field} key"), key, MAX_TEXT)?;
+        if key.trim().is_empty() || key.len() > MAX_TEXT || key.contains('\0') {
+            // Formatted only when refused: this runs for every key of every event.
+            return Err(format!(
+                "{field}: a key is empty, longer than {MAX_TEXT} bytes or holds a NUL character"
+            ));
+        }
         value(v)?;
     }
     Ok(())

@@ -47,6 +47,8 @@ pub struct CollectorApi {
     pub(crate) maintenance: Maintenance,
     pub(crate) shutdown: CancellationToken,
     pub(crate) call_limit: Duration,
+    /// Benchmarks only: enforce, then discard instead of storing.
+    pub(crate) discard: bool,
 }
 
 /// Whose data a call is about.
@@ -163,13 +165,18 @@ impl CollectorApi {
             return Err(ingest::moving(&plan));
         }
         let opened = self.stores.get(plan.location).await?;
+        let sink: &dyn ingest::Sink = if self.discard {
+            &Discard
+        } else {
+            &opened.writer
+        };
         ingest::process(
             &plan,
             instance_id,
             &location_name(plan.location),
             events,
             self.clock.now_ms(),
-            &opened.writer,
+            sink,
             false,
         )
         .await

@@ -96,18 +96,24 @@ impl Counts {
         if let Some(slot) = self.0.get_mut(reason as usize) {
             *slot += 1;
         }
-        metrics::counter!("sightline_collector_events_total", "outcome" => reason_name(reason))
-            .increment(1);
     }
 
-    fn into_pb(self) -> Vec<pb::DropCount> {
+    /// The reply's counts; the metrics are counted once per batch, not per event.
+    fn into_pb(self, accepted: u32) -> Vec<pb::DropCount> {
+        if accepted > 0 {
+            metrics::counter!("sightline_collector_events_total", "outcome" => "accepted")
+                .increment(u64::from(accepted));
+        }
         self.0
             .iter()
             .enumerate()
             .filter(|(_, n)| **n > 0)
             .filter_map(|(reason, count)| {
+                let reason = DropReason::try_from(i32::try_from(reason).ok()?).ok()?;
+                metrics::counter!("sightline_collector_events_total", "outcome" => reason_name(reason))
+                    .increment(u64::from(*count));
                 Some(pb::DropCount {
-                    reason: i32::try_from(reason).ok()?,
+                    reason: reason as i32,
                     count: *count,
                 })
             })
@@ -129,27 +135,37 @@ fn reason_name(reason: DropReason) -> &'static str {
     }
 }
 
-fn row_of(stored: &enforce::StoredEvent) -> Row {
-    let view = stored.view.as_ref().map(|v| View {
-        page_id: v.page_id.clone(),
-        space_id: v.space_id.clone(),
+/// The row of a kept event; for a preview the event itself is kept too (it is what the reply shows).
+fn row_of(stored: enforce::StoredEvent, preview: bool) -> (Row, Option<pb::Event>) {
+    let view = stored.view.map(|v| View {
+        page_id: v.page_id,
+        space_id: v.space_id,
         channel: i64::from(v.channel),
-        viewer: v.viewer.clone(),
+        viewer: v.viewer,
     });
-    Row {
-        event_id: stored.event_id.clone(),
+    let body = stored.event.encode_to_vec();
+    let row = Row {
+        event_id: stored.event_id,
         kind: stored.kind as i64,
         occurred_at: stored.occurred_at_ms,
-        name: stored.name.clone(),
+        name: stored.name,
         // A page view keeps its channel here, so an erasure can take it off its counter.
         value: match &view {
             Some(v) => Some(f64::from(u8::try_from(v.channel).unwrap_or(0))),
             None => stored.value,
         },
-        subject: stored.subject.clone(),
-        body: stored.event.encode_to_vec(),
+        subject: stored.subject,
+        body,
         view,
-    }
+    };
+    (row, preview.then_some(stored.event))
+}
+
+/// One event's fate before the store has answered.
+enum Fate {
+    Kept(Option<pb::Event>),
+    Dropped(DropReason),
+    Rejected(DropReason, String),
 }
 
 /// Enforces `plan` on a batch of one instance and writes what it keeps to `sink`.
@@ -168,26 +184,33 @@ pub async fn process(
     }
     let mut counts = Counts::default();
     let mut rejected = Vec::new();
-    let mut enforced: Vec<Enforced> = Vec::with_capacity(events.len());
+    let mut rows = Vec::with_capacity(events.len());
+    let mut fates = Vec::with_capacity(events.len());
     for (index, event) in events.into_iter().enumerate() {
-        enforced.push(enforce::enforce(plan, event, index, now_ms, preview));
-    }
-    let mut rows = Vec::with_capacity(enforced.len());
-    for item in &enforced {
-        match &item.verdict {
-            Verdict::Keep(stored) => rows.push(row_of(stored)),
-            Verdict::Drop(reason) => counts.add(*reason),
+        let item: Enforced = enforce::enforce(plan, event, index, now_ms, preview);
+        let fate = match item.verdict {
+            Verdict::Keep(stored) => {
+                let (row, shown) = row_of(*stored, preview);
+                rows.push(row);
+                Fate::Kept(shown)
+            }
+            Verdict::Drop(reason) => {
+                counts.add(reason);
+                Fate::Dropped(reason)
+            }
             Verdict::Reject(reason, message) => {
-                counts.add(*reason);
+                counts.add(reason);
                 if rejected.len() < MAX_REJECTED_LISTED {
                     rejected.push(pb::RejectedEvent {
                         event_id: item.event_id.clone(),
-                        reason: *reason as i32,
+                        reason: reason as i32,
                         message: message.clone(),
                     });
                 }
+                Fate::Rejected(reason, message)
             }
-        }
+        };
+        fates.push((item.event_id, fate, item.report));
     }
     let mut outcomes = Vec::new();
     if !rows.is_empty() {
@@ -207,10 +230,9 @@ pub async fn process(
                 let mut status = Status::unavailable(
                     "the org's policy changed while the batch was checked; nothing of it was stored: resend it",
                 );
-                status.metadata_mut().insert(
-                    "retry-after-ms",
-                    tonic::metadata::MetadataValue::from(10u32),
-                );
+                status
+                    .metadata_mut()
+                    .insert("retry-after-ms", tonic::metadata::MetadataValue::from(10u32));
                 return Err(status);
             }
         };
@@ -218,19 +240,12 @@ pub async fn process(
     let mut accepted = 0;
     let mut outcome = outcomes.into_iter();
     let mut previews = Vec::new();
-    for item in enforced {
-        let (kept, reason, stored, message) = match item.verdict {
-            Verdict::Keep(stored) => match outcome.next().unwrap_or(RowOutcome::Stored) {
+    for (event_id, fate, report) in fates {
+        let (kept, reason, stored, message) = match fate {
+            Fate::Kept(shown) => match outcome.next().unwrap_or(RowOutcome::Stored) {
                 RowOutcome::Stored => {
                     accepted += 1;
-                    metrics::counter!("sightline_collector_events_total", "outcome" => "accepted")
-                        .increment(1);
-                    (
-                        true,
-                        DropReason::Unspecified,
-                        Some(stored.event),
-                        String::new(),
-                    )
+                    (true, DropReason::Unspecified, shown, String::new())
                 }
                 RowOutcome::Duplicate => {
                     counts.add(DropReason::Duplicate);
@@ -241,13 +256,13 @@ pub async fn process(
                     (false, DropReason::BlockingTime, None, String::new())
                 }
             },
-            Verdict::Drop(reason) => (false, reason, None, String::new()),
-            Verdict::Reject(reason, message) => (false, reason, None, message),
+            Fate::Dropped(reason) => (false, reason, None, String::new()),
+            Fate::Rejected(reason, message) => (false, reason, None, message),
         };
         if preview {
-            let report = item.report.unwrap_or_default();
+            let report = report.unwrap_or_default();
             previews.push(pb::PreviewedEvent {
-                event_id: item.event_id,
+                event_id,
                 kept,
                 drop_reason: reason as i32,
                 stored: if kept { stored } else { None },
@@ -258,10 +273,11 @@ pub async fn process(
             });
         }
     }
+    let dropped = counts.into_pb(accepted);
     Ok(Processed {
         result: pb::IngestResult {
             accepted,
-            dropped: counts.into_pb(),
+            dropped,
             consent_version: plan.consent_version,
             rejected,
             policy_revision: plan.revision,

@@ -54,6 +54,9 @@ pub struct CollectorConfig {
     pub tls: Option<TlsSettings>,
     pub clock: SharedClock,
     pub metrics_listen: Option<SocketAddr>,
+    /// Enforce and answer, but store nothing: for the enforcement benchmark only. Settings cannot
+    /// turn it on.
+    pub discard: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -100,6 +103,7 @@ impl CollectorConfig {
                 .collector
                 .metrics_addr()
                 .map_err(StartError::Config)?,
+            discard: false,
         })
     }
 }
@@ -172,6 +176,7 @@ impl CollectorService {
             maintenance,
             shutdown: background.clone(),
             call_limit: Duration::from_millis(config.limits.request_timeout_ms),
+            discard: config.discard,
         };
         let max = config.limits.max_message_bytes;
         let mut server = GrpcServer::bind(

@@ -113,11 +113,33 @@ pub fn first_finding(text: &str, secrets: &Secrets) -> Option<Finding> {
     find(&decoded, secrets).first().map(|s| s.finding)
 }
 
+/// Whether `text` could hold anything [`find`] looks for: an `@`, an encoding (`%`, `\`, `&`), two
+/// colons (IPv6), or a digit, a dot and a digit (IPv4). One pass over the bytes.
 fn worth_scanning(text: &str, secrets: &Secrets) -> bool {
-    !secrets.is_empty()
-        || text
-            .bytes()
-            .any(|b| matches!(b, b'@' | b':' | b'.' | b'%' | b'\\' | b'&'))
+    if !secrets.is_empty() {
+        return true;
+    }
+    let bytes = text.as_bytes();
+    let mut colons = 0;
+    for (i, b) in bytes.iter().enumerate() {
+        match b {
+            b'@' | b'%' | b'\\' | b'&' => return true,
+            b':' => {
+                colons += 1;
+                if colons >= 2 {
+                    return true;
+                }
+            }
+            b'.' if i > 0
+                && bytes[i - 1].is_ascii_digit()
+                && bytes.get(i + 1).is_some_and(u8::is_ascii_digit) =>
+            {
+                return true;
+            }
+            _ => {}
+        }
+    }
+    false
 }
 
 /// Undoes percent-encoding, JSON `\uXXXX` escapes and numeric HTML character references, up to

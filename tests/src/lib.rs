@@ -501,6 +501,8 @@ pub struct CollectorOptions {
     pub database_url: Option<String>,
     pub collection: sightline_runtime::settings::CollectionSettings,
     pub limits: Limits,
+    /// Enforce but store nothing (the enforcement benchmark).
+    pub discard: bool,
 }
 
 impl Default for CollectorOptions {
@@ -513,6 +515,7 @@ impl Default for CollectorOptions {
                 ..Default::default()
             },
             limits: Limits::default(),
+            discard: false,
         }
     }
 }
@@ -558,6 +561,7 @@ impl TestCollector {
             tls: None,
             clock: linker.clock.clone(),
             metrics_listen: Some("127.0.0.1:0".parse().unwrap()),
+            discard: options.discard,
         })
         .await
         .unwrap();
