@@ -99,7 +99,7 @@ impl Plan {
             })
             .collect();
         let tracking = policy.tracking.clone().unwrap_or_default();
-        let retention = policy.retention.clone().unwrap_or_default();
+        let retention = policy.retention.unwrap_or_default();
         let mut contribute_kinds = Vec::new();
         for kind in policy
             .contribute_metadata_kinds()
@@ -974,7 +974,7 @@ fn validate(payload: &Payload) -> Result<(), String> {
                         .into(),
                 );
             }
-            if !f.custom_app && !(f.custom_app_key.is_empty() && f.custom_app_name.is_empty()) {
+            if !f.custom_app && (!f.custom_app_key.is_empty() || !f.custom_app_name.is_empty()) {
                 return Err("feature_usage.custom_app_key: set custom_app for a custom app".into());
             }
             check_texts("feature_usage.attributes", &f.attributes)
@@ -1034,7 +1034,7 @@ fn validate(payload: &Payload) -> Result<(), String> {
                             .into(),
                     );
                 }
-                if !app.custom && !(app.custom_key.is_empty() && app.custom_name.is_empty()) {
+                if !app.custom && (!app.custom_key.is_empty() || !app.custom_name.is_empty()) {
                     return Err("app_inventory.apps.custom_key: set custom for a custom app".into());
                 }
             }

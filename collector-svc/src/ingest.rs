@@ -136,7 +136,7 @@ fn reason_name(reason: DropReason) -> &'static str {
 }
 
 /// The row of a kept event; for a preview the event itself is kept too (it is what the reply shows).
-fn row_of(stored: enforce::StoredEvent, preview: bool) -> (Row, Option<pb::Event>) {
+fn row_of(stored: enforce::StoredEvent, preview: bool) -> (Row, Option<Box<pb::Event>>) {
     let view = stored.view.map(|v| View {
         page_id: v.page_id,
         space_id: v.space_id,
@@ -158,12 +158,12 @@ fn row_of(stored: enforce::StoredEvent, preview: bool) -> (Row, Option<pb::Event
         body,
         view,
     };
-    (row, preview.then_some(stored.event))
+    (row, preview.then(|| Box::new(stored.event)))
 }
 
 /// One event's fate before the store has answered.
 enum Fate {
-    Kept(Option<pb::Event>),
+    Kept(Option<Box<pb::Event>>),
     Dropped(DropReason),
     Rejected(DropReason, String),
 }
@@ -230,9 +230,10 @@ pub async fn process(
                 let mut status = Status::unavailable(
                     "the org's policy changed while the batch was checked; nothing of it was stored: resend it",
                 );
-                status
-                    .metadata_mut()
-                    .insert("retry-after-ms", tonic::metadata::MetadataValue::from(10u32));
+                status.metadata_mut().insert(
+                    "retry-after-ms",
+                    tonic::metadata::MetadataValue::from(10u32),
+                );
                 return Err(status);
             }
         };
@@ -245,7 +246,12 @@ pub async fn process(
             Fate::Kept(shown) => match outcome.next().unwrap_or(RowOutcome::Stored) {
                 RowOutcome::Stored => {
                     accepted += 1;
-                    (true, DropReason::Unspecified, shown, String::new())
+                    (
+                        true,
+                        DropReason::Unspecified,
+                        shown.map(|e| *e),
+                        String::new(),
+                    )
                 }
                 RowOutcome::Duplicate => {
                     counts.add(DropReason::Duplicate);

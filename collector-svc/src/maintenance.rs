@@ -283,7 +283,7 @@ impl Maintenance {
             let Ok(opened) = self.stores.get(policy.location()).await else {
                 continue;
             };
-            let retention = policy.retention.clone().unwrap_or_default();
+            let retention = policy.retention.unwrap_or_default();
             let days = |d: u32| i64::from(d.max(1)) * DAY_MS;
             let raw_before = now - days(retention.raw_days);
             let aggregate_before =

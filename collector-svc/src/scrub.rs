@@ -336,16 +336,17 @@ fn ipv4(bytes: &[u8], spans: &mut Vec<Span>) {
         let inside_number = i > 0
             && (bytes[i - 1].is_ascii_digit()
                 || (bytes[i - 1] == b'.' && i > 1 && bytes[i - 2].is_ascii_digit()));
-        if bytes[i].is_ascii_digit() && !inside_number {
-            if let Some(end) = dotted_quad(bytes, i) {
-                spans.push(Span {
-                    start: i,
-                    end,
-                    finding: Finding::Ip,
-                });
-                i = end;
-                continue;
-            }
+        if bytes[i].is_ascii_digit()
+            && !inside_number
+            && let Some(end) = dotted_quad(bytes, i)
+        {
+            spans.push(Span {
+                start: i,
+                end,
+                finding: Finding::Ip,
+            });
+            i = end;
+            continue;
         }
         i += 1;
     }

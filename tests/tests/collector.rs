@@ -656,7 +656,7 @@ async fn page_views_feed_the_counter_and_the_reports() {
             pb::GetPageReportRequest {
                 org_id: s.org.id.clone(),
                 page_id: "p1".into(),
-                range: range.clone(),
+                range,
                 instance_id: s.instance.id.clone(),
             },
         ))
@@ -681,7 +681,7 @@ async fn page_views_feed_the_counter_and_the_reports() {
             pb::GetSpaceReportRequest {
                 org_id: s.org.id.clone(),
                 space_id: "s1".into(),
-                range: range.clone(),
+                range,
                 instance_id: s.instance.id.clone(),
                 page_size: 1,
                 ..Default::default()
@@ -703,7 +703,7 @@ async fn page_views_feed_the_counter_and_the_reports() {
             pb::GetSpaceReportRequest {
                 org_id: s.org.id.clone(),
                 space_id: "s1".into(),
-                range: range.clone(),
+                range,
                 instance_id: s.instance.id.clone(),
                 page_size: 1,
                 page_token: space.next_page_token,
@@ -720,7 +720,7 @@ async fn page_views_feed_the_counter_and_the_reports() {
             token,
             pb::GetGlobalReportRequest {
                 org_id: String::new(),
-                range: range.clone(),
+                range,
                 reader_groups: groups,
                 ..Default::default()
             },
@@ -738,7 +738,7 @@ async fn page_views_feed_the_counter_and_the_reports() {
     assert_eq!(analyst.stats.unwrap().views, 5);
     let mut admin_request = pb::GetGlobalReportRequest {
         org_id: s.org.id.clone(),
-        range: range.clone(),
+        range,
         ..Default::default()
     };
     admin_request.reader_groups = vec![];
@@ -947,7 +947,7 @@ async fn hourly_rollups_answer_metric_queries_by_tag_and_page() {
     };
     let hourly = client
         .query_metrics(authed(
-            &s.linker.service.expose().to_owned(),
+            s.linker.service.expose(),
             query(HashMap::new(), pb::Resolution::Hourly, 0, String::new()),
         ))
         .await
@@ -1045,7 +1045,7 @@ async fn another_orgs_tokens_and_ids_reveal_nothing_in_any_method() {
             pb::GetPageReportRequest {
                 org_id: org.clone(),
                 page_id: "p1".into(),
-                range: range.clone(),
+                range,
                 instance_id: inst.clone(),
             },
         ))
@@ -1056,7 +1056,7 @@ async fn another_orgs_tokens_and_ids_reveal_nothing_in_any_method() {
             pb::GetSpaceReportRequest {
                 org_id: org.clone(),
                 space_id: "s1".into(),
-                range: range.clone(),
+                range,
                 instance_id: inst.clone(),
                 ..Default::default()
             },
@@ -1067,7 +1067,7 @@ async fn another_orgs_tokens_and_ids_reveal_nothing_in_any_method() {
             a,
             pb::GetGlobalReportRequest {
                 org_id: org.clone(),
-                range: range.clone(),
+                range,
                 ..Default::default()
             },
         ))
@@ -1079,7 +1079,7 @@ async fn another_orgs_tokens_and_ids_reveal_nothing_in_any_method() {
                 org_id: org.clone(),
                 instance_id: inst.clone(),
                 metric_name: "x".into(),
-                range: range.clone(),
+                range,
                 ..Default::default()
             },
         ))
@@ -1110,7 +1110,7 @@ async fn another_orgs_tokens_and_ids_reveal_nothing_in_any_method() {
             &foreign.credential,
             pb::GetGlobalReportRequest {
                 instance_id: inst.clone(),
-                range: range.clone(),
+                range,
                 ..Default::default()
             },
         ))
@@ -1145,7 +1145,7 @@ async fn another_orgs_tokens_and_ids_reveal_nothing_in_any_method() {
             pb::GetPageReportRequest {
                 org_id: org.clone(),
                 page_id: "p1".into(),
-                range: range.clone(),
+                range,
                 instance_id: foreign_id.clone(),
             },
         ))
@@ -1156,7 +1156,7 @@ async fn another_orgs_tokens_and_ids_reveal_nothing_in_any_method() {
             pb::GetSpaceReportRequest {
                 org_id: org.clone(),
                 space_id: "s1".into(),
-                range: range.clone(),
+                range,
                 instance_id: foreign_id.clone(),
                 ..Default::default()
             },
@@ -1167,7 +1167,7 @@ async fn another_orgs_tokens_and_ids_reveal_nothing_in_any_method() {
             admin,
             pb::GetGlobalReportRequest {
                 org_id: org.clone(),
-                range: range.clone(),
+                range,
                 instance_id: foreign_id.clone(),
                 ..Default::default()
             },
@@ -1180,7 +1180,7 @@ async fn another_orgs_tokens_and_ids_reveal_nothing_in_any_method() {
                 org_id: org.clone(),
                 instance_id: foreign_id.clone(),
                 metric_name: "x".into(),
-                range: range.clone(),
+                range,
                 ..Default::default()
             },
         ))

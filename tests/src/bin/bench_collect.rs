@@ -80,36 +80,71 @@ struct Noop;
 
 #[tonic::async_trait]
 impl CollectorService for Noop {
-    async fn ingest(&self, request: Request<pb::IngestRequest>) -> Result<Response<pb::IngestResponse>, Status> {
+    async fn ingest(
+        &self,
+        request: Request<pb::IngestRequest>,
+    ) -> Result<Response<pb::IngestResponse>, Status> {
         let accepted = request.into_inner().events.len() as u32;
-        Ok(Response::new(pb::IngestResponse { result: Some(pb::IngestResult { accepted, ..Default::default() }) }))
+        Ok(Response::new(pb::IngestResponse {
+            result: Some(pb::IngestResult {
+                accepted,
+                ..Default::default()
+            }),
+        }))
     }
     type IngestStreamStream = futures::stream::Empty<Result<pb::IngestStreamResponse, Status>>;
-    async fn ingest_stream(&self, _: Request<tonic::Streaming<pb::IngestStreamRequest>>) -> Result<Response<Self::IngestStreamStream>, Status> {
+    async fn ingest_stream(
+        &self,
+        _: Request<tonic::Streaming<pb::IngestStreamRequest>>,
+    ) -> Result<Response<Self::IngestStreamStream>, Status> {
         Err(Status::unimplemented("noop"))
     }
-    async fn preview_sample(&self, _: Request<pb::PreviewSampleRequest>) -> Result<Response<pb::PreviewSampleResponse>, Status> {
+    async fn preview_sample(
+        &self,
+        _: Request<pb::PreviewSampleRequest>,
+    ) -> Result<Response<pb::PreviewSampleResponse>, Status> {
         Err(Status::unimplemented("noop"))
     }
-    async fn get_view_count(&self, _: Request<pb::GetViewCountRequest>) -> Result<Response<pb::GetViewCountResponse>, Status> {
+    async fn get_view_count(
+        &self,
+        _: Request<pb::GetViewCountRequest>,
+    ) -> Result<Response<pb::GetViewCountResponse>, Status> {
         Err(Status::unimplemented("noop"))
     }
-    async fn get_page_report(&self, _: Request<pb::GetPageReportRequest>) -> Result<Response<pb::GetPageReportResponse>, Status> {
+    async fn get_page_report(
+        &self,
+        _: Request<pb::GetPageReportRequest>,
+    ) -> Result<Response<pb::GetPageReportResponse>, Status> {
         Err(Status::unimplemented("noop"))
     }
-    async fn get_space_report(&self, _: Request<pb::GetSpaceReportRequest>) -> Result<Response<pb::GetSpaceReportResponse>, Status> {
+    async fn get_space_report(
+        &self,
+        _: Request<pb::GetSpaceReportRequest>,
+    ) -> Result<Response<pb::GetSpaceReportResponse>, Status> {
         Err(Status::unimplemented("noop"))
     }
-    async fn get_global_report(&self, _: Request<pb::GetGlobalReportRequest>) -> Result<Response<pb::GetGlobalReportResponse>, Status> {
+    async fn get_global_report(
+        &self,
+        _: Request<pb::GetGlobalReportRequest>,
+    ) -> Result<Response<pb::GetGlobalReportResponse>, Status> {
         Err(Status::unimplemented("noop"))
     }
-    async fn query_metrics(&self, _: Request<pb::QueryMetricsRequest>) -> Result<Response<pb::QueryMetricsResponse>, Status> {
+    async fn query_metrics(
+        &self,
+        _: Request<pb::QueryMetricsRequest>,
+    ) -> Result<Response<pb::QueryMetricsResponse>, Status> {
         Err(Status::unimplemented("noop"))
     }
-    async fn erase_viewer(&self, _: Request<pb::EraseViewerRequest>) -> Result<Response<pb::EraseViewerResponse>, Status> {
+    async fn erase_viewer(
+        &self,
+        _: Request<pb::EraseViewerRequest>,
+    ) -> Result<Response<pb::EraseViewerResponse>, Status> {
         Err(Status::unimplemented("noop"))
     }
-    async fn get_contributed_aggregates(&self, _: Request<pb::GetContributedAggregatesRequest>) -> Result<Response<pb::GetContributedAggregatesResponse>, Status> {
+    async fn get_contributed_aggregates(
+        &self,
+        _: Request<pb::GetContributedAggregatesRequest>,
+    ) -> Result<Response<pb::GetContributedAggregatesResponse>, Status> {
         Err(Status::unimplemented("noop"))
     }
 }
@@ -122,7 +157,11 @@ struct Target {
 
 async fn collector(target: &str) -> Target {
     let database_url = if target == "postgres" {
-        Some(sightline_runtime::testing::fresh_postgres_url().await.unwrap())
+        Some(
+            sightline_runtime::testing::fresh_postgres_url()
+                .await
+                .unwrap(),
+        )
     } else {
         None
     };
@@ -132,7 +171,12 @@ async fn collector(target: &str) -> Target {
         max_message_bytes: 16 * 1024 * 1024,
         ..Limits::default()
     };
-    let linker = TestLinker::start(LinkerOptions { quiet: true, limits, ..LinkerOptions::default() }).await;
+    let linker = TestLinker::start(LinkerOptions {
+        quiet: true,
+        limits,
+        ..LinkerOptions::default()
+    })
+    .await;
     let consent = TestConsent::start(&linker, None, limits).await;
     let collector = TestCollector::start(
         &linker,
@@ -149,7 +193,9 @@ async fn collector(target: &str) -> Target {
     let instance = linker.link_instance(&org, "BENCH-1").await;
     opt_in(&consent, &org, UsageLevel::Basic, SharingLevel::Basic).await;
     let revision = policy(&consent, &org, &instance.id).await.revision;
-    collector.wait_revision(&org.id, &instance.id, revision).await;
+    collector
+        .wait_revision(&org.id, &instance.id, revision)
+        .await;
     Target {
         addr: collector.addr,
         credential: instance.credential,
@@ -162,18 +208,33 @@ async fn noop() -> Target {
     let addr = listener.local_addr().unwrap();
     tokio::spawn(
         tonic::transport::Server::builder()
-            .add_service(CollectorServiceServer::new(Noop).max_decoding_message_size(16 * 1024 * 1024))
+            .add_service(
+                CollectorServiceServer::new(Noop).max_decoding_message_size(16 * 1024 * 1024),
+            )
             .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
     );
-    Target { addr, credential: "none".into(), _keep: Vec::new() }
+    Target {
+        addr,
+        credential: "none".into(),
+        _keep: Vec::new(),
+    }
 }
 
 async fn channel(addr: std::net::SocketAddr) -> Channel {
-    Channel::from_shared(format!("http://{addr}")).unwrap().connect().await.unwrap()
+    Channel::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap()
 }
 
 /// Closed loop: `clients` callers send batches for `seconds`; returns (events/s, sorted latencies ms).
-async fn closed_loop(target: &Target, clients: usize, size: usize, seconds: u64) -> (f64, Vec<f64>) {
+async fn closed_loop(
+    target: &Target,
+    clients: usize,
+    size: usize,
+    seconds: u64,
+) -> (f64, Vec<f64>) {
     let accepted = Arc::new(AtomicU64::new(0));
     let deadline = Instant::now() + Duration::from_secs(seconds);
     let mut tasks = Vec::new();
@@ -188,11 +249,16 @@ async fn closed_loop(target: &Target, clients: usize, size: usize, seconds: u64)
             while Instant::now() < deadline {
                 let events = batch(c, round, size);
                 let started = Instant::now();
-                let reply = client.ingest(authed(&credential, pb::IngestRequest { events })).await;
+                let reply = client
+                    .ingest(authed(&credential, pb::IngestRequest { events }))
+                    .await;
                 latencies.push(started.elapsed().as_secs_f64() * 1e3);
                 match reply {
                     Ok(r) => {
-                        accepted.fetch_add(u64::from(r.into_inner().result.unwrap_or_default().accepted), Ordering::Relaxed);
+                        accepted.fetch_add(
+                            u64::from(r.into_inner().result.unwrap_or_default().accepted),
+                            Ordering::Relaxed,
+                        );
                     }
                     Err(status) => eprintln!("error: {status}"),
                 }
@@ -212,7 +278,13 @@ async fn closed_loop(target: &Target, clients: usize, size: usize, seconds: u64)
 }
 
 /// Open loop at `rate` calls/s of `size` events, spread over `clients`; sorted latencies in ms.
-async fn open_loop(target: &Target, clients: usize, size: usize, rate: f64, seconds: u64) -> Vec<f64> {
+async fn open_loop(
+    target: &Target,
+    clients: usize,
+    size: usize,
+    rate: f64,
+    seconds: u64,
+) -> Vec<f64> {
     let per_client = Duration::from_secs_f64(clients as f64 / rate);
     let deadline = Instant::now() + Duration::from_secs(seconds);
     let mut tasks = Vec::new();
@@ -233,7 +305,9 @@ async fn open_loop(target: &Target, clients: usize, size: usize, rate: f64, seco
                 round += 1;
                 inflight.spawn(async move {
                     let started = Instant::now();
-                    let reply = client.ingest(authed(&credential, pb::IngestRequest { events })).await;
+                    let reply = client
+                        .ingest(authed(&credential, pb::IngestRequest { events }))
+                        .await;
                     if let Err(status) = reply {
                         eprintln!("error: {status}");
                     }
@@ -258,8 +332,16 @@ async fn open_loop(target: &Target, clients: usize, size: usize, rate: f64, seco
 fn peak_rss_mib() -> f64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("VmHWM:")).map(str::to_owned))
-        .and_then(|l| l.split_whitespace().nth(1).and_then(|kb| kb.parse::<f64>().ok()))
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .map(str::to_owned)
+        })
+        .and_then(|l| {
+            l.split_whitespace()
+                .nth(1)
+                .and_then(|kb| kb.parse::<f64>().ok())
+        })
         .map_or(0.0, |kb| kb / 1024.0)
 }
 
@@ -270,9 +352,17 @@ fn rows(count: usize) -> Vec<(String, i64, String, f64, Vec<u8>)> {
     while rows.len() < count {
         for event in batch(0, round, 1_000) {
             let occurred = sightline_runtime::time::from_proto(event.occurred_at.as_ref().unwrap());
-            let Some(pb::event::Payload::Metric(m)) = &event.payload else { unreachable!() };
+            let Some(pb::event::Payload::Metric(m)) = &event.payload else {
+                unreachable!()
+            };
             let (name, value) = (m.name.clone(), m.value);
-            rows.push((event.event_id.clone(), occurred, name, value, event.encode_to_vec()));
+            rows.push((
+                event.event_id.clone(),
+                occurred,
+                name,
+                value,
+                event.encode_to_vec(),
+            ));
         }
         round += 1;
     }
@@ -290,7 +380,9 @@ async fn baseline_sqlite(count: usize) -> f64 {
         .unwrap();
     let url = sightline_runtime::storage::default_sqlite_url(dir.path(), "baseline");
     let sightline_runtime::storage::Database::Sqlite(pool) =
-        sightline_runtime::storage::connect(&url, collector_svc::store::MIGRATIONS).await.unwrap()
+        sightline_runtime::storage::connect(&url, collector_svc::store::MIGRATIONS)
+            .await
+            .unwrap()
     else {
         unreachable!()
     };
@@ -303,8 +395,19 @@ async fn baseline_sqlite(count: usize) -> f64 {
                 "INSERT INTO events (instance_id, event_id, org_id, location, kind, occurred_at, stored_at, name, value, subject, consent_version, policy_revision, body) ",
             );
             q.push_values(part, |mut b, (id, at, name, value, body)| {
-                b.push_bind(INSTANCE).push_bind(id).push_bind(ORG).push_bind("global").push_bind(2i64).push_bind(*at)
-                    .push_bind(T0_MS).push_bind(name).push_bind(*value).push_bind(None::<String>).push_bind(1i64).push_bind(1i64).push_bind(body.as_slice());
+                b.push_bind(INSTANCE)
+                    .push_bind(id)
+                    .push_bind(ORG)
+                    .push_bind("global")
+                    .push_bind(2i64)
+                    .push_bind(*at)
+                    .push_bind(T0_MS)
+                    .push_bind(name)
+                    .push_bind(*value)
+                    .push_bind(None::<String>)
+                    .push_bind(1i64)
+                    .push_bind(1i64)
+                    .push_bind(body.as_slice());
             });
             q.build().execute(&mut *tx).await.unwrap();
         }
@@ -314,9 +417,13 @@ async fn baseline_sqlite(count: usize) -> f64 {
 }
 
 async fn baseline_postgres(count: usize) -> f64 {
-    let url = sightline_runtime::testing::fresh_postgres_url().await.unwrap();
+    let url = sightline_runtime::testing::fresh_postgres_url()
+        .await
+        .unwrap();
     let sightline_runtime::storage::Database::Postgres(pool) =
-        sightline_runtime::storage::connect(&url, collector_svc::store::MIGRATIONS).await.unwrap()
+        sightline_runtime::storage::connect(&url, collector_svc::store::MIGRATIONS)
+            .await
+            .unwrap()
     else {
         unreachable!()
     };
@@ -358,7 +465,12 @@ fn report(label: &str, rate: f64, latencies: &[f64]) {
 #[tokio::main]
 async fn main() {
     let args: Vec<String> = std::env::args().collect();
-    let target = args.iter().position(|a| a == "--target").and_then(|i| args.get(i + 1)).cloned().unwrap_or_else(|| "discard".into());
+    let target = args
+        .iter()
+        .position(|a| a == "--target")
+        .and_then(|i| args.get(i + 1))
+        .cloned()
+        .unwrap_or_else(|| "discard".into());
     let seconds = arg("--seconds", 10);
     let clients = arg("--clients", 8) as usize;
     let size = arg("--batch", 1_000) as usize;
@@ -374,10 +486,19 @@ async fn main() {
             closed_loop(&t, clients, size, 2).await;
             let (rate, latencies) = closed_loop(&t, clients, size, seconds).await;
             report(&target, rate, &latencies);
-            println!("peak RSS (service and load generator): {:.0} MiB", peak_rss_mib());
+            println!(
+                "peak RSS (service and load generator): {:.0} MiB",
+                peak_rss_mib()
+            );
         }
-        "baseline-sqlite" => println!("baseline-sqlite: {:.0} rows/s", baseline_sqlite(arg("--rows", 500_000) as usize).await),
-        "baseline-postgres" => println!("baseline-postgres: {:.0} rows/s", baseline_postgres(arg("--rows", 500_000) as usize).await),
+        "baseline-sqlite" => println!(
+            "baseline-sqlite: {:.0} rows/s",
+            baseline_sqlite(arg("--rows", 500_000) as usize).await
+        ),
+        "baseline-postgres" => println!(
+            "baseline-postgres: {:.0} rows/s",
+            baseline_postgres(arg("--rows", 500_000) as usize).await
+        ),
         "latency" => {
             let t = collector("sqlite").await;
             for size in [1usize, 1_000] {
@@ -385,9 +506,18 @@ async fn main() {
                 let (max, _) = closed_loop(&t, clients, size, seconds).await;
                 let calls_per_second = max / size as f64 / 2.0;
                 let latencies = open_loop(&t, clients, size, calls_per_second, seconds).await;
-                report(&format!("batch {size}: max {max:.0} events/s; at half ({calls_per_second:.0} calls/s)"), calls_per_second * size as f64, &latencies);
+                report(
+                    &format!(
+                        "batch {size}: max {max:.0} events/s; at half ({calls_per_second:.0} calls/s)"
+                    ),
+                    calls_per_second * size as f64,
+                    &latencies,
+                );
             }
-            println!("peak RSS (service and load generator): {:.0} MiB", peak_rss_mib());
+            println!(
+                "peak RSS (service and load generator): {:.0} MiB",
+                peak_rss_mib()
+            );
         }
         other => panic!("unknown target {other}"),
     }
