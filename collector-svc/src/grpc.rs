@@ -22,6 +22,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Code, Request, Response, Status, Streaming};
 
+use crate::aggregates;
 use crate::enforce::{DAY_MS, Plan};
 use crate::fields::Field;
 use crate::ingest::{self, Discard, Processed};
@@ -49,6 +50,16 @@ pub struct CollectorApi {
     pub(crate) call_limit: Duration,
     /// Benchmarks only: enforce, then discard instead of storing.
     pub(crate) discard: bool,
+    /// k, the epsilon budget and the clipping bound of contributed aggregates.
+    pub(crate) aggregates: AggregateSettings,
+}
+
+/// How contributed aggregates are protected.
+#[derive(Debug, Clone, Copy)]
+pub struct AggregateSettings {
+    pub min_orgs: u32,
+    pub epsilon_budget: f64,
+    pub bound: f64,
 }
 
 /// Whose data a call is about.
@@ -803,6 +814,7 @@ impl CollectorService for CollectorApi {
         }))
     }
 
+    #[tracing::instrument(skip_all)]
     async fn get_contributed_aggregates(
         &self,
         request: Request<pb::GetContributedAggregatesRequest>,
@@ -816,9 +828,82 @@ impl CollectorService for CollectorApi {
                 ));
             }
         }
-        Err(Status::unimplemented(
-            "contributed aggregates are not available in this version",
-        ))
+        let r = request.get_ref();
+        let name = required("metric_name", &r.metric_name)?.to_owned();
+        let (start, end) = time_range(r.range.as_ref())?;
+        let group_by = pb::AggregateGroupBy::try_from(r.group_by)
+            .map_err(|_| Status::invalid_argument("group_by: is not a known grouping"))?;
+        let interval = pb::AggregateInterval::try_from(r.interval)
+            .map_err(|_| Status::invalid_argument("interval: is not a known interval"))?;
+        let settings = self.aggregates;
+        let noise = if r.add_noise {
+            if !(r.epsilon.is_finite() && r.epsilon > 0.0) {
+                return Err(Status::invalid_argument(
+                    "epsilon: must be a positive number with add_noise",
+                ));
+            }
+            if r.epsilon > settings.epsilon_budget {
+                return Err(Status::resource_exhausted(format!(
+                    "epsilon: {} exceeds the per-org budget of {}",
+                    r.epsilon, settings.epsilon_budget
+                )));
+            }
+            Some((r.epsilon, settings.bound))
+        } else {
+            None
+        };
+        if !self.policies.is_ready() {
+            return Err(Status::unavailable("no current policy from consent-svc"));
+        }
+        let hour = 3_600_000;
+        let from = start.div_euclid(hour) * hour;
+        let mut per_org = std::collections::BTreeMap::new();
+        for policy in self.policies.policies() {
+            // Only orgs whose policy lets metrics feed cross-org statistics (compliance-restricted
+            // orgs never do); a moving org's data is not read.
+            if !aggregates::contributes(&policy, common::EventKind::Metric) || policy.moving {
+                continue;
+            }
+            let opened = self.stores.get(policy.location()).await?;
+            let rollups = opened
+                .store
+                .org_rollups(&policy.org_id, &name, from, end)
+                .await?;
+            if rollups.is_empty() {
+                continue;
+            }
+            let products = match group_by {
+                pb::AggregateGroupBy::None | pb::AggregateGroupBy::Unspecified => HashMap::new(),
+                _ => aggregates::products(&opened.store.instance_metadata(&policy.org_id).await?),
+            };
+            let values = aggregates::org_values(&rollups, &products, group_by, interval, start);
+            per_org.insert(policy.org_id.clone(), values);
+        }
+        let computed = aggregates::combine(&name, &per_org, settings.min_orgs, noise);
+        let mut spent = 0.0;
+        if let Some((epsilon, _)) = noise
+            && !computed.contributors.is_empty()
+        {
+            let ledger = self.stores.get(common::Location::Global).await?;
+            let orgs: Vec<String> = computed.contributors.iter().cloned().collect();
+            let short = ledger
+                .store
+                .charge_epsilon(&orgs, epsilon, settings.epsilon_budget, self.clock.now_ms())
+                .await?;
+            if !short.is_empty() {
+                // Which orgs is not said: that would tell who contributes.
+                return Err(Status::resource_exhausted(
+                    "epsilon: a contributing org's budget is spent; nothing was released",
+                ));
+            }
+            spent = epsilon;
+        }
+        Ok(Response::new(pb::GetContributedAggregatesResponse {
+            buckets: computed.buckets,
+            min_orgs: settings.min_orgs.max(1),
+            withheld_buckets: computed.withheld,
+            epsilon_spent: spent,
+        }))
     }
 }
 

@@ -5,6 +5,7 @@
 //! erasures with their audit entries (E9), and stores each org's data in its residency location
 //! (E10).
 
+pub mod aggregates;
 pub mod enforce;
 pub mod fields;
 pub mod grpc;
@@ -177,6 +178,11 @@ impl CollectorService {
             shutdown: background.clone(),
             call_limit: Duration::from_millis(config.limits.request_timeout_ms),
             discard: config.discard,
+            aggregates: grpc::AggregateSettings {
+                min_orgs: config.collection.min_orgs,
+                epsilon_budget: config.collection.epsilon_budget,
+                bound: config.collection.aggregate_bound,
+            },
         };
         let max = config.limits.max_message_bytes;
         let mut server = GrpcServer::bind(

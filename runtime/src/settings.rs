@@ -64,6 +64,9 @@ pub struct CollectionSettings {
     pub min_orgs: u32,
     /// Contributed aggregates: the epsilon each org's ledger may spend in all.
     pub epsilon_budget: f64,
+    /// Contributed aggregates with noise: each org's value is clipped to [0, this] (in the metric's
+    /// unit), which bounds what one org can change and so sets the noise's scale.
+    pub aggregate_bound: f64,
     /// How often hourly rollups are brought up to date.
     pub rollup_every_ms: u64,
     /// How often retention is enforced.
@@ -80,6 +83,7 @@ impl Default for CollectionSettings {
             locations: std::collections::BTreeMap::new(),
             min_orgs: 5,
             epsilon_budget: 10.0,
+            aggregate_bound: 10_000.0,
             rollup_every_ms: 30_000,
             sweep_every_ms: 3_600_000,
             purge_check_every_ms: 5_000,

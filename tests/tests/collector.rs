@@ -1225,3 +1225,191 @@ async fn another_orgs_tokens_and_ids_reveal_nothing_in_any_method() {
         .into_inner();
     assert_eq!(theirs.stats.unwrap().views, 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn contributed_aggregates_need_k_orgs_and_charge_a_ledger_that_survives_restarts() {
+    let linker = TestLinker::start(LinkerOptions::default()).await;
+    let consent = TestConsent::start(&linker, None, Limits::default()).await;
+    let mut options = CollectorOptions::default();
+    options.collection.epsilon_budget = 2.0;
+    let collector = TestCollector::start(&linker, &consent, options.clone()).await;
+    let hour = (T0_MS - 2 * 3_600_000) / 3_600_000 * 3_600_000;
+    // Six orgs send the same metric; one is compliance-restricted, one contributes nothing.
+    let mut orgs = Vec::new();
+    for (i, (contribute, restricted)) in [
+        (true, false),
+        (true, false),
+        (true, false),
+        (true, false),
+        (true, true),
+        (false, false),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let org = linker.org(&format!("Org {i}")).await;
+        let instance = linker.link_instance(&org, &format!("SRV-{i}")).await;
+        sightline_tests::consent::update(
+            &consent,
+            &org,
+            consent_pb::ConsentSettings {
+                usage_level: UsageLevel::Basic as i32,
+                sharing_level: SharingLevel::Basic as i32,
+                contribute_in_app_data: contribute,
+                compliance_restricted: restricted,
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+        let revision = policy(&consent, &org, &instance.id).await.revision;
+        collector
+            .wait_revision(&org.id, &instance.id, revision)
+            .await;
+        let mut meta = metric("meta", hour, "x", 0.0);
+        meta.payload = Some(pb::event::Payload::InstanceMetadata(
+            pb::InstanceMetadataEvent {
+                metadata: Some(common::InstanceMetadata {
+                    server_id: format!("SRV-{i}"),
+                    product: "jira".into(),
+                    version: "9.12.4".into(),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            },
+        ));
+        let value = 100.0 * (i as f64 + 1.0);
+        ingest(
+            &collector,
+            &instance,
+            vec![
+                meta,
+                metric("a", hour + 1, "db.latency", value),
+                metric("b", hour + 2, "db.latency", value),
+            ],
+        )
+        .await
+        .unwrap();
+        orgs.push((org, instance));
+    }
+    collector.maintenance.roll_up().await;
+    let query = |noise: bool, group_by: pb::AggregateGroupBy| pb::GetContributedAggregatesRequest {
+        metric_name: "db.latency".into(),
+        range: Some(common::TimeRange {
+            start: sightline_tests::collector::at(hour),
+            end: sightline_tests::collector::at(hour + 3_600_000),
+        }),
+        add_noise: noise,
+        epsilon: if noise { 1.0 } else { 0.0 },
+        group_by: group_by as i32,
+        interval: pb::AggregateInterval::Total as i32,
+    };
+    let operator = linker.operator.expose().to_owned();
+    let mut client = collector.client().await;
+    // Four contributing orgs: the cell is withheld.
+    let four = client
+        .get_contributed_aggregates(authed(&operator, query(false, pb::AggregateGroupBy::None)))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        (four.buckets.len(), four.withheld_buckets, four.min_orgs),
+        (0, 1, 5)
+    );
+    // A fifth contributor: shown, from exactly the five contributing orgs' values.
+    let fifth = linker.org("Org 6").await;
+    let instance = linker.link_instance(&fifth, "SRV-6").await;
+    sightline_tests::consent::update(
+        &consent,
+        &fifth,
+        consent_pb::ConsentSettings {
+            usage_level: UsageLevel::Basic as i32,
+            sharing_level: SharingLevel::Basic as i32,
+            contribute_in_app_data: true,
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    let revision = policy(&consent, &fifth, &instance.id).await.revision;
+    collector
+        .wait_revision(&fifth.id, &instance.id, revision)
+        .await;
+    let mut meta = metric("meta", hour, "x", 0.0);
+    meta.payload = Some(pb::event::Payload::InstanceMetadata(
+        pb::InstanceMetadataEvent {
+            metadata: Some(common::InstanceMetadata {
+                server_id: "SRV-6".into(),
+                product: "jira".into(),
+                version: "9.12.4".into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        },
+    ));
+    ingest(
+        &collector,
+        &instance,
+        vec![meta, metric("a", hour + 1, "db.latency", 500.0)],
+    )
+    .await
+    .unwrap();
+    collector.maintenance.roll_up().await;
+    let five = client
+        .get_contributed_aggregates(authed(&operator, query(false, pb::AggregateGroupBy::None)))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(five.buckets.len(), 1, "{five:?}");
+    let cell = &five.buckets[0];
+    assert_eq!((cell.org_count, cell.noised), (5, false));
+    // Orgs 0-3 (100..400) and the fifth (500): the restricted and the non-contributing org are out.
+    assert_eq!((cell.mean, cell.p50, cell.p95), (300.0, 300.0, 500.0));
+    assert_eq!(five.epsilon_spent, 0.0);
+    let by_product = client
+        .get_contributed_aggregates(authed(
+            &operator,
+            query(false, pb::AggregateGroupBy::ProductVersion),
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(by_product.buckets[0].bucket, "jira 9.12.4");
+    // Noise spends epsilon from every contributor's ledger: two calls fit a budget of 2, a third does not.
+    for _ in 0..2 {
+        let noised = client
+            .get_contributed_aggregates(authed(&operator, query(true, pb::AggregateGroupBy::None)))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(noised.epsilon_spent, 1.0);
+        assert!(noised.buckets[0].noised);
+    }
+    let refused = client
+        .get_contributed_aggregates(authed(&operator, query(true, pb::AggregateGroupBy::None)))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::ResourceExhausted);
+    // The ledger is durable: a restarted collector still refuses.
+    let mut collector = collector;
+    collector.stop().await;
+    let restarted = TestCollector::start(&linker, &consent, options).await;
+    let again = restarted
+        .client()
+        .await
+        .get_contributed_aggregates(authed(&operator, query(true, pb::AggregateGroupBy::None)))
+        .await
+        .unwrap_err();
+    assert_eq!(again.code(), Code::ResourceExhausted);
+    // Without noise nothing is charged, and org admins may not ask at all.
+    let admin = restarted
+        .client()
+        .await
+        .get_contributed_aggregates(authed(
+            &orgs[0].0.admin,
+            query(false, pb::AggregateGroupBy::None),
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(admin.code(), Code::PermissionDenied);
+}

@@ -347,6 +347,26 @@ pub trait CollectorStore: ChangeLog + Send + Sync + std::fmt::Debug + 'static {
     /// What an erasure would remove now.
     async fn erase_counts(&self, spec: &EraseSpec) -> StoreResult<Removed>;
 
+    /// An org's hourly rollups of one metric with hours in [from, to): (instance, hour, count, sum).
+    async fn org_rollups(
+        &self,
+        org_id: &str,
+        name: &str,
+        from: i64,
+        to: i64,
+    ) -> StoreResult<Vec<(String, i64, i64, f64)>>;
+    /// The bodies of an org's instance-metadata events, newest first: (instance, body).
+    async fn instance_metadata(&self, org_id: &str) -> StoreResult<Vec<(String, Vec<u8>)>>;
+    /// Charges `epsilon` to every org of `org_ids` when each has that much left of `budget`, in one
+    /// transaction; returns the orgs that have not (then nothing is charged).
+    async fn charge_epsilon(
+        &self,
+        org_ids: &[String],
+        epsilon: f64,
+        budget: f64,
+        now: i64,
+    ) -> StoreResult<Vec<String>>;
+
     /// Deletes what retention no longer allows: records older than `raw_before`, rollups older than
     /// `aggregate_before`, remembered event ids older than `ids_before`. Returns rows removed.
     async fn sweep(

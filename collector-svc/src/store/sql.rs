@@ -830,6 +830,71 @@ macro_rules! sql_store {
                 Ok(removed)
             }
 
+            async fn org_rollups(
+                &self,
+                org_id: &str,
+                name: &str,
+                from: i64,
+                to: i64,
+            ) -> StoreResult<Vec<(String, i64, i64, f64)>> {
+                Ok(sqlx::query_as(
+                    "SELECT instance_id, hour, count, sum FROM rollups WHERE org_id = $1 AND name = $2 AND hour >= $3 AND hour < $4",
+                )
+                .bind(org_id)
+                .bind(name)
+                .bind(from)
+                .bind(to)
+                .fetch_all(&self.pool)
+                .await?)
+            }
+
+            async fn instance_metadata(&self, org_id: &str) -> StoreResult<Vec<(String, Vec<u8>)>> {
+                Ok(sqlx::query_as(
+                    "SELECT instance_id, body FROM events WHERE org_id = $1 AND kind = 1 AND body IS NOT NULL ORDER BY occurred_at DESC",
+                )
+                .bind(org_id)
+                .fetch_all(&self.pool)
+                .await?)
+            }
+
+            async fn charge_epsilon(
+                &self,
+                org_ids: &[String],
+                epsilon: f64,
+                budget: f64,
+                now: i64,
+            ) -> StoreResult<Vec<String>> {
+                let mut tx = self.pool.begin_with($begin).await?;
+                // One charger at a time (SQLite's write lock does it there).
+                Self::lock_org(&mut tx, "epsilon-ledger", true).await?;
+                let mut short = Vec::new();
+                for org in org_ids {
+                    let spent: Option<(f64,)> = sqlx::query_as("SELECT spent FROM epsilon_ledger WHERE org_id = $1")
+                        .bind(org)
+                        .fetch_optional(&mut *tx)
+                        .await?;
+                    if spent.map_or(0.0, |(s,)| s) + epsilon > budget + 1e-9 {
+                        short.push(org.clone());
+                    }
+                }
+                if !short.is_empty() {
+                    return Ok(short);
+                }
+                for org in org_ids {
+                    sqlx::query(
+                        "INSERT INTO epsilon_ledger (org_id, spent, updated_at) VALUES ($1, $2, $3)
+                         ON CONFLICT (org_id) DO UPDATE SET spent = epsilon_ledger.spent + excluded.spent, updated_at = excluded.updated_at",
+                    )
+                    .bind(org)
+                    .bind(epsilon)
+                    .bind(now)
+                    .execute(&mut *tx)
+                    .await?;
+                }
+                tx.commit().await?;
+                Ok(Vec::new())
+            }
+
             async fn sweep(
                 &self,
                 org_id: &str,

@@ -9,6 +9,11 @@
 //! - `baseline-postgres`: COPY of the same rows, 1000 per COPY;
 //! - `latency`: p50/p99 of one-event and of 1000-event unary Ingest at half the maximum load.
 //!
+//! The server (no-op or collector, with the linker-svc and consent-svc it needs) runs in a child
+//! process of its own, so its CPU time and peak RSS are read apart from the load generator's
+//! (`/proc/<pid>/stat`, `/proc/<pid>/status`): throughput on this shared machine, and the server's
+//! CPU per event, which is what it would sustain with the cores to itself.
+//!
 //! cargo run --release -p sightline-tests --bin bench_collect -- --target discard [--seconds 10]
 //!     [--clients 8] [--batch 1000]
 
@@ -220,6 +225,80 @@ async fn noop() -> Target {
     }
 }
 
+/// The server in a child process: this binary with `--serve <target>`.
+struct Child {
+    child: std::process::Child,
+    target: Target,
+}
+
+impl Child {
+    fn spawn(target: &str) -> Self {
+        use std::io::BufRead;
+        let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+            .args(["--serve", target])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        std::io::BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let mut parts = line.split_whitespace().skip(1);
+        let addr = parts.next().expect("READY line").parse().unwrap();
+        let credential = parts.next().unwrap().to_owned();
+        Self {
+            child,
+            target: Target {
+                addr,
+                credential,
+                _keep: Vec::new(),
+            },
+        }
+    }
+
+    /// CPU seconds the child has used (user + system).
+    fn cpu_seconds(&self) -> f64 {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.child.id())).unwrap();
+        let fields: Vec<&str> = stat
+            .rsplit_once(')')
+            .unwrap()
+            .1
+            .split_whitespace()
+            .collect();
+        let ticks: f64 = fields[11].parse::<f64>().unwrap() + fields[12].parse::<f64>().unwrap();
+        ticks / 100.0
+    }
+
+    fn peak_rss_mib(&self) -> f64 {
+        rss_of(&format!("/proc/{}/status", self.child.id()))
+    }
+}
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Runs the server side until stdin closes.
+async fn serve(target: &str) {
+    let t = if target == "noop" {
+        noop().await
+    } else {
+        collector(target).await
+    };
+    println!("READY {} {}", t.addr, t.credential);
+    tokio::task::spawn_blocking(|| {
+        let mut sink = String::new();
+        let _ = std::io::stdin().read_line(&mut sink);
+    })
+    .await
+    .unwrap();
+    drop(t);
+}
+
 async fn channel(addr: std::net::SocketAddr) -> Channel {
     Channel::from_shared(format!("http://{addr}"))
         .unwrap()
@@ -329,8 +408,8 @@ async fn open_loop(
     latencies
 }
 
-fn peak_rss_mib() -> f64 {
-    std::fs::read_to_string("/proc/self/status")
+fn rss_of(path: &str) -> f64 {
+    std::fs::read_to_string(path)
         .ok()
         .and_then(|s| {
             s.lines()
@@ -448,6 +527,17 @@ async fn baseline_postgres(count: usize) -> f64 {
     count as f64 / started.elapsed().as_secs_f64()
 }
 
+/// Throughput with the server's CPU per event and what that makes per server core.
+fn measured(label: &str, child: &Child, rate: f64, latencies: &[f64], cpu: f64, events: f64) {
+    report(label, rate, latencies);
+    println!(
+        "{label}: server CPU {:.2} µs/event → {:.0} events per server CPU-second; server peak RSS {:.0} MiB",
+        cpu / events * 1e6,
+        events / cpu,
+        child.peak_rss_mib()
+    );
+}
+
 fn report(label: &str, rate: f64, latencies: &[f64]) {
     if latencies.is_empty() {
         println!("{label}: {rate:.0} events/s");
@@ -474,22 +564,20 @@ async fn main() {
     let seconds = arg("--seconds", 10);
     let clients = arg("--clients", 8) as usize;
     let size = arg("--batch", 1_000) as usize;
+    if let Some(i) = args.iter().position(|a| a == "--serve") {
+        serve(&args[i + 1]).await;
+        return;
+    }
     match target.as_str() {
-        "noop" => {
-            let t = noop().await;
-            closed_loop(&t, clients, size, 2).await;
-            let (rate, latencies) = closed_loop(&t, clients, size, seconds).await;
-            report("noop", rate, &latencies);
-        }
-        "discard" | "sqlite" | "postgres" => {
-            let t = collector(&target).await;
-            closed_loop(&t, clients, size, 2).await;
-            let (rate, latencies) = closed_loop(&t, clients, size, seconds).await;
-            report(&target, rate, &latencies);
-            println!(
-                "peak RSS (service and load generator): {:.0} MiB",
-                peak_rss_mib()
-            );
+        "noop" | "discard" | "sqlite" | "postgres" => {
+            let child = Child::spawn(&target);
+            closed_loop(&child.target, clients, size, 2).await;
+            let cpu = child.cpu_seconds();
+            let started = Instant::now();
+            let (rate, latencies) = closed_loop(&child.target, clients, size, seconds).await;
+            let events = rate * started.elapsed().as_secs_f64();
+            let cpu = child.cpu_seconds() - cpu;
+            measured(&target, &child, rate, &latencies, cpu, events);
         }
         "baseline-sqlite" => println!(
             "baseline-sqlite: {:.0} rows/s",
@@ -500,12 +588,13 @@ async fn main() {
             baseline_postgres(arg("--rows", 500_000) as usize).await
         ),
         "latency" => {
-            let t = collector("sqlite").await;
+            let child = Child::spawn("sqlite");
             for size in [1usize, 1_000] {
                 let clients = if size == 1 { 32 } else { clients };
-                let (max, _) = closed_loop(&t, clients, size, seconds).await;
+                let (max, _) = closed_loop(&child.target, clients, size, seconds).await;
                 let calls_per_second = max / size as f64 / 2.0;
-                let latencies = open_loop(&t, clients, size, calls_per_second, seconds).await;
+                let latencies =
+                    open_loop(&child.target, clients, size, calls_per_second, seconds).await;
                 report(
                     &format!(
                         "batch {size}: max {max:.0} events/s; at half ({calls_per_second:.0} calls/s)"
@@ -514,10 +603,7 @@ async fn main() {
                     &latencies,
                 );
             }
-            println!(
-                "peak RSS (service and load generator): {:.0} MiB",
-                peak_rss_mib()
-            );
+            println!("server peak RSS: {:.0} MiB", child.peak_rss_mib());
         }
         other => panic!("unknown target {other}"),
     }
