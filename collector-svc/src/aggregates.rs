@@ -201,14 +201,14 @@ mod tests {
     #[test]
     fn weeks_start_on_monday_and_days_at_midnight() {
         // 2026-11-22 is a Sunday; its week started Monday 2026-11-16.
-        let sunday_noon = 20_414 * DAY_MS + 12 * 3_600_000;
+        let sunday_noon = 20_779 * DAY_MS + 12 * 3_600_000;
         assert_eq!(
             bucket(pb::AggregateInterval::Week, 0, sunday_noon),
-            20_408 * DAY_MS
+            20_773 * DAY_MS
         );
         assert_eq!(
             bucket(pb::AggregateInterval::Day, 0, sunday_noon),
-            20_414 * DAY_MS
+            20_779 * DAY_MS
         );
         assert_eq!(bucket(pb::AggregateInterval::Total, 5, sunday_noon), 5);
     }

@@ -317,7 +317,7 @@ pub fn strip_body(body: &[u8], classes: &[i32]) -> Option<Vec<u8>> {
 /// Enforces `plan` on one event, at `now_ms`. `index` is the event's place in its batch (for
 /// messages); `report` asks for the field report PreviewSample shows.
 pub fn enforce(plan: &Plan, event: pb::Event, index: usize, now_ms: i64, report: bool) -> Enforced {
-    let event_id = event.event_id.clone();
+    let mut event = event;
     let mut treat = Treat {
         plan,
         secrets: Secrets::default(),
@@ -325,7 +325,13 @@ pub fn enforce(plan: &Plan, event: pb::Event, index: usize, now_ms: i64, report:
         invalid: None,
         index,
     };
-    let verdict = treat.event(event, now_ms);
+    let verdict = treat.event(&mut event, now_ms);
+    // A kept event carries its id; one that is not gives its id up here (no copy on the hot path).
+    let event_id = match &verdict {
+        Verdict::Keep(stored) if report => stored.event_id.clone(),
+        Verdict::Keep(_) => String::new(),
+        _ => std::mem::take(&mut event.event_id),
+    };
     Enforced {
         event_id,
         verdict,
@@ -383,7 +389,7 @@ impl Treat<'_> {
         )
     }
 
-    fn event(&mut self, mut event: pb::Event, now_ms: i64) -> Verdict {
+    fn event(&mut self, event: &mut pb::Event, now_ms: i64) -> Verdict {
         if !valid_event_id(&event.event_id) {
             return self.reject("event_id", "must be 1 to 64 characters of [A-Za-z0-9._:-]");
         }
@@ -455,7 +461,7 @@ impl Treat<'_> {
             name,
             value,
             subject,
-            event,
+            event: std::mem::take(event),
             view,
         }))
     }

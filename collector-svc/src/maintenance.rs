@@ -102,11 +102,22 @@ pub fn roll_up(
         .collect()
 }
 
-/// Brings the rollups of every hour with new samples up to date; returns the hours done.
-pub async fn roll_up_dirty(store: &dyn CollectorStore) -> Result<usize, crate::store::StoreError> {
+/// How long after an hour ends its rollup is made: samples may arrive a little late (the ingest
+/// window allows 5 minutes of clock skew). A sample arriving later still marks its hour again.
+pub const ROLLUP_GRACE_MS: i64 = 5 * 60 * 1000;
+
+/// Brings the rollups of every ended hour with new samples up to date; returns the hours done.
+/// An hour is rolled up once it has ended (and again only when late samples arrive), never
+/// re-read while it fills.
+pub async fn roll_up_dirty(
+    store: &dyn CollectorStore,
+    now_ms: i64,
+) -> Result<usize, crate::store::StoreError> {
     let mut done = 0;
+    // Hours that started before this ended more than the grace ago.
+    let before = now_ms - HOUR_MS - ROLLUP_GRACE_MS + 1;
     loop {
-        let hours = store.take_dirty_hours(500).await?;
+        let hours = store.take_dirty_hours(before, 500).await?;
         if hours.is_empty() {
             return Ok(done);
         }
@@ -314,7 +325,7 @@ impl Maintenance {
     /// Rolls up every open store.
     pub async fn roll_up(&self) {
         for opened in self.stores.open_now() {
-            if let Err(error) = roll_up_dirty(opened.store.as_ref()).await {
+            if let Err(error) = roll_up_dirty(opened.store.as_ref(), self.clock.now_ms()).await {
                 tracing::warn!(%error, "rollup failed");
             }
         }

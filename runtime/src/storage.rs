@@ -82,7 +82,10 @@ pub async fn connect(url: &str, migrations: Migrations) -> Result<Database, Stor
             .journal_mode(SqliteJournalMode::Wal)
             .synchronous(SqliteSynchronous::Full)
             .busy_timeout(Duration::from_secs(10))
-            .foreign_keys(true);
+            .foreign_keys(true)
+            // A 16 MiB page cache per connection (8 connections): with the default 2 MiB,
+            // inserts into indexed tables spend much time re-reading pages.
+            .pragma("cache_size", "-16384");
         if let Some(parent) = options.get_filename().parent()
             && !parent.as_os_str().is_empty()
         {

@@ -108,7 +108,7 @@ fn strip_kinds(spec: &PurgeSpec) -> Vec<i64> {
 }
 
 macro_rules! sql_store {
-    ($store:ident, $pool:ty, $db:ty, $begin:literal, $shared_lock:expr, $exclusive_lock:expr) => {
+    ($store:ident, $pool:ty, $db:ty, $begin:literal, $shared_lock:expr, $exclusive_lock:expr, $returning:literal) => {
         #[derive(Debug, Clone)]
         pub struct $store {
             pool: $pool,
@@ -143,6 +143,25 @@ macro_rules! sql_store {
             ) -> StoreResult<HashSet<String>> {
                 let mut inserted = HashSet::with_capacity(batch.rows.len());
                 for chunk in batch.rows.chunks(INSERT_CHUNK) {
+                    // SQLite has one writer at a time: what is not stored before this statement is
+                    // stored by it. Reading that first is far cheaper there than RETURNING, whose
+                    // rows cross from SQLite's thread one by one. PostgreSQL's concurrent writers
+                    // need RETURNING to know which rows were theirs.
+                    let existing: HashSet<String> = if $returning {
+                        HashSet::new()
+                    } else {
+                        let mut query = sqlx::QueryBuilder::<$db>::new(
+                            "SELECT event_id FROM events WHERE instance_id = ",
+                        );
+                        query.push_bind(&batch.instance_id).push(" AND event_id IN (");
+                        let mut ids = query.separated(", ");
+                        for row in chunk {
+                            ids.push_bind(&row.event_id);
+                        }
+                        query.push(")");
+                        let found: Vec<(String,)> = query.build_query_as().fetch_all(&mut **tx).await?;
+                        found.into_iter().map(|(id,)| id).collect()
+                    };
                     let mut query = sqlx::QueryBuilder::<$db>::new(
                         "INSERT INTO events (instance_id, event_id, org_id, location, kind, occurred_at, stored_at, name, value, subject, consent_version, policy_revision, body) ",
                     );
@@ -161,9 +180,20 @@ macro_rules! sql_store {
                             .push_bind(batch.policy_revision)
                             .push_bind(row.body.as_slice());
                     });
-                    query.push(" ON CONFLICT (instance_id, event_id) DO NOTHING RETURNING event_id");
-                    let ids: Vec<(String,)> = query.build_query_as().fetch_all(&mut **tx).await?;
-                    inserted.extend(ids.into_iter().map(|(id,)| id));
+                    query.push(" ON CONFLICT (instance_id, event_id) DO NOTHING");
+                    if $returning {
+                        query.push(" RETURNING event_id");
+                        let ids: Vec<(String,)> = query.build_query_as().fetch_all(&mut **tx).await?;
+                        inserted.extend(ids.into_iter().map(|(id,)| id));
+                    } else {
+                        query.build().execute(&mut **tx).await?;
+                        inserted.extend(
+                            chunk
+                                .iter()
+                                .filter(|row| !existing.contains(&row.event_id))
+                                .map(|row| row.event_id.clone()),
+                        );
+                    }
                 }
                 Ok(inserted)
             }
@@ -700,10 +730,11 @@ macro_rules! sql_store {
                     .collect())
             }
 
-            async fn take_dirty_hours(&self, limit: i64) -> StoreResult<Vec<(String, String, i64)>> {
+            async fn take_dirty_hours(&self, before: i64, limit: i64) -> StoreResult<Vec<(String, String, i64)>> {
                 let rows: Vec<(String, String, i64)> = sqlx::query_as(
-                    "SELECT org_id, instance_id, hour FROM rollup_dirty ORDER BY hour LIMIT $1",
+                    "SELECT org_id, instance_id, hour FROM rollup_dirty WHERE hour < $1 ORDER BY hour LIMIT $2",
                 )
+                .bind(before)
                 .bind(limit)
                 .fetch_all(&self.pool)
                 .await?;
@@ -1001,7 +1032,8 @@ mod sqlite {
         sqlx::Sqlite,
         "BEGIN IMMEDIATE",
         None,
-        None
+        None,
+        false
     );
 }
 
@@ -1013,7 +1045,8 @@ mod postgres {
         sqlx::Postgres,
         "BEGIN",
         Some("SELECT pg_advisory_xact_lock_shared(hashtext($1))"),
-        Some("SELECT pg_advisory_xact_lock(hashtext($1))")
+        Some("SELECT pg_advisory_xact_lock(hashtext($1))"),
+        true
     );
 }
 

@@ -58,8 +58,9 @@ fn batch(client: usize, round: u64, size: usize) -> Vec<pb::Event> {
     (0..size)
         .map(|i| pb::Event {
             event_id: format!("c{client}-r{round}-{i}"),
+            // As instances send them: samples of the current hour, in time order.
             occurred_at: Some(sightline_runtime::time::to_proto(
-                T0_MS - ((round as i64 * 7 + i as i64) % 3_600) * 1_000,
+                T0_MS - 30 * 60_000 + (round as i64 * 1_000 + i as i64) / 100,
             )),
             payload: Some(pb::event::Payload::Metric(pb::MetricEvent {
                 name: NAMES[i % NAMES.len()].into(),
@@ -190,7 +191,8 @@ async fn collector(target: &str) -> Target {
             database_url,
             limits,
             discard: target == "discard",
-            ..CollectorOptions::default()
+            // The service's own schedules, not the tests' fast ones.
+            collection: sightline_runtime::settings::CollectionSettings::default(),
         },
     )
     .await;
