@@ -1413,3 +1413,129 @@ async fn contributed_aggregates_need_k_orgs_and_charge_a_ledger_that_survives_re
         .unwrap_err();
     assert_eq!(admin.code(), Code::PermissionDenied);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_replicas_on_one_postgres_store_each_event_once_and_follow_the_policy() {
+    let url = sightline_runtime::testing::fresh_postgres_url()
+        .await
+        .unwrap();
+    let linker = TestLinker::start(LinkerOptions::default()).await;
+    let consent = TestConsent::start(&linker, None, Limits::default()).await;
+    let options = CollectorOptions {
+        database_url: Some(url),
+        ..CollectorOptions::default()
+    };
+    let a = TestCollector::start(&linker, &consent, options.clone()).await;
+    let b = TestCollector::start(&linker, &consent, options).await;
+    let org = linker.org("Acme").await;
+    let instance = linker.link_instance(&org, "SRV-A").await;
+    opt_in(&consent, &org, UsageLevel::Advanced, SharingLevel::Basic).await;
+    consent
+        .client()
+        .await
+        .update_tracking_settings(authed(
+            &org.admin,
+            consent_pb::UpdateTrackingSettingsRequest {
+                org_id: org.id.clone(),
+                settings: Some(consent_pb::TrackingSettings {
+                    enabled_channels: vec![Channel::Desktop as i32],
+                    blocking_time_ms: 60_000,
+                    view_counter_enabled: true,
+                    ..Default::default()
+                }),
+            },
+        ))
+        .await
+        .unwrap();
+    let revision = policy(&consent, &org, &instance.id).await.revision;
+    a.wait_revision(&org.id, &instance.id, revision).await;
+    b.wait_revision(&org.id, &instance.id, revision).await;
+    // The same 20 batches sent to both replicas at once, as retries landing on either would be.
+    let mut accepted = 0;
+    let mut duplicates = 0;
+    for n in 0..20 {
+        let events: Vec<_> = (0..50)
+            .map(|i| {
+                if i % 2 == 0 {
+                    page_view(
+                        &format!("v{n}-{i}"),
+                        T0_MS - i * 1_000,
+                        "p1",
+                        "s1",
+                        &format!("u{i}"),
+                    )
+                } else {
+                    metric(&format!("m{n}-{i}"), T0_MS, "load", 1.0)
+                }
+            })
+            .collect();
+        let (ra, rb) = tokio::join!(
+            ingest(&a, &instance, events.clone()),
+            ingest(&b, &instance, events)
+        );
+        for r in [ra.unwrap(), rb.unwrap()] {
+            accepted += r.accepted;
+            duplicates += dropped(&r, DropReason::Duplicate);
+        }
+    }
+    // Every event of a batch is stored by one replica and a duplicate at the other, or blocked.
+    assert_eq!(
+        duplicates,
+        20 * 25 + 25,
+        "the other replica saw each stored event as a duplicate"
+    );
+    let count = |c: &TestCollector| {
+        let credential = instance.credential.clone();
+        let addr = c.addr;
+        async move {
+            sightline_proto::collector::v1::collector_service_client::CollectorServiceClient::new(
+                tonic::transport::Channel::from_shared(format!("http://{addr}"))
+                    .unwrap()
+                    .connect()
+                    .await
+                    .unwrap(),
+            )
+            .get_view_count(authed(
+                &credential,
+                pb::GetViewCountRequest {
+                    page_id: "p1".into(),
+                    ..Default::default()
+                },
+            ))
+            .await
+            .unwrap()
+            .into_inner()
+        }
+    };
+    let (ca, cb) = (count(&a).await, count(&b).await);
+    assert_eq!(
+        (ca.views, ca.unique_viewers),
+        (cb.views, cb.unique_viewers),
+        "both replicas read the same store"
+    );
+    assert_eq!(ca.unique_viewers, 25);
+    assert_eq!(
+        ca.views, 25,
+        "a viewer's repeated views inside the blocking time count once, whichever replica took them"
+    );
+    assert_eq!(
+        accepted,
+        20 * 25 + 25,
+        "each metric stored once, each viewer's first view once"
+    );
+    // Both follow the policy: after an opt-out, neither stores page views.
+    opt_in(&consent, &org, UsageLevel::Basic, SharingLevel::Basic).await;
+    let revision = policy(&consent, &org, &instance.id).await.revision;
+    a.wait_revision(&org.id, &instance.id, revision).await;
+    b.wait_revision(&org.id, &instance.id, revision).await;
+    for c in [&a, &b] {
+        let r = ingest(
+            c,
+            &instance,
+            vec![page_view("late", T0_MS, "p1", "s1", "u99")],
+        )
+        .await
+        .unwrap();
+        assert_eq!(dropped(&r, DropReason::Consent), 1);
+    }
+}

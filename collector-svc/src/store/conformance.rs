@@ -387,10 +387,19 @@ macro_rules! suite {
                     ),
                 )
                 .await;
-                assert!(store.take_dirty_hours(hour, 10).await.unwrap().is_empty(), "hours from the cut-off on wait");
+                assert!(
+                    store.take_dirty_hours(hour, 10).await.unwrap().is_empty(),
+                    "hours from the cut-off on wait"
+                );
                 let dirty = store.take_dirty_hours(i64::MAX, 10).await.unwrap();
                 assert_eq!(dirty.len(), 2);
-                assert!(store.take_dirty_hours(i64::MAX, 10).await.unwrap().is_empty());
+                assert!(
+                    store
+                        .take_dirty_hours(i64::MAX, 10)
+                        .await
+                        .unwrap()
+                        .is_empty()
+                );
                 for (org, instance, h) in dirty {
                     let samples = store.hour_samples(&instance, h).await.unwrap();
                     let rollups = crate::maintenance::roll_up(&org, &instance, h, &samples);

@@ -325,7 +325,11 @@ pub trait CollectorStore: ChangeLog + Send + Sync + std::fmt::Debug + 'static {
 
     /// Takes up to `limit` hours that started before `before` and wait to be rolled up:
     /// (org, instance, hour).
-    async fn take_dirty_hours(&self, before: i64, limit: i64) -> StoreResult<Vec<(String, String, i64)>>;
+    async fn take_dirty_hours(
+        &self,
+        before: i64,
+        limit: i64,
+    ) -> StoreResult<Vec<(String, String, i64)>>;
     /// The samples of one instance's hour: (body, consent_version, policy_revision).
     async fn hour_samples(
         &self,
