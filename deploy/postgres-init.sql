@@ -1,2 +1,3 @@
 -- One database per service: each service owns its tables.
 CREATE DATABASE consent OWNER sightline;
+CREATE DATABASE collector OWNER sightline;
