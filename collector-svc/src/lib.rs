@@ -161,6 +161,7 @@ impl CollectorService {
             policies: policies.clone(),
             auditor,
             clock: config.clock.clone(),
+            locks: Arc::default(),
         };
         let api = CollectorApi {
             policies,

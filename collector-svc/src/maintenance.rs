@@ -10,12 +10,12 @@ use prost::Message;
 use sightline_proto::collector::v1 as pb;
 use sightline_proto::consent::v1 as consent_pb;
 use sightline_runtime::SharedClock;
-use sightline_runtime::audited::{AuditEntry, Auditor, CommitError, StagedChange};
+use sightline_runtime::audited::{AuditEntry, Auditor, ChangeLogError, CommitError, StagedChange};
 use tokio_util::sync::CancellationToken;
 
 use crate::enforce::DAY_MS;
 use crate::policy::Policies;
-use crate::store::{Change, CollectorStore, EraseSpec, PurgeSpec, Removed, Rollup};
+use crate::store::{Change, CollectorStore, EraseSpec, PURGE_TAKEN, PurgeSpec, Removed, Rollup};
 use crate::stores::{Stores, location_name};
 
 const HOUR_MS: i64 = 3_600_000;
@@ -172,9 +172,21 @@ pub struct Maintenance {
     pub policies: Arc<Policies>,
     pub auditor: Auditor,
     pub clock: SharedClock,
+    /// One audited change of an org at a time in this process: an erasure counts what it deletes,
+    /// and two at once would both count the same rows.
+    pub locks: Arc<dashmap::DashMap<String, Arc<tokio::sync::Mutex<()>>>>,
 }
 
 impl Maintenance {
+    async fn lock(&self, org_id: &str) -> tokio::sync::OwnedMutexGuard<()> {
+        let lock = self
+            .locks
+            .entry(org_id.to_owned())
+            .or_insert_with(|| Arc::new(tokio::sync::Mutex::new(())))
+            .clone();
+        lock.lock_owned().await
+    }
+
     /// Applies every purge of the current policies not applied yet, each once; returns how many.
     pub async fn apply_purges(&self) -> usize {
         if !self.policies.is_ready() {
@@ -245,8 +257,13 @@ impl Maintenance {
             payload: Change::Purge { spec: spec.clone() }.encode(),
             staged_at_ms: self.clock.now_ms(),
         };
-        self.auditor.commit(store, change, None).await?;
-        Ok(removed)
+        match self.auditor.commit(store, change, None).await {
+            // Another pass or replica holds it: it is applied and audited once, by that one.
+            Err(CommitError::Store(ChangeLogError::Refused(why))) if why == PURGE_TAKEN => {
+                Ok(Removed::default())
+            }
+            other => other.map(|()| removed),
+        }
     }
 
     /// Erases one viewer of one instance: counted, audited, then deleted. `subjects` are the
@@ -258,6 +275,7 @@ impl Maintenance {
         actor: String,
         deadline: Option<std::time::Instant>,
     ) -> Result<Removed, CommitError> {
+        let _guard = self.lock(&spec.org_id).await;
         self.auditor.settle_org(store, &spec.org_id).await?;
         let removed = store
             .erase_counts(&spec)

@@ -533,6 +533,42 @@ macro_rules! suite {
             }
 
             #[tokio::test]
+            async fn a_purge_is_staged_by_one_purger_only_until_discarded() {
+                let (store, _guard) = super::$backend().await;
+                let spec = PurgeSpec {
+                    purge_id: "purge-3".into(),
+                    org_id: ORG.into(),
+                    instance_id: None,
+                    delete_kinds: vec![4],
+                    strip_classes: vec![],
+                    before_consent_version: 5,
+                    before_revision: 5,
+                };
+                let first = staged(ORG, Change::Purge { spec: spec.clone() });
+                store.stage(&first).await.unwrap();
+                assert!(
+                    store.purge_applied("purge-3").await.unwrap(),
+                    "claimed once staged"
+                );
+                let second = staged(ORG, Change::Purge { spec: spec.clone() });
+                assert_eq!(
+                    store.stage(&second).await.unwrap_err(),
+                    ChangeLogError::Refused(PURGE_TAKEN.into())
+                );
+                // A discarded (fenced) purge is released and may be staged again.
+                store.discard(&first.change_id).await.unwrap();
+                assert!(!store.purge_applied("purge-3").await.unwrap());
+                store.stage(&second).await.unwrap();
+                store.apply(&second).await.unwrap();
+                assert!(store.purge_applied("purge-3").await.unwrap());
+                let third = staged(ORG, Change::Purge { spec });
+                assert!(
+                    store.stage(&third).await.is_err(),
+                    "an applied purge is never staged again"
+                );
+            }
+
+            #[tokio::test]
             async fn a_purge_strips_classes_from_covered_records() {
                 let (store, _guard) = super::$backend().await;
                 commit_one(&store, batch(ORG, INSTANCE, 1, vec![metric("m1", T0, 1.0)])).await;

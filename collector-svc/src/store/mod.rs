@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 use sightline_runtime::audited::{ChangeLog, ChangeLogError};
 use sightline_runtime::storage::{self, Database, DbFailure, Migrations, StorageError};
 
-pub use sql::{PgStore, SqliteStore};
+pub use sql::{PURGE_TAKEN, PgStore, SqliteStore};
 
 pub static SQLITE_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("migrations/sqlite");
 pub static POSTGRES_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("migrations/postgres");
@@ -344,7 +344,7 @@ pub trait CollectorStore: ChangeLog + Send + Sync + std::fmt::Debug + 'static {
         rollups: &[Rollup],
     ) -> StoreResult<()>;
 
-    /// Whether a purge was applied already.
+    /// Whether a purge was applied already, or is staged (claimed) by a purger.
     async fn purge_applied(&self, purge_id: &str) -> StoreResult<bool>;
     /// What a purge would remove now (`stripped`: covered records of kinds that carry a stripped
     /// class).

@@ -23,6 +23,10 @@ const INSERT_CHUNK: usize = 200;
 /// Rows per DELETE of a sweep, so no write transaction runs long.
 const SWEEP_CHUNK: i64 = 5_000;
 const KIND_TOMBSTONE: i64 = 0;
+/// `applied_purges.applied_at` of a purge staged but not applied yet (its claim).
+const PURGE_CLAIMED: i64 = -1;
+/// What staging a purge that another purger holds answers.
+pub const PURGE_TAKEN: &str = "the purge is already staged or applied";
 const KIND_METRIC: i64 = 2;
 const KIND_FEATURE_USAGE: i64 = 3;
 const KIND_PAGE_VIEW: i64 = 4;
@@ -345,12 +349,15 @@ macro_rules! sql_store {
                         }
                     }
                 }
-                sqlx::query("INSERT INTO applied_purges (purge_id, org_id, applied_at, counts) VALUES ($1, $2, $3, '{}') ON CONFLICT (purge_id) DO NOTHING")
-                    .bind(&spec.purge_id)
-                    .bind(&spec.org_id)
-                    .bind(now)
-                    .execute(&mut **tx)
-                    .await?;
+                sqlx::query(
+                    "INSERT INTO applied_purges (purge_id, org_id, applied_at, counts) VALUES ($1, $2, $3, '{}')
+                     ON CONFLICT (purge_id) DO UPDATE SET applied_at = excluded.applied_at",
+                )
+                .bind(&spec.purge_id)
+                .bind(&spec.org_id)
+                .bind(now)
+                .execute(&mut **tx)
+                .await?;
                 Ok(())
             }
 
@@ -961,15 +968,35 @@ macro_rules! sql_store {
         impl ChangeLog for $store {
             async fn stage(&self, change: &StagedChange) -> Result<(), ChangeLogError> {
                 let entry = serde_json::to_string(&change.entry).map_err(|e| ChangeLogError::Refused(e.to_string()))?;
+                let mut tx = self.pool.begin_with($begin).await.map_err(db)?;
+                // A purge is claimed with its staging: a second purger (another pass, another
+                // replica) cannot stage it, so it is applied and audited once. The claim goes with
+                // a discarded change and becomes the applied mark when the change is applied.
+                if let Change::Purge { spec } = Change::decode(&change.payload)? {
+                    let claimed = sqlx::query(
+                        "INSERT INTO applied_purges (purge_id, org_id, applied_at, counts) VALUES ($1, $2, $3, '{}')
+                         ON CONFLICT (purge_id) DO NOTHING",
+                    )
+                    .bind(&spec.purge_id)
+                    .bind(&spec.org_id)
+                    .bind(PURGE_CLAIMED)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(db)?;
+                    if claimed.rows_affected() == 0 {
+                        return Err(ChangeLogError::Refused(PURGE_TAKEN.to_owned()));
+                    }
+                }
                 sqlx::query("INSERT INTO staged_changes (change_id, org_id, entry, payload, staged_at) VALUES ($1, $2, $3, $4, $5)")
                     .bind(&change.change_id)
                     .bind(&change.org_id)
                     .bind(entry)
                     .bind(&change.payload)
                     .bind(change.staged_at_ms)
-                    .execute(&self.pool)
+                    .execute(&mut *tx)
                     .await
                     .map_err(db)?;
+                tx.commit().await.map_err(db)?;
                 Ok(())
             }
 
@@ -994,11 +1021,29 @@ macro_rules! sql_store {
             }
 
             async fn discard(&self, change_id: &str) -> Result<(), ChangeLogError> {
-                sqlx::query("DELETE FROM staged_changes WHERE change_id = $1")
+                let mut tx = self.pool.begin_with($begin).await.map_err(db)?;
+                let payload: Option<(String,)> = sqlx::query_as("SELECT payload FROM staged_changes WHERE change_id = $1")
                     .bind(change_id)
-                    .execute(&self.pool)
+                    .fetch_optional(&mut *tx)
                     .await
                     .map_err(db)?;
+                if let Some((payload,)) = payload
+                    && let Ok(Change::Purge { spec }) = Change::decode(&payload)
+                {
+                    // Not applied: the purge may be claimed again.
+                    sqlx::query("DELETE FROM applied_purges WHERE purge_id = $1 AND applied_at = $2")
+                        .bind(&spec.purge_id)
+                        .bind(PURGE_CLAIMED)
+                        .execute(&mut *tx)
+                        .await
+                        .map_err(db)?;
+                }
+                sqlx::query("DELETE FROM staged_changes WHERE change_id = $1")
+                    .bind(change_id)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(db)?;
+                tx.commit().await.map_err(db)?;
                 Ok(())
             }
 

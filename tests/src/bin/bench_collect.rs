@@ -7,7 +7,8 @@
 //! - `baseline-sqlite`: plain sqlx multi-row INSERTs of the same prebuilt rows, one transaction per
 //!   1000 rows, into the same table;
 //! - `baseline-postgres`: COPY of the same rows, 1000 per COPY;
-//! - `latency`: p50/p99 of one-event and of 1000-event unary Ingest at half the maximum load.
+//! - `latency`: p50/p99 of one-event and of 1000-event unary Ingest at half the maximum load;
+//! - `optout`: the gap from UpdateConsent's reply (opt-out) to the first batch refused for consent.
 //!
 //! The server (no-op or collector, with the linker-svc and consent-svc it needs) runs in a child
 //! process of its own, so its CPU time and peak RSS are read apart from the load generator's
@@ -554,6 +555,51 @@ fn report(label: &str, rate: f64, latencies: &[f64]) {
     }
 }
 
+/// Opt-out to enforcement: after UpdateConsent answers, one-event batches are sent back to back until
+/// one is dropped for consent; the gap is from the reply to that batch's reply.
+async fn optout(changes: usize) {
+    let linker = TestLinker::start(LinkerOptions {
+        quiet: true,
+        ..LinkerOptions::default()
+    })
+    .await;
+    let consent = TestConsent::start(&linker, None, Limits::default()).await;
+    let collector = TestCollector::start(&linker, &consent, CollectorOptions::default()).await;
+    let org = linker.org("Bench").await;
+    let instance = linker.link_instance(&org, "BENCH-1").await;
+    let mut client = collector.client().await;
+    let mut gaps = Vec::new();
+    let mut n = 0u64;
+    let mut send = async |client: &mut CollectorServiceClient<Channel>| {
+        n += 1;
+        let events = batch(0, n, 1);
+        client
+            .ingest(authed(&instance.credential, pb::IngestRequest { events }))
+            .await
+            .map(|r| r.into_inner().result.unwrap_or_default())
+    };
+    for _ in 0..changes {
+        opt_in(&consent, &org, UsageLevel::Basic, SharingLevel::Basic).await;
+        while send(&mut client).await.map(|r| r.accepted).unwrap_or(0) == 0 {}
+        opt_in(&consent, &org, UsageLevel::Disabled, SharingLevel::Basic).await;
+        let replied = Instant::now();
+        loop {
+            match send(&mut client).await {
+                Ok(r) if r.accepted == 0 && !r.dropped.is_empty() => break,
+                _ => {}
+            }
+        }
+        gaps.push(replied.elapsed().as_secs_f64() * 1e3);
+    }
+    gaps.sort_by(f64::total_cmp);
+    println!(
+        "opt-out to enforcement over {changes} changes: p50 {:.2} ms  p99 {:.2} ms  max {:.2} ms",
+        percentile(&gaps, 0.5),
+        percentile(&gaps, 0.99),
+        gaps[gaps.len() - 1]
+    );
+}
+
 #[tokio::main]
 async fn main() {
     let args: Vec<String> = std::env::args().collect();
@@ -607,6 +653,7 @@ async fn main() {
             }
             println!("server peak RSS: {:.0} MiB", child.peak_rss_mib());
         }
+        "optout" => optout(arg("--changes", 200) as usize).await,
         other => panic!("unknown target {other}"),
     }
 }
