@@ -42,12 +42,9 @@ pub struct Plan {
     pub tracking: Tracking,
     pub pseudonyms: Option<OrgPseudonymizer>,
     pub event_id_days: i64,
-    pub raw_days: i64,
-    pub aggregate_days: i64,
     pub moving: bool,
     pub retry_after_ms: u32,
     pub location: common::Location,
-    pub contribute_kinds: Vec<EventKind>,
     /// A plan that only strips classes from stored records (purges): kept values stay as stored.
     strip_only: bool,
 }
@@ -100,15 +97,6 @@ impl Plan {
             .collect();
         let tracking = policy.tracking.clone().unwrap_or_default();
         let retention = policy.retention.unwrap_or_default();
-        let mut contribute_kinds = Vec::new();
-        for kind in policy
-            .contribute_metadata_kinds()
-            .chain(policy.contribute_in_app_data_kinds())
-        {
-            if !contribute_kinds.contains(&kind) {
-                contribute_kinds.push(kind);
-            }
-        }
         Self {
             org_id: policy.org_id.clone(),
             consent_version: policy.consent_version,
@@ -126,12 +114,9 @@ impl Plan {
             },
             pseudonyms,
             event_id_days: i64::from(retention.event_id_days.max(1)),
-            raw_days: i64::from(retention.raw_days.max(1)),
-            aggregate_days: i64::from(retention.aggregate_days.max(1)),
             moving: policy.moving,
             retry_after_ms: policy.retry_after_ms,
             location: policy.location(),
-            contribute_kinds,
             strip_only: false,
         }
     }
@@ -158,12 +143,9 @@ impl Plan {
             tracking: Tracking::default(),
             pseudonyms: None,
             event_id_days: 1,
-            raw_days: 1,
-            aggregate_days: 1,
             moving: false,
             retry_after_ms: 0,
             location: common::Location::Unspecified,
-            contribute_kinds: Vec::new(),
             strip_only: true,
         }
     }

@@ -115,11 +115,6 @@ impl Policies {
         })
     }
 
-    /// The org-level plan (for org-wide reads and erasure).
-    pub fn org_plan(&self, org_id: &str) -> Result<Arc<Plan>, Status> {
-        self.plan(org_id, "")
-    }
-
     /// The current revision an instance's records are enforced under.
     pub fn revision(&self, org_id: &str, instance_id: &str) -> Option<u64> {
         self.plan(org_id, instance_id).ok().map(|p| p.revision)
