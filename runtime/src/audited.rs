@@ -59,6 +59,25 @@ pub struct StagedChange {
     pub staged_at_ms: i64,
 }
 
+/// A staged change as a store's `staged_changes` table holds it:
+/// (change_id, org_id, entry as JSON, payload, staged_at_ms).
+pub type StagedRow = (String, String, String, String, i64);
+
+/// The staged change of a `staged_changes` row.
+pub fn staged_of(
+    (change_id, org_id, entry, payload, staged_at_ms): StagedRow,
+) -> Result<StagedChange, ChangeLogError> {
+    Ok(StagedChange {
+        change_id,
+        org_id,
+        entry: serde_json::from_str(&entry).map_err(|e| {
+            ChangeLogError::Refused(format!("staged audit entry does not decode: {e}"))
+        })?,
+        payload,
+        staged_at_ms,
+    })
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ChangeLogError {
     /// The database cannot be reached or did not answer.

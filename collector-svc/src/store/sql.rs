@@ -9,7 +9,7 @@ use async_trait::async_trait;
 use sqlx::postgres::PgPool;
 use sqlx::sqlite::SqlitePool;
 
-use sightline_runtime::audited::{ChangeLog, ChangeLogError, StagedChange};
+use sightline_runtime::audited::{ChangeLog, ChangeLogError, StagedChange, StagedRow, staged_of};
 
 use super::{
     Batch, BatchOutcome, Change, CollectorStore, EraseSpec, PurgeSpec, Ranked, Removed, Revisions,
@@ -33,22 +33,6 @@ const KIND_PAGE_VIEW: i64 = 4;
 
 fn db(error: sqlx::Error) -> ChangeLogError {
     StoreError::from(error).into()
-}
-
-type StagedRow = (String, String, String, String, i64);
-
-fn staged_of(
-    (change_id, org_id, entry, payload, staged_at_ms): StagedRow,
-) -> Result<StagedChange, ChangeLogError> {
-    Ok(StagedChange {
-        change_id,
-        org_id,
-        entry: serde_json::from_str(&entry).map_err(|e| {
-            ChangeLogError::Refused(format!("staged audit entry does not decode: {e}"))
-        })?,
-        payload,
-        staged_at_ms,
-    })
 }
 
 /// `kind IN (…)` for kind numbers (integers we parsed: safe to write into the SQL).

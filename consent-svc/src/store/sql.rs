@@ -5,7 +5,7 @@ use async_trait::async_trait;
 use sqlx::postgres::PgPool;
 use sqlx::sqlite::SqlitePool;
 
-use sightline_runtime::audited::{ChangeLog, ChangeLogError, StagedChange};
+use sightline_runtime::audited::{ChangeLog, ChangeLogError, StagedChange, StagedRow, staged_of};
 
 use super::{
     Change, ConsentRecord, ConsentStore, MoveRecord, OverrideRecord, PolicyStateRecord,
@@ -15,22 +15,6 @@ use super::{
 
 fn db(error: sqlx::Error) -> ChangeLogError {
     StoreError::from(error).into()
-}
-
-type StagedRow = (String, String, String, String, i64);
-
-fn staged_of(
-    (change_id, org_id, entry, payload, staged_at_ms): StagedRow,
-) -> Result<StagedChange, ChangeLogError> {
-    Ok(StagedChange {
-        change_id,
-        org_id,
-        entry: serde_json::from_str(&entry).map_err(|e| {
-            ChangeLogError::Refused(format!("staged audit entry does not decode: {e}"))
-        })?,
-        payload,
-        staged_at_ms,
-    })
 }
 
 const PURGE_COLUMNS: &str = "purge_id, org_id, scope, instance_id, delete_kinds, strip_classes, withdraw_metadata, withdraw_in_app_data, before_consent_version, before_revision, issued_at";
