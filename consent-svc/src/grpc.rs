@@ -16,6 +16,7 @@ use sightline_runtime::audited::{AuditEntry, Auditor, StagedChange};
 use sightline_runtime::auth::{CredentialClient, Principal};
 use sightline_runtime::directory::Directory;
 use sightline_runtime::ratelimit::RateLimiter;
+use sightline_runtime::settings::ResidencySettings;
 use sightline_runtime::time::{to_proto, to_proto_opt};
 use tokio::sync::{Mutex, OwnedMutexGuard, broadcast, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
@@ -27,8 +28,8 @@ use crate::error::ConsentError;
 use crate::policy::{self, OrgState, Override, SCOPE_INSTANCE, SCOPE_ORG};
 use crate::receipt::{self, ReceiptSigner, Statement};
 use crate::store::{
-    Change, ConsentRecord, ConsentStore, MoveRecord, OverrideRecord, PurgeRecord, ResidencyRecord,
-    RetentionRecord, StagedPayload, TrackingRecord,
+    Change, ConsentRecord, ConsentStore, MoveFrom, MoveRecord, OverrideRecord, PurgeRecord,
+    ResidencyRecord, RetentionRecord, StagedPayload, TrackingRecord,
 };
 
 type GrpcResult<T> = Result<Response<T>, Status>;
@@ -44,7 +45,7 @@ enum Watched {
 }
 
 /// How the API behaves, beyond its collaborators.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct ApiOptions {
     /// Messages a watcher may leave unread before its stream ends with ABORTED.
     pub watch_buffer: usize,
@@ -53,6 +54,8 @@ pub struct ApiOptions {
     pub call_limit: Duration,
     /// The pseudonymization key version policies name.
     pub pseudonym_key_version: u32,
+    /// The data owners that report their part of a move, per scope.
+    pub residency: sightline_runtime::settings::ResidencySettings,
 }
 
 impl Default for ApiOptions {
@@ -61,6 +64,7 @@ impl Default for ApiOptions {
             watch_buffer: 256,
             call_limit: Duration::from_secs(30),
             pseudonym_key_version: 1,
+            residency: sightline_runtime::settings::ResidencySettings::default(),
         }
     }
 }
@@ -261,7 +265,7 @@ impl ConsentApi {
         // The latest move per scope.
         let mut latest: Vec<pb::ResidencyMove> = Vec::new();
         for m in &moves {
-            let m = move_pb(m);
+            let m = move_pb(m, &self.options.residency);
             if !latest.iter().any(|l| l.scope == m.scope) {
                 latest.push(m);
             }
@@ -284,7 +288,8 @@ impl ConsentApi {
         let moving = |scope: pb::ResidencyScope| {
             moves
                 .iter()
-                .any(|m| m.scope == scope_name(scope) && m.state == "MOVING")
+                .find(|m| m.scope == scope_name(scope) && m.state == "MOVING")
+                .map(|m| move_pb(m, &self.options.residency))
         };
         let overrides = self
             .store
@@ -306,8 +311,8 @@ impl ConsentApi {
             retention: self.retention(org_id).await?,
             location: residency.location(),
             support_bundle_location: residency.support_bundle_location(),
-            data_moving: moving(pb::ResidencyScope::Data),
-            support_bundles_moving: moving(pb::ResidencyScope::SupportBundles),
+            data_move: moving(pb::ResidencyScope::Data),
+            support_bundles_move: moving(pb::ResidencyScope::SupportBundles),
             overrides,
             purges: self.store.purges(org_id).await?,
             pseudonym_key_version: self.options.pseudonym_key_version,
@@ -617,11 +622,30 @@ fn scope_name(scope: pb::ResidencyScope) -> &'static str {
     }
 }
 
-fn move_pb(m: &MoveRecord) -> pb::ResidencyMove {
+/// The owners that have reported their part of a move.
+fn reported_by(m: &MoveRecord) -> Vec<String> {
+    m.reported_by
+        .split(',')
+        .filter(|o| !o.is_empty())
+        .map(str::to_owned)
+        .collect()
+}
+
+fn move_pb(m: &MoveRecord, residency: &ResidencySettings) -> pb::ResidencyMove {
     let scope = if m.scope == "SUPPORT_BUNDLES" {
         pb::ResidencyScope::SupportBundles
     } else {
         pb::ResidencyScope::Data
+    };
+    let reported = reported_by(m);
+    let waiting_for = if m.state == "DONE" {
+        Vec::new()
+    } else {
+        owners(residency, scope)
+            .iter()
+            .filter(|o| !reported.contains(o))
+            .cloned()
+            .collect()
     };
     let state = match m.state.as_str() {
         "REQUESTED" => pb::MoveState::Requested,
@@ -637,6 +661,16 @@ fn move_pb(m: &MoveRecord) -> pb::ResidencyMove {
         requested_at: Some(to_proto(m.requested_at)),
         started_at: to_proto_opt(m.started_at),
         completed_at: to_proto_opt(m.completed_at),
+        reported_by: reported,
+        waiting_for,
+    }
+}
+
+/// The services that hold data of a scope and report their part of its moves.
+fn owners(residency: &ResidencySettings, scope: pb::ResidencyScope) -> &[String] {
+    match scope {
+        pb::ResidencyScope::SupportBundles => &residency.support_bundle_owners,
+        pb::ResidencyScope::Data | pb::ResidencyScope::Unspecified => &residency.data_owners,
     }
 }
 
@@ -1197,6 +1231,7 @@ impl ConsentService for ConsentApi {
                     requested_at: now,
                     started_at: None,
                     completed_at: None,
+                    reported_by: String::new(),
                 };
                 (record, None, None, "residency.move_requested")
             }
@@ -1212,12 +1247,11 @@ impl ConsentService for ConsentApi {
                     started_at: Some(now),
                     ..m.clone()
                 };
-                (
-                    record,
-                    Some("REQUESTED".to_owned()),
-                    None,
-                    "residency.move_started",
-                )
+                let from = MoveFrom {
+                    state: m.state.clone(),
+                    reported_by: m.reported_by.clone(),
+                };
+                (record, Some(from), None, "residency.move_started")
             }
             pb::MoveTransition::Complete | pb::MoveTransition::Unspecified => {
                 let Some(m) = open.filter(|m| m.state == "MOVING") else {
@@ -1226,30 +1260,81 @@ impl ConsentService for ConsentApi {
                     )
                     .into());
                 };
-                let record = MoveRecord {
-                    state: "DONE".to_owned(),
-                    completed_at: Some(now),
-                    ..m.clone()
+                let from = MoveFrom {
+                    state: m.state.clone(),
+                    reported_by: m.reported_by.clone(),
                 };
-                let mut location = domain::location_name(residency.location()).to_owned();
-                let mut support =
-                    domain::location_name(residency.support_bundle_location()).to_owned();
-                match scope {
-                    pb::ResidencyScope::SupportBundles => support.clone_from(&m.to_location),
-                    _ => location.clone_from(&m.to_location),
+                // A service reports its part as a data owner; the operator finishes the move.
+                let mut reported = reported_by(m);
+                let waiting = if let Principal::Service { .. } = caller {
+                    let owner = r.owner.trim();
+                    let expected = owners(&self.options.residency, scope);
+                    if owner.is_empty() {
+                        return Err(ConsentError::InvalidArgument {
+                            field: "owner",
+                            reason: "a service names the data owner it reports for".into(),
+                        }
+                        .into());
+                    }
+                    if !expected.iter().any(|o| o == owner) {
+                        return Err(ConsentError::InvalidArgument {
+                            field: "owner",
+                            reason: format!(
+                                "{owner} owns no data of this scope (owners: {})",
+                                expected.join(", ")
+                            ),
+                        }
+                        .into());
+                    }
+                    if !reported.iter().any(|o| o == owner) {
+                        reported.push(owner.to_owned());
+                        reported.sort();
+                    }
+                    expected.iter().any(|o| !reported.contains(o))
+                } else {
+                    false
+                };
+                if waiting {
+                    let record = MoveRecord {
+                        reported_by: reported.join(","),
+                        ..m.clone()
+                    };
+                    if record.reported_by == m.reported_by {
+                        // Reported before: nothing changes.
+                        drop(guard);
+                        return Ok(Response::new(pb::RequestResidencyMoveResponse {
+                            residency: Some(residency),
+                            r#move: Some(move_pb(&record, &self.options.residency)),
+                        }));
+                    }
+                    (record, Some(from), None, "residency.move_part_done")
+                } else {
+                    let record = MoveRecord {
+                        state: "DONE".to_owned(),
+                        completed_at: Some(now),
+                        reported_by: reported.join(","),
+                        ..m.clone()
+                    };
+                    let mut location = domain::location_name(residency.location()).to_owned();
+                    let mut support =
+                        domain::location_name(residency.support_bundle_location()).to_owned();
+                    match scope {
+                        pb::ResidencyScope::SupportBundles => support.clone_from(&m.to_location),
+                        _ => location.clone_from(&m.to_location),
+                    }
+                    let new_residency = ResidencyRecord {
+                        org_id: org_id.clone(),
+                        location,
+                        support_bundle_location: support,
+                        updated_at: now,
+                    };
+                    (
+                        record,
+                        Some(from),
+                        Some(new_residency),
+                        "residency.move_completed",
+                    )
                 }
-                let new_residency = ResidencyRecord {
-                    org_id: org_id.clone(),
-                    location,
-                    support_bundle_location: support,
-                    updated_at: now,
-                };
-                (
-                    record,
-                    Some("MOVING".to_owned()),
-                    Some(new_residency),
-                    "residency.move_completed",
-                )
             }
         };
         let mut entry = self.entry(&org_id, &caller, action, record.move_id.clone());
@@ -1262,11 +1347,16 @@ impl ConsentService for ConsentApi {
         entry
             .attributes
             .insert("to".into(), record.to_location.clone());
+        if !record.reported_by.is_empty() {
+            entry
+                .attributes
+                .insert("reported_by".into(), record.reported_by.clone());
+        }
         self.commit(
             guard,
             Change::Move {
                 record: record.clone(),
-                expected_state: expected,
+                expected,
                 residency: new_residency,
             },
             None,
@@ -1279,7 +1369,7 @@ impl ConsentService for ConsentApi {
 
         Ok(Response::new(pb::RequestResidencyMoveResponse {
             residency: Some(self.residency(&org_id).await?.0),
-            r#move: Some(move_pb(&record)),
+            r#move: Some(move_pb(&record, &self.options.residency)),
         }))
     }
 

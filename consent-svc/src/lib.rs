@@ -78,6 +78,7 @@ impl ConsentConfig {
             clock: sightline_runtime::clock::system(),
             options: ApiOptions {
                 call_limit: std::time::Duration::from_millis(settings.limits.request_timeout_ms),
+                residency: settings.residency.clone(),
                 ..ApiOptions::default()
             },
             metrics_listen: settings

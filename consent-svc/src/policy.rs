@@ -31,8 +31,10 @@ pub struct OrgState {
     pub retention: Retention,
     pub location: common_pb::Location,
     pub support_bundle_location: common_pb::Location,
-    pub data_moving: bool,
-    pub support_bundles_moving: bool,
+    /// The data move under way (state MOVING), if any.
+    pub data_move: Option<pb::ResidencyMove>,
+    /// The support-bundle move under way, if any.
+    pub support_bundles_move: Option<pb::ResidencyMove>,
     pub overrides: Vec<Override>,
     /// Newest first.
     pub purges: Vec<PurgeRecord>,
@@ -103,8 +105,8 @@ impl OrgState {
             tracking: Some(self.tracking.to_pb()),
             location: self.location as i32,
             support_bundle_location: self.support_bundle_location as i32,
-            moving: self.data_moving,
-            retry_after_ms: if self.data_moving || self.support_bundles_moving {
+            moving: self.data_move.is_some(),
+            retry_after_ms: if self.data_move.is_some() || self.support_bundles_move.is_some() {
                 MOVING_RETRY_AFTER_MS
             } else {
                 0
@@ -124,7 +126,9 @@ impl OrgState {
                 Vec::new()
             },
             purges,
-            support_bundles_moving: self.support_bundles_moving,
+            support_bundles_moving: self.support_bundles_move.is_some(),
+            data_move: self.data_move.clone(),
+            support_bundles_move: self.support_bundles_move.clone(),
         }
     }
 
@@ -220,8 +224,8 @@ mod tests {
             retention: Retention::default(),
             location: common_pb::Location::Eu,
             support_bundle_location: common_pb::Location::Eu,
-            data_moving: false,
-            support_bundles_moving: false,
+            data_move: None,
+            support_bundles_move: None,
             overrides: vec![Override {
                 instance_id: "i-low".into(),
                 usage: Usage::Basic,

@@ -50,6 +50,28 @@ pub struct Settings {
     pub insights: ServiceSettings,
     /// How collector-svc stores, rolls up and shares what it collects.
     pub collection: CollectionSettings,
+    /// Who owns data that a residency move must carry (the `[residency]` section).
+    pub residency: ResidencySettings,
+}
+
+/// Which services hold an org's data of each residency scope: a move is DONE once each has copied
+/// its part to the new location and reported it (consent-svc waits for all of them).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ResidencySettings {
+    /// Owners of collected data (events, metrics, page views, rollups).
+    pub data_owners: Vec<String>,
+    /// Owners of support bundles.
+    pub support_bundle_owners: Vec<String>,
+}
+
+impl Default for ResidencySettings {
+    fn default() -> Self {
+        Self {
+            data_owners: vec!["collector".to_owned()],
+            support_bundle_owners: vec!["insights".to_owned()],
+        }
+    }
 }
 
 /// collector-svc's own settings (the `[collection]` section).
@@ -105,6 +127,7 @@ impl Default for Settings {
             collector: ServiceSettings::local(50053),
             insights: ServiceSettings::local(50054),
             collection: CollectionSettings::default(),
+            residency: ResidencySettings::default(),
         }
     }
 }

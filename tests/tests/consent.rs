@@ -366,6 +366,147 @@ async fn overrides_only_lower_and_the_effective_policy_is_the_lower_of_both() {
 }
 
 #[tokio::test]
+async fn a_move_is_done_when_every_data_owner_has_reported_its_part() {
+    let linker =
+        sightline_tests::TestLinker::start(sightline_tests::LinkerOptions::default()).await;
+    let consent = sightline_tests::TestConsent::start_with(
+        &linker,
+        None,
+        sightline_runtime::settings::Limits::default(),
+        consent_svc::grpc::ApiOptions {
+            residency: sightline_runtime::settings::ResidencySettings {
+                data_owners: vec!["collector".into(), "insights".into()],
+                support_bundle_owners: vec!["insights".into()],
+            },
+            ..Default::default()
+        },
+    )
+    .await;
+    let org = linker.org("Acme").await;
+    let mut client = consent.client().await;
+    let service = linker.service.expose();
+    let step = |transition: pb::MoveTransition, owner: &str| pb::RequestResidencyMoveRequest {
+        org_id: org.id.clone(),
+        transition: transition as i32,
+        scope: pb::ResidencyScope::Data as i32,
+        to_location: Location::Eu as i32,
+        owner: owner.into(),
+    };
+    client
+        .request_residency_move(authed(&org.admin, step(pb::MoveTransition::Request, "")))
+        .await
+        .unwrap();
+    let early = client
+        .request_residency_move(authed(
+            service,
+            step(pb::MoveTransition::Complete, "collector"),
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(early.code(), Code::FailedPrecondition, "not started yet");
+    client
+        .request_residency_move(authed(
+            linker.operator.expose(),
+            step(pb::MoveTransition::Start, ""),
+        ))
+        .await
+        .unwrap();
+    let moving = policy(&consent, &org, "").await;
+    let data_move = moving.data_move.clone().expect("the policy names the move");
+    assert_eq!(
+        (data_move.from_location(), data_move.to_location()),
+        (Location::Global, Location::Eu)
+    );
+    assert_eq!(data_move.waiting_for, ["collector", "insights"]);
+
+    for (owner, field) in [("", "owner"), ("billing", "owner")] {
+        let refused = client
+            .request_residency_move(authed(service, step(pb::MoveTransition::Complete, owner)))
+            .await
+            .unwrap_err();
+        assert_eq!(refused.code(), Code::InvalidArgument, "{owner:?}");
+        assert!(refused.message().contains(field), "{}", refused.message());
+    }
+    let admin = client
+        .request_residency_move(authed(
+            &org.admin,
+            step(pb::MoveTransition::Complete, "collector"),
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(admin.code(), Code::PermissionDenied);
+
+    // The collector reports (twice: a retry changes nothing); the move waits for insights.
+    for _ in 0..2 {
+        let part = client
+            .request_residency_move(authed(
+                service,
+                step(pb::MoveTransition::Complete, "collector"),
+            ))
+            .await
+            .unwrap()
+            .into_inner()
+            .r#move
+            .unwrap();
+        assert_eq!(part.state(), pb::MoveState::Moving);
+        assert_eq!(
+            (part.reported_by.as_slice(), part.waiting_for.as_slice()),
+            (&["collector".to_owned()][..], &["insights".to_owned()][..])
+        );
+    }
+    let still = policy(&consent, &org, "").await;
+    assert!(still.moving && still.retry_after_ms > 0);
+    assert_eq!(still.location(), Location::Global);
+
+    let done = client
+        .request_residency_move(authed(
+            service,
+            step(pb::MoveTransition::Complete, "insights"),
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    let finished = done.r#move.unwrap();
+    assert_eq!(finished.state(), pb::MoveState::Done);
+    assert_eq!(finished.reported_by, ["collector", "insights"]);
+    assert!(finished.waiting_for.is_empty());
+    let after = policy(&consent, &org, "").await;
+    assert!(!after.moving && after.data_move.is_none());
+    assert_eq!(after.location(), Location::Eu);
+
+    let actions: Vec<String> = linker
+        .audit()
+        .await
+        .list_events(authed(
+            &org.admin,
+            audit_pb::ListEventsRequest {
+                org_id: org.id.clone(),
+                action_prefix: "residency.".into(),
+                ..Default::default()
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .events
+        .into_iter()
+        .map(|e| e.action)
+        .collect();
+    for action in [
+        "residency.move_requested",
+        "residency.move_started",
+        "residency.move_part_done",
+        "residency.move_completed",
+    ] {
+        assert_eq!(
+            actions.iter().filter(|a| *a == action).count(),
+            1,
+            "{action} in {actions:?}"
+        );
+    }
+}
+
+#[tokio::test]
 async fn a_residency_move_runs_requested_moving_done_and_policy_says_unavailable_while_moving() {
     let (linker, consent) = stack().await;
     let org = linker.org("Acme").await;
@@ -376,6 +517,7 @@ async fn a_residency_move_runs_requested_moving_done_and_policy_says_unavailable
         transition: transition as i32,
         scope: pb::ResidencyScope::Data as i32,
         to_location: to as i32,
+        owner: String::new(),
     };
     let requested = client
         .request_residency_move(authed(
@@ -630,6 +772,7 @@ async fn bad_input_names_the_field_and_changes_nothing() {
         transition,
         scope: 0,
         to_location,
+        owner: String::new(),
     };
     expect(
         client
@@ -782,7 +925,8 @@ async fn an_org_admin_can_neither_read_nor_change_another_orgs_governance() {
             org_id: b_id.clone(),
             transition: 1,
             scope: 1,
-            to_location: Location::Eu as i32
+            to_location: Location::Eu as i32,
+            owner: String::new()
         })
     );
     call!(

@@ -667,6 +667,7 @@ async fn moving_is_said_per_scope_so_bundles_are_not_written_to_the_old_location
                 transition: transition as i32,
                 scope: pb::ResidencyScope::SupportBundles as i32,
                 to_location: sightline_proto::common::v1::Location::Eu as i32,
+                owner: "insights".into(),
             },
         )
     };

@@ -298,10 +298,11 @@ async fn residency_moves_advance_only_from_their_expected_state(store: Arc<dyn C
         requested_at: 1,
         started_at: None,
         completed_at: None,
+        reported_by: String::new(),
     };
     let new = |record: MoveRecord| Change::Move {
         record,
-        expected_state: None,
+        expected: None,
         residency: None,
     };
     commit(&store, new(requested.clone()), None).await.unwrap();
@@ -333,7 +334,10 @@ async fn residency_moves_advance_only_from_their_expected_state(store: Arc<dyn C
     };
     let advance = |record: MoveRecord, from: &str, residency| Change::Move {
         record,
-        expected_state: Some(from.into()),
+        expected: Some(MoveFrom {
+            state: from.into(),
+            reported_by: String::new(),
+        }),
         residency,
     };
     let wrong = commit(&store, advance(moving.clone(), "MOVING", None), None)
@@ -343,11 +347,27 @@ async fn residency_moves_advance_only_from_their_expected_state(store: Arc<dyn C
     commit(&store, advance(moving.clone(), "REQUESTED", None), None)
         .await
         .unwrap();
+    // One owner reports its part: the move stays MOVING and remembers who reported; a report made
+    // from a stale view of the reporters (a concurrent report) is refused.
+    let reported = MoveRecord {
+        reported_by: "collector".into(),
+        ..moving.clone()
+    };
+    commit(&store, advance(reported.clone(), "MOVING", None), None)
+        .await
+        .unwrap();
+    let stale = commit(&store, advance(reported.clone(), "MOVING", None), None)
+        .await
+        .unwrap_err();
+    assert!(matches!(stale, ChangeLogError::Refused(_)));
+    assert!(store.moves(ORG).await.unwrap().contains(&reported));
     let done = MoveRecord {
         state: "DONE".into(),
         completed_at: Some(3),
+        reported_by: "collector,insights".into(),
         ..moving
     };
+
     let residency = ResidencyRecord {
         org_id: ORG.into(),
         location: "EU".into(),
@@ -356,7 +376,14 @@ async fn residency_moves_advance_only_from_their_expected_state(store: Arc<dyn C
     };
     commit(
         &store,
-        advance(done.clone(), "MOVING", Some(residency.clone())),
+        Change::Move {
+            record: done.clone(),
+            expected: Some(MoveFrom {
+                state: "MOVING".into(),
+                reported_by: "collector".into(),
+            }),
+            residency: Some(residency.clone()),
+        },
         None,
     )
     .await

@@ -117,6 +117,15 @@ pub struct MoveRecord {
     pub requested_at: i64,
     pub started_at: Option<i64>,
     pub completed_at: Option<i64>,
+    /// The data owners that have reported their part, comma-separated and sorted.
+    pub reported_by: String,
+}
+
+/// The state a move must still be in for a change of it to apply.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MoveFrom {
+    pub state: String,
+    pub reported_by: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow, Serialize, Deserialize)]
@@ -171,11 +180,11 @@ pub enum Change {
     },
     Tracking(TrackingRecord),
     Retention(RetentionRecord),
-    /// A residency move, new (`expected_state` None) or advanced from `expected_state`; with the
-    /// org's residency when the move changes it.
+    /// A residency move, new (`expected` None) or advanced from `expected` (its state and the
+    /// owners that had reported); with the org's residency when the move changes it.
     Move {
         record: MoveRecord,
-        expected_state: Option<String>,
+        expected: Option<MoveFrom>,
         residency: Option<ResidencyRecord>,
     },
 }

@@ -124,8 +124,8 @@ macro_rules! sql_store {
                     .execute(&mut **tx)
                     .await?;
                 }
-                Change::Move { record: m, expected_state, residency } => {
-                    match expected_state {
+                Change::Move { record: m, expected, residency } => {
+                    match expected {
                         None => {
                             let open: Option<(String,)> = sqlx::query_as(
                                 "SELECT move_id FROM residency_moves WHERE org_id = $1 AND scope = $2 AND state IN ('REQUESTED', 'MOVING')",
@@ -138,8 +138,8 @@ macro_rules! sql_store {
                                 return Err(StoreError::Conflict("a move of this scope is already under way"));
                             }
                             sqlx::query(
-                                "INSERT INTO residency_moves (move_id, org_id, scope, from_location, to_location, state, requested_at, started_at, completed_at)
-                                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+                                "INSERT INTO residency_moves (move_id, org_id, scope, from_location, to_location, state, requested_at, started_at, completed_at, reported_by)
+                                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
                             )
                             .bind(&m.move_id)
                             .bind(&m.org_id)
@@ -150,19 +150,22 @@ macro_rules! sql_store {
                             .bind(m.requested_at)
                             .bind(m.started_at)
                             .bind(m.completed_at)
+                            .bind(&m.reported_by)
                             .execute(&mut **tx)
                             .await?;
                         }
                         Some(expected) => {
                             let updated = sqlx::query(
-                                "UPDATE residency_moves SET state = $3, started_at = $4, completed_at = $5
-                                 WHERE move_id = $1 AND state = $2",
+                                "UPDATE residency_moves SET state = $3, started_at = $4, completed_at = $5, reported_by = $6
+                                 WHERE move_id = $1 AND state = $2 AND reported_by = $7",
                             )
                             .bind(&m.move_id)
-                            .bind(expected)
+                            .bind(&expected.state)
                             .bind(&m.state)
                             .bind(m.started_at)
                             .bind(m.completed_at)
+                            .bind(&m.reported_by)
+                            .bind(&expected.reported_by)
                             .execute(&mut **tx)
                             .await?;
                             if updated.rows_affected() != 1 {
@@ -251,7 +254,7 @@ macro_rules! sql_store {
 
             async fn moves(&self, org_id: &str) -> StoreResult<Vec<MoveRecord>> {
                 Ok(sqlx::query_as(
-                    "SELECT move_id, org_id, scope, from_location, to_location, state, requested_at, started_at, completed_at
+                    "SELECT move_id, org_id, scope, from_location, to_location, state, requested_at, started_at, completed_at, reported_by
                      FROM residency_moves WHERE org_id = $1 ORDER BY requested_at DESC, move_id DESC",
                 )
                 .bind(org_id)
