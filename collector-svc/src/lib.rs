@@ -162,6 +162,9 @@ impl CollectorService {
             auditor,
             clock: config.clock.clone(),
             locks: Arc::default(),
+            rollup_pass: Arc::default(),
+            consent: consent.clone(),
+            service_token: config.service_token.clone(),
         };
         let api = CollectorApi {
             policies,

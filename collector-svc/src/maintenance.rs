@@ -9,13 +9,18 @@ use std::time::Duration;
 use prost::Message;
 use sightline_proto::collector::v1 as pb;
 use sightline_proto::consent::v1 as consent_pb;
-use sightline_runtime::SharedClock;
+use sightline_proto::consent::v1::consent_service_client::ConsentServiceClient;
 use sightline_runtime::audited::{AuditEntry, Auditor, ChangeLogError, CommitError, StagedChange};
+use sightline_runtime::auth::authorize;
+use sightline_runtime::{Secret, SharedClock};
 use tokio_util::sync::CancellationToken;
 
 use crate::enforce::DAY_MS;
 use crate::policy::Policies;
-use crate::store::{Change, CollectorStore, EraseSpec, PURGE_TAKEN, PurgeSpec, Removed, Rollup};
+use crate::store::{
+    Change, CollectorStore, EraseSpec, MOVED_TABLES, MoveSpec, PURGE_TAKEN, PurgeSpec, Removed,
+    Rollup,
+};
 use crate::stores::{Stores, location_name};
 
 const HOUR_MS: i64 = 3_600_000;
@@ -112,22 +117,50 @@ pub const ROLLUP_GRACE_MS: i64 = 5 * 60 * 1000;
 pub async fn roll_up_dirty(
     store: &dyn CollectorStore,
     now_ms: i64,
+    skip: &[String],
 ) -> Result<usize, crate::store::StoreError> {
     let mut done = 0;
     // Hours that started before this ended more than the grace ago.
     let before = now_ms - HOUR_MS - ROLLUP_GRACE_MS + 1;
     loop {
-        let hours = store.take_dirty_hours(before, 500).await?;
+        let hours = store.take_dirty_hours(before, 500, skip).await?;
         if hours.is_empty() {
             return Ok(done);
         }
         for (org_id, instance_id, hour) in hours {
             let samples = store.hour_samples(&instance_id, hour).await?;
             let rollups = roll_up(&org_id, &instance_id, hour, &samples);
-            store.replace_rollups(&instance_id, hour, &rollups).await?;
+            store
+                .replace_rollups(&org_id, &instance_id, hour, &rollups)
+                .await?;
             done += 1;
         }
     }
+}
+
+/// Copies every row of an org's data from one store to another, table by table in key order,
+/// after clearing what an interrupted copy left there.
+pub async fn copy_org(
+    from: &dyn CollectorStore,
+    to: &dyn CollectorStore,
+    org_id: &str,
+) -> Result<(), crate::store::StoreError> {
+    to.clear_org(org_id).await?;
+    for table in MOVED_TABLES {
+        let mut after: Option<Vec<crate::store::Value>> = None;
+        loop {
+            let rows = from
+                .export_rows(table, org_id, after.as_deref(), MOVE_PAGE)
+                .await?;
+            let Some(last) = rows.last() else { break };
+            after = Some(last[..table.key].to_vec());
+            to.import_rows(table, &rows).await?;
+            if rows.len() < usize::try_from(MOVE_PAGE).unwrap_or(usize::MAX) {
+                break;
+            }
+        }
+    }
+    Ok(())
 }
 
 /// The purges of a policy, as the store reads them.
@@ -175,6 +208,36 @@ pub struct Maintenance {
     /// One audited change of an org at a time in this process: an erasure counts what it deletes,
     /// and two at once would both count the same rows.
     pub locks: Arc<dashmap::DashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// Held by a rollup pass; a move waits for the pass under way (which may have taken an hour of
+    /// the moving org before the policy said so) before it copies.
+    pub rollup_pass: Arc<tokio::sync::Mutex<()>>,
+    /// Where moves are reported done (consent-svc), with the service token.
+    pub consent: tonic::transport::Channel,
+    pub service_token: Secret,
+}
+
+/// The name collector-svc reports its part of a residency move under.
+pub const MOVE_OWNER: &str = "collector";
+/// Rows per page of a move's copy.
+const MOVE_PAGE: i64 = 2_000;
+
+/// Why a move did not finish this time (it is tried again on the next pass).
+#[derive(Debug, thiserror::Error)]
+pub enum MoveError {
+    #[error("{0}")]
+    Store(#[from] crate::store::StoreError),
+    #[error("{0}")]
+    Commit(#[from] CommitError),
+    #[error("a store is unavailable: {0}")]
+    Unavailable(String),
+    #[error("the copy does not match the original: {table} has {from} rows there and {to} here")]
+    Mismatch {
+        table: &'static str,
+        from: i64,
+        to: i64,
+    },
+    #[error("consent-svc did not take the report: {0}")]
+    Report(String),
 }
 
 impl Maintenance {
@@ -188,12 +251,16 @@ impl Maintenance {
     }
 
     /// Applies every purge of the current policies not applied yet, each once; returns how many.
+    /// An org's purges wait while its data moves (the move applies them first).
     pub async fn apply_purges(&self) -> usize {
         if !self.policies.is_ready() {
             return 0;
         }
         let mut applied = 0;
         for policy in self.policies.policies() {
+            if policy.moving {
+                continue;
+            }
             let specs = purge_specs(&policy);
             if specs.is_empty() {
                 continue;
@@ -309,6 +376,9 @@ impl Maintenance {
         let now = self.clock.now_ms();
         let mut total = 0;
         for policy in self.policies.policies() {
+            if policy.moving {
+                continue;
+            }
             let Ok(opened) = self.stores.get(policy.location()).await else {
                 continue;
             };
@@ -340,12 +410,149 @@ impl Maintenance {
         total
     }
 
-    /// Rolls up every open store.
+    /// Rolls up every open store (but the hours of orgs whose data is moving).
     pub async fn roll_up(&self) {
+        let _pass = self.rollup_pass.lock().await;
+        let moving: Vec<String> = self
+            .policies
+            .policies()
+            .into_iter()
+            .filter(|p| p.moving)
+            .map(|p| p.org_id.clone())
+            .collect();
         for opened in self.stores.open_now() {
-            if let Err(error) = roll_up_dirty(opened.store.as_ref(), self.clock.now_ms()).await {
+            if let Err(error) =
+                roll_up_dirty(opened.store.as_ref(), self.clock.now_ms(), &moving).await
+            {
                 tracing::warn!(%error, "rollup failed");
             }
+        }
+    }
+
+    /// Carries out this collector's part of every residency move under way; returns how many it
+    /// reported done. A move that fails is tried again on the next pass.
+    pub async fn move_data(&self) -> usize {
+        if !self.policies.is_ready() {
+            return 0;
+        }
+        let mut done = 0;
+        for policy in self.policies.policies() {
+            let Some(data_move) = policy.data_move.as_ref().filter(|_| policy.moving) else {
+                continue;
+            };
+            if data_move.reported_by.iter().any(|o| o == MOVE_OWNER) {
+                continue;
+            }
+            match self.move_org(&policy, data_move).await {
+                Ok(()) => done += 1,
+                Err(error) => {
+                    tracing::warn!(org_id = %policy.org_id, move_id = %data_move.move_id, %error, "residency move not done yet");
+                }
+            }
+        }
+        done
+    }
+
+    /// Copies an org's data to the move's new location, checks the copy, takes it out of the old
+    /// store (audited), and reports the part done to consent-svc. Each step may be repeated: a
+    /// move resumed after a crash starts the copy over, or only reports when the old store says
+    /// the data left already.
+    async fn move_org(
+        &self,
+        policy: &consent_pb::Policy,
+        data_move: &consent_pb::ResidencyMove,
+    ) -> Result<(), MoveError> {
+        let org_id = policy.org_id.as_str();
+        let _guard = self.lock(org_id).await;
+        // A rollup pass that began before the policy said "moving" ends first.
+        drop(self.rollup_pass.lock().await);
+        let unavailable = |s: tonic::Status| MoveError::Unavailable(s.message().to_owned());
+        let from = self
+            .stores
+            .get(data_move.from_location())
+            .await
+            .map_err(unavailable)?;
+        let to = self
+            .stores
+            .get(data_move.to_location())
+            .await
+            .map_err(unavailable)?;
+        if !from.store.moved_out(&data_move.move_id).await? {
+            self.auditor.settle_org(from.store.as_ref(), org_id).await?;
+            // What is moved is final: the org's purges are applied first.
+            for spec in purge_specs(policy) {
+                if !from.store.purge_applied(&spec.purge_id).await? {
+                    self.purge(from.store.as_ref(), &spec).await?;
+                }
+            }
+            let in_place = from.store.identity().await? == to.store.identity().await?;
+            let mut attributes = BTreeMap::new();
+            if !in_place {
+                copy_org(from.store.as_ref(), to.store.as_ref(), org_id).await?;
+                let (before, after) = (
+                    from.store.org_counts(org_id).await?,
+                    to.store.org_counts(org_id).await?,
+                );
+                for ((table, from), to) in MOVED_TABLES.iter().zip(before).zip(after) {
+                    if table.counted && from != to {
+                        return Err(MoveError::Mismatch {
+                            table: table.name,
+                            from,
+                            to,
+                        });
+                    }
+                    attributes.insert(table.name.to_owned(), to.to_string());
+                }
+            }
+            let spec = MoveSpec {
+                move_id: data_move.move_id.clone(),
+                org_id: org_id.to_owned(),
+                from_location: location_name(data_move.from_location()),
+                to_location: location_name(data_move.to_location()),
+                in_place,
+            };
+            attributes.insert("from".into(), spec.from_location.clone());
+            attributes.insert("to".into(), spec.to_location.clone());
+            attributes.insert("in_place".into(), in_place.to_string());
+            let change = StagedChange {
+                change_id: uuid::Uuid::now_v7().to_string(),
+                org_id: org_id.to_owned(),
+                entry: AuditEntry {
+                    org_id: org_id.to_owned(),
+                    actor: "service:collector".into(),
+                    action: "collector.residency_moved".into(),
+                    target: data_move.move_id.clone(),
+                    attributes,
+                },
+                payload: Change::MoveOut(spec).encode(),
+                staged_at_ms: self.clock.now_ms(),
+            };
+            self.auditor
+                .commit(from.store.as_ref(), change, None)
+                .await?;
+            tracing::info!(%org_id, move_id = %data_move.move_id, in_place, "org data moved");
+        }
+        self.report_moved(org_id).await
+    }
+
+    /// Tells consent-svc this collector's part of the org's data move is done.
+    async fn report_moved(&self, org_id: &str) -> Result<(), MoveError> {
+        let mut client = ConsentServiceClient::new(self.consent.clone());
+        let mut request = tonic::Request::new(consent_pb::RequestResidencyMoveRequest {
+            org_id: org_id.to_owned(),
+            transition: consent_pb::MoveTransition::Complete as i32,
+            scope: consent_pb::ResidencyScope::Data as i32,
+            to_location: 0,
+            owner: MOVE_OWNER.to_owned(),
+        });
+        request.set_timeout(Duration::from_secs(10));
+        authorize(&mut request, &self.service_token)
+            .map_err(|s| MoveError::Report(s.to_string()))?;
+        match client.request_residency_move(request).await {
+            Ok(_) => Ok(()),
+            // Finished meanwhile (by the operator, or a report whose reply was lost).
+            Err(status) if status.code() == tonic::Code::FailedPrecondition => Ok(()),
+            Err(status) => Err(MoveError::Report(status.message().to_owned())),
         }
     }
 
@@ -366,6 +573,7 @@ impl Maintenance {
             loop {
                 m.recover().await;
                 m.apply_purges().await;
+                m.move_data().await;
                 tokio::select! {
                     () = stop.cancelled() => break,
                     () = m.policies.changed.notified() => {

@@ -149,6 +149,143 @@ async fn apply(store: &Arc<dyn CollectorStore>, org: &str, change: Change) {
     assert!(store.staged(Some(org)).await.unwrap().is_empty());
 }
 
+/// A second store of the same backend in a database of its own, holding `location`.
+async fn sqlite_elsewhere(location: &str) -> (Arc<dyn CollectorStore>, tempfile::TempDir) {
+    let dir = tempfile::Builder::new()
+        .permissions(std::os::unix::fs::PermissionsExt::from_mode(0o700))
+        .tempdir()
+        .unwrap();
+    let url = storage::default_sqlite_url(dir.path(), "collector-elsewhere");
+    (open(&url, location).await.unwrap(), dir)
+}
+
+async fn postgres_elsewhere(location: &str) -> (Arc<dyn CollectorStore>, ()) {
+    let url = sightline_runtime::testing::fresh_postgres_url()
+        .await
+        .unwrap();
+    (open(&url, location).await.unwrap(), ())
+}
+
+/// Two locations' stores on one database.
+async fn sqlite_shared() -> (
+    Arc<dyn CollectorStore>,
+    Arc<dyn CollectorStore>,
+    tempfile::TempDir,
+) {
+    let dir = tempfile::Builder::new()
+        .permissions(std::os::unix::fs::PermissionsExt::from_mode(0o700))
+        .tempdir()
+        .unwrap();
+    let url = storage::default_sqlite_url(dir.path(), "collector");
+    let global = open(&url, "global").await.unwrap();
+    (global, open(&url, "eu").await.unwrap(), dir)
+}
+
+async fn postgres_shared() -> (Arc<dyn CollectorStore>, Arc<dyn CollectorStore>, ()) {
+    let url = sightline_runtime::testing::fresh_postgres_url()
+        .await
+        .unwrap();
+    let global = open(&url, "global").await.unwrap();
+    (global, open(&url, "eu").await.unwrap(), ())
+}
+
+/// An org with data in every moved table: samples with a rollup left to make and one made, page
+/// views with viewers and blocking memory, a tombstone and an applied purge; and another org's.
+async fn fill_for_move(store: &Arc<dyn CollectorStore>) {
+    commit_one(
+        store,
+        batch(
+            ORG,
+            INSTANCE,
+            1,
+            vec![view("gone", T0, "p3", "s2", Some("carol"))],
+        ),
+    )
+    .await;
+    apply(
+        store,
+        ORG,
+        Change::Purge {
+            spec: PurgeSpec {
+                purge_id: "purge-before-move".into(),
+                org_id: ORG.into(),
+                instance_id: None,
+                delete_kinds: vec![4],
+                strip_classes: vec![],
+                before_consent_version: 2,
+                before_revision: 2,
+            },
+        },
+    )
+    .await;
+    commit_one(
+        store,
+        batch(
+            ORG,
+            INSTANCE,
+            2,
+            vec![
+                metric("m1", T0 + 1, 10.0),
+                metric("m2", T0 + 3_600_000, 20.0),
+                view("v1", T0, "p1", "s1", Some("alice")),
+                view("v2", T0 + DAY, "p1", "s1", Some("bob")),
+                view("v3", T0 + DAY, "p2", "s1", None),
+            ],
+        ),
+    )
+    .await;
+    for (org, instance, hour) in store.take_dirty_hours(T0 + 1, 10, &[]).await.unwrap() {
+        let samples = store.hour_samples(&instance, hour).await.unwrap();
+        let rollups = crate::maintenance::roll_up(&org, &instance, hour, &samples);
+        store
+            .replace_rollups(&org, &instance, hour, &rollups)
+            .await
+            .unwrap();
+    }
+    commit_one(
+        store,
+        batch(
+            OTHER,
+            OTHER_INSTANCE,
+            1,
+            vec![view("o1", T0, "p9", "s9", Some("zed"))],
+        ),
+    )
+    .await;
+}
+
+/// What an org's reports and reads show, to compare before and after a move.
+async fn org_picture(store: &Arc<dyn CollectorStore>) -> (ViewTotals, (i64, i64), usize, usize) {
+    let org = ViewScope::Org {
+        org_id: ORG.into(),
+        instance_id: None,
+    };
+    (
+        store.view_totals(&org, 0, i64::MAX / DAY).await.unwrap(),
+        store.view_count(INSTANCE, "p1").await.unwrap(),
+        store
+            .samples(INSTANCE, "latency", 0, i64::MAX, None, 100)
+            .await
+            .unwrap()
+            .len(),
+        store
+            .rollups(INSTANCE, "latency", 0, i64::MAX, None, 100)
+            .await
+            .unwrap()
+            .len(),
+    )
+}
+
+fn move_spec(in_place: bool) -> MoveSpec {
+    MoveSpec {
+        move_id: "move-1".into(),
+        org_id: ORG.into(),
+        from_location: "global".into(),
+        to_location: "eu".into(),
+        in_place,
+    }
+}
+
 macro_rules! suite {
     ($backend:ident) => {
         mod $backend {
@@ -388,14 +525,18 @@ macro_rules! suite {
                 )
                 .await;
                 assert!(
-                    store.take_dirty_hours(hour, 10).await.unwrap().is_empty(),
+                    store
+                        .take_dirty_hours(hour, 10, &[])
+                        .await
+                        .unwrap()
+                        .is_empty(),
                     "hours from the cut-off on wait"
                 );
-                let dirty = store.take_dirty_hours(i64::MAX, 10).await.unwrap();
+                let dirty = store.take_dirty_hours(i64::MAX, 10, &[]).await.unwrap();
                 assert_eq!(dirty.len(), 2);
                 assert!(
                     store
-                        .take_dirty_hours(i64::MAX, 10)
+                        .take_dirty_hours(i64::MAX, 10, &[])
                         .await
                         .unwrap()
                         .is_empty()
@@ -403,7 +544,10 @@ macro_rules! suite {
                 for (org, instance, h) in dirty {
                     let samples = store.hour_samples(&instance, h).await.unwrap();
                     let rollups = crate::maintenance::roll_up(&org, &instance, h, &samples);
-                    store.replace_rollups(&instance, h, &rollups).await.unwrap();
+                    store
+                        .replace_rollups(&org, &instance, h, &rollups)
+                        .await
+                        .unwrap();
                 }
                 let all = store
                     .rollups(INSTANCE, "latency", hour, hour + 7_200_000, None, 10)
@@ -703,6 +847,196 @@ macro_rules! suite {
             }
 
             #[tokio::test]
+            async fn an_orgs_data_moves_whole_to_another_store_and_leaves_nothing_behind() {
+                let (from, _guard) = super::$backend().await;
+                let (to, _guard_to) = paste_elsewhere!($backend)("eu").await;
+                fill_for_move(&from).await;
+                assert_ne!(from.identity().await.unwrap(), to.identity().await.unwrap());
+                let before = org_picture(&from).await;
+                assert!(
+                    before.0.views == 3 && before.2 == 2 && before.3 == 1,
+                    "{before:?}"
+                );
+                let counts = from.org_counts(ORG).await.unwrap();
+                assert!(
+                    counts
+                        .iter()
+                        .zip(MOVED_TABLES)
+                        .all(|(n, t)| *n > 0 || !t.counted),
+                    "every moved table holds some of the org: {counts:?}"
+                );
+                // A copy interrupted and started over leaves the same as one copy.
+                to.import_rows(
+                    &MOVED_TABLES[0],
+                    &from
+                        .export_rows(&MOVED_TABLES[0], ORG, None, 1)
+                        .await
+                        .unwrap(),
+                )
+                .await
+                .unwrap();
+                crate::maintenance::copy_org(from.as_ref(), to.as_ref(), ORG)
+                    .await
+                    .unwrap();
+                crate::maintenance::copy_org(from.as_ref(), to.as_ref(), ORG)
+                    .await
+                    .unwrap();
+                assert_eq!(to.org_counts(ORG).await.unwrap(), counts);
+                assert_eq!(org_picture(&to).await, before);
+                // Rows carry the location of the store that holds them.
+                let events = to
+                    .export_rows(&MOVED_TABLES[0], ORG, None, 100)
+                    .await
+                    .unwrap();
+                assert!(
+                    events
+                        .iter()
+                        .all(|row| row[3] == Value::Text(Some("eu".into())))
+                );
+                // The remembered purge and event ids went along: a retry is still a duplicate.
+                assert!(to.purge_applied("purge-before-move").await.unwrap());
+                let mut retry = batch(
+                    ORG,
+                    INSTANCE,
+                    1,
+                    vec![view("gone", T0, "p3", "s2", Some("carol"))],
+                );
+                retry.location = "eu".into();
+                assert_eq!(commit_one(&to, retry).await, vec![RowOutcome::Duplicate]);
+                // The rollup still to make is to make there.
+                assert_eq!(
+                    to.take_dirty_hours(i64::MAX, 10, &[]).await.unwrap().len(),
+                    1
+                );
+
+                assert!(!from.moved_out("move-1").await.unwrap());
+                apply(&from, ORG, Change::MoveOut(move_spec(false))).await;
+                assert!(from.moved_out("move-1").await.unwrap());
+                assert!(from.org_counts(ORG).await.unwrap().iter().all(|n| *n == 0));
+                assert_eq!(
+                    from.view_count(OTHER_INSTANCE, "p9").await.unwrap(),
+                    (1, 1),
+                    "another org's data stays"
+                );
+                assert!(to.org_counts(OTHER).await.unwrap().iter().all(|n| *n == 0));
+            }
+
+            #[tokio::test]
+            async fn a_move_between_locations_of_one_database_relabels_the_rows() {
+                let (global, eu, _guard) = paste_shared!($backend)().await;
+                assert_eq!(
+                    global.identity().await.unwrap(),
+                    eu.identity().await.unwrap()
+                );
+                fill_for_move(&global).await;
+                let before = org_picture(&global).await;
+                let counts = global.org_counts(ORG).await.unwrap();
+                apply(&global, ORG, Change::MoveOut(move_spec(true))).await;
+                assert!(global.moved_out("move-1").await.unwrap());
+                assert_eq!(eu.org_counts(ORG).await.unwrap(), counts, "nothing deleted");
+                assert_eq!(org_picture(&eu).await, before);
+                for table in MOVED_TABLES
+                    .iter()
+                    .filter(|t| t.location_column().is_some())
+                {
+                    let column = table.location_column().unwrap();
+                    let rows = eu.export_rows(table, ORG, None, 100).await.unwrap();
+                    assert!(!rows.is_empty());
+                    assert!(
+                        rows.iter()
+                            .all(|r| r[column] == Value::Text(Some("eu".into()))),
+                        "{}",
+                        table.name
+                    );
+                    let other = eu.export_rows(table, OTHER, None, 100).await.unwrap();
+                    assert!(
+                        other
+                            .iter()
+                            .all(|r| r[column] == Value::Text(Some("global".into()))),
+                        "{}",
+                        table.name
+                    );
+                }
+            }
+
+            #[tokio::test]
+            async fn export_pages_follow_the_key_order_without_gaps() {
+                let (store, _guard) = super::$backend().await;
+                let rows: Vec<Row> = (0..25)
+                    .map(|i| metric(&format!("m{i:02}"), T0 + i, 1.0))
+                    .collect();
+                commit_one(&store, batch(ORG, INSTANCE, 1, rows)).await;
+                let table = &MOVED_TABLES[0];
+                let mut seen = Vec::new();
+                let mut after: Option<Vec<Value>> = None;
+                loop {
+                    let page = store
+                        .export_rows(table, ORG, after.as_deref(), 7)
+                        .await
+                        .unwrap();
+                    let Some(last) = page.last() else { break };
+                    after = Some(last[..table.key].to_vec());
+                    seen.extend(page.into_iter().map(|r| r[1].clone()));
+                }
+                let expected: Vec<Value> = (0..25)
+                    .map(|i| Value::Text(Some(format!("m{i:02}"))))
+                    .collect();
+                assert_eq!(seen, expected);
+            }
+
+            #[tokio::test]
+            async fn a_rollup_of_samples_gone_meanwhile_is_not_written() {
+                let (store, _guard) = super::$backend().await;
+                commit_one(
+                    &store,
+                    batch(ORG, INSTANCE, 1, vec![metric("m1", T0 + 1, 10.0)]),
+                )
+                .await;
+                let samples = store.hour_samples(INSTANCE, T0).await.unwrap();
+                let rollups = crate::maintenance::roll_up(ORG, INSTANCE, T0, &samples);
+                assert_eq!(rollups.len(), 1);
+                // The org moves away between the read and the write.
+                apply(&store, ORG, Change::MoveOut(move_spec(false))).await;
+                store
+                    .replace_rollups(ORG, INSTANCE, T0, &rollups)
+                    .await
+                    .unwrap();
+                assert!(store.org_counts(ORG).await.unwrap().iter().all(|n| *n == 0));
+            }
+
+            #[tokio::test]
+            async fn rollups_skip_the_hours_of_orgs_named() {
+                let (store, _guard) = super::$backend().await;
+                commit_one(
+                    &store,
+                    batch(ORG, INSTANCE, 1, vec![metric("m1", T0 + 1, 10.0)]),
+                )
+                .await;
+                commit_one(
+                    &store,
+                    batch(OTHER, OTHER_INSTANCE, 1, vec![metric("m1", T0 + 1, 10.0)]),
+                )
+                .await;
+                let taken = store
+                    .take_dirty_hours(i64::MAX, 10, &[ORG.to_owned()])
+                    .await
+                    .unwrap();
+                assert_eq!(
+                    taken,
+                    vec![(OTHER.to_owned(), OTHER_INSTANCE.to_owned(), T0)]
+                );
+                assert_eq!(
+                    store
+                        .take_dirty_hours(i64::MAX, 10, &[])
+                        .await
+                        .unwrap()
+                        .len(),
+                    1,
+                    "ORG's hour waits"
+                );
+            }
+
+            #[tokio::test]
             async fn staged_changes_are_listed_until_applied_or_discarded() {
                 let (store, _guard) = super::$backend().await;
                 let spec = EraseSpec {
@@ -724,6 +1058,24 @@ macro_rules! suite {
                 assert!(store.staged(None).await.unwrap().is_empty());
             }
         }
+    };
+}
+
+macro_rules! paste_elsewhere {
+    (sqlite) => {
+        super::sqlite_elsewhere
+    };
+    (postgres) => {
+        super::postgres_elsewhere
+    };
+}
+
+macro_rules! paste_shared {
+    (sqlite) => {
+        super::sqlite_shared
+    };
+    (postgres) => {
+        super::postgres_shared
     };
 }
 

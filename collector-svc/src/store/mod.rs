@@ -3,6 +3,7 @@
 //! page-view counters, unique-viewer entries and blocking-time memory, rolls metrics up by hour, and
 //! applies purges and erasures through the audited-change protocol (`runtime::audited`).
 
+mod moved;
 mod sql;
 
 use std::sync::Arc;
@@ -12,6 +13,7 @@ use serde::{Deserialize, Serialize};
 use sightline_runtime::audited::{ChangeLog, ChangeLogError};
 use sightline_runtime::storage::{self, Database, DbFailure, Migrations, StorageError};
 
+pub use moved::{MOVED_TABLES, MoveSpec, Table, Value};
 pub use sql::{PURGE_TAKEN, PgStore, SqliteStore};
 
 pub static SQLITE_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("migrations/sqlite");
@@ -243,6 +245,9 @@ pub enum Change {
         spec: PurgeSpec,
     },
     Erase(EraseSpec),
+    /// The org's data has been copied to another location's store (and counted there): delete it
+    /// here, or, when both locations share this database, relabel it.
+    MoveOut(MoveSpec),
 }
 
 impl Change {
@@ -323,12 +328,13 @@ pub trait CollectorStore: ChangeLog + Send + Sync + std::fmt::Debug + 'static {
         limit: i64,
     ) -> StoreResult<Vec<Rollup>>;
 
-    /// Takes up to `limit` hours that started before `before` and wait to be rolled up:
-    /// (org, instance, hour).
+    /// Takes up to `limit` hours that started before `before` and wait to be rolled up, of orgs not
+    /// in `skip` (orgs whose data is moving): (org, instance, hour).
     async fn take_dirty_hours(
         &self,
         before: i64,
         limit: i64,
+        skip: &[String],
     ) -> StoreResult<Vec<(String, String, i64)>>;
     /// The samples of one instance's hour: (body, consent_version, policy_revision).
     async fn hour_samples(
@@ -336,9 +342,11 @@ pub trait CollectorStore: ChangeLog + Send + Sync + std::fmt::Debug + 'static {
         instance_id: &str,
         hour: i64,
     ) -> StoreResult<Vec<(Vec<u8>, i64, i64)>>;
-    /// Replaces the rollups of one instance's hour.
+    /// Replaces the rollups of one instance's hour; nothing is written when the hour's samples are
+    /// gone meanwhile (purged, or moved to another location).
     async fn replace_rollups(
         &self,
+        org_id: &str,
         instance_id: &str,
         hour: i64,
         rollups: &[Rollup],
@@ -371,6 +379,28 @@ pub trait CollectorStore: ChangeLog + Send + Sync + std::fmt::Debug + 'static {
         budget: f64,
         now: i64,
     ) -> StoreResult<Vec<String>>;
+
+    /// The identity of the database under this store, made when it was created: two locations
+    /// whose stores answer the same share one database.
+    async fn identity(&self) -> StoreResult<String>;
+    /// Up to `limit` of the org's rows of `table`, in key order, after the row whose key is
+    /// `after` (the key columns of the last row of the page before).
+    async fn export_rows(
+        &self,
+        table: &'static Table,
+        org_id: &str,
+        after: Option<&[Value]>,
+        limit: i64,
+    ) -> StoreResult<Vec<Vec<Value>>>;
+    /// Stores rows exported from another location's store, labelled with this store's location;
+    /// a row stored already is kept.
+    async fn import_rows(&self, table: &'static Table, rows: &[Vec<Value>]) -> StoreResult<()>;
+    /// How many rows of each moved table hold the org's data, in `MOVED_TABLES` order.
+    async fn org_counts(&self, org_id: &str) -> StoreResult<Vec<i64>>;
+    /// Deletes every row of the org's data (what an interrupted copy into this store left).
+    async fn clear_org(&self, org_id: &str) -> StoreResult<()>;
+    /// Whether the org's data left this store in move `move_id`.
+    async fn moved_out(&self, move_id: &str) -> StoreResult<bool>;
 
     /// Deletes what retention no longer allows: records older than `raw_before`, rollups older than
     /// `aggregate_before`, remembered event ids older than `ids_before`. Returns rows removed.

@@ -11,9 +11,11 @@ use sqlx::sqlite::SqlitePool;
 
 use sightline_runtime::audited::{ChangeLog, ChangeLogError, StagedChange, StagedRow, staged_of};
 
+use super::moved::Type;
 use super::{
-    Batch, BatchOutcome, Change, CollectorStore, EraseSpec, PurgeSpec, Ranked, Removed, Revisions,
-    Rollup, RowOutcome, Sample, StoreError, StoreResult, ViewScope, ViewTotals,
+    Batch, BatchOutcome, Change, CollectorStore, EraseSpec, MOVED_TABLES, MoveSpec, PurgeSpec,
+    Ranked, Removed, Revisions, Rollup, RowOutcome, Sample, StoreError, StoreResult, Table, Value,
+    ViewScope, ViewTotals,
 };
 use crate::enforce::{self, DAY_MS};
 
@@ -85,6 +87,12 @@ fn scope_filter(scope: &ViewScope) -> (&'static str, Vec<String>) {
             instance_id: None,
         } => ("org_id = $1", vec![org_id.clone()]),
     }
+}
+
+/// `($first, …)` placeholders for `count` values starting at `$first`.
+fn placeholders(first: usize, count: usize) -> String {
+    let list: Vec<String> = (first..first + count).map(|n| format!("${n}")).collect();
+    format!("({})", list.join(", "))
 }
 
 /// Kinds of the rows of a purge whose bodies may carry a stripped class.
@@ -405,6 +413,60 @@ macro_rules! sql_store {
                 Ok(())
             }
 
+            /// Takes the org's data out: deleted, or relabelled when the new location shares this
+            /// database; remembers the move so a resumed move does not copy again.
+            async fn apply_move_out(
+                tx: &mut sqlx::Transaction<'static, $db>,
+                spec: &MoveSpec,
+                now: i64,
+            ) -> StoreResult<()> {
+                Self::lock_org(tx, &spec.org_id, true).await?;
+                for table in MOVED_TABLES {
+                    let sql = if spec.in_place {
+                        if table.location_column().is_none() {
+                            continue;
+                        }
+                        format!("UPDATE {} SET location = $2 WHERE org_id = $1", table.name)
+                    } else {
+                        format!("DELETE FROM {} WHERE org_id = $1", table.name)
+                    };
+                    let mut query = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(&spec.org_id);
+                    if spec.in_place {
+                        query = query.bind(&spec.to_location);
+                    }
+                    query.execute(&mut **tx).await?;
+                }
+                sqlx::query(
+                    "INSERT INTO moved_out (move_id, org_id, to_location, moved_at) VALUES ($1, $2, $3, $4)
+                     ON CONFLICT (move_id) DO NOTHING",
+                )
+                .bind(&spec.move_id)
+                .bind(&spec.org_id)
+                .bind(&spec.to_location)
+                .bind(now)
+                .execute(&mut **tx)
+                .await?;
+                Ok(())
+            }
+
+            /// One exported row's values, read by the table's column types.
+            fn values_of(table: &Table, row: &<$db as sqlx::Database>::Row) -> StoreResult<Vec<Value>> {
+                use sqlx::Row as _;
+                table
+                    .columns
+                    .iter()
+                    .enumerate()
+                    .map(|(i, (_, ty))| {
+                        Ok(match ty {
+                            Type::Int => Value::Int(row.try_get(i)?),
+                            Type::Real => Value::Real(row.try_get(i)?),
+                            Type::Text => Value::Text(row.try_get(i)?),
+                            Type::Blob => Value::Blob(row.try_get(i)?),
+                        })
+                    })
+                    .collect()
+            }
+
             async fn delete_chunked(&self, sql: String, org_id: &str, before: i64) -> StoreResult<i64> {
                 let mut total = 0;
                 loop {
@@ -721,14 +783,21 @@ macro_rules! sql_store {
                     .collect())
             }
 
-            async fn take_dirty_hours(&self, before: i64, limit: i64) -> StoreResult<Vec<(String, String, i64)>> {
-                let rows: Vec<(String, String, i64)> = sqlx::query_as(
-                    "SELECT org_id, instance_id, hour FROM rollup_dirty WHERE hour < $1 ORDER BY hour LIMIT $2",
-                )
+            async fn take_dirty_hours(&self, before: i64, limit: i64, skip: &[String]) -> StoreResult<Vec<(String, String, i64)>> {
+                let skipped = if skip.is_empty() {
+                    String::new()
+                } else {
+                    format!(" AND org_id NOT IN {}", placeholders(3, skip.len()))
+                };
+                let mut query = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+                    "SELECT org_id, instance_id, hour FROM rollup_dirty WHERE hour < $1{skipped} ORDER BY hour LIMIT $2"
+                )))
                 .bind(before)
-                .bind(limit)
-                .fetch_all(&self.pool)
-                .await?;
+                .bind(limit);
+                for org_id in skip {
+                    query = query.bind(org_id);
+                }
+                let rows: Vec<(String, String, i64)> = query.fetch_all(&self.pool).await?;
                 for (_, instance_id, hour) in &rows {
                     // Taken before the samples are read: a sample stored meanwhile marks it again.
                     sqlx::query("DELETE FROM rollup_dirty WHERE instance_id = $1 AND hour = $2")
@@ -752,8 +821,22 @@ macro_rules! sql_store {
                 .await?)
             }
 
-            async fn replace_rollups(&self, instance_id: &str, hour: i64, rollups: &[Rollup]) -> StoreResult<()> {
+            async fn replace_rollups(&self, org_id: &str, instance_id: &str, hour: i64, rollups: &[Rollup]) -> StoreResult<()> {
                 let mut tx = self.pool.begin_with($begin).await?;
+                // Under the org's lock, so a move or purge that took the samples away meanwhile is
+                // seen: then the hour has nothing to roll up here.
+                Self::lock_org(&mut tx, org_id, false).await?;
+                let samples: Option<(String,)> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+                    "SELECT event_id FROM events WHERE instance_id = $1 AND kind = {KIND_METRIC} AND occurred_at >= $2 AND occurred_at < $3 LIMIT 1"
+                )))
+                .bind(instance_id)
+                .bind(hour)
+                .bind(hour + HOUR_MS)
+                .fetch_optional(&mut *tx)
+                .await?;
+                if samples.is_none() && !rollups.is_empty() {
+                    return Ok(());
+                }
                 sqlx::query("DELETE FROM rollups WHERE instance_id = $1 AND hour = $2")
                     .bind(instance_id)
                     .bind(hour)
@@ -917,6 +1000,115 @@ macro_rules! sql_store {
                 Ok(Vec::new())
             }
 
+            async fn identity(&self) -> StoreResult<String> {
+                let (id,): (String,) = sqlx::query_as("SELECT id FROM store_identity")
+                    .fetch_one(&self.pool)
+                    .await?;
+                Ok(id)
+            }
+
+            async fn export_rows(
+                &self,
+                table: &'static Table,
+                org_id: &str,
+                after: Option<&[Value]>,
+                limit: i64,
+            ) -> StoreResult<Vec<Vec<Value>>> {
+                let key = table.key_list();
+                let after_key = match after {
+                    Some(values) => format!(" AND ({key}) > {}", placeholders(2, values.len())),
+                    None => String::new(),
+                };
+                let sql = format!(
+                    "SELECT {} FROM {} WHERE org_id = $1{after_key} ORDER BY {key} LIMIT {limit}",
+                    table.column_list(),
+                    table.name,
+                );
+                let mut query = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(org_id);
+                for value in after.unwrap_or_default() {
+                    query = match value {
+                        Value::Int(v) => query.bind(*v),
+                        Value::Real(v) => query.bind(*v),
+                        Value::Text(v) => query.bind(v.clone()),
+                        Value::Blob(v) => query.bind(v.clone()),
+                    };
+                }
+                let rows = query.fetch_all(&self.pool).await?;
+                rows.iter().map(|row| Self::values_of(table, row)).collect()
+            }
+
+            async fn import_rows(&self, table: &'static Table, rows: &[Vec<Value>]) -> StoreResult<()> {
+                let width = table.columns.len();
+                let location = table.location_column();
+                let mut tx = self.pool.begin_with($begin).await?;
+                for chunk in rows.chunks(INSERT_CHUNK) {
+                    let values: Vec<String> = (0..chunk.len())
+                        .map(|r| placeholders(r * width + 1, width))
+                        .collect();
+                    let sql = format!(
+                        "INSERT INTO {} ({}) VALUES {} ON CONFLICT DO NOTHING",
+                        table.name,
+                        table.column_list(),
+                        values.join(", ")
+                    );
+                    let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
+                    for row in chunk {
+                        if row.len() != width {
+                            return Err(StoreError::Corrupt(format!("a row of {} has {} values", table.name, row.len())));
+                        }
+                        for (i, value) in row.iter().enumerate() {
+                            query = match value {
+                                // Rows take the location of the store that holds them.
+                                _ if Some(i) == location => query.bind(self.location.clone()),
+                                Value::Int(v) => query.bind(*v),
+                                Value::Real(v) => query.bind(*v),
+                                Value::Text(v) => query.bind(v.clone()),
+                                Value::Blob(v) => query.bind(v.clone()),
+                            };
+                        }
+                    }
+                    query.execute(&mut *tx).await?;
+                }
+                tx.commit().await?;
+                Ok(())
+            }
+
+            async fn org_counts(&self, org_id: &str) -> StoreResult<Vec<i64>> {
+                let mut counts = Vec::with_capacity(MOVED_TABLES.len());
+                for table in MOVED_TABLES {
+                    let (n,): (i64,) = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+                        "SELECT COUNT(*) FROM {} WHERE org_id = $1",
+                        table.name
+                    )))
+                    .bind(org_id)
+                    .fetch_one(&self.pool)
+                    .await?;
+                    counts.push(n);
+                }
+                Ok(counts)
+            }
+
+            async fn clear_org(&self, org_id: &str) -> StoreResult<()> {
+                let mut tx = self.pool.begin_with($begin).await?;
+                Self::lock_org(&mut tx, org_id, true).await?;
+                for table in MOVED_TABLES {
+                    sqlx::query(sqlx::AssertSqlSafe(format!("DELETE FROM {} WHERE org_id = $1", table.name)))
+                        .bind(org_id)
+                        .execute(&mut *tx)
+                        .await?;
+                }
+                tx.commit().await?;
+                Ok(())
+            }
+
+            async fn moved_out(&self, move_id: &str) -> StoreResult<bool> {
+                let row: Option<(String,)> = sqlx::query_as("SELECT move_id FROM moved_out WHERE move_id = $1")
+                    .bind(move_id)
+                    .fetch_optional(&self.pool)
+                    .await?;
+                Ok(row.is_some())
+            }
+
             async fn sweep(
                 &self,
                 org_id: &str,
@@ -999,6 +1191,7 @@ macro_rules! sql_store {
                 match &staged {
                     Change::Purge { spec } => Self::apply_purge(&mut tx, spec, change.staged_at_ms).await?,
                     Change::Erase(spec) => Self::apply_erase(&mut tx, spec).await?,
+                    Change::MoveOut(spec) => Self::apply_move_out(&mut tx, spec, change.staged_at_ms).await?,
                 }
                 tx.commit().await.map_err(db)?;
                 Ok(())
