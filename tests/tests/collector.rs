@@ -1549,3 +1549,313 @@ async fn two_replicas_on_one_postgres_store_each_event_once_and_follow_the_polic
         assert_eq!(dropped(&r, DropReason::Consent), 1);
     }
 }
+
+/// Rows of `org_id` in each table of org data, in one location's SQLite file.
+async fn rows_in(data_dir: &std::path::Path, location: &str, org_id: &str) -> Vec<(String, i64)> {
+    let url =
+        sightline_runtime::storage::default_sqlite_url(data_dir, &format!("collector-{location}"));
+    let mut db = <sqlx::SqliteConnection as sqlx::Connection>::connect(&url)
+        .await
+        .unwrap();
+    let mut counts = Vec::new();
+    for table in [
+        "events",
+        "page_view_days",
+        "page_viewers",
+        "view_memory",
+        "rollups",
+        "applied_purges",
+    ] {
+        let (n,): (i64,) = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "SELECT COUNT(*) FROM {table} WHERE org_id = ?1"
+        )))
+        .bind(org_id)
+        .fetch_one(&mut db)
+        .await
+        .unwrap();
+        counts.push((table.to_owned(), n));
+    }
+    counts
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_residency_move_carries_the_orgs_data_to_the_new_store_and_leaves_none_behind() {
+    let linker = TestLinker::start(LinkerOptions::default()).await;
+    // Two data owners: the move stays MOVING after the collector's part until the other reports.
+    let consent = TestConsent::start_with(
+        &linker,
+        None,
+        Limits::default(),
+        consent_svc::grpc::ApiOptions {
+            residency: sightline_runtime::settings::ResidencySettings {
+                data_owners: vec!["collector".into(), "insights".into()],
+                support_bundle_owners: vec!["insights".into()],
+            },
+            ..Default::default()
+        },
+    )
+    .await;
+    let collector = TestCollector::start(
+        &linker,
+        &consent,
+        CollectorOptions {
+            collection: sightline_runtime::settings::CollectionSettings {
+                rollup_every_ms: 200,
+                // Moves run when this test says, so each step can be looked at.
+                purge_check_every_ms: 3_600_000,
+                ..Default::default()
+            },
+            ..Default::default()
+        },
+    )
+    .await;
+    let org = linker.org("Acme").await;
+    let instance = linker.link_instance(&org, "SRV-A").await;
+    let other = linker.org("Other").await;
+    let other_instance = linker.link_instance(&other, "SRV-B").await;
+    let s = Stack {
+        linker,
+        consent,
+        collector,
+        org,
+        instance,
+    };
+    opt_in(
+        &s.consent,
+        &s.org,
+        UsageLevel::Advanced,
+        SharingLevel::Extended,
+    )
+    .await;
+    opt_in(
+        &s.consent,
+        &other,
+        UsageLevel::Advanced,
+        SharingLevel::Extended,
+    )
+    .await;
+    s.track_views("").await;
+    let t = T0_MS - DAY;
+    let result = ingest(
+        &s.collector,
+        &s.instance,
+        vec![
+            metric("m1", t, "latency", 10.0),
+            metric("m2", t + 60_000, "latency", 30.0),
+            page_view("v1", t, "p1", "s1", "alice"),
+            page_view("v2", t + 1, "p1", "s1", "bob"),
+            page_view("v3", t + DAY / 2, "p2", "s1", "alice"),
+        ],
+    )
+    .await
+    .unwrap();
+    assert_eq!(result.accepted, 5);
+    ingest(
+        &s.collector,
+        &other_instance,
+        vec![metric("o1", t, "latency", 1.0)],
+    )
+    .await
+    .unwrap();
+    s.collector.maintenance.roll_up().await;
+    let mut client = s.collector.client().await;
+    let report = |client: &mut pb::collector_service_client::CollectorServiceClient<_>| {
+        let request = authed(
+            &s.org.admin,
+            pb::GetSpaceReportRequest {
+                org_id: s.org.id.clone(),
+                space_id: "s1".into(),
+                range: s.range(T0_MS - 10 * DAY, T0_MS + DAY),
+                instance_id: s.instance.id.clone(),
+                ..Default::default()
+            },
+        );
+        let mut client: pb::collector_service_client::CollectorServiceClient<
+            tonic::transport::Channel,
+        > = client.clone();
+        async move { client.get_space_report(request).await }
+    };
+    let before = report(&mut client).await.unwrap().into_inner();
+    assert_eq!(before.stats.as_ref().unwrap().views, 3);
+    let metrics_before = s.raw_metrics("latency").await;
+    assert_eq!(metrics_before.len(), 2);
+    let data_dir = s.linker.data_dir().to_owned();
+    let global_before = rows_in(&data_dir, "global", &s.org.id).await;
+    assert!(
+        global_before
+            .iter()
+            .filter(|(t, _)| t != "applied_purges")
+            .all(|(_, n)| *n > 0),
+        "{global_before:?}"
+    );
+
+    // The admin asks, the operator starts.
+    let mut consent_client = s.consent.client().await;
+    let step = |transition: consent_pb::MoveTransition, owner: &str| {
+        consent_pb::RequestResidencyMoveRequest {
+            org_id: s.org.id.clone(),
+            transition: transition as i32,
+            scope: consent_pb::ResidencyScope::Data as i32,
+            to_location: common::Location::Eu as i32,
+            owner: owner.into(),
+        }
+    };
+    consent_client
+        .request_residency_move(authed(
+            &s.org.admin,
+            step(consent_pb::MoveTransition::Request, ""),
+        ))
+        .await
+        .unwrap();
+    consent_client
+        .request_residency_move(authed(
+            s.linker.operator.expose(),
+            step(consent_pb::MoveTransition::Start, ""),
+        ))
+        .await
+        .unwrap();
+    s.settle().await;
+
+    // Meanwhile the org's data calls answer UNAVAILABLE with the retry hint; another org's do not.
+    let refused = ingest(
+        &s.collector,
+        &s.instance,
+        vec![metric("m3", t, "latency", 5.0)],
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(refused.code(), Code::Unavailable);
+    assert_eq!(
+        refused
+            .metadata()
+            .get("retry-after-ms")
+            .unwrap()
+            .to_str()
+            .unwrap(),
+        "60000"
+    );
+    assert_eq!(
+        report(&mut client).await.unwrap_err().code(),
+        Code::Unavailable
+    );
+    ingest(
+        &s.collector,
+        &other_instance,
+        vec![metric("o2", t, "latency", 2.0)],
+    )
+    .await
+    .unwrap();
+
+    // The collector's part: copied, counted, taken out of the old store, reported (by this call,
+    // or by the background pass that the policy change woke, whichever comes first).
+    assert!(s.collector.maintenance.move_data().await <= 1);
+    s.settle().await;
+    let global_after = rows_in(&data_dir, "global", &s.org.id).await;
+    assert!(
+        global_after.iter().all(|(_, n)| *n == 0),
+        "left behind: {global_after:?}"
+    );
+    let eu = rows_in(&data_dir, "eu", &s.org.id).await;
+    assert_eq!(eu, global_before, "all of it in the new store");
+    assert!(
+        rows_in(&data_dir, "global", &other.id).await[0].1 == 2,
+        "another org's data stays where it is"
+    );
+    assert!(
+        rows_in(&data_dir, "eu", &other.id)
+            .await
+            .iter()
+            .all(|(_, n)| *n == 0)
+    );
+    let residency = consent_client
+        .get_residency(authed(
+            &s.org.admin,
+            consent_pb::GetResidencyRequest {
+                org_id: s.org.id.clone(),
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .residency
+        .unwrap();
+    let under_way = &residency.moves[0];
+    assert_eq!(under_way.state(), consent_pb::MoveState::Moving);
+    assert_eq!(under_way.reported_by, ["collector"]);
+    assert_eq!(under_way.waiting_for, ["insights"]);
+    // Still moving: still refused; and a second pass has nothing to do.
+    s.settle().await;
+    assert_eq!(
+        ingest(
+            &s.collector,
+            &s.instance,
+            vec![metric("m3", t, "latency", 5.0)]
+        )
+        .await
+        .unwrap_err()
+        .code(),
+        Code::Unavailable
+    );
+    assert_eq!(s.collector.maintenance.move_data().await, 0);
+
+    // The last owner reports: DONE, and the org's data is served from the new location.
+    let done = consent_client
+        .request_residency_move(authed(
+            s.linker.service.expose(),
+            step(consent_pb::MoveTransition::Complete, "insights"),
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(done.r#move.unwrap().state(), consent_pb::MoveState::Done);
+    s.settle().await;
+    let after = report(&mut client).await.unwrap().into_inner();
+    assert_eq!(after.stats, before.stats);
+    assert_eq!(s.raw_metrics("latency").await, metrics_before);
+    let retried = ingest(
+        &s.collector,
+        &s.instance,
+        vec![metric("m1", t, "latency", 10.0)],
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        dropped(&retried, DropReason::Duplicate),
+        1,
+        "the remembered ids moved too"
+    );
+    ingest(
+        &s.collector,
+        &s.instance,
+        vec![metric("m3", t, "latency", 5.0)],
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        rows_in(&data_dir, "eu", &s.org.id).await[0].1,
+        global_before[0].1 + 1
+    );
+    assert_eq!(rows_in(&data_dir, "global", &s.org.id).await[0].1, 0);
+
+    let actions: Vec<_> = s.audit_actions().await;
+    let moved: Vec<_> = actions
+        .iter()
+        .filter(|e| e.action == "collector.residency_moved")
+        .collect();
+    assert_eq!(moved.len(), 1, "audited once");
+    assert_eq!(
+        moved[0].attributes.get("events").map(String::as_str),
+        Some(global_before[0].1.to_string().as_str())
+    );
+    assert_eq!(
+        moved[0].attributes.get("to").map(String::as_str),
+        Some("eu")
+    );
+    for action in ["residency.move_part_done", "residency.move_completed"] {
+        assert_eq!(
+            actions.iter().filter(|e| e.action == action).count(),
+            1,
+            "{action}"
+        );
+    }
+}

@@ -226,7 +226,10 @@ mod tests {
                 }
             }
         }
-        assert!(!sql.contains("ALTER TABLE"), "teach this reader ALTER TABLE");
+        assert!(
+            !sql.contains("ALTER TABLE"),
+            "teach this reader ALTER TABLE"
+        );
         tables
     }
 
@@ -234,7 +237,12 @@ mod tests {
     fn a_move_carries_every_column_of_every_table_of_org_data() {
         // Not org data a move carries: work in flight (settled before a move), the epsilon ledger
         // (kept in the global store), and the store's own bookkeeping.
-        let not_moved = ["staged_changes", "epsilon_ledger", "moved_out", "store_identity"];
+        let not_moved = [
+            "staged_changes",
+            "epsilon_ledger",
+            "moved_out",
+            "store_identity",
+        ];
         let schema = schema();
         assert!(schema.len() >= MOVED_TABLES.len() + not_moved.len() - 1);
         for (name, columns) in schema {
