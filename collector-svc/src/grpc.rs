@@ -336,8 +336,8 @@ fn stats(totals: ViewTotals) -> pb::ViewStats {
                 unique_viewers: count(unique),
             })
             .collect(),
-        // Unique viewers are counted exactly (distinct pseudonyms).
-        unique_viewers_error: 0.0,
+        // Exact for one day and for a page; estimated from sketches over several days.
+        unique_viewers_error: totals.unique_error,
     }
 }
 
@@ -646,6 +646,7 @@ impl CollectorService for CollectorApi {
                     views: count(s.views),
                     unique_viewers: count(s.unique_viewers),
                     instance_id: s.instance_id,
+                    unique_viewers_error: s.unique_error,
                 })
                 .collect(),
             next_page_token,

@@ -13,6 +13,7 @@ pub mod ingest;
 pub mod maintenance;
 pub mod policy;
 pub mod scrub;
+pub mod sketch;
 pub mod store;
 pub mod stores;
 pub mod writer;

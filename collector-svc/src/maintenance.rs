@@ -163,6 +163,30 @@ pub async fn copy_org(
     Ok(())
 }
 
+/// Remakes the day totals of page views (and their unique-viewer sketches) of every day changed
+/// since they were made, but the days of orgs in `skip`; returns the days remade.
+pub async fn remake_view_days(
+    store: &dyn CollectorStore,
+    skip: &[String],
+) -> Result<usize, crate::store::StoreError> {
+    let mut done = 0;
+    // Bounded: days marked again while being remade wait for the next pass.
+    for _ in 0..50 {
+        let days = store.dirty_view_days(200, skip).await?;
+        let count = days.len();
+        for (org_id, instance_id, day, generation) in days {
+            store
+                .remake_view_day(&org_id, &instance_id, day, generation)
+                .await?;
+            done += 1;
+        }
+        if count < 200 {
+            break;
+        }
+    }
+    Ok(done)
+}
+
 /// The purges of a policy, as the store reads them.
 pub fn purge_specs(policy: &consent_pb::Policy) -> Vec<PurgeSpec> {
     policy
@@ -421,6 +445,9 @@ impl Maintenance {
             .map(|p| p.org_id.clone())
             .collect();
         for opened in self.stores.open_now() {
+            if let Err(error) = remake_view_days(opened.store.as_ref(), &moving).await {
+                tracing::warn!(%error, "day totals of page views not remade");
+            }
             if let Err(error) =
                 roll_up_dirty(opened.store.as_ref(), self.clock.now_ms(), &moving).await
             {

@@ -242,6 +242,9 @@ async fn fill_for_move(store: &Arc<dyn CollectorStore>) {
             .await
             .unwrap();
     }
+    crate::maintenance::remake_view_days(store.as_ref(), &[])
+        .await
+        .unwrap();
     commit_one(
         store,
         batch(
@@ -1033,6 +1036,196 @@ macro_rules! suite {
                         .len(),
                     1,
                     "ORG's hour waits"
+                );
+            }
+
+            #[tokio::test]
+            async fn day_totals_answer_reports_as_the_page_views_do_and_go_with_erasure_and_purge()
+            {
+                let (store, _guard) = super::$backend().await;
+                let mut rows = Vec::new();
+                for (i, (day, page, space, viewer)) in [
+                    (0, "p1", "s1", "alice"),
+                    (0, "p2", "s1", "bob"),
+                    (0, "p3", "s2", "carol"),
+                    (1, "p1", "s1", "alice"),
+                    (1, "p3", "s2", "dave"),
+                    (2, "p2", "s1", "erin"),
+                    (2, "p3", "s2", "alice"),
+                ]
+                .into_iter()
+                .enumerate()
+                {
+                    rows.push(view(
+                        &format!("v{i}"),
+                        T0 + day * DAY,
+                        page,
+                        space,
+                        Some(viewer),
+                    ));
+                }
+                commit_one(&store, batch(ORG, INSTANCE, 1, rows)).await;
+                commit_one(
+                    &store,
+                    batch(
+                        OTHER,
+                        OTHER_INSTANCE,
+                        1,
+                        vec![view("o", T0, "p1", "s1", Some("zed"))],
+                    ),
+                )
+                .await;
+                let org = ViewScope::Org {
+                    org_id: ORG.into(),
+                    instance_id: None,
+                };
+                let space = ViewScope::Space {
+                    instance_id: INSTANCE.into(),
+                    space_id: "s2".into(),
+                };
+                let (from, to) = (T0 / DAY, T0 / DAY + 3);
+                // Before any totals are made the page-view tables answer.
+                let before = store.view_totals(&org, from, to).await.unwrap();
+                assert_eq!((before.views, before.unique_viewers), (7, 5));
+                assert_eq!(
+                    before.by_day,
+                    vec![(from, 3, 3), (from + 1, 2, 2), (from + 2, 2, 2)]
+                );
+                let spaces_before = store.top_spaces(ORG, None, from, to, 0, 10).await.unwrap();
+
+                assert_eq!(
+                    crate::maintenance::remake_view_days(store.as_ref(), &[])
+                        .await
+                        .unwrap(),
+                    4,
+                    "three days of one org, one of the other"
+                );
+                assert!(store.dirty_view_days(10, &[]).await.unwrap().is_empty());
+                let after = store.view_totals(&org, from, to).await.unwrap();
+                assert_eq!(
+                    (after.views, &after.by_day, &after.by_channel),
+                    (7, &before.by_day, &before.by_channel)
+                );
+                assert_eq!(after.unique_viewers, 5, "a small union is counted right");
+                assert!(after.unique_error > 0.0, "several days are estimated");
+                let one_day = store.view_totals(&org, from, from + 1).await.unwrap();
+                assert_eq!((one_day.unique_viewers, one_day.unique_error), (3, 0.0));
+                let s2 = store.view_totals(&space, from, to).await.unwrap();
+                assert_eq!((s2.views, s2.unique_viewers), (3, 3));
+                let spaces = store.top_spaces(ORG, None, from, to, 0, 10).await.unwrap();
+                assert_eq!(
+                    spaces
+                        .iter()
+                        .map(|r| (&r.id, r.views, r.unique_viewers))
+                        .collect::<Vec<_>>(),
+                    spaces_before
+                        .iter()
+                        .map(|r| (&r.id, r.views, r.unique_viewers))
+                        .collect::<Vec<_>>()
+                );
+                assert_eq!(
+                    store
+                        .top_spaces(ORG, None, from, to, 1, 1)
+                        .await
+                        .unwrap()
+                        .len(),
+                    1
+                );
+
+                // Erasing alice removes her days' totals at once; reports leave her out before the
+                // totals are made again, and after.
+                apply(
+                    &store,
+                    ORG,
+                    Change::Erase(EraseSpec {
+                        org_id: ORG.into(),
+                        instance_id: INSTANCE.into(),
+                        subjects: vec!["alice".into()],
+                        until: T0,
+                    }),
+                )
+                .await;
+                let totals_rows = store
+                    .export_rows(
+                        MOVED_TABLES
+                            .iter()
+                            .find(|t| t.name == "view_day_totals")
+                            .unwrap(),
+                        ORG,
+                        None,
+                        100,
+                    )
+                    .await
+                    .unwrap();
+                assert!(
+                    totals_rows.is_empty(),
+                    "alice was seen on every day: {totals_rows:?}"
+                );
+                let erased = store.view_totals(&org, from, to).await.unwrap();
+                assert_eq!((erased.views, erased.unique_viewers), (4, 4));
+                crate::maintenance::remake_view_days(store.as_ref(), &[])
+                    .await
+                    .unwrap();
+                assert_eq!(
+                    store.view_totals(&org, from, to).await.unwrap().by_day,
+                    erased.by_day
+                );
+
+                // A purge of page views takes the totals with them.
+                apply(
+                    &store,
+                    ORG,
+                    Change::Purge {
+                        spec: PurgeSpec {
+                            purge_id: "purge-views".into(),
+                            org_id: ORG.into(),
+                            instance_id: None,
+                            delete_kinds: vec![4],
+                            strip_classes: vec![],
+                            before_consent_version: 2,
+                            before_revision: 2,
+                        },
+                    },
+                )
+                .await;
+                assert!(
+                    store
+                        .export_rows(
+                            MOVED_TABLES
+                                .iter()
+                                .find(|t| t.name == "view_day_totals")
+                                .unwrap(),
+                            ORG,
+                            None,
+                            100
+                        )
+                        .await
+                        .unwrap()
+                        .is_empty()
+                );
+                assert_eq!(store.view_totals(&org, from, to).await.unwrap().views, 0);
+                crate::maintenance::remake_view_days(store.as_ref(), &[])
+                    .await
+                    .unwrap();
+                assert_eq!(
+                    store.view_totals(&org, from, to).await.unwrap(),
+                    ViewTotals::default()
+                );
+                assert!(
+                    store
+                        .top_spaces(ORG, None, from, to, 0, 10)
+                        .await
+                        .unwrap()
+                        .is_empty()
+                );
+                let other = ViewScope::Org {
+                    org_id: OTHER.into(),
+                    instance_id: None,
+                };
+                assert_eq!(
+                    store.view_totals(&other, from, to).await.unwrap().views,
+                    1,
+                    "another org's stay"
                 );
             }
 

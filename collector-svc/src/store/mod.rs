@@ -3,6 +3,7 @@
 //! page-view counters, unique-viewer entries and blocking-time memory, rolls metrics up by hour, and
 //! applies purges and erasures through the audited-change protocol (`runtime::audited`).
 
+mod days;
 mod moved;
 mod sql;
 
@@ -153,10 +154,13 @@ pub enum ViewScope {
 }
 
 /// Views and unique viewers over whole UTC days [from_day, to_day).
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct ViewTotals {
     pub views: i64,
     pub unique_viewers: i64,
+    /// The relative standard error of `unique_viewers` when it is estimated (several days merged
+    /// from sketches); 0 when exact.
+    pub unique_error: f64,
     /// (channel, views)
     pub by_channel: Vec<(i64, i64)>,
     /// (day, views, unique viewers)
@@ -164,12 +168,14 @@ pub struct ViewTotals {
 }
 
 /// A page or space in a ranking.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Ranked {
     pub instance_id: String,
     pub id: String,
     pub views: i64,
     pub unique_viewers: i64,
+    /// As [`ViewTotals::unique_error`].
+    pub unique_error: f64,
 }
 
 /// A raw metric sample as stored.
@@ -336,6 +342,22 @@ pub trait CollectorStore: ChangeLog + Send + Sync + std::fmt::Debug + 'static {
         limit: i64,
         skip: &[String],
     ) -> StoreResult<Vec<(String, String, i64)>>;
+    /// Up to `limit` days whose page views changed since their totals were made, of orgs not in
+    /// `skip`: (org, instance, day, generation).
+    async fn dirty_view_days(
+        &self,
+        limit: i64,
+        skip: &[String],
+    ) -> StoreResult<Vec<(String, String, i64, i64)>>;
+    /// Remakes one instance's day totals (per space and in all) and sketches from the page-view
+    /// tables; the day stays marked when it changed again since `generation`.
+    async fn remake_view_day(
+        &self,
+        org_id: &str,
+        instance_id: &str,
+        day: i64,
+        generation: i64,
+    ) -> StoreResult<()>;
     /// The samples of one instance's hour: (body, consent_version, policy_revision).
     async fn hour_samples(
         &self,

@@ -157,6 +157,32 @@ pub static MOVED_TABLES: &[Table] = &[
         counted: false,
     },
     Table {
+        name: "view_day_totals",
+        columns: &[
+            ("instance_id", Text),
+            ("space_id", Text),
+            ("day", Int),
+            ("org_id", Text),
+            ("views", Int),
+            ("channels", Text),
+            ("unique_viewers", Int),
+            ("sketch", Blob),
+        ],
+        key: 3,
+        counted: true,
+    },
+    Table {
+        name: "view_days_dirty",
+        columns: &[
+            ("instance_id", Text),
+            ("day", Int),
+            ("org_id", Text),
+            ("generation", Int),
+        ],
+        key: 2,
+        counted: false,
+    },
+    Table {
         name: "applied_purges",
         columns: &[
             ("purge_id", Text),
@@ -209,6 +235,7 @@ mod tests {
             include_str!("../../migrations/sqlite/0001_init.sql"),
             include_str!("../../migrations/sqlite/0002_epsilon_ledger.sql"),
             include_str!("../../migrations/sqlite/0003_moves.sql"),
+            include_str!("../../migrations/sqlite/0004_view_day_totals.sql"),
         ]
         .join("\n");
         let mut tables: Vec<(String, Vec<String>)> = Vec::new();

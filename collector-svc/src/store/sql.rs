@@ -3,7 +3,7 @@
 //! PostgreSQL a commit holds a shared advisory lock per org and a purge an exclusive one, so a batch
 //! enforced under an old policy can never commit after the purge that covers it.
 
-use std::collections::{BTreeSet, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 
 use async_trait::async_trait;
 use sqlx::postgres::PgPool;
@@ -11,6 +11,7 @@ use sqlx::sqlite::SqlitePool;
 
 use sightline_runtime::audited::{ChangeLog, ChangeLogError, StagedChange, StagedRow, staged_of};
 
+use super::days::{self, DayPart};
 use super::moved::Type;
 use super::{
     Batch, BatchOutcome, Change, CollectorStore, EraseSpec, MOVED_TABLES, MoveSpec, PurgeSpec,
@@ -301,6 +302,17 @@ macro_rules! sql_store {
                     ));
                 }
                 if spec.delete_kinds.contains(&KIND_PAGE_VIEW) {
+                    let mut query = sqlx::query_as::<_, (String, String, i64)>(sqlx::AssertSqlSafe(format!(
+                        "SELECT DISTINCT org_id, instance_id, day FROM page_view_days WHERE {filter}"
+                    )));
+                    for b in &binds {
+                        query = query.bind(b);
+                    }
+                    for t in tail {
+                        query = query.bind(t);
+                    }
+                    let days = query.fetch_all(&mut **tx).await?;
+                    Self::unmake_view_days(tx, &days).await?;
                     run!(format!("DELETE FROM page_view_days WHERE {filter}"));
                     run!(format!("DELETE FROM page_viewers WHERE {filter}"));
                     let scope = match &spec.instance_id {
@@ -358,6 +370,16 @@ macro_rules! sql_store {
                 spec: &EraseSpec,
             ) -> StoreResult<()> {
                 for subject in &spec.subjects {
+                    // The days the viewer was seen on lose their totals (and sketches) until remade.
+                    let days: Vec<(String, String, i64)> = sqlx::query_as(
+                        "SELECT DISTINCT org_id, instance_id, day FROM page_viewers WHERE instance_id = $1 AND viewer = $2 AND stored_at <= $3",
+                    )
+                    .bind(&spec.instance_id)
+                    .bind(subject)
+                    .bind(spec.until)
+                    .fetch_all(&mut **tx)
+                    .await?;
+                    Self::unmake_view_days(tx, &days).await?;
                     // Each erased page view was one counted view: take it off its counter.
                     let views: Vec<(String, i64, Option<f64>, i64, i64)> = sqlx::query_as(
                         "SELECT name, occurred_at, value, consent_version, policy_revision FROM events
@@ -409,6 +431,43 @@ macro_rules! sql_store {
                         .bind(spec.until)
                         .execute(&mut **tx)
                         .await?;
+                }
+                Ok(())
+            }
+
+            /// Marks an instance's day as changed: its totals are remade, and read from the page-view
+            /// tables until then.
+            async fn mark_view_day(
+                tx: &mut sqlx::Transaction<'static, $db>,
+                org_id: &str,
+                instance_id: &str,
+                day: i64,
+            ) -> StoreResult<()> {
+                sqlx::query(
+                    "INSERT INTO view_days_dirty (instance_id, day, org_id, generation) VALUES ($1, $2, $3, 0)
+                     ON CONFLICT (instance_id, day) DO UPDATE SET generation = view_days_dirty.generation + 1",
+                )
+                .bind(instance_id)
+                .bind(day)
+                .bind(org_id)
+                .execute(&mut **tx)
+                .await?;
+                Ok(())
+            }
+
+            /// Deletes the totals of (org, instance, day)s and marks those days changed: derived data
+            /// goes with what it derives from, and is remade from what is left.
+            async fn unmake_view_days(
+                tx: &mut sqlx::Transaction<'static, $db>,
+                days: &[(String, String, i64)],
+            ) -> StoreResult<()> {
+                for (org_id, instance_id, day) in days {
+                    sqlx::query("DELETE FROM view_day_totals WHERE instance_id = $1 AND day = $2")
+                        .bind(instance_id)
+                        .bind(day)
+                        .execute(&mut **tx)
+                        .await?;
+                    Self::mark_view_day(tx, org_id, instance_id, *day).await?;
                 }
                 Ok(())
             }
@@ -467,6 +526,141 @@ macro_rules! sql_store {
                     .collect()
             }
 
+            /// Totals counted from the page-view tables (a page's are small).
+            async fn exact_totals(&self, scope: &ViewScope, from_day: i64, to_day: i64) -> StoreResult<ViewTotals> {
+                let (filter, binds) = scope_filter(scope);
+                let n = binds.len();
+                let days = format!("day >= ${} AND day < ${}", n + 1, n + 2);
+                let mut query = sqlx::query_as::<_, (i64, i64, i64)>(sqlx::AssertSqlSafe(format!(
+                    "SELECT day, channel, CAST(SUM(views) AS BIGINT) FROM page_view_days WHERE {filter} AND {days} GROUP BY day, channel ORDER BY day, channel"
+                )));
+                for b in &binds {
+                    query = query.bind(b);
+                }
+                let cells = query.bind(from_day).bind(to_day).fetch_all(&self.pool).await?;
+                let mut query = sqlx::query_as::<_, (i64, i64)>(sqlx::AssertSqlSafe(format!(
+                    "SELECT day, COUNT(DISTINCT instance_id || '/' || viewer) FROM page_viewers WHERE {filter} AND {days} GROUP BY day ORDER BY day"
+                )));
+                for b in &binds {
+                    query = query.bind(b);
+                }
+                let uniques = query.bind(from_day).bind(to_day).fetch_all(&self.pool).await?;
+                let unique_viewers = self
+                    .count_where(
+                        format!("SELECT COUNT(DISTINCT instance_id || '/' || viewer) FROM page_viewers WHERE {filter} AND {days}"),
+                        &binds,
+                        &[from_day, to_day],
+                    )
+                    .await?;
+                let mut totals = ViewTotals {
+                    unique_viewers,
+                    ..ViewTotals::default()
+                };
+                for (day, channel, views) in cells {
+                    totals.views += views;
+                    match totals.by_channel.iter_mut().find(|(c, _)| *c == channel) {
+                        Some((_, v)) => *v += views,
+                        None => totals.by_channel.push((channel, views)),
+                    }
+                    match totals.by_day.last_mut() {
+                        Some((d, v, _)) if *d == day => *v += views,
+                        _ => totals.by_day.push((day, views, 0)),
+                    }
+                }
+                totals.by_channel.sort_unstable();
+                for (day, unique) in uniques {
+                    if let Some(entry) = totals.by_day.iter_mut().find(|(d, _, _)| *d == day) {
+                        entry.2 = unique;
+                    }
+                }
+                Ok(totals)
+            }
+
+            /// One instance's day from the page-view tables (for a day whose totals are not made
+            /// yet), in one space or in all.
+            async fn exact_day(&self, instance_id: &str, space_id: Option<&str>, day: i64) -> StoreResult<DayPart> {
+                let space = if space_id.is_some() { " AND space_id = $3" } else { "" };
+                let mut cells = sqlx::query_as::<_, (i64, i64)>(sqlx::AssertSqlSafe(format!(
+                    "SELECT channel, CAST(SUM(views) AS BIGINT) FROM page_view_days WHERE instance_id = $1 AND day = $2{space} GROUP BY channel"
+                )))
+                .bind(instance_id)
+                .bind(day);
+                let mut viewers = sqlx::query_as::<_, (String,)>(sqlx::AssertSqlSafe(format!(
+                    "SELECT DISTINCT viewer FROM page_viewers WHERE instance_id = $1 AND day = $2{space}"
+                )))
+                .bind(instance_id)
+                .bind(day);
+                if let Some(space_id) = space_id {
+                    cells = cells.bind(space_id);
+                    viewers = viewers.bind(space_id);
+                }
+                let cells = cells.fetch_all(&self.pool).await?;
+                let viewers: Vec<String> = viewers.fetch_all(&self.pool).await?.into_iter().map(|(v,)| v).collect();
+                Ok(DayPart::exact(instance_id, day, &cells, &viewers))
+            }
+
+            /// Totals of a space or an org from the day totals, and from the page-view tables for
+            /// days changed since their totals were made.
+            async fn summed_totals(&self, scope: &ViewScope, from_day: i64, to_day: i64) -> StoreResult<ViewTotals> {
+                let (totals_filter, dirty_filter, binds, space) = match scope {
+                    ViewScope::Space { instance_id, space_id } => (
+                        "t.instance_id = $1 AND t.space_id = $2",
+                        "instance_id = $1",
+                        vec![instance_id.clone(), space_id.clone()],
+                        Some(space_id.as_str()),
+                    ),
+                    ViewScope::Org { org_id, instance_id: Some(instance) } => (
+                        "t.org_id = $1 AND t.instance_id = $2 AND t.space_id = ''",
+                        "org_id = $1 AND instance_id = $2",
+                        vec![org_id.clone(), instance.clone()],
+                        None,
+                    ),
+                    ViewScope::Org { org_id, instance_id: None } => (
+                        "t.org_id = $1 AND t.space_id = ''",
+                        "org_id = $1",
+                        vec![org_id.clone()],
+                        None,
+                    ),
+                    ViewScope::Page { .. } => return self.exact_totals(scope, from_day, to_day).await,
+                };
+                let n = binds.len();
+                let mut query = sqlx::query_as::<_, (String, i64, i64, String, i64, Vec<u8>)>(sqlx::AssertSqlSafe(format!(
+                    "SELECT t.instance_id, t.day, t.views, t.channels, t.unique_viewers, t.sketch FROM view_day_totals t
+                     WHERE {totals_filter} AND t.day >= ${} AND t.day < ${}
+                       AND NOT EXISTS (SELECT 1 FROM view_days_dirty d WHERE d.instance_id = t.instance_id AND d.day = t.day)",
+                    n + 1,
+                    n + 2
+                )));
+                for b in &binds {
+                    query = query.bind(b);
+                }
+                let rows = query.bind(from_day).bind(to_day).fetch_all(&self.pool).await?;
+                let mut parts: Vec<DayPart> = rows
+                    .into_iter()
+                    .map(|(instance, day, views, channels, unique, sketch)| {
+                        DayPart::stored(instance, day, views, &channels, unique, &sketch)
+                    })
+                    .collect();
+                // A space's dirty days are its instance's.
+                let dirty_binds = if space.is_some() { &binds[..1] } else { &binds[..] };
+                let m = dirty_binds.len();
+                let mut query = sqlx::query_as::<_, (String, i64)>(sqlx::AssertSqlSafe(format!(
+                    "SELECT instance_id, day FROM view_days_dirty WHERE {dirty_filter} AND day >= ${} AND day < ${}",
+                    m + 1,
+                    m + 2
+                )));
+                for b in dirty_binds {
+                    query = query.bind(b);
+                }
+                for (instance, day) in query.bind(from_day).bind(to_day).fetch_all(&self.pool).await? {
+                    let part = self.exact_day(&instance, space, day).await?;
+                    if part.views > 0 || part.unique_viewers > 0 {
+                        parts.push(part);
+                    }
+                }
+                Ok(days::combine(&parts))
+            }
+
             async fn delete_chunked(&self, sql: String, org_id: &str, before: i64) -> StoreResult<i64> {
                 let mut total = 0;
                 loop {
@@ -517,13 +711,18 @@ macro_rules! sql_store {
                     let inserted = Self::insert_rows(&mut tx, batch, &self.location).await?;
                     let mut rows = Vec::with_capacity(batch.rows.len());
                     let mut hours = BTreeSet::new();
+                    let mut days = BTreeSet::new();
                     for row in &batch.rows {
                         if !inserted.contains(&row.event_id) {
                             rows.push(RowOutcome::Duplicate);
                             continue;
                         }
                         if let Some(view) = &row.view {
-                            rows.push(Self::count_view(&mut tx, batch, row, view).await?);
+                            let outcome = Self::count_view(&mut tx, batch, row, view).await?;
+                            if outcome == RowOutcome::Stored {
+                                days.insert(row.occurred_at.div_euclid(DAY_MS));
+                            }
+                            rows.push(outcome);
                             continue;
                         }
                         if row.kind == KIND_METRIC {
@@ -538,6 +737,9 @@ macro_rules! sql_store {
                             .bind(&batch.org_id)
                             .execute(&mut *tx)
                             .await?;
+                    }
+                    for day in days {
+                        Self::mark_view_day(&mut tx, &batch.org_id, &batch.instance_id, day).await?;
                     }
                     outcomes.push(BatchOutcome::Committed(rows));
                 }
@@ -564,52 +766,10 @@ macro_rules! sql_store {
             }
 
             async fn view_totals(&self, scope: &ViewScope, from_day: i64, to_day: i64) -> StoreResult<ViewTotals> {
-                let (filter, binds) = scope_filter(scope);
-                let n = binds.len();
-                let days = format!("day >= ${} AND day < ${}", n + 1, n + 2);
-                let mut query = sqlx::query_as::<_, (i64, i64, i64)>(sqlx::AssertSqlSafe(format!(
-                    "SELECT day, channel, CAST(SUM(views) AS BIGINT) FROM page_view_days WHERE {filter} AND {days} GROUP BY day, channel ORDER BY day, channel"
-                )));
-                for b in &binds {
-                    query = query.bind(b);
+                match scope {
+                    ViewScope::Page { .. } => self.exact_totals(scope, from_day, to_day).await,
+                    _ => self.summed_totals(scope, from_day, to_day).await,
                 }
-                let cells = query.bind(from_day).bind(to_day).fetch_all(&self.pool).await?;
-                let mut query = sqlx::query_as::<_, (i64, i64)>(sqlx::AssertSqlSafe(format!(
-                    "SELECT day, COUNT(DISTINCT instance_id || '/' || viewer) FROM page_viewers WHERE {filter} AND {days} GROUP BY day ORDER BY day"
-                )));
-                for b in &binds {
-                    query = query.bind(b);
-                }
-                let uniques = query.bind(from_day).bind(to_day).fetch_all(&self.pool).await?;
-                let unique_viewers = self
-                    .count_where(
-                        format!("SELECT COUNT(DISTINCT instance_id || '/' || viewer) FROM page_viewers WHERE {filter} AND {days}"),
-                        &binds,
-                        &[from_day, to_day],
-                    )
-                    .await?;
-                let mut totals = ViewTotals {
-                    unique_viewers,
-                    ..ViewTotals::default()
-                };
-                for (day, channel, views) in cells {
-                    totals.views += views;
-                    match totals.by_channel.iter_mut().find(|(c, _)| *c == channel) {
-                        Some((_, v)) => *v += views,
-                        None => totals.by_channel.push((channel, views)),
-                    }
-                    match totals.by_day.last_mut() {
-                        Some((d, v, _)) if *d == day => *v += views,
-                        _ => totals.by_day.push((day, views, 0)),
-                    }
-                }
-                totals.by_channel.sort_unstable();
-                for (day, unique) in uniques {
-                    if let Some(entry) = totals.by_day.iter_mut().find(|(d, _, _)| *d == day) {
-                        entry.2 = unique;
-                    }
-                }
-                Ok(totals)
             }
 
             async fn top_pages(
@@ -650,6 +810,7 @@ macro_rules! sql_store {
                         id: page_id,
                         views,
                         unique_viewers: unique,
+                        unique_error: 0.0,
                     });
                 }
                 Ok(ranked)
@@ -664,38 +825,132 @@ macro_rules! sql_store {
                 offset: i64,
                 limit: i64,
             ) -> StoreResult<Vec<Ranked>> {
+                let mut views: BTreeMap<(String, String), i64> = BTreeMap::new();
                 let spaces: Vec<(String, String, i64)> = sqlx::query_as(
-                    "SELECT instance_id, space_id, CAST(SUM(views) AS BIGINT) AS v FROM page_view_days
-                     WHERE org_id = $1 AND ($2 = '' OR instance_id = $2) AND day >= $3 AND day < $4
-                     GROUP BY instance_id, space_id ORDER BY v DESC, instance_id, space_id LIMIT $5 OFFSET $6",
+                    "SELECT t.instance_id, t.space_id, CAST(SUM(t.views) AS BIGINT) FROM view_day_totals t
+                     WHERE t.org_id = $1 AND ($2 = '' OR t.instance_id = $2) AND t.space_id <> '' AND t.day >= $3 AND t.day < $4
+                       AND NOT EXISTS (SELECT 1 FROM view_days_dirty d WHERE d.instance_id = t.instance_id AND d.day = t.day)
+                     GROUP BY t.instance_id, t.space_id",
                 )
                 .bind(org_id)
                 .bind(instance_id.unwrap_or_default())
                 .bind(from_day)
                 .bind(to_day)
-                .bind(limit)
-                .bind(offset)
                 .fetch_all(&self.pool)
                 .await?;
-                let mut ranked = Vec::with_capacity(spaces.len());
-                for (instance_id, space_id, views) in spaces {
-                    let (unique,): (i64,) = sqlx::query_as(
-                        "SELECT COUNT(DISTINCT viewer) FROM page_viewers WHERE instance_id = $1 AND space_id = $2 AND day >= $3 AND day < $4",
+                for (instance, space, v) in spaces {
+                    *views.entry((instance, space)).or_default() += v;
+                }
+                let dirty: Vec<(String, i64)> = sqlx::query_as(
+                    "SELECT instance_id, day FROM view_days_dirty WHERE org_id = $1 AND ($2 = '' OR instance_id = $2) AND day >= $3 AND day < $4",
+                )
+                .bind(org_id)
+                .bind(instance_id.unwrap_or_default())
+                .bind(from_day)
+                .bind(to_day)
+                .fetch_all(&self.pool)
+                .await?;
+                for (instance, day) in dirty {
+                    let cells: Vec<(String, i64)> = sqlx::query_as(
+                        "SELECT space_id, CAST(SUM(views) AS BIGINT) FROM page_view_days WHERE instance_id = $1 AND day = $2 GROUP BY space_id",
                     )
-                    .bind(&instance_id)
-                    .bind(&space_id)
-                    .bind(from_day)
-                    .bind(to_day)
-                    .fetch_one(&self.pool)
+                    .bind(&instance)
+                    .bind(day)
+                    .fetch_all(&self.pool)
                     .await?;
-                    ranked.push(Ranked {
+                    for (space, v) in cells {
+                        *views.entry((instance.clone(), space)).or_default() += v;
+                    }
+                }
+                let mut ranked: Vec<((String, String), i64)> = views.into_iter().filter(|(_, v)| *v > 0).collect();
+                ranked.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+                let page = ranked
+                    .into_iter()
+                    .skip(usize::try_from(offset).unwrap_or(usize::MAX))
+                    .take(usize::try_from(limit).unwrap_or(0));
+                let mut out = Vec::new();
+                for ((instance_id, space_id), views) in page {
+                    let totals = self
+                        .summed_totals(
+                            &ViewScope::Space { instance_id: instance_id.clone(), space_id: space_id.clone() },
+                            from_day,
+                            to_day,
+                        )
+                        .await?;
+                    out.push(Ranked {
                         instance_id,
                         id: space_id,
                         views,
-                        unique_viewers: unique,
+                        unique_viewers: totals.unique_viewers,
+                        unique_error: totals.unique_error,
                     });
                 }
-                Ok(ranked)
+                Ok(out)
+            }
+
+            async fn dirty_view_days(&self, limit: i64, skip: &[String]) -> StoreResult<Vec<(String, String, i64, i64)>> {
+                let skipped = if skip.is_empty() {
+                    String::new()
+                } else {
+                    format!(" WHERE org_id NOT IN {}", placeholders(2, skip.len()))
+                };
+                let mut query = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+                    "SELECT org_id, instance_id, day, generation FROM view_days_dirty{skipped} ORDER BY day, instance_id LIMIT $1"
+                )))
+                .bind(limit);
+                for org_id in skip {
+                    query = query.bind(org_id);
+                }
+                Ok(query.fetch_all(&self.pool).await?)
+            }
+
+            async fn remake_view_day(&self, org_id: &str, instance_id: &str, day: i64, generation: i64) -> StoreResult<()> {
+                let cells: Vec<(String, i64, i64)> = sqlx::query_as(
+                    "SELECT space_id, channel, CAST(SUM(views) AS BIGINT) FROM page_view_days WHERE instance_id = $1 AND day = $2 GROUP BY space_id, channel",
+                )
+                .bind(instance_id)
+                .bind(day)
+                .fetch_all(&self.pool)
+                .await?;
+                let viewers: Vec<(String, String)> = sqlx::query_as(
+                    "SELECT space_id, viewer FROM page_viewers WHERE instance_id = $1 AND day = $2",
+                )
+                .bind(instance_id)
+                .bind(day)
+                .fetch_all(&self.pool)
+                .await?;
+                let parts = days::day_parts(instance_id, day, &cells, &viewers);
+                let mut tx = self.pool.begin_with($begin).await?;
+                Self::lock_org(&mut tx, org_id, false).await?;
+                sqlx::query("DELETE FROM view_day_totals WHERE instance_id = $1 AND day = $2")
+                    .bind(instance_id)
+                    .bind(day)
+                    .execute(&mut *tx)
+                    .await?;
+                for (space_id, part) in parts.iter().filter(|(_, p)| p.views > 0 || p.unique_viewers > 0) {
+                    sqlx::query(
+                        "INSERT INTO view_day_totals (instance_id, space_id, day, org_id, views, channels, unique_viewers, sketch)
+                         VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+                    )
+                    .bind(instance_id)
+                    .bind(space_id)
+                    .bind(day)
+                    .bind(org_id)
+                    .bind(part.views)
+                    .bind(part.channels_text())
+                    .bind(part.unique_viewers)
+                    .bind(part.sketch.to_bytes())
+                    .execute(&mut *tx)
+                    .await?;
+                }
+                sqlx::query("DELETE FROM view_days_dirty WHERE instance_id = $1 AND day = $2 AND generation = $3")
+                    .bind(instance_id)
+                    .bind(day)
+                    .bind(generation)
+                    .execute(&mut *tx)
+                    .await?;
+                tx.commit().await?;
+                Ok(())
             }
 
             async fn samples(
@@ -1041,33 +1296,30 @@ macro_rules! sql_store {
                 let width = table.columns.len();
                 let location = table.location_column();
                 let mut tx = self.pool.begin_with($begin).await?;
+                if let Some(row) = rows.iter().find(|row| row.len() != width) {
+                    return Err(StoreError::Corrupt(format!("a row of {} has {} values", table.name, row.len())));
+                }
                 for chunk in rows.chunks(INSERT_CHUNK) {
-                    let values: Vec<String> = (0..chunk.len())
-                        .map(|r| placeholders(r * width + 1, width))
-                        .collect();
-                    let sql = format!(
-                        "INSERT INTO {} ({}) VALUES {} ON CONFLICT DO NOTHING",
+                    // The builder's placeholders (`?` on SQLite) bind in constant time each.
+                    let mut query = sqlx::QueryBuilder::<$db>::new(format!(
+                        "INSERT INTO {} ({}) ",
                         table.name,
-                        table.column_list(),
-                        values.join(", ")
-                    );
-                    let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
-                    for row in chunk {
-                        if row.len() != width {
-                            return Err(StoreError::Corrupt(format!("a row of {} has {} values", table.name, row.len())));
-                        }
+                        table.column_list()
+                    ));
+                    query.push_values(chunk, |mut b, row| {
                         for (i, value) in row.iter().enumerate() {
-                            query = match value {
+                            match value {
                                 // Rows take the location of the store that holds them.
-                                _ if Some(i) == location => query.bind(self.location.clone()),
-                                Value::Int(v) => query.bind(*v),
-                                Value::Real(v) => query.bind(*v),
-                                Value::Text(v) => query.bind(v.clone()),
-                                Value::Blob(v) => query.bind(v.clone()),
+                                _ if Some(i) == location => b.push_bind(self.location.clone()),
+                                Value::Int(v) => b.push_bind(*v),
+                                Value::Real(v) => b.push_bind(*v),
+                                Value::Text(v) => b.push_bind(v.clone()),
+                                Value::Blob(v) => b.push_bind(v.clone()),
                             };
                         }
-                    }
-                    query.execute(&mut *tx).await?;
+                    });
+                    query.push(" ON CONFLICT DO NOTHING");
+                    query.build().execute(&mut *tx).await?;
                 }
                 tx.commit().await?;
                 Ok(())
@@ -1129,6 +1381,13 @@ macro_rules! sql_store {
                     org_id, raw_day).await?;
                 removed.unique_viewer_entries = self.delete_chunked(
                     "DELETE FROM page_viewers WHERE (instance_id, page_id, day, viewer) IN (SELECT instance_id, page_id, day, viewer FROM page_viewers WHERE org_id = $1 AND day < $2 LIMIT $3)".to_owned(),
+                    org_id, raw_day).await?;
+                // Day totals and their sketches go with the days they sum up.
+                removed.view_counters += self.delete_chunked(
+                    "DELETE FROM view_day_totals WHERE (instance_id, space_id, day) IN (SELECT instance_id, space_id, day FROM view_day_totals WHERE org_id = $1 AND day < $2 LIMIT $3)".to_owned(),
+                    org_id, raw_day).await?;
+                self.delete_chunked(
+                    "DELETE FROM view_days_dirty WHERE (instance_id, day) IN (SELECT instance_id, day FROM view_days_dirty WHERE org_id = $1 AND day < $2 LIMIT $3)".to_owned(),
                     org_id, raw_day).await?;
                 removed.dedupe_entries = self.delete_chunked(
                     "DELETE FROM view_memory WHERE (instance_id, page_id, viewer) IN (SELECT instance_id, page_id, viewer FROM view_memory WHERE org_id = $1 AND last_at < $2 LIMIT $3)".to_owned(),
