@@ -67,23 +67,61 @@ impl Sketch {
         })
     }
 
-    /// The estimated number of distinct hashes added (HyperLogLog, with linear counting for small
-    /// cardinalities).
+    /// The estimated number of distinct hashes added: Ertl's improved estimator ("New cardinality
+    /// estimation algorithms for HyperLogLog sketches", 2017), unbiased from small to large
+    /// cardinalities without the empirical tables of HyperLogLog++.
     #[allow(clippy::cast_precision_loss)]
     pub fn estimate(&self) -> f64 {
         let m = M as f64;
-        let alpha = 0.7213 / (1.0 + 1.079 / m);
-        let sum: f64 = self
-            .registers
-            .iter()
-            .map(|r| 2f64.powi(-i32::from(*r)))
-            .sum();
-        let raw = alpha * m * m / sum;
-        let zeros = self.registers.iter().filter(|r| **r == 0).count();
-        if raw <= 2.5 * m && zeros > 0 {
-            m * (m / zeros as f64).ln()
-        } else {
-            raw
+        let q = 64 - P as usize;
+        let mut counts = vec![0usize; q + 2];
+        for register in &self.registers {
+            if let Some(c) = counts.get_mut(usize::from(*register)) {
+                *c += 1;
+            }
+        }
+        let mut z = m * tau(1.0 - counts[q + 1] as f64 / m);
+        for k in (1..=q).rev() {
+            z = 0.5 * (z + counts[k] as f64);
+        }
+        z += m * sigma(counts[0] as f64 / m);
+        if !z.is_finite() || z == 0.0 {
+            return 0.0;
+        }
+        m * m / (2.0 * std::f64::consts::LN_2) / z
+    }
+}
+
+fn sigma(mut x: f64) -> f64 {
+    if x >= 1.0 {
+        return f64::INFINITY;
+    }
+    let mut y = 1.0;
+    let mut z = x;
+    loop {
+        x *= x;
+        let before = z;
+        z += x * y;
+        y += y;
+        if z == before {
+            return z;
+        }
+    }
+}
+
+fn tau(mut x: f64) -> f64 {
+    if x == 0.0 || x >= 1.0 {
+        return 0.0;
+    }
+    let mut y = 1.0;
+    let mut z = 1.0 - x;
+    loop {
+        x = x.sqrt();
+        let before = z;
+        y *= 0.5;
+        z -= (1.0 - x).powi(2) * y;
+        if z == before {
+            return z / 3.0;
         }
     }
 }
@@ -102,11 +140,29 @@ mod tests {
 
     #[test]
     fn estimates_stay_within_a_few_standard_errors() {
-        for n in [10u32, 1_000, 10_000, 100_000] {
+        for n in [10u32, 1_000, 5_000, 10_000, 12_000, 20_000, 100_000] {
             let estimate = filled(0, n).estimate();
             let relative = (estimate - f64::from(n)).abs() / f64::from(n);
             assert!(relative < 4.0 * ERROR, "{n}: {estimate}");
         }
+    }
+
+    #[test]
+    fn estimates_are_unbiased_where_plain_hyperloglog_is_not() {
+        // Around 2.5 × 4096 registers plain HyperLogLog switches estimators and overshoots; averaged
+        // over many sketches, the error here stays well under one standard error.
+        let runs = 16u32;
+        let mean: f64 = (0..runs)
+            .map(|r| {
+                let mut s = Sketch::default();
+                for n in 0..10_500u32 {
+                    s.add(viewer_hash(&format!("i{r}"), &format!("v{n}")));
+                }
+                s.estimate() / 10_500.0 - 1.0
+            })
+            .sum::<f64>()
+            / f64::from(runs);
+        assert!(mean.abs() < ERROR / 2.0, "mean relative error {mean}");
     }
 
     #[test]
