@@ -89,7 +89,9 @@ pub(super) fn day_parts(
     cells: &[(String, i64, i64)],
     viewers: &[(String, String)],
 ) -> Vec<(String, DayPart)> {
-    let mut spaces: BTreeMap<&str, (Vec<(i64, i64)>, Vec<String>)> = BTreeMap::new();
+    // Per space: its (channel, views) cells and its viewers.
+    type Space = (Vec<(i64, i64)>, Vec<String>);
+    let mut spaces: BTreeMap<&str, Space> = BTreeMap::new();
     for (space, channel, views) in cells {
         spaces
             .entry(space.as_str())
