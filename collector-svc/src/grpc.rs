@@ -170,9 +170,16 @@ impl CollectorApi {
         instance_id: &str,
         events: Vec<pb::Event>,
     ) -> Result<Processed, Status> {
-        ingest::check_batch(&events)?;
-        let plan = self.policies.plan(org_id, instance_id)?;
+        let plan = match self.policies.plan(org_id, instance_id) {
+            Ok(plan) => plan,
+            Err(status) => {
+                // A bad batch is refused as such whatever the policy; `process` checks it otherwise.
+                ingest::check_batch(&events)?;
+                return Err(status);
+            }
+        };
         if plan.moving {
+            ingest::check_batch(&events)?;
             return Err(ingest::moving(&plan));
         }
         let opened = self.stores.get(plan.location).await?;
