@@ -506,11 +506,10 @@ impl Maintenance {
             .map_err(unavailable)?;
         if !from.store.moved_out(&data_move.move_id).await? {
             self.auditor.settle_org(from.store.as_ref(), org_id).await?;
-            // What is moved is final: the org's purges are applied first.
+            // What is moved is final: the org's purges are applied first (`purge` passes over
+            // those applied already).
             for spec in purge_specs(policy) {
-                if !from.store.purge_applied(&spec.purge_id).await? {
-                    self.purge(from.store.as_ref(), &spec).await?;
-                }
+                self.purge(from.store.as_ref(), &spec).await?;
             }
             let in_place = from.store.identity().await? == to.store.identity().await?;
             let mut attributes = BTreeMap::new();

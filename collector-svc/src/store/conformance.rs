@@ -189,6 +189,21 @@ async fn postgres_shared() -> (Arc<dyn CollectorStore>, Arc<dyn CollectorStore>,
     (global, open(&url, "eu").await.unwrap(), ())
 }
 
+/// A purge of ORG's page views stored before consent version and policy revision 2.
+fn page_views_purge(purge_id: &str) -> Change {
+    Change::Purge {
+        spec: PurgeSpec {
+            purge_id: purge_id.into(),
+            org_id: ORG.into(),
+            instance_id: None,
+            delete_kinds: vec![4],
+            strip_classes: vec![],
+            before_consent_version: 2,
+            before_revision: 2,
+        },
+    }
+}
+
 /// An org with data in every moved table: samples with a rollup left to make and one made, page
 /// views with viewers and blocking memory, a tombstone and an applied purge; and another org's.
 async fn fill_for_move(store: &Arc<dyn CollectorStore>) {
@@ -202,22 +217,7 @@ async fn fill_for_move(store: &Arc<dyn CollectorStore>) {
         ),
     )
     .await;
-    apply(
-        store,
-        ORG,
-        Change::Purge {
-            spec: PurgeSpec {
-                purge_id: "purge-before-move".into(),
-                org_id: ORG.into(),
-                instance_id: None,
-                delete_kinds: vec![4],
-                strip_classes: vec![],
-                before_consent_version: 2,
-                before_revision: 2,
-            },
-        },
-    )
-    .await;
+    apply(store, ORG, page_views_purge("purge-before-move")).await;
     commit_one(
         store,
         batch(
@@ -1172,22 +1172,7 @@ macro_rules! suite {
                 );
 
                 // A purge of page views takes the totals with them.
-                apply(
-                    &store,
-                    ORG,
-                    Change::Purge {
-                        spec: PurgeSpec {
-                            purge_id: "purge-views".into(),
-                            org_id: ORG.into(),
-                            instance_id: None,
-                            delete_kinds: vec![4],
-                            strip_classes: vec![],
-                            before_consent_version: 2,
-                            before_revision: 2,
-                        },
-                    },
-                )
-                .await;
+                apply(&store, ORG, page_views_purge("purge-views")).await;
                 assert!(
                     store
                         .export_rows(

@@ -480,20 +480,19 @@ macro_rules! sql_store {
                 now: i64,
             ) -> StoreResult<()> {
                 Self::lock_org(tx, &spec.org_id, true).await?;
-                for table in MOVED_TABLES {
-                    let sql = if spec.in_place {
-                        if table.location_column().is_none() {
-                            continue;
-                        }
-                        format!("UPDATE {} SET location = $2 WHERE org_id = $1", table.name)
-                    } else {
-                        format!("DELETE FROM {} WHERE org_id = $1", table.name)
-                    };
-                    let mut query = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(&spec.org_id);
-                    if spec.in_place {
-                        query = query.bind(&spec.to_location);
+                if spec.in_place {
+                    for table in MOVED_TABLES.iter().filter(|t| t.location_column().is_some()) {
+                        sqlx::query(sqlx::AssertSqlSafe(format!(
+                            "UPDATE {} SET location = $2 WHERE org_id = $1",
+                            table.name
+                        )))
+                        .bind(&spec.org_id)
+                        .bind(&spec.to_location)
+                        .execute(&mut **tx)
+                        .await?;
                     }
-                    query.execute(&mut **tx).await?;
+                } else {
+                    Self::delete_org(tx, &spec.org_id).await?;
                 }
                 sqlx::query(
                     "INSERT INTO moved_out (move_id, org_id, to_location, moved_at) VALUES ($1, $2, $3, $4)
@@ -505,6 +504,17 @@ macro_rules! sql_store {
                 .bind(now)
                 .execute(&mut **tx)
                 .await?;
+                Ok(())
+            }
+
+            /// Deletes every row of the org's data, in every moved table.
+            async fn delete_org(tx: &mut sqlx::Transaction<'static, $db>, org_id: &str) -> StoreResult<()> {
+                for table in MOVED_TABLES {
+                    sqlx::query(sqlx::AssertSqlSafe(format!("DELETE FROM {} WHERE org_id = $1", table.name)))
+                        .bind(org_id)
+                        .execute(&mut **tx)
+                        .await?;
+                }
                 Ok(())
             }
 
@@ -1343,12 +1353,7 @@ macro_rules! sql_store {
             async fn clear_org(&self, org_id: &str) -> StoreResult<()> {
                 let mut tx = self.pool.begin_with($begin).await?;
                 Self::lock_org(&mut tx, org_id, true).await?;
-                for table in MOVED_TABLES {
-                    sqlx::query(sqlx::AssertSqlSafe(format!("DELETE FROM {} WHERE org_id = $1", table.name)))
-                        .bind(org_id)
-                        .execute(&mut *tx)
-                        .await?;
-                }
+                Self::delete_org(&mut tx, org_id).await?;
                 tx.commit().await?;
                 Ok(())
             }
