@@ -18,7 +18,7 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 use std::time::Instant;
 
-use collector_svc::store::{Batch, BatchOutcome, Row, Value, View};
+use collector_svc::store::{Batch, BatchOutcome, CollectorStore, MOVED_TABLES, Row, Value, View};
 use prost::Message;
 use sightline_proto::collector::v1 as pb;
 use sightline_proto::common::v1::{self as common, Channel, SharingLevel, UsageLevel};
@@ -179,7 +179,12 @@ async fn commit_all(
 /// the secondary indexes dropped during the load and built after it (a load of 10 million views
 /// through commit takes hours on this machine: every view touches a dozen B-trees at random).
 /// Returns the views counted (those outside the blocking time).
-async fn bulk_load(url: &str, shape: &Shape, views: &[PageView]) -> u64 {
+async fn bulk_load(
+    store: &dyn CollectorStore,
+    url: &str,
+    shape: &Shape,
+    views: &[PageView],
+) -> u64 {
     use sqlx::Connection;
     let mut db = sqlx::SqliteConnection::connect(url).await.unwrap();
     sqlx::query("PRAGMA synchronous = OFF")
@@ -254,11 +259,11 @@ async fn bulk_load(url: &str, shape: &Shape, views: &[PageView]) -> u64 {
             Value::Blob(Some(body(n, shape, view))),
         ]);
         if rows.len() == 100_000 {
-            insert(&mut db, "events", &rows).await;
+            insert(store, "events", &rows).await;
             rows.clear();
         }
     }
-    insert(&mut db, "events", &rows).await;
+    insert(store, "events", &rows).await;
 
     // page_view_days: (page, day, channel) counts.
     let mut cells: Vec<(u32, i64, u8)> = views
@@ -283,7 +288,7 @@ async fn bulk_load(url: &str, shape: &Shape, views: &[PageView]) -> u64 {
             Value::Int(Some(group.len() as i64)),
         ]);
     }
-    insert(&mut db, "page_view_days", &rows).await;
+    insert(store, "page_view_days", &rows).await;
     drop(cells);
 
     // page_viewers: distinct (page, day, viewer), stored_at as commit writes it.
@@ -309,11 +314,11 @@ async fn bulk_load(url: &str, shape: &Shape, views: &[PageView]) -> u64 {
             Value::Int(Some(T0_MS)),
         ]);
         if rows.len() == 100_000 {
-            insert(&mut db, "page_viewers", &rows).await;
+            insert(store, "page_viewers", &rows).await;
             rows.clear();
         }
     }
-    insert(&mut db, "page_viewers", &rows).await;
+    insert(store, "page_viewers", &rows).await;
 
     // view_memory: the last counted view per (page, viewer).
     let mut rows = Vec::new();
@@ -327,11 +332,11 @@ async fn bulk_load(url: &str, shape: &Shape, views: &[PageView]) -> u64 {
             Value::Int(Some(T0_MS)),
         ]);
         if rows.len() == 100_000 {
-            insert(&mut db, "view_memory", &rows).await;
+            insert(store, "view_memory", &rows).await;
             rows.clear();
         }
     }
-    insert(&mut db, "view_memory", &rows).await;
+    insert(store, "view_memory", &rows).await;
 
     // Every day changed: the collector's maintenance makes the day totals (as it does after ingest).
     let days: std::collections::BTreeSet<i64> = views.iter().map(|v| v.0.div_euclid(DAY)).collect();
@@ -346,7 +351,7 @@ async fn bulk_load(url: &str, shape: &Shape, views: &[PageView]) -> u64 {
             ]
         })
         .collect();
-    insert(&mut db, "view_days_dirty", &rows).await;
+    insert(store, "view_days_dirty", &rows).await;
 
     for (_, sql) in &indexes {
         sqlx::query(sqlx::AssertSqlSafe(sql.clone()))
@@ -363,41 +368,13 @@ async fn bulk_load(url: &str, shape: &Shape, views: &[PageView]) -> u64 {
     stored
 }
 
-/// Inserts rows of one table (in its key order) in one transaction.
-async fn insert(db: &mut sqlx::SqliteConnection, table: &str, rows: &[Vec<Value>]) {
-    use sqlx::Connection;
-    let Some(width) = rows.first().map(Vec::len) else {
+/// Inserts rows of one table (in its key order) with the store's own import, one transaction.
+async fn insert(store: &dyn CollectorStore, table: &str, rows: &[Vec<Value>]) {
+    if rows.is_empty() {
         return;
-    };
-    let columns = collector_svc::store::MOVED_TABLES
-        .iter()
-        .find(|t| t.name == table)
-        .unwrap()
-        .column_list();
-    let per = 30_000 / width;
-    let mut tx = db.begin().await.unwrap();
-    for chunk in rows.chunks(per) {
-        // Plain `?` placeholders: sqlx looks each numbered one up by name, which is quadratic.
-        let one = format!("({})", vec!["?"; width].join(", "));
-        let marks = vec![one; chunk.len()];
-        let sql = format!(
-            "INSERT INTO {table} ({columns}) VALUES {}",
-            marks.join(", ")
-        );
-        let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
-        for row in chunk {
-            for value in row {
-                query = match value {
-                    Value::Int(v) => query.bind(*v),
-                    Value::Real(v) => query.bind(*v),
-                    Value::Text(v) => query.bind(v.clone()),
-                    Value::Blob(v) => query.bind(v.clone()),
-                };
-            }
-        }
-        query.execute(&mut *tx).await.unwrap();
     }
-    tx.commit().await.unwrap();
+    let table = MOVED_TABLES.iter().find(|t| t.name == table).unwrap();
+    store.import_rows(table, rows).await.unwrap();
 }
 
 fn range(days: i64) -> Option<common::TimeRange> {
@@ -475,7 +452,7 @@ async fn main() {
             .await
             .unwrap();
         commit_all(check.as_ref(), &shape, &views_made).await;
-        bulk_load(&url, &shape, &views_made).await;
+        bulk_load(store.as_ref(), &url, &shape, &views_made).await;
         let org_scope = collector_svc::store::ViewScope::Org {
             org_id: org.id.clone(),
             instance_id: None,
@@ -502,7 +479,7 @@ async fn main() {
         return;
     }
     let started = Instant::now();
-    let stored = bulk_load(&url, &shape, &views_made).await;
+    let stored = bulk_load(store.as_ref(), &url, &shape, &views_made).await;
     let fill_s = started.elapsed().as_secs_f64();
     drop(views_made);
     drop(store);
