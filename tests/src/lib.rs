@@ -759,6 +759,22 @@ pub mod consent {
             .unwrap()
     }
 
+    /// Sets the org's page-view tracking settings (as its admin).
+    pub async fn track(consent: &TestConsent, org: &TestOrg, settings: pb::TrackingSettings) {
+        consent
+            .client()
+            .await
+            .update_tracking_settings(authed(
+                &org.admin,
+                pb::UpdateTrackingSettingsRequest {
+                    org_id: org.id.clone(),
+                    settings: Some(settings),
+                },
+            ))
+            .await
+            .unwrap();
+    }
+
     /// Watches one org's policy with `token` on `client`.
     pub async fn watch_org(
         client: &mut pb::consent_service_client::ConsentServiceClient<tonic::transport::Channel>,

@@ -13,7 +13,7 @@ use sightline_proto::common::v1::{self as common, Channel, SharingLevel, UsageLe
 use sightline_proto::consent::v1 as consent_pb;
 use sightline_runtime::settings::Limits;
 use sightline_tests::collector::{dropped, ingest, metric, page_view};
-use sightline_tests::consent::{opt_in, policy};
+use sightline_tests::consent::{opt_in, policy, track};
 use sightline_tests::{
     CollectorOptions, LinkerOptions, T0_MS, TestCollector, TestConsent, TestInstance, TestLinker,
     TestOrg, authed,
@@ -68,25 +68,19 @@ impl Stack {
     }
 
     async fn track_views(&self, global_group: &str) {
-        self.consent
-            .client()
-            .await
-            .update_tracking_settings(authed(
-                &self.org.admin,
-                consent_pb::UpdateTrackingSettingsRequest {
-                    org_id: self.org.id.clone(),
-                    settings: Some(consent_pb::TrackingSettings {
-                        enabled_channels: vec![Channel::Desktop as i32],
-                        exclude_anonymous: true,
-                        excluded_groups: vec!["bots".into()],
-                        blocking_time_ms: 30 * 60_000,
-                        view_counter_enabled: true,
-                        global_report_group: global_group.into(),
-                    }),
-                },
-            ))
-            .await
-            .unwrap();
+        track(
+            &self.consent,
+            &self.org,
+            consent_pb::TrackingSettings {
+                enabled_channels: vec![Channel::Desktop as i32],
+                exclude_anonymous: true,
+                excluded_groups: vec!["bots".into()],
+                blocking_time_ms: 30 * 60_000,
+                view_counter_enabled: true,
+                global_report_group: global_group.into(),
+            },
+        )
+        .await;
         self.settle().await;
     }
 
@@ -1440,23 +1434,17 @@ async fn two_replicas_on_one_postgres_store_each_event_once_and_follow_the_polic
     let org = linker.org("Acme").await;
     let instance = linker.link_instance(&org, "SRV-A").await;
     opt_in(&consent, &org, UsageLevel::Advanced, SharingLevel::Basic).await;
-    consent
-        .client()
-        .await
-        .update_tracking_settings(authed(
-            &org.admin,
-            consent_pb::UpdateTrackingSettingsRequest {
-                org_id: org.id.clone(),
-                settings: Some(consent_pb::TrackingSettings {
-                    enabled_channels: vec![Channel::Desktop as i32],
-                    blocking_time_ms: 60_000,
-                    view_counter_enabled: true,
-                    ..Default::default()
-                }),
-            },
-        ))
-        .await
-        .unwrap();
+    track(
+        &consent,
+        &org,
+        consent_pb::TrackingSettings {
+            enabled_channels: vec![Channel::Desktop as i32],
+            blocking_time_ms: 60_000,
+            view_counter_enabled: true,
+            ..Default::default()
+        },
+    )
+    .await;
     let revision = policy(&consent, &org, &instance.id).await.revision;
     a.wait_revision(&org.id, &instance.id, revision).await;
     b.wait_revision(&org.id, &instance.id, revision).await;

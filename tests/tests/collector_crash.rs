@@ -15,7 +15,7 @@ use sightline_proto::common::v1::{Channel, SharingLevel, UsageLevel};
 use sightline_proto::consent::v1 as consent_pb;
 use sightline_runtime::settings::Limits;
 use sightline_tests::collector::{dropped, metric, page_view};
-use sightline_tests::consent::{opt_in, policy};
+use sightline_tests::consent::{opt_in, policy, track};
 use sightline_tests::{
     CollectorOptions, LinkerOptions, T0_MS, TestCollector, TestConsent, TestInstance, TestLinker,
     authed, free_addr, sightline_binary,
@@ -225,21 +225,15 @@ async fn an_opt_out_while_eight_streams_send_leaves_nothing_the_new_level_forbid
     let org = linker.org("Acme").await;
     let instance = linker.link_instance(&org, "SRV-A").await;
     opt_in(&consent, &org, UsageLevel::Advanced, SharingLevel::Extended).await;
-    consent
-        .client()
-        .await
-        .update_tracking_settings(authed(
-            &org.admin,
-            consent_pb::UpdateTrackingSettingsRequest {
-                org_id: org.id.clone(),
-                settings: Some(consent_pb::TrackingSettings {
-                    enabled_channels: vec![Channel::Desktop as i32],
-                    ..Default::default()
-                }),
-            },
-        ))
-        .await
-        .unwrap();
+    track(
+        &consent,
+        &org,
+        consent_pb::TrackingSettings {
+            enabled_channels: vec![Channel::Desktop as i32],
+            ..Default::default()
+        },
+    )
+    .await;
     let before = policy(&consent, &org, &instance.id).await.revision;
     collector.wait_revision(&org.id, &instance.id, before).await;
 

@@ -13,7 +13,7 @@ use sightline_proto::common::v1::{DataClass, EventKind, FieldAction, SharingLeve
 use sightline_proto::consent::v1 as pb;
 use sightline_proto::consent::v1::consent_service_client::ConsentServiceClient;
 use sightline_runtime::settings::Limits;
-use sightline_tests::consent::{opt_in, policy, settings, stack, update, watch_org};
+use sightline_tests::consent::{opt_in, policy, settings, stack, track, update, watch_org};
 use sightline_tests::{LinkerOptions, TestConsent, TestLinker, TestOrg, authed};
 use tonic::Code;
 
@@ -163,22 +163,16 @@ async fn raising_again_after_a_lowering_carries_no_purge_of_what_the_raised_leve
 
     // Replayed: an unrelated change carries the same purge with the same id, so an enforcement
     // point that applied it does nothing; the audit log names the id once.
-    consent
-        .client()
-        .await
-        .update_tracking_settings(authed(
-            &org.admin,
-            pb::UpdateTrackingSettingsRequest {
-                org_id: org.id.clone(),
-                settings: Some(pb::TrackingSettings {
-                    enabled_channels: vec![1],
-                    blocking_time_ms: 1000,
-                    ..Default::default()
-                }),
-            },
-        ))
-        .await
-        .unwrap();
+    track(
+        &consent,
+        &org,
+        pb::TrackingSettings {
+            enabled_channels: vec![1],
+            blocking_time_ms: 1000,
+            ..Default::default()
+        },
+    )
+    .await;
     let later = policy(&consent, &org, "").await;
     assert_eq!(later.purge.unwrap().purge_id, purge.purge_id);
     let naming: Vec<_> = audit_entries(&linker, &org)

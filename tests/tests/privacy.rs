@@ -13,9 +13,9 @@ use sightline_proto::common::v1::{self as common, Channel, SharingLevel, UsageLe
 use sightline_proto::consent::v1 as consent_pb;
 use sightline_runtime::settings::Limits;
 use sightline_tests::collector::{at, dropped, ingest};
-use sightline_tests::consent::{opt_in, policy};
+use sightline_tests::consent::{opt_in, policy, track};
 use sightline_tests::{
-    CollectorOptions, LinkerOptions, T0_MS, TestCollector, TestConsent, TestLinker, authed, logs,
+    CollectorOptions, LinkerOptions, T0_MS, TestCollector, TestConsent, TestLinker, logs,
 };
 
 /// Every canary value carries one of these markers, so one search finds any remnant of any of them.
@@ -246,22 +246,16 @@ async fn canary(sharing: SharingLevel) {
     let org = linker.org("Acme").await;
     let instance = linker.link_instance(&org, "SRV-A").await;
     opt_in(&consent, &org, UsageLevel::Advanced, sharing).await;
-    consent
-        .client()
-        .await
-        .update_tracking_settings(authed(
-            &org.admin,
-            consent_pb::UpdateTrackingSettingsRequest {
-                org_id: org.id.clone(),
-                settings: Some(consent_pb::TrackingSettings {
-                    enabled_channels: vec![Channel::Desktop as i32],
-                    view_counter_enabled: true,
-                    ..Default::default()
-                }),
-            },
-        ))
-        .await
-        .unwrap();
+    track(
+        &consent,
+        &org,
+        consent_pb::TrackingSettings {
+            enabled_channels: vec![Channel::Desktop as i32],
+            view_counter_enabled: true,
+            ..Default::default()
+        },
+    )
+    .await;
     let revision = policy(&consent, &org, &instance.id).await.revision;
     collector
         .wait_revision(&org.id, &instance.id, revision)

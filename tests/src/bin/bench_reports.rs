@@ -25,7 +25,7 @@ use sightline_proto::common::v1::{self as common, Channel, SharingLevel, UsageLe
 use sightline_proto::consent::v1 as consent_pb;
 use sightline_runtime::settings::Limits;
 use sightline_tests::bench::{arg, flag, percentile};
-use sightline_tests::consent::{opt_in, policy};
+use sightline_tests::consent::{opt_in, policy, track};
 use sightline_tests::{
     CollectorOptions, LinkerOptions, T0_MS, TestCollector, TestConsent, TestLinker, authed,
 };
@@ -413,22 +413,16 @@ async fn main() {
     let org = linker.org("Acme").await;
     let instance = linker.link_instance(&org, "SRV-A").await;
     opt_in(&consent, &org, UsageLevel::Advanced, SharingLevel::Extended).await;
-    consent
-        .client()
-        .await
-        .update_tracking_settings(authed(
-            &org.admin,
-            consent_pb::UpdateTrackingSettingsRequest {
-                org_id: org.id.clone(),
-                settings: Some(consent_pb::TrackingSettings {
-                    enabled_channels: vec![Channel::Desktop as i32, Channel::MobileWeb as i32],
-                    blocking_time_ms: 30 * 60_000,
-                    ..Default::default()
-                }),
-            },
-        ))
-        .await
-        .unwrap();
+    track(
+        &consent,
+        &org,
+        consent_pb::TrackingSettings {
+            enabled_channels: vec![Channel::Desktop as i32, Channel::MobileWeb as i32],
+            blocking_time_ms: 30 * 60_000,
+            ..Default::default()
+        },
+    )
+    .await;
     let current = policy(&consent, &org, &instance.id).await;
 
     // Fill the org's store (the global location's SQLite file in the data directory).
