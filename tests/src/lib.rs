@@ -165,6 +165,24 @@ impl TestLinker {
         AuditServiceClient::new(self.channel().await)
     }
 
+    /// The org's audit log (its first 1000 entries), read by its admin.
+    pub async fn audit_events(&self, org: &TestOrg) -> Vec<sightline_proto::audit::v1::AuditEvent> {
+        self.audit()
+            .await
+            .list_events(authed(
+                &org.admin,
+                sightline_proto::audit::v1::ListEventsRequest {
+                    org_id: org.id.clone(),
+                    page_size: 1000,
+                    ..Default::default()
+                },
+            ))
+            .await
+            .unwrap()
+            .into_inner()
+            .events
+    }
+
     /// Stops the server and waits until in-flight calls have drained; the data directory stays.
     pub async fn stop(&mut self) {
         self.shutdown.cancel();

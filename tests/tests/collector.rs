@@ -92,21 +92,7 @@ impl Stack {
     }
 
     async fn audit_actions(&self) -> Vec<audit_pb::AuditEvent> {
-        self.linker
-            .audit()
-            .await
-            .list_events(authed(
-                &self.org.admin,
-                audit_pb::ListEventsRequest {
-                    org_id: self.org.id.clone(),
-                    page_size: 1000,
-                    ..Default::default()
-                },
-            ))
-            .await
-            .unwrap()
-            .into_inner()
-            .events
+        self.linker.audit_events(&self.org).await
     }
 
     async fn raw_metrics(&self, name: &str) -> Vec<pb::MetricPoint> {

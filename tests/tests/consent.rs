@@ -475,20 +475,8 @@ async fn a_move_is_done_when_every_data_owner_has_reported_its_part() {
     assert_eq!(after.location(), Location::Eu);
 
     let actions: Vec<String> = linker
-        .audit()
+        .audit_events(&org)
         .await
-        .list_events(authed(
-            &org.admin,
-            audit_pb::ListEventsRequest {
-                org_id: org.id.clone(),
-                action_prefix: "residency.".into(),
-                ..Default::default()
-            },
-        ))
-        .await
-        .unwrap()
-        .into_inner()
-        .events
         .into_iter()
         .map(|e| e.action)
         .collect();

@@ -8,37 +8,18 @@
 use std::time::Duration;
 
 use futures::StreamExt;
-use sightline_proto::audit::v1 as audit_pb;
 use sightline_proto::common::v1::{DataClass, EventKind, FieldAction, SharingLevel, UsageLevel};
 use sightline_proto::consent::v1 as pb;
 use sightline_proto::consent::v1::consent_service_client::ConsentServiceClient;
 use sightline_runtime::settings::Limits;
 use sightline_tests::consent::{opt_in, policy, settings, stack, track, update, watch_org};
-use sightline_tests::{LinkerOptions, TestConsent, TestLinker, TestOrg, authed};
+use sightline_tests::{LinkerOptions, TestConsent, TestLinker, authed};
 use tonic::Code;
 
 /// Whether a record stored under `policy` (its consent version and revision) is covered by `purge`
 /// read literally.
 fn covers(purge: &pb::PurgeInstruction, policy: &pb::Policy) -> bool {
     policy.consent_version < purge.before_consent_version && policy.revision < purge.before_revision
-}
-
-async fn audit_entries(linker: &TestLinker, org: &TestOrg) -> Vec<audit_pb::AuditEvent> {
-    linker
-        .audit()
-        .await
-        .list_events(authed(
-            &org.admin,
-            audit_pb::ListEventsRequest {
-                org_id: org.id.clone(),
-                page_size: 1000,
-                ..Default::default()
-            },
-        ))
-        .await
-        .unwrap()
-        .into_inner()
-        .events
 }
 
 async fn set_override(
@@ -175,7 +156,8 @@ async fn raising_again_after_a_lowering_carries_no_purge_of_what_the_raised_leve
     .await;
     let later = policy(&consent, &org, "").await;
     assert_eq!(later.purge.unwrap().purge_id, purge.purge_id);
-    let naming: Vec<_> = audit_entries(&linker, &org)
+    let naming: Vec<_> = linker
+        .audit_events(&org)
         .await
         .into_iter()
         .filter(|e| e.attributes.get("purge_id") == Some(&purge.purge_id))
@@ -563,7 +545,7 @@ async fn instance_ids_of_another_org_or_of_none_are_not_found_and_nothing_is_sto
     let theirs = linker.link_instance(&theirs_org, "THEIRS").await;
     opt_in(&consent, &org, UsageLevel::Advanced, SharingLevel::Extended).await;
     let before = policy(&consent, &org, "").await;
-    let audited = audit_entries(&linker, &org).await.len();
+    let audited = linker.audit_events(&org).await.len();
     let nobody = "0190a000-0000-7000-8000-0000000000ee";
     let operator = linker.operator.expose().to_owned();
     let mut client = consent.client().await;
@@ -619,7 +601,7 @@ async fn instance_ids_of_another_org_or_of_none_are_not_found_and_nothing_is_sto
     let after = policy(&consent, &org, "").await;
     assert_eq!(after, before, "nothing stored");
     assert_eq!(
-        audit_entries(&linker, &org).await.len(),
+        linker.audit_events(&org).await.len(),
         audited,
         "nothing audited"
     );
