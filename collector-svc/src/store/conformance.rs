@@ -351,6 +351,62 @@ macro_rules! suite {
                 assert_eq!(samples.len(), 4);
             }
 
+            /// A repeated id deep in a group of large batches: SQLite's fast path gives the whole
+            /// commit up and makes it again carefully; what the first try did (a page view counted,
+            /// rows stored) must not count twice.
+            #[tokio::test]
+            async fn a_repeated_id_in_a_large_group_is_found_and_nothing_counts_twice() {
+                let (store, _guard) = super::$backend().await;
+                let earlier = commit_one(
+                    &store,
+                    batch(ORG, INSTANCE, 1, vec![metric("old-7", T0, 1.0)]),
+                )
+                .await;
+                assert_eq!(earlier, vec![RowOutcome::Stored]);
+                let mut first = vec![view("v-1", T0, "p1", "s1", Some("psn_a"))];
+                first.extend((0..450).map(|i| metric(&format!("a-{i}"), T0, 1.0)));
+                // New ids, then (past the first insert statement) one stored earlier and one of
+                // the first batch of this same group.
+                let mut second: Vec<Row> = (0..420)
+                    .map(|i| metric(&format!("b-{i}"), T0, 2.0))
+                    .collect();
+                second.push(metric("old-7", T0, 1.0));
+                second.push(metric("a-300", T0, 1.0));
+                second.push(view("v-2", T0 + 1, "p1", "s1", Some("psn_b")));
+                let group = store
+                    .commit(
+                        &[
+                            batch(ORG, INSTANCE, 1, first),
+                            batch(ORG, INSTANCE, 1, second),
+                        ],
+                        &revision_is(1),
+                    )
+                    .await
+                    .unwrap();
+                let BatchOutcome::Committed(first) = &group[0] else {
+                    panic!("stale")
+                };
+                assert!(first.iter().all(|o| *o == RowOutcome::Stored));
+                let BatchOutcome::Committed(second) = &group[1] else {
+                    panic!("stale")
+                };
+                assert!(second[..420].iter().all(|o| *o == RowOutcome::Stored));
+                assert_eq!(
+                    second[420..],
+                    [
+                        RowOutcome::Duplicate,
+                        RowOutcome::Duplicate,
+                        RowOutcome::Stored
+                    ]
+                );
+                assert_eq!(store.view_count(INSTANCE, "p1").await.unwrap(), (2, 2));
+                let samples = store
+                    .samples(INSTANCE, "latency", 0, i64::MAX, None, 2_000)
+                    .await
+                    .unwrap();
+                assert_eq!(samples.len(), 1 + 450 + 420);
+            }
+
             #[tokio::test]
             async fn a_batch_enforced_under_an_old_revision_stores_nothing() {
                 let (store, _guard) = super::$backend().await;

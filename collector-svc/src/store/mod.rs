@@ -44,6 +44,9 @@ pub enum StoreError {
     WrongLocation { store: String, batch: String },
     #[error("stored data does not decode: {0}")]
     Corrupt(String),
+    /// A write did not do what it must have (the transaction is rolled back).
+    #[error("a write went wrong: {0}")]
+    Inconsistent(String),
 }
 
 impl From<sqlx::Error> for StoreError {

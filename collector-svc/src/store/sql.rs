@@ -133,18 +133,86 @@ macro_rules! sql_store {
                 Ok(())
             }
 
+            /// One try at committing `batches`; None when a repeated id sent the fast path back
+            /// (nothing was committed).
+            async fn commit_once(
+                &self,
+                batches: &[Batch],
+                current: Revisions<'_>,
+                careful: bool,
+            ) -> StoreResult<Option<Vec<BatchOutcome>>> {
+                let mut tx = self.pool.begin_with($begin).await?;
+                let orgs: BTreeSet<&str> = batches.iter().map(|b| b.org_id.as_str()).collect();
+                for org in orgs {
+                    Self::lock_org(&mut tx, org, false).await?;
+                }
+                let mut outcomes = Vec::with_capacity(batches.len());
+                for batch in batches {
+                    let revision = u64::try_from(batch.policy_revision).ok();
+                    if current(&batch.org_id, &batch.instance_id) != revision {
+                        outcomes.push(BatchOutcome::Stale);
+                        continue;
+                    }
+                    let Some(inserted) = Self::insert_rows(&mut tx, batch, &self.location, careful).await? else {
+                        tx.rollback().await?;
+                        return Ok(None);
+                    };
+                    let mut rows = Vec::with_capacity(batch.rows.len());
+                    let mut hours = BTreeSet::new();
+                    let mut days = BTreeSet::new();
+                    for (row, inserted) in batch.rows.iter().zip(inserted) {
+                        if !inserted {
+                            rows.push(RowOutcome::Duplicate);
+                            continue;
+                        }
+                        if let Some(view) = &row.view {
+                            let outcome = Self::count_view(&mut tx, batch, row, view).await?;
+                            if outcome == RowOutcome::Stored {
+                                days.insert(row.occurred_at.div_euclid(DAY_MS));
+                            }
+                            rows.push(outcome);
+                            continue;
+                        }
+                        if row.kind == KIND_METRIC {
+                            hours.insert(row.occurred_at.div_euclid(HOUR_MS) * HOUR_MS);
+                        }
+                        rows.push(RowOutcome::Stored);
+                    }
+                    for hour in hours {
+                        sqlx::query("INSERT INTO rollup_dirty (instance_id, hour, org_id) VALUES ($1, $2, $3) ON CONFLICT (instance_id, hour) DO NOTHING")
+                            .bind(&batch.instance_id)
+                            .bind(hour)
+                            .bind(&batch.org_id)
+                            .execute(&mut *tx)
+                            .await?;
+                    }
+                    for day in days {
+                        Self::mark_view_day(&mut tx, &batch.org_id, &batch.instance_id, day).await?;
+                    }
+                    outcomes.push(BatchOutcome::Committed(rows));
+                }
+                tx.commit().await?;
+                Ok(Some(outcomes))
+            }
+
+            /// Inserts a batch's rows; per row, whether this insert stored it (false: its id was
+            /// stored before). None when `careful` is off and a repeated id was met: SQLite's
+            /// fast path cannot tell which row it was, so the caller rolls back and commits again
+            /// carefully.
             async fn insert_rows(
                 tx: &mut sqlx::Transaction<'static, $db>,
                 batch: &Batch,
                 location: &str,
-            ) -> StoreResult<HashSet<String>> {
-                let mut inserted = HashSet::with_capacity(batch.rows.len());
+                careful: bool,
+            ) -> StoreResult<Option<Vec<bool>>> {
+                let mut inserted = Vec::with_capacity(batch.rows.len());
                 for chunk in batch.rows.chunks(INSERT_CHUNK) {
                     // SQLite has one writer at a time: what is not stored before this statement is
-                    // stored by it. Reading that first is far cheaper there than RETURNING, whose
-                    // rows cross from SQLite's thread one by one. PostgreSQL's concurrent writers
-                    // need RETURNING to know which rows were theirs.
-                    let existing: HashSet<String> = if $returning {
+                    // stored by it. Reading that first (careful) is far cheaper there than
+                    // RETURNING, whose rows cross from SQLite's thread one by one; and a batch of
+                    // ids never seen (the usual case) needs neither: the count says so.
+                    // PostgreSQL's concurrent writers need RETURNING to know which rows were theirs.
+                    let existing: HashSet<String> = if $returning || !careful {
                         HashSet::new()
                     } else {
                         let mut query = sqlx::QueryBuilder::<$db>::new(
@@ -159,9 +227,14 @@ macro_rules! sql_store {
                         let found: Vec<(String,)> = query.build_query_as().fetch_all(&mut **tx).await?;
                         found.into_iter().map(|(id,)| id).collect()
                     };
-                    let mut query = sqlx::QueryBuilder::<$db>::new(
-                        "INSERT INTO events (instance_id, event_id, org_id, location, kind, occurred_at, stored_at, name, value, subject, consent_version, policy_revision, body) ",
-                    );
+                    // On SQLite, OR IGNORE: no constraint can then abort the statement halfway, so
+                    // SQLite keeps no statement journal for it (a copy of every page it changes).
+                    // Only the key can conflict; the count below proves it.
+                    let mut query = sqlx::QueryBuilder::<$db>::new(if $returning {
+                        "INSERT INTO events (instance_id, event_id, org_id, location, kind, occurred_at, stored_at, name, value, subject, consent_version, policy_revision, body) "
+                    } else {
+                        "INSERT OR IGNORE INTO events (instance_id, event_id, org_id, location, kind, occurred_at, stored_at, name, value, subject, consent_version, policy_revision, body) "
+                    });
                     query.push_values(chunk, |mut b, row| {
                         b.push_bind(&batch.instance_id)
                             .push_bind(&row.event_id)
@@ -177,22 +250,29 @@ macro_rules! sql_store {
                             .push_bind(batch.policy_revision)
                             .push_bind(row.body.as_slice());
                     });
-                    query.push(" ON CONFLICT (instance_id, event_id) DO NOTHING");
                     if $returning {
-                        query.push(" RETURNING event_id");
+                        query.push(" ON CONFLICT (instance_id, event_id) DO NOTHING RETURNING event_id");
                         let ids: Vec<(String,)> = query.build_query_as().fetch_all(&mut **tx).await?;
-                        inserted.extend(ids.into_iter().map(|(id,)| id));
+                        let ids: HashSet<String> = ids.into_iter().map(|(id,)| id).collect();
+                        inserted.extend(chunk.iter().map(|row| ids.contains(&row.event_id)));
                     } else {
-                        query.build().execute(&mut **tx).await?;
-                        inserted.extend(
-                            chunk
-                                .iter()
-                                .filter(|row| !existing.contains(&row.event_id))
-                                .map(|row| row.event_id.clone()),
-                        );
+                        let stored = query.build().execute(&mut **tx).await?.rows_affected();
+                        let expected = chunk.iter().filter(|row| !existing.contains(&row.event_id)).count();
+                        if usize::try_from(stored).ok() == Some(expected) {
+                            inserted.extend(chunk.iter().map(|row| !existing.contains(&row.event_id)));
+                        } else if careful {
+                            // Something other than a repeated id was ignored: nothing of the
+                            // transaction may stand, or an ack would cover a row not stored.
+                            return Err(StoreError::Inconsistent(format!(
+                                "an insert of {} events stored {stored}, {expected} expected",
+                                chunk.len()
+                            )));
+                        } else {
+                            return Ok(None);
+                        }
                     }
                 }
-                Ok(inserted)
+                Ok(Some(inserted))
             }
 
             /// Counts one stored page view, unless the viewer saw the page inside the blocking time.
@@ -706,55 +786,12 @@ macro_rules! sql_store {
                         batch: wrong.location.clone(),
                     });
                 }
-                let mut tx = self.pool.begin_with($begin).await?;
-                let orgs: BTreeSet<&str> = batches.iter().map(|b| b.org_id.as_str()).collect();
-                for org in orgs {
-                    Self::lock_org(&mut tx, org, false).await?;
+                if let Some(outcomes) = self.commit_once(batches, current, false).await? {
+                    return Ok(outcomes);
                 }
-                let mut outcomes = Vec::with_capacity(batches.len());
-                for batch in batches {
-                    let revision = u64::try_from(batch.policy_revision).ok();
-                    if current(&batch.org_id, &batch.instance_id) != revision {
-                        outcomes.push(BatchOutcome::Stale);
-                        continue;
-                    }
-                    let inserted = Self::insert_rows(&mut tx, batch, &self.location).await?;
-                    let mut rows = Vec::with_capacity(batch.rows.len());
-                    let mut hours = BTreeSet::new();
-                    let mut days = BTreeSet::new();
-                    for row in &batch.rows {
-                        if !inserted.contains(&row.event_id) {
-                            rows.push(RowOutcome::Duplicate);
-                            continue;
-                        }
-                        if let Some(view) = &row.view {
-                            let outcome = Self::count_view(&mut tx, batch, row, view).await?;
-                            if outcome == RowOutcome::Stored {
-                                days.insert(row.occurred_at.div_euclid(DAY_MS));
-                            }
-                            rows.push(outcome);
-                            continue;
-                        }
-                        if row.kind == KIND_METRIC {
-                            hours.insert(row.occurred_at.div_euclid(HOUR_MS) * HOUR_MS);
-                        }
-                        rows.push(RowOutcome::Stored);
-                    }
-                    for hour in hours {
-                        sqlx::query("INSERT INTO rollup_dirty (instance_id, hour, org_id) VALUES ($1, $2, $3) ON CONFLICT (instance_id, hour) DO NOTHING")
-                            .bind(&batch.instance_id)
-                            .bind(hour)
-                            .bind(&batch.org_id)
-                            .execute(&mut *tx)
-                            .await?;
-                    }
-                    for day in days {
-                        Self::mark_view_day(&mut tx, &batch.org_id, &batch.instance_id, day).await?;
-                    }
-                    outcomes.push(BatchOutcome::Committed(rows));
-                }
-                tx.commit().await?;
-                Ok(outcomes)
+                self.commit_once(batches, current, true)
+                    .await?
+                    .ok_or_else(|| StoreError::Inconsistent("a careful commit gave up".into()))
             }
 
             async fn view_count(&self, instance_id: &str, page_id: &str) -> StoreResult<(i64, i64)> {
