@@ -22,6 +22,12 @@ const MAX_REJECTED_LISTED: usize = 100;
 /// Where enforced batches go.
 #[async_trait]
 pub trait Sink: Send + Sync {
+    /// Whether the sink keeps rows' stored bodies (the encoded event); a sink that keeps nothing
+    /// is spared encoding them.
+    fn keeps_bodies(&self) -> bool {
+        true
+    }
+
     async fn write(&self, batch: Batch) -> Result<BatchOutcome, Status>;
 }
 
@@ -38,6 +44,10 @@ pub struct Discard;
 
 #[async_trait]
 impl Sink for Discard {
+    fn keeps_bodies(&self) -> bool {
+        false
+    }
+
     async fn write(&self, batch: Batch) -> Result<BatchOutcome, Status> {
         Ok(BatchOutcome::Committed(vec![
             RowOutcome::Stored;
@@ -135,15 +145,24 @@ fn reason_name(reason: DropReason) -> &'static str {
     }
 }
 
-/// The row of a kept event; for a preview the event itself is kept too (it is what the reply shows).
-fn row_of(stored: enforce::StoredEvent, preview: bool) -> (Row, Option<Box<pb::Event>>) {
+/// The row of a kept event, its body encoded when `encode`; for a preview the event itself is kept
+/// too (it is what the reply shows).
+fn row_of(
+    stored: enforce::StoredEvent,
+    preview: bool,
+    encode: bool,
+) -> (Row, Option<Box<pb::Event>>) {
     let view = stored.view.map(|v| View {
         page_id: v.page_id,
         space_id: v.space_id,
         channel: i64::from(v.channel),
         viewer: v.viewer,
     });
-    let body = stored.event.encode_to_vec();
+    let body = if encode {
+        stored.event.encode_to_vec()
+    } else {
+        Vec::new()
+    };
     let row = Row {
         event_id: stored.event_id,
         kind: stored.kind as i64,
@@ -190,7 +209,7 @@ pub async fn process(
         let item: Enforced = enforce::enforce(plan, event, index, now_ms, preview);
         let fate = match item.verdict {
             Verdict::Keep(stored) => {
-                let (row, shown) = row_of(*stored, preview);
+                let (row, shown) = row_of(*stored, preview, sink.keeps_bodies());
                 rows.push(row);
                 Fate::Kept(shown)
             }

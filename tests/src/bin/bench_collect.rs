@@ -5,7 +5,7 @@
 //! - `discard`: the real collector, enforcing and de-identifying, with a sink that discards;
 //! - `sqlite` / `postgres`: the real collector, durable;
 //! - `baseline-sqlite`: plain sqlx multi-row INSERTs of the same prebuilt rows, one transaction per
-//!   1000 rows, into the same table;
+//!   1000 rows, into the same table (`--or-ignore`: `INSERT OR IGNORE`, as the collector's);
 //! - `baseline-postgres`: COPY of the same rows, 1000 per COPY;
 //! - `latency`: p50/p99 of one-event and of 1000-event unary Ingest at half the maximum load;
 //! - `optout`: the gap from UpdateConsent's reply (opt-out) to the first batch refused for consent.
@@ -455,7 +455,8 @@ fn rows(count: usize) -> Vec<(String, i64, String, f64, Vec<u8>)> {
 const ORG: &str = "0190a000-0000-7000-8000-000000000001";
 const INSTANCE: &str = "0190a000-0000-7000-8000-0000000000a1";
 
-async fn baseline_sqlite(count: usize) -> f64 {
+/// `or_ignore`: `INSERT OR IGNORE`, as the collector inserts (SQLite then keeps no statement journal).
+async fn baseline_sqlite(count: usize, or_ignore: bool) -> f64 {
     let dir = tempfile::Builder::new()
         .permissions(std::os::unix::fs::PermissionsExt::from_mode(0o700))
         .tempdir()
@@ -473,9 +474,11 @@ async fn baseline_sqlite(count: usize) -> f64 {
     for chunk in rows.chunks(1_000) {
         let mut tx = pool.begin().await.unwrap();
         for part in chunk.chunks(200) {
-            let mut q = sqlx::QueryBuilder::<sqlx::Sqlite>::new(
-                "INSERT INTO events (instance_id, event_id, org_id, location, kind, occurred_at, stored_at, name, value, subject, consent_version, policy_revision, body) ",
-            );
+            let mut q = sqlx::QueryBuilder::<sqlx::Sqlite>::new(if or_ignore {
+                "INSERT OR IGNORE INTO events (instance_id, event_id, org_id, location, kind, occurred_at, stored_at, name, value, subject, consent_version, policy_revision, body) "
+            } else {
+                "INSERT INTO events (instance_id, event_id, org_id, location, kind, occurred_at, stored_at, name, value, subject, consent_version, policy_revision, body) "
+            });
             q.push_values(part, |mut b, (id, at, name, value, body)| {
                 b.push_bind(INSTANCE)
                     .push_bind(id)
@@ -629,7 +632,11 @@ async fn main() {
         }
         "baseline-sqlite" => println!(
             "baseline-sqlite: {:.0} rows/s",
-            baseline_sqlite(arg("--rows", 500_000) as usize).await
+            baseline_sqlite(
+                arg("--rows", 500_000) as usize,
+                args.iter().any(|a| a == "--or-ignore")
+            )
+            .await
         ),
         "baseline-postgres" => println!(
             "baseline-postgres: {:.0} rows/s",
