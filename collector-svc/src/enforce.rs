@@ -17,7 +17,7 @@ use sightline_proto::consent::v1 as consent_pb;
 use sightline_runtime::pseudonym::OrgPseudonymizer;
 
 use crate::fields::{ClassTable, Field};
-use crate::scrub::{self, Finding, Secrets};
+use sightline_runtime::scrub::{self, Finding, Secrets};
 
 /// How far in the future an event may be dated (clock skew).
 pub const MAX_FUTURE_MS: i64 = 5 * 60 * 1000;

@@ -12,11 +12,13 @@ pub mod grpc;
 pub mod ingest;
 pub mod maintenance;
 pub mod policy;
-pub mod scrub;
 pub mod sketch;
 pub mod store;
 pub mod stores;
 pub mod writer;
+
+/// The scrubber lives in the runtime: insights-svc scrubs uploads with it too.
+pub use sightline_runtime::scrub;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;

@@ -4,15 +4,14 @@
 //! UNAVAILABLE, never "allow" (SPEC E3).
 
 use std::collections::HashMap;
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use sightline_proto::consent::v1 as consent_pb;
 use sightline_proto::consent::v1::consent_service_client::ConsentServiceClient;
 use sightline_runtime::auth::authorize;
-use sightline_runtime::pseudonym::{self, OrgPseudonymizer, PseudonymSecret};
+pub use sightline_runtime::pseudonym::PseudonymKeys;
 use sightline_runtime::settings::Secret;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
@@ -21,44 +20,6 @@ use tonic::transport::Channel;
 
 use crate::enforce::Plan;
 use crate::fields::ClassTable;
-
-/// The pseudonymization secrets, one per key version, from the data directory.
-#[derive(Debug)]
-pub struct PseudonymKeys {
-    data_dir: PathBuf,
-    loaded: Mutex<HashMap<u32, PseudonymSecret>>,
-}
-
-impl PseudonymKeys {
-    pub fn new(data_dir: PathBuf) -> Self {
-        Self {
-            data_dir,
-            loaded: Mutex::new(HashMap::new()),
-        }
-    }
-
-    /// The org's key for `version`; None (and KEYED_HASH fields are dropped) when the secret cannot
-    /// be read or made.
-    pub fn org_key(&self, version: u32, org_id: &str) -> Option<OrgPseudonymizer> {
-        let version = version.max(1);
-        let mut loaded = self.loaded.lock().ok()?;
-        if let Some(secret) = loaded.get(&version) {
-            return Some(secret.org_key(org_id));
-        }
-        let path = pseudonym::secret_path(&self.data_dir, version);
-        match PseudonymSecret::load_or_create(&path, version) {
-            Ok(secret) => {
-                let key = secret.org_key(org_id);
-                loaded.insert(version, secret);
-                Some(key)
-            }
-            Err(error) => {
-                tracing::error!(%error, version, "pseudonymization secret unavailable");
-                None
-            }
-        }
-    }
-}
 
 #[derive(Debug, Clone)]
 struct OrgEntry {

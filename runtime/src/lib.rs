@@ -15,6 +15,7 @@ pub mod ids;
 pub mod metrics;
 pub mod pseudonym;
 pub mod ratelimit;
+pub mod scrub;
 pub mod secret_file;
 pub mod server;
 pub mod settings;

@@ -11,8 +11,10 @@
 //! The secret (32 random bytes, hex in a 0600 file under the data directory) never leaves the
 //! service side; per-org keys are derived once and reused for every value.
 
+use std::collections::HashMap;
 use std::io;
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 
 use hkdf::Hkdf;
 use hmac::{Hmac, KeyInit, Mac};
@@ -123,6 +125,44 @@ impl OrgPseudonymizer {
 #[allow(clippy::panic)]
 fn unreachable_key() -> ! {
     panic!("HMAC-SHA256 accepts keys of any length")
+}
+
+/// The pseudonymization secrets, one per key version, from the data directory.
+#[derive(Debug)]
+pub struct PseudonymKeys {
+    data_dir: PathBuf,
+    loaded: Mutex<HashMap<u32, PseudonymSecret>>,
+}
+
+impl PseudonymKeys {
+    pub fn new(data_dir: PathBuf) -> Self {
+        Self {
+            data_dir,
+            loaded: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The org's key for `version`; None (and KEYED_HASH fields are dropped) when the secret cannot
+    /// be read or made.
+    pub fn org_key(&self, version: u32, org_id: &str) -> Option<OrgPseudonymizer> {
+        let version = version.max(1);
+        let mut loaded = self.loaded.lock().ok()?;
+        if let Some(secret) = loaded.get(&version) {
+            return Some(secret.org_key(org_id));
+        }
+        let path = secret_path(&self.data_dir, version);
+        match PseudonymSecret::load_or_create(&path, version) {
+            Ok(secret) => {
+                let key = secret.org_key(org_id);
+                loaded.insert(version, secret);
+                Some(key)
+            }
+            Err(error) => {
+                tracing::error!(%error, version, "pseudonymization secret unavailable");
+                None
+            }
+        }
+    }
 }
 
 #[cfg(test)]
