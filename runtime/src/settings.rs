@@ -52,6 +52,52 @@ pub struct Settings {
     pub collection: CollectionSettings,
     /// Who owns data that a residency move must carry (the `[residency]` section).
     pub residency: ResidencySettings,
+    /// How insights-svc scores, keeps and accepts uploads (the `[analysis]` section).
+    pub analysis: AnalysisSettings,
+}
+
+/// insights-svc's own settings (the `[analysis]` section).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AnalysisSettings {
+    /// A rules file (TOML) that extends or replaces the built-in health rules; checked at start.
+    pub rules_file: Option<PathBuf>,
+    /// Where support bundles of each residency location are kept; a location not named here is
+    /// kept under `<data_dir>/bundles/<location>`.
+    pub bundle_dirs: std::collections::BTreeMap<String, PathBuf>,
+    /// How often every linked instance's score is computed and kept (score history).
+    pub score_every_ms: u64,
+    /// How often retention is enforced.
+    pub sweep_every_ms: u64,
+    /// How often purges from the policies are checked for.
+    pub purge_check_every_ms: u64,
+    /// The largest assessment file accepted.
+    pub max_assessment_bytes: u64,
+    /// The largest support bundle accepted (the zip as sent).
+    pub max_bundle_bytes: u64,
+    /// The most a bundle may expand to (all its files, uncompressed).
+    pub max_bundle_expanded_bytes: u64,
+    /// The most one file of a bundle may expand relative to its compressed size.
+    pub max_bundle_ratio: u64,
+    /// The most files a bundle may hold.
+    pub max_bundle_files: usize,
+}
+
+impl Default for AnalysisSettings {
+    fn default() -> Self {
+        Self {
+            rules_file: None,
+            bundle_dirs: std::collections::BTreeMap::new(),
+            score_every_ms: 3_600_000,
+            sweep_every_ms: 3_600_000,
+            purge_check_every_ms: 5_000,
+            max_assessment_bytes: 16 * 1024 * 1024,
+            max_bundle_bytes: 512 * 1024 * 1024,
+            max_bundle_expanded_bytes: 2 * 1024 * 1024 * 1024,
+            max_bundle_ratio: 200,
+            max_bundle_files: 10_000,
+        }
+    }
 }
 
 /// Which services hold an org's data of each residency scope: a move is DONE once each has copied
@@ -128,6 +174,7 @@ impl Default for Settings {
             insights: ServiceSettings::local(50054),
             collection: CollectionSettings::default(),
             residency: ResidencySettings::default(),
+            analysis: AnalysisSettings::default(),
         }
     }
 }
