@@ -1,0 +1,856 @@
+//! Manual uploads (SPEC I4): assessment files and support bundles arrive as client streams — a
+//! header, then chunks — and are checked before anything is kept: the declared size against the
+//! limit before the first chunk, every chunk against it, the total and the optional SHA-256 at the
+//! end. An assessment (at most a few MiB) is parsed from memory; a bundle goes to a private
+//! temporary file and is read from there as a zip, entry by entry, never whole in memory:
+//!
+//! - refused: a truncated or non-zip file, encrypted entries, compression other than stored or
+//!   deflate, names that are absolute, climb out (`..`), hold a backslash or a NUL, symlinks,
+//!   repeated names, entries outside `metrics/*.json` and `logs/`, more files than allowed, a file
+//!   that expands more than the ratio allows or to more than its header says, and a total
+//!   expansion over the limit (zip bombs);
+//! - metrics files (the assessment format) are treated by the policy's field rules like an
+//!   assessment; logs are scrubbed line by line of e-mail addresses, IP addresses, usernames and
+//!   display names (`user=…`, `"displayName": "…"` and the like) and the event's own values;
+//! - the scrubbed bundle is written as a new zip, then kept whole (renamed into place and synced)
+//!   or not at all.
+
+use std::collections::{BTreeMap, HashSet};
+use std::io::{BufRead, BufReader, Read, Seek, Write};
+use std::path::Path;
+
+use prost_reflect::DynamicMessage;
+use sha2::{Digest, Sha256};
+use sightline_proto::classes;
+use sightline_proto::common::v1::DataClass;
+use sightline_proto::insights::v1 as pb;
+use sightline_runtime::pseudonym::OrgPseudonymizer;
+use sightline_runtime::scrub::{self, Finding, Secrets};
+use tonic::Status;
+
+use crate::health::{HOUR_MS, Hour, Series};
+use crate::treat::{self, FieldRules, Treated};
+
+pub const ASSESSMENT_FORMAT: &str = "sightline.assessment";
+pub const BUNDLE_FORMAT: &str = "sightline.support-bundle";
+/// The largest metrics file of a bundle (it is parsed in memory).
+pub const MAX_METRICS_FILE: u64 = 8 * 1024 * 1024;
+/// Longer log lines are scrubbed in pieces of this size.
+const MAX_LINE: usize = 64 * 1024;
+
+/// One message of an upload stream.
+#[derive(Debug)]
+pub enum Part {
+    Header(pb::UploadHeader),
+    Chunk(Vec<u8>),
+}
+
+pub trait UploadMessage {
+    fn part(self) -> Option<Part>;
+}
+
+impl UploadMessage for pb::UploadAssessmentRequest {
+    fn part(self) -> Option<Part> {
+        match self.part? {
+            pb::upload_assessment_request::Part::Header(h) => Some(Part::Header(h)),
+            pb::upload_assessment_request::Part::Chunk(c) => Some(Part::Chunk(c)),
+        }
+    }
+}
+
+impl UploadMessage for pb::UploadSupportBundleRequest {
+    fn part(self) -> Option<Part> {
+        match self.part? {
+            pb::upload_support_bundle_request::Part::Header(h) => Some(Part::Header(h)),
+            pb::upload_support_bundle_request::Part::Chunk(c) => Some(Part::Chunk(c)),
+        }
+    }
+}
+
+/// Checks a header against the expected format and the size limit.
+pub fn check_header(header: &pb::UploadHeader, format: &str, limit: u64) -> Result<(), Status> {
+    if header.format != format {
+        return Err(Status::invalid_argument(format!(
+            "header.format: {:?} is not {format:?}",
+            header.format
+        )));
+    }
+    if header.format_version != 1 {
+        return Err(Status::invalid_argument(format!(
+            "header.format_version: {} is not a known version (1)",
+            header.format_version
+        )));
+    }
+    if header.size_bytes == 0 {
+        return Err(Status::invalid_argument(
+            "header.size_bytes: the file's size is required",
+        ));
+    }
+    if header.size_bytes > limit {
+        return Err(Status::resource_exhausted(format!(
+            "header.size_bytes: {} bytes is over the limit of {limit}",
+            header.size_bytes
+        )));
+    }
+    if !header.sha256.is_empty()
+        && (header.sha256.len() != 64
+            || !header
+                .sha256
+                .bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)))
+    {
+        return Err(Status::invalid_argument(
+            "header.sha256: must be 64 lower-case hex digits",
+        ));
+    }
+    if header.file_name.len() > 255 || header.file_name.contains(['/', '\\', '\0']) {
+        return Err(Status::invalid_argument(
+            "header.file_name: a plain file name of at most 255 bytes",
+        ));
+    }
+    Ok(())
+}
+
+/// Counts and hashes what arrives, against the header's size.
+#[derive(Debug)]
+pub struct Tally {
+    declared: u64,
+    received: u64,
+    hash: Sha256,
+}
+
+impl Tally {
+    pub fn new(header: &pb::UploadHeader) -> Self {
+        Self {
+            declared: header.size_bytes,
+            received: 0,
+            hash: Sha256::new(),
+        }
+    }
+
+    pub fn add(&mut self, chunk: &[u8]) -> Result<(), Status> {
+        self.received = self.received.saturating_add(chunk.len() as u64);
+        if self.received > self.declared {
+            return Err(Status::resource_exhausted(format!(
+                "chunk: more than the {} bytes the header declared",
+                self.declared
+            )));
+        }
+        self.hash.update(chunk);
+        Ok(())
+    }
+
+    pub fn received(&self) -> u64 {
+        self.received
+    }
+
+    /// Checks the total and the SHA-256; returns the file's hex SHA-256.
+    pub fn finish(self, header: &pb::UploadHeader) -> Result<String, Status> {
+        if self.received != self.declared {
+            return Err(Status::invalid_argument(format!(
+                "header.size_bytes: {} bytes declared, {} received (truncated upload)",
+                self.declared, self.received
+            )));
+        }
+        let digest = hex::encode(self.hash.finalize());
+        if !header.sha256.is_empty() && header.sha256 != digest {
+            return Err(Status::invalid_argument(
+                "header.sha256: does not match the file received",
+            ));
+        }
+        Ok(digest)
+    }
+}
+
+/// Parses an assessment file (the JSON form of the contract's Assessment); errors name the JSON
+/// path.
+pub fn parse_assessment(bytes: &[u8], origin: &str) -> Result<DynamicMessage, Status> {
+    let pool = classes::pool().map_err(|e| Status::internal(e.to_string()))?;
+    let descriptor = pool
+        .get_message_by_name(classes::ASSESSMENT_MESSAGE)
+        .ok_or_else(|| Status::internal("the contract has no Assessment"))?;
+    let text = std::str::from_utf8(bytes)
+        .map_err(|_| Status::invalid_argument(format!("{origin}: is not UTF-8 text")))?;
+    let mut json = serde_json::Deserializer::from_str(text);
+    let mut track = serde_path_to_error::Track::new();
+    let parsed = DynamicMessage::deserialize(
+        descriptor,
+        serde_path_to_error::Deserializer::new(&mut json, &mut track),
+    )
+    .map_err(|e| {
+        Status::invalid_argument(format!(
+            "{origin}: does not parse at {}: {e}",
+            json_path(&track.path())
+        ))
+    })?;
+    json.end()
+        .map_err(|e| Status::invalid_argument(format!("{origin}: trailing data: {e}")))?;
+    let format = parsed
+        .get_field_by_name("format")
+        .and_then(|v| v.as_str().map(str::to_owned))
+        .unwrap_or_default();
+    if format != ASSESSMENT_FORMAT {
+        return Err(Status::invalid_argument(format!(
+            "{origin}: $.format is {format:?}, not {ASSESSMENT_FORMAT:?}"
+        )));
+    }
+    let version = parsed
+        .get_field_by_name("format_version")
+        .and_then(|v| v.as_u32())
+        .unwrap_or(0);
+    if version != 1 {
+        return Err(Status::invalid_argument(format!(
+            "{origin}: $.formatVersion is {version}, not 1"
+        )));
+    }
+    Ok(parsed)
+}
+
+fn json_path(path: &serde_path_to_error::Path) -> String {
+    let text = path.to_string();
+    if text.is_empty() || text == "." {
+        "$".to_owned()
+    } else {
+        format!("$.{text}")
+    }
+}
+
+/// The hourly rollups of an assessment's metric readings (each reading one sample).
+pub fn series_of(metrics: &[pb::AssessmentMetric]) -> (Series, Option<i64>) {
+    let mut samples: BTreeMap<(String, i64), Vec<f64>> = BTreeMap::new();
+    let mut latest = None;
+    for metric in metrics {
+        let Some(at) = metric.at.as_ref() else {
+            continue;
+        };
+        let at = sightline_runtime::time::from_proto(at);
+        if metric.name.is_empty() || !metric.value.is_finite() {
+            continue;
+        }
+        latest = Some(latest.map_or(at, |l: i64| l.max(at)));
+        samples
+            .entry((metric.name.clone(), at.div_euclid(HOUR_MS) * HOUR_MS))
+            .or_default()
+            .push(metric.value);
+    }
+    let mut series = Series::new();
+    for ((name, hour_ms), mut values) in samples {
+        values.sort_by(f64::total_cmp);
+        let rank = |p: f64| {
+            let r = (p * values.len() as f64).ceil() as usize;
+            values[r.clamp(1, values.len()) - 1]
+        };
+        let hour = Hour {
+            hour_ms,
+            count: values.len() as u64,
+            min: values[0],
+            max: values[values.len() - 1],
+            sum: values.iter().sum(),
+            p50: rank(0.5),
+            p95: rank(0.95),
+        };
+        series.entry(name).or_default().push(hour);
+    }
+    (series, latest)
+}
+
+/// Limits of a bundle.
+#[derive(Debug, Clone, Copy)]
+pub struct BundleLimits {
+    pub max_expanded: u64,
+    pub max_ratio: u64,
+    pub max_files: usize,
+}
+
+/// What a checked and scrubbed bundle came to.
+#[derive(Debug, Default)]
+pub struct Bundle {
+    pub files_read: u32,
+    pub treated: Treated,
+    /// The metric readings of its metrics files (treated), for its health.
+    pub metrics: Vec<pb::AssessmentMetric>,
+}
+
+fn bad(message: String) -> Status {
+    Status::invalid_argument(message)
+}
+
+/// Whether an entry's name is safe and in the bundle's layout; the reason when not.
+fn check_name(name: &str) -> Result<Kind, String> {
+    if name.is_empty()
+        || name.starts_with('/')
+        || name.contains('\\')
+        || name.contains('\0')
+        || name.split('/').any(|part| part == ".." || part == ".")
+        || name.as_bytes().get(1) == Some(&b':')
+    {
+        return Err(format!("entry {name:?}: the name is not a safe relative path"));
+    }
+    if name == "metrics/" || name == "logs/" || (name.starts_with("logs/") && name.ends_with('/'))
+    {
+        return Ok(Kind::Directory);
+    }
+    if let Some(file) = name.strip_prefix("metrics/")
+        && !file.contains('/')
+        && file.ends_with(".json")
+        && file.len() > ".json".len()
+    {
+        return Ok(Kind::Metrics);
+    }
+    if name.starts_with("logs/") && !name.ends_with('/') {
+        return Ok(Kind::Log);
+    }
+    Err(format!(
+        "entry {name:?}: a support bundle holds metrics/*.json and logs/ only"
+    ))
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Directory,
+    Metrics,
+    Log,
+}
+
+/// Checks the zip in `input`, writes its scrubbed form to `output`. Blocking: run it off the
+/// async threads.
+pub fn process_bundle<R: Read + Seek, W: Write + Seek>(
+    mut input: R,
+    output: W,
+    limits: BundleLimits,
+    rules: &FieldRules,
+    pseudonyms: Option<&OrgPseudonymizer>,
+) -> Result<Bundle, Status> {
+    let listed = listed_entries(&mut input)
+        .map_err(|e| bad(format!("the file is not a complete zip archive: {e}")))?;
+    let mut archive = zip::ZipArchive::new(input).map_err(|e| {
+        if e.to_string().contains("Duplicate filename") {
+            bad("an entry name appears twice in the bundle".to_owned())
+        } else {
+            bad(format!(
+                "the file is not a complete zip archive (truncated or another format): {e}"
+            ))
+        }
+    })?;
+    // A zip reader keeps one entry per name: fewer entries than the directory lists means a name
+    // appears twice (and the other entry would be silently lost).
+    if listed != Some(archive.len() as u64) {
+        return Err(bad(
+            "an entry name appears twice in the bundle (or its directory is inconsistent)".into(),
+        ));
+    }
+    if archive.len() > limits.max_files {
+        return Err(bad(format!(
+            "the bundle holds {} files; at most {} are accepted",
+            archive.len(),
+            limits.max_files
+        )));
+    }
+    // Everything the central directory says is checked before one byte is expanded.
+    let mut seen = HashSet::new();
+    let mut declared_total: u64 = 0;
+    let mut kinds = Vec::with_capacity(archive.len());
+    for index in 0..archive.len() {
+        let entry = archive
+            .by_index_raw(index)
+            .map_err(|e| bad(format!("entry #{index}: unreadable: {e}")))?;
+        let name = entry
+            .name()
+            .map_err(|e| bad(format!("entry #{index}: the name is not readable: {e}")))?
+            .into_owned();
+        let kind = check_name(&name).map_err(bad)?;
+        if entry.enclosed_name().is_none() {
+            return Err(bad(format!(
+                "entry {name:?}: the name is not a safe relative path"
+            )));
+        }
+        if entry.is_symlink() {
+            return Err(bad(format!("entry {name:?}: links are not accepted")));
+        }
+        if entry.encrypted() {
+            return Err(bad(format!("entry {name:?}: encrypted entries are not accepted")));
+        }
+        match entry.compression() {
+            zip::CompressionMethod::Stored | zip::CompressionMethod::Deflated => {}
+            other => {
+                return Err(bad(format!(
+                    "entry {name:?}: compression {other:?} is not accepted (stored or deflate)"
+                )));
+            }
+        }
+        if !seen.insert(name.trim_end_matches('/').to_owned()) {
+            return Err(bad(format!("entry {name:?}: the name appears twice")));
+        }
+        let (size, packed) = (entry.size(), entry.compressed_size());
+        if size > packed.max(1).saturating_mul(limits.max_ratio) {
+            return Err(Status::resource_exhausted(format!(
+                "entry {name:?}: expands {size} bytes from {packed}, over the ratio of {} (zip bomb)",
+                limits.max_ratio
+            )));
+        }
+        if kind == Kind::Metrics && size > MAX_METRICS_FILE {
+            return Err(Status::resource_exhausted(format!(
+                "entry {name:?}: a metrics file of over {MAX_METRICS_FILE} bytes"
+            )));
+        }
+        declared_total = declared_total.saturating_add(size);
+        if declared_total > limits.max_expanded {
+            return Err(Status::resource_exhausted(format!(
+                "the bundle expands to over {} bytes (zip bomb)",
+                limits.max_expanded
+            )));
+        }
+        kinds.push((name, kind, size));
+    }
+    let mut writer = zip::ZipWriter::new(output);
+    let options = zip::write::SimpleFileOptions::default()
+        .compression_method(zip::CompressionMethod::Deflated)
+        .large_file(true);
+    let mut bundle = Bundle::default();
+    for (index, (name, kind, size)) in kinds.into_iter().enumerate() {
+        if kind == Kind::Directory {
+            continue;
+        }
+        let entry = archive
+            .by_index(index)
+            .map_err(|e| bad(format!("entry {name:?}: unreadable: {e}")))?;
+        // Never more than the header said: a lying header is a bomb too.
+        let mut limited = entry.take(size.saturating_add(1));
+        writer
+            .start_file(name.as_str(), options)
+            .map_err(|e| Status::internal(format!("writing the bundle: {e}")))?;
+        let written = match kind {
+            Kind::Metrics => {
+                let mut text = Vec::with_capacity(usize::try_from(size).unwrap_or(0));
+                limited
+                    .read_to_end(&mut text)
+                    .map_err(|e| bad(format!("entry {name:?}: truncated or corrupt: {e}")))?;
+                let read = text.len() as u64;
+                if read > size {
+                    return Err(Status::resource_exhausted(format!(
+                        "entry {name:?}: expands to more than its header says (zip bomb)"
+                    )));
+                }
+                let parsed = parse_assessment(&text, &format!("entry {name:?}"))?;
+                let (assessment, treated) = treat::assessment(parsed, rules, pseudonyms)
+                    .map_err(Status::internal)?;
+                merge(&mut bundle.treated, &treated);
+                let json = assessment_json(&assessment)?;
+                writer
+                    .write_all(json.as_bytes())
+                    .map_err(|e| Status::internal(format!("writing the bundle: {e}")))?;
+                bundle.metrics.extend(assessment.metrics);
+                read
+            }
+            Kind::Log => {
+                let read = scrub_log(&mut limited, &mut writer, &mut bundle.treated)
+                    .map_err(|e| bad(format!("entry {name:?}: truncated or corrupt: {e}")))?;
+                if read > size {
+                    return Err(Status::resource_exhausted(format!(
+                        "entry {name:?}: expands to more than its header says (zip bomb)"
+                    )));
+                }
+                read
+            }
+            Kind::Directory => 0,
+        };
+        if written != size {
+            return Err(bad(format!(
+                "entry {name:?}: {written} bytes where the header says {size} (truncated)"
+            )));
+        }
+        bundle.files_read += 1;
+    }
+    writer
+        .finish()
+        .map_err(|e| Status::internal(format!("writing the bundle: {e}")))?;
+    Ok(bundle)
+}
+
+/// How many entries the zip's end-of-central-directory record lists (zip64 too); None when there
+/// is no such record.
+fn listed_entries<R: Read + Seek>(input: &mut R) -> std::io::Result<Option<u64>> {
+    let len = input.seek(std::io::SeekFrom::End(0))?;
+    let tail_len = len.min(22 + 65_535);
+    input.seek(std::io::SeekFrom::Start(len - tail_len))?;
+    let mut tail = vec![0u8; usize::try_from(tail_len).unwrap_or(0)];
+    input.read_exact(&mut tail)?;
+    input.seek(std::io::SeekFrom::Start(0))?;
+    let Some(at) = tail.windows(4).rposition(|w| w == b"PK\x05\x06") else {
+        return Ok(None);
+    };
+    let Some(count) = tail.get(at + 10..at + 12) else {
+        return Ok(None);
+    };
+    let count = u16::from_le_bytes([count[0], count[1]]);
+    if count != u16::MAX {
+        return Ok(Some(u64::from(count)));
+    }
+    // Zip64: the locator sits just before the record and points at the zip64 record.
+    let Some(locator) = at.checked_sub(20).and_then(|l| tail.get(l..l + 20)) else {
+        return Ok(None);
+    };
+    if &locator[..4] != b"PK\x06\x07" {
+        return Ok(None);
+    }
+    let mut offset = [0u8; 8];
+    offset.copy_from_slice(&locator[8..16]);
+    input.seek(std::io::SeekFrom::Start(u64::from_le_bytes(offset)))?;
+    let mut record = [0u8; 40];
+    input.read_exact(&mut record)?;
+    input.seek(std::io::SeekFrom::Start(0))?;
+    if &record[..4] != b"PK\x06\x06" {
+        return Ok(None);
+    }
+    let mut total = [0u8; 8];
+    total.copy_from_slice(&record[32..40]);
+    Ok(Some(u64::from_le_bytes(total)))
+}
+
+fn merge(into: &mut Treated, from: &Treated) {
+    for (class, n) in &from.removed {
+        *into.removed.entry(*class).or_default() += n;
+    }
+    for (class, n) in &from.scrubbed {
+        *into.scrubbed.entry(*class).or_default() += n;
+    }
+}
+
+/// The canonical JSON form of a (treated) assessment.
+pub fn assessment_json(assessment: &pb::Assessment) -> Result<String, Status> {
+    let pool = classes::pool().map_err(|e| Status::internal(e.to_string()))?;
+    let descriptor = pool
+        .get_message_by_name(classes::ASSESSMENT_MESSAGE)
+        .ok_or_else(|| Status::internal("the contract has no Assessment"))?;
+    let mut message = DynamicMessage::new(descriptor);
+    message
+        .transcode_from(assessment)
+        .map_err(|e| Status::internal(e.to_string()))?;
+    serde_json::to_string_pretty(&message).map_err(|e| Status::internal(e.to_string()))
+}
+
+/// Copies a log to `out` line by line, scrubbed; returns the bytes read.
+fn scrub_log(input: &mut dyn Read, out: &mut dyn Write, treated: &mut Treated) -> std::io::Result<u64> {
+    let mut reader = BufReader::with_capacity(64 * 1024, input);
+    let mut line = Vec::with_capacity(1024);
+    let mut read: u64 = 0;
+    let none = Secrets::default();
+    loop {
+        line.clear();
+        let n = (&mut reader)
+            .take(MAX_LINE as u64)
+            .read_until(b'\n', &mut line)?;
+        if n == 0 {
+            break;
+        }
+        read += n as u64;
+        let text = String::from_utf8_lossy(&line);
+        let (people, users, names) = scrub_people(&text);
+        let mut clean = people;
+        if let Some((scrubbed, found)) = scrub::scrub(&clean, &none) {
+            clean = scrubbed;
+            for finding in found {
+                match finding {
+                    Finding::Email => treated.add_scrubbed(DataClass::Email, 1),
+                    Finding::Ip => treated.add_scrubbed(DataClass::IpAddress, 1),
+                    Finding::Secret => treated.add_scrubbed(DataClass::FreeText, 1),
+                }
+            }
+        }
+        treated.add_scrubbed(DataClass::Username, users);
+        treated.add_scrubbed(DataClass::DisplayName, names);
+        out.write_all(clean.as_bytes())?;
+    }
+    // A trailing partial read of a lying entry is caught by the caller's size check.
+    let _ = reader.fill_buf()?;
+    Ok(read)
+}
+
+/// Keys whose values name a person in logs: (key, replacement, is a display name).
+const PEOPLE_KEYS: [(&str, bool); 12] = [
+    ("username", false),
+    ("user_name", false),
+    ("userkey", false),
+    ("user_key", false),
+    ("login", false),
+    ("user", false),
+    ("author", false),
+    ("assignee", false),
+    ("reporter", false),
+    ("displayname", true),
+    ("display_name", true),
+    ("fullname", true),
+];
+
+/// Replaces the values of person keys (`user=alice`, `"displayName": "Alice Liddell"`,
+/// `username: bob`) with markers; returns the line and the counts (usernames, display names).
+pub fn scrub_people(line: &str) -> (String, u32, u32) {
+    let lower = line.to_ascii_lowercase();
+    let bytes = line.as_bytes();
+    let mut spans: Vec<(usize, usize, bool)> = Vec::new();
+    for (key, display) in PEOPLE_KEYS {
+        let mut from = 0;
+        while let Some(found) = lower[from..].find(key) {
+            let start = from + found;
+            from = start + key.len();
+            // A whole key: not the tail of a longer word.
+            if start > 0 && (bytes[start - 1].is_ascii_alphanumeric() || bytes[start - 1] == b'_') {
+                continue;
+            }
+            let mut at = start + key.len();
+            if bytes.get(at).is_some_and(|b| b.is_ascii_alphanumeric() || *b == b'_') {
+                continue;
+            }
+            if bytes.get(at) == Some(&b'"') {
+                at += 1;
+            }
+            while bytes.get(at) == Some(&b' ') {
+                at += 1;
+            }
+            if !matches!(bytes.get(at), Some(b'=' | b':')) {
+                continue;
+            }
+            at += 1;
+            while bytes.get(at) == Some(&b' ') {
+                at += 1;
+            }
+            let (value_start, value_end) = match bytes.get(at) {
+                Some(q @ (b'"' | b'\'')) => {
+                    let close = line[at + 1..].find(*q as char).map_or(line.len(), |i| at + 1 + i);
+                    (at + 1, close)
+                }
+                _ => {
+                    let end = line[at..]
+                        .find(|c: char| c.is_whitespace() || matches!(c, ',' | '&' | ';' | ']' | ')' | '}' | '"'))
+                        .map_or(line.len(), |i| at + i);
+                    (at, end)
+                }
+            };
+            if value_end > value_start && !spans.iter().any(|(s, e, _)| value_start < *e && *s < value_end) {
+                spans.push((value_start, value_end, display));
+            }
+        }
+    }
+    if spans.is_empty() {
+        return (line.to_owned(), 0, 0);
+    }
+    spans.sort_unstable();
+    let (mut users, mut names) = (0, 0);
+    let mut out = String::with_capacity(line.len());
+    let mut at = 0;
+    for (start, end, display) in spans {
+        out.push_str(&line[at..start]);
+        if display {
+            names += 1;
+            out.push_str("[display-name]");
+        } else {
+            users += 1;
+            out.push_str("[username]");
+        }
+        at = end;
+    }
+    out.push_str(&line[at..]);
+    (out, users, names)
+}
+
+/// Moves a finished file into place durably: synced, renamed, its directory synced.
+pub fn keep_file(file: tempfile::NamedTempFile, path: &Path) -> std::io::Result<()> {
+    file.as_file().sync_all()?;
+    file.persist(path).map_err(|e| e.error)?;
+    if let Some(dir) = path.parent() {
+        std::fs::File::open(dir)?.sync_all()?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Cursor;
+
+    fn limits() -> BundleLimits {
+        BundleLimits {
+            max_expanded: 64 * 1024 * 1024,
+            max_ratio: 200,
+            max_files: 100,
+        }
+    }
+
+    fn all_keep() -> FieldRules {
+        FieldRules::from_rules(
+            &classes::all_classes()
+                .into_iter()
+                .map(|c| sightline_proto::consent::v1::FieldRule {
+                    data_class: c as i32,
+                    action: sightline_proto::common::v1::FieldAction::Keep as i32,
+                })
+                .collect::<Vec<_>>(),
+        )
+    }
+
+    fn zip_of(entries: &[(&str, &[u8])]) -> Vec<u8> {
+        let mut out = Cursor::new(Vec::new());
+        let mut writer = zip::ZipWriter::new(&mut out);
+        for (name, body) in entries {
+            writer
+                .start_file(*name, zip::write::SimpleFileOptions::default())
+                .unwrap();
+            writer.write_all(body).unwrap();
+        }
+        writer.finish().unwrap();
+        out.into_inner()
+    }
+
+    /// Two entries named alike (a writer refuses to make one: the second name is patched).
+    fn duplicated() -> Vec<u8> {
+        let mut bytes = zip_of(&[("logs/a.log", b"x"), ("logs/b.log", b"y")]);
+        let from = b"logs/b.log";
+        let mut at = 0;
+        while let Some(i) = bytes[at..].windows(from.len()).position(|w| w == from) {
+            bytes[at + i..at + i + from.len()].copy_from_slice(b"logs/a.log");
+            at += i + from.len();
+        }
+        bytes
+    }
+
+    fn process(bytes: Vec<u8>) -> Result<(Bundle, Vec<u8>), Status> {
+        let mut out = Cursor::new(Vec::new());
+        let bundle = process_bundle(Cursor::new(bytes), &mut out, limits(), &all_keep(), None)?;
+        Ok((bundle, out.into_inner()))
+    }
+
+    const METRICS: &str = r#"{"format": "sightline.assessment", "formatVersion": 1,
+      "metrics": [{"name": "jvm.cpu.load", "at": "2026-11-20T09:00:00Z", "value": 91.5, "unit": "percent"}]}"#;
+
+    #[test]
+    fn a_good_bundle_is_scrubbed_and_counted() {
+        let log = b"2026-11-20 INFO login ok user=alice from 10.0.0.7\n\
+                    2026-11-20 WARN {\"displayName\": \"Alice Liddell\", \"mail\": \"alice@acme.example\"}\n";
+        let (bundle, out) = process(zip_of(&[
+            ("metrics/jira.json", METRICS.as_bytes()),
+            ("logs/atlassian-jira.log", log),
+        ]))
+        .unwrap();
+        assert_eq!(bundle.files_read, 2);
+        assert_eq!(bundle.metrics.len(), 1);
+        let mut kept = zip::ZipArchive::new(Cursor::new(out)).unwrap();
+        let mut text = String::new();
+        kept.by_name("logs/atlassian-jira.log")
+            .unwrap()
+            .read_to_string(&mut text)
+            .unwrap();
+        for planted in ["alice@acme.example", "10.0.0.7", "Alice Liddell", "user=alice"] {
+            assert!(!text.contains(planted), "{planted} survived: {text}");
+        }
+        let scrubbed = &bundle.treated.scrubbed;
+        assert_eq!(scrubbed.get(&(DataClass::Email as i32)), Some(&1));
+        assert_eq!(scrubbed.get(&(DataClass::IpAddress as i32)), Some(&1));
+        assert_eq!(scrubbed.get(&(DataClass::Username as i32)), Some(&1));
+        assert_eq!(scrubbed.get(&(DataClass::DisplayName as i32)), Some(&1));
+    }
+
+    #[test]
+    fn unsafe_bundles_are_refused_with_the_reason() {
+        let cases: Vec<(Vec<u8>, &str)> = vec![
+            (zip_of(&[("../evil.log", b"x")]), "not a safe relative path"),
+            (zip_of(&[("logs/../../evil", b"x")]), "not a safe relative path"),
+            (zip_of(&[("/etc/passwd", b"x")]), "not a safe relative path"),
+            (zip_of(&[("bin/tool.sh", b"x")]), "metrics/*.json and logs/ only"),
+            (duplicated(), "appears twice"),
+            (b"PK\x03\x04 not really a zip".to_vec(), "not a complete zip"),
+            (zip_of(&[("metrics/m.json", b"{\"format\": 7}")]), "does not parse at $.format"),
+        ];
+        for (bytes, reason) in cases {
+            let refused = process(bytes).map(|_| ()).expect_err(reason);
+            assert!(refused.message().contains(reason), "{:?} does not say {reason:?}", refused.message());
+        }
+    }
+
+    #[test]
+    fn a_truncated_zip_is_refused() {
+        let whole = zip_of(&[("logs/a.log", &[b'a'; 10_000][..])]);
+        let cut = whole[..whole.len() - 30].to_vec();
+        assert!(process(cut).unwrap_err().message().contains("not a complete zip"));
+    }
+
+    #[test]
+    fn a_zip_bomb_is_refused_before_it_expands() {
+        let mut out = Cursor::new(Vec::new());
+        let mut writer = zip::ZipWriter::new(&mut out);
+        writer
+            .start_file(
+                "logs/bomb.log",
+                zip::write::SimpleFileOptions::default()
+                    .compression_method(zip::CompressionMethod::Deflated),
+            )
+            .unwrap();
+        let zeros = vec![0u8; 1024 * 1024];
+        for _ in 0..20 {
+            writer.write_all(&zeros).unwrap();
+        }
+        writer.finish().unwrap();
+        let refused = process(out.into_inner()).map(|_| ()).unwrap_err();
+        assert_eq!(refused.code(), tonic::Code::ResourceExhausted);
+        assert!(refused.message().contains("zip bomb"), "{}", refused.message());
+    }
+
+    #[test]
+    fn a_symlink_entry_is_refused() {
+        let mut out = Cursor::new(Vec::new());
+        let mut writer = zip::ZipWriter::new(&mut out);
+        writer
+            .add_symlink("logs/link", "/etc/shadow", zip::write::SimpleFileOptions::default())
+            .unwrap();
+        writer.finish().unwrap();
+        assert!(process(out.into_inner()).unwrap_err().message().contains("links are not accepted"));
+    }
+
+    #[test]
+    fn person_keys_are_found_in_their_usual_spellings() {
+        let (line, users, names) =
+            scrub_people("user=bob; username: \"carol\" Reporter='dave' fullName=\"Eve Adams\" userCount=3");
+        assert_eq!((users, names), (3, 1), "{line}");
+        for gone in ["bob", "carol", "dave", "Eve Adams"] {
+            assert!(!line.contains(gone), "{line}");
+        }
+        assert!(line.contains("userCount=3"));
+    }
+
+    #[test]
+    fn an_assessment_error_names_the_json_path() {
+        let refused = parse_assessment(
+            br#"{"format": "sightline.assessment", "formatVersion": 1, "counts": {"projects": "many"}}"#,
+            "file",
+        )
+        .unwrap_err();
+        assert!(refused.message().contains("$.counts.projects"), "{}", refused.message());
+    }
+
+    #[test]
+    fn sizes_and_digests_are_held_to_the_header() {
+        let header = pb::UploadHeader {
+            size_bytes: 4,
+            format: ASSESSMENT_FORMAT.into(),
+            format_version: 1,
+            sha256: hex::encode(Sha256::digest(b"abcd")),
+            ..Default::default()
+        };
+        check_header(&header, ASSESSMENT_FORMAT, 10).unwrap();
+        assert_eq!(
+            check_header(&header, ASSESSMENT_FORMAT, 3).unwrap_err().code(),
+            tonic::Code::ResourceExhausted
+        );
+        assert!(check_header(&header, BUNDLE_FORMAT, 10).is_err());
+        let mut tally = Tally::new(&header);
+        tally.add(b"ab").unwrap();
+        assert!(Tally::new(&header).add(b"abcde").is_err());
+        tally.add(b"cd").unwrap();
+        tally.finish(&header).unwrap();
+        let mut short = Tally::new(&header);
+        short.add(b"abc").unwrap();
+        assert!(short.finish(&header).unwrap_err().message().contains("truncated"));
+        let mut wrong = Tally::new(&header);
+        wrong.add(b"abce").unwrap();
+        assert!(wrong.finish(&header).unwrap_err().message().contains("sha256"));
+    }
+}
