@@ -249,7 +249,8 @@ impl CollectorService {
             watch.cancelled().await;
             background.cancel();
         });
-        tokio::spawn(self.api.policies.clone().follow(
+        tokio::spawn(sightline_runtime::policy_stream::follow(
+            self.api.policies.clone(),
             self.consent.clone(),
             self.service_token.clone(),
             self.background.clone(),

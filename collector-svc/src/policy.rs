@@ -5,18 +5,13 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, RwLock};
-use std::time::Duration;
+use std::sync::{Arc, Mutex, RwLock};
 
 use sightline_proto::consent::v1 as consent_pb;
-use sightline_proto::consent::v1::consent_service_client::ConsentServiceClient;
-use sightline_runtime::auth::authorize;
+use sightline_runtime::policy_stream::PolicyFollower;
 pub use sightline_runtime::pseudonym::PseudonymKeys;
-use sightline_runtime::settings::Secret;
 use tokio::sync::Notify;
-use tokio_util::sync::CancellationToken;
 use tonic::Status;
-use tonic::transport::Channel;
 
 use crate::enforce::Plan;
 use crate::fields::ClassTable;
@@ -37,6 +32,8 @@ pub struct Policies {
     keys: PseudonymKeys,
     /// Woken on every change, for the purge applier.
     pub changed: Notify,
+    /// The snapshot being received (None once complete).
+    snapshot: Mutex<Option<HashMap<String, OrgEntry>>>,
 }
 
 impl Policies {
@@ -47,6 +44,7 @@ impl Policies {
             classes,
             keys,
             changed: Notify::new(),
+            snapshot: Mutex::new(None),
         }
     }
 
@@ -114,7 +112,7 @@ impl Policies {
     }
 
     /// Applies one message of the stream; a snapshot replaces everything once complete.
-    fn apply(
+    fn apply_message(
         &self,
         message: &consent_pb::WatchPolicyResponse,
         snapshot: &mut Option<HashMap<String, OrgEntry>>,
@@ -146,58 +144,33 @@ impl Policies {
     }
 
     /// Fails closed: nothing is allowed until the next complete snapshot.
-    fn lose(&self) {
+    fn clear(&self) {
         self.ready.store(false, Ordering::SeqCst);
         if let Ok(mut orgs) = self.orgs.write() {
             orgs.clear();
         }
     }
+}
 
-    /// Follows consent-svc's WatchPolicy stream until `shutdown`, resubscribing (and failing closed
-    /// meanwhile) whenever it is lost.
-    pub async fn follow(
-        self: Arc<Self>,
-        consent: Channel,
-        token: Secret,
-        shutdown: CancellationToken,
-    ) {
-        let mut backoff = Duration::from_millis(50);
-        loop {
-            let outcome = tokio::select! {
-                () = shutdown.cancelled() => return,
-                outcome = self.watch_once(consent.clone(), &token) => outcome,
-            };
-            self.lose();
-            match outcome {
-                Ok(()) => tracing::warn!("policy stream ended; resubscribing"),
-                Err(status) => {
-                    tracing::warn!(code = ?status.code(), message = status.message(), "policy stream lost; resubscribing")
-                }
-            }
-            tokio::select! {
-                () = shutdown.cancelled() => return,
-                () = tokio::time::sleep(backoff) => {}
-            }
-            backoff = (backoff * 2).min(Duration::from_secs(2));
-            if self.is_ready() {
-                backoff = Duration::from_millis(50);
-            }
+impl PolicyFollower for Policies {
+    fn begin_snapshot(&self) {
+        if let Ok(mut snapshot) = self.snapshot.lock() {
+            *snapshot = Some(HashMap::new());
         }
     }
 
-    async fn watch_once(&self, consent: Channel, token: &Secret) -> Result<(), Status> {
-        let mut request = tonic::Request::new(consent_pb::WatchPolicyRequest::default());
-        authorize(&mut request, token)?;
-        let mut stream = ConsentServiceClient::new(consent)
-            .max_decoding_message_size(64 * 1024 * 1024)
-            .watch_policy(request)
-            .await?
-            .into_inner();
-        let mut snapshot = Some(HashMap::new());
-        while let Some(message) = stream.message().await? {
-            self.apply(&message, &mut snapshot);
+    fn apply(&self, message: &consent_pb::WatchPolicyResponse) {
+        if let Ok(mut snapshot) = self.snapshot.lock() {
+            self.apply_message(message, &mut snapshot);
         }
-        Ok(())
+    }
+
+    fn lose(&self) {
+        self.clear();
+    }
+
+    fn is_ready(&self) -> bool {
+        Policies::is_ready(self)
     }
 }
 

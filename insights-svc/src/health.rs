@@ -206,8 +206,15 @@ pub(crate) mod tests {
         .into();
         let assessed = evaluate(&rules, &series, NOW);
         assert_eq!(assessed.score, 100 - 15 - 15 - 5);
-        let ids: Vec<&str> = assessed.findings.iter().map(|f| f.rule_id.as_str()).collect();
-        assert_eq!(ids, ["cpu-load-high", "heap-pressure", "guardrail-custom-fields"]);
+        let ids: Vec<&str> = assessed
+            .findings
+            .iter()
+            .map(|f| f.rule_id.as_str())
+            .collect();
+        assert_eq!(
+            ids,
+            ["cpu-load-high", "heap-pressure", "guardrail-custom-fields"]
+        );
     }
 
     #[test]
@@ -244,7 +251,10 @@ pub(crate) mod tests {
         assert_eq!(observe(Aggregation::P95, &hours, 0, end), Some(18.0));
         assert_eq!(observe(Aggregation::Avg, &hours, 0, end), Some(9.5));
         assert_eq!(observe(Aggregation::Last, &hours, 0, end), Some(19.0));
-        assert_eq!(observe(Aggregation::Max, &hours, 5 * HOUR_MS, 6 * HOUR_MS), Some(10.0));
+        assert_eq!(
+            observe(Aggregation::Max, &hours, 5 * HOUR_MS, 6 * HOUR_MS),
+            Some(10.0)
+        );
         assert_eq!(observe(Aggregation::Max, &hours, end, 2 * end), None);
     }
 }

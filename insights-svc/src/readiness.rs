@@ -35,7 +35,8 @@ pub struct CloudApp {
 /// The shipped data, parsed once (a unit test proves it parses).
 pub fn cloud_data() -> Option<&'static CloudData> {
     static DATA: OnceLock<Option<CloudData>> = OnceLock::new();
-    DATA.get_or_init(|| toml::from_str(CLOUD_DATA).ok()).as_ref()
+    DATA.get_or_init(|| toml::from_str(CLOUD_DATA).ok())
+        .as_ref()
 }
 
 fn penalty(severity: pb::Severity) -> u32 {

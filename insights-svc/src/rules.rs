@@ -405,19 +405,29 @@ recommendation = "Check the mail server."
     #[test]
     fn a_file_extends_the_defaults_and_replaces_rules_by_id() {
         let replaced = ONE.replace("queue-size", "cpu-load-high");
-        let file = write(&format!("{ONE}\n{}", &replaced[replaced.find("[[rule]]").unwrap()..]));
+        let file = write(&format!(
+            "{ONE}\n{}",
+            &replaced[replaced.find("[[rule]]").unwrap()..]
+        ));
         let rules = Rules::load(Some(file.path())).unwrap();
         assert_eq!(rules.version, "2026.11.1+acme-3");
         let defaults = Rules::defaults().unwrap();
         assert_eq!(rules.rules.len(), defaults.rules.len() + 1);
-        let cpu = rules.rules.iter().find(|r| r.id == "cpu-load-high").unwrap();
+        let cpu = rules
+            .rules
+            .iter()
+            .find(|r| r.id == "cpu-load-high")
+            .unwrap();
         assert_eq!(cpu.metric, "mail.queue.size");
         assert_eq!(cpu.comparison, Comparison::AtLeast);
     }
 
     #[test]
     fn a_file_in_replace_mode_is_all_there_is() {
-        let file = write(&ONE.replace("version = \"acme-3\"", "version = \"acme-3\"\nmode = \"replace\""));
+        let file = write(&ONE.replace(
+            "version = \"acme-3\"",
+            "version = \"acme-3\"\nmode = \"replace\"",
+        ));
         let rules = Rules::load(Some(file.path())).unwrap();
         assert_eq!(rules.version, "acme-3");
         assert_eq!(rules.rules.len(), 1);
@@ -426,18 +436,57 @@ recommendation = "Check the mail server."
     #[test]
     fn a_bad_file_names_the_rule_and_the_field() {
         let cases = [
-            (ONE.replace("\"medium\"", "\"urgent\""), "rule \"queue-size\": severity"),
-            (ONE.replace("weight = 7", "weight = 700"), "rule \"queue-size\": weight"),
-            (ONE.replace("\"max\"", "\"median\""), "rule \"queue-size\": aggregation"),
-            (ONE.replace("window_hours = 6", "window_hours = 0"), "rule \"queue-size\": window_hours"),
-            (ONE.replace("\">=\"", "\"=>\""), "rule \"queue-size\": comparison"),
-            (ONE.replace("threshold = 500\n", ""), "rule \"queue-size\": threshold"),
-            (ONE.replace("threshold = 500", "threshold = \"lots\""), "rule \"queue-size\": threshold"),
-            (ONE.replace("unit = \"count\"", "unit = \"count\"\ncolour = \"red\""), "rule \"queue-size\": colour"),
-            (ONE.replace("\"queue-size\"", "\"Queue Size\""), "rule \"Queue Size\": id"),
-            (ONE.replace("title = \"The mail queue is long\"", "title = \"  \""), "rule \"queue-size\": title"),
-            (format!("{ONE}{}", &ONE[ONE.find("[[rule]]").unwrap()..]), "rule \"queue-size\": id"),
-            (ONE.replace("version = \"acme-3\"", "version = \"acme-3\"\nmode = \"merge\""), ": mode"),
+            (
+                ONE.replace("\"medium\"", "\"urgent\""),
+                "rule \"queue-size\": severity",
+            ),
+            (
+                ONE.replace("weight = 7", "weight = 700"),
+                "rule \"queue-size\": weight",
+            ),
+            (
+                ONE.replace("\"max\"", "\"median\""),
+                "rule \"queue-size\": aggregation",
+            ),
+            (
+                ONE.replace("window_hours = 6", "window_hours = 0"),
+                "rule \"queue-size\": window_hours",
+            ),
+            (
+                ONE.replace("\">=\"", "\"=>\""),
+                "rule \"queue-size\": comparison",
+            ),
+            (
+                ONE.replace("threshold = 500\n", ""),
+                "rule \"queue-size\": threshold",
+            ),
+            (
+                ONE.replace("threshold = 500", "threshold = \"lots\""),
+                "rule \"queue-size\": threshold",
+            ),
+            (
+                ONE.replace("unit = \"count\"", "unit = \"count\"\ncolour = \"red\""),
+                "rule \"queue-size\": colour",
+            ),
+            (
+                ONE.replace("\"queue-size\"", "\"Queue Size\""),
+                "rule \"Queue Size\": id",
+            ),
+            (
+                ONE.replace("title = \"The mail queue is long\"", "title = \"  \""),
+                "rule \"queue-size\": title",
+            ),
+            (
+                format!("{ONE}{}", &ONE[ONE.find("[[rule]]").unwrap()..]),
+                "rule \"queue-size\": id",
+            ),
+            (
+                ONE.replace(
+                    "version = \"acme-3\"",
+                    "version = \"acme-3\"\nmode = \"merge\"",
+                ),
+                ": mode",
+            ),
             (ONE.replace("version = \"acme-3\"", ""), "version"),
             ("[[rule]\n".to_owned(), "rules file"),
         ];

@@ -384,8 +384,14 @@ mod tests {
             (C::MetricValue, A::Keep),
             (C::Key, if extended { A::Keep } else { A::Drop }),
             (C::Name, if extended { A::Keep } else { A::Drop }),
-            (C::CustomAppId, if extended { A::Keep } else { A::KeyedHash }),
-            (C::CustomAppName, if extended { A::Keep } else { A::KeyedHash }),
+            (
+                C::CustomAppId,
+                if extended { A::Keep } else { A::KeyedHash },
+            ),
+            (
+                C::CustomAppName,
+                if extended { A::Keep } else { A::KeyedHash },
+            ),
             (C::FreeText, A::Scrub),
             (C::Url, A::Scrub),
         ];
@@ -396,7 +402,9 @@ mod tests {
 
     pub(crate) fn parse(json: &str) -> DynamicMessage {
         let pool = classes::pool().unwrap();
-        let descriptor = pool.get_message_by_name(classes::ASSESSMENT_MESSAGE).unwrap();
+        let descriptor = pool
+            .get_message_by_name(classes::ASSESSMENT_MESSAGE)
+            .unwrap();
         let mut de = serde_json::Deserializer::from_str(json);
         DynamicMessage::deserialize(descriptor, &mut de).unwrap()
     }
@@ -413,7 +421,14 @@ mod tests {
         let key = PseudonymSecret::new(1, [7; 32]).org_key("org-1");
         let (assessment, treated) = assessment(parse(FILE), &rules(false), Some(&key)).unwrap();
         let entity = &assessment.entities[0];
-        assert_eq!((entity.id.as_str(), entity.key.as_str(), entity.name.as_str()), ("10001", "", ""));
+        assert_eq!(
+            (
+                entity.id.as_str(),
+                entity.key.as_str(),
+                entity.name.as_str()
+            ),
+            ("10001", "", "")
+        );
         let app = &assessment.apps[0];
         assert!(app.custom_key.starts_with("psn1_"));
         assert!(app.custom_name.starts_with("psn1_"));
@@ -424,7 +439,10 @@ mod tests {
         assert_eq!(treated.removed.get(&(DataClass::Key as i32)), Some(&1));
         assert_eq!(treated.removed.get(&(DataClass::Name as i32)), Some(&1));
         assert_eq!(treated.scrubbed.get(&(DataClass::Email as i32)), Some(&1));
-        assert_eq!(treated.scrubbed.get(&(DataClass::IpAddress as i32)), Some(&1));
+        assert_eq!(
+            treated.scrubbed.get(&(DataClass::IpAddress as i32)),
+            Some(&1)
+        );
     }
 
     #[test]
@@ -448,18 +466,26 @@ mod tests {
     fn stripping_removes_only_the_named_classes() {
         let (stored, _) = assessment(parse(FILE), &rules(true), None).unwrap();
         let body = stored.encode_to_vec();
-        let stripped = strip_assessment(&body, &[DataClass::Name as i32]).unwrap().unwrap();
+        let stripped = strip_assessment(&body, &[DataClass::Name as i32])
+            .unwrap()
+            .unwrap();
         let after = pb::Assessment::decode(stripped.as_slice()).unwrap();
         assert_eq!(after.entities[0].key, "OPS");
         assert_eq!(after.entities[0].name, "");
-        assert_eq!(strip_assessment(&stripped, &[DataClass::Name as i32]).unwrap(), None);
+        assert_eq!(
+            strip_assessment(&stripped, &[DataClass::Name as i32]).unwrap(),
+            None
+        );
     }
 
     #[test]
     fn the_stricter_of_two_rule_sets_wins_per_class() {
         let both = rules(true).stricter(&rules(false));
         assert_eq!(both.action(DataClass::Key), FieldAction::Drop);
-        assert_eq!(both.action(DataClass::CustomAppName), FieldAction::KeyedHash);
+        assert_eq!(
+            both.action(DataClass::CustomAppName),
+            FieldAction::KeyedHash
+        );
         assert_eq!(both.action(DataClass::TechnicalId), FieldAction::Keep);
     }
 }

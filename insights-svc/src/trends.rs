@@ -162,7 +162,10 @@ mod tests {
     #[test]
     fn too_few_buckets_are_flat() {
         let hours = series(|h| h, 0.0);
-        assert_eq!(fit(&bucket(&hours, 0, 2 * DAY_MS, DAY_MS)).1, TrendDirection::Flat);
+        assert_eq!(
+            fit(&bucket(&hours, 0, 2 * DAY_MS, DAY_MS)).1,
+            TrendDirection::Flat
+        );
     }
 
     #[test]

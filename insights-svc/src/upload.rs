@@ -284,10 +284,11 @@ fn check_name(name: &str) -> Result<Kind, String> {
         || name.split('/').any(|part| part == ".." || part == ".")
         || name.as_bytes().get(1) == Some(&b':')
     {
-        return Err(format!("entry {name:?}: the name is not a safe relative path"));
+        return Err(format!(
+            "entry {name:?}: the name is not a safe relative path"
+        ));
     }
-    if name == "metrics/" || name == "logs/" || (name.starts_with("logs/") && name.ends_with('/'))
-    {
+    if name == "metrics/" || name == "logs/" || (name.starts_with("logs/") && name.ends_with('/')) {
         return Ok(Kind::Directory);
     }
     if let Some(file) = name.strip_prefix("metrics/")
@@ -368,7 +369,9 @@ pub fn process_bundle<R: Read + Seek, W: Write + Seek>(
             return Err(bad(format!("entry {name:?}: links are not accepted")));
         }
         if entry.encrypted() {
-            return Err(bad(format!("entry {name:?}: encrypted entries are not accepted")));
+            return Err(bad(format!(
+                "entry {name:?}: encrypted entries are not accepted"
+            )));
         }
         match entry.compression() {
             zip::CompressionMethod::Stored | zip::CompressionMethod::Deflated => {}
@@ -432,8 +435,8 @@ pub fn process_bundle<R: Read + Seek, W: Write + Seek>(
                     )));
                 }
                 let parsed = parse_assessment(&text, &format!("entry {name:?}"))?;
-                let (assessment, treated) = treat::assessment(parsed, rules, pseudonyms)
-                    .map_err(Status::internal)?;
+                let (assessment, treated) =
+                    treat::assessment(parsed, rules, pseudonyms).map_err(Status::internal)?;
                 merge(&mut bundle.treated, &treated);
                 let json = assessment_json(&assessment)?;
                 writer
@@ -530,7 +533,11 @@ pub fn assessment_json(assessment: &pb::Assessment) -> Result<String, Status> {
 }
 
 /// Copies a log to `out` line by line, scrubbed; returns the bytes read.
-fn scrub_log(input: &mut dyn Read, out: &mut dyn Write, treated: &mut Treated) -> std::io::Result<u64> {
+fn scrub_log(
+    input: &mut dyn Read,
+    out: &mut dyn Write,
+    treated: &mut Treated,
+) -> std::io::Result<u64> {
     let mut reader = BufReader::with_capacity(64 * 1024, input);
     let mut line = Vec::with_capacity(1024);
     let mut read: u64 = 0;
@@ -598,7 +605,10 @@ pub fn scrub_people(line: &str) -> (String, u32, u32) {
                 continue;
             }
             let mut at = start + key.len();
-            if bytes.get(at).is_some_and(|b| b.is_ascii_alphanumeric() || *b == b'_') {
+            if bytes
+                .get(at)
+                .is_some_and(|b| b.is_ascii_alphanumeric() || *b == b'_')
+            {
                 continue;
             }
             if bytes.get(at) == Some(&b'"') {
@@ -616,17 +626,26 @@ pub fn scrub_people(line: &str) -> (String, u32, u32) {
             }
             let (value_start, value_end) = match bytes.get(at) {
                 Some(q @ (b'"' | b'\'')) => {
-                    let close = line[at + 1..].find(*q as char).map_or(line.len(), |i| at + 1 + i);
+                    let close = line[at + 1..]
+                        .find(*q as char)
+                        .map_or(line.len(), |i| at + 1 + i);
                     (at + 1, close)
                 }
                 _ => {
                     let end = line[at..]
-                        .find(|c: char| c.is_whitespace() || matches!(c, ',' | '&' | ';' | ']' | ')' | '}' | '"'))
+                        .find(|c: char| {
+                            c.is_whitespace()
+                                || matches!(c, ',' | '&' | ';' | ']' | ')' | '}' | '"')
+                        })
                         .map_or(line.len(), |i| at + i);
                     (at, end)
                 }
             };
-            if value_end > value_start && !spans.iter().any(|(s, e, _)| value_start < *e && *s < value_end) {
+            if value_end > value_start
+                && !spans
+                    .iter()
+                    .any(|(s, e, _)| value_start < *e && *s < value_end)
+            {
                 spans.push((value_start, value_end, display));
             }
         }
@@ -739,7 +758,12 @@ mod tests {
             .unwrap()
             .read_to_string(&mut text)
             .unwrap();
-        for planted in ["alice@acme.example", "10.0.0.7", "Alice Liddell", "user=alice"] {
+        for planted in [
+            "alice@acme.example",
+            "10.0.0.7",
+            "Alice Liddell",
+            "user=alice",
+        ] {
             assert!(!text.contains(planted), "{planted} survived: {text}");
         }
         let scrubbed = &bundle.treated.scrubbed;
@@ -753,16 +777,32 @@ mod tests {
     fn unsafe_bundles_are_refused_with_the_reason() {
         let cases: Vec<(Vec<u8>, &str)> = vec![
             (zip_of(&[("../evil.log", b"x")]), "not a safe relative path"),
-            (zip_of(&[("logs/../../evil", b"x")]), "not a safe relative path"),
+            (
+                zip_of(&[("logs/../../evil", b"x")]),
+                "not a safe relative path",
+            ),
             (zip_of(&[("/etc/passwd", b"x")]), "not a safe relative path"),
-            (zip_of(&[("bin/tool.sh", b"x")]), "metrics/*.json and logs/ only"),
+            (
+                zip_of(&[("bin/tool.sh", b"x")]),
+                "metrics/*.json and logs/ only",
+            ),
             (duplicated(), "appears twice"),
-            (b"PK\x03\x04 not really a zip".to_vec(), "not a complete zip"),
-            (zip_of(&[("metrics/m.json", b"{\"format\": 7}")]), "does not parse at $.format"),
+            (
+                b"PK\x03\x04 not really a zip".to_vec(),
+                "not a complete zip",
+            ),
+            (
+                zip_of(&[("metrics/m.json", b"{\"format\": 7}")]),
+                "does not parse at $.format",
+            ),
         ];
         for (bytes, reason) in cases {
             let refused = process(bytes).map(|_| ()).expect_err(reason);
-            assert!(refused.message().contains(reason), "{:?} does not say {reason:?}", refused.message());
+            assert!(
+                refused.message().contains(reason),
+                "{:?} does not say {reason:?}",
+                refused.message()
+            );
         }
     }
 
@@ -770,7 +810,12 @@ mod tests {
     fn a_truncated_zip_is_refused() {
         let whole = zip_of(&[("logs/a.log", &[b'a'; 10_000][..])]);
         let cut = whole[..whole.len() - 30].to_vec();
-        assert!(process(cut).unwrap_err().message().contains("not a complete zip"));
+        assert!(
+            process(cut)
+                .unwrap_err()
+                .message()
+                .contains("not a complete zip")
+        );
     }
 
     #[test]
@@ -791,7 +836,11 @@ mod tests {
         writer.finish().unwrap();
         let refused = process(out.into_inner()).map(|_| ()).unwrap_err();
         assert_eq!(refused.code(), tonic::Code::ResourceExhausted);
-        assert!(refused.message().contains("zip bomb"), "{}", refused.message());
+        assert!(
+            refused.message().contains("zip bomb"),
+            "{}",
+            refused.message()
+        );
     }
 
     #[test]
@@ -799,16 +848,26 @@ mod tests {
         let mut out = Cursor::new(Vec::new());
         let mut writer = zip::ZipWriter::new(&mut out);
         writer
-            .add_symlink("logs/link", "/etc/shadow", zip::write::SimpleFileOptions::default())
+            .add_symlink(
+                "logs/link",
+                "/etc/shadow",
+                zip::write::SimpleFileOptions::default(),
+            )
             .unwrap();
         writer.finish().unwrap();
-        assert!(process(out.into_inner()).unwrap_err().message().contains("links are not accepted"));
+        assert!(
+            process(out.into_inner())
+                .unwrap_err()
+                .message()
+                .contains("links are not accepted")
+        );
     }
 
     #[test]
     fn person_keys_are_found_in_their_usual_spellings() {
-        let (line, users, names) =
-            scrub_people("user=bob; username: \"carol\" Reporter='dave' fullName=\"Eve Adams\" userCount=3");
+        let (line, users, names) = scrub_people(
+            "user=bob; username: \"carol\" Reporter='dave' fullName=\"Eve Adams\" userCount=3",
+        );
         assert_eq!((users, names), (3, 1), "{line}");
         for gone in ["bob", "carol", "dave", "Eve Adams"] {
             assert!(!line.contains(gone), "{line}");
@@ -823,7 +882,11 @@ mod tests {
             "file",
         )
         .unwrap_err();
-        assert!(refused.message().contains("$.counts.projects"), "{}", refused.message());
+        assert!(
+            refused.message().contains("$.counts.projects"),
+            "{}",
+            refused.message()
+        );
     }
 
     #[test]
@@ -837,7 +900,9 @@ mod tests {
         };
         check_header(&header, ASSESSMENT_FORMAT, 10).unwrap();
         assert_eq!(
-            check_header(&header, ASSESSMENT_FORMAT, 3).unwrap_err().code(),
+            check_header(&header, ASSESSMENT_FORMAT, 3)
+                .unwrap_err()
+                .code(),
             tonic::Code::ResourceExhausted
         );
         assert!(check_header(&header, BUNDLE_FORMAT, 10).is_err());
@@ -848,9 +913,21 @@ mod tests {
         tally.finish(&header).unwrap();
         let mut short = Tally::new(&header);
         short.add(b"abc").unwrap();
-        assert!(short.finish(&header).unwrap_err().message().contains("truncated"));
+        assert!(
+            short
+                .finish(&header)
+                .unwrap_err()
+                .message()
+                .contains("truncated")
+        );
         let mut wrong = Tally::new(&header);
         wrong.add(b"abce").unwrap();
-        assert!(wrong.finish(&header).unwrap_err().message().contains("sha256"));
+        assert!(
+            wrong
+                .finish(&header)
+                .unwrap_err()
+                .message()
+                .contains("sha256")
+        );
     }
 }

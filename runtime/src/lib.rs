@@ -13,6 +13,7 @@ pub mod directory;
 pub mod idempotency;
 pub mod ids;
 pub mod metrics;
+pub mod policy_stream;
 pub mod pseudonym;
 pub mod ratelimit;
 pub mod scrub;

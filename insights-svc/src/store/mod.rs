@@ -160,7 +160,10 @@ pub struct PurgeSpec {
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum Change {
     /// Retention: removes the org's records older than the cut-offs.
-    Sweep { org_id: String, cutoffs: Cutoffs },
+    Sweep {
+        org_id: String,
+        cutoffs: Cutoffs,
+    },
     Purge(PurgeSpec),
 }
 
@@ -231,10 +234,8 @@ pub trait InsightsStore: ChangeLog + Send + Sync + std::fmt::Debug {
         cutoffs: &Cutoffs,
     ) -> StoreResult<(Removed, Vec<(String, String)>)>;
     /// What a purge would remove or strip, and the bundles it would remove.
-    async fn purge_counts(
-        &self,
-        spec: &PurgeSpec,
-    ) -> StoreResult<(Removed, Vec<(String, String)>)>;
+    async fn purge_counts(&self, spec: &PurgeSpec)
+    -> StoreResult<(Removed, Vec<(String, String)>)>;
     async fn purge_applied(&self, purge_id: &str) -> StoreResult<bool>;
     /// Orgs with any record (for the retention sweep).
     async fn orgs(&self) -> StoreResult<Vec<String>>;
