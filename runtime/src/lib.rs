@@ -12,6 +12,7 @@ pub mod deadline;
 pub mod directory;
 pub mod idempotency;
 pub mod ids;
+pub mod location;
 pub mod metrics;
 pub mod policy_stream;
 pub mod pseudonym;

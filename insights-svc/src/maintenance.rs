@@ -1,0 +1,363 @@
+//! insights-svc's background work: the hourly score of every linked instance (score history,
+//! SPEC I2), retention sweeps and purges from the policies (SPEC I5), each deletion an audited
+//! change (its entry in the org's audit log with the counts, applied exactly when the entry is
+//! there), and support-bundle files with no record removed.
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use sightline_proto::common::v1::{EventKind, UsageLevel};
+use sightline_proto::consent::v1 as consent_pb;
+use sightline_proto::insights::v1 as pb;
+use sightline_proto::linker::v1 as linker_pb;
+use sightline_proto::linker::v1::linker_service_client::LinkerServiceClient;
+use sightline_runtime::audited::{AuditEntry, Auditor, CommitError, StagedChange};
+use sightline_runtime::auth::authorize;
+use tokio_util::sync::CancellationToken;
+use tonic::Status;
+
+use crate::grpc::{InsightsApi, allows_metrics};
+use crate::health::HOUR_MS;
+use crate::store::{Change, Cutoffs, PurgeSpec, Removed};
+
+const DAY_MS: i64 = 86_400_000;
+
+/// How often each kind of work runs.
+#[derive(Debug, Clone, Copy)]
+pub struct Schedules {
+    pub scores: Duration,
+    pub sweeps: Duration,
+    pub purges: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct Maintenance {
+    pub(crate) api: InsightsApi,
+    pub(crate) auditor: Auditor,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum MaintenanceError {
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
+    #[error(transparent)]
+    Commit(#[from] CommitError),
+    #[error("{0}")]
+    Call(#[from] Status),
+}
+
+impl Maintenance {
+    pub fn spawn(self, schedules: Schedules, shutdown: CancellationToken) {
+        let scores = self.clone();
+        let stop = shutdown.clone();
+        tokio::spawn(async move {
+            loop {
+                if let Err(error) = scores.score_pass().await {
+                    tracing::warn!(%error, "score pass failed");
+                }
+                tokio::select! {
+                    () = stop.cancelled() => return,
+                    () = tokio::time::sleep(schedules.scores) => {}
+                }
+            }
+        });
+        let sweeps = self.clone();
+        let stop = shutdown.clone();
+        tokio::spawn(async move {
+            if let Err(error) = sweeps.remove_orphan_files().await {
+                tracing::warn!(%error, "orphan bundle files not removed");
+            }
+            loop {
+                tokio::select! {
+                    () = stop.cancelled() => return,
+                    () = tokio::time::sleep(schedules.sweeps) => {}
+                }
+                if let Err(error) = sweeps.sweep_pass().await {
+                    tracing::warn!(%error, "retention sweep failed");
+                }
+            }
+        });
+        let purges = self;
+        tokio::spawn(async move {
+            loop {
+                if let Err(error) = purges.purge_pass().await {
+                    tracing::warn!(%error, "purge pass failed");
+                }
+                tokio::select! {
+                    () = shutdown.cancelled() => return,
+                    () = purges.api.policies.changed.notified() => {}
+                    () = tokio::time::sleep(schedules.purges) => {}
+                }
+            }
+        });
+    }
+
+    /// Every linked instance of every org that allows metrics: its score now, kept for the hour.
+    pub async fn score_pass(&self) -> Result<u32, MaintenanceError> {
+        let mut kept = 0;
+        for (policy, _) in self.api.policies.all() {
+            if !allows_metrics(&policy) {
+                continue;
+            }
+            for instance in self.linked_instances(&policy.org_id).await? {
+                let health = match self.api.health_of(&policy.org_id, &instance).await {
+                    Ok(health) => health,
+                    Err(status) => {
+                        tracing::debug!(code = ?status.code(), "no score for an instance");
+                        continue;
+                    }
+                };
+                if !health.has_data {
+                    continue;
+                }
+                let hour = self.api.clock.now_ms().div_euclid(HOUR_MS) * HOUR_MS;
+                self.api
+                    .store
+                    .put_score(
+                        &policy.org_id,
+                        &instance,
+                        hour,
+                        i64::from(health.score),
+                        &health.rules_version,
+                        pb::DataSource::Connected as i64,
+                    )
+                    .await?;
+                kept += 1;
+            }
+        }
+        Ok(kept)
+    }
+
+    async fn linked_instances(&self, org_id: &str) -> Result<Vec<String>, Status> {
+        let mut out = Vec::new();
+        let mut page_token = String::new();
+        loop {
+            let mut request = tonic::Request::new(linker_pb::ListInstancesRequest {
+                org_id: org_id.to_owned(),
+                page_size: 500,
+                page_token: page_token.clone(),
+                instance_id: String::new(),
+            });
+            authorize(&mut request, &self.api.service_token)?;
+            let reply = LinkerServiceClient::new(self.api.linker.clone())
+                .list_instances(request)
+                .await?
+                .into_inner();
+            out.extend(
+                reply
+                    .instances
+                    .into_iter()
+                    .filter(|i| i.state() == linker_pb::InstanceState::Linked)
+                    .map(|i| i.instance_id),
+            );
+            if reply.next_page_token.is_empty() {
+                return Ok(out);
+            }
+            page_token = reply.next_page_token;
+        }
+    }
+
+    /// Removes every org's records past its retention (as its policy says), audited with counts.
+    pub async fn sweep_pass(&self) -> Result<Removed, MaintenanceError> {
+        self.auditor.recover(self.api.store.as_ref()).await?;
+        let now = self.api.clock.now_ms();
+        let mut total = Removed::default();
+        for org_id in self.api.store.orgs().await? {
+            let Some(policy) = self.api.policies.policy(&org_id, None)? else {
+                continue;
+            };
+            let retention = policy.retention.unwrap_or_default();
+            let days = |d: u32| i64::from(d.max(1)) * DAY_MS;
+            let cutoffs = Cutoffs {
+                assessments: now - days(retention.assessment_days),
+                scores: now - days(retention.score_history_days),
+                bundles: now - days(retention.support_bundle_days),
+            };
+            let (removed, files) = self.api.store.sweep_counts(&org_id, &cutoffs).await?;
+            if removed == Removed::default() {
+                continue;
+            }
+            let change = Change::Sweep {
+                org_id: org_id.clone(),
+                cutoffs,
+            };
+            self.commit(
+                &org_id,
+                "insights.retention_swept",
+                "retention",
+                &removed,
+                change,
+            )
+            .await?;
+            self.remove_files(&files);
+            add(&mut total, &removed);
+        }
+        Ok(total)
+    }
+
+    /// Carries out every purge instruction of the policies not applied yet, once each.
+    pub async fn purge_pass(&self) -> Result<u32, MaintenanceError> {
+        if !self.api.policies.is_ready() {
+            return Ok(0);
+        }
+        self.auditor.recover(self.api.store.as_ref()).await?;
+        let mut applied = 0;
+        for (policy, instances) in self.api.policies.all() {
+            let mut seen = HashSet::new();
+            for holder in std::iter::once(&policy).chain(instances.iter()) {
+                for purge in &holder.purges {
+                    if purge.purge_id.is_empty() || !seen.insert(purge.purge_id.clone()) {
+                        continue;
+                    }
+                    if self.api.store.purge_applied(&purge.purge_id).await? {
+                        continue;
+                    }
+                    let spec = spec_of(&policy, holder, purge);
+                    let (removed, files) = self.api.store.purge_counts(&spec).await?;
+                    let change = Change::Purge(spec.clone());
+                    match self
+                        .commit(
+                            &spec.org_id,
+                            "insights.purge_applied",
+                            &spec.purge_id,
+                            &removed,
+                            change,
+                        )
+                        .await
+                    {
+                        Ok(()) => {
+                            self.remove_files(&files);
+                            applied += 1;
+                        }
+                        // Another pass or replica holds it.
+                        Err(MaintenanceError::Commit(CommitError::Store(_))) => {}
+                        Err(other) => return Err(other),
+                    }
+                }
+            }
+        }
+        Ok(applied)
+    }
+
+    async fn commit(
+        &self,
+        org_id: &str,
+        action: &str,
+        target: &str,
+        removed: &Removed,
+        change: Change,
+    ) -> Result<(), MaintenanceError> {
+        self.auditor
+            .settle_org(self.api.store.as_ref(), org_id)
+            .await?;
+        let attributes = [
+            ("assessments", removed.assessments),
+            ("readiness_reports", removed.readiness),
+            ("scores", removed.scores),
+            ("support_bundles", removed.bundles),
+            ("records_stripped", removed.stripped),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v.to_string()))
+        .collect();
+        let staged = StagedChange {
+            change_id: uuid::Uuid::now_v7().to_string(),
+            org_id: org_id.to_owned(),
+            entry: AuditEntry {
+                org_id: org_id.to_owned(),
+                actor: "service:insights".into(),
+                action: action.into(),
+                target: target.into(),
+                attributes,
+            },
+            payload: change.encode(),
+            staged_at_ms: self.api.clock.now_ms(),
+        };
+        self.auditor
+            .commit(self.api.store.as_ref(), staged, None)
+            .await?;
+        Ok(())
+    }
+
+    fn remove_files(&self, files: &[(String, String)]) {
+        for (location, name) in files {
+            let path = self.api.bundle_dirs.dir(location).join(name);
+            if let Err(error) = std::fs::remove_file(&path)
+                && error.kind() != std::io::ErrorKind::NotFound
+            {
+                tracing::warn!(%error, "a removed bundle's file stays");
+            }
+        }
+    }
+
+    /// Bundle files no record names (a crash between writing one and recording it, or between
+    /// a deletion and its file's removal).
+    pub async fn remove_orphan_files(&self) -> Result<u32, MaintenanceError> {
+        let known: HashSet<(String, String)> =
+            self.api.store.bundle_files().await?.into_iter().collect();
+        let mut removed = 0;
+        let root = self.api.bundle_dirs.data_dir.join("bundles");
+        let mut dirs: Vec<(String, std::path::PathBuf)> = self
+            .api
+            .bundle_dirs
+            .configured
+            .iter()
+            .map(|(l, d)| (l.clone(), d.clone()))
+            .collect();
+        if let Ok(entries) = std::fs::read_dir(&root) {
+            for entry in entries.flatten() {
+                let name = entry.file_name().to_string_lossy().into_owned();
+                if !name.starts_with('.') && !dirs.iter().any(|(l, _)| *l == name) {
+                    dirs.push((name, entry.path()));
+                }
+            }
+        }
+        for (location, dir) in dirs {
+            let Ok(entries) = std::fs::read_dir(&dir) else {
+                continue;
+            };
+            for entry in entries.flatten() {
+                let name = entry.file_name().to_string_lossy().into_owned();
+                if name.ends_with(".zip") && !known.contains(&(location.clone(), name.clone())) {
+                    if std::fs::remove_file(entry.path()).is_ok() {
+                        removed += 1;
+                    }
+                }
+            }
+        }
+        // Uploads cut off mid-stream leave temporary files behind only until a restart.
+        if let Ok(entries) = std::fs::read_dir(root.join(".incoming")) {
+            for entry in entries.flatten() {
+                let _ = std::fs::remove_file(entry.path());
+            }
+        }
+        Ok(removed)
+    }
+}
+
+fn add(total: &mut Removed, more: &Removed) {
+    total.assessments += more.assessments;
+    total.readiness += more.readiness;
+    total.scores += more.scores;
+    total.bundles += more.bundles;
+    total.stripped += more.stripped;
+}
+
+/// What a purge instruction means for insights-svc's data.
+fn spec_of(
+    org: &consent_pb::Policy,
+    holder: &consent_pb::Policy,
+    purge: &consent_pb::PurgeInstruction,
+) -> PurgeSpec {
+    let instance_scope = purge.scope() == consent_pb::PurgeScope::Instance;
+    // The policy the purge leaves in force for what it covers.
+    let after = if instance_scope { holder } else { org };
+    PurgeSpec {
+        purge_id: purge.purge_id.clone(),
+        org_id: org.org_id.clone(),
+        subject: instance_scope.then(|| purge.instance_id.clone()),
+        delete_scores: purge.delete_kinds.contains(&(EventKind::Metric as i32)),
+        delete_uploads: after.usage_level() == UsageLevel::Disabled,
+        strip_classes: purge.strip_classes.clone(),
+    }
+}
