@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use anyhow::Context;
 use collector_svc::{CollectorConfig, CollectorService};
 use consent_svc::{ConsentConfig, ConsentService};
+use insights_svc::{InsightsConfig, InsightsService};
 use linker_svc::{Linker, LinkerConfig};
 use sightline_runtime::secret_file;
 use sightline_runtime::token::TokenKind;
@@ -57,6 +58,11 @@ pub async fn start_stack(
     let collector = CollectorService::build(CollectorConfig::from_settings(&settings)?)
         .await
         .context("starting collector-svc")?;
+    settings.collector.url =
+        sightline_runtime::client::service_url(collector.local_addr(), settings.tls.as_ref());
+    let insights = InsightsService::build(InsightsConfig::from_settings(&settings)?)
+        .await
+        .context("starting insights-svc")?;
     let endpoints = vec![
         Endpoint {
             name: "linker",
@@ -79,12 +85,19 @@ pub async fn start_stack(
             metrics: collector.metrics_addr(),
             services: &["sightline.collector.v1.CollectorService"],
         },
+        Endpoint {
+            name: "insights",
+            addr: insights.local_addr(),
+            metrics: insights.metrics_addr(),
+            services: &["sightline.insights.v1.InsightsService"],
+        },
     ];
-    // Stop in dependency order: collector-svc drains first (its batches need their policy and its
-    // erasures the audit log), then consent-svc (its in-flight changes still need the audit log),
-    // then linker-svc.
+    // Stop in dependency order: insights-svc first (it reads from the collector), then
+    // collector-svc (its batches need their policy and its erasures the audit log), then
+    // consent-svc (its in-flight changes still need the audit log), then linker-svc.
     let linker_stop = CancellationToken::new();
     let consent_stop = CancellationToken::new();
+    let collector_stop = CancellationToken::new();
     let stop = linker_stop.clone();
     tasks.spawn(async move { Ok(linker.run_until_stopped(stop).await?) });
     let stop = consent_stop.clone();
@@ -93,10 +106,16 @@ pub async fn start_stack(
         linker_stop.cancel();
         Ok(served?)
     });
-    let stop = shutdown.clone();
+    let stop = collector_stop.clone();
     tasks.spawn(async move {
         let served = collector.run_until_stopped(stop).await;
         consent_stop.cancel();
+        Ok(served?)
+    });
+    let stop = shutdown.clone();
+    tasks.spawn(async move {
+        let served = insights.run_until_stopped(stop).await;
+        collector_stop.cancel();
         Ok(served?)
     });
     Ok((endpoints, tasks))

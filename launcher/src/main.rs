@@ -11,6 +11,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use collector_svc::{CollectorConfig, CollectorService};
 use consent_svc::{ConsentConfig, ConsentService};
+use insights_svc::{InsightsConfig, InsightsService};
 use linker_svc::{Linker, LinkerConfig};
 use sightline::{banner, load_settings, start_stack, stop_signal};
 use tokio_util::sync::CancellationToken;
@@ -49,6 +50,11 @@ enum Command {
     },
     /// Run collector-svc alone (it reaches linker-svc at `linker.url`, consent-svc at `consent.url`).
     Collector {
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+    },
+    /// Run insights-svc alone (it reaches linker-svc, consent-svc and collector-svc at their `url`).
+    Insights {
         #[arg(long)]
         data_dir: Option<PathBuf>,
     },
@@ -120,6 +126,20 @@ async fn main() -> anyhow::Result<()> {
             stop_signal().await;
             shutdown.cancel();
             serve.await.context("collector task panicked")??;
+        }
+        Command::Insights { data_dir } => {
+            let mut settings = load_settings(cli.config.as_deref(), data_dir)?;
+            let _telemetry = sightline_runtime::telemetry::init(&settings.log, "sightline-insights");
+            if settings.service_token.is_none() {
+                settings.service_token = Some(sightline::ensure_service_token(&settings.data_dir)?);
+            }
+            let insights = InsightsService::build(InsightsConfig::from_settings(&settings)?).await?;
+            tracing::info!(addr = %insights.local_addr(), "insights-svc listening");
+            let stop = shutdown.clone();
+            let serve = tokio::spawn(insights.run_until_stopped(stop));
+            stop_signal().await;
+            shutdown.cancel();
+            serve.await.context("insights task panicked")??;
         }
     }
     Ok(())
