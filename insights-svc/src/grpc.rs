@@ -629,7 +629,6 @@ impl InsightsService for InsightsApi {
         let mut stream = request.into_inner();
         // The zip goes to a private temporary file next to where bundles are kept (0600).
         let incoming_dir = self.bundle_dirs.data_dir.join("bundles").join(".incoming");
-        std::fs::create_dir_all(&incoming_dir).map_err(io_error("making the upload directory"))?;
         sightline_runtime::secret_file::private_dir(&incoming_dir)
             .map_err(io_error("making the upload directory private"))?;
         let mut incoming = tempfile::NamedTempFile::new_in(&incoming_dir)
@@ -664,7 +663,6 @@ impl InsightsService for InsightsApi {
         let location = uploader.policy.support_bundle_location();
         let location_name = location_name(location);
         let dir = self.bundle_dirs.dir(&location_name);
-        std::fs::create_dir_all(&dir).map_err(io_error("making the bundle directory"))?;
         sightline_runtime::secret_file::private_dir(&dir)
             .map_err(io_error("making the bundle directory private"))?;
         let output =

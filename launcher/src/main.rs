@@ -129,11 +129,13 @@ async fn main() -> anyhow::Result<()> {
         }
         Command::Insights { data_dir } => {
             let mut settings = load_settings(cli.config.as_deref(), data_dir)?;
-            let _telemetry = sightline_runtime::telemetry::init(&settings.log, "sightline-insights");
+            let _telemetry =
+                sightline_runtime::telemetry::init(&settings.log, "sightline-insights");
             if settings.service_token.is_none() {
                 settings.service_token = Some(sightline::ensure_service_token(&settings.data_dir)?);
             }
-            let insights = InsightsService::build(InsightsConfig::from_settings(&settings)?).await?;
+            let insights =
+                InsightsService::build(InsightsConfig::from_settings(&settings)?).await?;
             tracing::info!(addr = %insights.local_addr(), "insights-svc listening");
             let stop = shutdown.clone();
             let serve = tokio::spawn(insights.run_until_stopped(stop));

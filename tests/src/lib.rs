@@ -655,6 +655,145 @@ impl Drop for TestCollector {
     }
 }
 
+/// How to start insights-svc for a test.
+#[derive(Debug, Clone)]
+pub struct InsightsOptions {
+    pub database_url: Option<String>,
+    pub analysis: sightline_runtime::settings::AnalysisSettings,
+    pub limits: Limits,
+}
+
+impl Default for InsightsOptions {
+    fn default() -> Self {
+        Self {
+            database_url: None,
+            analysis: sightline_runtime::settings::AnalysisSettings {
+                // Tests run passes themselves; the schedules stay out of the way.
+                score_every_ms: 3_600_000,
+                sweep_every_ms: 3_600_000,
+                purge_check_every_ms: 200,
+                ..Default::default()
+            },
+            limits: Limits::default(),
+        }
+    }
+}
+
+/// A running insights-svc wired to the other three, sharing their clock and data directory.
+#[derive(Debug)]
+pub struct TestInsights {
+    pub addr: SocketAddr,
+    pub maintenance: insights_svc::maintenance::Maintenance,
+    pub policies: Arc<insights_svc::policy::Policies>,
+    shutdown: CancellationToken,
+    served: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl TestInsights {
+    pub async fn start(
+        linker: &TestLinker,
+        consent: &TestConsent,
+        collector: &TestCollector,
+        options: InsightsOptions,
+    ) -> Self {
+        let insights =
+            insights_svc::InsightsService::build(Self::config(linker, consent, collector, options))
+                .await
+                .unwrap();
+        let addr = insights.local_addr();
+        let maintenance = insights.maintenance();
+        let policies = insights.policies();
+        let shutdown = CancellationToken::new();
+        let stop = shutdown.clone();
+        let served = tokio::spawn(async move {
+            insights.run_until_stopped(stop).await.unwrap();
+        });
+        for _ in 0..500 {
+            if policies.is_ready() {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        assert!(
+            policies.is_ready(),
+            "insights-svc never received its policy snapshot"
+        );
+        Self {
+            addr,
+            maintenance,
+            policies,
+            shutdown,
+            served: Some(served),
+        }
+    }
+
+    pub fn config(
+        linker: &TestLinker,
+        consent: &TestConsent,
+        collector: &TestCollector,
+        options: InsightsOptions,
+    ) -> insights_svc::InsightsConfig {
+        insights_svc::InsightsConfig {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            database_url: options.database_url.map(Secret::new),
+            data_dir: linker.data_dir().to_owned(),
+            analysis: options.analysis,
+            linker_url: format!("http://{}", linker.addr),
+            consent_url: format!("http://{}", consent.addr),
+            collector_url: format!("http://{}", collector.addr),
+            service_token: linker.service.clone(),
+            limits: options.limits,
+            tls: None,
+            clock: linker.clock.clone(),
+            metrics_listen: None,
+        }
+    }
+
+    /// Waits until insights-svc holds `org`'s policy at `revision` or later.
+    pub async fn wait_revision(&self, org_id: &str, revision: u64) {
+        for _ in 0..500 {
+            if self
+                .policies
+                .policy(org_id, None)
+                .ok()
+                .flatten()
+                .is_some_and(|p| p.revision >= revision)
+            {
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        panic!("insights-svc never saw revision {revision} of {org_id}");
+    }
+
+    pub async fn client(
+        &self,
+    ) -> sightline_proto::insights::v1::insights_service_client::InsightsServiceClient<Channel>
+    {
+        sightline_proto::insights::v1::insights_service_client::InsightsServiceClient::new(
+            Channel::from_shared(format!("http://{}", self.addr))
+                .unwrap()
+                .connect()
+                .await
+                .unwrap(),
+        )
+        .max_decoding_message_size(64 * 1024 * 1024)
+    }
+
+    pub async fn stop(&mut self) {
+        self.shutdown.cancel();
+        if let Some(served) = self.served.take() {
+            served.await.unwrap();
+        }
+    }
+}
+
+impl Drop for TestInsights {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
 /// collector-svc helpers: events and the common calls.
 pub mod collector {
     use sightline_proto::collector::v1 as pb;

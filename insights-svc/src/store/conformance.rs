@@ -125,22 +125,36 @@ async fn apply(store: &Arc<dyn InsightsStore>, org: &str, change: Change) {
 async fn fill(store: &Arc<dyn InsightsStore>) {
     for (org, subject) in [(ORG, INSTANCE), (OTHER, OTHER_INSTANCE)] {
         store
-            .put_assessment(&assessment(&format!("old-{org}"), org, subject, T0 - 100 * DAY))
+            .put_assessment(&assessment(
+                &format!("old-{org}"),
+                org,
+                subject,
+                T0 - 100 * DAY,
+            ))
             .await
             .unwrap();
         store
             .put_assessment(&assessment(&format!("new-{org}"), org, subject, T0))
             .await
             .unwrap();
-        store.put_readiness(&readiness(org, subject, T0, 70)).await.unwrap();
+        store
+            .put_readiness(&readiness(org, subject, T0, 70))
+            .await
+            .unwrap();
         for day in [200, 10, 1] {
             store
                 .put_score(org, subject, T0 - day * DAY, 80, "v1", 1)
                 .await
                 .unwrap();
         }
-        store.put_bundle(&bundle(&format!("b-old-{org}"), org, T0 - 400 * DAY)).await.unwrap();
-        store.put_bundle(&bundle(&format!("b-new-{org}"), org, T0)).await.unwrap();
+        store
+            .put_bundle(&bundle(&format!("b-old-{org}"), org, T0 - 400 * DAY))
+            .await
+            .unwrap();
+        store
+            .put_bundle(&bundle(&format!("b-new-{org}"), org, T0))
+            .await
+            .unwrap();
     }
 }
 
@@ -153,25 +167,56 @@ macro_rules! suite {
             async fn records_are_read_back_per_org_and_subject() {
                 let (store, _guard) = super::$backend().await;
                 fill(&store).await;
-                let latest = store.latest_assessment(ORG, INSTANCE).await.unwrap().unwrap();
+                let latest = store
+                    .latest_assessment(ORG, INSTANCE)
+                    .await
+                    .unwrap()
+                    .unwrap();
                 assert_eq!(latest.upload_id, format!("new-{ORG}"));
                 // Another org's subject is not ours.
-                assert!(store.latest_assessment(ORG, OTHER_INSTANCE).await.unwrap().is_none());
+                assert!(
+                    store
+                        .latest_assessment(ORG, OTHER_INSTANCE)
+                        .await
+                        .unwrap()
+                        .is_none()
+                );
                 assert!(store.readiness(OTHER, INSTANCE).await.unwrap().is_none());
-                assert_eq!(store.readiness(ORG, INSTANCE).await.unwrap().unwrap().score, 70);
+                assert_eq!(
+                    store.readiness(ORG, INSTANCE).await.unwrap().unwrap().score,
+                    70
+                );
                 // A new report replaces the old.
-                store.put_readiness(&readiness(ORG, INSTANCE, T0 + 1, 90)).await.unwrap();
-                assert_eq!(store.readiness(ORG, INSTANCE).await.unwrap().unwrap().score, 90);
+                store
+                    .put_readiness(&readiness(ORG, INSTANCE, T0 + 1, 90))
+                    .await
+                    .unwrap();
+                assert_eq!(
+                    store.readiness(ORG, INSTANCE).await.unwrap().unwrap().score,
+                    90
+                );
                 let subjects = vec![INSTANCE.to_owned(), OTHER_INSTANCE.to_owned()];
                 let scores = store.readiness_scores(ORG, &subjects).await.unwrap();
                 assert_eq!(scores.len(), 1);
-                let history = store.scores(ORG, INSTANCE, T0 - 30 * DAY, T0).await.unwrap();
+                let history = store
+                    .scores(ORG, INSTANCE, T0 - 30 * DAY, T0)
+                    .await
+                    .unwrap();
                 assert_eq!(history, vec![(T0 - 10 * DAY, 80), (T0 - DAY, 80)]);
-                store.put_score(ORG, INSTANCE, T0 - DAY, 55, "v2", 1).await.unwrap();
+                store
+                    .put_score(ORG, INSTANCE, T0 - DAY, 55, "v2", 1)
+                    .await
+                    .unwrap();
                 let latest = store.latest_scores(ORG, &subjects).await.unwrap();
                 assert_eq!(latest.get(INSTANCE), Some(&(T0 - DAY, 55)));
                 assert!(!latest.contains_key(OTHER_INSTANCE));
-                assert!(store.scores(OTHER, INSTANCE, 0, i64::MAX).await.unwrap().is_empty());
+                assert!(
+                    store
+                        .scores(OTHER, INSTANCE, 0, i64::MAX)
+                        .await
+                        .unwrap()
+                        .is_empty()
+                );
                 assert_eq!(store.bundles(ORG).await.unwrap().len(), 2);
                 assert_eq!(store.bundle_files().await.unwrap().len(), 4);
                 let mut orgs = store.orgs().await.unwrap();
@@ -191,16 +236,38 @@ macro_rules! suite {
                 let (counted, files) = store.sweep_counts(ORG, &cutoffs).await.unwrap();
                 assert_eq!(
                     counted,
-                    Removed { assessments: 1, readiness: 0, scores: 1, bundles: 1, stripped: 0 }
+                    Removed {
+                        assessments: 1,
+                        readiness: 0,
+                        scores: 1,
+                        bundles: 1,
+                        stripped: 0
+                    }
                 );
                 assert_eq!(files, vec![("eu".to_owned(), format!("b-old-{ORG}.zip"))]);
-                apply(&store, ORG, Change::Sweep { org_id: ORG.into(), cutoffs }).await;
+                apply(
+                    &store,
+                    ORG,
+                    Change::Sweep {
+                        org_id: ORG.into(),
+                        cutoffs,
+                    },
+                )
+                .await;
                 let (after, _) = store.sweep_counts(ORG, &cutoffs).await.unwrap();
                 assert_eq!(after, Removed::default());
                 // The other org keeps everything.
                 let (other, _) = store.sweep_counts(OTHER, &cutoffs).await.unwrap();
                 assert_eq!(other, counted);
-                assert_eq!(store.latest_assessment(ORG, INSTANCE).await.unwrap().unwrap().upload_id, format!("new-{ORG}"));
+                assert_eq!(
+                    store
+                        .latest_assessment(ORG, INSTANCE)
+                        .await
+                        .unwrap()
+                        .unwrap()
+                        .upload_id,
+                    format!("new-{ORG}")
+                );
             }
 
             #[tokio::test]
@@ -219,15 +286,40 @@ macro_rules! suite {
                 assert_eq!(counted.stripped, 3);
                 apply(&store, ORG, Change::Purge(strip.clone())).await;
                 assert!(store.purge_applied("p-1").await.unwrap());
-                let body = store.latest_assessment(ORG, INSTANCE).await.unwrap().unwrap().body;
+                let body = store
+                    .latest_assessment(ORG, INSTANCE)
+                    .await
+                    .unwrap()
+                    .unwrap()
+                    .body;
                 let entity = &pb::Assessment::decode(body.as_slice()).unwrap().entities[0];
-                assert_eq!((entity.id.as_str(), entity.key.as_str(), entity.name.as_str()), ("10001", "", ""));
-                let report = store.readiness(ORG, INSTANCE).await.unwrap().unwrap().report;
+                assert_eq!(
+                    (
+                        entity.id.as_str(),
+                        entity.key.as_str(),
+                        entity.name.as_str()
+                    ),
+                    ("10001", "", "")
+                );
+                let report = store
+                    .readiness(ORG, INSTANCE)
+                    .await
+                    .unwrap()
+                    .unwrap()
+                    .report;
                 let report = pb::ReadinessReport::decode(report.as_slice()).unwrap();
                 assert_eq!(report.blockers[0].entities[0].name, "");
                 // The other org's records keep their names.
-                let other = store.latest_assessment(OTHER, OTHER_INSTANCE).await.unwrap().unwrap().body;
-                assert_eq!(pb::Assessment::decode(other.as_slice()).unwrap().entities[0].name, "Operations");
+                let other = store
+                    .latest_assessment(OTHER, OTHER_INSTANCE)
+                    .await
+                    .unwrap()
+                    .unwrap()
+                    .body;
+                assert_eq!(
+                    pb::Assessment::decode(other.as_slice()).unwrap().entities[0].name,
+                    "Operations"
+                );
                 // A purge is staged once: a second stager is refused.
                 let again = staged(ORG, Change::Purge(strip));
                 assert!(store.stage(&again).await.is_err());
@@ -240,13 +332,34 @@ macro_rules! suite {
                     delete_uploads: true,
                     strip_classes: Vec::new(),
                 };
-                store.put_score(ORG, "server:ABC", T0, 40, "v1", 2).await.unwrap();
+                store
+                    .put_score(ORG, "server:ABC", T0, 40, "v1", 2)
+                    .await
+                    .unwrap();
                 let (counted, files) = store.purge_counts(&out).await.unwrap();
-                assert_eq!((counted.assessments, counted.readiness, counted.scores, counted.bundles), (2, 1, 3, 2));
+                assert_eq!(
+                    (
+                        counted.assessments,
+                        counted.readiness,
+                        counted.scores,
+                        counted.bundles
+                    ),
+                    (2, 1, 3, 2)
+                );
                 assert_eq!(files.len(), 2);
                 apply(&store, ORG, Change::Purge(out.clone())).await;
-                assert_eq!(store.purge_counts(&out).await.unwrap().0, Removed::default());
-                assert_eq!(store.scores(ORG, "server:ABC", 0, i64::MAX).await.unwrap().len(), 1);
+                assert_eq!(
+                    store.purge_counts(&out).await.unwrap().0,
+                    Removed::default()
+                );
+                assert_eq!(
+                    store
+                        .scores(ORG, "server:ABC", 0, i64::MAX)
+                        .await
+                        .unwrap()
+                        .len(),
+                    1
+                );
                 assert_eq!(store.bundles(OTHER).await.unwrap().len(), 2);
             }
 
@@ -273,8 +386,21 @@ macro_rules! suite {
                 store.apply(&second).await.unwrap();
                 store.apply(&second).await.unwrap();
                 assert!(store.staged(None).await.unwrap().is_empty());
-                assert!(store.scores(ORG, INSTANCE, 0, i64::MAX).await.unwrap().is_empty());
-                assert_eq!(store.scores(OTHER, OTHER_INSTANCE, 0, i64::MAX).await.unwrap().len(), 3);
+                assert!(
+                    store
+                        .scores(ORG, INSTANCE, 0, i64::MAX)
+                        .await
+                        .unwrap()
+                        .is_empty()
+                );
+                assert_eq!(
+                    store
+                        .scores(OTHER, OTHER_INSTANCE, 0, i64::MAX)
+                        .await
+                        .unwrap()
+                        .len(),
+                    3
+                );
             }
         }
     };
