@@ -83,6 +83,16 @@ pub struct InsightsApi {
     pub(crate) bundle_dirs: BundleDirs,
 }
 
+/// Whose readiness report it is and how it was made.
+struct ReportOf<'a> {
+    org_id: &'a str,
+    instance_id: &'a str,
+    subject: &'a str,
+    sharing: SharingLevel,
+    source: pb::DataSource,
+    consent_version: u64,
+}
+
 /// Whose upload it is.
 struct Uploader {
     org_id: String,
@@ -251,14 +261,17 @@ impl InsightsApi {
     /// Makes, keeps and returns the readiness report of an (already treated) assessment.
     async fn keep_readiness(
         &self,
-        org_id: &str,
-        instance_id: &str,
-        subject: &str,
+        of: ReportOf<'_>,
         assessment: &pb::Assessment,
-        sharing: SharingLevel,
-        source: pb::DataSource,
-        consent_version: u64,
     ) -> Result<pb::ReadinessReport, Status> {
+        let ReportOf {
+            org_id,
+            instance_id,
+            subject,
+            sharing,
+            source,
+            consent_version,
+        } = of;
         let (blockers, score) = readiness::assess(assessment);
         let now = self.clock.now_ms();
         let report = pb::ReadinessReport {
@@ -526,13 +539,15 @@ impl InsightsService for InsightsApi {
         };
         let report = self
             .keep_readiness(
-                &org_id,
-                &instance_id,
-                &instance_id,
+                ReportOf {
+                    org_id: &org_id,
+                    instance_id: &instance_id,
+                    subject: &instance_id,
+                    sharing: policy.sharing_level(),
+                    source,
+                    consent_version: policy.consent_version,
+                },
                 &assessment,
-                policy.sharing_level(),
-                source,
-                policy.consent_version,
             )
             .await?;
         Ok(Response::new(pb::RunReadinessAssessmentResponse {
@@ -601,13 +616,15 @@ impl InsightsService for InsightsApi {
             .await?;
         let report = self
             .keep_readiness(
-                &uploader.org_id,
-                &uploader.instance_id,
-                &uploader.subject,
+                ReportOf {
+                    org_id: &uploader.org_id,
+                    instance_id: &uploader.instance_id,
+                    subject: &uploader.subject,
+                    sharing: self.sharing_of(&uploader),
+                    source: pb::DataSource::Upload,
+                    consent_version: uploader.policy.consent_version,
+                },
                 &assessment,
-                self.sharing_of(&uploader),
-                pb::DataSource::Upload,
-                uploader.policy.consent_version,
             )
             .await?;
         metrics::counter!("sightline_insights_uploads_total", "kind" => "assessment").increment(1);

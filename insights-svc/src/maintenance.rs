@@ -318,10 +318,11 @@ impl Maintenance {
             };
             for entry in entries.flatten() {
                 let name = entry.file_name().to_string_lossy().into_owned();
-                if name.ends_with(".zip") && !known.contains(&(location.clone(), name.clone())) {
-                    if std::fs::remove_file(entry.path()).is_ok() {
-                        removed += 1;
-                    }
+                if name.ends_with(".zip")
+                    && !known.contains(&(location.clone(), name.clone()))
+                    && std::fs::remove_file(entry.path()).is_ok()
+                {
+                    removed += 1;
                 }
             }
         }

@@ -780,7 +780,6 @@ async fn another_orgs_tokens_and_ids_reveal_nothing_in_any_method() {
     // (token, org id, instance id) → every read method, which must refuse.
     let calls = |token: String, org: String, inst: String| {
         let mut c = c.clone();
-        let range = range.clone();
         async move {
             vec![
                 c.get_health(authed(
@@ -798,7 +797,7 @@ async fn another_orgs_tokens_and_ids_reveal_nothing_in_any_method() {
                         org_id: org.clone(),
                         instance_id: inst.clone(),
                         metric_name: "jvm.cpu.load".into(),
-                        range: range.clone(),
+                        range,
                         bucket: Some(prost_types::Duration {
                             seconds: 3600,
                             nanos: 0,
@@ -812,7 +811,7 @@ async fn another_orgs_tokens_and_ids_reveal_nothing_in_any_method() {
                     pb::GetScoreHistoryRequest {
                         org_id: org.clone(),
                         instance_id: inst.clone(),
-                        range: range.clone(),
+                        range,
                     },
                 ))
                 .await
