@@ -231,6 +231,20 @@ pub fn workspace_root() -> PathBuf {
         .to_path_buf()
 }
 
+/// `ms` as RFC 3339 UTC text (what grpcurl's JSON takes for a Timestamp).
+pub fn rfc3339(ms: i64) -> String {
+    const DAY: i64 = 86_400_000;
+    let days = ms.div_euclid(DAY);
+    let secs = ms.rem_euclid(DAY) / 1_000;
+    format!(
+        "{}T{:02}:{:02}:{:02}Z",
+        collector_svc::grpc::day_text(days),
+        secs / 3_600,
+        secs % 3_600 / 60,
+        secs % 60
+    )
+}
+
 /// The fenced bash block that follows `<!-- test:NAME -->` in README.md.
 pub fn readme_block(name: &str) -> String {
     let readme = std::fs::read_to_string(workspace_root().join("README.md")).unwrap();

@@ -127,7 +127,7 @@ async fn readme_collector_walkthrough_runs_with_real_grpcurl() {
         sightline_tests::readme_block("collector-walkthrough")
     );
     // The services run on the test's clock: "now" is its time.
-    let now = chrono_free_rfc3339(T0_MS);
+    let now = sightline_tests::rfc3339(T0_MS);
     let output = std::process::Command::new("bash")
         .arg("-c")
         .arg(&script)
@@ -189,18 +189,6 @@ async fn readme_collector_walkthrough_runs_with_real_grpcurl() {
 }
 
 /// RFC 3339 (UTC, whole seconds) of Unix milliseconds.
-fn chrono_free_rfc3339(ms: i64) -> String {
-    let days = ms.div_euclid(DAY);
-    let secs = ms.rem_euclid(DAY) / 1_000;
-    format!(
-        "{}T{:02}:{:02}:{:02}Z",
-        collector_svc::grpc::day_text(days),
-        secs / 3_600,
-        secs % 3_600 / 60,
-        secs % 60
-    )
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nothing_is_collected_before_the_org_opts_in() {
     let s = Stack::start(UsageLevel::Disabled, SharingLevel::Basic).await;

@@ -1045,3 +1045,63 @@ async fn a_bad_rules_file_stops_the_start_naming_the_rule_and_the_field() {
     .to_string();
     assert!(refused.contains("rule \"slow\": severity"), "{refused}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readme_insights_walkthrough_runs_with_real_grpcurl() {
+    let linker = TestLinker::start(LinkerOptions::default()).await;
+    let consent = TestConsent::start(&linker, None, Limits::default()).await;
+    let collector = TestCollector::start(&linker, &consent, CollectorOptions::default()).await;
+    let insights =
+        TestInsights::start(&linker, &consent, &collector, InsightsOptions::default()).await;
+    let grpcurl = sightline_tests::grpcurl();
+    let script = format!(
+        "set -euo pipefail\ngrpcurl() {{ command \"{grpcurl}\" \"$@\"; }}\n{}\n",
+        sightline_tests::readme_block("insights-walkthrough")
+    );
+    let output = std::process::Command::new("bash")
+        .arg("-c")
+        .arg(&script)
+        .current_dir(sightline_tests::workspace_root())
+        .env("ADDR", linker.addr.to_string())
+        .env("CONSENT", consent.addr.to_string())
+        .env("COLLECTOR", collector.addr.to_string())
+        .env("INSIGHTS", insights.addr.to_string())
+        .env("DATA", linker.data_dir())
+        .env("NOW", sightline_tests::rfc3339(T0_MS))
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "walkthrough failed\n{stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(lines.len(), 6, "{stdout}");
+    assert_eq!(lines[0], r#"{"accepted":4}"#);
+    assert!(
+        lines[1].contains("DATA_CLASS_NAME") && lines[1].contains("DATA_CLASS_KEY"),
+        "{stdout}"
+    );
+    assert!(
+        lines[2].contains("limit.custom_fields") && lines[2].contains("customfield_10420"),
+        "{stdout}"
+    );
+    assert!(
+        !lines[2].contains("Release train"),
+        "names are not kept under BASIC: {stdout}"
+    );
+    assert!(lines[3].starts_with(r#"{"score":80,"#), "{stdout}");
+    assert!(
+        lines[3].contains("cpu-load-high") && lines[3].contains("guardrail-custom-fields"),
+        "{stdout}"
+    );
+    assert!(
+        lines[4].contains("[85,91,97]") && lines[4].contains("TREND_DIRECTION_RISING"),
+        "{stdout}"
+    );
+    assert!(
+        lines[5].contains(r#""version":"9.12.4""#) && lines[5].contains(r#""linked":true"#),
+        "{stdout}"
+    );
+}
