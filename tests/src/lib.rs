@@ -1003,4 +1003,89 @@ pub mod bench {
     pub fn percentile(sorted: &[f64], p: f64) -> f64 {
         sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
     }
+
+    /// A load generator's server side in a child process of its own (this binary run with
+    /// `--serve <target>`), so its CPU time and memory are read apart from the generator's. The
+    /// child prints `READY <addr> <words…>` once serving and stops when its stdin closes.
+    #[derive(Debug)]
+    pub struct Child {
+        child: std::process::Child,
+        pub addr: std::net::SocketAddr,
+        /// What the child said after its address (credentials, ids).
+        pub words: Vec<String>,
+    }
+
+    impl Child {
+        pub fn spawn(target: &str) -> Self {
+            use std::io::BufRead;
+            let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+                .args(["--serve", target])
+                .stdin(std::process::Stdio::piped())
+                .stdout(std::process::Stdio::piped())
+                .spawn()
+                .unwrap();
+            let mut line = String::new();
+            std::io::BufReader::new(child.stdout.take().unwrap())
+                .read_line(&mut line)
+                .unwrap();
+            let mut parts = line.split_whitespace().skip(1);
+            let addr = parts.next().expect("READY line").parse().unwrap();
+            let words = parts.map(str::to_owned).collect();
+            Self { child, addr, words }
+        }
+
+        /// CPU seconds the child has used (user + system).
+        pub fn cpu_seconds(&self) -> f64 {
+            let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.child.id())).unwrap();
+            let fields: Vec<&str> = stat
+                .rsplit_once(')')
+                .unwrap()
+                .1
+                .split_whitespace()
+                .collect();
+            let ticks: f64 =
+                fields[11].parse::<f64>().unwrap() + fields[12].parse::<f64>().unwrap();
+            ticks / 100.0
+        }
+
+        /// The child's peak resident memory so far (VmHWM), MiB.
+        pub fn peak_rss_mib(&self) -> f64 {
+            status_mib(self.child.id(), "VmHWM:")
+        }
+
+        /// The child's resident memory now (VmRSS), MiB.
+        pub fn rss_mib(&self) -> f64 {
+            status_mib(self.child.id(), "VmRSS:")
+        }
+    }
+
+    impl Drop for Child {
+        fn drop(&mut self) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+
+    fn status_mib(pid: u32, field: &str) -> f64 {
+        std::fs::read_to_string(format!("/proc/{pid}/status"))
+            .ok()
+            .and_then(|s| s.lines().find(|l| l.starts_with(field)).map(str::to_owned))
+            .and_then(|l| {
+                l.split_whitespace()
+                    .nth(1)
+                    .and_then(|kb| kb.parse::<f64>().ok())
+            })
+            .map_or(0.0, |kb| kb / 1024.0)
+    }
+
+    /// Runs `serve` as the child's side: prints the READY line, then waits for stdin to close.
+    pub async fn serve_until_stdin_closes(ready: String) {
+        println!("READY {ready}");
+        tokio::task::spawn_blocking(|| {
+            let mut sink = String::new();
+            let _ = std::io::stdin().read_line(&mut sink);
+        })
+        .await
+        .unwrap();
+    }
 }

@@ -667,6 +667,46 @@ async fn an_action_whose_audit_entry_cannot_be_written_changes_nothing(h: Harnes
     );
 }
 
+/// The credentials and app links of a page of instances come in one query per 500 ids, not one
+/// per instance: a page larger than that, with an instance relinked (two credentials) among them.
+async fn credentials_and_app_links_of_a_large_page_are_all_found(h: Harness) {
+    let org = h.org(T0).await;
+    let mut ids = Vec::new();
+    for n in 0..520 {
+        let (secret, _) = h.key(&org, T0 + n).await;
+        let (outcome, _) = h.link(&secret, &format!("S{n}"), T0 + n).await.unwrap();
+        ids.push(outcome.instance.id);
+    }
+    let (secret, _) = h.key(&org, T0 + 999).await;
+    h.link(&secret, "S7", T0 + 999).await.unwrap();
+    let credentials = h.store.credentials_of(&ids).await.unwrap();
+    assert_eq!(credentials.len(), 521);
+    for id in &ids {
+        assert!(credentials.iter().any(|c| &c.instance_id == id));
+    }
+    assert_eq!(
+        credentials
+            .iter()
+            .filter(|c| c.instance_id == ids[7])
+            .count(),
+        2
+    );
+    let links = h.store.app_links_of(&ids).await.unwrap();
+    assert_eq!(links.len(), 520);
+    // Another org's instances are not listed under this org's ids.
+    let other = h.org(T0).await;
+    let (secret, _) = h.key(&other, T0).await;
+    let (foreign, _) = h.link(&secret, "F1", T0).await.unwrap();
+    assert!(
+        h.store
+            .credentials_of(&ids)
+            .await
+            .unwrap()
+            .iter()
+            .all(|c| c.instance_id != foreign.instance.id)
+    );
+}
+
 macro_rules! conformance {
     ($($test:ident),* $(,)?) => {
         mod sqlite {
@@ -702,4 +742,5 @@ conformance!(
     detection_inputs_match_licenses_to_verified_domains,
     the_audit_log_pages_filters_and_reports_an_edited_entry,
     an_action_whose_audit_entry_cannot_be_written_changes_nothing,
+    credentials_and_app_links_of_a_large_page_are_all_found,
 );

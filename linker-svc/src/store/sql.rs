@@ -33,8 +33,11 @@ fn attributes_json(draft: &AuditDraft) -> String {
     serde_json::to_string(&draft.attributes).unwrap_or_else(|_| "{}".to_owned())
 }
 
+/// Ids one `IN (…)` list holds at most.
+const IN_CHUNK: usize = 500;
+
 macro_rules! sql_store {
-    ($store:ident, $pool:ty, $begin:literal) => {
+    ($store:ident, $pool:ty, $db:ty, $begin:literal) => {
         #[derive(Debug, Clone)]
         pub struct $store {
             pool: $pool,
@@ -470,30 +473,35 @@ macro_rules! sql_store {
             }
 
             async fn credentials_of(&self, instance_ids: &[String]) -> StoreResult<Vec<CredentialRecord>> {
+                // One query per page of instances, not one per instance.
                 let mut all = Vec::new();
-                for id in instance_ids {
-                    let mut some: Vec<CredentialRecord> = sqlx::query_as(
+                for chunk in instance_ids.chunks(IN_CHUNK) {
+                    let mut query = sqlx::QueryBuilder::<$db>::new(
                         "SELECT id, org_id, instance_id, prefix, created_at, last_used_at, revoked_at
-                         FROM credentials WHERE instance_id = $1 ORDER BY id",
-                    )
-                    .bind(id)
-                    .fetch_all(&self.pool)
-                    .await?;
-                    all.append(&mut some);
+                         FROM credentials WHERE instance_id IN (",
+                    );
+                    let mut ids = query.separated(", ");
+                    for id in chunk {
+                        ids.push_bind(id);
+                    }
+                    query.push(") ORDER BY instance_id, id");
+                    all.extend(query.build_query_as::<CredentialRecord>().fetch_all(&self.pool).await?);
                 }
                 Ok(all)
             }
 
             async fn app_links_of(&self, instance_ids: &[String]) -> StoreResult<Vec<AppLinkRecord>> {
                 let mut all = Vec::new();
-                for id in instance_ids {
-                    let mut some: Vec<AppLinkRecord> = sqlx::query_as(
-                        "SELECT instance_id, url, product_family, server_id, version FROM app_links WHERE instance_id = $1 ORDER BY url",
-                    )
-                    .bind(id)
-                    .fetch_all(&self.pool)
-                    .await?;
-                    all.append(&mut some);
+                for chunk in instance_ids.chunks(IN_CHUNK) {
+                    let mut query = sqlx::QueryBuilder::<$db>::new(
+                        "SELECT instance_id, url, product_family, server_id, version FROM app_links WHERE instance_id IN (",
+                    );
+                    let mut ids = query.separated(", ");
+                    for id in chunk {
+                        ids.push_bind(id);
+                    }
+                    query.push(") ORDER BY instance_id, url");
+                    all.extend(query.build_query_as::<AppLinkRecord>().fetch_all(&self.pool).await?);
                 }
                 Ok(all)
             }
@@ -814,12 +822,12 @@ impl PoolDb for PgPool {
 
 mod sqlite {
     use super::*;
-    sql_store!(SqliteStore, SqlitePool, "BEGIN IMMEDIATE");
+    sql_store!(SqliteStore, SqlitePool, sqlx::Sqlite, "BEGIN IMMEDIATE");
 }
 
 mod postgres {
     use super::*;
-    sql_store!(PgStore, PgPool, "BEGIN");
+    sql_store!(PgStore, PgPool, sqlx::Postgres, "BEGIN");
 }
 
 pub use postgres::PgStore;

@@ -228,60 +228,29 @@ async fn noop() -> Target {
     }
 }
 
-/// The server in a child process: this binary with `--serve <target>`.
+/// The server in a child process, with the target it serves.
 struct Child {
-    child: std::process::Child,
+    process: sightline_tests::bench::Child,
     target: Target,
 }
 
 impl Child {
     fn spawn(target: &str) -> Self {
-        use std::io::BufRead;
-        let mut child = std::process::Command::new(std::env::current_exe().unwrap())
-            .args(["--serve", target])
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::piped())
-            .spawn()
-            .unwrap();
-        let mut line = String::new();
-        std::io::BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        let mut parts = line.split_whitespace().skip(1);
-        let addr = parts.next().expect("READY line").parse().unwrap();
-        let credential = parts.next().unwrap().to_owned();
-        Self {
-            child,
-            target: Target {
-                addr,
-                credential,
-                _keep: Vec::new(),
-            },
-        }
+        let process = sightline_tests::bench::Child::spawn(target);
+        let target = Target {
+            addr: process.addr,
+            credential: process.words.first().cloned().unwrap_or_default(),
+            _keep: Vec::new(),
+        };
+        Self { process, target }
     }
 
-    /// CPU seconds the child has used (user + system).
     fn cpu_seconds(&self) -> f64 {
-        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.child.id())).unwrap();
-        let fields: Vec<&str> = stat
-            .rsplit_once(')')
-            .unwrap()
-            .1
-            .split_whitespace()
-            .collect();
-        let ticks: f64 = fields[11].parse::<f64>().unwrap() + fields[12].parse::<f64>().unwrap();
-        ticks / 100.0
+        self.process.cpu_seconds()
     }
 
     fn peak_rss_mib(&self) -> f64 {
-        rss_of(&format!("/proc/{}/status", self.child.id()))
-    }
-}
-
-impl Drop for Child {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.process.peak_rss_mib()
     }
 }
 
@@ -292,13 +261,7 @@ async fn serve(target: &str) {
     } else {
         collector(target).await
     };
-    println!("READY {} {}", t.addr, t.credential);
-    tokio::task::spawn_blocking(|| {
-        let mut sink = String::new();
-        let _ = std::io::stdin().read_line(&mut sink);
-    })
-    .await
-    .unwrap();
+    sightline_tests::bench::serve_until_stdin_closes(format!("{} {}", t.addr, t.credential)).await;
     drop(t);
 }
 
@@ -409,22 +372,6 @@ async fn open_loop(
     }
     latencies.sort_by(f64::total_cmp);
     latencies
-}
-
-fn rss_of(path: &str) -> f64 {
-    std::fs::read_to_string(path)
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmHWM:"))
-                .map(str::to_owned)
-        })
-        .and_then(|l| {
-            l.split_whitespace()
-                .nth(1)
-                .and_then(|kb| kb.parse::<f64>().ok())
-        })
-        .map_or(0.0, |kb| kb / 1024.0)
 }
 
 /// The rows the collector stores for `batch(…)` under BASIC (metrics pass enforcement unchanged).
