@@ -602,7 +602,7 @@ impl Maintenance {
                 m.move_data().await;
                 tokio::select! {
                     () = stop.cancelled() => break,
-                    () = m.policies.changed.notified() => {
+                    () = m.policies.changed().notified() => {
                         // Let the commits in flight under the old policy finish first.
                         tokio::time::sleep(Duration::from_millis(200)).await;
                     }

@@ -4,11 +4,11 @@
 //! UNAVAILABLE, never "allow" (SPEC E3).
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+
+use std::sync::Arc;
 
 use sightline_proto::consent::v1 as consent_pb;
-use sightline_runtime::policy_stream::PolicyFollower;
+use sightline_runtime::policy_stream::{PolicyFollower, PolicyTable, Revisioned};
 pub use sightline_runtime::pseudonym::PseudonymKeys;
 use tokio::sync::Notify;
 use tonic::Status;
@@ -23,33 +23,36 @@ struct OrgEntry {
     instances: HashMap<String, Arc<Plan>>,
 }
 
+impl Revisioned for OrgEntry {
+    fn revision(&self) -> u64 {
+        self.plan.revision
+    }
+}
+
 /// The current policy of every org, compiled.
 #[derive(Debug)]
 pub struct Policies {
-    orgs: RwLock<HashMap<String, OrgEntry>>,
-    ready: AtomicBool,
+    table: PolicyTable<OrgEntry>,
     classes: Arc<ClassTable>,
     keys: PseudonymKeys,
-    /// Woken on every change, for the purge applier.
-    pub changed: Notify,
-    /// The snapshot being received (None once complete).
-    snapshot: Mutex<Option<HashMap<String, OrgEntry>>>,
 }
 
 impl Policies {
     pub fn new(classes: Arc<ClassTable>, keys: PseudonymKeys) -> Self {
         Self {
-            orgs: RwLock::new(HashMap::new()),
-            ready: AtomicBool::new(false),
+            table: PolicyTable::default(),
             classes,
             keys,
-            changed: Notify::new(),
-            snapshot: Mutex::new(None),
         }
     }
 
     pub fn is_ready(&self) -> bool {
-        self.ready.load(Ordering::SeqCst)
+        self.table.is_ready()
+    }
+
+    /// Woken on every change, for the purge applier.
+    pub fn changed(&self) -> &Notify {
+        &self.table.changed
     }
 
     /// The plan for one instance of an org: its override's policy, else the org's; an org consent-svc
@@ -60,18 +63,19 @@ impl Policies {
                 "no current policy from consent-svc: nothing can be collected until it answers",
             ));
         }
-        let orgs = self
-            .orgs
-            .read()
-            .map_err(|_| Status::unavailable("policy cache unavailable"))?;
-        Ok(match orgs.get(org_id) {
-            Some(entry) => entry
-                .instances
-                .get(instance_id)
-                .unwrap_or(&entry.plan)
-                .clone(),
-            None => Arc::new(self.compile(&default_policy(org_id))),
-        })
+        let held = self
+            .table
+            .read(|orgs| {
+                orgs.get(org_id).map(|entry| {
+                    entry
+                        .instances
+                        .get(instance_id)
+                        .unwrap_or(&entry.plan)
+                        .clone()
+                })
+            })
+            .ok_or_else(|| Status::unavailable("policy cache unavailable"))?;
+        Ok(held.unwrap_or_else(|| Arc::new(self.compile(&default_policy(org_id)))))
     }
 
     /// The current revision an instance's records are enforced under.
@@ -81,9 +85,8 @@ impl Policies {
 
     /// The org-level policies held now (for purges).
     pub fn policies(&self) -> Vec<Arc<consent_pb::Policy>> {
-        self.orgs
-            .read()
-            .map(|orgs| orgs.values().map(|e| e.policy.clone()).collect())
+        self.table
+            .read(|orgs| orgs.values().map(|e| e.policy.clone()).collect())
             .unwrap_or_default()
     }
 
@@ -110,67 +113,23 @@ impl Policies {
             },
         ))
     }
-
-    /// Applies one message of the stream; a snapshot replaces everything once complete.
-    fn apply_message(
-        &self,
-        message: &consent_pb::WatchPolicyResponse,
-        snapshot: &mut Option<HashMap<String, OrgEntry>>,
-    ) {
-        let entry = self.entry(message);
-        if let Some(pending) = snapshot.as_mut() {
-            if let Some((org, entry)) = entry {
-                pending.insert(org, entry);
-            }
-            if message.snapshot_complete {
-                let complete = snapshot.take().unwrap_or_default();
-                if let Ok(mut orgs) = self.orgs.write() {
-                    *orgs = complete;
-                    self.ready.store(true, Ordering::SeqCst);
-                }
-                tracing::info!("policy snapshot received; enforcing");
-            }
-        } else if let Some((org, entry)) = entry
-            && let Ok(mut orgs) = self.orgs.write()
-        {
-            let newer = orgs
-                .get(&org)
-                .is_none_or(|old| old.plan.revision <= entry.plan.revision);
-            if newer {
-                orgs.insert(org, entry);
-            }
-        }
-        self.changed.notify_waiters();
-    }
-
-    /// Fails closed: nothing is allowed until the next complete snapshot.
-    fn clear(&self) {
-        self.ready.store(false, Ordering::SeqCst);
-        if let Ok(mut orgs) = self.orgs.write() {
-            orgs.clear();
-        }
-    }
 }
 
 impl PolicyFollower for Policies {
     fn begin_snapshot(&self) {
-        if let Ok(mut snapshot) = self.snapshot.lock() {
-            *snapshot = Some(HashMap::new());
-        }
+        self.table.begin_snapshot();
     }
 
     fn apply(&self, message: &consent_pb::WatchPolicyResponse) {
-        if let Ok(mut snapshot) = self.snapshot.lock() {
-            self.apply_message(message, &mut snapshot);
-        }
+        self.table.apply(message, self.entry(message));
     }
 
     fn lose(&self) {
-        self.clear();
+        self.table.lose();
     }
 
     fn is_ready(&self) -> bool {
-        Policies::is_ready(self)
+        self.table.is_ready()
     }
 }
 

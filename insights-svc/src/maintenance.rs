@@ -85,7 +85,7 @@ impl Maintenance {
                 }
                 tokio::select! {
                     () = shutdown.cancelled() => return,
-                    () = purges.api.policies.changed.notified() => {}
+                    () = purges.api.policies.changed().notified() => {}
                     () = tokio::time::sleep(schedules.purges) => {}
                 }
             }

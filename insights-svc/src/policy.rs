@@ -4,11 +4,10 @@
 //! answer UNAVAILABLE — never "allow".
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::Arc;
 
 use sightline_proto::consent::v1 as consent_pb;
-use sightline_runtime::policy_stream::PolicyFollower;
+use sightline_runtime::policy_stream::{PolicyFollower, PolicyTable, Revisioned};
 use tokio::sync::Notify;
 use tonic::Status;
 
@@ -18,18 +17,25 @@ struct OrgEntry {
     instances: HashMap<String, Arc<consent_pb::Policy>>,
 }
 
+impl Revisioned for OrgEntry {
+    fn revision(&self) -> u64 {
+        self.policy.revision
+    }
+}
+
 #[derive(Debug, Default)]
 pub struct Policies {
-    orgs: RwLock<HashMap<String, OrgEntry>>,
-    ready: AtomicBool,
-    snapshot: Mutex<Option<HashMap<String, OrgEntry>>>,
-    /// Woken on every change (the purge applier waits on it).
-    pub changed: Notify,
+    table: PolicyTable<OrgEntry>,
 }
 
 impl Policies {
     pub fn is_ready(&self) -> bool {
-        self.ready.load(Ordering::SeqCst)
+        self.table.is_ready()
+    }
+
+    /// Woken on every change (the purge applier waits on it).
+    pub fn changed(&self) -> &Notify {
+        &self.table.changed
     }
 
     /// The effective policy of an instance (its override's, else its org's); for an org consent-svc
@@ -44,23 +50,22 @@ impl Policies {
                 "no current policy from consent-svc: retry when it answers",
             ));
         }
-        let orgs = self
-            .orgs
-            .read()
-            .map_err(|_| Status::internal("policy state poisoned"))?;
-        Ok(orgs.get(org_id).map(|entry| {
-            instance_id
-                .and_then(|i| entry.instances.get(i))
-                .unwrap_or(&entry.policy)
-                .clone()
-        }))
+        self.table
+            .read(|orgs| {
+                orgs.get(org_id).map(|entry| {
+                    instance_id
+                        .and_then(|i| entry.instances.get(i))
+                        .unwrap_or(&entry.policy)
+                        .clone()
+                })
+            })
+            .ok_or_else(|| Status::internal("policy state poisoned"))
     }
 
     /// Every org-level policy held, with its instances' own.
     pub fn all(&self) -> Vec<(Arc<consent_pb::Policy>, Vec<Arc<consent_pb::Policy>>)> {
-        self.orgs
-            .read()
-            .map(|orgs| {
+        self.table
+            .read(|orgs| {
                 orgs.values()
                     .map(|e| (e.policy.clone(), e.instances.values().cloned().collect()))
                     .collect()
@@ -86,48 +91,18 @@ impl Policies {
 
 impl PolicyFollower for Policies {
     fn begin_snapshot(&self) {
-        if let Ok(mut snapshot) = self.snapshot.lock() {
-            *snapshot = Some(HashMap::new());
-        }
+        self.table.begin_snapshot();
     }
 
     fn apply(&self, message: &consent_pb::WatchPolicyResponse) {
-        let entry = Self::entry(message);
-        let Ok(mut snapshot) = self.snapshot.lock() else {
-            return;
-        };
-        if let Some(pending) = snapshot.as_mut() {
-            if let Some((org, entry)) = entry {
-                pending.insert(org, entry);
-            }
-            if message.snapshot_complete {
-                let complete = snapshot.take().unwrap_or_default();
-                if let Ok(mut orgs) = self.orgs.write() {
-                    *orgs = complete;
-                    self.ready.store(true, Ordering::SeqCst);
-                }
-            }
-        } else if let Some((org, entry)) = entry
-            && let Ok(mut orgs) = self.orgs.write()
-        {
-            let newer = orgs
-                .get(&org)
-                .is_none_or(|old| old.policy.revision <= entry.policy.revision);
-            if newer {
-                orgs.insert(org, entry);
-            }
-        }
-        self.changed.notify_waiters();
+        self.table.apply(message, Self::entry(message));
     }
 
     fn lose(&self) {
-        self.ready.store(false, Ordering::SeqCst);
-        if let Ok(mut orgs) = self.orgs.write() {
-            orgs.clear();
-        }
+        self.table.lose();
     }
 
     fn is_ready(&self) -> bool {
-        Policies::is_ready(self)
+        self.table.is_ready()
     }
 }

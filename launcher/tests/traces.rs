@@ -77,6 +77,7 @@ async fn up_exports_a_span_per_call_with_method_and_org_over_otlp_and_nothing_se
                     ("SIGHTLINE_LINKER__METRICS_LISTEN", "off"),
                     ("SIGHTLINE_CONSENT__METRICS_LISTEN", "off"),
                     ("SIGHTLINE_COLLECTOR__METRICS_LISTEN", "off"),
+                    ("SIGHTLINE_INSIGHTS__METRICS_LISTEN", "off"),
                     ("SIGHTLINE_LOG__OTLP_ENDPOINT", &endpoint),
                 ],
             )

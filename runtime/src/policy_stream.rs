@@ -76,3 +76,83 @@ async fn watch_once(
     }
     Ok(())
 }
+
+/// What a follower holds per org, with the revision that orders replacements.
+pub trait Revisioned {
+    fn revision(&self) -> u64;
+}
+
+/// The policies of every org as a follower holds them: the messages of a new stream build a
+/// snapshot that replaces everything once complete (until then, and after the stream is lost,
+/// nothing is ready); later messages replace one org's entry unless it is older than the one held.
+#[derive(Debug)]
+pub struct PolicyTable<E> {
+    orgs: std::sync::RwLock<std::collections::HashMap<String, E>>,
+    pending: std::sync::Mutex<Option<std::collections::HashMap<String, E>>>,
+    ready: std::sync::atomic::AtomicBool,
+    /// Woken on every message (purge appliers wait on it).
+    pub changed: tokio::sync::Notify,
+}
+
+impl<E> Default for PolicyTable<E> {
+    fn default() -> Self {
+        Self {
+            orgs: std::sync::RwLock::new(std::collections::HashMap::new()),
+            pending: std::sync::Mutex::new(None),
+            ready: std::sync::atomic::AtomicBool::new(false),
+            changed: tokio::sync::Notify::new(),
+        }
+    }
+}
+
+impl<E: Revisioned> PolicyTable<E> {
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    pub fn begin_snapshot(&self) {
+        if let Ok(mut pending) = self.pending.lock() {
+            *pending = Some(std::collections::HashMap::new());
+        }
+    }
+
+    /// Takes one message's entry (org id and what the follower made of it).
+    pub fn apply(&self, message: &consent_pb::WatchPolicyResponse, entry: Option<(String, E)>) {
+        if let Ok(mut pending) = self.pending.lock() {
+            if let Some(snapshot) = pending.as_mut() {
+                if let Some((org, entry)) = entry {
+                    snapshot.insert(org, entry);
+                }
+                if message.snapshot_complete {
+                    let complete = pending.take().unwrap_or_default();
+                    if let Ok(mut orgs) = self.orgs.write() {
+                        *orgs = complete;
+                        self.ready.store(true, std::sync::atomic::Ordering::SeqCst);
+                    }
+                    tracing::info!("policy snapshot received");
+                }
+            } else if let Some((org, entry)) = entry
+                && let Ok(mut orgs) = self.orgs.write()
+                && orgs
+                    .get(&org)
+                    .is_none_or(|old| old.revision() <= entry.revision())
+            {
+                orgs.insert(org, entry);
+            }
+        }
+        self.changed.notify_waiters();
+    }
+
+    /// Fails closed: nothing is ready until the next complete snapshot.
+    pub fn lose(&self) {
+        self.ready.store(false, std::sync::atomic::Ordering::SeqCst);
+        if let Ok(mut orgs) = self.orgs.write() {
+            orgs.clear();
+        }
+    }
+
+    /// Reads the held entries (None when the table is poisoned).
+    pub fn read<R>(&self, f: impl FnOnce(&std::collections::HashMap<String, E>) -> R) -> Option<R> {
+        self.orgs.read().ok().map(|orgs| f(&orgs))
+    }
+}

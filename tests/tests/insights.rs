@@ -99,6 +99,32 @@ impl Stack {
         self.collector.maintenance.roll_up().await;
     }
 
+    /// The header of an assessment upload by the org's admin for `instance_id`.
+    fn assessment_header(&self, instance_id: &str, size: usize) -> pb::UploadHeader {
+        let mut head = header("sightline.assessment", size);
+        head.org_id = self.org.id.clone();
+        head.instance_id = instance_id.to_owned();
+        head
+    }
+
+    /// The example assessment, uploaded by the admin for the instance.
+    async fn upload_example(&self) -> pb::UploadAssessmentResponse {
+        let file = assessment_file();
+        let head = self.assessment_header(&self.instance.id, file.len());
+        upload_assessment(self, &self.org.admin, head, file.as_bytes())
+            .await
+            .unwrap()
+    }
+
+    /// A one-log bundle, uploaded with the instance's credential.
+    async fn upload_small_bundle(&self) -> pb::UploadSupportBundleResponse {
+        let bytes = zip_of(&[("logs/a.log", b"fine\n")]);
+        let head = header("sightline.support-bundle", bytes.len());
+        upload_bundle(self, &self.instance.credential, head, &bytes)
+            .await
+            .unwrap()
+    }
+
     async fn health(&self) -> pb::InstanceHealth {
         self.insights
             .client()
@@ -368,9 +394,7 @@ async fn trends_and_score_history_come_from_the_collectors_rollups() {
 async fn an_assessment_keeps_ids_only_under_basic_and_names_under_extended() {
     let s = Stack::start(UsageLevel::Basic, SharingLevel::Basic).await;
     let file = assessment_file();
-    let mut head = header("sightline.assessment", file.len());
-    head.org_id = s.org.id.clone();
-    head.instance_id = s.instance.id.clone();
+    let head = s.assessment_header(&s.instance.id, file.len());
     let reply = upload_assessment(&s, &s.org.admin, head.clone(), file.as_bytes())
         .await
         .unwrap();
@@ -718,9 +742,7 @@ async fn the_portfolio_lists_every_instance_with_its_score_or_none_yet() {
     s.feed(&second, "jvm.cpu.load", 24, |_| 20.0).await;
     assert_eq!(s.insights.maintenance.score_pass().await.unwrap(), 2);
     let file = assessment_file();
-    let mut head = header("sightline.assessment", file.len());
-    head.org_id = s.org.id.clone();
-    head.instance_id = second.id.clone();
+    let head = s.assessment_header(&second.id, file.len());
     upload_assessment(&s, &s.org.admin, head, file.as_bytes())
         .await
         .unwrap();
@@ -903,22 +925,8 @@ async fn opting_out_purges_the_orgs_insights_data_once_with_an_audit_entry() {
     let s = Stack::start(UsageLevel::Basic, SharingLevel::Extended).await;
     s.feed(&s.instance, "jvm.cpu.load", 24, |_| 95.0).await;
     s.insights.maintenance.score_pass().await.unwrap();
-    let file = assessment_file();
-    let mut head = header("sightline.assessment", file.len());
-    head.org_id = s.org.id.clone();
-    head.instance_id = s.instance.id.clone();
-    upload_assessment(&s, &s.org.admin, head, file.as_bytes())
-        .await
-        .unwrap();
-    let bytes = zip_of(&[("logs/a.log", b"fine\n")]);
-    upload_bundle(
-        &s,
-        &s.instance.credential,
-        header("sightline.support-bundle", bytes.len()),
-        &bytes,
-    )
-    .await
-    .unwrap();
+    s.upload_example().await;
+    s.upload_small_bundle().await;
     assert_eq!(bundle_files(s.linker.data_dir()), 1);
     assert!(everything_stored(s.linker.data_dir()).contains("Release train"));
     // Lowering to BASIC strips names from what is kept (the background pass may be first).
@@ -987,22 +995,8 @@ async fn opting_out_purges_the_orgs_insights_data_once_with_an_audit_entry() {
 #[tokio::test]
 async fn retention_sweeps_old_records_with_an_audit_entry() {
     let s = Stack::start(UsageLevel::Basic, SharingLevel::Basic).await;
-    let file = assessment_file();
-    let mut head = header("sightline.assessment", file.len());
-    head.org_id = s.org.id.clone();
-    head.instance_id = s.instance.id.clone();
-    upload_assessment(&s, &s.org.admin, head, file.as_bytes())
-        .await
-        .unwrap();
-    let bytes = zip_of(&[("logs/a.log", b"fine\n")]);
-    upload_bundle(
-        &s,
-        &s.instance.credential,
-        header("sightline.support-bundle", bytes.len()),
-        &bytes,
-    )
-    .await
-    .unwrap();
+    s.upload_example().await;
+    s.upload_small_bundle().await;
     let swept = s.insights.maintenance.sweep_pass().await.unwrap();
     assert_eq!((swept.assessments, swept.bundles), (0, 0));
     // 731 days later everything is past the default retention (730 days).
