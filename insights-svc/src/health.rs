@@ -159,12 +159,12 @@ pub(crate) mod tests {
             .collect()
     }
 
-    /// For each default rule: a series that makes it fire, one that does not, and the score the
-    /// firing one gives when it is the only finding.
-    #[test]
-    fn every_default_rule_fires_and_stays_quiet_on_its_fixture() {
+    /// A default rule's fixtures: a series that makes it fire (the score is 100 less its weight,
+    /// with one finding that explains it) and one that does not (100, no finding).
+    fn fires_and_stays_quiet(id: &str) {
         let rules = Rules::defaults().unwrap();
-        for rule in &rules.rules {
+        let rule = rules.rules.iter().find(|r| r.id == id).unwrap();
+        {
             let (bad, good) = match rule.comparison {
                 crate::rules::Comparison::Above | crate::rules::Comparison::AtLeast => {
                     (rule.threshold * 1.5 + 1.0, rule.threshold * 0.5)
@@ -192,6 +192,42 @@ pub(crate) mod tests {
             assert_eq!(assessed.score, 100, "rule {}", rule.id);
             assert!(assessed.findings.is_empty(), "rule {}", rule.id);
         }
+    }
+
+    macro_rules! rule_fixtures {
+        ($($test:ident => $id:literal),* $(,)?) => {
+            $(
+                #[test]
+                fn $test() {
+                    fires_and_stays_quiet($id);
+                }
+            )*
+
+            /// Every default rule has its test above.
+            #[test]
+            fn every_default_rule_has_a_fixture_test() {
+                let tested = [$($id),*];
+                for rule in Rules::defaults().unwrap().rules {
+                    assert!(tested.contains(&rule.id.as_str()), "no fixture test for {}", rule.id);
+                }
+            }
+        };
+    }
+
+    rule_fixtures! {
+        cpu_load_high_fires_and_stays_quiet => "cpu-load-high",
+        heap_pressure_fires_and_stays_quiet => "heap-pressure",
+        gc_time_share_fires_and_stays_quiet => "gc-time-share",
+        db_latency_fires_and_stays_quiet => "db-latency",
+        request_latency_fires_and_stays_quiet => "request-latency",
+        index_size_fires_and_stays_quiet => "index-size",
+        guardrail_projects_fires_and_stays_quiet => "guardrail-projects",
+        guardrail_issues_fires_and_stays_quiet => "guardrail-issues",
+        guardrail_custom_fields_fires_and_stays_quiet => "guardrail-custom-fields",
+        guardrail_users_fires_and_stays_quiet => "guardrail-users",
+        guardrail_groups_fires_and_stays_quiet => "guardrail-groups",
+        guardrail_spaces_fires_and_stays_quiet => "guardrail-spaces",
+        guardrail_apps_fires_and_stays_quiet => "guardrail-apps",
     }
 
     #[test]

@@ -191,7 +191,12 @@ impl InsightsService {
         let millis = Duration::from_millis;
         Ok(Self {
             server,
-            maintenance: Maintenance { api, auditor },
+            maintenance: Maintenance {
+                api,
+                auditor,
+                consent: consent.clone(),
+                passes: Arc::default(),
+            },
             consent,
             linker,
             service_token: config.service_token,

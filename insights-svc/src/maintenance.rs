@@ -8,17 +8,19 @@ use std::time::Duration;
 
 use sightline_proto::common::v1::{EventKind, UsageLevel};
 use sightline_proto::consent::v1 as consent_pb;
+use sightline_proto::consent::v1::consent_service_client::ConsentServiceClient;
 use sightline_proto::insights::v1 as pb;
 use sightline_proto::linker::v1 as linker_pb;
 use sightline_proto::linker::v1::linker_service_client::LinkerServiceClient;
 use sightline_runtime::audited::{AuditEntry, Auditor, CommitError, StagedChange};
 use sightline_runtime::auth::authorize;
+use sightline_runtime::location::location_name;
 use tokio_util::sync::CancellationToken;
 use tonic::Status;
 
 use crate::grpc::{InsightsApi, allows_metrics};
 use crate::health::HOUR_MS;
-use crate::store::{Change, Cutoffs, PurgeSpec, Removed};
+use crate::store::{Change, Cutoffs, PurgeSpec, Removed, StoredBundle};
 
 const DAY_MS: i64 = 86_400_000;
 
@@ -30,10 +32,18 @@ pub struct Schedules {
     pub purges: Duration,
 }
 
+/// The owner name insights-svc reports its part of a residency move under.
+const MOVE_OWNER: &str = "insights";
+
 #[derive(Debug, Clone)]
 pub struct Maintenance {
     pub(crate) api: InsightsApi,
     pub(crate) auditor: Auditor,
+    pub(crate) consent: tonic::transport::Channel,
+    /// Sweeps, purges and moves of this process run one at a time (so a pass that returns has
+    /// finished what a concurrent one started, files included); across replicas the claims in the
+    /// store keep each purge and move to one.
+    pub(crate) passes: std::sync::Arc<tokio::sync::Mutex<()>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -82,6 +92,9 @@ impl Maintenance {
             loop {
                 if let Err(error) = purges.purge_pass().await {
                     tracing::warn!(%error, "purge pass failed");
+                }
+                if let Err(error) = purges.move_bundles().await {
+                    tracing::warn!(%error, "support bundles not moved yet");
                 }
                 tokio::select! {
                     () = shutdown.cancelled() => return,
@@ -159,6 +172,7 @@ impl Maintenance {
 
     /// Removes every org's records past its retention (as its policy says), audited with counts.
     pub async fn sweep_pass(&self) -> Result<Removed, MaintenanceError> {
+        let _pass = self.passes.lock().await;
         self.auditor.recover(self.api.store.as_ref()).await?;
         let now = self.api.clock.now_ms();
         let mut total = Removed::default();
@@ -200,6 +214,7 @@ impl Maintenance {
         if !self.api.policies.is_ready() {
             return Ok(0);
         }
+        let _pass = self.passes.lock().await;
         self.auditor.recover(self.api.store.as_ref()).await?;
         let mut applied = 0;
         for (policy, instances) in self.api.policies.all() {
@@ -237,6 +252,110 @@ impl Maintenance {
             }
         }
         Ok(applied)
+    }
+
+    /// Carries out insights-svc's part of every support-bundle residency move under way: copies
+    /// the org's bundle files to the new location's directory, relabels their records (an audited
+    /// change), removes the old files and reports the part done to consent-svc. Each step may be
+    /// repeated after a crash; returns how many moves it reported.
+    pub async fn move_bundles(&self) -> Result<u32, MaintenanceError> {
+        if !self.api.policies.is_ready() {
+            return Ok(0);
+        }
+        let _pass = self.passes.lock().await;
+        let mut reported = 0;
+        for (policy, _) in self.api.policies.all() {
+            let Some(bundle_move) = policy
+                .support_bundles_move
+                .as_ref()
+                .filter(|_| policy.support_bundles_moving)
+            else {
+                continue;
+            };
+            if bundle_move.reported_by.iter().any(|o| o == MOVE_OWNER) {
+                continue;
+            }
+            let org_id = policy.org_id.as_str();
+            let from = location_name(bundle_move.from_location());
+            let to = location_name(bundle_move.to_location());
+            let (from_dir, to_dir) = (
+                self.api.bundle_dirs.dir(&from),
+                self.api.bundle_dirs.dir(&to),
+            );
+            let moving: Vec<StoredBundle> =
+                if self.api.store.move_applied(&bundle_move.move_id).await? {
+                    // Carried out before (a report lost, or a crash before it): report only.
+                    Vec::new()
+                } else {
+                    self.api
+                        .store
+                        .bundles(org_id)
+                        .await?
+                        .into_iter()
+                        .filter(|b| b.location == from)
+                        .collect()
+                };
+            if !moving.is_empty() {
+                let names: Vec<String> = moving.iter().map(|b| b.file_name.clone()).collect();
+                let (source, target) = (from_dir.clone(), to_dir.clone());
+                if source != target {
+                    tokio::task::spawn_blocking(move || copy_files(&source, &target, &names))
+                        .await
+                        .map_err(|e| Status::internal(format!("copying bundles: {e}")))?
+                        .map_err(|e| Status::unavailable(format!("copying bundles: {e}")))?;
+                }
+                let removed = Removed {
+                    bundles: i64::try_from(moving.len()).unwrap_or(i64::MAX),
+                    ..Removed::default()
+                };
+                let change = Change::Relocate {
+                    move_id: bundle_move.move_id.clone(),
+                    org_id: org_id.to_owned(),
+                    from: from.clone(),
+                    to: to.clone(),
+                };
+                match self
+                    .commit(
+                        org_id,
+                        "insights.support_bundles_moved",
+                        &bundle_move.move_id,
+                        &removed,
+                        change,
+                    )
+                    .await
+                {
+                    Ok(()) => {}
+                    // Another pass or replica carries it out and reports it.
+                    Err(MaintenanceError::Commit(CommitError::Store(_))) => continue,
+                    Err(other) => return Err(other),
+                }
+                if from_dir != to_dir {
+                    for bundle in &moving {
+                        let _ = std::fs::remove_file(from_dir.join(&bundle.file_name));
+                    }
+                }
+                tracing::info!(%org_id, move_id = %bundle_move.move_id, bundles = moving.len(), "support bundles moved");
+            }
+            let mut request = tonic::Request::new(consent_pb::RequestResidencyMoveRequest {
+                org_id: org_id.to_owned(),
+                transition: consent_pb::MoveTransition::Complete as i32,
+                scope: consent_pb::ResidencyScope::SupportBundles as i32,
+                to_location: 0,
+                owner: MOVE_OWNER.to_owned(),
+            });
+            request.set_timeout(Duration::from_secs(10));
+            authorize(&mut request, &self.api.service_token)?;
+            match ConsentServiceClient::new(self.consent.clone())
+                .request_residency_move(request)
+                .await
+            {
+                Ok(_) => reported += 1,
+                // Finished meanwhile (by the operator, or a report whose reply was lost).
+                Err(status) if status.code() == tonic::Code::FailedPrecondition => {}
+                Err(status) => return Err(status.into()),
+            }
+        }
+        Ok(reported)
     }
 
     async fn commit(
@@ -334,6 +453,23 @@ impl Maintenance {
         }
         Ok(removed)
     }
+}
+
+/// Copies bundle files into `target` durably (each synced, renamed into place, the directory
+/// synced); a file copied before (a resumed move) is copied again.
+fn copy_files(
+    source: &std::path::Path,
+    target: &std::path::Path,
+    names: &[String],
+) -> std::io::Result<()> {
+    sightline_runtime::secret_file::private_dir(target)?;
+    for name in names {
+        let mut from = std::fs::File::open(source.join(name))?;
+        let mut copy = tempfile::NamedTempFile::new_in(target)?;
+        std::io::copy(&mut from, copy.as_file_mut())?;
+        crate::upload::keep_file(copy, &target.join(name))?;
+    }
+    Ok(())
 }
 
 fn add(total: &mut Removed, more: &Removed) {

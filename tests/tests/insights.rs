@@ -1099,3 +1099,110 @@ async fn readme_insights_walkthrough_runs_with_real_grpcurl() {
         "{stdout}"
     );
 }
+
+#[tokio::test]
+async fn a_support_bundle_move_carries_the_files_to_the_new_location_and_reports_done() {
+    use sightline_proto::common::v1::Location;
+    use sightline_proto::consent::v1 as consent_pb;
+    let s = Stack::start(UsageLevel::Basic, SharingLevel::Basic).await;
+    let kept = s.upload_small_bundle().await;
+    assert_eq!(kept.stored_in, Location::Global as i32);
+    let dir = |location: &str| s.linker.data_dir().join("bundles").join(location);
+    let file = format!("{}.zip", kept.upload_id);
+    assert!(dir("global").join(&file).exists());
+    let mut consent = s.consent.client().await;
+    let step = |transition: consent_pb::MoveTransition| consent_pb::RequestResidencyMoveRequest {
+        org_id: s.org.id.clone(),
+        transition: transition as i32,
+        scope: consent_pb::ResidencyScope::SupportBundles as i32,
+        to_location: Location::Eu as i32,
+        owner: String::new(),
+    };
+    consent
+        .request_residency_move(authed(
+            &s.org.admin,
+            step(consent_pb::MoveTransition::Request),
+        ))
+        .await
+        .unwrap();
+    let started = consent
+        .request_residency_move(authed(
+            s.linker.operator.expose(),
+            step(consent_pb::MoveTransition::Start),
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    let revision = sightline_tests::consent::policy(&s.consent, &s.org, &s.instance.id)
+        .await
+        .revision;
+    s.insights.wait_revision(&s.org.id, revision).await;
+    // Meanwhile bundle uploads answer UNAVAILABLE with the retry hint.
+    let bytes = zip_of(&[("logs/a.log", b"x\n")]);
+    let refused = upload_bundle(
+        &s,
+        &s.instance.credential,
+        header("sightline.support-bundle", bytes.len()),
+        &bytes,
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(refused.code(), Code::Unavailable);
+    assert!(refused.metadata().get("retry-after-ms").is_some());
+    // The move (the background pass may be first): the file is in the new place only, DONE.
+    s.insights.maintenance.move_bundles().await.unwrap();
+    assert!(dir("eu").join(&file).exists());
+    assert!(!dir("global").join(&file).exists());
+    let move_id = started.r#move.unwrap().move_id;
+    let mut state = consent_pb::MoveState::Unspecified;
+    for _ in 0..200 {
+        let residency = consent
+            .get_residency(authed(
+                &s.org.admin,
+                consent_pb::GetResidencyRequest {
+                    org_id: s.org.id.clone(),
+                },
+            ))
+            .await
+            .unwrap()
+            .into_inner();
+        let found = residency
+            .residency
+            .unwrap()
+            .moves
+            .into_iter()
+            .find(|m| m.move_id == move_id)
+            .unwrap();
+        state = found.state();
+        if state == consent_pb::MoveState::Done {
+            assert_eq!(found.reported_by, ["insights"]);
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert_eq!(state, consent_pb::MoveState::Done);
+    let events = s.linker.audit_events(&s.org).await;
+    let moved = events
+        .iter()
+        .filter(|e| e.action == "insights.support_bundles_moved")
+        .collect::<Vec<_>>();
+    assert_eq!(moved.len(), 1);
+    assert_eq!(
+        moved[0]
+            .attributes
+            .get("support_bundles")
+            .map(String::as_str),
+        Some("1")
+    );
+    // New bundles go to the new location.
+    let revision = sightline_tests::consent::policy(&s.consent, &s.org, &s.instance.id)
+        .await
+        .revision;
+    s.insights.wait_revision(&s.org.id, revision).await;
+    assert_eq!(s.upload_small_bundle().await.stored_in, Location::Eu as i32);
+    // A bundle's record follows it: the old location holds no file with or without a record.
+    assert_eq!(
+        s.insights.maintenance.remove_orphan_files().await.unwrap(),
+        0
+    );
+}

@@ -402,6 +402,44 @@ macro_rules! suite {
                     3
                 );
             }
+
+            #[tokio::test]
+            async fn a_bundle_move_relabels_one_orgs_records_once() {
+                let (store, _guard) = super::$backend().await;
+                fill(&store).await;
+                let relocate = || Change::Relocate {
+                    move_id: "m-1".into(),
+                    org_id: ORG.into(),
+                    from: "eu".into(),
+                    to: "germany".into(),
+                };
+                let first = staged(ORG, relocate());
+                store.stage(&first).await.unwrap();
+                assert!(store.move_applied("m-1").await.unwrap());
+                // A second pass cannot stage the same move while it is claimed ...
+                assert!(store.stage(&staged(ORG, relocate())).await.is_err());
+                // ... and may once the first was discarded.
+                store.discard(&first.change_id).await.unwrap();
+                assert!(!store.move_applied("m-1").await.unwrap());
+                apply(&store, ORG, relocate()).await;
+                assert!(store.move_applied("m-1").await.unwrap());
+                assert!(
+                    store
+                        .bundles(ORG)
+                        .await
+                        .unwrap()
+                        .iter()
+                        .all(|b| b.location == "germany")
+                );
+                assert!(
+                    store
+                        .bundles(OTHER)
+                        .await
+                        .unwrap()
+                        .iter()
+                        .all(|b| b.location == "eu")
+                );
+            }
         }
     };
 }

@@ -165,6 +165,14 @@ pub enum Change {
         cutoffs: Cutoffs,
     },
     Purge(PurgeSpec),
+    /// A residency move of support bundles: the org's bundle records at `from` now say `to`
+    /// (their files were copied there before this is staged).
+    Relocate {
+        move_id: String,
+        org_id: String,
+        from: String,
+        to: String,
+    },
 }
 
 impl Change {
@@ -237,6 +245,8 @@ pub trait InsightsStore: ChangeLog + Send + Sync + std::fmt::Debug {
     async fn purge_counts(&self, spec: &PurgeSpec)
     -> StoreResult<(Removed, Vec<(String, String)>)>;
     async fn purge_applied(&self, purge_id: &str) -> StoreResult<bool>;
+    /// Whether a support-bundle move was carried out (or is staged) here.
+    async fn move_applied(&self, move_id: &str) -> StoreResult<bool>;
     /// Orgs with any record (for the retention sweep).
     async fn orgs(&self) -> StoreResult<Vec<String>>;
 }

@@ -15,7 +15,7 @@ use crate::treat;
 
 /// `applied_at` of a purge claimed by a staged change that is not applied yet.
 const PURGE_CLAIMED: i64 = -1;
-const PURGE_TAKEN: &str = "this purge is staged or applied already";
+const TAKEN: &str = "this purge or move is staged or applied already";
 
 fn db(error: sqlx::Error) -> ChangeLogError {
     StoreError::from(error).into()
@@ -404,6 +404,14 @@ macro_rules! sql_store {
                 Ok(row.is_some())
             }
 
+            async fn move_applied(&self, move_id: &str) -> StoreResult<bool> {
+                let row: Option<(i64,)> = sqlx::query_as("SELECT claimed_at FROM applied_moves WHERE move_id = $1")
+                    .bind(move_id)
+                    .fetch_optional(&self.pool)
+                    .await?;
+                Ok(row.is_some())
+            }
+
             async fn orgs(&self) -> StoreResult<Vec<String>> {
                 let rows: Vec<(String,)> = sqlx::query_as(
                     "SELECT org_id FROM assessments UNION SELECT org_id FROM readiness
@@ -422,20 +430,35 @@ macro_rules! sql_store {
                 let mut tx = self.pool.begin_with($begin).await.map_err(db)?;
                 // A purge is claimed with its staging, so it is applied and audited once however
                 // many passes (or replicas) try; a discarded change releases the claim.
-                if let Change::Purge(spec) = Change::decode(&change.payload)? {
-                    let claimed = sqlx::query(
-                        "INSERT INTO applied_purges (purge_id, org_id, applied_at, counts) VALUES ($1, $2, $3, '{}')
-                         ON CONFLICT (purge_id) DO NOTHING",
-                    )
-                    .bind(&spec.purge_id)
-                    .bind(&spec.org_id)
-                    .bind(PURGE_CLAIMED)
-                    .execute(&mut *tx)
-                    .await
-                    .map_err(db)?;
-                    if claimed.rows_affected() == 0 {
-                        return Err(ChangeLogError::Refused(PURGE_TAKEN.to_owned()));
-                    }
+                let claimed = match Change::decode(&change.payload)? {
+                    Change::Purge(spec) => Some(
+                        sqlx::query(
+                            "INSERT INTO applied_purges (purge_id, org_id, applied_at, counts) VALUES ($1, $2, $3, '{}')
+                             ON CONFLICT (purge_id) DO NOTHING",
+                        )
+                        .bind(&spec.purge_id)
+                        .bind(&spec.org_id)
+                        .bind(PURGE_CLAIMED)
+                        .execute(&mut *tx)
+                        .await
+                        .map_err(db)?,
+                    ),
+                    Change::Relocate { move_id, org_id, .. } => Some(
+                        sqlx::query(
+                            "INSERT INTO applied_moves (move_id, org_id, claimed_at) VALUES ($1, $2, $3)
+                             ON CONFLICT (move_id) DO NOTHING",
+                        )
+                        .bind(&move_id)
+                        .bind(&org_id)
+                        .bind(change.staged_at_ms)
+                        .execute(&mut *tx)
+                        .await
+                        .map_err(db)?,
+                    ),
+                    Change::Sweep { .. } => None,
+                };
+                if claimed.is_some_and(|c| c.rows_affected() == 0) {
+                    return Err(ChangeLogError::Refused(TAKEN.to_owned()));
                 }
                 sqlx::query("INSERT INTO staged_changes (change_id, org_id, entry, payload, staged_at) VALUES ($1, $2, $3, $4, $5)")
                     .bind(&change.change_id)
@@ -464,6 +487,15 @@ macro_rules! sql_store {
                 match &staged {
                     Change::Sweep { org_id, cutoffs } => Self::apply_sweep(&mut tx, org_id, cutoffs).await?,
                     Change::Purge(spec) => Self::apply_purge(&mut tx, spec, change.staged_at_ms).await?,
+                    Change::Relocate { org_id, from, to, .. } => {
+                        sqlx::query("UPDATE bundles SET location = $1 WHERE org_id = $2 AND location = $3")
+                            .bind(to)
+                            .bind(org_id)
+                            .bind(from)
+                            .execute(&mut *tx)
+                            .await
+                            .map_err(db)?;
+                    }
                 }
                 tx.commit().await.map_err(db)?;
                 Ok(())
@@ -476,15 +508,24 @@ macro_rules! sql_store {
                     .fetch_optional(&mut *tx)
                     .await
                     .map_err(db)?;
-                if let Some((payload,)) = payload
-                    && let Ok(Change::Purge(spec)) = Change::decode(&payload)
-                {
-                    sqlx::query("DELETE FROM applied_purges WHERE purge_id = $1 AND applied_at = $2")
-                        .bind(&spec.purge_id)
-                        .bind(PURGE_CLAIMED)
-                        .execute(&mut *tx)
-                        .await
-                        .map_err(db)?;
+                // Not applied: the purge or move may be claimed again.
+                match payload.map(|(p,)| Change::decode(&p)) {
+                    Some(Ok(Change::Purge(spec))) => {
+                        sqlx::query("DELETE FROM applied_purges WHERE purge_id = $1 AND applied_at = $2")
+                            .bind(&spec.purge_id)
+                            .bind(PURGE_CLAIMED)
+                            .execute(&mut *tx)
+                            .await
+                            .map_err(db)?;
+                    }
+                    Some(Ok(Change::Relocate { move_id, .. })) => {
+                        sqlx::query("DELETE FROM applied_moves WHERE move_id = $1")
+                            .bind(&move_id)
+                            .execute(&mut *tx)
+                            .await
+                            .map_err(db)?;
+                    }
+                    _ => {}
                 }
                 sqlx::query("DELETE FROM staged_changes WHERE change_id = $1")
                     .bind(change_id)
