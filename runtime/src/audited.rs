@@ -468,6 +468,72 @@ impl AuditLog for LinkerAuditLog {
     }
 }
 
+/// The `staged_changes` table's rows, the same in every service that audits its changes: expands,
+/// inside a store's `impl` block, to `insert_staged_row`, `delete_staged_row` and `staged_rows` for
+/// the backend `$db`, with `$db_error` turning a `sqlx::Error` into a [`ChangeLogError`]. Each
+/// service adds what is its own (claims, applying) around them.
+#[macro_export]
+macro_rules! staged_change_rows {
+    ($db:ty, $db_error:path) => {
+        /// Writes a staged change's row.
+        async fn insert_staged_row<'c>(
+            executor: impl sqlx::Executor<'c, Database = $db>,
+            change: &$crate::audited::StagedChange,
+        ) -> Result<(), $crate::audited::ChangeLogError> {
+            let entry = serde_json::to_string(&change.entry)
+                .map_err(|e| $crate::audited::ChangeLogError::Refused(e.to_string()))?;
+            sqlx::query(
+                "INSERT INTO staged_changes (change_id, org_id, entry, payload, staged_at) VALUES ($1, $2, $3, $4, $5)",
+            )
+            .bind(&change.change_id)
+            .bind(&change.org_id)
+            .bind(entry)
+            .bind(&change.payload)
+            .bind(change.staged_at_ms)
+            .execute(executor)
+            .await
+            .map_err($db_error)?;
+            Ok(())
+        }
+
+        /// Removes a staged change's row; false when it was not there (settled already).
+        async fn delete_staged_row<'c>(
+            executor: impl sqlx::Executor<'c, Database = $db>,
+            change_id: &str,
+        ) -> Result<bool, $crate::audited::ChangeLogError> {
+            let removed = sqlx::query("DELETE FROM staged_changes WHERE change_id = $1")
+                .bind(change_id)
+                .execute(executor)
+                .await
+                .map_err($db_error)?;
+            Ok(removed.rows_affected() > 0)
+        }
+
+        /// Staged changes, oldest first: of one org, or of every org.
+        async fn staged_rows(
+            pool: &sqlx::Pool<$db>,
+            org_id: Option<&str>,
+        ) -> Result<Vec<$crate::audited::StagedChange>, $crate::audited::ChangeLogError> {
+            const COLUMNS: &str = "change_id, org_id, entry, payload, staged_at";
+            let rows: Vec<$crate::audited::StagedRow> = match org_id {
+                Some(org_id) => sqlx::query_as(sqlx::AssertSqlSafe(format!(
+                    "SELECT {COLUMNS} FROM staged_changes WHERE org_id = $1 ORDER BY staged_at, change_id"
+                )))
+                .bind(org_id)
+                .fetch_all(pool)
+                .await,
+                None => sqlx::query_as(sqlx::AssertSqlSafe(format!(
+                    "SELECT {COLUMNS} FROM staged_changes ORDER BY staged_at, change_id"
+                )))
+                .fetch_all(pool)
+                .await,
+            }
+            .map_err($db_error)?;
+            rows.into_iter().map($crate::audited::staged_of).collect()
+        }
+    };
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -9,7 +9,7 @@ use async_trait::async_trait;
 use sqlx::postgres::PgPool;
 use sqlx::sqlite::SqlitePool;
 
-use sightline_runtime::audited::{ChangeLog, ChangeLogError, StagedChange, StagedRow, staged_of};
+use sightline_runtime::audited::{ChangeLog, ChangeLogError, StagedChange};
 
 use super::days::{self, DayPart};
 use super::moved::Type;
@@ -119,6 +119,8 @@ macro_rules! sql_store {
                     location: location.to_owned(),
                 }
             }
+
+            sightline_runtime::staged_change_rows!($db, db);
 
             /// Locks the org against purges (shared: commits; exclusive: purges), PostgreSQL only.
             async fn lock_org(
@@ -1444,7 +1446,6 @@ macro_rules! sql_store {
         #[async_trait]
         impl ChangeLog for $store {
             async fn stage(&self, change: &StagedChange) -> Result<(), ChangeLogError> {
-                let entry = serde_json::to_string(&change.entry).map_err(|e| ChangeLogError::Refused(e.to_string()))?;
                 let mut tx = self.pool.begin_with($begin).await.map_err(db)?;
                 // A purge is claimed with its staging: a second purger (another pass, another
                 // replica) cannot stage it, so it is applied and audited once. The claim goes with
@@ -1464,15 +1465,7 @@ macro_rules! sql_store {
                         return Err(ChangeLogError::Refused(PURGE_TAKEN.to_owned()));
                     }
                 }
-                sqlx::query("INSERT INTO staged_changes (change_id, org_id, entry, payload, staged_at) VALUES ($1, $2, $3, $4, $5)")
-                    .bind(&change.change_id)
-                    .bind(&change.org_id)
-                    .bind(entry)
-                    .bind(&change.payload)
-                    .bind(change.staged_at_ms)
-                    .execute(&mut *tx)
-                    .await
-                    .map_err(db)?;
+                Self::insert_staged_row(&mut *tx, change).await?;
                 tx.commit().await.map_err(db)?;
                 Ok(())
             }
@@ -1480,12 +1473,7 @@ macro_rules! sql_store {
             async fn apply(&self, change: &StagedChange) -> Result<(), ChangeLogError> {
                 let staged = Change::decode(&change.payload)?;
                 let mut tx = self.pool.begin_with($begin).await.map_err(db)?;
-                let removed = sqlx::query("DELETE FROM staged_changes WHERE change_id = $1")
-                    .bind(&change.change_id)
-                    .execute(&mut *tx)
-                    .await
-                    .map_err(db)?;
-                if removed.rows_affected() == 0 {
+                if !Self::delete_staged_row(&mut *tx, &change.change_id).await? {
                     // Settled already: applying twice would apply it twice.
                     return Ok(());
                 }
@@ -1516,32 +1504,13 @@ macro_rules! sql_store {
                         .await
                         .map_err(db)?;
                 }
-                sqlx::query("DELETE FROM staged_changes WHERE change_id = $1")
-                    .bind(change_id)
-                    .execute(&mut *tx)
-                    .await
-                    .map_err(db)?;
+                Self::delete_staged_row(&mut *tx, change_id).await?;
                 tx.commit().await.map_err(db)?;
                 Ok(())
             }
 
             async fn staged(&self, org_id: Option<&str>) -> Result<Vec<StagedChange>, ChangeLogError> {
-                const COLUMNS: &str = "change_id, org_id, entry, payload, staged_at";
-                let rows: Vec<StagedRow> = match org_id {
-                    Some(org_id) => sqlx::query_as(sqlx::AssertSqlSafe(format!(
-                        "SELECT {COLUMNS} FROM staged_changes WHERE org_id = $1 ORDER BY staged_at, change_id"
-                    )))
-                    .bind(org_id)
-                    .fetch_all(&self.pool)
-                    .await,
-                    None => sqlx::query_as(sqlx::AssertSqlSafe(format!(
-                        "SELECT {COLUMNS} FROM staged_changes ORDER BY staged_at, change_id"
-                    )))
-                    .fetch_all(&self.pool)
-                    .await,
-                }
-                .map_err(db)?;
-                rows.into_iter().map(staged_of).collect()
+                Self::staged_rows(&self.pool, org_id).await
             }
         }
     };

@@ -5,7 +5,7 @@ use async_trait::async_trait;
 use sqlx::postgres::PgPool;
 use sqlx::sqlite::SqlitePool;
 
-use sightline_runtime::audited::{ChangeLog, ChangeLogError, StagedChange, StagedRow, staged_of};
+use sightline_runtime::audited::{ChangeLog, ChangeLogError, StagedChange};
 
 use super::{
     Change, ConsentRecord, ConsentStore, MoveRecord, OverrideRecord, PolicyStateRecord,
@@ -33,6 +33,8 @@ macro_rules! sql_store {
             pub fn new(pool: $pool) -> Self {
                 Self { pool }
             }
+
+            sightline_runtime::staged_change_rows!($db, db);
         }
 
         async fn write_change(
@@ -309,28 +311,13 @@ macro_rules! sql_store {
         #[async_trait]
         impl ChangeLog for $store {
             async fn stage(&self, change: &StagedChange) -> Result<(), ChangeLogError> {
-                let entry = serde_json::to_string(&change.entry).map_err(|e| ChangeLogError::Refused(e.to_string()))?;
-                sqlx::query("INSERT INTO staged_changes (change_id, org_id, entry, payload, staged_at) VALUES ($1, $2, $3, $4, $5)")
-                    .bind(&change.change_id)
-                    .bind(&change.org_id)
-                    .bind(entry)
-                    .bind(&change.payload)
-                    .bind(change.staged_at_ms)
-                    .execute(&self.pool)
-                    .await
-                    .map_err(db)?;
-                Ok(())
+                Self::insert_staged_row(&self.pool, change).await
             }
 
             async fn apply(&self, change: &StagedChange) -> Result<(), ChangeLogError> {
                 let StagedPayload { change: staged, purge } = StagedPayload::decode(&change.payload)?;
                 let mut tx = self.pool.begin_with($begin).await.map_err(db)?;
-                let removed = sqlx::query("DELETE FROM staged_changes WHERE change_id = $1")
-                    .bind(&change.change_id)
-                    .execute(&mut *tx)
-                    .await
-                    .map_err(db)?;
-                if removed.rows_affected() == 0 {
+                if !Self::delete_staged_row(&mut *tx, &change.change_id).await? {
                     // Settled already (by another settler): applying twice would apply it twice.
                     return Ok(());
                 }
@@ -368,31 +355,12 @@ macro_rules! sql_store {
             }
 
             async fn discard(&self, change_id: &str) -> Result<(), ChangeLogError> {
-                sqlx::query("DELETE FROM staged_changes WHERE change_id = $1")
-                    .bind(change_id)
-                    .execute(&self.pool)
-                    .await
-                    .map_err(db)?;
+                Self::delete_staged_row(&self.pool, change_id).await?;
                 Ok(())
             }
 
             async fn staged(&self, org_id: Option<&str>) -> Result<Vec<StagedChange>, ChangeLogError> {
-                const COLUMNS: &str = "change_id, org_id, entry, payload, staged_at";
-                let rows: Vec<StagedRow> = match org_id {
-                    Some(org_id) => sqlx::query_as(sqlx::AssertSqlSafe(format!(
-                        "SELECT {COLUMNS} FROM staged_changes WHERE org_id = $1 ORDER BY staged_at, change_id"
-                    )))
-                    .bind(org_id)
-                    .fetch_all(&self.pool)
-                    .await,
-                    None => sqlx::query_as(sqlx::AssertSqlSafe(format!(
-                        "SELECT {COLUMNS} FROM staged_changes ORDER BY staged_at, change_id"
-                    )))
-                    .fetch_all(&self.pool)
-                    .await,
-                }
-                .map_err(db)?;
-                rows.into_iter().map(staged_of).collect()
+                Self::staged_rows(&self.pool, org_id).await
             }
         }
     };
