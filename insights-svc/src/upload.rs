@@ -410,6 +410,7 @@ pub fn process_bundle<R: Read + Seek, W: Write + Seek>(
         .compression_method(zip::CompressionMethod::Deflated)
         .large_file(true);
     let mut bundle = Bundle::default();
+    let mut kept_names = HashSet::new();
     for (index, (name, kind, size)) in kinds.into_iter().enumerate() {
         if kind == Kind::Directory {
             continue;
@@ -419,8 +420,15 @@ pub fn process_bundle<R: Read + Seek, W: Write + Seek>(
             .map_err(|e| bad(format!("entry {name:?}: unreadable: {e}")))?;
         // Never more than the header said: a lying header is a bomb too.
         let mut limited = entry.take(size.saturating_add(1));
+        // A file's name is kept only once scrubbed too (`logs/alice@acme.example.log`).
+        let kept_name = scrub_name(&name, &mut bundle.treated);
+        if !kept_names.insert(kept_name.clone()) {
+            return Err(bad(format!(
+                "entry {kept_name:?}: two entries have this name once personal data is removed"
+            )));
+        }
         writer
-            .start_file(name.as_str(), options)
+            .start_file(kept_name.as_str(), options)
             .map_err(|e| Status::internal(format!("writing the bundle: {e}")))?;
         let written = match kind {
             Kind::Metrics => {
@@ -508,6 +516,26 @@ fn listed_entries<R: Read + Seek>(input: &mut R) -> std::io::Result<Option<u64>>
     let mut total = [0u8; 8];
     total.copy_from_slice(&record[32..40]);
     Ok(Some(u64::from_le_bytes(total)))
+}
+
+/// An entry's name with e-mail addresses, IP addresses and person keys replaced, counted.
+fn scrub_name(name: &str, treated: &mut Treated) -> String {
+    let (people, users, names) = scrub_people(name);
+    treated.add_scrubbed(DataClass::Username, users);
+    treated.add_scrubbed(DataClass::DisplayName, names);
+    match scrub::scrub(&people, &Secrets::default()) {
+        Some((clean, found)) => {
+            for finding in found {
+                match finding {
+                    Finding::Email => treated.add_scrubbed(DataClass::Email, 1),
+                    Finding::Ip => treated.add_scrubbed(DataClass::IpAddress, 1),
+                    Finding::Secret => treated.add_scrubbed(DataClass::FreeText, 1),
+                }
+            }
+            clean
+        }
+        None => people,
+    }
 }
 
 fn merge(into: &mut Treated, from: &Treated) {
@@ -804,6 +832,39 @@ mod tests {
                 refused.message()
             );
         }
+    }
+
+    #[test]
+    fn file_names_are_scrubbed_too() {
+        let (bundle, out) = process(zip_of(&[
+            ("logs/alice@acme.example.log", b"ok\n"),
+            ("logs/node-10.1.2.3.log", b"ok\n"),
+        ]))
+        .unwrap();
+        let kept = zip::ZipArchive::new(Cursor::new(out)).unwrap();
+        let names: Vec<String> = kept.file_names().map(|n| n.unwrap().into_owned()).collect();
+        assert!(
+            names
+                .iter()
+                .all(|n| !n.contains("alice@") && !n.contains("10.1.2.3")),
+            "{names:?}"
+        );
+        assert_eq!(
+            bundle.treated.scrubbed.get(&(DataClass::Email as i32)),
+            Some(&1)
+        );
+        assert_eq!(
+            bundle.treated.scrubbed.get(&(DataClass::IpAddress as i32)),
+            Some(&1)
+        );
+        // Two names that become one are refused rather than merged.
+        let refused = process(zip_of(&[
+            ("logs/a@acme.example.log", b"1\n"),
+            ("logs/b@acme.example.log", b"2\n"),
+        ]))
+        .map(|_| ())
+        .unwrap_err();
+        assert!(refused.message().contains("once personal data is removed"));
     }
 
     #[test]
