@@ -81,6 +81,9 @@ pub struct InsightsApi {
     pub(crate) clock: SharedClock,
     pub(crate) limits: UploadLimits,
     pub(crate) bundle_dirs: BundleDirs,
+    /// Held (shared) while a bundle file and its record are written, and (exclusive) while files
+    /// with no record are removed, so that removal never takes a file whose record is on its way.
+    pub(crate) keeping: Arc<tokio::sync::RwLock<()>>,
 }
 
 /// Whose readiness report it is and how it was made.
@@ -707,6 +710,7 @@ impl InsightsService for InsightsApi {
         let file_name = format!("{upload_id}.zip");
         let path = dir.join(&file_name);
         let kept_at = path.clone();
+        let _keeping = self.keeping.read().await;
         tokio::task::spawn_blocking(move || upload::keep_file(output, &kept_at))
             .await
             .map_err(|e| Status::internal(format!("keeping the bundle: {e}")))?

@@ -166,6 +166,7 @@ impl InsightsService {
                 data_dir: config.data_dir.clone(),
                 configured: analysis.bundle_dirs.clone(),
             },
+            keeping: Arc::default(),
         };
         let auditor = Auditor::new(Arc::new(LinkerAuditLog::new(
             linker.clone(),
@@ -228,6 +229,12 @@ impl InsightsService {
 
     /// Serves until `shutdown`: follows the policy stream, scores hourly, sweeps and purges.
     pub async fn run_until_stopped(self, shutdown: CancellationToken) -> Result<(), StartError> {
+        // What a crash left behind goes before any upload is taken.
+        match self.maintenance.remove_orphan_files().await {
+            Ok(0) => {}
+            Ok(removed) => tracing::info!(removed, "bundle files without a record removed"),
+            Err(error) => tracing::warn!(%error, "bundle files without a record not removed"),
+        }
         let background = shutdown.child_token();
         tokio::spawn(sightline_runtime::policy_stream::follow(
             self.maintenance.api.policies.clone(),

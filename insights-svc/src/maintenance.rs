@@ -74,9 +74,6 @@ impl Maintenance {
         let sweeps = self.clone();
         let stop = shutdown.clone();
         tokio::spawn(async move {
-            if let Err(error) = sweeps.remove_orphan_files().await {
-                tracing::warn!(%error, "orphan bundle files not removed");
-            }
             loop {
                 tokio::select! {
                     () = stop.cancelled() => return,
@@ -296,6 +293,8 @@ impl Maintenance {
                         .collect()
                 };
             if !moving.is_empty() {
+                // Copies with the old records must not look like files without one.
+                let _keeping = self.api.keeping.read().await;
                 let names: Vec<String> = moving.iter().map(|b| b.file_name.clone()).collect();
                 let (source, target) = (from_dir.clone(), to_dir.clone());
                 if source != target {
@@ -410,8 +409,10 @@ impl Maintenance {
     }
 
     /// Bundle files no record names (a crash between writing one and recording it, or between
-    /// a deletion and its file's removal).
+    /// a deletion and its file's removal) and temporaries a crash left. Run at start, before the
+    /// service takes uploads (a temporary may belong to an upload under way).
     pub async fn remove_orphan_files(&self) -> Result<u32, MaintenanceError> {
+        let _no_bundle_is_being_kept = self.api.keeping.write().await;
         let known: HashSet<(String, String)> =
             self.api.store.bundle_files().await?.into_iter().collect();
         let mut removed = 0;
@@ -437,10 +438,11 @@ impl Maintenance {
             };
             for entry in entries.flatten() {
                 let name = entry.file_name().to_string_lossy().into_owned();
-                if name.ends_with(".zip")
-                    && !known.contains(&(location.clone(), name.clone()))
-                    && std::fs::remove_file(entry.path()).is_ok()
-                {
+                // A kept bundle with no record, or a scrubbed copy a crash left half-written.
+                let orphan = (name.ends_with(".zip")
+                    && !known.contains(&(location.clone(), name.clone())))
+                    || name.starts_with(".tmp");
+                if orphan && std::fs::remove_file(entry.path()).is_ok() {
                     removed += 1;
                 }
             }
