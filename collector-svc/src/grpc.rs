@@ -16,7 +16,8 @@ use sightline_runtime::auth::{CredentialClient, Principal};
 use sightline_runtime::directory::Directory;
 use sightline_runtime::ids;
 use sightline_runtime::ratelimit::RateLimiter;
-use sightline_runtime::time::{from_proto, to_proto};
+use sightline_runtime::text::required;
+use sightline_runtime::time::{required_range, to_proto};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
@@ -207,46 +208,10 @@ impl CollectorApi {
 
 /// A required range as whole UTC days [from, to), at most [`MAX_RANGE_DAYS`] long.
 fn day_range(range: Option<&common::TimeRange>) -> Result<(i64, i64), Status> {
-    let (start, end) = time_range(range)?;
+    let (start, end) = required_range(range, MAX_RANGE_DAYS)?;
     let from = start.div_euclid(DAY_MS);
     let to = (end + DAY_MS - 1).div_euclid(DAY_MS);
     Ok((from, to))
-}
-
-fn time_range(range: Option<&common::TimeRange>) -> Result<(i64, i64), Status> {
-    let range = range.ok_or_else(|| Status::invalid_argument("range: is required"))?;
-    let start = range
-        .start
-        .as_ref()
-        .ok_or_else(|| Status::invalid_argument("range.start: is required"))?;
-    let end = range
-        .end
-        .as_ref()
-        .ok_or_else(|| Status::invalid_argument("range.end: is required"))?;
-    let (start, end) = (from_proto(start), from_proto(end));
-    if end <= start {
-        return Err(Status::invalid_argument(
-            "range.end: must be after range.start",
-        ));
-    }
-    if end - start > MAX_RANGE_DAYS * DAY_MS {
-        return Err(Status::invalid_argument(format!(
-            "range: covers more than {MAX_RANGE_DAYS} days"
-        )));
-    }
-    Ok((start, end))
-}
-
-fn required<'a>(field: &str, value: &'a str) -> Result<&'a str, Status> {
-    if value.is_empty() {
-        return Err(Status::invalid_argument(format!("{field}: is required")));
-    }
-    if value.len() > 128 {
-        return Err(Status::invalid_argument(format!(
-            "{field}: longer than 128 bytes"
-        )));
-    }
-    Ok(value)
 }
 
 fn page_size(requested: u32, default: u32, max: u32) -> i64 {
@@ -668,7 +633,7 @@ impl CollectorService for CollectorApi {
         let caller = self.caller(&request).await?;
         let r = request.get_ref();
         let name = required("metric_name", &r.metric_name)?.to_owned();
-        let (from, to) = time_range(r.range.as_ref())?;
+        let (from, to) = required_range(r.range.as_ref(), MAX_RANGE_DAYS)?;
         let instance = ids::parse("instance_id", &r.instance_id)?;
         let mut after = cursor_token(&r.page_token)?;
         let limit = page_size(r.page_size, 500, 5_000);
@@ -838,7 +803,7 @@ impl CollectorService for CollectorApi {
         }
         let r = request.get_ref();
         let name = required("metric_name", &r.metric_name)?.to_owned();
-        let (start, end) = time_range(r.range.as_ref())?;
+        let (start, end) = required_range(r.range.as_ref(), MAX_RANGE_DAYS)?;
         let group_by = pb::AggregateGroupBy::try_from(r.group_by)
             .map_err(|_| Status::invalid_argument("group_by: is not a known grouping"))?;
         let interval = pb::AggregateInterval::try_from(r.interval)

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use prost::Message;
 use sightline_proto::collector::v1::{self as pb, DropReason};
+use sightline_runtime::ratelimit::retry_after;
 use tonic::Status;
 
 use crate::enforce::{self, Enforced, Plan, Verdict};
@@ -82,12 +83,10 @@ pub fn check_batch(events: &[pb::Event]) -> Result<(), Status> {
 
 /// UNAVAILABLE with the policy's retry hint, for an org whose data is moving.
 pub fn moving(plan: &Plan) -> Status {
-    let mut status =
-        Status::unavailable("the org's data is moving to another location; retry later");
-    if let Ok(value) = plan.retry_after_ms.max(1).to_string().parse() {
-        status.metadata_mut().insert("retry-after-ms", value);
-    }
-    status
+    retry_after(
+        Status::unavailable("the org's data is moving to another location; retry later"),
+        u64::from(plan.retry_after_ms.max(1)),
+    )
 }
 
 /// What one batch came to.
@@ -246,14 +245,12 @@ pub async fn process(
         outcomes = match sink.write(batch).await? {
             BatchOutcome::Committed(outcomes) => outcomes,
             BatchOutcome::Stale => {
-                let mut status = Status::unavailable(
-                    "the org's policy changed while the batch was checked; nothing of it was stored: resend it",
-                );
-                status.metadata_mut().insert(
-                    "retry-after-ms",
-                    tonic::metadata::MetadataValue::from(10u32),
-                );
-                return Err(status);
+                return Err(retry_after(
+                    Status::unavailable(
+                        "the org's policy changed while the batch was checked; nothing of it was stored: resend it",
+                    ),
+                    10,
+                ));
             }
         };
     }

@@ -78,12 +78,7 @@ impl From<ConsentError> for Status {
             ConsentError::FailedPrecondition(why) => Status::failed_precondition(why),
             ConsentError::Aborted(why) => Status::aborted(why),
             ConsentError::Unavailable(why) => {
-                let mut status = Status::unavailable(why);
-                status.metadata_mut().insert(
-                    "retry-after-ms",
-                    tonic::metadata::MetadataValue::from_static("1000"),
-                );
-                status
+                sightline_runtime::ratelimit::retry_after(Status::unavailable(why), 1000)
             }
             ConsentError::DeadlineExceeded(why) => Status::deadline_exceeded(why),
             ConsentError::Internal(detail) => {

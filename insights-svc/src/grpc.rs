@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use prost::Message;
-use sightline_proto::common::v1::{self as common, DataClass, EventKind, SharingLevel, UsageLevel};
+use sightline_proto::common::v1::{DataClass, EventKind, SharingLevel, UsageLevel};
 use sightline_proto::consent::v1 as consent_pb;
 use sightline_proto::insights::v1 as pb;
 use sightline_proto::insights::v1::insights_service_server::InsightsService;
@@ -21,7 +21,8 @@ use sightline_runtime::location::location_name;
 use sightline_runtime::pseudonym::{OrgPseudonymizer, PseudonymKeys};
 use sightline_runtime::ratelimit::RateLimiter;
 use sightline_runtime::settings::Secret;
-use sightline_runtime::time::{from_proto, to_proto};
+use sightline_runtime::text::required;
+use sightline_runtime::time::{from_proto, required_range, to_proto};
 use tonic::transport::Channel;
 use tonic::{Request, Response, Status, Streaming};
 
@@ -37,8 +38,8 @@ use crate::upload::{self, BundleLimits, Part, Tally, UploadMessage};
 
 type GrpcResult<T> = Result<Response<T>, Status>;
 
-/// Longest range of a trend or a score history.
-const MAX_RANGE_MS: i64 = 731 * 86_400_000;
+/// Longest range of a trend or a score history, in days.
+const MAX_RANGE_DAYS: i64 = 731;
 /// A portfolio page holds at most this many instances.
 const MAX_PORTFOLIO_PAGE: u32 = 500;
 
@@ -300,7 +301,8 @@ impl InsightsApi {
         Ok(report)
     }
 
-    /// Reads the header, then the chunks into `sink`, with the size and digest checks.
+    /// Reads the header, then the chunks into `sink`, with the size and digest checks; returns the
+    /// uploader, the file's SHA-256 and its size.
     async fn receive<M: UploadMessage>(
         &self,
         stream: &mut Streaming<M>,
@@ -308,7 +310,7 @@ impl InsightsApi {
         limit: u64,
         sink: &mut (dyn FnMut(&[u8]) -> Result<(), Status> + Send),
         caller: &Principal,
-    ) -> Result<(pb::UploadHeader, Uploader, String, u64), Status> {
+    ) -> Result<(Uploader, String, u64), Status> {
         let first = stream
             .message()
             .await?
@@ -340,40 +342,8 @@ impl InsightsApi {
         }
         let received = tally.received();
         let digest = tally.finish(&header)?;
-        Ok((header, uploader, digest, received))
+        Ok((uploader, digest, received))
     }
-}
-
-fn required<'a>(field: &str, value: &'a str) -> Result<&'a str, Status> {
-    if value.is_empty() {
-        return Err(Status::invalid_argument(format!("{field}: is required")));
-    }
-    if value.len() > 128 {
-        return Err(Status::invalid_argument(format!(
-            "{field}: longer than 128 bytes"
-        )));
-    }
-    Ok(value)
-}
-
-fn time_range(range: Option<&common::TimeRange>) -> Result<(i64, i64), Status> {
-    let range = range.ok_or_else(|| Status::invalid_argument("range: is required"))?;
-    let start = range
-        .start
-        .as_ref()
-        .ok_or_else(|| Status::invalid_argument("range.start: is required"))?;
-    let end = range
-        .end
-        .as_ref()
-        .ok_or_else(|| Status::invalid_argument("range.end: is required"))?;
-    let (start, end) = (from_proto(start), from_proto(end));
-    if end <= start {
-        return Err(Status::invalid_argument("range: end must be after start"));
-    }
-    if end - start > MAX_RANGE_MS {
-        return Err(Status::invalid_argument("range: at most 2 years"));
-    }
-    Ok((start, end))
 }
 
 fn io_error(what: &str) -> impl Fn(std::io::Error) -> Status + '_ {
@@ -407,7 +377,7 @@ impl InsightsService for InsightsApi {
     ) -> GrpcResult<pb::GetTrendsResponse> {
         let r = request.get_ref();
         let metric = required("metric_name", &r.metric_name)?.to_owned();
-        let (from, to) = time_range(r.range.as_ref())?;
+        let (from, to) = required_range(r.range.as_ref(), MAX_RANGE_DAYS)?;
         let bucket = r
             .bucket
             .as_ref()
@@ -447,7 +417,7 @@ impl InsightsService for InsightsApi {
         request: Request<pb::GetScoreHistoryRequest>,
     ) -> GrpcResult<pb::GetScoreHistoryResponse> {
         let r = request.get_ref();
-        let (from, to) = time_range(r.range.as_ref())?;
+        let (from, to) = required_range(r.range.as_ref(), MAX_RANGE_DAYS)?;
         let (org_id, instance_id) = self
             .instance_read(&request, &r.org_id, &r.instance_id)
             .await?;
@@ -485,10 +455,13 @@ impl InsightsService for InsightsApi {
         {
             Some(stored) => {
                 // Treated again under today's policy: a lowered level shows less at once.
-                let body = pb::Assessment::decode(stored.body.as_slice()).map_err(|e| {
+                let dynamic = prost_reflect::DynamicMessage::decode(
+                    upload::assessment_descriptor()?,
+                    stored.body.as_slice(),
+                )
+                .map_err(|e| {
                     Status::internal(format!("a stored assessment does not decode: {e}"))
                 })?;
-                let dynamic = to_dynamic(&body)?;
                 let (assessment, _) =
                     treat::assessment(dynamic, &rules, keys.as_ref()).map_err(Status::internal)?;
                 (assessment, pb::DataSource::Upload)
@@ -589,7 +562,7 @@ impl InsightsService for InsightsApi {
         let caller = self.caller(&request).await?;
         let mut stream = request.into_inner();
         let mut bytes = Vec::new();
-        let (_, uploader, _, received) = self
+        let (uploader, _, received) = self
             .receive(
                 &mut stream,
                 upload::ASSESSMENT_FORMAT,
@@ -669,16 +642,15 @@ impl InsightsService for InsightsApi {
             .await;
         let flushed = writer.flush();
         drop(writer);
-        let (header, uploader, digest, bytes_received) = received?;
+        let (uploader, digest, bytes_received) = received?;
         flushed.map_err(io_error("writing the upload"))?;
         if uploader.policy.support_bundles_moving {
-            let mut status = Status::unavailable(
-                "the org's support bundles are moving to another location; retry later",
-            );
-            if let Ok(value) = uploader.policy.retry_after_ms.max(1).to_string().parse() {
-                status.metadata_mut().insert("retry-after-ms", value);
-            }
-            return Err(status);
+            return Err(sightline_runtime::ratelimit::retry_after(
+                Status::unavailable(
+                    "the org's support bundles are moving to another location; retry later",
+                ),
+                u64::from(uploader.policy.retry_after_ms.max(1)),
+            ));
         }
         let location = uploader.policy.support_bundle_location();
         let location_name = location_name(location);
@@ -768,7 +740,6 @@ impl InsightsService for InsightsApi {
         }
         metrics::counter!("sightline_insights_uploads_total", "kind" => "support_bundle")
             .increment(1);
-        let _ = header;
         Ok(Response::new(pb::UploadSupportBundleResponse {
             upload_id,
             bytes_received,
@@ -857,18 +828,6 @@ impl InsightsService for InsightsApi {
             next_page_token: listed.next_page_token,
         }))
     }
-}
-
-fn to_dynamic(assessment: &pb::Assessment) -> Result<prost_reflect::DynamicMessage, Status> {
-    let pool = sightline_proto::classes::pool().map_err(|e| Status::internal(e.to_string()))?;
-    let descriptor = pool
-        .get_message_by_name(sightline_proto::classes::ASSESSMENT_MESSAGE)
-        .ok_or_else(|| Status::internal("the contract has no Assessment"))?;
-    let mut message = prost_reflect::DynamicMessage::new(descriptor);
-    message
-        .transcode_from(assessment)
-        .map_err(|e| Status::internal(e.to_string()))?;
-    Ok(message)
 }
 
 /// Whether a policy allows metrics (health is made from them).

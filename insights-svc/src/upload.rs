@@ -165,10 +165,7 @@ impl Tally {
 /// Parses an assessment file (the JSON form of the contract's Assessment); errors name the JSON
 /// path.
 pub fn parse_assessment(bytes: &[u8], origin: &str) -> Result<DynamicMessage, Status> {
-    let pool = classes::pool().map_err(|e| Status::internal(e.to_string()))?;
-    let descriptor = pool
-        .get_message_by_name(classes::ASSESSMENT_MESSAGE)
-        .ok_or_else(|| Status::internal("the contract has no Assessment"))?;
+    let descriptor = assessment_descriptor()?;
     let text = std::str::from_utf8(bytes)
         .map_err(|_| Status::invalid_argument(format!("{origin}: is not UTF-8 text")))?;
     let mut json = serde_json::Deserializer::from_str(text);
@@ -549,15 +546,19 @@ fn merge(into: &mut Treated, from: &Treated) {
 
 /// The canonical JSON form of a (treated) assessment.
 pub fn assessment_json(assessment: &pb::Assessment) -> Result<String, Status> {
-    let pool = classes::pool().map_err(|e| Status::internal(e.to_string()))?;
-    let descriptor = pool
-        .get_message_by_name(classes::ASSESSMENT_MESSAGE)
-        .ok_or_else(|| Status::internal("the contract has no Assessment"))?;
-    let mut message = DynamicMessage::new(descriptor);
+    let mut message = DynamicMessage::new(assessment_descriptor()?);
     message
         .transcode_from(assessment)
         .map_err(|e| Status::internal(e.to_string()))?;
     serde_json::to_string_pretty(&message).map_err(|e| Status::internal(e.to_string()))
+}
+
+/// The contract's Assessment message, which parsing and field treatment walk.
+pub fn assessment_descriptor() -> Result<prost_reflect::MessageDescriptor, Status> {
+    classes::pool()
+        .map_err(|e| Status::internal(e.to_string()))?
+        .get_message_by_name(classes::ASSESSMENT_MESSAGE)
+        .ok_or_else(|| Status::internal("the contract has no Assessment"))
 }
 
 /// Copies a log to `out` line by line, scrubbed; returns the bytes read.

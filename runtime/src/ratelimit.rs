@@ -111,7 +111,11 @@ fn refused(component: &'static str, limit: &'static str) {
 }
 
 fn exhausted(message: String, wait_ms: u64) -> Status {
-    let mut status = Status::resource_exhausted(message);
+    retry_after(Status::resource_exhausted(message), wait_ms)
+}
+
+/// `status` with the `retry-after-ms` hint clients wait on before trying again.
+pub fn retry_after(mut status: Status, wait_ms: u64) -> Status {
     if let Ok(value) = wait_ms.to_string().parse() {
         status.metadata_mut().insert("retry-after-ms", value);
     }

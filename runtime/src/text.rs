@@ -2,6 +2,22 @@
 //! characters and of the invisible format characters that make text read differently from what it
 //! is (bidirectional overrides and isolates, zero-width characters, the byte-order mark, tags).
 
+/// A required identifier-like field of a request (a page id, a metric name): present and at most
+/// 128 bytes; errors name the field.
+pub fn required<'a>(field: &str, value: &'a str) -> Result<&'a str, tonic::Status> {
+    if value.is_empty() {
+        return Err(tonic::Status::invalid_argument(format!(
+            "{field}: is required"
+        )));
+    }
+    if value.len() > 128 {
+        return Err(tonic::Status::invalid_argument(format!(
+            "{field}: longer than 128 bytes"
+        )));
+    }
+    Ok(value)
+}
+
 /// Why `value` is not acceptable, or None. `max` counts characters; `newlines` allows `\n`.
 pub fn problem(value: &str, max: usize, newlines: bool) -> Option<String> {
     if value.chars().count() > max {

@@ -22,6 +22,36 @@ pub fn from_proto(ts: &Timestamp) -> i64 {
         .saturating_add(i64::from(ts.nanos) / 1_000_000)
 }
 
+/// A request's required time range as [start, end) in milliseconds: both ends given, end after
+/// start, and at most `max_days` long; errors name the field.
+pub fn required_range(
+    range: Option<&sightline_proto::common::v1::TimeRange>,
+    max_days: i64,
+) -> Result<(i64, i64), tonic::Status> {
+    use tonic::Status;
+    let range = range.ok_or_else(|| Status::invalid_argument("range: is required"))?;
+    let start = range
+        .start
+        .as_ref()
+        .ok_or_else(|| Status::invalid_argument("range.start: is required"))?;
+    let end = range
+        .end
+        .as_ref()
+        .ok_or_else(|| Status::invalid_argument("range.end: is required"))?;
+    let (start, end) = (from_proto(start), from_proto(end));
+    if end <= start {
+        return Err(Status::invalid_argument(
+            "range.end: must be after range.start",
+        ));
+    }
+    if end - start > max_days.saturating_mul(DAY_MS) {
+        return Err(Status::invalid_argument(format!(
+            "range: covers more than {max_days} days"
+        )));
+    }
+    Ok((start, end))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
