@@ -778,6 +778,9 @@ impl LinkerService for LinkerApi {
             )),
             credential_info: Some(credential_pb(&outcome.credential, now)),
             credential,
+            link_key_expires_at: Some(sightline_runtime::time::to_proto(
+                outcome.link_key_expires_at,
+            )),
         }))
     }
 

@@ -252,6 +252,8 @@ pub struct LinkOutcome {
     pub credential: CredentialRecord,
     /// Whether an instance with this server id was linked already (and its credentials revoked).
     pub relinked: bool,
+    /// When the link key used expires (ms): the companion warns before it must link again.
+    pub link_key_expires_at: i64,
 }
 
 /// A token found by its digest, with what decides whether it may still be used.

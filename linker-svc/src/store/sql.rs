@@ -446,7 +446,7 @@ macro_rules! sql_store {
                     .with("relinked", relinked.to_string());
                 write_audit(&mut tx, &org_id, reserved, &draft).await?;
                 tx.commit().await?;
-                Ok(LinkOutcome { instance, credential, relinked })
+                Ok(LinkOutcome { instance, credential, relinked, link_key_expires_at: expires_at })
             }
 
             async fn list_instances(&self, org_id: &str, after_id: Option<&str>, limit: i64) -> StoreResult<Vec<InstanceRecord>> {

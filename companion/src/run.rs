@@ -1,0 +1,570 @@
+//! `run`: follow the policy, sample, spool, upload.
+//!
+//! - The policy comes first: GetPolicy with the instance's own credential, then WatchPolicy, so an
+//!   opt-out reaches the companion as it happens. Until a policy was read (now, or by an earlier run
+//!   and kept in `status.json`), nothing is collected; nothing is uploaded without a live one.
+//! - Each sample interval: host and process metrics from /proc and the inbox's complete JSON-lines
+//!   files; each guardrail interval: the guardrail counts. Only kinds the policy allows.
+//! - Each upload interval (and at start when a backlog waits): the spool's files go to the collector
+//!   over one IngestStream, a file per batch, four in flight; a file is deleted when its ack says
+//!   committed. Failures back off with jitter and honour `retry-after-ms`.
+//! - DISABLED deletes the spool; a purge deletes spooled events of the kinds it names that were
+//!   collected before it was issued; kinds the policy does not allow are never kept.
+
+use std::collections::VecDeque;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use sightline_proto::collector::v1::collector_service_client::CollectorServiceClient;
+use sightline_proto::collector::v1::{
+    Event, IngestStreamRequest, InstanceMetadataEvent, event::Payload,
+};
+use sightline_proto::common::v1::{EventKind, InstanceMetadata, NodeInfo};
+use sightline_proto::consent::v1::consent_service_client::ConsentServiceClient;
+use sightline_proto::consent::v1::{
+    GetPolicyRequest, Policy, PurgeScope, WatchPolicyRequest,
+};
+use sightline_runtime::Secret;
+use tokio::sync::mpsc;
+use tonic::Code;
+use tonic::transport::Channel;
+
+use crate::client::{Backoff, authed, retry_hint};
+use crate::progress::Progress;
+use crate::sampler::{self, HostSampler, now_ms};
+use crate::spool::{self, Spool};
+use crate::status::{PolicyView, RunStatus};
+use crate::vault::{Home, LinkState};
+
+/// How `run` paces itself.
+#[derive(Debug, Clone)]
+pub struct RunOptions {
+    pub sample_every: Duration,
+    pub upload_every: Duration,
+    pub guardrails_every: Duration,
+    pub spool_max_bytes: u64,
+    pub initial_backoff: Duration,
+    pub max_backoff: Duration,
+    /// The product's process to sample (default: the companion's own).
+    pub pid: Option<u32>,
+    pub inbox: PathBuf,
+}
+
+/// The kind of an event, by its payload.
+pub fn kind_of(event: &Event) -> EventKind {
+    match &event.payload {
+        Some(Payload::InstanceMetadata(_)) => EventKind::InstanceMetadata,
+        Some(Payload::Metric(_)) => EventKind::Metric,
+        Some(Payload::FeatureUsage(_)) => EventKind::FeatureUsage,
+        Some(Payload::PageView(_)) => EventKind::PageView,
+        Some(Payload::ClientMetric(_)) => EventKind::ClientMetric,
+        Some(Payload::AppInventory(_)) => EventKind::AppInventory,
+        None => EventKind::Unspecified,
+    }
+}
+
+fn occurred_ms(event: &Event) -> i64 {
+    event
+        .occurred_at
+        .map_or(0, |t| t.seconds * 1000 + i64::from(t.nanos) / 1_000_000)
+}
+
+/// What the spool may keep under `policy` for `instance_id`.
+pub fn keeps(policy: &Policy, instance_id: &str, event: &Event) -> bool {
+    let view = PolicyView::of(policy, 0);
+    let kind = kind_of(event);
+    if !view.allows(kind) {
+        return false;
+    }
+    !policy.purges.iter().any(|purge| {
+        let ours = purge.scope == PurgeScope::Org as i32
+            || (purge.scope == PurgeScope::Instance as i32 && purge.instance_id == instance_id);
+        let issued = purge
+            .issued_at
+            .map_or(i64::MAX, |t| t.seconds * 1000 + i64::from(t.nanos) / 1_000_000);
+        ours && purge.delete_kinds.contains(&(kind as i32)) && occurred_ms(event) <= issued
+    })
+}
+
+/// The instance's metadata event, from the link and the host.
+pub fn metadata_event(state: &LinkState, at_ms: i64) -> Event {
+    let cpus = std::thread::available_parallelism().map_or(0, |n| n.get() as u32);
+    let memory = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .find(|l| l.starts_with("MemTotal:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+        })
+        .map_or(0, |kb| kb * 1024);
+    let host = rustix::system::uname()
+        .nodename()
+        .to_string_lossy()
+        .into_owned();
+    Event {
+        event_id: uuid::Uuid::now_v7().to_string(),
+        occurred_at: Some(sampler::timestamp(at_ms)),
+        payload: Some(Payload::InstanceMetadata(InstanceMetadataEvent {
+            metadata: Some(InstanceMetadata {
+                server_id: state.server_id.clone(),
+                base_url: state.base_url.clone(),
+                product: state.product.clone(),
+                version: state.version.clone(),
+                node_count: 1,
+                nodes: vec![NodeInfo {
+                    node_id: host,
+                    cpu_count: cpus,
+                    memory_bytes: memory,
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }),
+            ..Default::default()
+        })),
+    }
+}
+
+/// How an upload round ended.
+#[derive(Debug)]
+pub enum UploadEnd {
+    /// Everything sealed was acknowledged (or there was nothing).
+    Done { batches: u64, events: u64 },
+    /// Try again after the backoff (at least `hint`).
+    Retry {
+        hint: Option<Duration>,
+        reason: String,
+    },
+    /// The credential is no longer accepted: link again.
+    Rejected(String),
+}
+
+#[derive(Debug)]
+pub struct Agent {
+    pub home: Home,
+    pub state: LinkState,
+    credential: Secret,
+    pub spool: Arc<Mutex<Spool>>,
+    pub status: Arc<Mutex<RunStatus>>,
+    collector: CollectorServiceClient<Channel>,
+    consent: ConsentServiceClient<Channel>,
+    options: RunOptions,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+impl Agent {
+    pub fn new(
+        home: Home,
+        state: LinkState,
+        credential: Secret,
+        options: RunOptions,
+    ) -> anyhow::Result<Self> {
+        let ca = state.endpoints.ca.as_deref();
+        let collector = crate::client::channel(&state.endpoints.collector, ca)?;
+        let consent = crate::client::channel(&state.endpoints.consent, ca)?;
+        let spool = Spool::open(&home.spool_dir(), options.spool_max_bytes)?;
+        let status = RunStatus::load(&home);
+        Ok(Self {
+            home,
+            state,
+            credential,
+            spool: Arc::new(Mutex::new(spool)),
+            status: Arc::new(Mutex::new(status)),
+            collector: CollectorServiceClient::new(collector)
+                .max_decoding_message_size(16 << 20)
+                .max_encoding_message_size(16 << 20),
+            consent: ConsentServiceClient::new(consent),
+            options,
+        })
+    }
+
+    fn record<R>(&self, change: impl FnOnce(&mut RunStatus) -> R) -> R {
+        let mut status = lock(&self.status);
+        let out = change(&mut status);
+        status.save(&self.home, now_ms());
+        out
+    }
+
+    /// Follows the instance's policy: GetPolicy, then WatchPolicy, again after any break.
+    async fn follow_policy(&self, tx: mpsc::Sender<Policy>) {
+        let mut backoff = Backoff::new(self.options.initial_backoff, self.options.max_backoff);
+        loop {
+            let mut consent = self.consent.clone();
+            let outcome: Result<(), tonic::Status> = async {
+                let policy = consent
+                    .get_policy(authed(&self.credential, GetPolicyRequest::default()))
+                    .await?
+                    .into_inner()
+                    .policy
+                    .ok_or_else(|| tonic::Status::internal("GetPolicy returned no policy"))?;
+                let _ = tx.send(policy).await;
+                let mut stream = consent
+                    .watch_policy(authed(&self.credential, WatchPolicyRequest::default()))
+                    .await?
+                    .into_inner();
+                backoff.reset();
+                while let Some(message) = stream.message().await? {
+                    if let Some(policy) = message.policy {
+                        let _ = tx.send(policy).await;
+                    }
+                }
+                Err(tonic::Status::unavailable("the policy stream ended"))
+            }
+            .await;
+            if let Err(status) = outcome {
+                let rejected = matches!(
+                    status.code(),
+                    Code::Unauthenticated | Code::PermissionDenied
+                );
+                self.record(|s| {
+                    s.error(
+                        if rejected {
+                            format!(
+                                "consent-svc refused the credential ({}): link again",
+                                status.message()
+                            )
+                        } else {
+                            format!("policy from consent-svc: {}", status.message())
+                        },
+                        now_ms(),
+                    )
+                });
+                tokio::time::sleep(backoff.next(retry_hint(&status))).await;
+            }
+        }
+    }
+
+    /// Acts on a policy: keeps it, and deletes spooled events it no longer allows.
+    fn apply_policy(&self, policy: &Policy) -> anyhow::Result<PolicyView> {
+        let view = PolicyView::of(policy, now_ms());
+        let instance_id = self.state.instance_id.clone();
+        let removed = lock(&self.spool).retain(|e| keeps(policy, &instance_id, e))?;
+        if removed > 0 {
+            tracing::info!(removed, usage = %view.usage_level, "spooled events the policy no longer allows deleted");
+        }
+        let changed = self.record(|s| {
+            let changed = s.policy.as_ref().is_none_or(|p| p.revision != view.revision);
+            s.purged_events_total += removed;
+            s.policy = Some(view.clone());
+            changed
+        });
+        if changed {
+            tracing::info!(
+                usage = %view.usage_level,
+                sharing = %view.sharing_level,
+                consent_version = view.consent_version,
+                "policy"
+            );
+        }
+        Ok(view)
+    }
+
+    /// Appends allowed events to the spool, counting what the bound dropped.
+    fn spool_events(&self, events: Vec<Event>, policy: &PolicyView) -> anyhow::Result<()> {
+        let events: Vec<Event> = events
+            .into_iter()
+            .filter(|e| policy.allows(kind_of(e)))
+            .collect();
+        if events.is_empty() {
+            return Ok(());
+        }
+        let dropped = lock(&self.spool).append(&events)?;
+        if dropped > 0 {
+            self.record(|s| {
+                s.dropped_events_total += dropped;
+                s.error(
+                    format!(
+                        "the spool reached its bound of {} bytes: {dropped} oldest event(s) dropped ({} in all)",
+                        self.options.spool_max_bytes, s.dropped_events_total
+                    ),
+                    now_ms(),
+                );
+            });
+        }
+        Ok(())
+    }
+
+    /// One sample tick: host metrics and complete inbox files, spooled; inbox files then deleted.
+    fn sample(&self, host: &mut HostSampler, policy: &PolicyView) -> anyhow::Result<()> {
+        if !policy.allows(EventKind::Metric) {
+            // Nothing may be collected: the product's files are not read (and not kept).
+            return Ok(());
+        }
+        let mut events = host.sample(now_ms());
+        let mut done = Vec::new();
+        let mut errors = Vec::new();
+        for path in sampler::inbox_files(&self.options.inbox) {
+            match sampler::read_inbox_file(&path) {
+                Ok(file) => {
+                    events.extend(file.events);
+                    errors.extend(file.errors);
+                    done.push(path);
+                }
+                Err(e) => errors.push(format!("{}: {e}", path.display())),
+            }
+        }
+        self.spool_events(events, policy)?;
+        for path in done {
+            std::fs::remove_file(&path)?;
+        }
+        if !errors.is_empty() {
+            self.record(|s| {
+                s.inbox_errors_total += errors.len() as u64;
+                s.error(
+                    format!("{} inbox line(s) skipped; first: {}", errors.len(), errors[0]),
+                    now_ms(),
+                );
+            });
+        }
+        Ok(())
+    }
+
+    /// Sends every sealed spool file, oldest first, a batch per file, up to four unacknowledged.
+    pub async fn upload(&self) -> UploadEnd {
+        let files = {
+            let mut spool = lock(&self.spool);
+            spool.seal();
+            match spool.sealed() {
+                Ok(files) => files,
+                Err(e) => {
+                    return UploadEnd::Retry {
+                        hint: None,
+                        reason: format!("reading the spool: {e}"),
+                    };
+                }
+            }
+        };
+        if files.is_empty() {
+            return UploadEnd::Done {
+                batches: 0,
+                events: 0,
+            };
+        }
+        let total = files.len() as u64;
+        let mut progress = (total > 1).then(|| Progress::new("uploading the spool"));
+        let (tx, rx) = mpsc::channel::<IngestStreamRequest>(4);
+        let mut collector = self.collector.clone();
+        let call = collector.ingest_stream(authed(
+            &self.credential,
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        ));
+        let mut pending: VecDeque<(PathBuf, u64)> = VecDeque::new();
+        let mut files = files.into_iter();
+        let mut done = 0u64;
+        let mut events_done = 0u64;
+        let mut accepted = 0u64;
+        // Queue the first window before the call starts, so the stream opens with data.
+        let mut fill = |pending: &mut VecDeque<(PathBuf, u64)>| -> Result<Vec<IngestStreamRequest>, String> {
+            let mut out = Vec::new();
+            while pending.len() + out.len() < 4 {
+                let Some(path) = files.next() else { break };
+                let batch = spool::read(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+                if batch.events.is_empty() {
+                    let _ = lock(&self.spool).remove(&path);
+                    continue;
+                }
+                lock(&self.spool).mark_in_flight(&path, true);
+                let name = path
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_default();
+                pending.push_back((path, batch.events.len() as u64));
+                out.push(IngestStreamRequest {
+                    batch_id: name,
+                    events: batch.events,
+                });
+            }
+            Ok(out)
+        };
+        let end = async {
+            let first = fill(&mut pending).map_err(|reason| UploadEnd::Retry { hint: None, reason })?;
+            if first.is_empty() {
+                return Ok(());
+            }
+            for request in first {
+                let _ = tx.send(request).await;
+            }
+            let mut acks = call.await.map_err(status_end)?.into_inner();
+            while let Some((path, count)) = pending.front().cloned() {
+                let ack = acks
+                    .message()
+                    .await
+                    .map_err(status_end)?
+                    .ok_or_else(|| UploadEnd::Retry {
+                        hint: None,
+                        reason: "the collector ended the stream".into(),
+                    })?;
+                pending.pop_front();
+                if let Some(error) = ack.error {
+                    lock(&self.spool).mark_in_flight(&path, false);
+                    if error.code == Code::InvalidArgument as u32 {
+                        self.set_aside(&path, &error.message);
+                    } else {
+                        return Err(UploadEnd::Retry {
+                            hint: (error.retry_after_ms > 0)
+                                .then(|| Duration::from_millis(u64::from(error.retry_after_ms))),
+                            reason: format!("batch {}: {}", ack.batch_id, error.message),
+                        });
+                    }
+                } else {
+                    // Committed: only now is the file deleted.
+                    if let Err(e) = lock(&self.spool).remove(&path) {
+                        tracing::warn!(error = %e, "an acknowledged spool file could not be deleted (it is resent, and stored once)");
+                    }
+                    done += 1;
+                    events_done += count;
+                    let stored = ack_accepted(&ack.result);
+                    accepted += stored;
+                    self.record(|s| {
+                        s.uploaded_events_total += count;
+                        s.accepted_events_total += stored;
+                        s.last_upload_at_ms = Some(now_ms());
+                    });
+                    if let Some(p) = &mut progress {
+                        p.update(done, total, "batches", &format!("{events_done} events"));
+                    }
+                }
+                let more = fill(&mut pending).map_err(|reason| UploadEnd::Retry { hint: None, reason })?;
+                for request in more {
+                    let _ = tx.send(request).await;
+                }
+            }
+            Ok(())
+        }
+        .await;
+        drop(tx);
+        {
+            let mut spool = lock(&self.spool);
+            for (path, _) in &pending {
+                spool.mark_in_flight(path, false);
+            }
+        }
+        let _ = accepted;
+        self.record(|s| s.last_upload_events = events_done);
+        match end {
+            Ok(()) => UploadEnd::Done {
+                batches: done,
+                events: events_done,
+            },
+            Err(end) => end,
+        }
+    }
+
+    /// A batch the collector refuses as invalid is kept aside, not resent forever.
+    fn set_aside(&self, path: &Path, why: &str) {
+        let dir = self.home.spool_dir().join("rejected");
+        let moved = std::fs::create_dir_all(&dir).and_then(|()| {
+            std::fs::rename(
+                path,
+                dir.join(path.file_name().unwrap_or_default()),
+            )
+        });
+        self.record(|s| {
+            s.rejected_batches_total += 1;
+            s.error(
+                format!(
+                    "the collector refused spool file {} as invalid ({why}); kept under analytics-logs/rejected/{}",
+                    path.display(),
+                    if moved.is_ok() { "" } else { " (could not be moved)" }
+                ),
+                now_ms(),
+            );
+        });
+    }
+
+    /// Runs until `stop` resolves.
+    pub async fn run(self, stop: impl std::future::Future<Output = ()>) -> anyhow::Result<()> {
+        let this = Arc::new(self);
+        let (policy_tx, mut policy_rx) = mpsc::channel::<Policy>(16);
+        let follower = {
+            let this = this.clone();
+            tokio::spawn(async move { this.follow_policy(policy_tx).await })
+        };
+        // The last policy an earlier run read: enough to go on spooling while consent-svc is away,
+        // never to upload.
+        let mut policy: Option<PolicyView> = lock(&this.status).policy.clone();
+        let mut live = false;
+        let mut host = HostSampler::new(this.options.pid, &this.home.dir);
+        let mut sample = tokio::time::interval(this.options.sample_every);
+        let mut guardrails = tokio::time::interval(this.options.guardrails_every);
+        sample.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        guardrails.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut next_upload = tokio::time::Instant::now();
+        let mut backoff = Backoff::new(this.options.initial_backoff, this.options.max_backoff);
+        let mut metadata_sent = false;
+        tokio::pin!(stop);
+        loop {
+            tokio::select! {
+                () = &mut stop => break,
+                Some(p) = policy_rx.recv() => {
+                    let view = this.apply_policy(&p)?;
+                    live = true;
+                    if !metadata_sent && view.allows(EventKind::InstanceMetadata) {
+                        this.spool_events(vec![metadata_event(&this.state, now_ms())], &view)?;
+                        metadata_sent = true;
+                    }
+                    policy = Some(view);
+                }
+                _ = sample.tick() => {
+                    if let Some(p) = &policy {
+                        this.sample(&mut host, p)?;
+                    }
+                }
+                _ = guardrails.tick() => {
+                    if let Some(p) = &policy && p.allows(EventKind::Metric) {
+                        match sampler::guardrails(&this.options.inbox, now_ms()) {
+                            Ok(events) => this.spool_events(events, p)?,
+                            Err(e) => this.record(|s| s.error(e, now_ms())),
+                        }
+                    }
+                }
+                () = tokio::time::sleep_until(next_upload) => {
+                    next_upload = tokio::time::Instant::now() + this.options.upload_every;
+                    let Some(p) = policy.as_ref().filter(|_| live) else { continue };
+                    if p.disabled() {
+                        continue;
+                    }
+                    match this.upload().await {
+                        UploadEnd::Done { batches, events } => {
+                            backoff.reset();
+                            if batches > 0 {
+                                tracing::info!(batches, events, "uploaded");
+                            }
+                        }
+                        UploadEnd::Retry { hint, reason } => {
+                            let wait = backoff.next(hint);
+                            this.record(|s| s.error(format!("upload: {reason}; retrying in {} ms", wait.as_millis()), now_ms()));
+                            next_upload = tokio::time::Instant::now() + wait;
+                        }
+                        UploadEnd::Rejected(reason) => {
+                            this.record(|s| s.error(reason, now_ms()));
+                        }
+                    }
+                }
+            }
+        }
+        follower.abort();
+        lock(&this.spool).seal();
+        Ok(())
+    }
+}
+
+fn ack_accepted(result: &Option<sightline_proto::collector::v1::IngestResult>) -> u64 {
+    result.as_ref().map_or(0, |r| u64::from(r.accepted))
+}
+
+fn status_end(status: tonic::Status) -> UploadEnd {
+    match status.code() {
+        Code::Unauthenticated | Code::PermissionDenied => UploadEnd::Rejected(format!(
+            "the collector refused the credential ({}): link again",
+            status.message()
+        )),
+        _ => UploadEnd::Retry {
+            hint: retry_hint(&status),
+            reason: format!("{:?}: {}", status.code(), status.message()),
+        },
+    }
+}
