@@ -42,6 +42,8 @@ struct Services {
     ca: Option<PathBuf>,
 }
 
+// Parsed once per process: the size of the largest variant does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Link this instance with a link key from the org admin; keeps the key and the instance
