@@ -97,10 +97,7 @@ mod tests {
         let waits: Vec<Duration> = (0..8).map(|_| b.next(None)).collect();
         assert!(waits[0] >= Duration::from_millis(50) && waits[0] <= Duration::from_millis(100));
         assert!(waits[7] >= Duration::from_millis(500) && waits[7] <= Duration::from_millis(1000));
-        assert_eq!(
-            b.next(Some(Duration::from_secs(5))),
-            Duration::from_secs(5)
-        );
+        assert_eq!(b.next(Some(Duration::from_secs(5))), Duration::from_secs(5));
         b.reset();
         assert!(b.next(None) <= Duration::from_millis(100));
     }

@@ -99,7 +99,13 @@ pub async fn link(
             },
         ))
         .await
-        .map_err(|s| anyhow::anyhow!("linker-svc refused the link: {:?}: {}", s.code(), s.message()))?
+        .map_err(|s| {
+            anyhow::anyhow!(
+                "linker-svc refused the link: {:?}: {}",
+                s.code(),
+                s.message()
+            )
+        })?
         .into_inner();
     let instance = linked
         .instance
@@ -273,9 +279,18 @@ pub async fn sample(home: &Home, inbox: &Path, json: bool) -> anyhow::Result<Str
             }
         } else {
             let reason = DropReason::try_from(previewed.drop_reason)
-                .map(|r| r.as_str_name().trim_start_matches("DROP_REASON_").to_owned())
+                .map(|r| {
+                    r.as_str_name()
+                        .trim_start_matches("DROP_REASON_")
+                        .to_owned()
+                })
                 .unwrap_or_default();
-            writeln!(out, "dropped  {} ({reason}) {}", describe(event), previewed.message)?;
+            writeln!(
+                out,
+                "dropped  {} ({reason}) {}",
+                describe(event),
+                previewed.message
+            )?;
         }
         for (label, fields) in [
             ("removed", &previewed.removed_fields),
@@ -338,12 +353,15 @@ pub async fn support_bundle(
         state.endpoints.ca.as_deref(),
     )?);
     let reply = insights
-        .upload_support_bundle(authed(
-            &secrets.credential(),
-            tokio_stream::iter(parts),
-        ))
+        .upload_support_bundle(authed(&secrets.credential(), tokio_stream::iter(parts)))
         .await
-        .map_err(|s| anyhow::anyhow!("insights-svc refused the bundle: {:?}: {}", s.code(), s.message()))?
+        .map_err(|s| {
+            anyhow::anyhow!(
+                "insights-svc refused the bundle: {:?}: {}",
+                s.code(),
+                s.message()
+            )
+        })?
         .into_inner();
     write!(
         text,

@@ -29,13 +29,29 @@ struct Cli {
 
 #[derive(Debug, Args)]
 struct Services {
-    #[arg(long, env = "SIGHTLINE_COMPANION_LINKER", default_value = "http://127.0.0.1:50051")]
+    #[arg(
+        long,
+        env = "SIGHTLINE_COMPANION_LINKER",
+        default_value = "http://127.0.0.1:50051"
+    )]
     linker: String,
-    #[arg(long, env = "SIGHTLINE_COMPANION_CONSENT", default_value = "http://127.0.0.1:50052")]
+    #[arg(
+        long,
+        env = "SIGHTLINE_COMPANION_CONSENT",
+        default_value = "http://127.0.0.1:50052"
+    )]
     consent: String,
-    #[arg(long, env = "SIGHTLINE_COMPANION_COLLECTOR", default_value = "http://127.0.0.1:50053")]
+    #[arg(
+        long,
+        env = "SIGHTLINE_COMPANION_COLLECTOR",
+        default_value = "http://127.0.0.1:50053"
+    )]
     collector: String,
-    #[arg(long, env = "SIGHTLINE_COMPANION_INSIGHTS", default_value = "http://127.0.0.1:50054")]
+    #[arg(
+        long,
+        env = "SIGHTLINE_COMPANION_INSIGHTS",
+        default_value = "http://127.0.0.1:50054"
+    )]
     insights: String,
     /// PEM CA certificates that signed the services' certificates (for https:// URLs).
     #[arg(long, env = "SIGHTLINE_COMPANION_CA")]
@@ -66,7 +82,11 @@ enum Command {
         base_url: String,
         #[arg(long, env = "SIGHTLINE_COMPANION_PRODUCT", default_value = "")]
         product: String,
-        #[arg(long = "product-version", env = "SIGHTLINE_COMPANION_PRODUCT_VERSION", default_value = "")]
+        #[arg(
+            long = "product-version",
+            env = "SIGHTLINE_COMPANION_PRODUCT_VERSION",
+            default_value = ""
+        )]
         product_version: String,
         #[arg(long, env = "SIGHTLINE_COMPANION_LICENSE_SEN", default_value = "")]
         license_sen: String,
@@ -76,19 +96,35 @@ enum Command {
     /// Follow the policy, sample, spool and upload until stopped (SIGTERM or Ctrl-C).
     Run {
         /// How often host and inbox metrics are sampled.
-        #[arg(long, env = "SIGHTLINE_COMPANION_SAMPLE_EVERY_MS", default_value_t = 120_000)]
+        #[arg(
+            long,
+            env = "SIGHTLINE_COMPANION_SAMPLE_EVERY_MS",
+            default_value_t = 120_000
+        )]
         sample_every_ms: u64,
         /// How often the spool is uploaded.
-        #[arg(long, env = "SIGHTLINE_COMPANION_UPLOAD_EVERY_MS", default_value_t = 3_600_000)]
+        #[arg(
+            long,
+            env = "SIGHTLINE_COMPANION_UPLOAD_EVERY_MS",
+            default_value_t = 3_600_000
+        )]
         upload_every_ms: u64,
         /// How often guardrail counts are read.
-        #[arg(long, env = "SIGHTLINE_COMPANION_GUARDRAILS_EVERY_MS", default_value_t = 3_600_000)]
+        #[arg(
+            long,
+            env = "SIGHTLINE_COMPANION_GUARDRAILS_EVERY_MS",
+            default_value_t = 3_600_000
+        )]
         guardrails_every_ms: u64,
         /// The spool's bound; past it the oldest events are dropped and counted.
         #[arg(long, env = "SIGHTLINE_COMPANION_SPOOL_MAX_BYTES", default_value_t = 64 << 20)]
         spool_max_bytes: u64,
         /// The longest wait between upload attempts.
-        #[arg(long, env = "SIGHTLINE_COMPANION_MAX_BACKOFF_MS", default_value_t = 300_000)]
+        #[arg(
+            long,
+            env = "SIGHTLINE_COMPANION_MAX_BACKOFF_MS",
+            default_value_t = 300_000
+        )]
         max_backoff_ms: u64,
         /// The product's process to sample (default: the companion's own).
         #[arg(long, env = "SIGHTLINE_COMPANION_PID")]

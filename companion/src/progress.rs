@@ -42,7 +42,11 @@ impl Progress {
                 .is_none_or(|last| percent >= last + self.step_percent || done >= total);
             if due {
                 self.last_percent = Some(percent);
-                let _ = writeln!(err, "{}: {done}/{total} {unit} ({percent}%) {detail}", self.label);
+                let _ = writeln!(
+                    err,
+                    "{}: {done}/{total} {unit} ({percent}%) {detail}",
+                    self.label
+                );
             }
         }
     }

@@ -22,9 +22,7 @@ use sightline_proto::collector::v1::{
 };
 use sightline_proto::common::v1::{EventKind, InstanceMetadata, NodeInfo};
 use sightline_proto::consent::v1::consent_service_client::ConsentServiceClient;
-use sightline_proto::consent::v1::{
-    GetPolicyRequest, Policy, PurgeScope, WatchPolicyRequest,
-};
+use sightline_proto::consent::v1::{GetPolicyRequest, Policy, PurgeScope, WatchPolicyRequest};
 use sightline_runtime::Secret;
 use tokio::sync::mpsc;
 use tonic::Code;
@@ -80,9 +78,9 @@ pub fn keeps(policy: &Policy, instance_id: &str, event: &Event) -> bool {
     !policy.purges.iter().any(|purge| {
         let ours = purge.scope == PurgeScope::Org as i32
             || (purge.scope == PurgeScope::Instance as i32 && purge.instance_id == instance_id);
-        let issued = purge
-            .issued_at
-            .map_or(i64::MAX, |t| t.seconds * 1000 + i64::from(t.nanos) / 1_000_000);
+        let issued = purge.issued_at.map_or(i64::MAX, |t| {
+            t.seconds * 1000 + i64::from(t.nanos) / 1_000_000
+        });
         ours && purge.delete_kinds.contains(&(kind as i32)) && occurred_ms(event) <= issued
     })
 }
@@ -246,7 +244,10 @@ impl Agent {
             tracing::info!(removed, usage = %view.usage_level, "spooled events the policy no longer allows deleted");
         }
         let changed = self.record(|s| {
-            let changed = s.policy.as_ref().is_none_or(|p| p.revision != view.revision);
+            let changed = s
+                .policy
+                .as_ref()
+                .is_none_or(|p| p.revision != view.revision);
             s.purged_events_total += removed;
             s.policy = Some(view.clone());
             changed
@@ -314,7 +315,11 @@ impl Agent {
             self.record(|s| {
                 s.inbox_errors_total += errors.len() as u64;
                 s.error(
-                    format!("{} inbox line(s) skipped; first: {}", errors.len(), errors[0]),
+                    format!(
+                        "{} inbox line(s) skipped; first: {}",
+                        errors.len(),
+                        errors[0]
+                    ),
                     now_ms(),
                 );
             });
@@ -357,28 +362,30 @@ impl Agent {
         let mut events_done = 0u64;
         let mut accepted = 0u64;
         // Queue the first window before the call starts, so the stream opens with data.
-        let mut fill = |pending: &mut VecDeque<(PathBuf, u64)>| -> Result<Vec<IngestStreamRequest>, String> {
-            let mut out = Vec::new();
-            while pending.len() + out.len() < 4 {
-                let Some(path) = files.next() else { break };
-                let batch = spool::read(&path).map_err(|e| format!("{}: {e}", path.display()))?;
-                if batch.events.is_empty() {
-                    let _ = lock(&self.spool).remove(&path);
-                    continue;
+        let mut fill =
+            |pending: &mut VecDeque<(PathBuf, u64)>| -> Result<Vec<IngestStreamRequest>, String> {
+                let mut out = Vec::new();
+                while pending.len() + out.len() < 4 {
+                    let Some(path) = files.next() else { break };
+                    let batch =
+                        spool::read(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+                    if batch.events.is_empty() {
+                        let _ = lock(&self.spool).remove(&path);
+                        continue;
+                    }
+                    lock(&self.spool).mark_in_flight(&path, true);
+                    let name = path
+                        .file_name()
+                        .map(|n| n.to_string_lossy().into_owned())
+                        .unwrap_or_default();
+                    pending.push_back((path, batch.events.len() as u64));
+                    out.push(IngestStreamRequest {
+                        batch_id: name,
+                        events: batch.events,
+                    });
                 }
-                lock(&self.spool).mark_in_flight(&path, true);
-                let name = path
-                    .file_name()
-                    .map(|n| n.to_string_lossy().into_owned())
-                    .unwrap_or_default();
-                pending.push_back((path, batch.events.len() as u64));
-                out.push(IngestStreamRequest {
-                    batch_id: name,
-                    events: batch.events,
-                });
-            }
-            Ok(out)
-        };
+                Ok(out)
+            };
         let end = async {
             let first = fill(&mut pending).map_err(|reason| UploadEnd::Retry { hint: None, reason })?;
             if first.is_empty() {
@@ -456,12 +463,8 @@ impl Agent {
     /// A batch the collector refuses as invalid is kept aside, not resent forever.
     fn set_aside(&self, path: &Path, why: &str) {
         let dir = self.home.spool_dir().join("rejected");
-        let moved = std::fs::create_dir_all(&dir).and_then(|()| {
-            std::fs::rename(
-                path,
-                dir.join(path.file_name().unwrap_or_default()),
-            )
-        });
+        let moved = std::fs::create_dir_all(&dir)
+            .and_then(|()| std::fs::rename(path, dir.join(path.file_name().unwrap_or_default())));
         self.record(|s| {
             s.rejected_batches_total += 1;
             s.error(
@@ -500,24 +503,41 @@ impl Agent {
             tokio::select! {
                 () = &mut stop => break,
                 Some(p) = policy_rx.recv() => {
-                    let view = this.apply_policy(&p)?;
+                    let view = match this.apply_policy(&p) {
+                        Ok(view) => view,
+                        Err(e) => {
+                            // The spool could not be cleaned: nothing is collected or sent until
+                            // it can be (the next policy message, or a restart, tries again).
+                            this.record(|s| s.error(format!("applying the policy to the spool: {e:#}"), now_ms()));
+                            policy = None;
+                            live = false;
+                            continue;
+                        }
+                    };
                     live = true;
                     if !metadata_sent && view.allows(EventKind::InstanceMetadata) {
-                        this.spool_events(vec![metadata_event(&this.state, now_ms())], &view)?;
-                        metadata_sent = true;
+                        match this.spool_events(vec![metadata_event(&this.state, now_ms())], &view) {
+                            Ok(()) => metadata_sent = true,
+                            Err(e) => this.record(|s| s.error(format!("spooling: {e:#}"), now_ms())),
+                        }
                     }
                     policy = Some(view);
                 }
                 _ = sample.tick() => {
-                    if let Some(p) = &policy {
-                        this.sample(&mut host, p)?;
+                    if let Some(p) = &policy
+                        && let Err(e) = this.sample(&mut host, p)
+                    {
+                        // A full disk, say: recorded, and tried again at the next tick.
+                        this.record(|s| s.error(format!("sampling: {e:#}"), now_ms()));
                     }
                 }
                 _ = guardrails.tick() => {
                     if let Some(p) = &policy && p.allows(EventKind::Metric) {
-                        match sampler::guardrails(&this.options.inbox, now_ms()) {
-                            Ok(events) => this.spool_events(events, p)?,
-                            Err(e) => this.record(|s| s.error(e, now_ms())),
+                        let spooled = sampler::guardrails(&this.options.inbox, now_ms())
+                            .map_err(anyhow::Error::msg)
+                            .and_then(|events| this.spool_events(events, p));
+                        if let Err(e) = spooled {
+                            this.record(|s| s.error(format!("guardrails: {e:#}"), now_ms()));
                         }
                     }
                 }

@@ -133,7 +133,8 @@ impl Spool {
             }
             dropped += self.make_room(bytes.len() as u64)?;
             let full = self.current.as_ref().is_some_and(|c| {
-                c.events + chunk.len() > FILE_EVENTS || c.bytes + bytes.len() as u64 > self.file_bytes
+                c.events + chunk.len() > FILE_EVENTS
+                    || c.bytes + bytes.len() as u64 > self.file_bytes
             });
             if full {
                 self.current = None;
@@ -212,12 +213,12 @@ impl Spool {
             let batch = read(&path)?;
             let before = batch.events.len();
             let kept: Vec<Event> = batch.events.into_iter().filter(|e| keep(e)).collect();
-            if kept.len() == before && !batch.damaged {
-                continue;
-            }
             removed += (before - kept.len()) as u64;
             if kept.is_empty() {
                 std::fs::remove_file(&path)?;
+                continue;
+            }
+            if kept.len() == before && !batch.damaged {
                 continue;
             }
             let mut bytes = Vec::new();
@@ -340,10 +341,7 @@ mod tests {
         spool.seal();
         let files = spool.sealed().unwrap();
         assert_eq!(files.len(), 3);
-        let back: Vec<Event> = files
-            .iter()
-            .flat_map(|p| read(p).unwrap().events)
-            .collect();
+        let back: Vec<Event> = files.iter().flat_map(|p| read(p).unwrap().events).collect();
         assert_eq!(back, events);
     }
 
@@ -355,7 +353,10 @@ mod tests {
         spool.append(&[event(1), event(2)]).unwrap();
         let file = spool.files().unwrap()[0].clone();
         drop(spool);
-        let mut f = std::fs::OpenOptions::new().append(true).open(&file).unwrap();
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&file)
+            .unwrap();
         f.write_all(&[200, 0, 0, 0, 1, 2]).unwrap();
         let batch = read(&file).unwrap();
         assert_eq!((batch.events.len(), batch.damaged), (2, true));
@@ -394,7 +395,9 @@ mod tests {
     fn retain_rewrites_whole_files() {
         let dir = private_tempdir();
         let mut spool = Spool::open(&dir.path().join("s"), 64 << 20).unwrap();
-        spool.append(&(0..10).map(event).collect::<Vec<_>>()).unwrap();
+        spool
+            .append(&(0..10).map(event).collect::<Vec<_>>())
+            .unwrap();
         let removed = spool.retain(|e| e.event_id != "e3").unwrap();
         assert_eq!(removed, 1);
         let left: Vec<String> = spool

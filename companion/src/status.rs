@@ -206,9 +206,16 @@ impl std::fmt::Display for StatusReport {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let none = || "-".to_owned();
         if !self.linked {
-            writeln!(f, "linked:       no (run: sightline-companion link --key-file FILE …)")?;
+            writeln!(
+                f,
+                "linked:       no (run: sightline-companion link --key-file FILE …)"
+            )?;
         } else {
-            writeln!(f, "org:          {}", self.org_id.clone().unwrap_or_else(none))?;
+            writeln!(
+                f,
+                "org:          {}",
+                self.org_id.clone().unwrap_or_else(none)
+            )?;
             writeln!(
                 f,
                 "instance:     {} (server id {})",
@@ -235,7 +242,10 @@ impl std::fmt::Display for StatusReport {
                 p.consent_version,
                 rfc3339(p.received_at_ms)
             )?,
-            None => writeln!(f, "policy:       not read yet (run reads it from consent-svc)")?,
+            None => writeln!(
+                f,
+                "policy:       not read yet (run reads it from consent-svc)"
+            )?,
         }
         writeln!(
             f,
@@ -298,7 +308,10 @@ mod tests {
         assert!(far.link_key_warning.is_none());
         assert!(!far.to_string().contains("WARNING"));
         let near = report(Some(&state(now + 6 * day + 1)), Ok(()), &run, (0, 0), now);
-        assert!(near.to_string().contains("WARNING:      the link key expires in 7 day(s)"));
+        assert!(
+            near.to_string()
+                .contains("WARNING:      the link key expires in 7 day(s)")
+        );
         let gone = report(Some(&state(now - 1)), Ok(()), &run, (0, 0), now);
         assert!(gone.link_key_warning.unwrap().contains("has expired"));
     }

@@ -504,15 +504,21 @@ impl TestLinker {
 
 /// The `sightline` binary next to the test binary (built by `cargo build --bin sightline`).
 pub fn sightline_binary() -> PathBuf {
+    binary("sightline")
+}
+
+/// The `sightline-companion` binary next to the test binary.
+pub fn companion_binary() -> PathBuf {
+    binary("sightline-companion")
+}
+
+/// A workspace binary next to the test binary (`cargo build --bin NAME`).
+pub fn binary(name: &str) -> PathBuf {
     let exe = std::env::current_exe().unwrap();
-    let binary = exe
-        .parent()
-        .and_then(Path::parent)
-        .unwrap()
-        .join("sightline");
+    let binary = exe.parent().and_then(Path::parent).unwrap().join(name);
     assert!(
         binary.exists(),
-        "{} is missing: cargo build --bin sightline",
+        "{} is missing: cargo build --bin {name}",
         binary.display()
     );
     binary
