@@ -556,7 +556,6 @@ async fn the_whole_path(postgres: bool) {
                 GetHealthRequest {
                     org_id: org.id.clone(),
                     instance_id: instance.clone(),
-                    ..Default::default()
                 },
             ))
             .await
