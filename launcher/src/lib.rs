@@ -156,6 +156,27 @@ pub fn banner(data_dir: &Path, endpoints: &[Endpoint], plaintext: bool) -> Strin
             linker.addr
         ));
     }
+    let url = |name: &str| {
+        endpoints.iter().find(|e| e.name == name).map(|e| {
+            let scheme = if plaintext { "http" } else { "https" };
+            format!("{scheme}://{}", e.addr)
+        })
+    };
+    if let (Some(linker), Some(consent), Some(collector), Some(insights)) = (
+        url("linker"),
+        url("consent"),
+        url("collector"),
+        url("insights"),
+    ) {
+        let ca = if plaintext { "" } else { " --ca CA.pem" };
+        out.push_str(&format!(
+            "
+then, beside an instance, with a link key from CreateLinkKey saved in link.key:
+  sightline-companion --home ./companion link --key-file link.key --server-id SERVER-ID --base-url https://jira.example.com --linker {linker} --consent {consent} --collector {collector} --insights {insights}{ca}
+  sightline-companion --home ./companion run
+"
+        ));
+    }
     out
 }
 

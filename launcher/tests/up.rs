@@ -83,6 +83,16 @@ fn up_serves_linker_audit_health_and_reflection_without_printing_the_token() {
         "{banner}"
     );
     assert!(banner.contains("grpcurl"), "{banner}");
+    for name in ["linker", "consent", "collector", "insights"] {
+        assert!(
+            banner.contains(&format!("--{name} http://127.0.0.1:")),
+            "the companion's first command names every endpoint: {banner}"
+        );
+    }
+    assert!(
+        banner.contains("sightline-companion --home ./companion link --key-file link.key"),
+        "{banner}"
+    );
 
     // The operator token works as printed in the first command.
     let org = grpcurl(&[

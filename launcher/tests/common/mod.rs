@@ -63,8 +63,8 @@ pub(crate) fn start_up(data: &Path, env: &[(&str, &str)]) -> Up {
         linker = linker.or_else(|| named("linker"));
         consent = consent.or_else(|| named("consent"));
         banner.push_str(&line);
-        // The banner ends with the first command to run.
-        if line.contains("grpcurl ") {
+        // The banner ends with the companion's first commands.
+        if line.contains("sightline-companion --home ./companion run") {
             break;
         }
     }
