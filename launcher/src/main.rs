@@ -1,6 +1,7 @@
 //! `sightline`: run the whole stack (`up`) or one service (`linker`).
 
 use std::path::PathBuf;
+use std::time::Duration;
 
 /// mimalloc: the services allocate and free many small strings per event; glibc's allocator spends
 /// a fifth of the ingest path in its own bookkeeping (BENCHMARKS.md).
@@ -58,6 +59,15 @@ enum Command {
         #[arg(long)]
         data_dir: Option<PathBuf>,
     },
+    /// Exit 0 when the server at ADDR answers its gRPC health check with SERVING (a container's
+    /// health check). Uses TLS, with the settings' CA and certificate, when TLS is configured.
+    Health {
+        /// host:port of the server.
+        addr: String,
+        /// One service's status instead of the server's, e.g. sightline.linker.v1.LinkerService.
+        #[arg(long, default_value = "")]
+        service: String,
+    },
 }
 
 #[tokio::main]
@@ -65,6 +75,20 @@ async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let shutdown = CancellationToken::new();
     match cli.command {
+        Command::Health { addr, service } => {
+            let settings = sightline_runtime::Settings::load(cli.config.as_deref())?;
+            let url = match settings.tls {
+                Some(_) => format!("https://{addr}"),
+                None => format!("http://{addr}"),
+            };
+            let channel = sightline_runtime::client::service_channel(&url, settings.tls.as_ref())?;
+            let serving =
+                sightline_runtime::server::serving(channel, &service, Duration::from_secs(3))
+                    .await
+                    .map_err(|s| anyhow::anyhow!("{addr}: {:?}: {}", s.code(), s.message()))?;
+            anyhow::ensure!(serving, "{addr}: NOT_SERVING");
+            println!("{addr}: SERVING");
+        }
         Command::Up { data_dir } => {
             let settings = load_settings(cli.config.as_deref(), data_dir)?;
             let _telemetry = sightline_runtime::telemetry::init(&settings.log, "sightline");

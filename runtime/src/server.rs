@@ -128,16 +128,11 @@ impl GrpcServer {
         let health = self.health.clone();
         let services = self.services.clone();
         tokio::spawn(async move {
-            let mut client = tonic_health::pb::health_client::HealthClient::new(dependency);
             let mut last = None;
             loop {
-                let mut request =
-                    tonic::Request::new(tonic_health::pb::HealthCheckRequest::default());
-                request.set_timeout(Duration::from_secs(2));
-                let answers = client.check(request).await.is_ok_and(|r| {
-                    r.into_inner().status()
-                        == tonic_health::pb::health_check_response::ServingStatus::Serving
-                });
+                let answers = serving(dependency.clone(), "", Duration::from_secs(2))
+                    .await
+                    .unwrap_or(false);
                 if last != Some(answers) {
                     let status = if answers {
                         ServingStatus::Serving
@@ -643,4 +638,21 @@ fn rewrite_oversize(headers: &mut http::HeaderMap, message: &'static str) {
         );
         headers.insert("grpc-message", http::HeaderValue::from_static(message));
     }
+}
+
+/// Asks a server's `grpc.health.v1.Health/Check` whether `service` ("" for the server as a whole)
+/// is SERVING; an error when it cannot be asked (not listening, TLS refused, timed out).
+pub async fn serving(
+    channel: tonic::transport::Channel,
+    service: &str,
+    timeout: Duration,
+) -> Result<bool, tonic::Status> {
+    let mut client = tonic_health::pb::health_client::HealthClient::new(channel);
+    let mut request = tonic::Request::new(tonic_health::pb::HealthCheckRequest {
+        service: service.to_owned(),
+    });
+    request.set_timeout(timeout);
+    let reply = client.check(request).await?;
+    Ok(reply.into_inner().status()
+        == tonic_health::pb::health_check_response::ServingStatus::Serving)
 }

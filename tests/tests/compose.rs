@@ -1,0 +1,504 @@
+//! docker-compose.yml without a Docker engine: `docker-compose config` (Debian's docker-compose)
+//! validates the file and its TLS overlay, then every service's command runs as the image would run
+//! it — the Dockerfile's entrypoint, the compose environment, its health check — against the local
+//! PostgreSQL, only host names, ports and paths mapped to this machine. The companion service's own
+//! command then links and runs against that stack (over TLS with the overlay).
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use serde_json::Value;
+use sightline_proto::common::v1::{SharingLevel, UsageLevel};
+use sightline_proto::consent::v1::UpdateConsentRequest;
+use sightline_proto::consent::v1::consent_service_client::ConsentServiceClient;
+use sightline_proto::linker::v1::linker_service_client::LinkerServiceClient;
+use sightline_proto::linker::v1::{
+    CreateAdminTokenRequest, CreateLinkKeyRequest, CreateOrgRequest,
+};
+use sightline_tests::{authed, binary, free_addr, workspace_root};
+
+const SERVICES: [&str; 4] = ["linker", "consent", "collector", "insights"];
+
+fn private_dir() -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .permissions(std::os::unix::fs::PermissionsExt::from_mode(0o700))
+        .tempdir()
+        .unwrap()
+}
+
+/// `docker-compose -f … config`, as JSON.
+fn compose_config(files: &[&str], service_token: &str) -> Value {
+    let mut command = Command::new("docker-compose");
+    for file in files {
+        command.arg("-f").arg(file);
+    }
+    let out = command
+        .arg("config")
+        .current_dir(workspace_root())
+        .env("SIGHTLINE_SERVICE_TOKEN", service_token)
+        .output()
+        .expect("docker-compose is required (Debian's docker-compose package; ./scripts/test installs it)");
+    assert!(
+        out.status.success(),
+        "docker-compose config refused {files:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Debian's docker-compose runs on the system Python, which has PyYAML.
+    let mut python = Command::new("/usr/bin/python3")
+        .args([
+            "-c",
+            "import json, sys, yaml; json.dump(yaml.safe_load(sys.stdin), sys.stdout)",
+        ])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write;
+    python.stdin.take().unwrap().write_all(&out.stdout).unwrap();
+    let json = python.wait_with_output().unwrap();
+    assert!(json.status.success());
+    serde_json::from_slice(&json.stdout).unwrap()
+}
+
+fn env_of(service: &Value) -> BTreeMap<String, String> {
+    service["environment"]
+        .as_object()
+        .unwrap()
+        .iter()
+        .map(|(k, v)| {
+            let v = match v {
+                Value::String(s) => s.clone(),
+                other => other.to_string(),
+            };
+            (k.clone(), v)
+        })
+        .collect()
+}
+
+fn strings(value: &Value) -> Vec<String> {
+    value
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap().to_owned())
+        .collect()
+}
+
+/// Certificates for the TLS overlay: one CA, and per service a certificate naming 127.0.0.1.
+fn tls_dir() -> tempfile::TempDir {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
+    let dir = private_dir();
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca_cert = ca_params.self_signed(&ca_key).unwrap();
+    let issuer = Issuer::new(ca_params, ca_key);
+    std::fs::write(dir.path().join("ca.pem"), ca_cert.pem()).unwrap();
+    for name in SERVICES {
+        let key = KeyPair::generate().unwrap();
+        let cert = CertificateParams::new(vec![name.to_owned(), "127.0.0.1".to_owned()])
+            .unwrap()
+            .signed_by(&key, &issuer)
+            .unwrap();
+        std::fs::write(dir.path().join(format!("{name}.pem")), cert.pem()).unwrap();
+        std::fs::write(
+            dir.path().join(format!("{name}-key.pem")),
+            key.serialize_pem(),
+        )
+        .unwrap();
+    }
+    dir
+}
+
+/// The compose stack mapped onto this machine.
+struct Mapped {
+    listen: HashMap<String, SocketAddr>,
+    tls: Option<PathBuf>,
+}
+
+impl Mapped {
+    /// A compose value with service host names, container paths and databases made local.
+    fn value(&self, value: &str) -> String {
+        let mut value = value.to_owned();
+        for (name, addr) in &self.listen {
+            value = value.replace(
+                &format!("{name}:{}", container_port(name)),
+                &addr.to_string(),
+            );
+        }
+        if let Some(dir) = &self.tls {
+            value = value.replace("/etc/sightline/tls", dir.to_str().unwrap());
+        }
+        value
+    }
+}
+
+fn container_port(service: &str) -> u16 {
+    match service {
+        "linker" => 50051,
+        "consent" => 50052,
+        "collector" => 50053,
+        _ => 50054,
+    }
+}
+
+async fn wait_listening(addr: SocketAddr, what: &str) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while tokio::net::TcpStream::connect(addr).await.is_err() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{what} did not listen"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+async fn compose_stack_runs_here(files: &[&str], tls: bool) {
+    let dockerfile = std::fs::read_to_string(workspace_root().join("Dockerfile")).unwrap();
+    assert!(dockerfile.contains("ENTRYPOINT [\"sightline\"]"));
+    assert!(
+        dockerfile.contains("USER sightline"),
+        "the image runs as a non-root user"
+    );
+    let token = sightline_runtime::token::generate(sightline_runtime::token::TokenKind::Service);
+    let config = compose_config(files, &token);
+    let services = &config["services"];
+    assert_eq!(
+        services["postgres"]["healthcheck"]["test"][1]
+            .as_str()
+            .unwrap(),
+        "pg_isready -U sightline -d linker"
+    );
+    let tls_dir = tls.then(tls_dir);
+    let mapped = Mapped {
+        listen: SERVICES
+            .iter()
+            .map(|s| ((*s).to_owned(), free_addr()))
+            .collect(),
+        tls: tls_dir.as_ref().map(|d| d.path().to_path_buf()),
+    };
+    // Volumes by name: collector and insights share one (the pseudonymization secret).
+    let mut volumes: HashMap<String, tempfile::TempDir> = HashMap::new();
+    let mut children = Vec::new();
+    for name in SERVICES {
+        let service = &services[name];
+        let command = strings(&service["command"]);
+        assert_eq!(command, [name], "{name} runs `sightline {name}`");
+        let mut env = env_of(service);
+        let port = container_port(name);
+        let upper = name.to_uppercase();
+        assert_eq!(
+            env[&format!("SIGHTLINE_{upper}__LISTEN")],
+            format!("0.0.0.0:{port}")
+        );
+        // Published ports are the ones the service listens on ("127.0.0.1:P:P/tcp").
+        let published = strings(&service["ports"]);
+        let metrics_port: u16 = env[&format!("SIGHTLINE_{upper}__METRICS_LISTEN")]
+            .rsplit(':')
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap();
+        for target in [port, metrics_port] {
+            assert!(
+                published.contains(&format!("127.0.0.1:{target}:{target}/tcp")),
+                "{name} publishes {target}: {published:?}"
+            );
+        }
+        let metrics = free_addr();
+        env.insert(
+            format!("SIGHTLINE_{upper}__LISTEN"),
+            mapped.listen[name].to_string(),
+        );
+        env.insert(
+            format!("SIGHTLINE_{upper}__METRICS_LISTEN"),
+            metrics.to_string(),
+        );
+        let database = format!("SIGHTLINE_{upper}__DATABASE_URL");
+        assert!(env[&database].starts_with("postgres://sightline:sightline@postgres:5432/"));
+        env.insert(
+            database,
+            sightline_runtime::testing::fresh_postgres_url()
+                .await
+                .unwrap(),
+        );
+        let env: BTreeMap<String, String> = env
+            .into_iter()
+            .map(|(k, v)| (k, mapped.value(&v)))
+            .collect();
+        let volume = strings(&service["volumes"])
+            .into_iter()
+            .find_map(|v| v.strip_suffix(":/var/lib/sightline:rw").map(str::to_owned))
+            .unwrap();
+        let data = volumes
+            .entry(volume)
+            .or_insert_with(private_dir)
+            .path()
+            .to_owned();
+        let mut command = tokio::process::Command::new(binary("sightline"));
+        command
+            .arg(name)
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env("SIGHTLINE_DATA_DIR", &data)
+            .envs(&env)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        let mut child = command.spawn().unwrap();
+        let addr = mapped.listen[name];
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        while tokio::net::TcpStream::connect(addr).await.is_err() {
+            if let Ok(Some(status)) = child.try_wait() {
+                let mut stderr = String::new();
+                use tokio::io::AsyncReadExt;
+                child
+                    .stderr
+                    .take()
+                    .unwrap()
+                    .read_to_string(&mut stderr)
+                    .await
+                    .unwrap();
+                panic!("{name} with the compose environment exited ({status}): {stderr}");
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{name} did not listen"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        wait_listening(metrics, "metrics").await;
+        // Its health check, as compose runs it (inside the container, so against 127.0.0.1).
+        let check = strings(&service["healthcheck"]["test"]);
+        assert_eq!(check[..3], ["CMD", "sightline", "health"]);
+        assert_eq!(check[3], format!("127.0.0.1:{port}"));
+        let mut serving = false;
+        for _ in 0..100 {
+            let out = Command::new(binary("sightline"))
+                .args(&check[2..3])
+                .arg(mapped.listen[name].to_string())
+                .env_clear()
+                .env("SIGHTLINE_DATA_DIR", &data)
+                .envs(&env)
+                .output()
+                .unwrap();
+            if out.status.success() {
+                assert!(String::from_utf8_lossy(&out.stdout).contains("SERVING"));
+                serving = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert!(serving, "{name}'s health check never passed");
+        children.push(child);
+    }
+
+    // The companion service's command, with the operator's org, key and consent in place.
+    let scheme = if tls { "https" } else { "http" };
+    let url = format!("{scheme}://{}", mapped.listen["linker"]);
+    let mut endpoint = tonic::transport::Endpoint::from_shared(url.clone()).unwrap();
+    if let Some(dir) = &tls_dir {
+        endpoint = endpoint
+            .tls_config(tonic::transport::ClientTlsConfig::new().ca_certificate(
+                tonic::transport::Certificate::from_pem(
+                    std::fs::read(dir.path().join("ca.pem")).unwrap(),
+                ),
+            ))
+            .unwrap();
+    }
+    let channel = endpoint.connect().await.unwrap();
+    let linker_data = volumes["linker-data"].path();
+    let operator = std::fs::read_to_string(linker_data.join("operator.token")).unwrap();
+    let operator = operator.trim();
+    let mut linker = LinkerServiceClient::new(channel);
+    let org_id = linker
+        .create_org(authed(
+            operator,
+            CreateOrgRequest {
+                name: "Compose".into(),
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .org
+        .unwrap()
+        .org_id;
+    let admin = linker
+        .create_admin_token(authed(
+            operator,
+            CreateAdminTokenRequest {
+                org_id: org_id.clone(),
+                label: String::new(),
+                request_id: String::new(),
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .secret;
+    let key = linker
+        .create_link_key(authed(
+            &admin,
+            CreateLinkKeyRequest {
+                org_id: org_id.clone(),
+                label: String::new(),
+                request_id: String::new(),
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .secret;
+    let mut consent_endpoint =
+        tonic::transport::Endpoint::from_shared(format!("{scheme}://{}", mapped.listen["consent"]))
+            .unwrap();
+    if let Some(dir) = &tls_dir {
+        consent_endpoint = consent_endpoint
+            .tls_config(tonic::transport::ClientTlsConfig::new().ca_certificate(
+                tonic::transport::Certificate::from_pem(
+                    std::fs::read(dir.path().join("ca.pem")).unwrap(),
+                ),
+            ))
+            .unwrap();
+    }
+    ConsentServiceClient::new(consent_endpoint.connect().await.unwrap())
+        .update_consent(authed(
+            &admin,
+            UpdateConsentRequest {
+                org_id: org_id.clone(),
+                settings: Some(sightline_tests::consent::settings(
+                    UsageLevel::Basic,
+                    SharingLevel::Basic,
+                )),
+                reason: "compose".into(),
+                expected_version: 0,
+                request_id: String::new(),
+            },
+        ))
+        .await
+        .unwrap();
+
+    let companion = &services["companion"];
+    assert_eq!(strings(&companion["profiles"]), ["companion"]);
+    assert_eq!(companion["pid"], "host", "it samples the compose host");
+    assert_eq!(strings(&companion["entrypoint"]), ["/bin/sh", "-c"]);
+    let secrets = private_dir();
+    let key_file = secrets.path().join("link_key");
+    sightline_runtime::secret_file::create_private(&key_file, key.as_bytes()).unwrap();
+    let script = mapped
+        .value(&strings(&companion["command"])[0])
+        .replace("/run/secrets/link_key", key_file.to_str().unwrap());
+    let home = private_dir();
+    let mut env = env_of(companion);
+    assert_eq!(
+        env["SIGHTLINE_COMPANION_HOME"],
+        "/var/lib/sightline-companion"
+    );
+    env.insert(
+        "SIGHTLINE_COMPANION_HOME".into(),
+        home.path().to_str().unwrap().into(),
+    );
+    // The image's PATH has both binaries; here they are in the target directory.
+    let bin_dir = binary("sightline-companion").parent().unwrap().to_owned();
+    let path = format!(
+        "{}:{}",
+        bin_dir.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let mut child = tokio::process::Command::new("/bin/sh")
+        .arg("-c")
+        .arg(&script)
+        .env_clear()
+        .env("PATH", path)
+        .envs(env.iter().map(|(k, v)| (k.clone(), mapped.value(v))))
+        .env("SIGHTLINE_COMPANION_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let status_of = || -> Value {
+        let out = Command::new(binary("sightline-companion"))
+            .args(["--home", home.path().to_str().unwrap(), "status", "--json"])
+            .output()
+            .unwrap();
+        serde_json::from_slice(&out.stdout).unwrap_or(Value::Null)
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let status = status_of();
+        if status["policy"]["usage_level"] == "BASIC" && status["spool_files"].as_u64() > Some(0) {
+            assert_eq!(status["org_id"], Value::String(org_id.clone()));
+            break;
+        }
+        if let Ok(Some(exit)) = child.try_wait() {
+            let mut stderr = String::new();
+            use tokio::io::AsyncReadExt;
+            child
+                .stderr
+                .take()
+                .unwrap()
+                .read_to_string(&mut stderr)
+                .await
+                .unwrap();
+            panic!("the companion service's command exited ({exit}): {stderr}");
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the companion never linked, read its policy and sampled: {status}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let linked = std::fs::read_to_string(home.path().join("companion.json")).unwrap();
+    assert!(
+        linked.contains(&format!("{scheme}://127.0.0.1")),
+        "{linked}"
+    );
+    child.kill().await.unwrap();
+    // Restarted, the command does not link again (the key may be spent or expired by then).
+    let _ = Path::new(&key_file);
+    std::fs::remove_file(&key_file).unwrap();
+    let mut again = tokio::process::Command::new("/bin/sh")
+        .arg("-c")
+        .arg(&script)
+        .env_clear()
+        .env(
+            "PATH",
+            format!(
+                "{}:{}",
+                bin_dir.display(),
+                std::env::var("PATH").unwrap_or_default()
+            ),
+        )
+        .envs(env.iter().map(|(k, v)| (k.clone(), mapped.value(v))))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        again.try_wait().unwrap().is_none(),
+        "a linked companion runs without the key file"
+    );
+    again.kill().await.unwrap();
+    for mut child in children {
+        child.kill().await.unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_compose_stack_validates_and_each_service_runs_with_its_compose_environment() {
+    compose_stack_runs_here(&["docker-compose.yml"], false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_tls_overlay_validates_and_the_stack_and_companion_run_over_tls() {
+    compose_stack_runs_here(&["docker-compose.yml", "docker-compose.tls.yml"], true).await;
+}
