@@ -968,3 +968,64 @@ async fn offline_past_the_spool_bound_drops_the_oldest_counts_them_and_stays_sma
     );
     companion.kill9().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readme_tour_runs_as_written() {
+    let work = private_dir();
+    let grpcurl = sightline_tests::grpcurl();
+    let script = format!(
+        "set -euo pipefail\ngrpcurl() {{ command \"{grpcurl}\" \"$@\"; }}\n{}\n",
+        sightline_tests::readme_block("tour")
+    );
+    let mut command = std::process::Command::new("bash");
+    command
+        .arg("-c")
+        .arg(&script)
+        .current_dir(work.path())
+        .env("SIGHTLINE", sightline_binary())
+        .env("COMPANION", companion_binary())
+        .env("SIGHTLINE_COLLECTION__ROLLUP_EVERY_MS", "500");
+    // Ports chosen by the system, so parallel tests never collide; the tour reads the banner.
+    for svc in SERVICES {
+        let upper = svc.to_uppercase();
+        command
+            .env(format!("SIGHTLINE_{upper}__LISTEN"), "127.0.0.1:0")
+            .env(format!("SIGHTLINE_{upper}__METRICS_LISTEN"), "off");
+    }
+    let output = tokio::task::spawn_blocking(move || command.output().unwrap())
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let log = std::fs::read_to_string(work.path().join("sightline.log")).unwrap_or_default();
+    assert!(
+        output.status.success(),
+        "tour failed\n{stdout}\n{}\n{log}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(
+        lines,
+        [
+            "USAGE_LEVEL_BASIC",
+            "linked",
+            "6",
+            r#"{"score":85,"findings":["cpu-load-high"]}"#,
+            r#"{"usage":"BASIC","uploaded":true}"#,
+            "USAGE_LEVEL_DISABLED",
+            r#"{"usage":"DISABLED","spool_bytes":0}"#,
+        ],
+        "{stdout}"
+    );
+    let readme =
+        std::fs::read_to_string(sightline_tests::workspace_root().join("README.md")).unwrap();
+    assert!(
+        readme.contains(&format!("```\n{}\n```", lines.join("\n"))),
+        "the README shows this output"
+    );
+    // Nothing secret reached the terminal or the logs.
+    let companion_log =
+        std::fs::read_to_string(work.path().join("companion.log")).unwrap_or_default();
+    for text in [&*stdout, &log, &companion_log] {
+        assert!(!text.contains("slc_") && !text.contains("sla_"), "{text}");
+    }
+}
