@@ -48,9 +48,7 @@ pub fn assessment(state: Option<&LinkState>, inbox: &Path, home: &Path) -> Asses
     }
     let mut events = HostSampler::new(None, home).sample(at);
     for path in sampler::inbox_files(inbox) {
-        if let Ok(file) = sampler::read_inbox_file(&path) {
-            events.extend(file.events);
-        }
+        events.extend(sampler::peek_inbox(&path, 10_000));
     }
     let metrics = events
         .into_iter()

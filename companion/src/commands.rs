@@ -2,6 +2,8 @@
 //! prefix at most.
 
 use std::fmt::Write as _;
+
+use futures::StreamExt;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
@@ -191,9 +193,8 @@ fn next_events(home: &Home, inbox: &Path) -> Vec<Event> {
         }
     }
     for path in sampler::inbox_files(inbox) {
-        if let Ok(file) = sampler::read_inbox_file(&path) {
-            events.extend(file.events);
-        }
+        let room = 1000usize.saturating_sub(events.len());
+        events.extend(sampler::peek_inbox(&path, room));
     }
     events.extend(HostSampler::new(None, &home.dir).sample(now_ms()));
     events.truncate(1000);
@@ -323,37 +324,64 @@ pub async fn support_bundle(
         return Ok(text);
     }
     let (state, secrets) = linked?;
-    let bytes = std::fs::read(out)?;
-    let digest = hex::encode(Sha256::digest(&bytes));
+    // Streamed from the file, never held whole: a bundle of logs may be large.
+    let mut digest = Sha256::new();
+    let mut file = std::fs::File::open(out)?;
+    let size = std::io::copy(&mut file, &mut digest)?;
+    let digest = hex::encode(digest.finalize());
     let file_name = out
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_else(|| "support.zip".into());
-    let mut parts = vec![UploadSupportBundleRequest {
+    let header = UploadSupportBundleRequest {
         part: Some(Part::Header(UploadHeader {
             file_name,
-            size_bytes: bytes.len() as u64,
+            size_bytes: size,
             sha256: digest,
             format: "sightline.support-bundle".into(),
             format_version: 1,
             ..Default::default()
         })),
-    }];
-    let chunks: Vec<&[u8]> = bytes.chunks(256 * 1024).collect();
-    let total = chunks.len() as u64;
-    let mut progress = Progress::new("uploading support bundle");
-    for (i, chunk) in chunks.into_iter().enumerate() {
-        parts.push(UploadSupportBundleRequest {
-            part: Some(Part::Chunk(chunk.to_vec())),
-        });
-        progress.update(i as u64 + 1, total, "chunks", "");
-    }
+    };
+    const CHUNK: usize = 256 * 1024;
+    let total = size.div_ceil(CHUNK as u64);
+    let file = tokio::fs::File::open(out).await?;
+    let progress = Progress::new("uploading support bundle");
+    let chunks = futures::stream::unfold(
+        (file, progress, 0u64),
+        move |(mut file, mut progress, sent)| async move {
+            use tokio::io::AsyncReadExt;
+            let mut buffer = vec![0u8; CHUNK];
+            let mut filled = 0;
+            while filled < CHUNK {
+                match file.read(&mut buffer[filled..]).await {
+                    Ok(0) => break,
+                    Ok(n) => filled += n,
+                    // The stream ends short; the service refuses a bundle shorter than its header.
+                    Err(_) => break,
+                }
+            }
+            if filled == 0 {
+                return None;
+            }
+            buffer.truncate(filled);
+            let sent = sent + 1;
+            progress.update(sent, total, "chunks", "");
+            Some((
+                UploadSupportBundleRequest {
+                    part: Some(Part::Chunk(buffer)),
+                },
+                (file, progress, sent),
+            ))
+        },
+    );
+    let parts = futures::stream::iter([header]).chain(chunks);
     let mut insights = InsightsServiceClient::new(channel(
         &state.endpoints.insights,
         state.endpoints.ca.as_deref(),
     )?);
     let reply = insights
-        .upload_support_bundle(authed(&secrets.credential(), tokio_stream::iter(parts)))
+        .upload_support_bundle(authed(&secrets.credential(), parts))
         .await
         .map_err(|s| {
             anyhow::anyhow!(

@@ -24,7 +24,7 @@ use sightline_proto::common::v1::{EventKind, InstanceMetadata, NodeInfo};
 use sightline_proto::consent::v1::consent_service_client::ConsentServiceClient;
 use sightline_proto::consent::v1::{GetPolicyRequest, Policy, PurgeScope, WatchPolicyRequest};
 use sightline_runtime::Secret;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tonic::Code;
 use tonic::transport::Channel;
 
@@ -294,31 +294,27 @@ impl Agent {
             // Nothing may be collected: the product's files are not read (and not kept).
             return Ok(());
         }
-        let mut events = host.sample(now_ms());
-        let mut done = Vec::new();
-        let mut errors = Vec::new();
+        self.spool_events(host.sample(now_ms()), policy)?;
+        let mut errors = sampler::InboxErrors::default();
         for path in sampler::inbox_files(&self.options.inbox) {
-            match sampler::read_inbox_file(&path) {
-                Ok(file) => {
-                    events.extend(file.events);
-                    errors.extend(file.errors);
-                    done.push(path);
-                }
-                Err(e) => errors.push(format!("{}: {e}", path.display())),
-            }
-        }
-        self.spool_events(events, policy)?;
-        for path in done {
+            // Spooled in batches as read; the file goes only when all of it is in the spool (read
+            // again after a crash, its lines have the same ids and are stored once).
+            let read = sampler::read_inbox(&path, spool::FILE_EVENTS, &mut |events| {
+                self.spool_events(events, policy)
+                    .map_err(|e| std::io::Error::other(format!("{e:#}")))
+            })?;
             std::fs::remove_file(&path)?;
+            errors.count += read.count;
+            errors.first.extend(read.first);
         }
-        if !errors.is_empty() {
+        if errors.count > 0 {
             self.record(|s| {
-                s.inbox_errors_total += errors.len() as u64;
+                s.inbox_errors_total += errors.count;
                 s.error(
                     format!(
                         "{} inbox line(s) skipped; first: {}",
-                        errors.len(),
-                        errors[0]
+                        errors.count,
+                        errors.first.first().map_or("", String::as_str)
                     ),
                     now_ms(),
                 );
@@ -328,7 +324,7 @@ impl Agent {
     }
 
     /// Sends every sealed spool file, oldest first, a batch per file, up to four unacknowledged.
-    pub async fn upload(&self) -> UploadEnd {
+    pub async fn upload(&self, policy: &watch::Receiver<Option<Live>>) -> UploadEnd {
         let files = {
             let mut spool = lock(&self.spool);
             spool.seal();
@@ -366,6 +362,10 @@ impl Agent {
             |pending: &mut VecDeque<(PathBuf, u64)>| -> Result<Vec<IngestStreamRequest>, String> {
                 let mut out = Vec::new();
                 while pending.len() + out.len() < 4 {
+                    // An opt-out during a backlog stops it at the next batch.
+                    if !uploads_allowed(&policy.borrow()) {
+                        break;
+                    }
                     let Some(path) = files.next() else { break };
                     let batch =
                         spool::read(&path).map_err(|e| format!("{}: {e}", path.display()))?;
@@ -478,6 +478,55 @@ impl Agent {
         });
     }
 
+    /// Uploads each upload interval while a live policy allows it, backing off after failures;
+    /// as soon as a live policy first arrives when a backlog waits.
+    async fn upload_loop(self: Arc<Self>, mut policy: watch::Receiver<Option<Live>>) {
+        let mut backoff = Backoff::new(self.options.initial_backoff, self.options.max_backoff);
+        let mut next = tokio::time::Instant::now();
+        let mut was_allowed = uploads_allowed(&policy.borrow());
+        loop {
+            tokio::select! {
+                () = tokio::time::sleep_until(next) => {}
+                changed = policy.changed() => {
+                    if changed.is_err() {
+                        return;
+                    }
+                    let allowed = uploads_allowed(&policy.borrow());
+                    if allowed && !was_allowed {
+                        next = tokio::time::Instant::now();
+                    }
+                    was_allowed = allowed;
+                    continue;
+                }
+            }
+            next = tokio::time::Instant::now() + self.options.upload_every;
+            if !uploads_allowed(&policy.borrow()) {
+                continue;
+            }
+            match self.upload(&policy).await {
+                UploadEnd::Done { batches, events } => {
+                    backoff.reset();
+                    if batches > 0 {
+                        tracing::info!(batches, events, "uploaded");
+                    }
+                }
+                UploadEnd::Retry { hint, reason } => {
+                    let wait = backoff.next(hint);
+                    self.record(|s| {
+                        s.error(
+                            format!("upload: {reason}; retrying in {} ms", wait.as_millis()),
+                            now_ms(),
+                        )
+                    });
+                    next = tokio::time::Instant::now() + wait;
+                }
+                UploadEnd::Rejected(reason) => {
+                    self.record(|s| s.error(reason, now_ms()));
+                }
+            }
+        }
+    }
+
     /// Runs until `stop` resolves.
     pub async fn run(self, stop: impl std::future::Future<Output = ()>) -> anyhow::Result<()> {
         let this = Arc::new(self);
@@ -488,16 +537,17 @@ impl Agent {
         };
         // The last policy an earlier run read: enough to go on spooling while consent-svc is away,
         // never to upload.
-        let mut policy: Option<PolicyView> = lock(&this.status).policy.clone();
-        let mut live = false;
+        let remembered = lock(&this.status).policy.clone();
+        let (live_tx, live_rx) = watch::channel(remembered.map(|view| Live { view, live: false }));
+        let uploader = tokio::spawn(this.clone().upload_loop(live_rx));
         let mut host = HostSampler::new(this.options.pid, &this.home.dir);
         let mut sample = tokio::time::interval(this.options.sample_every);
         let mut guardrails = tokio::time::interval(this.options.guardrails_every);
         sample.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         guardrails.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut next_upload = tokio::time::Instant::now();
-        let mut backoff = Backoff::new(this.options.initial_backoff, this.options.max_backoff);
         let mut metadata_sent = false;
+        let current =
+            |rx: &watch::Sender<Option<Live>>| rx.borrow().as_ref().map(|l| l.view.clone());
         tokio::pin!(stop);
         loop {
             tokio::select! {
@@ -509,67 +559,57 @@ impl Agent {
                             // The spool could not be cleaned: nothing is collected or sent until
                             // it can be (the next policy message, or a restart, tries again).
                             this.record(|s| s.error(format!("applying the policy to the spool: {e:#}"), now_ms()));
-                            policy = None;
-                            live = false;
+                            live_tx.send_replace(None);
                             continue;
                         }
                     };
-                    live = true;
                     if !metadata_sent && view.allows(EventKind::InstanceMetadata) {
                         match this.spool_events(vec![metadata_event(&this.state, now_ms())], &view) {
                             Ok(()) => metadata_sent = true,
                             Err(e) => this.record(|s| s.error(format!("spooling: {e:#}"), now_ms())),
                         }
                     }
-                    policy = Some(view);
+                    live_tx.send_replace(Some(Live { view, live: true }));
                 }
                 _ = sample.tick() => {
-                    if let Some(p) = &policy
-                        && let Err(e) = this.sample(&mut host, p)
+                    if let Some(p) = current(&live_tx)
+                        && let Err(e) = this.sample(&mut host, &p)
                     {
                         // A full disk, say: recorded, and tried again at the next tick.
                         this.record(|s| s.error(format!("sampling: {e:#}"), now_ms()));
                     }
                 }
                 _ = guardrails.tick() => {
-                    if let Some(p) = &policy && p.allows(EventKind::Metric) {
+                    if let Some(p) = current(&live_tx) && p.allows(EventKind::Metric) {
                         let spooled = sampler::guardrails(&this.options.inbox, now_ms())
                             .map_err(anyhow::Error::msg)
-                            .and_then(|events| this.spool_events(events, p));
+                            .and_then(|events| this.spool_events(events, &p));
                         if let Err(e) = spooled {
                             this.record(|s| s.error(format!("guardrails: {e:#}"), now_ms()));
-                        }
-                    }
-                }
-                () = tokio::time::sleep_until(next_upload) => {
-                    next_upload = tokio::time::Instant::now() + this.options.upload_every;
-                    let Some(p) = policy.as_ref().filter(|_| live) else { continue };
-                    if p.disabled() {
-                        continue;
-                    }
-                    match this.upload().await {
-                        UploadEnd::Done { batches, events } => {
-                            backoff.reset();
-                            if batches > 0 {
-                                tracing::info!(batches, events, "uploaded");
-                            }
-                        }
-                        UploadEnd::Retry { hint, reason } => {
-                            let wait = backoff.next(hint);
-                            this.record(|s| s.error(format!("upload: {reason}; retrying in {} ms", wait.as_millis()), now_ms()));
-                            next_upload = tokio::time::Instant::now() + wait;
-                        }
-                        UploadEnd::Rejected(reason) => {
-                            this.record(|s| s.error(reason, now_ms()));
                         }
                     }
                 }
             }
         }
         follower.abort();
+        uploader.abort();
         lock(&this.spool).seal();
         Ok(())
     }
+}
+
+/// The policy the companion acts on, and whether consent-svc gave it in this run (only a live
+/// policy allows uploads).
+#[derive(Debug, Clone)]
+pub struct Live {
+    pub view: PolicyView,
+    pub live: bool,
+}
+
+fn uploads_allowed(policy: &Option<Live>) -> bool {
+    policy
+        .as_ref()
+        .is_some_and(|l| l.live && !l.view.disabled())
 }
 
 fn ack_accepted(result: &Option<sightline_proto::collector::v1::IngestResult>) -> u64 {
@@ -586,5 +626,62 @@ fn status_end(status: tonic::Status) -> UploadEnd {
             hint: retry_hint(&status),
             reason: format!("{:?}: {}", status.code(), status.message()),
         },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use sightline_proto::collector::v1::MetricEvent;
+    use sightline_proto::consent::v1::PurgeInstruction;
+
+    fn metric_at(ms: i64) -> Event {
+        Event {
+            event_id: format!("m{ms}"),
+            occurred_at: Some(sampler::timestamp(ms)),
+            payload: Some(Payload::Metric(MetricEvent::default())),
+        }
+    }
+
+    fn policy(
+        usage: sightline_proto::common::v1::UsageLevel,
+        purges: Vec<PurgeInstruction>,
+    ) -> Policy {
+        Policy {
+            usage_level: usage as i32,
+            allowed_kinds: vec![EventKind::Metric as i32, EventKind::InstanceMetadata as i32],
+            purges,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn the_spool_keeps_what_the_policy_allows_and_no_purge_covers() {
+        use sightline_proto::common::v1::UsageLevel;
+        let basic = policy(UsageLevel::Basic, vec![]);
+        assert!(keeps(&basic, "i1", &metric_at(10)));
+        let disabled = policy(UsageLevel::Disabled, vec![]);
+        assert!(!keeps(&disabled, "i1", &metric_at(10)));
+        let mut only_metadata = basic.clone();
+        only_metadata.allowed_kinds = vec![EventKind::InstanceMetadata as i32];
+        assert!(!keeps(&only_metadata, "i1", &metric_at(10)));
+        // A purge of this instance's metrics covers what was collected before it was issued.
+        let purge = |scope: PurgeScope, instance: &str| PurgeInstruction {
+            scope: scope as i32,
+            instance_id: instance.into(),
+            issued_at: Some(sampler::timestamp(1_000)),
+            delete_kinds: vec![EventKind::Metric as i32],
+            ..Default::default()
+        };
+        let purged = policy(UsageLevel::Basic, vec![purge(PurgeScope::Instance, "i1")]);
+        assert!(!keeps(&purged, "i1", &metric_at(999)));
+        assert!(keeps(&purged, "i1", &metric_at(1_001)));
+        assert!(
+            keeps(&purged, "i2", &metric_at(999)),
+            "another instance's purge"
+        );
+        let org_wide = policy(UsageLevel::Basic, vec![purge(PurgeScope::Org, "")]);
+        assert!(!keeps(&org_wide, "i2", &metric_at(999)));
     }
 }

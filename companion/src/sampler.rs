@@ -10,7 +10,8 @@
 //! modification time, line number and text, so a file read twice (a crash between spooling and
 //! deleting it) gives the same ids and the collector stores it once.
 //! `guardrails.json` in the inbox holds counts by name (`{"projects": 412}`); it is read each
-//! guardrail interval and sent as `guardrail.<name>` GUARDRAILS metrics.
+//! guardrail interval and sent as `guardrail.<name>` GUARDRAILS metrics (periodic: the hourly
+//! series is rolled up like the 2-minute samples, and insights-svc's guardrail rules read it).
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -238,13 +239,24 @@ fn metric_type(name: Option<&str>) -> Result<MetricType, String> {
     }
 }
 
-/// One inbox file read: its events, and the lines that could not be read (with why).
-#[derive(Debug)]
-pub struct InboxFile {
-    pub path: PathBuf,
-    pub events: Vec<Event>,
-    pub errors: Vec<String>,
+/// Lines the inbox could not read: the first few with why, and how many in all.
+#[derive(Debug, Default)]
+pub struct InboxErrors {
+    pub first: Vec<String>,
+    pub count: u64,
 }
+
+impl InboxErrors {
+    fn push(&mut self, message: String) {
+        self.count += 1;
+        if self.first.len() < 10 {
+            self.first.push(message);
+        }
+    }
+}
+
+/// The longest inbox line read; a longer one is skipped and named.
+pub const MAX_LINE: usize = 64 * 1024;
 
 /// The complete inbox files, oldest name first.
 pub fn inbox_files(inbox: &Path) -> Vec<PathBuf> {
@@ -258,10 +270,17 @@ pub fn inbox_files(inbox: &Path) -> Vec<PathBuf> {
     files
 }
 
-/// Reads one inbox file into events with ids derived from where each line is.
-pub fn read_inbox_file(path: &Path) -> std::io::Result<InboxFile> {
-    let text = std::fs::read_to_string(path)?;
-    let modified_ms = std::fs::metadata(path)?
+/// Reads one inbox file line by line (never whole: a file may be large), handing its events to
+/// `each` in chunks of at most `chunk` events. Ids are derived from where each line is.
+pub fn read_inbox(
+    path: &Path,
+    chunk: usize,
+    each: &mut dyn FnMut(Vec<Event>) -> std::io::Result<()>,
+) -> std::io::Result<InboxErrors> {
+    use std::io::BufRead;
+    let file = std::fs::File::open(path)?;
+    let modified_ns = file
+        .metadata()?
         .modified()
         .ok()
         .and_then(|m| m.duration_since(SystemTime::UNIX_EPOCH).ok())
@@ -270,63 +289,98 @@ pub fn read_inbox_file(path: &Path) -> std::io::Result<InboxFile> {
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
+    let mut reader = std::io::BufReader::with_capacity(64 * 1024, file);
     let mut events = Vec::new();
-    let mut errors = Vec::new();
-    for (i, line) in text.lines().enumerate() {
+    let mut errors = InboxErrors::default();
+    let mut raw = Vec::with_capacity(1024);
+    let mut i = 0usize;
+    loop {
+        raw.clear();
+        let n =
+            std::io::Read::take(&mut reader, MAX_LINE as u64 + 1).read_until(b'\n', &mut raw)?;
+        if n == 0 {
+            break;
+        }
+        i += 1;
+        let where_ = format!("{name}:{i}");
+        if raw.last() != Some(&b'\n') && raw.len() > MAX_LINE {
+            errors.push(format!("{where_}: longer than {MAX_LINE} bytes"));
+            // Skip the rest of the line.
+            loop {
+                raw.clear();
+                let n = std::io::Read::take(&mut reader, MAX_LINE as u64)
+                    .read_until(b'\n', &mut raw)?;
+                if n == 0 || raw.last() == Some(&b'\n') {
+                    break;
+                }
+            }
+            continue;
+        }
+        let Ok(line) = std::str::from_utf8(&raw) else {
+            errors.push(format!("{where_}: not UTF-8"));
+            continue;
+        };
+        let line = line.trim_end_matches(['\n', '\r']);
         if line.trim().is_empty() {
             continue;
         }
-        let where_ = format!("{name}:{}", i + 1);
-        let parsed: InboxLine = match serde_json::from_str(line) {
-            Ok(parsed) => parsed,
-            Err(e) => {
-                errors.push(format!("{where_}: {e}"));
-                continue;
-            }
-        };
-        let kind = match metric_type(parsed.kind.as_deref()) {
-            Ok(kind) => kind,
-            Err(e) => {
-                errors.push(format!("{where_}: type: {e}"));
-                continue;
-            }
-        };
-        let at_ms = match &parsed.at {
-            Some(at) => match at.parse::<prost_types::Timestamp>() {
-                Ok(ts) => ts.seconds * 1000 + i64::from(ts.nanos) / 1_000_000,
-                Err(_) => {
-                    errors.push(format!("{where_}: at: not an RFC 3339 time: {at:?}"));
-                    continue;
-                }
-            },
-            None => (modified_ms / 1_000_000) as i64,
-        };
-        let mut digest = Sha256::new();
-        digest.update(name.as_bytes());
-        digest.update(modified_ms.to_le_bytes());
-        digest.update((i as u64).to_le_bytes());
-        digest.update(line.as_bytes());
-        let id = format!("in-{}", &hex::encode(digest.finalize())[..40]);
-        events.push(metric_event(
-            id,
-            at_ms,
-            MetricEvent {
-                name: parsed.name,
-                r#type: kind as i32,
-                value: parsed.value,
-                attributes: parsed.attributes,
-                tags: parsed.tags,
-                unit: parsed.unit,
-                periodic_sample: parsed.periodic.unwrap_or(true),
-                values: parsed.values,
-            },
-        ));
+        match inbox_event(line, &name, modified_ns, i - 1) {
+            Ok(event) => events.push(event),
+            Err(e) => errors.push(format!("{where_}: {e}")),
+        }
+        if events.len() >= chunk {
+            each(std::mem::take(&mut events))?;
+        }
     }
-    Ok(InboxFile {
-        path: path.to_path_buf(),
-        events,
-        errors,
-    })
+    if !events.is_empty() {
+        each(events)?;
+    }
+    Ok(errors)
+}
+
+/// Up to `limit` events of an inbox file, for a preview or a bundle.
+pub fn peek_inbox(path: &Path, limit: usize) -> Vec<Event> {
+    let mut out = Vec::new();
+    let _ = read_inbox(path, 1000, &mut |events| {
+        let room = limit.saturating_sub(out.len());
+        out.extend(events.into_iter().take(room));
+        Ok(())
+    });
+    out
+}
+
+fn inbox_event(line: &str, name: &str, modified_ns: u128, index: usize) -> Result<Event, String> {
+    let parsed: InboxLine = serde_json::from_str(line).map_err(|e| e.to_string())?;
+    let kind = metric_type(parsed.kind.as_deref()).map_err(|e| format!("type: {e}"))?;
+    let at_ms = match &parsed.at {
+        Some(at) => {
+            let ts = at
+                .parse::<prost_types::Timestamp>()
+                .map_err(|_| format!("at: not an RFC 3339 time: {at:?}"))?;
+            ts.seconds * 1000 + i64::from(ts.nanos) / 1_000_000
+        }
+        None => (modified_ns / 1_000_000) as i64,
+    };
+    let mut digest = Sha256::new();
+    digest.update(name.as_bytes());
+    digest.update(modified_ns.to_le_bytes());
+    digest.update((index as u64).to_le_bytes());
+    digest.update(line.as_bytes());
+    let id = format!("in-{}", &hex::encode(digest.finalize())[..40]);
+    Ok(metric_event(
+        id,
+        at_ms,
+        MetricEvent {
+            name: parsed.name,
+            r#type: kind as i32,
+            value: parsed.value,
+            attributes: parsed.attributes,
+            tags: parsed.tags,
+            unit: parsed.unit,
+            periodic_sample: parsed.periodic.unwrap_or(true),
+            values: parsed.values,
+        },
+    ))
 }
 
 /// The guardrail counts in the inbox's `guardrails.json`, as GUARDRAILS metrics stamped `at_ms`.
@@ -350,7 +404,8 @@ pub fn guardrails(inbox: &Path, at_ms: i64) -> Result<Vec<Event>, String> {
                     r#type: MetricType::Guardrails as i32,
                     value: count,
                     unit: "count".into(),
-                    periodic_sample: false,
+                    // An hourly series: rolled up, so the guardrail health rules see it.
+                    periodic_sample: true,
                     ..Default::default()
                 },
             )
@@ -392,20 +447,35 @@ mod tests {
     fn inbox_lines_get_stable_ids_and_bad_lines_are_named() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("a.jsonl");
+        let long = format!("{{\"name\":\"{}\",\"value\":1}}", "x".repeat(MAX_LINE));
         std::fs::write(
             &path,
-            "{\"name\":\"jvm.cpu.load\",\"value\":63.5,\"unit\":\"percent\",\"at\":\"2026-11-27T10:00:00Z\"}\n\
-             {\"name\":\"x\"}\n\
-             {\"name\":\"y\",\"value\":1,\"type\":\"NOPE\"}\n",
+            format!(
+                "{{\"name\":\"jvm.cpu.load\",\"value\":63.5,\"unit\":\"percent\",\"at\":\"2026-11-27T10:00:00Z\"}}\n\
+                 {{\"name\":\"x\"}}\n\
+                 {{\"name\":\"y\",\"value\":1,\"type\":\"NOPE\"}}\n\
+                 {long}\n\
+                 {{\"name\":\"z\",\"value\":2}}\n"
+            ),
         )
         .unwrap();
-        let a = read_inbox_file(&path).unwrap();
-        let b = read_inbox_file(&path).unwrap();
-        assert_eq!(a.events.len(), 1);
-        assert_eq!(a.events[0].event_id, b.events[0].event_id);
-        assert_eq!(a.errors.len(), 2);
-        assert!(a.errors[0].starts_with("a.jsonl:2: missing field `value`"));
-        assert!(a.errors[1].contains("a.jsonl:3: type"));
-        assert_eq!(a.events[0].occurred_at.unwrap().seconds, 1_795_773_600);
+        let mut chunks = Vec::new();
+        let errors = read_inbox(&path, 1, &mut |events| {
+            chunks.push(events);
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(chunks.len(), 2, "one event per chunk");
+        assert_eq!(chunks[0][0].event_id, peek_inbox(&path, 10)[0].event_id);
+        assert_eq!(chunks[0][0].occurred_at.unwrap().seconds, 1_795_773_600);
+        assert_eq!(errors.count, 3);
+        assert!(
+            errors.first[0].starts_with("a.jsonl:2: missing field `value`"),
+            "{:?}",
+            errors.first
+        );
+        assert!(errors.first[1].contains("a.jsonl:3: type"));
+        assert!(errors.first[2].contains("a.jsonl:4: longer than"));
+        assert_eq!(peek_inbox(&path, 1).len(), 1);
     }
 }

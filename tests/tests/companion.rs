@@ -421,10 +421,13 @@ impl Companion {
         for (flag, value) in flags {
             command.arg(flag).arg(value);
         }
-        command
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .kill_on_drop(true);
+        // Its standard error (warnings and progress) is kept in the home's run.log.
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.path().join("run.log"))
+            .unwrap();
+        command.stdout(Stdio::null()).stderr(log).kill_on_drop(true);
         let mut child = command.spawn().unwrap();
         // A bad flag ends the process at once: catch it here, not as a timeout later.
         std::thread::sleep(Duration::from_millis(30));
@@ -487,6 +490,11 @@ async fn the_whole_path(postgres: bool) {
         })
         .collect();
     companion.drop_metrics("product-1.jsonl", cpu);
+    std::fs::write(
+        companion.inbox().join("guardrails.json"),
+        r#"{"custom_fields": 2400, "projects": 412}"#,
+    )
+    .unwrap();
 
     // K3: what would be sent, as the collector would store it.
     let (ok, preview, stderr) = companion.cmd(&["sample", "--json"]);
@@ -529,6 +537,7 @@ async fn the_whole_path(postgres: bool) {
     );
 
     // K2: run; the metrics arrive as the preview said.
+    let mut insights = InsightsServiceClient::new(stack.channel("insights").await);
     companion.start(&[]);
     let stored = wait_for("the product's metrics to be stored", 60, async || {
         let points = stack.raw(&org, &instance, "jvm.cpu.load").await;
@@ -546,9 +555,55 @@ async fn the_whole_path(postgres: bool) {
             .await
             .is_empty()
     );
+    let guardrail = wait_for("the guardrail counts", 30, async || {
+        let points = stack.raw(&org, &instance, "guardrail.custom_fields").await;
+        points.first().cloned()
+    })
+    .await;
+    assert_eq!(guardrail.1, 2400.0);
+
+    // K4: a support bundle with the product's logs, accepted by insights-svc, scrubbed there.
+    let logs = companion.path().join("logs");
+    std::fs::create_dir_all(&logs).unwrap();
+    std::fs::write(
+        logs.join("atlassian-jira.log"),
+        "2026-11-27 10:00:01 INFO login ok for jane.doe@acme.example from 10.1.2.3\n",
+    )
+    .unwrap();
+    let bundle = companion.path().join("support.zip");
+    let (ok, stdout, stderr) = companion.cmd(&[
+        "support-bundle",
+        "--out",
+        bundle.to_str().unwrap(),
+        "--upload",
+    ]);
+    assert!(ok, "{stdout}\n{stderr}");
+    assert!(stdout.contains("uploaded as "), "{stdout}");
+    assert!(
+        stdout.contains("(2 files read, 2 personal data item(s) scrubbed)"),
+        "{stdout}"
+    );
+    let mut zip = zip::ZipArchive::new(std::fs::File::open(&bundle).unwrap()).unwrap();
+    let names: Vec<String> = zip.file_names().map(|n| n.unwrap().into_owned()).collect();
+    assert!(
+        names.contains(&"metrics/assessment.json".to_owned()),
+        "{names:?}"
+    );
+    assert!(
+        names.contains(&"logs/atlassian-jira.log".to_owned()),
+        "{names:?}"
+    );
+    let mut assessment = String::new();
+    std::io::Read::read_to_string(
+        &mut zip.by_name("metrics/assessment.json").unwrap(),
+        &mut assessment,
+    )
+    .unwrap();
+    let assessment: Value = serde_json::from_str(&assessment).unwrap();
+    assert_eq!(assessment["format"], "sightline.assessment");
+    assert_eq!(assessment["counts"]["customFields"], "2400");
 
     // Health and trends appear from the collector's rollups.
-    let mut insights = InsightsServiceClient::new(stack.channel("insights").await);
     let health = wait_for("a health finding", 60, async || {
         let health = insights
             .get_health(authed(
@@ -954,6 +1009,11 @@ async fn offline_past_the_spool_bound_drops_the_oldest_counts_them_and_stays_sma
         (companion.spool_files() == 0 && points.len() as u64 + dropped >= total).then_some(points)
     })
     .await;
+    let log = std::fs::read_to_string(companion.path().join("run.log")).unwrap();
+    assert!(
+        log.contains("uploading the spool: ") && log.contains("batches (100%)"),
+        "a backlog upload shows its progress as plain lines: {log}"
+    );
     // Host samples share the spool with the markers, so at least the markers' share was dropped.
     assert!(points.len() as u64 <= total);
     let mut values: Vec<u32> = points.iter().map(|p| p.1 as u32).collect();
