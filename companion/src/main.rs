@@ -238,7 +238,7 @@ async fn main_inner() -> anyhow::Result<()> {
                 pid,
                 inbox: inbox_of(inbox),
             };
-            commands::run(&home, options, stop_signal()).await?;
+            commands::run(&home, options, sightline_runtime::server::stop_signal()).await?;
         }
         Command::Status { json } => {
             let report = commands::status(&home);
@@ -264,18 +264,4 @@ async fn main_inner() -> anyhow::Result<()> {
         }
     }
     Ok(())
-}
-
-async fn stop_signal() {
-    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-        Ok(term) => term,
-        Err(_) => {
-            let _ = tokio::signal::ctrl_c().await;
-            return;
-        }
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
-    }
 }

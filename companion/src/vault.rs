@@ -259,16 +259,18 @@ pub fn store_link(home: &Home, state: &LinkState, secrets: &Secrets) -> Result<(
     write_atomic(&home.state_file(), &json)
 }
 
+/// A file `link` writes: missing means not linked yet.
+fn read_linked(path: &Path) -> Result<Vec<u8>, VaultError> {
+    std::fs::read(path).map_err(|e| match e.kind() {
+        std::io::ErrorKind::NotFound => VaultError::NotLinked(path.to_path_buf()),
+        _ => io(format!("reading {}", path.display()))(e),
+    })
+}
+
 /// The link's public facts, when linked.
 pub fn load_state(home: &Home) -> Result<LinkState, VaultError> {
     let path = home.state_file();
-    let bytes = match std::fs::read(&path) {
-        Ok(bytes) => bytes,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            return Err(VaultError::NotLinked(path));
-        }
-        Err(e) => return Err(io(format!("reading {}", path.display()))(e)),
-    };
+    let bytes = read_linked(&path)?;
     serde_json::from_slice(&bytes)
         .map_err(|e| VaultError::State(format!("{} is not a link state: {e}", path.display())))
 }
@@ -279,13 +281,7 @@ pub fn open(home: &Home) -> Result<(LinkState, Secrets), VaultError> {
     let state = load_state(home)?;
     let key = load_key(home, false)?;
     let path = home.vault_file();
-    let sealed = match std::fs::read(&path) {
-        Ok(bytes) => bytes,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            return Err(VaultError::NotLinked(path));
-        }
-        Err(e) => return Err(io(format!("reading {}", path.display()))(e)),
-    };
+    let sealed = read_linked(&path)?;
     let secrets = unseal(&key, &state.instance_id, &sealed, &path)?;
     Ok((state, secrets))
 }

@@ -180,28 +180,7 @@ then, beside an instance, with a link key from CreateLinkKey saved in link.key:
     out
 }
 
-/// Waits for Ctrl-C or SIGTERM.
-pub async fn stop_signal() {
-    #[cfg(unix)]
-    {
-        let mut term =
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(term) => term,
-                Err(_) => {
-                    let _ = tokio::signal::ctrl_c().await;
-                    return;
-                }
-            };
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
-            _ = term.recv() => {}
-        }
-    }
-    #[cfg(not(unix))]
-    {
-        let _ = tokio::signal::ctrl_c().await;
-    }
-}
+pub use sightline_runtime::server::stop_signal;
 
 /// Loads settings, with `--data-dir` overriding the file and environment.
 pub fn load_settings(config: Option<&Path>, data_dir: Option<PathBuf>) -> anyhow::Result<Settings> {

@@ -1005,6 +1005,29 @@ pub mod bench {
         std::env::args().any(|a| a == name)
     }
 
+    /// Limits no load generator reaches (so a benchmark measures the work, not the rate limiter),
+    /// and linker-svc and consent-svc started quietly with them on SQLite.
+    pub async fn unlimited_stack() -> (
+        sightline_runtime::settings::Limits,
+        super::TestLinker,
+        super::TestConsent,
+    ) {
+        let limits = sightline_runtime::settings::Limits {
+            rate_per_second: 10_000_000,
+            rate_burst: 10_000_000,
+            max_message_bytes: 16 * 1024 * 1024,
+            ..sightline_runtime::settings::Limits::default()
+        };
+        let linker = super::TestLinker::start(super::LinkerOptions {
+            quiet: true,
+            limits,
+            ..super::LinkerOptions::default()
+        })
+        .await;
+        let consent = super::TestConsent::start(&linker, None, limits).await;
+        (limits, linker, consent)
+    }
+
     /// The `p` quantile (0 to 1) of sorted samples, nearest rank.
     pub fn percentile(sorted: &[f64], p: f64) -> f64 {
         sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
@@ -1093,5 +1116,111 @@ pub mod bench {
         })
         .await
         .unwrap();
+    }
+}
+
+/// Admin work over channels, for tests that run the services as processes: an org with its admin
+/// token and a link key, and its consent levels.
+pub mod admin {
+    use std::path::Path;
+
+    use sightline_proto::common::v1::{SharingLevel, UsageLevel};
+    use sightline_proto::consent::v1::UpdateConsentRequest;
+    use sightline_proto::consent::v1::consent_service_client::ConsentServiceClient;
+    use sightline_proto::linker::v1::linker_service_client::LinkerServiceClient;
+    use sightline_proto::linker::v1::{
+        CreateAdminTokenRequest, CreateLinkKeyRequest, CreateOrgRequest,
+    };
+    use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
+
+    use super::authed;
+
+    /// A connected channel to `url`; https trusts only the CA in `ca`.
+    pub async fn channel(url: &str, ca: Option<&Path>) -> Channel {
+        let mut endpoint = Endpoint::from_shared(url.to_owned()).unwrap();
+        if let Some(ca) = ca {
+            endpoint = endpoint
+                .tls_config(
+                    ClientTlsConfig::new()
+                        .ca_certificate(Certificate::from_pem(std::fs::read(ca).unwrap())),
+                )
+                .unwrap();
+        }
+        endpoint.connect().await.unwrap()
+    }
+
+    #[derive(Debug, Clone)]
+    pub struct NewOrg {
+        pub id: String,
+        pub admin: String,
+        /// A link key's secret, and its id.
+        pub key: String,
+        pub key_id: String,
+    }
+
+    /// As the operator: a new org, its admin token, and (as that admin) a link key.
+    pub async fn org_with_link_key(linker: Channel, operator: &str, name: &str) -> NewOrg {
+        let mut linker = LinkerServiceClient::new(linker);
+        let id = linker
+            .create_org(authed(operator, CreateOrgRequest { name: name.into() }))
+            .await
+            .unwrap()
+            .into_inner()
+            .org
+            .unwrap()
+            .org_id;
+        let admin = linker
+            .create_admin_token(authed(
+                operator,
+                CreateAdminTokenRequest {
+                    org_id: id.clone(),
+                    label: "ops".into(),
+                    request_id: String::new(),
+                },
+            ))
+            .await
+            .unwrap()
+            .into_inner()
+            .secret;
+        let key = linker
+            .create_link_key(authed(
+                &admin,
+                CreateLinkKeyRequest {
+                    org_id: id.clone(),
+                    label: "companion".into(),
+                    request_id: String::new(),
+                },
+            ))
+            .await
+            .unwrap()
+            .into_inner();
+        NewOrg {
+            id,
+            admin,
+            key: key.secret,
+            key_id: key.key.unwrap().key_id,
+        }
+    }
+
+    /// As the org's admin: a new consent version with these levels.
+    pub async fn set_levels(
+        consent: Channel,
+        org: &NewOrg,
+        usage: UsageLevel,
+        sharing: SharingLevel,
+    ) {
+        ConsentServiceClient::new(consent)
+            .update_consent(authed(
+                &org.admin,
+                UpdateConsentRequest {
+                    org_id: org.id.clone(),
+                    settings: Some(super::consent::settings(usage, sharing)),
+                    reason: "test".into(),
+                    expected_version: 0,
+                    request_id: String::new(),
+                },
+            ))
+            .await
+            .unwrap();
     }
 }

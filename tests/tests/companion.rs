@@ -17,15 +17,11 @@ use serde_json::Value;
 use sightline_proto::collector::v1::collector_service_client::CollectorServiceClient;
 use sightline_proto::collector::v1::{QueryMetricsRequest, Resolution};
 use sightline_proto::common::v1::{SharingLevel, TimeRange, UsageLevel};
-use sightline_proto::consent::v1::UpdateConsentRequest;
-use sightline_proto::consent::v1::consent_service_client::ConsentServiceClient;
 use sightline_proto::insights::v1::insights_service_client::InsightsServiceClient;
 use sightline_proto::insights::v1::{GetHealthRequest, GetTrendsRequest};
+use sightline_proto::linker::v1::RegenerateLinkKeyRequest;
 use sightline_proto::linker::v1::linker_service_client::LinkerServiceClient;
-use sightline_proto::linker::v1::{
-    CreateAdminTokenRequest, CreateLinkKeyRequest, CreateOrgRequest, RegenerateLinkKeyRequest,
-};
-use sightline_tests::{authed, companion_binary, free_addr, sightline_binary};
+use sightline_tests::{admin, authed, companion_binary, free_addr, sightline_binary};
 use tonic::transport::Channel;
 
 const HOUR_MS: i64 = 3_600_000;
@@ -148,73 +144,29 @@ impl Stack {
     }
 
     async fn channel(&self, name: &str) -> Channel {
-        Channel::from_shared(self.url(name))
-            .unwrap()
-            .connect()
-            .await
-            .unwrap()
+        admin::channel(&self.url(name), None).await
     }
 
-    /// A new org with an admin token and a link key (written to a 0600 file, as an admin hands it
-    /// over).
+    /// A new org with an admin token and a link key.
     async fn org(&self, name: &str) -> Org {
-        let mut linker = LinkerServiceClient::new(self.channel("linker").await);
-        let op = self.operator();
-        let org_id = linker
-            .create_org(authed(&op, CreateOrgRequest { name: name.into() }))
-            .await
-            .unwrap()
-            .into_inner()
-            .org
-            .unwrap()
-            .org_id;
-        let admin = linker
-            .create_admin_token(authed(
-                &op,
-                CreateAdminTokenRequest {
-                    org_id: org_id.clone(),
-                    label: "ops".into(),
-                    request_id: String::new(),
-                },
-            ))
-            .await
-            .unwrap()
-            .into_inner()
-            .secret;
-        let key = linker
-            .create_link_key(authed(
-                &admin,
-                CreateLinkKeyRequest {
-                    org_id: org_id.clone(),
-                    label: "companion".into(),
-                    request_id: String::new(),
-                },
-            ))
-            .await
-            .unwrap()
-            .into_inner();
-        Org {
-            id: org_id,
-            admin,
-            key: key.secret,
-            key_id: key.key.unwrap().key_id,
-        }
+        admin::org_with_link_key(self.channel("linker").await, &self.operator(), name).await
     }
 
     async fn levels(&self, org: &Org, usage: UsageLevel, sharing: SharingLevel) {
-        ConsentServiceClient::new(self.channel("consent").await)
-            .update_consent(authed(
-                &org.admin,
-                UpdateConsentRequest {
-                    org_id: org.id.clone(),
-                    settings: Some(sightline_tests::consent::settings(usage, sharing)),
-                    reason: "companion test".into(),
-                    expected_version: 0,
-                    request_id: String::new(),
-                },
-            ))
-            .await
-            .unwrap();
+        admin::set_levels(self.channel("consent").await, org, usage, sharing).await;
+    }
+
+    /// A stack with one org at BASIC and a companion linked to it: (stack, org, companion,
+    /// instance id).
+    async fn linked(postgres: bool, server_id: &str) -> (Self, Org, Companion, String) {
+        let stack = Self::start(postgres).await;
+        let org = stack.org("Acme").await;
+        stack
+            .levels(&org, UsageLevel::Basic, SharingLevel::Basic)
+            .await;
+        let companion = Companion::new();
+        let instance = companion.link(&stack, &org.key, server_id);
+        (stack, org, companion, instance)
     }
 
     /// Raw samples of one metric, every page.
@@ -299,12 +251,7 @@ fn rfc3339(ms: i64) -> String {
     ts(ms).to_string()
 }
 
-struct Org {
-    id: String,
-    admin: String,
-    key: String,
-    key_id: String,
-}
+type Org = admin::NewOrg;
 
 /// One companion: its home, and the commands run on it.
 struct Companion {
@@ -442,15 +389,7 @@ impl Companion {
     }
 
     fn spool_files(&self) -> usize {
-        std::fs::read_dir(self.path().join("analytics-logs"))
-            .map(|d| {
-                d.filter(|e| {
-                    e.as_ref()
-                        .is_ok_and(|e| e.path().extension().is_some_and(|x| x == "spool"))
-                })
-                .count()
-            })
-            .unwrap_or(0)
+        sightline_companion::spool::usage(&self.path().join("analytics-logs")).1
     }
 
     /// Drops a JSON-lines file of `name` samples into the inbox (written aside, then renamed).
@@ -470,13 +409,7 @@ fn marker(name: &str, values: std::ops::Range<u32>, at_ms: i64) -> Vec<Value> {
 }
 
 async fn the_whole_path(postgres: bool) {
-    let mut stack = Stack::start(postgres).await;
-    let org = stack.org("Acme").await;
-    stack
-        .levels(&org, UsageLevel::Basic, SharingLevel::Basic)
-        .await;
-    let mut companion = Companion::new();
-    let instance = companion.link(&stack, &org.key, "BQXJ-7Y2K");
+    let (mut stack, org, mut companion, instance) = Stack::linked(postgres, "BQXJ-7Y2K").await;
 
     // The product reports CPU load at 95 % for the 24 hours before the last, and one tag carries
     // an e-mail address by mistake.
@@ -848,13 +781,7 @@ async fn the_vault_opens_only_unchanged_for_its_instance_with_a_private_key_file
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_during_uploads_loses_and_duplicates_nothing() {
-    let stack = Stack::start(false).await;
-    let org = stack.org("Acme").await;
-    stack
-        .levels(&org, UsageLevel::Basic, SharingLevel::Basic)
-        .await;
-    let mut companion = Companion::new();
-    let instance = companion.link(&stack, &org.key, "SRV-K");
+    let (stack, org, mut companion, instance) = Stack::linked(false, "SRV-K").await;
     let base = now_ms() - HOUR_MS;
     let per_round = 2000;
     let rounds = 12;
@@ -940,13 +867,7 @@ async fn a_disabled_org_sends_nothing_and_keeps_no_spool() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn offline_past_the_spool_bound_drops_the_oldest_counts_them_and_stays_small() {
-    let mut stack = Stack::start(false).await;
-    let org = stack.org("Acme").await;
-    stack
-        .levels(&org, UsageLevel::Basic, SharingLevel::Basic)
-        .await;
-    let mut companion = Companion::new();
-    let instance = companion.link(&stack, &org.key, "SRV-O");
+    let (mut stack, org, mut companion, instance) = Stack::linked(false, "SRV-O").await;
     stack.kill("collector").await;
     let base = now_ms() - HOUR_MS;
     let (files, per_file) = (40u32, 500u32);

@@ -8,19 +8,13 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use serde_json::Value;
 use sightline_proto::common::v1::{SharingLevel, UsageLevel};
-use sightline_proto::consent::v1::UpdateConsentRequest;
-use sightline_proto::consent::v1::consent_service_client::ConsentServiceClient;
-use sightline_proto::linker::v1::linker_service_client::LinkerServiceClient;
-use sightline_proto::linker::v1::{
-    CreateAdminTokenRequest, CreateLinkKeyRequest, CreateOrgRequest,
-};
-use sightline_tests::{authed, binary, free_addr, workspace_root};
+use sightline_tests::{admin, binary, free_addr, workspace_root};
 
 const SERVICES: [&str; 4] = ["linker", "consent", "collector", "insights"];
 
@@ -300,89 +294,24 @@ async fn compose_stack_runs_here(files: &[&str], tls: bool) {
 
     // The companion service's command, with the operator's org, key and consent in place.
     let scheme = if tls { "https" } else { "http" };
-    let url = format!("{scheme}://{}", mapped.listen["linker"]);
-    let mut endpoint = tonic::transport::Endpoint::from_shared(url.clone()).unwrap();
-    if let Some(dir) = &tls_dir {
-        endpoint = endpoint
-            .tls_config(tonic::transport::ClientTlsConfig::new().ca_certificate(
-                tonic::transport::Certificate::from_pem(
-                    std::fs::read(dir.path().join("ca.pem")).unwrap(),
-                ),
-            ))
-            .unwrap();
-    }
-    let channel = endpoint.connect().await.unwrap();
-    let linker_data = volumes["linker-data"].path();
-    let operator = std::fs::read_to_string(linker_data.join("operator.token")).unwrap();
-    let operator = operator.trim();
-    let mut linker = LinkerServiceClient::new(channel);
-    let org_id = linker
-        .create_org(authed(
-            operator,
-            CreateOrgRequest {
-                name: "Compose".into(),
-            },
-        ))
-        .await
-        .unwrap()
-        .into_inner()
-        .org
-        .unwrap()
-        .org_id;
-    let admin = linker
-        .create_admin_token(authed(
-            operator,
-            CreateAdminTokenRequest {
-                org_id: org_id.clone(),
-                label: String::new(),
-                request_id: String::new(),
-            },
-        ))
-        .await
-        .unwrap()
-        .into_inner()
-        .secret;
-    let key = linker
-        .create_link_key(authed(
-            &admin,
-            CreateLinkKeyRequest {
-                org_id: org_id.clone(),
-                label: String::new(),
-                request_id: String::new(),
-            },
-        ))
-        .await
-        .unwrap()
-        .into_inner()
-        .secret;
-    let mut consent_endpoint =
-        tonic::transport::Endpoint::from_shared(format!("{scheme}://{}", mapped.listen["consent"]))
-            .unwrap();
-    if let Some(dir) = &tls_dir {
-        consent_endpoint = consent_endpoint
-            .tls_config(tonic::transport::ClientTlsConfig::new().ca_certificate(
-                tonic::transport::Certificate::from_pem(
-                    std::fs::read(dir.path().join("ca.pem")).unwrap(),
-                ),
-            ))
-            .unwrap();
-    }
-    ConsentServiceClient::new(consent_endpoint.connect().await.unwrap())
-        .update_consent(authed(
-            &admin,
-            UpdateConsentRequest {
-                org_id: org_id.clone(),
-                settings: Some(sightline_tests::consent::settings(
-                    UsageLevel::Basic,
-                    SharingLevel::Basic,
-                )),
-                reason: "compose".into(),
-                expected_version: 0,
-                request_id: String::new(),
-            },
-        ))
-        .await
-        .unwrap();
+    let ca = tls_dir.as_ref().map(|d| d.path().join("ca.pem"));
+    let url = |name: &str| format!("{scheme}://{}", mapped.listen[name]);
+    let operator =
+        std::fs::read_to_string(volumes["linker-data"].path().join("operator.token")).unwrap();
+    let org = admin::org_with_link_key(
+        admin::channel(&url("linker"), ca.as_deref()).await,
+        operator.trim(),
+        "Compose",
+    )
+    .await;
+    admin::set_levels(
+        admin::channel(&url("consent"), ca.as_deref()).await,
+        &org,
+        UsageLevel::Basic,
+        SharingLevel::Basic,
+    )
+    .await;
+    let (org_id, key) = (org.id.clone(), org.key.clone());
 
     let companion = &services["companion"];
     assert_eq!(strings(&companion["profiles"]), ["companion"]);
@@ -411,18 +340,21 @@ async fn compose_stack_runs_here(files: &[&str], tls: bool) {
         bin_dir.display(),
         std::env::var("PATH").unwrap_or_default()
     );
-    let mut child = tokio::process::Command::new("/bin/sh")
-        .arg("-c")
-        .arg(&script)
-        .env_clear()
-        .env("PATH", path)
-        .envs(env.iter().map(|(k, v)| (k.clone(), mapped.value(v))))
-        .env("SIGHTLINE_COMPANION_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
+    let service_command = || {
+        let mut command = tokio::process::Command::new("/bin/sh");
+        command
+            .arg("-c")
+            .arg(&script)
+            .env_clear()
+            .env("PATH", &path)
+            .envs(env.iter().map(|(k, v)| (k.clone(), mapped.value(v))))
+            .env("SIGHTLINE_COMPANION_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        command
+    };
+    let mut child = service_command().spawn().unwrap();
     let status_of = || -> Value {
         let out = Command::new(binary("sightline-companion"))
             .args(["--home", home.path().to_str().unwrap(), "status", "--json"])
@@ -462,26 +394,8 @@ async fn compose_stack_runs_here(files: &[&str], tls: bool) {
     );
     child.kill().await.unwrap();
     // Restarted, the command does not link again (the key may be spent or expired by then).
-    let _ = Path::new(&key_file);
     std::fs::remove_file(&key_file).unwrap();
-    let mut again = tokio::process::Command::new("/bin/sh")
-        .arg("-c")
-        .arg(&script)
-        .env_clear()
-        .env(
-            "PATH",
-            format!(
-                "{}:{}",
-                bin_dir.display(),
-                std::env::var("PATH").unwrap_or_default()
-            ),
-        )
-        .envs(env.iter().map(|(k, v)| (k.clone(), mapped.value(v))))
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
+    let mut again = service_command().spawn().unwrap();
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert!(
         again.try_wait().unwrap().is_none(),

@@ -172,19 +172,7 @@ async fn collector(target: &str) -> Target {
     } else {
         None
     };
-    let limits = Limits {
-        rate_per_second: 10_000_000,
-        rate_burst: 10_000_000,
-        max_message_bytes: 16 * 1024 * 1024,
-        ..Limits::default()
-    };
-    let linker = TestLinker::start(LinkerOptions {
-        quiet: true,
-        limits,
-        ..LinkerOptions::default()
-    })
-    .await;
-    let consent = TestConsent::start(&linker, None, limits).await;
+    let (limits, linker, consent) = sightline_tests::bench::unlimited_stack().await;
     let collector = TestCollector::start(
         &linker,
         &consent,

@@ -21,12 +21,11 @@ use std::time::Instant;
 use sightline_proto::collector::v1 as collector_pb;
 use sightline_proto::common::v1::{MetricType, SharingLevel, UsageLevel};
 use sightline_proto::insights::v1 as pb;
-use sightline_runtime::settings::Limits;
 use sightline_tests::bench::{Child, arg, percentile};
 use sightline_tests::consent::{opt_in, policy};
 use sightline_tests::{
-    CollectorOptions, InsightsOptions, LinkerOptions, T0_MS, TestCollector, TestConsent,
-    TestInsights, TestInstance, TestLinker, TestOrg, authed,
+    CollectorOptions, InsightsOptions, T0_MS, TestCollector, TestConsent, TestInsights,
+    TestInstance, TestLinker, TestOrg, authed,
 };
 
 const HOUR: i64 = 3_600_000;
@@ -40,19 +39,7 @@ struct Stack {
 }
 
 async fn stack() -> Stack {
-    let limits = Limits {
-        rate_per_second: 1_000_000,
-        rate_burst: 1_000_000,
-        max_message_bytes: 16 * 1024 * 1024,
-        ..Limits::default()
-    };
-    let linker = TestLinker::start(LinkerOptions {
-        quiet: true,
-        limits,
-        ..LinkerOptions::default()
-    })
-    .await;
-    let consent = TestConsent::start(&linker, None, limits).await;
+    let (limits, linker, consent) = sightline_tests::bench::unlimited_stack().await;
     let collector = TestCollector::start(
         &linker,
         &consent,
