@@ -569,7 +569,12 @@ impl Agent {
                             Err(e) => this.record(|s| s.error(format!("spooling: {e:#}"), now_ms())),
                         }
                     }
-                    live_tx.send_replace(Some(Live { view, live: true }));
+                    let first = live_tx.send_replace(Some(Live { view, live: true })).is_none();
+                    if first {
+                        // Nothing could be sampled before a policy was known: sample now.
+                        sample.reset_immediately();
+                        guardrails.reset_immediately();
+                    }
                 }
                 _ = sample.tick() => {
                     if let Some(p) = current(&live_tx)

@@ -365,7 +365,10 @@ async fn compose_stack_runs_here(files: &[&str], tls: bool) {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     loop {
         let status = status_of();
-        if status["policy"]["usage_level"] == "BASIC" && status["spool_files"].as_u64() > Some(0) {
+        // Linked, its policy read, and its first upload (the instance's metadata) acknowledged.
+        if status["policy"]["usage_level"] == "BASIC"
+            && status["uploaded_events_total"].as_u64() > Some(0)
+        {
             assert_eq!(status["org_id"], Value::String(org_id.clone()));
             break;
         }
@@ -383,7 +386,7 @@ async fn compose_stack_runs_here(files: &[&str], tls: bool) {
         }
         assert!(
             tokio::time::Instant::now() < deadline,
-            "the companion never linked, read its policy and sampled: {status}"
+            "the companion never linked, read its policy and uploaded: {status}"
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
