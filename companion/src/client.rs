@@ -33,12 +33,23 @@ pub fn channel(url: &str, ca: Option<&Path>) -> anyhow::Result<Channel> {
     Ok(endpoint.connect_lazy())
 }
 
-/// A request carrying `authorization: Bearer <secret>`.
+/// A request carrying `authorization: Bearer <secret>` (streams: no deadline on the whole).
 pub fn authed<T>(secret: &Secret, message: T) -> tonic::Request<T> {
     let mut request = tonic::Request::new(message);
     if let Ok(value) = format!("Bearer {}", secret.expose()).parse() {
         request.metadata_mut().insert("authorization", value);
     }
+    request
+}
+
+/// How long a unary call may take before it counts as failed (DEADLINE_EXCEEDED).
+pub const CALL_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A unary request carrying the bearer secret and a deadline, so a service that accepts the
+/// connection and never answers cannot hold the companion.
+pub fn unary<T>(secret: &Secret, message: T) -> tonic::Request<T> {
+    let mut request = authed(secret, message);
+    request.set_timeout(CALL_TIMEOUT);
     request
 }
 

@@ -22,7 +22,7 @@ use sightline_proto::linker::v1::linker_service_client::LinkerServiceClient;
 use sightline_runtime::Secret;
 use sightline_runtime::token::{self, TokenKind};
 
-use crate::client::{authed, channel};
+use crate::client::{authed, channel, unary};
 use crate::progress::Progress;
 use crate::run::{Agent, RunOptions};
 use crate::sampler::{self, HostSampler, now_ms};
@@ -86,7 +86,7 @@ pub async fn link(
     }
     let mut linker = LinkerServiceClient::new(channel(&endpoints.linker, endpoints.ca.as_deref())?);
     let linked = linker
-        .link_instance(authed(
+        .link_instance(unary(
             &key,
             LinkInstanceRequest {
                 metadata: Some(InstanceMetadata {
@@ -223,7 +223,7 @@ pub async fn sample(home: &Home, inbox: &Path, json: bool) -> anyhow::Result<Str
         .max_decoding_message_size(16 << 20)
         .max_encoding_message_size(16 << 20);
     let preview = collector
-        .preview_sample(authed(
+        .preview_sample(unary(
             &credential,
             PreviewSampleRequest {
                 events: events.clone(),
@@ -241,7 +241,7 @@ pub async fn sample(home: &Home, inbox: &Path, json: bool) -> anyhow::Result<Str
     }
     let mut consent = ConsentServiceClient::new(channel(&state.endpoints.consent, ca)?);
     let policy = consent
-        .get_policy(authed(&credential, GetPolicyRequest::default()))
+        .get_policy(unary(&credential, GetPolicyRequest::default()))
         .await
         .ok()
         .and_then(|r| r.into_inner().policy)

@@ -126,6 +126,13 @@ enum Command {
             default_value_t = 300_000
         )]
         max_backoff_ms: u64,
+        /// How long an upload waits for the collector's next ack before it retries later.
+        #[arg(
+            long,
+            env = "SIGHTLINE_COMPANION_ACK_TIMEOUT_MS",
+            default_value_t = 120_000
+        )]
+        ack_timeout_ms: u64,
         /// The product's process to sample (default: the companion's own).
         #[arg(long, env = "SIGHTLINE_COMPANION_PID")]
         pid: Option<u32>,
@@ -225,6 +232,7 @@ async fn main_inner() -> anyhow::Result<()> {
             guardrails_every_ms,
             spool_max_bytes,
             max_backoff_ms,
+            ack_timeout_ms,
             pid,
             inbox,
         } => {
@@ -235,6 +243,7 @@ async fn main_inner() -> anyhow::Result<()> {
                 spool_max_bytes,
                 initial_backoff: Duration::from_millis(max_backoff_ms.clamp(10, 1000)),
                 max_backoff: Duration::from_millis(max_backoff_ms.max(10)),
+                ack_timeout: Duration::from_millis(ack_timeout_ms.max(10)),
                 pid,
                 inbox: inbox_of(inbox),
             };

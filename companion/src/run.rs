@@ -28,7 +28,7 @@ use tokio::sync::{mpsc, watch};
 use tonic::Code;
 use tonic::transport::Channel;
 
-use crate::client::{Backoff, authed, retry_hint};
+use crate::client::{Backoff, authed, retry_hint, unary};
 use crate::progress::Progress;
 use crate::sampler::{self, HostSampler, now_ms};
 use crate::spool::{self, Spool};
@@ -44,6 +44,9 @@ pub struct RunOptions {
     pub spool_max_bytes: u64,
     pub initial_backoff: Duration,
     pub max_backoff: Duration,
+    /// How long an upload waits for the collector's next ack before it gives the round up (and
+    /// retries after the backoff).
+    pub ack_timeout: Duration,
     /// The product's process to sample (default: the companion's own).
     pub pid: Option<u32>,
     pub inbox: PathBuf,
@@ -193,7 +196,7 @@ impl Agent {
             let mut consent = self.consent.clone();
             let outcome: Result<(), tonic::Status> = async {
                 let policy = consent
-                    .get_policy(authed(&self.credential, GetPolicyRequest::default()))
+                    .get_policy(unary(&self.credential, GetPolicyRequest::default()))
                     .await?
                     .into_inner()
                     .policy
@@ -394,11 +397,24 @@ impl Agent {
             for request in first {
                 let _ = tx.send(request).await;
             }
-            let mut acks = call.await.map_err(status_end)?.into_inner();
+            let ack_timeout = self.options.ack_timeout;
+            let stalled = || UploadEnd::Retry {
+                hint: None,
+                reason: format!(
+                    "no ack from the collector within {} ms",
+                    ack_timeout.as_millis()
+                ),
+            };
+            let mut acks = tokio::time::timeout(ack_timeout, call)
+                .await
+                .map_err(|_| stalled())?
+                .map_err(status_end)?
+                .into_inner();
             while let Some((path, count)) = pending.front().cloned() {
-                let ack = acks
-                    .message()
+                // A collector that stops answering mid-stream is given up on, not waited for.
+                let ack = tokio::time::timeout(ack_timeout, acks.message())
                     .await
+                    .map_err(|_| stalled())?
                     .map_err(status_end)?
                     .ok_or_else(|| UploadEnd::Retry {
                         hint: None,

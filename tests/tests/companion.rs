@@ -1010,3 +1010,52 @@ async fn readme_tour_runs_as_written() {
         assert!(!text.contains("slc_") && !text.contains("sla_"), "{text}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_collector_that_accepts_and_never_answers_does_not_hold_the_companion() {
+    let (stack, org, mut companion, instance) = Stack::linked(false, "SRV-S").await;
+    // A listener that takes connections and never says a word: the companion must give the round
+    // up, keep its spool, and deliver everything once the real collector is its target again.
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let silent_addr = silent.local_addr().unwrap();
+    let held = tokio::spawn(async move {
+        let mut open = Vec::new();
+        while let Ok((socket, _)) = silent.accept().await {
+            open.push(socket);
+        }
+    });
+    let state_path = companion.path().join("companion.json");
+    let state = std::fs::read_to_string(&state_path).unwrap();
+    let real = stack.url("collector");
+    std::fs::write(
+        &state_path,
+        state.replace(&real, &format!("http://{silent_addr}")),
+    )
+    .unwrap();
+    companion.drop_metrics(
+        "stalled.jsonl",
+        marker("stalled.marker", 0..100, now_ms() - HOUR_MS),
+    );
+    companion.start(&[("--ack-timeout-ms", "300")]);
+    let status = wait_for("the stalled round to be given up", 30, async || {
+        let status = companion.status();
+        status["last_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("no ack from the collector within 300 ms"))
+            .then_some(status)
+    })
+    .await;
+    assert!(companion.spool_files() > 0, "{status}");
+    assert_eq!(status["uploaded_events_total"], 0);
+    companion.kill9().await;
+    held.abort();
+    std::fs::write(&state_path, state).unwrap();
+    companion.start(&[]);
+    let points = wait_for("the spool to be delivered", 30, async || {
+        let points = stack.raw(&org, &instance, "stalled.marker").await;
+        (points.len() >= 100 && companion.spool_files() == 0).then_some(points)
+    })
+    .await;
+    assert_eq!(points.len(), 100);
+    companion.kill9().await;
+}
