@@ -189,6 +189,18 @@ impl Agent {
         out
     }
 
+    /// Like `record`, but writes `status.json` at most every half second: an upload's counters
+    /// change with every ack, and the file is what `status` shows, not what anything relies on.
+    /// The round's end writes it whatever.
+    fn record_soon(&self, change: impl FnOnce(&mut RunStatus)) {
+        let mut status = lock(&self.status);
+        change(&mut status);
+        let now = now_ms();
+        if now - status.updated_at_ms >= 500 {
+            status.save(&self.home, now);
+        }
+    }
+
     /// Follows the instance's policy: GetPolicy, then WatchPolicy, again after any break.
     async fn follow_policy(&self, tx: mpsc::Sender<Policy>) {
         let mut backoff = Backoff::new(self.options.initial_backoff, self.options.max_backoff);
@@ -326,7 +338,9 @@ impl Agent {
         Ok(())
     }
 
-    /// Sends every sealed spool file, oldest first, a batch per file, up to four unacknowledged.
+    /// Sends every sealed spool file, oldest first, a batch per file: over `STREAMS` IngestStreams
+    /// at once (the collector commits a stream's batches one after another, and several streams'
+    /// together), each with up to `WINDOW` batches unacknowledged.
     pub async fn upload(&self, policy: &watch::Receiver<Option<Live>>) -> UploadEnd {
         let files = {
             let mut spool = lock(&self.spool);
@@ -348,55 +362,77 @@ impl Agent {
             };
         }
         let total = files.len() as u64;
-        let mut progress = (total > 1).then(|| Progress::new("uploading the spool"));
-        let (tx, rx) = mpsc::channel::<IngestStreamRequest>(4);
-        let mut collector = self.collector.clone();
-        let call = collector.ingest_stream(authed(
-            &self.credential,
-            tokio_stream::wrappers::ReceiverStream::new(rx),
-        ));
+        let round = Round {
+            queue: Mutex::new(files.into_iter().collect()),
+            progress: Mutex::new((total > 1).then(|| Progress::new("uploading the spool"))),
+            total,
+            done: Mutex::new((0, 0)),
+        };
+        let streams = (0..STREAMS.min(total as usize)).map(|_| self.upload_stream(&round, policy));
+        let ends = futures::future::join_all(streams).await;
+        let (done, events_done) = *lock(&round.done);
+        self.record(|s| s.last_upload_events = events_done);
+        match ends.into_iter().find_map(Result::err) {
+            None => UploadEnd::Done {
+                batches: done,
+                events: events_done,
+            },
+            Some(end) => end,
+        }
+    }
+
+    /// One stream of an upload round: takes files from the round's queue until it is empty, the
+    /// policy no longer allows uploads, or the stream fails.
+    async fn upload_stream(
+        &self,
+        round: &Round,
+        policy: &watch::Receiver<Option<Live>>,
+    ) -> Result<(), UploadEnd> {
+        let (tx, rx) = mpsc::channel::<IngestStreamRequest>(WINDOW);
         let mut pending: VecDeque<(PathBuf, u64)> = VecDeque::new();
-        let mut files = files.into_iter();
-        let mut done = 0u64;
-        let mut events_done = 0u64;
-        let mut accepted = 0u64;
-        // Queue the first window before the call starts, so the stream opens with data.
-        let mut fill =
-            |pending: &mut VecDeque<(PathBuf, u64)>| -> Result<Vec<IngestStreamRequest>, String> {
-                let mut out = Vec::new();
-                while pending.len() + out.len() < 4 {
-                    // An opt-out during a backlog stops it at the next batch.
-                    if !uploads_allowed(&policy.borrow()) {
-                        break;
-                    }
-                    let Some(path) = files.next() else { break };
-                    let batch =
-                        spool::read(&path).map_err(|e| format!("{}: {e}", path.display()))?;
-                    if batch.events.is_empty() {
-                        let _ = lock(&self.spool).remove(&path);
-                        continue;
-                    }
-                    lock(&self.spool).mark_in_flight(&path, true);
-                    let name = path
-                        .file_name()
-                        .map(|n| n.to_string_lossy().into_owned())
-                        .unwrap_or_default();
-                    pending.push_back((path, batch.events.len() as u64));
-                    out.push(IngestStreamRequest {
-                        batch_id: name,
-                        events: batch.events,
-                    });
+        let fill = |pending: &mut VecDeque<(PathBuf, u64)>| -> Result<Vec<IngestStreamRequest>, UploadEnd> {
+            let mut out = Vec::new();
+            while pending.len() + out.len() < WINDOW {
+                // An opt-out during a backlog stops it at the next batch.
+                if !uploads_allowed(&policy.borrow()) {
+                    break;
                 }
-                Ok(out)
-            };
+                let Some(path) = lock(&round.queue).pop_front() else { break };
+                let batch = spool::read(&path).map_err(|e| UploadEnd::Retry {
+                    hint: None,
+                    reason: format!("{}: {e}", path.display()),
+                })?;
+                if batch.events.is_empty() {
+                    let _ = lock(&self.spool).remove(&path);
+                    continue;
+                }
+                lock(&self.spool).mark_in_flight(&path, true);
+                let name = path
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_default();
+                pending.push_back((path, batch.events.len() as u64));
+                out.push(IngestStreamRequest {
+                    batch_id: name,
+                    events: batch.events,
+                });
+            }
+            Ok(out)
+        };
         let end = async {
-            let first = fill(&mut pending).map_err(|reason| UploadEnd::Retry { hint: None, reason })?;
+            // The first window is queued before the call starts, so the stream opens with data.
+            let first = fill(&mut pending)?;
             if first.is_empty() {
                 return Ok(());
             }
             for request in first {
                 let _ = tx.send(request).await;
             }
+            let mut collector = self.collector.clone();
+            let call = collector.ingest_stream(authed(
+                &self.credential,
+                tokio_stream::wrappers::ReceiverStream::new(rx),
+            ));
             let ack_timeout = self.options.ack_timeout;
             let stalled = || UploadEnd::Retry {
                 hint: None,
@@ -437,43 +473,34 @@ impl Agent {
                     if let Err(e) = lock(&self.spool).remove(&path) {
                         tracing::warn!(error = %e, "an acknowledged spool file could not be deleted (it is resent, and stored once)");
                     }
-                    done += 1;
-                    events_done += count;
                     let stored = ack_accepted(&ack.result);
-                    accepted += stored;
-                    self.record(|s| {
+                    self.record_soon(|s| {
                         s.uploaded_events_total += count;
                         s.accepted_events_total += stored;
                         s.last_upload_at_ms = Some(now_ms());
                     });
-                    if let Some(p) = &mut progress {
-                        p.update(done, total, "batches", &format!("{events_done} events"));
+                    let (done, events) = {
+                        let mut done = lock(&round.done);
+                        done.0 += 1;
+                        done.1 += count;
+                        *done
+                    };
+                    if let Some(p) = lock(&round.progress).as_mut() {
+                        p.update(done, round.total, "batches", &format!("{events} events"));
                     }
                 }
-                let more = fill(&mut pending).map_err(|reason| UploadEnd::Retry { hint: None, reason })?;
-                for request in more {
+                for request in fill(&mut pending)? {
                     let _ = tx.send(request).await;
                 }
             }
             Ok(())
         }
         .await;
-        drop(tx);
-        {
-            let mut spool = lock(&self.spool);
-            for (path, _) in &pending {
-                spool.mark_in_flight(path, false);
-            }
+        let mut spool = lock(&self.spool);
+        for (path, _) in &pending {
+            spool.mark_in_flight(path, false);
         }
-        let _ = accepted;
-        self.record(|s| s.last_upload_events = events_done);
-        match end {
-            Ok(()) => UploadEnd::Done {
-                batches: done,
-                events: events_done,
-            },
-            Err(end) => end,
-        }
+        end
     }
 
     /// A batch the collector refuses as invalid is kept aside, not resent forever.
@@ -617,6 +644,19 @@ impl Agent {
         lock(&this.spool).seal();
         Ok(())
     }
+}
+
+/// IngestStreams an upload round uses at once, and batches each may have unacknowledged.
+const STREAMS: usize = 4;
+const WINDOW: usize = 2;
+
+/// What the streams of one upload round share.
+struct Round {
+    queue: Mutex<VecDeque<PathBuf>>,
+    progress: Mutex<Option<Progress>>,
+    total: u64,
+    /// Batches and events acknowledged.
+    done: Mutex<(u64, u64)>,
 }
 
 /// The policy the companion acts on, and whether consent-svc gave it in this run (only a live

@@ -512,10 +512,17 @@ pub fn companion_binary() -> PathBuf {
     binary("sightline-companion")
 }
 
-/// A workspace binary next to the test binary (`cargo build --bin NAME`).
+/// A workspace binary (`cargo build --bin NAME`): beside this one (a load generator in
+/// target/release), or one level up (a test in target/debug/deps).
 pub fn binary(name: &str) -> PathBuf {
     let exe = std::env::current_exe().unwrap();
-    let binary = exe.parent().and_then(Path::parent).unwrap().join(name);
+    let dir = exe.parent().unwrap();
+    let beside = dir.join(name);
+    let binary = if beside.exists() {
+        beside
+    } else {
+        dir.parent().unwrap().join(name)
+    };
     assert!(
         binary.exists(),
         "{} is missing: cargo build --bin {name}",

@@ -64,12 +64,15 @@ fn run(home: &Path, upload_every_ms: &str) -> std::process::Child {
 #[tokio::main]
 async fn main() {
     let events = arg("--events", 200_000);
+    let no_tags = sightline_tests::bench::flag("--no-tags");
     let (limits, linker, consent) = sightline_tests::bench::unlimited_stack().await;
     let collector = TestCollector::start(
         &linker,
         &consent,
         CollectorOptions {
             limits,
+            // The service's own schedules, not the tests' fast ones.
+            collection: sightline_runtime::settings::CollectionSettings::default(),
             ..CollectorOptions::default()
         },
     )
@@ -104,21 +107,22 @@ async fn main() {
     // Phase 1: the collector is away; the inbox fills the spool.
     let inbox = home.path().join("inbox");
     std::fs::create_dir_all(&inbox).unwrap();
-    let at = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs()
-        - 3600;
+    // The services run on the tests' clock (T0): an hour before it, inside the event-id window.
+    let at = (sightline_tests::T0_MS / 1000 - 3600) as u64;
     let per_file = 10_000;
     let files = events.div_ceil(per_file);
     for f in 0..files {
         let mut text = String::new();
         for i in 0..per_file.min(events - f * per_file) {
             let n = f * per_file + i;
+            let tags = if no_tags {
+                String::new()
+            } else {
+                format!(",\"tags\":{{\"node\":\"n{}\"}}", n % 4)
+            };
             text.push_str(&format!(
-                "{{\"name\":\"bench.value\",\"value\":{n},\"unit\":\"count\",\"at\":\"{}\",\"tags\":{{\"node\":\"n{}\"}}}}\n",
+                "{{\"name\":\"bench.value\",\"value\":{n},\"unit\":\"count\",\"at\":\"{}\"{tags}}}\n",
                 prost_types::Timestamp { seconds: (at + n % 3000) as i64, nanos: 0 },
-                n % 4
             ));
         }
         std::fs::write(inbox.join(format!("f{f:05}.jsonl")), text).unwrap();
@@ -146,11 +150,20 @@ async fn main() {
     let backlog = spool_files(home.path());
     let mut child = run(home.path(), "3600000");
     let started = Instant::now();
-    while spool_files(home.path()) > 0 {
+    let status_path = home.path().join("status.json");
+    let counted = |field: &str| -> u64 {
+        std::fs::read(&status_path)
+            .ok()
+            .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+            .and_then(|v| v[field].as_u64())
+            .unwrap_or(0)
+    };
+    while counted("uploaded_events_total") < events {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     let uploaded_in = started.elapsed();
     let upload_rss = vm(child.id(), "VmHWM:");
+    let accepted = counted("accepted_events_total");
     child.kill().unwrap();
     child.wait().unwrap();
 
@@ -165,9 +178,10 @@ async fn main() {
         spool_rss
     );
     println!(
-        "  backlog upload ({backlog} files, IngestStream, each acknowledged as committed, then deleted): {:.2} s, {:.0} events/s, peak RSS {:.1} MiB",
+        "  backlog upload ({backlog} files, IngestStream, each acknowledged as committed, then deleted): {:.2} s, {:.0} events/s, {accepted} stored, peak RSS {:.1} MiB",
         uploaded_in.as_secs_f64(),
         per_second(uploaded_in),
         upload_rss
     );
+    assert!(accepted >= events, "every event stored: {accepted}");
 }
