@@ -86,6 +86,7 @@ pub async fn serve(addr: SocketAddr, shutdown: CancellationToken) -> std::io::Re
             "a metrics recorder is installed already",
         ));
     };
+    tracing::info!(addr = %local, "metrics listening");
     tokio::spawn(async move {
         loop {
             let stream = tokio::select! {

@@ -1231,3 +1231,53 @@ pub mod admin {
             .unwrap();
     }
 }
+
+/// The gRPC and metrics addresses a service process's JSON log names (SIGHTLINE_LOG__FORMAT=json,
+/// level info), read from its standard error, the rest of which is drained so the service never
+/// blocks on a full pipe. Services started on port 0 this way never race a parallel test for a
+/// port chosen and released beforehand.
+pub async fn listening_addrs(
+    name: &str,
+    child: &mut tokio::process::Child,
+) -> (SocketAddr, SocketAddr) {
+    use tokio::io::AsyncBufReadExt;
+    let mut lines = tokio::io::BufReader::new(child.stderr.take().unwrap()).lines();
+    let (mut grpc, mut metrics) = (None, None);
+    let mut seen = String::new();
+    let read = async {
+        while let Ok(Some(line)) = lines.next_line().await {
+            seen.push_str(&line);
+            seen.push('\n');
+            let Ok(entry) = serde_json::from_str::<serde_json::Value>(&line) else {
+                continue;
+            };
+            let addr = entry["addr"].as_str().and_then(|a| a.parse().ok());
+            match entry["message"].as_str() {
+                Some("serving") => grpc = addr,
+                Some("metrics listening") => metrics = addr,
+                _ => {}
+            }
+            if grpc.is_some() && metrics.is_some() {
+                return true;
+            }
+        }
+        false
+    };
+    let found = tokio::time::timeout(std::time::Duration::from_secs(30), read).await;
+    assert!(matches!(found, Ok(true)), "{name} did not start:\n{seen}");
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    (grpc.unwrap(), metrics.unwrap())
+}
+
+/// `GET /metrics`, raw.
+pub async fn scrape(addr: SocketAddr) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    stream
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut body = String::new();
+    stream.read_to_string(&mut body).await.unwrap();
+    body
+}

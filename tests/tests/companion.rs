@@ -21,7 +21,7 @@ use sightline_proto::insights::v1::insights_service_client::InsightsServiceClien
 use sightline_proto::insights::v1::{GetHealthRequest, GetTrendsRequest};
 use sightline_proto::linker::v1::RegenerateLinkKeyRequest;
 use sightline_proto::linker::v1::linker_service_client::LinkerServiceClient;
-use sightline_tests::{admin, authed, companion_binary, free_addr, sightline_binary};
+use sightline_tests::{admin, authed, companion_binary, sightline_binary};
 use tonic::transport::Channel;
 
 const HOUR_MS: i64 = 3_600_000;
@@ -58,8 +58,10 @@ async fn wait_for<T>(what: &str, secs: u64, mut probe: impl AsyncFnMut() -> Opti
 /// The four services as `sightline <service>` processes on fixed local ports.
 struct Stack {
     dir: tempfile::TempDir,
+    /// Where each service listens: picked by the system at its first start (and said in its
+    /// log), kept for a restart.
     addrs: HashMap<&'static str, SocketAddr>,
-    collector_metrics: SocketAddr,
+    collector_metrics: Option<SocketAddr>,
     databases: HashMap<&'static str, String>,
     children: HashMap<&'static str, tokio::process::Child>,
 }
@@ -79,11 +81,12 @@ impl Stack {
         }
         let mut stack = Self {
             dir: private_dir(),
-            addrs: SERVICES.iter().map(|s| (*s, free_addr())).collect(),
-            collector_metrics: free_addr(),
+            addrs: HashMap::new(),
+            collector_metrics: None,
             databases,
             children: HashMap::new(),
         };
+        // In dependency order: each is given the addresses of those before it.
         for name in SERVICES {
             stack.spawn(name).await;
         }
@@ -100,34 +103,42 @@ impl Stack {
             .arg(name)
             .arg("--data-dir")
             .arg(self.dir.path())
-            .env("SIGHTLINE_LOG__LEVEL", "warn")
+            .env("SIGHTLINE_LOG__LEVEL", "info")
+            .env("SIGHTLINE_LOG__FORMAT", "json")
             .env("SIGHTLINE_COLLECTION__ROLLUP_EVERY_MS", "300")
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(Stdio::piped())
             .kill_on_drop(true);
         for svc in SERVICES {
             let upper = svc.to_uppercase();
-            command
-                .env(
-                    format!("SIGHTLINE_{upper}__LISTEN"),
-                    self.addrs[svc].to_string(),
-                )
-                .env(format!("SIGHTLINE_{upper}__URL"), self.url(svc))
-                .env(format!("SIGHTLINE_{upper}__METRICS_LISTEN"), "off");
+            if let Some(addr) = self.addrs.get(svc) {
+                command
+                    .env(format!("SIGHTLINE_{upper}__LISTEN"), addr.to_string())
+                    .env(format!("SIGHTLINE_{upper}__URL"), format!("http://{addr}"));
+            }
             if let Some(url) = self.databases.get(svc) {
                 command.env(format!("SIGHTLINE_{upper}__DATABASE_URL"), url);
             }
         }
-        command.env(
-            "SIGHTLINE_COLLECTOR__METRICS_LISTEN",
-            self.collector_metrics.to_string(),
-        );
-        self.children.insert(name, command.spawn().unwrap());
-        let addr = self.addrs[name];
-        wait_for(&format!("{name} to listen"), 30, async || {
-            tokio::net::TcpStream::connect(addr).await.ok()
-        })
-        .await;
+        let upper = name.to_uppercase();
+        let listen = self
+            .addrs
+            .get(name)
+            .map_or("127.0.0.1:0".to_owned(), SocketAddr::to_string);
+        let metrics = match (name, self.collector_metrics) {
+            ("collector", Some(addr)) => addr.to_string(),
+            _ => "127.0.0.1:0".to_owned(),
+        };
+        command
+            .env(format!("SIGHTLINE_{upper}__LISTEN"), listen)
+            .env(format!("SIGHTLINE_{upper}__METRICS_LISTEN"), metrics);
+        let mut child = command.spawn().unwrap();
+        let (addr, metrics) = sightline_tests::listening_addrs(name, &mut child).await;
+        self.addrs.insert(name, addr);
+        if name == "collector" {
+            self.collector_metrics = Some(metrics);
+        }
+        self.children.insert(name, child);
     }
 
     async fn kill(&mut self, name: &str) {
@@ -216,16 +227,7 @@ impl Stack {
 
     /// The collector's `sightline_collector_events_total`, summed over outcomes.
     async fn collector_events_total(&self) -> f64 {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let mut stream = tokio::net::TcpStream::connect(self.collector_metrics)
-            .await
-            .unwrap();
-        stream
-            .write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-            .await
-            .unwrap();
-        let mut body = String::new();
-        stream.read_to_string(&mut body).await.unwrap();
+        let body = sightline_tests::scrape(self.collector_metrics.unwrap()).await;
         body.lines()
             .filter(|l| l.starts_with("sightline_collector_events_total"))
             .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())

@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use serde_json::Value;
 use sightline_proto::common::v1::{SharingLevel, UsageLevel};
-use sightline_tests::{admin, binary, free_addr, workspace_root};
+use sightline_tests::{admin, binary, workspace_root};
 
 const SERVICES: [&str; 4] = ["linker", "consent", "collector", "insights"];
 
@@ -141,17 +141,6 @@ fn container_port(service: &str) -> u16 {
     }
 }
 
-async fn wait_listening(addr: SocketAddr, what: &str) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    while tokio::net::TcpStream::connect(addr).await.is_err() {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{what} did not listen"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 async fn compose_stack_runs_here(files: &[&str], tls: bool) {
     let dockerfile = std::fs::read_to_string(workspace_root().join("Dockerfile")).unwrap();
     assert!(dockerfile.contains("ENTRYPOINT [\"sightline\"]"));
@@ -169,11 +158,11 @@ async fn compose_stack_runs_here(files: &[&str], tls: bool) {
         "pg_isready -U sightline -d linker"
     );
     let tls_dir = tls.then(tls_dir);
-    let mapped = Mapped {
-        listen: SERVICES
-            .iter()
-            .map(|s| ((*s).to_owned(), free_addr()))
-            .collect(),
+    // Each service listens on a port the system picks (a port chosen here and released could be
+    // taken by a parallel test first); it says which in its log, and the services started after it
+    // are given that address.
+    let mut mapped = Mapped {
+        listen: HashMap::new(),
         tls: tls_dir.as_ref().map(|d| d.path().to_path_buf()),
     };
     // Volumes by name: collector and insights share one (the pseudonymization secret).
@@ -204,14 +193,10 @@ async fn compose_stack_runs_here(files: &[&str], tls: bool) {
                 "{name} publishes {target}: {published:?}"
             );
         }
-        let metrics = free_addr();
-        env.insert(
-            format!("SIGHTLINE_{upper}__LISTEN"),
-            mapped.listen[name].to_string(),
-        );
+        env.insert(format!("SIGHTLINE_{upper}__LISTEN"), "127.0.0.1:0".into());
         env.insert(
             format!("SIGHTLINE_{upper}__METRICS_LISTEN"),
-            metrics.to_string(),
+            "127.0.0.1:0".into(),
         );
         let database = format!("SIGHTLINE_{upper}__DATABASE_URL");
         assert!(env[&database].starts_with("postgres://sightline:sightline@postgres:5432/"));
@@ -245,28 +230,14 @@ async fn compose_stack_runs_here(files: &[&str], tls: bool) {
             .stderr(Stdio::piped())
             .kill_on_drop(true);
         let mut child = command.spawn().unwrap();
-        let addr = mapped.listen[name];
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-        while tokio::net::TcpStream::connect(addr).await.is_err() {
-            if let Ok(Some(status)) = child.try_wait() {
-                let mut stderr = String::new();
-                use tokio::io::AsyncReadExt;
-                child
-                    .stderr
-                    .take()
-                    .unwrap()
-                    .read_to_string(&mut stderr)
-                    .await
-                    .unwrap();
-                panic!("{name} with the compose environment exited ({status}): {stderr}");
-            }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "{name} did not listen"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        wait_listening(metrics, "metrics").await;
+        // Its JSON log says where it serves gRPC and metrics (SIGHTLINE_LOG__FORMAT=json).
+        let (addr, metrics) = sightline_tests::listening_addrs(name, &mut child).await;
+        mapped.listen.insert(name.to_owned(), addr);
+        let response = sightline_tests::scrape(metrics).await;
+        assert!(
+            response.starts_with("HTTP/1.1 200"),
+            "{name} metrics: {response}"
+        );
         // Its health check, as compose runs it (inside the container, so against 127.0.0.1).
         let check = strings(&service["healthcheck"]["test"]);
         assert_eq!(check[..3], ["CMD", "sightline", "health"]);
