@@ -1239,10 +1239,11 @@ pub mod admin {
 pub async fn listening_addrs(
     name: &str,
     child: &mut tokio::process::Child,
-) -> (SocketAddr, SocketAddr) {
+    metrics: bool,
+) -> (SocketAddr, Option<SocketAddr>) {
     use tokio::io::AsyncBufReadExt;
     let mut lines = tokio::io::BufReader::new(child.stderr.take().unwrap()).lines();
-    let (mut grpc, mut metrics) = (None, None);
+    let (mut grpc, mut metrics_addr) = (None, None);
     let mut seen = String::new();
     let read = async {
         while let Ok(Some(line)) = lines.next_line().await {
@@ -1254,10 +1255,10 @@ pub async fn listening_addrs(
             let addr = entry["addr"].as_str().and_then(|a| a.parse().ok());
             match entry["message"].as_str() {
                 Some("serving") => grpc = addr,
-                Some("metrics listening") => metrics = addr,
+                Some("metrics listening") => metrics_addr = addr,
                 _ => {}
             }
-            if grpc.is_some() && metrics.is_some() {
+            if grpc.is_some() && (metrics_addr.is_some() || !metrics) {
                 return true;
             }
         }
@@ -1266,7 +1267,34 @@ pub async fn listening_addrs(
     let found = tokio::time::timeout(std::time::Duration::from_secs(30), read).await;
     assert!(matches!(found, Ok(true)), "{name} did not start:\n{seen}");
     tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-    (grpc.unwrap(), metrics.unwrap())
+    (grpc.unwrap(), metrics_addr)
+}
+
+/// A `sightline <service>` process on the data directory `data`, with `env` (its
+/// `SIGHTLINE_<SERVICE>__LISTEN` may name port 0), logging JSON at info so its address can be read;
+/// returns it when it serves, with its gRPC address and, unless `METRICS_LISTEN` is "off", its
+/// metrics address.
+pub async fn service_process(
+    service: &str,
+    data: &Path,
+    env: &[(String, String)],
+) -> (tokio::process::Child, SocketAddr, Option<SocketAddr>) {
+    let metrics_key = format!("SIGHTLINE_{}__METRICS_LISTEN", service.to_uppercase());
+    let metrics = !env.iter().any(|(k, v)| *k == metrics_key && v == "off");
+    let mut child = tokio::process::Command::new(sightline_binary())
+        .arg(service)
+        .arg("--data-dir")
+        .arg(data)
+        .env("SIGHTLINE_LOG__LEVEL", "info")
+        .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+        .env("SIGHTLINE_LOG__FORMAT", "json")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let (addr, metrics) = listening_addrs(service, &mut child, metrics).await;
+    (child, addr, metrics)
 }
 
 /// `GET /metrics`, raw.

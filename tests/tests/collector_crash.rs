@@ -18,7 +18,7 @@ use sightline_tests::collector::{dropped, metric, page_view};
 use sightline_tests::consent::{opt_in, policy, track};
 use sightline_tests::{
     CollectorOptions, LinkerOptions, T0_MS, TestCollector, TestConsent, TestInstance, TestLinker,
-    authed, free_addr, sightline_binary,
+    authed, service_process,
 };
 use sqlx::Connection;
 use tokio_util::sync::CancellationToken;
@@ -27,41 +27,40 @@ use tonic::transport::Channel as GrpcChannel;
 /// A collector-svc process (the `sightline collector` binary) wired to in-process linker and consent.
 struct CollectorProcess {
     child: tokio::process::Child,
+    addr: SocketAddr,
 }
 
 impl CollectorProcess {
+    /// Starts it on `addr` (port 0 the first time: the system picks, and the process says which).
     async fn start(
         linker: &TestLinker,
         consent: &TestConsent,
         addr: SocketAddr,
         database_url: Option<&str>,
     ) -> Self {
-        let mut command = tokio::process::Command::new(sightline_binary());
-        command
-            .arg("collector")
-            .arg("--data-dir")
-            .arg(linker.data_dir())
-            .env("SIGHTLINE_COLLECTOR__LISTEN", addr.to_string())
-            .env("SIGHTLINE_COLLECTOR__METRICS_LISTEN", "off")
-            .env("SIGHTLINE_LINKER__URL", format!("http://{}", linker.addr))
-            .env("SIGHTLINE_CONSENT__URL", format!("http://{}", consent.addr))
-            .env("SIGHTLINE_LOG__LEVEL", "warn")
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .kill_on_drop(true);
+        let mut env = vec![
+            ("SIGHTLINE_COLLECTOR__LISTEN".to_owned(), addr.to_string()),
+            (
+                "SIGHTLINE_COLLECTOR__METRICS_LISTEN".to_owned(),
+                "off".to_owned(),
+            ),
+            (
+                "SIGHTLINE_LINKER__URL".to_owned(),
+                format!("http://{}", linker.addr),
+            ),
+            (
+                "SIGHTLINE_CONSENT__URL".to_owned(),
+                format!("http://{}", consent.addr),
+            ),
+        ];
         if let Some(url) = database_url {
-            command.env("SIGHTLINE_COLLECTOR__DATABASE_URL", url);
+            env.push((
+                "SIGHTLINE_COLLECTOR__DATABASE_URL".to_owned(),
+                url.to_owned(),
+            ));
         }
-        let child = command.spawn().unwrap();
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-        while tokio::net::TcpStream::connect(addr).await.is_err() {
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "collector-svc did not start"
-            );
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        Self { child }
+        let (child, addr, _) = service_process("collector", linker.data_dir(), &env).await;
+        Self { child, addr }
     }
 
     async fn kill9(&mut self) {
@@ -145,9 +144,10 @@ async fn kill_loop(database_url: Option<String>) {
     let org = linker.org("Acme").await;
     let instance = linker.link_instance(&org, "SRV-A").await;
     opt_in(&consent, &org, UsageLevel::Basic, SharingLevel::Basic).await;
-    let addr = free_addr();
+    let unbound: SocketAddr = "127.0.0.1:0".parse().unwrap();
     let mut process =
-        CollectorProcess::start(&linker, &consent, addr, database_url.as_deref()).await;
+        CollectorProcess::start(&linker, &consent, unbound, database_url.as_deref()).await;
+    let addr = process.addr;
     let channel = GrpcChannel::from_shared(format!("http://{addr}"))
         .unwrap()
         .connect_lazy();

@@ -98,26 +98,18 @@ impl Stack {
     }
 
     async fn spawn(&mut self, name: &'static str) {
-        let mut command = tokio::process::Command::new(sightline_binary());
-        command
-            .arg(name)
-            .arg("--data-dir")
-            .arg(self.dir.path())
-            .env("SIGHTLINE_LOG__LEVEL", "info")
-            .env("SIGHTLINE_LOG__FORMAT", "json")
-            .env("SIGHTLINE_COLLECTION__ROLLUP_EVERY_MS", "300")
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true);
+        let mut env = vec![(
+            "SIGHTLINE_COLLECTION__ROLLUP_EVERY_MS".to_owned(),
+            "300".to_owned(),
+        )];
         for svc in SERVICES {
             let upper = svc.to_uppercase();
             if let Some(addr) = self.addrs.get(svc) {
-                command
-                    .env(format!("SIGHTLINE_{upper}__LISTEN"), addr.to_string())
-                    .env(format!("SIGHTLINE_{upper}__URL"), format!("http://{addr}"));
+                env.push((format!("SIGHTLINE_{upper}__LISTEN"), addr.to_string()));
+                env.push((format!("SIGHTLINE_{upper}__URL"), format!("http://{addr}")));
             }
             if let Some(url) = self.databases.get(svc) {
-                command.env(format!("SIGHTLINE_{upper}__DATABASE_URL"), url);
+                env.push((format!("SIGHTLINE_{upper}__DATABASE_URL"), url.clone()));
             }
         }
         let upper = name.to_uppercase();
@@ -127,16 +119,16 @@ impl Stack {
             .map_or("127.0.0.1:0".to_owned(), SocketAddr::to_string);
         let metrics = match (name, self.collector_metrics) {
             ("collector", Some(addr)) => addr.to_string(),
-            _ => "127.0.0.1:0".to_owned(),
+            ("collector", None) => "127.0.0.1:0".to_owned(),
+            _ => "off".to_owned(),
         };
-        command
-            .env(format!("SIGHTLINE_{upper}__LISTEN"), listen)
-            .env(format!("SIGHTLINE_{upper}__METRICS_LISTEN"), metrics);
-        let mut child = command.spawn().unwrap();
-        let (addr, metrics) = sightline_tests::listening_addrs(name, &mut child).await;
+        env.push((format!("SIGHTLINE_{upper}__LISTEN"), listen));
+        env.push((format!("SIGHTLINE_{upper}__METRICS_LISTEN"), metrics));
+        let (child, addr, metrics) =
+            sightline_tests::service_process(name, self.dir.path(), &env).await;
         self.addrs.insert(name, addr);
         if name == "collector" {
-            self.collector_metrics = Some(metrics);
+            self.collector_metrics = metrics;
         }
         self.children.insert(name, child);
     }

@@ -231,9 +231,9 @@ async fn compose_stack_runs_here(files: &[&str], tls: bool) {
             .kill_on_drop(true);
         let mut child = command.spawn().unwrap();
         // Its JSON log says where it serves gRPC and metrics (SIGHTLINE_LOG__FORMAT=json).
-        let (addr, metrics) = sightline_tests::listening_addrs(name, &mut child).await;
+        let (addr, metrics) = sightline_tests::listening_addrs(name, &mut child, true).await;
         mapped.listen.insert(name.to_owned(), addr);
-        let response = sightline_tests::scrape(metrics).await;
+        let response = sightline_tests::scrape(metrics.unwrap()).await;
         assert!(
             response.starts_with("HTTP/1.1 200"),
             "{name} metrics: {response}"

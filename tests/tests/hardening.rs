@@ -5,7 +5,6 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::SocketAddr;
-use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -15,9 +14,7 @@ use sightline_proto::consent::v1 as consent_pb;
 use sightline_proto::consent::v1::consent_service_client::ConsentServiceClient;
 use sightline_runtime::settings::Limits;
 use sightline_tests::consent::{settings, stack};
-use sightline_tests::{
-    LinkerOptions, TestConsent, TestLinker, TestOrg, authed, free_addr, sightline_binary,
-};
+use sightline_tests::{LinkerOptions, TestConsent, TestLinker, TestOrg, authed};
 use tonic::Code;
 use tonic::transport::Channel;
 
@@ -389,34 +386,29 @@ async fn with_tight_deadlines_and_four_writers_the_log_and_the_store_agree() {
 /// A consent-svc process (the `sightline consent` binary) wired to an in-process linker.
 struct ConsentProcess {
     child: tokio::process::Child,
+    addr: SocketAddr,
 }
 
 impl ConsentProcess {
+    /// Starts it on `addr` (port 0 the first time: the system picks, and the process says which).
     async fn start(linker: &TestLinker, addr: SocketAddr, database_url: Option<&str>) -> Self {
-        let mut command = tokio::process::Command::new(sightline_binary());
-        command
-            .arg("consent")
-            .arg("--data-dir")
-            .arg(linker.data_dir())
-            .env("SIGHTLINE_CONSENT__LISTEN", addr.to_string())
-            .env("SIGHTLINE_LINKER__URL", format!("http://{}", linker.addr))
-            .env("SIGHTLINE_LOG__LEVEL", "warn")
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .kill_on_drop(true);
+        let mut env = vec![
+            ("SIGHTLINE_CONSENT__LISTEN".to_owned(), addr.to_string()),
+            (
+                "SIGHTLINE_LINKER__URL".to_owned(),
+                format!("http://{}", linker.addr),
+            ),
+            (
+                "SIGHTLINE_CONSENT__METRICS_LISTEN".to_owned(),
+                "off".to_owned(),
+            ),
+        ];
         if let Some(url) = database_url {
-            command.env("SIGHTLINE_CONSENT__DATABASE_URL", url);
+            env.push(("SIGHTLINE_CONSENT__DATABASE_URL".to_owned(), url.to_owned()));
         }
-        let child = command.spawn().unwrap();
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-        while tokio::net::TcpStream::connect(addr).await.is_err() {
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "consent-svc did not start"
-            );
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        Self { child }
+        let (child, addr, _) =
+            sightline_tests::service_process("consent", linker.data_dir(), &env).await;
+        Self { child, addr }
     }
 
     async fn kill9(&mut self) {
@@ -433,8 +425,9 @@ async fn kill_loop_keeps_every_acknowledged_change_and_the_log_in_agreement(
     })
     .await;
     let orgs = [linker.org("Alpha").await, linker.org("Bravo").await];
-    let addr = free_addr();
-    let mut process = ConsentProcess::start(&linker, addr, database_url.as_deref()).await;
+    let unbound: SocketAddr = "127.0.0.1:0".parse().unwrap();
+    let mut process = ConsentProcess::start(&linker, unbound, database_url.as_deref()).await;
+    let addr = process.addr;
     let channel = Channel::from_shared(format!("http://{addr}"))
         .unwrap()
         .connect_lazy();
@@ -1119,30 +1112,6 @@ async fn a_reply_over_the_size_limit_answers_resource_exhausted() {
 }
 
 /// A `sightline <service>` process on `addr` with `data` as its data directory.
-fn service_process(service: &str, data: &Path, env: &[(&str, String)]) -> tokio::process::Child {
-    tokio::process::Command::new(sightline_binary())
-        .arg(service)
-        .arg("--data-dir")
-        .arg(data)
-        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
-        .env("SIGHTLINE_LOG__LEVEL", "warn")
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap()
-}
-
-async fn wait_listening(addr: SocketAddr) {
-    for _ in 0..1000 {
-        if tokio::net::TcpStream::connect(addr).await.is_ok() {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    panic!("{addr} never listened");
-}
-
 fn signal(child: &tokio::process::Child, name: &str) {
     let status = std::process::Command::new("kill")
         .arg(format!("-{name}"))
@@ -1160,26 +1129,40 @@ async fn with_linker_frozen_writes_of_every_org_answer_unavailable_and_settle_wh
         .tempdir()
         .unwrap();
     let data = parent.path().join("data");
-    let (linker_addr, consent_addr) = (free_addr(), free_addr());
-    let linker = service_process(
+    let (linker, linker_addr, _) = sightline_tests::service_process(
         "linker",
         &data,
         &[
-            ("SIGHTLINE_LINKER__LISTEN", linker_addr.to_string()),
-            ("SIGHTLINE_LINKER__METRICS_LISTEN", "off".into()),
+            (
+                "SIGHTLINE_LINKER__LISTEN".to_owned(),
+                "127.0.0.1:0".to_owned(),
+            ),
+            (
+                "SIGHTLINE_LINKER__METRICS_LISTEN".to_owned(),
+                "off".to_owned(),
+            ),
         ],
-    );
-    wait_listening(linker_addr).await;
-    let _consent = service_process(
+    )
+    .await;
+    let (_consent, consent_addr, _) = sightline_tests::service_process(
         "consent",
         &data,
         &[
-            ("SIGHTLINE_CONSENT__LISTEN", consent_addr.to_string()),
-            ("SIGHTLINE_CONSENT__METRICS_LISTEN", "off".into()),
-            ("SIGHTLINE_LINKER__URL", format!("http://{linker_addr}")),
+            (
+                "SIGHTLINE_CONSENT__LISTEN".to_owned(),
+                "127.0.0.1:0".to_owned(),
+            ),
+            (
+                "SIGHTLINE_CONSENT__METRICS_LISTEN".to_owned(),
+                "off".to_owned(),
+            ),
+            (
+                "SIGHTLINE_LINKER__URL".to_owned(),
+                format!("http://{linker_addr}"),
+            ),
         ],
-    );
-    wait_listening(consent_addr).await;
+    )
+    .await;
     let to_linker = Channel::from_shared(format!("http://{linker_addr}"))
         .unwrap()
         .connect()

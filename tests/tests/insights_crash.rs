@@ -16,49 +16,45 @@ use sightline_runtime::settings::Limits;
 use sightline_tests::consent::opt_in;
 use sightline_tests::{
     CollectorOptions, LinkerOptions, TestCollector, TestConsent, TestInstance, TestLinker, authed,
-    free_addr, sightline_binary,
+    service_process,
 };
 use tokio_util::sync::CancellationToken;
 
 /// An insights-svc process wired to in-process linker, consent and collector.
 struct InsightsProcess {
     child: tokio::process::Child,
+    addr: SocketAddr,
 }
 
 impl InsightsProcess {
+    /// Starts it on `addr` (port 0 the first time: the system picks, and the process says which).
     async fn start(
         linker: &TestLinker,
         consent: &TestConsent,
         collector: &TestCollector,
         addr: SocketAddr,
     ) -> Self {
-        let child = tokio::process::Command::new(sightline_binary())
-            .arg("insights")
-            .arg("--data-dir")
-            .arg(linker.data_dir())
-            .env("SIGHTLINE_INSIGHTS__LISTEN", addr.to_string())
-            .env("SIGHTLINE_INSIGHTS__METRICS_LISTEN", "off")
-            .env("SIGHTLINE_LINKER__URL", format!("http://{}", linker.addr))
-            .env("SIGHTLINE_CONSENT__URL", format!("http://{}", consent.addr))
-            .env(
-                "SIGHTLINE_COLLECTOR__URL",
+        let env = [
+            ("SIGHTLINE_INSIGHTS__LISTEN".to_owned(), addr.to_string()),
+            (
+                "SIGHTLINE_INSIGHTS__METRICS_LISTEN".to_owned(),
+                "off".to_owned(),
+            ),
+            (
+                "SIGHTLINE_LINKER__URL".to_owned(),
+                format!("http://{}", linker.addr),
+            ),
+            (
+                "SIGHTLINE_CONSENT__URL".to_owned(),
+                format!("http://{}", consent.addr),
+            ),
+            (
+                "SIGHTLINE_COLLECTOR__URL".to_owned(),
                 format!("http://{}", collector.addr),
-            )
-            .env("SIGHTLINE_LOG__LEVEL", "warn")
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .kill_on_drop(true)
-            .spawn()
-            .unwrap();
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-        while tokio::net::TcpStream::connect(addr).await.is_err() {
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "insights-svc did not start"
-            );
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        Self { child }
+            ),
+        ];
+        let (child, addr, _) = service_process("insights", linker.data_dir(), &env).await;
+        Self { child, addr }
     }
 
     async fn kill9(&mut self) {
@@ -142,8 +138,9 @@ async fn kill_9_during_bundle_uploads_keeps_every_acknowledged_bundle_whole_and_
     let org = linker.org("Acme").await;
     let instance = linker.link_instance(&org, "SRV-A").await;
     opt_in(&consent, &org, UsageLevel::Basic, SharingLevel::Basic).await;
-    let addr = free_addr();
-    let mut process = InsightsProcess::start(&linker, &consent, &collector, addr).await;
+    let unbound: SocketAddr = "127.0.0.1:0".parse().unwrap();
+    let mut process = InsightsProcess::start(&linker, &consent, &collector, unbound).await;
+    let addr = process.addr;
     let stop = CancellationToken::new();
     let uploaders: Vec<_> = (0..3)
         .map(|c| tokio::spawn(uploader(addr, instance.clone(), c, stop.clone())))
