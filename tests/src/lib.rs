@@ -373,34 +373,7 @@ pub struct TestOrg {
 
 impl TestLinker {
     pub async fn org(&self, name: &str) -> TestOrg {
-        use sightline_proto::linker::v1 as pb;
-        let mut client = self.linker().await;
-        let op = self.operator.expose();
-        let id = client
-            .create_org(authed(op, pb::CreateOrgRequest { name: name.into() }))
-            .await
-            .unwrap()
-            .into_inner()
-            .org
-            .unwrap()
-            .org_id;
-        let token = client
-            .create_admin_token(authed(
-                op,
-                pb::CreateAdminTokenRequest {
-                    org_id: id.clone(),
-                    label: "ops".into(),
-                    request_id: String::new(),
-                },
-            ))
-            .await
-            .unwrap()
-            .into_inner();
-        TestOrg {
-            id,
-            admin: token.secret,
-            admin_id: token.token.unwrap().token_id,
-        }
+        admin::org(self.channel().await, self.operator.expose(), name).await
     }
 }
 
@@ -1165,8 +1138,8 @@ pub mod admin {
         pub key_id: String,
     }
 
-    /// As the operator: a new org, its admin token, and (as that admin) a link key.
-    pub async fn org_with_link_key(linker: Channel, operator: &str, name: &str) -> NewOrg {
+    /// As the operator: a new org and its admin token.
+    pub async fn org(linker: Channel, operator: &str, name: &str) -> super::TestOrg {
         let mut linker = LinkerServiceClient::new(linker);
         let id = linker
             .create_org(authed(operator, CreateOrgRequest { name: name.into() }))
@@ -1176,7 +1149,7 @@ pub mod admin {
             .org
             .unwrap()
             .org_id;
-        let admin = linker
+        let token = linker
             .create_admin_token(authed(
                 operator,
                 CreateAdminTokenRequest {
@@ -1187,13 +1160,22 @@ pub mod admin {
             ))
             .await
             .unwrap()
-            .into_inner()
-            .secret;
-        let key = linker
+            .into_inner();
+        super::TestOrg {
+            id,
+            admin: token.secret,
+            admin_id: token.token.unwrap().token_id,
+        }
+    }
+
+    /// As the operator: a new org, its admin token, and (as that admin) a link key.
+    pub async fn org_with_link_key(linker: Channel, operator: &str, name: &str) -> NewOrg {
+        let org = org(linker.clone(), operator, name).await;
+        let key = LinkerServiceClient::new(linker)
             .create_link_key(authed(
-                &admin,
+                &org.admin,
                 CreateLinkKeyRequest {
-                    org_id: id.clone(),
+                    org_id: org.id.clone(),
                     label: "companion".into(),
                     request_id: String::new(),
                 },
@@ -1202,8 +1184,8 @@ pub mod admin {
             .unwrap()
             .into_inner();
         NewOrg {
-            id,
-            admin,
+            id: org.id,
+            admin: org.admin,
             key: key.secret,
             key_id: key.key.unwrap().key_id,
         }

@@ -1123,7 +1123,6 @@ fn signal(child: &tokio::process::Child, name: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn with_linker_frozen_writes_of_every_org_answer_unavailable_and_settle_when_it_thaws() {
-    use sightline_proto::linker::v1 as linker_pb;
     let parent = tempfile::Builder::new()
         .permissions(std::os::unix::fs::PermissionsExt::from_mode(0o700))
         .tempdir()
@@ -1169,40 +1168,12 @@ async fn with_linker_frozen_writes_of_every_org_answer_unavailable_and_settle_wh
         .await
         .unwrap();
     let operator = std::fs::read_to_string(data.join("operator.token")).unwrap();
-    let mut linker_client =
-        linker_pb::linker_service_client::LinkerServiceClient::new(to_linker.clone());
     let mut orgs = Vec::new();
     for n in 0..5 {
-        let id = linker_client
-            .create_org(authed(
-                operator.trim(),
-                linker_pb::CreateOrgRequest {
-                    name: format!("Org {n}"),
-                },
-            ))
-            .await
-            .unwrap()
-            .into_inner()
-            .org
-            .unwrap()
-            .org_id;
-        let admin = linker_client
-            .create_admin_token(authed(
-                operator.trim(),
-                linker_pb::CreateAdminTokenRequest {
-                    org_id: id.clone(),
-                    label: "ops".into(),
-                    request_id: String::new(),
-                },
-            ))
-            .await
-            .unwrap()
-            .into_inner();
-        orgs.push(TestOrg {
-            id,
-            admin: admin.secret,
-            admin_id: admin.token.unwrap().token_id,
-        });
+        orgs.push(
+            sightline_tests::admin::org(to_linker.clone(), operator.trim(), &format!("Org {n}"))
+                .await,
+        );
     }
     let consent_channel = Channel::from_shared(format!("http://{consent_addr}"))
         .unwrap()

@@ -231,7 +231,6 @@ async fn with_tls_on_consent_calls_linker_over_mtls_and_clients_change_consent_o
  {
     use sightline_proto::common::v1::{SharingLevel, UsageLevel};
     use sightline_proto::consent::v1 as consent_pb;
-    use sightline_proto::linker::v1 as linker_pb;
     use sightline_tests::authed;
 
     let pki = pki();
@@ -246,33 +245,8 @@ async fn with_tls_on_consent_calls_linker_over_mtls_and_clients_change_consent_o
     let (to_linker, _) = tls_channel(linker.addr, &pki, &[&rustls::version::TLS13], true)
         .await
         .unwrap();
-    let mut linker_client = linker_pb::linker_service_client::LinkerServiceClient::new(to_linker);
-    let org_id = linker_client
-        .create_org(authed(
-            linker.operator.expose(),
-            linker_pb::CreateOrgRequest {
-                name: "Acme".into(),
-            },
-        ))
-        .await
-        .unwrap()
-        .into_inner()
-        .org
-        .unwrap()
-        .org_id;
-    let admin = linker_client
-        .create_admin_token(authed(
-            linker.operator.expose(),
-            linker_pb::CreateAdminTokenRequest {
-                org_id: org_id.clone(),
-                label: "ops".into(),
-                request_id: String::new(),
-            },
-        ))
-        .await
-        .unwrap()
-        .into_inner()
-        .secret;
+    let org = sightline_tests::admin::org(to_linker, linker.operator.expose(), "Acme").await;
+    let (org_id, admin) = (org.id, org.admin);
     for (version, want, usage) in [
         (
             &rustls::version::TLS12,
