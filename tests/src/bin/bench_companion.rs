@@ -11,6 +11,7 @@
 //!
 //! cargo build --release --bin sightline-companion
 //! cargo run --release -p sightline-tests --bin bench_companion -- [--events 200000]
+//!     [--shuffled-times] [--no-tags]
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -65,6 +66,9 @@ fn run(home: &Path, upload_every_ms: &str) -> std::process::Child {
 async fn main() {
     let events = arg("--events", 200_000);
     let no_tags = sightline_tests::bench::flag("--no-tags");
+    // Samples as a product writes them (in time order, 100 a second) or with times cycling over
+    // 50 minutes (inserts land all over the collector's time index).
+    let shuffled = sightline_tests::bench::flag("--shuffled-times");
     let (limits, linker, consent) = sightline_tests::bench::unlimited_stack().await;
     let collector = TestCollector::start(
         &linker,
@@ -122,7 +126,7 @@ async fn main() {
             };
             text.push_str(&format!(
                 "{{\"name\":\"bench.value\",\"value\":{n},\"unit\":\"count\",\"at\":\"{}\"{tags}}}\n",
-                prost_types::Timestamp { seconds: (at + n % 3000) as i64, nanos: 0 },
+                prost_types::Timestamp { seconds: (at + if shuffled { n % 3000 } else { n / 100 }) as i64, nanos: 0 },
             ));
         }
         std::fs::write(inbox.join(format!("f{f:05}.jsonl")), text).unwrap();
