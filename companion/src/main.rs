@@ -224,7 +224,7 @@ async fn main_inner() -> anyhow::Result<()> {
                 license_sen,
             };
             let out = commands::link(&home, key, args, endpoints).await?;
-            println!("{out}");
+            sightline_runtime::text::print_line(&out)?;
         }
         Command::Run {
             sample_every_ms,
@@ -252,13 +252,15 @@ async fn main_inner() -> anyhow::Result<()> {
         Command::Status { json } => {
             let report = commands::status(&home);
             if json {
-                println!("{}", serde_json::to_string_pretty(&report)?);
+                sightline_runtime::text::print_line(&serde_json::to_string_pretty(&report)?)?;
             } else {
-                print!("{report}");
+                sightline_runtime::text::print(&report.to_string())?;
             }
         }
         Command::Sample { json, inbox } => {
-            print!("{}", commands::sample(&home, &inbox_of(inbox), json).await?);
+            sightline_runtime::text::print(
+                &commands::sample(&home, &inbox_of(inbox), json).await?,
+            )?;
         }
         Command::SupportBundle {
             out,
@@ -269,7 +271,7 @@ async fn main_inner() -> anyhow::Result<()> {
             let logs_dir = logs_dir.unwrap_or_else(|| home.dir.join("logs"));
             let text =
                 commands::support_bundle(&home, &out, &logs_dir, &inbox_of(inbox), upload).await?;
-            println!("{text}");
+            sightline_runtime::text::print_line(&text)?;
         }
     }
     Ok(())

@@ -79,3 +79,23 @@ fn a_home_others_can_read_is_refused() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("open to other users"));
 }
+
+#[test]
+fn a_reader_that_goes_away_is_not_a_crash() {
+    let home = private_dir();
+    for _ in 0..20 {
+        // The pipe's reading end is closed before the command writes (as `| head -1` does once it
+        // has its line): the command still ends well, without a panic.
+        let mut child = companion(home.path())
+            .arg("status")
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        drop(child.stdout.take());
+        let out = child.wait_with_output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{stderr}");
+        assert!(!stderr.contains("panicked"), "{stderr}");
+    }
+}

@@ -87,7 +87,7 @@ async fn main() -> anyhow::Result<()> {
                     .await
                     .map_err(|s| anyhow::anyhow!("{addr}: {:?}: {}", s.code(), s.message()))?;
             anyhow::ensure!(serving, "{addr}: NOT_SERVING");
-            println!("{addr}: SERVING");
+            sightline_runtime::text::print_line(&format!("{addr}: SERVING"))?;
         }
         Command::Up { data_dir } => {
             let settings = load_settings(cli.config.as_deref(), data_dir)?;
@@ -95,7 +95,7 @@ async fn main() -> anyhow::Result<()> {
             let data_dir = settings.data_dir.clone();
             let plaintext = settings.tls.is_none();
             let (endpoints, mut tasks) = start_stack(settings, shutdown.clone()).await?;
-            println!("{}", banner(&data_dir, &endpoints, plaintext));
+            sightline_runtime::text::print_line(&banner(&data_dir, &endpoints, plaintext))?;
             tokio::select! {
                 () = stop_signal() => {}
                 Some(done) = tasks.join_next() => {
