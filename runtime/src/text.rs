@@ -56,6 +56,25 @@ fn invisible(c: char) -> bool {
     )
 }
 
+/// Writes to standard output. A reader that went away (`| head -1`) is not an error for a command
+/// line tool: what it did not read it did not want (`println!` would panic instead).
+pub fn print(text: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut stdout = std::io::stdout().lock();
+    match stdout
+        .write_all(text.as_bytes())
+        .and_then(|()| stdout.flush())
+    {
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        other => other,
+    }
+}
+
+/// [`print`] with a newline.
+pub fn print_line(text: &str) -> std::io::Result<()> {
+    print(&format!("{text}\n"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -76,23 +95,4 @@ mod tests {
         }
         assert!(problem(&"x".repeat(101), 100, false).is_some());
     }
-}
-
-/// Writes to standard output. A reader that went away (`| head -1`) is not an error for a command
-/// line tool: what it did not read it did not want (`println!` would panic instead).
-pub fn print(text: &str) -> std::io::Result<()> {
-    use std::io::Write;
-    let mut stdout = std::io::stdout().lock();
-    match stdout
-        .write_all(text.as_bytes())
-        .and_then(|()| stdout.flush())
-    {
-        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
-        other => other,
-    }
-}
-
-/// [`print`] with a newline.
-pub fn print_line(text: &str) -> std::io::Result<()> {
-    print(&format!("{text}\n"))
 }
