@@ -114,7 +114,8 @@ pub async fn link(
         .ok_or_else(|| anyhow::anyhow!("linker-svc returned no instance"))?;
     let expires = linked
         .link_key_expires_at
-        .map_or(0, |t| t.seconds * 1000 + i64::from(t.nanos) / 1_000_000);
+        .as_ref()
+        .map_or(0, sightline_runtime::time::from_proto);
     let state = LinkState {
         org_id: instance.org_id.clone(),
         instance_id: instance.instance_id.clone(),
@@ -165,9 +166,13 @@ pub async fn run(
 
 /// What `status` reports.
 pub fn status(home: &Home) -> StatusReport {
-    let state = vault::load_state(home).ok();
+    // The vault is opened once; when it does not open, the public facts still say what they can.
+    let (state, opened) = match vault::open(home) {
+        Ok((state, _)) => (Some(state), Ok(())),
+        Err(e) => (vault::load_state(home).ok(), Err(e.to_string())),
+    };
     let opened = match &state {
-        Some(_) => vault::open(home).map(|_| ()).map_err(|e| e.to_string()),
+        Some(_) => opened,
         None => Err("not linked".into()),
     };
     let run = RunStatus::load(home);

@@ -24,6 +24,7 @@ use sightline_proto::common::v1::{EventKind, InstanceMetadata, NodeInfo};
 use sightline_proto::consent::v1::consent_service_client::ConsentServiceClient;
 use sightline_proto::consent::v1::{GetPolicyRequest, Policy, PurgeScope, WatchPolicyRequest};
 use sightline_runtime::Secret;
+use sightline_runtime::time::from_proto;
 use tokio::sync::{mpsc, watch};
 use tonic::Code;
 use tonic::transport::Channel;
@@ -65,27 +66,23 @@ pub fn kind_of(event: &Event) -> EventKind {
     }
 }
 
-fn occurred_ms(event: &Event) -> i64 {
-    event
-        .occurred_at
-        .map_or(0, |t| t.seconds * 1000 + i64::from(t.nanos) / 1_000_000)
-}
-
-/// What the spool may keep under `policy` for `instance_id`.
-pub fn keeps(policy: &Policy, instance_id: &str, event: &Event) -> bool {
+/// What the spool may keep under `policy` for `instance_id`: the policy's view is made once, not
+/// per event.
+pub fn keeps<'a>(policy: &'a Policy, instance_id: &'a str) -> impl Fn(&Event) -> bool + 'a {
     let view = PolicyView::of(policy, 0);
-    let kind = kind_of(event);
-    if !view.allows(kind) {
-        return false;
+    move |event| {
+        let kind = kind_of(event);
+        if !view.allows(kind) {
+            return false;
+        }
+        let occurred = event.occurred_at.as_ref().map_or(0, from_proto);
+        !policy.purges.iter().any(|purge| {
+            let ours = purge.scope == PurgeScope::Org as i32
+                || (purge.scope == PurgeScope::Instance as i32 && purge.instance_id == instance_id);
+            let issued = purge.issued_at.as_ref().map_or(i64::MAX, from_proto);
+            ours && purge.delete_kinds.contains(&(kind as i32)) && occurred <= issued
+        })
     }
-    !policy.purges.iter().any(|purge| {
-        let ours = purge.scope == PurgeScope::Org as i32
-            || (purge.scope == PurgeScope::Instance as i32 && purge.instance_id == instance_id);
-        let issued = purge.issued_at.map_or(i64::MAX, |t| {
-            t.seconds * 1000 + i64::from(t.nanos) / 1_000_000
-        });
-        ours && purge.delete_kinds.contains(&(kind as i32)) && occurred_ms(event) <= issued
-    })
 }
 
 /// The instance's metadata event, from the link and the host.
@@ -254,7 +251,7 @@ impl Agent {
     fn apply_policy(&self, policy: &Policy) -> anyhow::Result<PolicyView> {
         let view = PolicyView::of(policy, now_ms());
         let instance_id = self.state.instance_id.clone();
-        let removed = lock(&self.spool).retain(|e| keeps(policy, &instance_id, e))?;
+        let removed = lock(&self.spool).retain(keeps(policy, &instance_id))?;
         if removed > 0 {
             tracing::info!(removed, usage = %view.usage_level, "spooled events the policy no longer allows deleted");
         }
@@ -721,12 +718,12 @@ mod tests {
     fn the_spool_keeps_what_the_policy_allows_and_no_purge_covers() {
         use sightline_proto::common::v1::UsageLevel;
         let basic = policy(UsageLevel::Basic, vec![]);
-        assert!(keeps(&basic, "i1", &metric_at(10)));
+        assert!(keeps(&basic, "i1")(&metric_at(10)));
         let disabled = policy(UsageLevel::Disabled, vec![]);
-        assert!(!keeps(&disabled, "i1", &metric_at(10)));
+        assert!(!keeps(&disabled, "i1")(&metric_at(10)));
         let mut only_metadata = basic.clone();
         only_metadata.allowed_kinds = vec![EventKind::InstanceMetadata as i32];
-        assert!(!keeps(&only_metadata, "i1", &metric_at(10)));
+        assert!(!keeps(&only_metadata, "i1")(&metric_at(10)));
         // A purge of this instance's metrics covers what was collected before it was issued.
         let purge = |scope: PurgeScope, instance: &str| PurgeInstruction {
             scope: scope as i32,
@@ -736,13 +733,13 @@ mod tests {
             ..Default::default()
         };
         let purged = policy(UsageLevel::Basic, vec![purge(PurgeScope::Instance, "i1")]);
-        assert!(!keeps(&purged, "i1", &metric_at(999)));
-        assert!(keeps(&purged, "i1", &metric_at(1_001)));
+        assert!(!keeps(&purged, "i1")(&metric_at(999)));
+        assert!(keeps(&purged, "i1")(&metric_at(1_001)));
         assert!(
-            keeps(&purged, "i2", &metric_at(999)),
+            keeps(&purged, "i2")(&metric_at(999)),
             "another instance's purge"
         );
         let org_wide = policy(UsageLevel::Basic, vec![purge(PurgeScope::Org, "")]);
-        assert!(!keeps(&org_wide, "i2", &metric_at(999)));
+        assert!(!keeps(&org_wide, "i2")(&metric_at(999)));
     }
 }

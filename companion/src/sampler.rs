@@ -25,12 +25,8 @@ use sightline_proto::common::v1::MetricType;
 
 pub const GUARDRAILS_FILE: &str = "guardrails.json";
 
-pub fn timestamp(ms: i64) -> prost_types::Timestamp {
-    prost_types::Timestamp {
-        seconds: ms.div_euclid(1000),
-        nanos: (ms.rem_euclid(1000) * 1_000_000) as i32,
-    }
-}
+/// Milliseconds as a protobuf timestamp (the runtime's conversion).
+pub use sightline_runtime::time::to_proto as timestamp;
 
 pub fn now_ms() -> i64 {
     SystemTime::now()
@@ -358,7 +354,7 @@ fn inbox_event(line: &str, name: &str, modified_ns: u128, index: usize) -> Resul
             let ts = at
                 .parse::<prost_types::Timestamp>()
                 .map_err(|_| format!("at: not an RFC 3339 time: {at:?}"))?;
-            ts.seconds * 1000 + i64::from(ts.nanos) / 1_000_000
+            sightline_runtime::time::from_proto(&ts)
         }
         None => (modified_ns / 1_000_000) as i64,
     };

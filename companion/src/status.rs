@@ -50,7 +50,7 @@ impl PolicyView {
             && self
                 .allowed_kinds
                 .iter()
-                .any(|k| *k == short(kind.as_str_name(), "EVENT_KIND_"))
+                .any(|k| kind.as_str_name().strip_prefix("EVENT_KIND_") == Some(k.as_str()))
     }
 }
 
