@@ -17,7 +17,7 @@ use sightline_proto::consent::v1 as consent_pb;
 use sightline_runtime::pseudonym::OrgPseudonymizer;
 
 use crate::fields::{ClassTable, Field};
-use sightline_runtime::scrub::{self, Finding, Secrets};
+use sightline_runtime::scrub::{self, Finding, Secrets, Shape, TextRules};
 
 /// How far in the future an event may be dated (clock skew).
 pub const MAX_FUTURE_MS: i64 = 5 * 60 * 1000;
@@ -45,6 +45,8 @@ pub struct Plan {
     pub moving: bool,
     pub retry_after_ms: u32,
     pub location: common::Location,
+    /// How kept text is treated: the sharing level, and the query keys URLs keep under BASIC.
+    text: TextRules,
     /// A plan that only strips classes from stored records (purges): kept values stay as stored.
     strip_only: bool,
 }
@@ -67,6 +69,7 @@ impl Plan {
         policy: &consent_pb::Policy,
         classes: Arc<ClassTable>,
         pseudonyms: Option<OrgPseudonymizer>,
+        query_keys: Arc<[String]>,
     ) -> Self {
         let mut allowed = [false; 8];
         for kind in &policy.allowed_kinds {
@@ -117,6 +120,7 @@ impl Plan {
             moving: policy.moving,
             retry_after_ms: policy.retry_after_ms,
             location: policy.location(),
+            text: TextRules::for_sharing(policy.sharing_level(), query_keys),
             strip_only: false,
         }
     }
@@ -146,6 +150,8 @@ impl Plan {
             moving: false,
             retry_after_ms: 0,
             location: common::Location::Unspecified,
+            // Stored text was treated when it came in: a purge only removes classes.
+            text: TextRules::extended(),
             strip_only: true,
         }
     }
@@ -607,7 +613,12 @@ impl Treat<'_> {
                 None
             }
             FieldAction::Keep | FieldAction::Scrub => {
-                let (clean, _) = scrub::scrub(value, &self.secrets)?;
+                let shape = if self.plan.class(field) == DataClass::Url {
+                    Shape::Url
+                } else {
+                    Shape::Text
+                };
+                let (clean, _) = scrub::treat(value, &self.secrets, &self.plan.text, shape)?;
                 self.note(field, Change::Scrubbed);
                 Some(clean)
             }
@@ -1047,6 +1058,7 @@ mod tests {
             org_id: ORG.into(),
             consent_version: 3,
             revision: 7,
+            sharing_level: sharing.to_pb() as i32,
             allowed_kinds: domain::allowed_kinds(usage, true)
                 .into_iter()
                 .map(|k| k as i32)
@@ -1073,7 +1085,12 @@ mod tests {
     fn plan(usage: Usage, sharing: Sharing) -> Plan {
         let classes = Arc::new(ClassTable::from_contract().unwrap());
         let key = PseudonymSecret::new(1, [9; 32]).org_key(ORG);
-        Plan::compile(&policy(usage, sharing), classes, Some(key))
+        Plan::compile(
+            &policy(usage, sharing),
+            classes,
+            Some(key),
+            Arc::from(Vec::new()),
+        )
     }
 
     fn at(ms: i64) -> Option<prost_types::Timestamp> {

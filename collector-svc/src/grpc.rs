@@ -61,6 +61,10 @@ pub struct AggregateSettings {
     pub min_orgs: u32,
     pub epsilon_budget: f64,
     pub bound: f64,
+    /// The epsilon of a call that names none.
+    pub default_epsilon: f64,
+    /// `collection.exact_aggregates_reveal_orgs`: a call may ask for exact figures.
+    pub exact_allowed: bool,
 }
 
 /// Whose data a call is about.
@@ -765,7 +769,7 @@ impl CollectorService for CollectorApi {
             subjects.push(viewer_id);
         }
         let opened = self.stores.get(plan.location).await?;
-        let removed = self
+        let (removed, erasure_ref) = self
             .maintenance
             .erase(
                 opened.store.as_ref(),
@@ -784,6 +788,20 @@ impl CollectorService for CollectorApi {
             feature_usage_deleted: count(removed.feature_usage),
             dedupe_entries_deleted: count(removed.dedupe_entries),
             unique_viewer_entries_deleted: count(removed.unique_viewer_entries),
+            stores: [
+                ("page_views", removed.page_views),
+                ("feature_usage", removed.feature_usage),
+                ("dedupe_entries", removed.dedupe_entries),
+                ("unique_viewer_entries", removed.unique_viewer_entries),
+            ]
+            .into_iter()
+            .map(|(kind, n)| pb::ErasedCount {
+                store: crate::maintenance::erased_store_name(opened.store.as_ref()),
+                kind: kind.to_owned(),
+                deleted: count(n),
+            })
+            .collect(),
+            erasure_ref,
         }))
     }
 
@@ -809,21 +827,29 @@ impl CollectorService for CollectorApi {
         let interval = pb::AggregateInterval::try_from(r.interval)
             .map_err(|_| Status::invalid_argument("interval: is not a known interval"))?;
         let settings = self.aggregates;
-        let noise = if r.add_noise {
-            if !(r.epsilon.is_finite() && r.epsilon > 0.0) {
+        let release = if !r.add_noise && settings.exact_allowed {
+            aggregates::Release::Exact
+        } else {
+            let epsilon = if r.epsilon == 0.0 {
+                settings.default_epsilon
+            } else {
+                r.epsilon
+            };
+            if !(epsilon.is_finite() && epsilon > 0.0) {
                 return Err(Status::invalid_argument(
-                    "epsilon: must be a positive number with add_noise",
+                    "epsilon: must be a positive number (or 0 for the default)",
                 ));
             }
-            if r.epsilon > settings.epsilon_budget {
+            if epsilon > settings.epsilon_budget {
                 return Err(Status::resource_exhausted(format!(
-                    "epsilon: {} exceeds the per-org budget of {}",
-                    r.epsilon, settings.epsilon_budget
+                    "epsilon: {epsilon} exceeds the per-org budget of {}",
+                    settings.epsilon_budget
                 )));
             }
-            Some((r.epsilon, settings.bound))
-        } else {
-            None
+            aggregates::Release::Private {
+                epsilon,
+                bound: settings.bound,
+            }
         };
         if !self.policies.is_ready() {
             return Err(Status::unavailable("no current policy from consent-svc"));
@@ -852,9 +878,10 @@ impl CollectorService for CollectorApi {
             let values = aggregates::org_values(&rollups, &products, group_by, interval, start);
             per_org.insert(policy.org_id.clone(), values);
         }
-        let computed = aggregates::combine(&name, &per_org, settings.min_orgs, noise);
+        let cells = aggregates::cells_per_org(group_by, interval, start, end);
+        let computed = aggregates::combine(&name, &per_org, settings.min_orgs, release, cells);
         let mut spent = 0.0;
-        if let Some((epsilon, _)) = noise
+        if let aggregates::Release::Private { epsilon, .. } = release
             && !computed.contributors.is_empty()
         {
             let ledger = self.stores.get(common::Location::Global).await?;
@@ -876,6 +903,7 @@ impl CollectorService for CollectorApi {
             min_orgs: settings.min_orgs.max(1),
             withheld_buckets: computed.withheld,
             epsilon_spent: spent,
+            epsilon_per_bucket: computed.epsilon_per_cell,
         }))
     }
 }

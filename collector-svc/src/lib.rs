@@ -136,6 +136,7 @@ impl CollectorService {
         let policies = Arc::new(Policies::new(
             classes,
             PseudonymKeys::new(config.data_dir.clone()),
+            Arc::from(config.collection.url_query_keys.clone()),
         ));
         let background = CancellationToken::new();
         let stores = Stores::new(
@@ -189,6 +190,8 @@ impl CollectorService {
                 min_orgs: config.collection.min_orgs,
                 epsilon_budget: config.collection.epsilon_budget,
                 bound: config.collection.aggregate_bound,
+                default_epsilon: config.collection.aggregate_epsilon,
+                exact_allowed: config.collection.exact_aggregates_reveal_orgs,
             },
         };
         let max = config.limits.max_message_bytes;

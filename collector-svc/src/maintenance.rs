@@ -222,6 +222,19 @@ fn counts(removed: &Removed) -> BTreeMap<String, String> {
     .collect()
 }
 
+/// How an erasure names the store it touched.
+pub fn erased_store_name(store: &dyn CollectorStore) -> String {
+    format!("collector/{}", store.location())
+}
+
+/// After a delete: no file keeps a readable copy (a failure is logged; the rows are gone, and the
+/// WAL's next automatic checkpoint overwrites them).
+async fn forget(store: &dyn CollectorStore) {
+    if let Err(error) = store.forget_deleted().await {
+        tracing::warn!(%error, location = store.location(), "deleted rows may stay readable in the WAL until its next checkpoint");
+    }
+}
+
 /// Runs the audited changes of collector-svc.
 #[derive(Debug, Clone)]
 pub struct Maintenance {
@@ -353,27 +366,35 @@ impl Maintenance {
             Err(CommitError::Store(ChangeLogError::Refused(why))) if why == PURGE_TAKEN => {
                 Ok(Removed::default())
             }
-            other => other.map(|()| removed),
+            other => {
+                other?;
+                forget(store).await;
+                Ok(removed)
+            }
         }
     }
 
-    /// Erases one viewer of one instance: counted, audited, then deleted. `subjects` are the
-    /// viewer's stored forms.
+    /// Erases one viewer of one instance: counted, audited, then deleted, and no file keeps a
+    /// readable copy. `subjects` are the viewer's stored forms. The audit entry names the erasure
+    /// by a random reference (returned), never by the viewer's id or pseudonym, and every store it
+    /// touched with counts.
     pub async fn erase(
         &self,
         store: &dyn CollectorStore,
         spec: EraseSpec,
         actor: String,
         deadline: Option<std::time::Instant>,
-    ) -> Result<Removed, CommitError> {
+    ) -> Result<(Removed, String), CommitError> {
         let _guard = self.lock(&spec.org_id).await;
         self.auditor.settle_org(store, &spec.org_id).await?;
         let removed = store
             .erase_counts(&spec)
             .await
             .map_err(|e| CommitError::Store(e.into()))?;
+        let reference = format!("erasure:{}", uuid::Uuid::new_v4());
         let mut attributes = counts(&removed);
         attributes.insert("instance_id".into(), spec.instance_id.clone());
+        attributes.insert("stores".into(), erased_store_name(store));
         let change = StagedChange {
             change_id: uuid::Uuid::now_v7().to_string(),
             org_id: spec.org_id.clone(),
@@ -381,15 +402,15 @@ impl Maintenance {
                 org_id: spec.org_id.clone(),
                 actor,
                 action: "collector.viewer_erased".into(),
-                // The viewer's pseudonym names the erasure: never the id the instance sent.
-                target: spec.subjects.first().cloned().unwrap_or_default(),
+                target: reference.clone(),
                 attributes,
             },
             payload: Change::Erase(spec).encode(),
             staged_at_ms: self.clock.now_ms(),
         };
         self.auditor.commit(store, change, deadline).await?;
-        Ok(removed)
+        forget(store).await;
+        Ok((removed, reference))
     }
 
     /// Deletes what each org's retention no longer allows; returns rows removed.

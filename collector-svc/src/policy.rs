@@ -35,14 +35,17 @@ pub struct Policies {
     table: PolicyTable<OrgEntry>,
     classes: Arc<ClassTable>,
     keys: PseudonymKeys,
+    /// Query keys URLs keep under BASIC (`collection.url_query_keys`).
+    query_keys: Arc<[String]>,
 }
 
 impl Policies {
-    pub fn new(classes: Arc<ClassTable>, keys: PseudonymKeys) -> Self {
+    pub fn new(classes: Arc<ClassTable>, keys: PseudonymKeys, query_keys: Arc<[String]>) -> Self {
         Self {
             table: PolicyTable::default(),
             classes,
             keys,
+            query_keys,
         }
     }
 
@@ -94,7 +97,7 @@ impl Policies {
         let key = self
             .keys
             .org_key(policy.pseudonym_key_version, &policy.org_id);
-        Plan::compile(policy, self.classes.clone(), key)
+        Plan::compile(policy, self.classes.clone(), key, self.query_keys.clone())
     }
 
     fn entry(&self, message: &consent_pb::WatchPolicyResponse) -> Option<(String, OrgEntry)> {

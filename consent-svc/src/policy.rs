@@ -87,7 +87,22 @@ impl OrgState {
             .into_iter()
             .map(purge_pb)
             .collect();
-        let (contribute_metadata, contribute_in_app_data) = allowed.contributes;
+        // An org contributes only what it collects: nothing while DISABLED, and of each flag's
+        // kinds only those its usage level allows (SPEC E7: the policy never says an org
+        // contributes when it collects nothing).
+        let collected = domain::allowed_kinds(allowed.usage, true);
+        let (contribute_metadata, contribute_in_app_data) = if allowed.usage == Usage::Disabled {
+            (false, false)
+        } else {
+            allowed.contributes
+        };
+        let contributed = |kinds: Vec<common_pb::EventKind>| -> Vec<i32> {
+            kinds
+                .into_iter()
+                .filter(|k| collected.contains(k))
+                .map(|k| k as i32)
+                .collect()
+        };
         pb::Policy {
             org_id: self.org_id.clone(),
             instance_id: instance_id.unwrap_or_default().to_owned(),
@@ -116,12 +131,12 @@ impl OrgState {
             field_rules: domain::field_rules(allowed.sharing),
             pseudonym_key_version: self.pseudonym_key_version,
             contribute_metadata_kinds: if contribute_metadata {
-                metadata_kinds.into_iter().map(|k| k as i32).collect()
+                contributed(metadata_kinds)
             } else {
                 Vec::new()
             },
             contribute_in_app_data_kinds: if contribute_in_app_data {
-                in_app_kinds.into_iter().map(|k| k as i32).collect()
+                contributed(in_app_kinds)
             } else {
                 Vec::new()
             },

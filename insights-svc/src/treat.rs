@@ -14,7 +14,9 @@ use sightline_proto::common::v1::{DataClass, FieldAction};
 use sightline_proto::consent::v1 as consent_pb;
 use sightline_proto::insights::v1 as pb;
 use sightline_runtime::pseudonym::OrgPseudonymizer;
-use sightline_runtime::scrub::{self, Finding, Secrets};
+use std::sync::Arc;
+
+use sightline_runtime::scrub::{self, Finding, Level, Secrets, Shape, TextRules};
 
 use crate::store::StoreError;
 
@@ -22,11 +24,16 @@ use crate::store::StoreError;
 #[derive(Debug, Clone, Default)]
 pub struct FieldRules {
     actions: HashMap<i32, FieldAction>,
+    /// How kept text is treated (BASIC unless the policy shares EXTENDED).
+    text: TextRules,
 }
 
 impl FieldRules {
     pub fn of(policy: &consent_pb::Policy) -> Self {
-        Self::from_rules(&policy.field_rules)
+        Self {
+            text: TextRules::for_sharing(policy.sharing_level(), Arc::from(Vec::new())),
+            ..Self::from_rules(&policy.field_rules)
+        }
     }
 
     pub fn from_rules(rules: &[consent_pb::FieldRule]) -> Self {
@@ -40,6 +47,7 @@ impl FieldRules {
                     )
                 })
                 .collect(),
+            text: TextRules::default(),
         }
     }
 
@@ -52,7 +60,12 @@ impl FieldRules {
             let (a, b) = (self.action(class), other.action(class));
             actions.insert(key, if rank(a) <= rank(b) { a } else { b });
         }
-        Self { actions }
+        let text = if self.text.level == Level::Extended && other.text.level == Level::Extended {
+            self.text.clone()
+        } else {
+            TextRules::default()
+        };
+        Self { actions, text }
     }
 
     /// Removes `strip`'s classes and keeps everything else as it is (purges of stored records).
@@ -69,6 +82,8 @@ impl FieldRules {
                     (c as i32, action)
                 })
                 .collect(),
+            // Stored text was treated when it came in: a purge only removes classes.
+            text: TextRules::extended(),
         }
     }
 
@@ -221,9 +236,15 @@ impl Walk<'_> {
                     return false;
                 }
                 let secrets = &self.secrets;
+                let rules = &self.rules.text;
+                let shape = if class == DataClass::Url {
+                    Shape::Url
+                } else {
+                    Shape::Text
+                };
                 let mut found: Vec<Finding> = Vec::new();
                 map_text(value, &mut |text| {
-                    if let Some((clean, findings)) = scrub::scrub(text, secrets) {
+                    if let Some((clean, findings)) = scrub::treat(text, secrets, rules, shape) {
                         *text = clean;
                         found.extend(findings);
                     }
@@ -232,7 +253,7 @@ impl Walk<'_> {
                     let kind = match finding {
                         Finding::Email => DataClass::Email,
                         Finding::Ip => DataClass::IpAddress,
-                        Finding::Secret => class,
+                        Finding::Secret | Finding::Opaque | Finding::Reduced => class,
                     };
                     self.treated.add_scrubbed(kind, 1);
                 }
@@ -397,6 +418,11 @@ mod tests {
         ];
         FieldRules {
             actions: pairs.iter().map(|(c, a)| (*c as i32, *a)).collect(),
+            text: if extended {
+                TextRules::extended()
+            } else {
+                TextRules::default()
+            },
         }
     }
 

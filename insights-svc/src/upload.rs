@@ -517,22 +517,41 @@ fn listed_entries<R: Read + Seek>(input: &mut R) -> std::io::Result<Option<u64>>
 
 /// An entry's name with e-mail addresses, IP addresses and person keys replaced, counted.
 fn scrub_name(name: &str, treated: &mut Treated) -> String {
-    let (people, users, names) = scrub_people(name);
+    scrub_text(name, treated)
+}
+
+/// One line of a log (or a name) treated: every encoding undone first, so a person key written
+/// as `&quot;displayName&quot;` or `user%3Dalice` is read as such; the values of person keys
+/// replaced, and also removed wherever else they appear in the line; then e-mail addresses, IP
+/// addresses and opaque runs as in EXTENDED free text (decoded and scrubbed, or replaced).
+pub fn scrub_text(text: &str, treated: &mut Treated) -> String {
+    // Person keys as written (a value may be JSON held in a string), then once decoded.
+    let (raw_people, raw_users, raw_names, raw_values) = scrub_people_values(text);
+    let decoded = scrub::decode(&raw_people);
+    let (people, users, names, values) = scrub_people_values(&decoded);
+    let (users, names) = (users + raw_users, names + raw_names);
     treated.add_scrubbed(DataClass::Username, users);
     treated.add_scrubbed(DataClass::DisplayName, names);
-    match scrub::scrub(&people, &Secrets::default()) {
-        Some((clean, found)) => {
-            for finding in found {
-                match finding {
-                    Finding::Email => treated.add_scrubbed(DataClass::Email, 1),
-                    Finding::Ip => treated.add_scrubbed(DataClass::IpAddress, 1),
-                    Finding::Secret => treated.add_scrubbed(DataClass::FreeText, 1),
-                }
-            }
-            clean
-        }
-        None => people,
+    let mut secrets = Secrets::default();
+    for value in raw_values.iter().chain(&values) {
+        secrets.add(value);
     }
+    let Some((clean, found)) = scrub::scrub(&people, &secrets) else {
+        return if users + names > 0 {
+            people
+        } else {
+            text.to_owned()
+        };
+    };
+    for finding in found {
+        let class = match finding {
+            Finding::Email => DataClass::Email,
+            Finding::Ip => DataClass::IpAddress,
+            Finding::Secret | Finding::Opaque | Finding::Reduced => DataClass::FreeText,
+        };
+        treated.add_scrubbed(class, 1);
+    }
+    clean
 }
 
 fn merge(into: &mut Treated, from: &Treated) {
@@ -570,7 +589,6 @@ fn scrub_log(
     let mut reader = BufReader::with_capacity(64 * 1024, input);
     let mut line = Vec::with_capacity(1024);
     let mut read: u64 = 0;
-    let none = Secrets::default();
     loop {
         line.clear();
         let n = (&mut reader)
@@ -581,20 +599,7 @@ fn scrub_log(
         }
         read += n as u64;
         let text = String::from_utf8_lossy(&line);
-        let (people, users, names) = scrub_people(&text);
-        let mut clean = people;
-        if let Some((scrubbed, found)) = scrub::scrub(&clean, &none) {
-            clean = scrubbed;
-            for finding in found {
-                match finding {
-                    Finding::Email => treated.add_scrubbed(DataClass::Email, 1),
-                    Finding::Ip => treated.add_scrubbed(DataClass::IpAddress, 1),
-                    Finding::Secret => treated.add_scrubbed(DataClass::FreeText, 1),
-                }
-            }
-        }
-        treated.add_scrubbed(DataClass::Username, users);
-        treated.add_scrubbed(DataClass::DisplayName, names);
+        let clean = scrub_text(&text, treated);
         out.write_all(clean.as_bytes())?;
     }
     // A trailing partial read of a lying entry is caught by the caller's size check.
@@ -621,6 +626,12 @@ const PEOPLE_KEYS: [(&str, bool); 12] = [
 /// Replaces the values of person keys (`user=alice`, `"displayName": "Alice Liddell"`,
 /// `username: bob`) with markers; returns the line and the counts (usernames, display names).
 pub fn scrub_people(line: &str) -> (String, u32, u32) {
+    let (out, users, names, _) = scrub_people_values(line);
+    (out, users, names)
+}
+
+/// [`scrub_people`], with the values it replaced.
+fn scrub_people_values(line: &str) -> (String, u32, u32, Vec<String>) {
     let lower = line.to_ascii_lowercase();
     let bytes = line.as_bytes();
     let mut spans: Vec<(usize, usize, bool)> = Vec::new();
@@ -655,10 +666,19 @@ pub fn scrub_people(line: &str) -> (String, u32, u32) {
             }
             let (value_start, value_end) = match bytes.get(at) {
                 Some(q @ (b'"' | b'\'')) => {
-                    let close = line[at + 1..]
-                        .find(*q as char)
-                        .map_or(line.len(), |i| at + 1 + i);
+                    // The closing quote: one not escaped by a backslash.
+                    let mut close = at + 1;
+                    while close < bytes.len() && (bytes[close] != *q || bytes[close - 1] == b'\\') {
+                        close += 1;
+                    }
                     (at + 1, close)
+                }
+                // A structure (`{…}`, `[…]`) held as the value: all of it, up to a space.
+                Some(b'{' | b'[') => {
+                    let end = line[at..]
+                        .find(char::is_whitespace)
+                        .map_or(line.len(), |i| at + i);
+                    (at, end)
                 }
                 _ => {
                     let end = line[at..]
@@ -680,9 +700,13 @@ pub fn scrub_people(line: &str) -> (String, u32, u32) {
         }
     }
     if spans.is_empty() {
-        return (line.to_owned(), 0, 0);
+        return (line.to_owned(), 0, 0, Vec::new());
     }
     spans.sort_unstable();
+    let values = spans
+        .iter()
+        .map(|(start, end, _)| line[*start..*end].to_owned())
+        .collect();
     let (mut users, mut names) = (0, 0);
     let mut out = String::with_capacity(line.len());
     let mut at = 0;
@@ -698,7 +722,7 @@ pub fn scrub_people(line: &str) -> (String, u32, u32) {
         at = end;
     }
     out.push_str(&line[at..]);
-    (out, users, names)
+    (out, users, names, values)
 }
 
 /// Moves a finished file into place durably: synced, renamed, its directory synced.

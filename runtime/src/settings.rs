@@ -132,9 +132,14 @@ pub struct CollectionSettings {
     pub min_orgs: u32,
     /// Contributed aggregates: the epsilon each org's ledger may spend in all.
     pub epsilon_budget: f64,
-    /// Contributed aggregates with noise: each org's value is clipped to [0, this] (in the metric's
-    /// unit), which bounds what one org can change and so sets the noise's scale.
+    /// Contributed aggregates: each org's value is clipped to [0, this] (in the metric's unit),
+    /// which bounds what one org can change and so sets the noise's scale.
     pub aggregate_bound: f64,
+    /// Contributed aggregates: the epsilon a call spends when it does not name one.
+    pub aggregate_epsilon: f64,
+    /// Contributed aggregates without noise when a call asks for none. Off by default: exact
+    /// figures of overlapping cells can be subtracted to recover one org's exact value.
+    pub exact_aggregates_reveal_orgs: bool,
     /// How often hourly rollups are brought up to date.
     pub rollup_every_ms: u64,
     /// How often retention is enforced.
@@ -143,6 +148,9 @@ pub struct CollectionSettings {
     pub purge_check_every_ms: u64,
     /// Writer tasks per PostgreSQL store (SQLite has one writer).
     pub writers: usize,
+    /// Query keys a URL keeps under BASIC sharing (their values scrubbed); every other key, the
+    /// fragment and the non-id path segments are removed. Empty by default.
+    pub url_query_keys: Vec<String>,
 }
 
 impl Default for CollectionSettings {
@@ -152,10 +160,13 @@ impl Default for CollectionSettings {
             min_orgs: 5,
             epsilon_budget: 10.0,
             aggregate_bound: 10_000.0,
+            aggregate_epsilon: 1.0,
+            exact_aggregates_reveal_orgs: false,
             rollup_every_ms: 30_000,
             sweep_every_ms: 3_600_000,
             purge_check_every_ms: 5_000,
             writers: 4,
+            url_query_keys: Vec::new(),
         }
     }
 }

@@ -83,6 +83,9 @@ pub async fn connect(url: &str, migrations: Migrations) -> Result<Database, Stor
             .synchronous(SqliteSynchronous::Full)
             .busy_timeout(Duration::from_secs(10))
             .foreign_keys(true)
+            // Deleted rows are overwritten with zeros, in the file and in the WAL's page images:
+            // an erasure or a purge leaves no readable copy (see [`Forget`]).
+            .pragma("secure_delete", "ON")
             // A 16 MiB page cache per connection (8 connections): with the default 2 MiB,
             // inserts into indexed tables spend much time re-reading pages.
             .pragma("cache_size", "-16384");
@@ -147,5 +150,41 @@ mod tests {
             .to_string();
         assert!(error.to_lowercase().contains("refused"), "{error}");
         assert!(!error.contains("timed out"), "{error}");
+    }
+}
+
+/// After personal data was deleted: no file of the data directory keeps a readable copy.
+#[async_trait::async_trait]
+pub trait Forget {
+    async fn forget_deleted(&self) -> Result<(), sqlx::Error>;
+}
+
+#[async_trait::async_trait]
+impl Forget for SqlitePool {
+    /// With `secure_delete` the database file holds zeros where the rows were; the WAL still holds
+    /// the pages as they were before the delete until it is checkpointed and truncated. Readers
+    /// can hold the checkpoint back: it is tried a few times (each waits up to the busy timeout).
+    async fn forget_deleted(&self) -> Result<(), sqlx::Error> {
+        for _ in 0..5 {
+            let (busy, _, _): (i64, i64, i64) = sqlx::query_as("PRAGMA wal_checkpoint(TRUNCATE)")
+                .fetch_one(self)
+                .await?;
+            if busy == 0 {
+                return Ok(());
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Err(sqlx::Error::Protocol(
+            "the WAL could not be checkpointed: readers held it".into(),
+        ))
+    }
+}
+
+#[async_trait::async_trait]
+impl Forget for PgPool {
+    /// PostgreSQL keeps a deleted row's bytes in the table's pages until VACUUM reuses the space,
+    /// and in its WAL and backups until those expire (README, "Privacy"): nothing to do per call.
+    async fn forget_deleted(&self) -> Result<(), sqlx::Error> {
+        Ok(())
     }
 }

@@ -795,6 +795,8 @@ impl Drop for TestInsights {
 }
 
 /// collector-svc helpers: events and the common calls.
+pub mod pii;
+
 pub mod collector {
     use sightline_proto::collector::v1 as pb;
     use sightline_proto::common::v1 as common;

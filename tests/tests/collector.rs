@@ -1210,6 +1210,8 @@ async fn contributed_aggregates_need_k_orgs_and_charge_a_ledger_that_survives_re
     let consent = TestConsent::start(&linker, None, Limits::default()).await;
     let mut options = CollectorOptions::default();
     options.collection.epsilon_budget = 2.0;
+    // Exact figures only where the operator allowed them (the default is private).
+    options.collection.exact_aggregates_reveal_orgs = true;
     let collector = TestCollector::start(&linker, &consent, options.clone()).await;
     let hour = (T0_MS - 2 * 3_600_000) / 3_600_000 * 3_600_000;
     // Six orgs send the same metric; one is compliance-restricted, one contributes nothing.

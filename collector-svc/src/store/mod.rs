@@ -384,6 +384,9 @@ pub trait CollectorStore: ChangeLog + Send + Sync + std::fmt::Debug + 'static {
     async fn purge_counts(&self, spec: &PurgeSpec) -> StoreResult<Removed>;
     /// What an erasure would remove now.
     async fn erase_counts(&self, spec: &EraseSpec) -> StoreResult<Removed>;
+    /// After an erasure or a purge: no file keeps a readable copy of what was deleted (SQLite: the
+    /// WAL checkpointed and truncated; deleted rows are zeroed by `secure_delete`).
+    async fn forget_deleted(&self) -> StoreResult<()>;
 
     /// An org's hourly rollups of one metric with hours in [from, to): (instance, hour, count, sum).
     async fn org_rollups(

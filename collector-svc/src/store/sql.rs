@@ -1239,6 +1239,11 @@ macro_rules! sql_store {
                 Ok(removed)
             }
 
+            async fn forget_deleted(&self) -> StoreResult<()> {
+                sightline_runtime::storage::Forget::forget_deleted(&self.pool).await?;
+                Ok(())
+            }
+
             async fn org_rollups(
                 &self,
                 org_id: &str,
