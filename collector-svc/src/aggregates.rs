@@ -361,4 +361,106 @@ mod tests {
         // E|Laplace(b)| = b.
         assert!((mean_abs - 2.0).abs() < 0.1, "{mean_abs}");
     }
+
+    #[test]
+    fn an_org_that_collects_nothing_contributes_nothing() {
+        use sightline_proto::consent::v1 as consent_pb;
+        let contributing = consent_pb::Policy {
+            allowed_kinds: vec![EventKind::Metric as i32],
+            contribute_in_app_data_kinds: vec![EventKind::Metric as i32],
+            ..Default::default()
+        };
+        assert!(contributes(&contributing, EventKind::Metric));
+        // DISABLED: nothing allowed, whatever the contribution kinds still say.
+        let disabled = consent_pb::Policy {
+            allowed_kinds: Vec::new(),
+            ..contributing
+        };
+        assert!(!contributes(&disabled, EventKind::Metric));
+    }
+
+    fn cells(values: &[f64]) -> BTreeMap<String, BTreeMap<Cell, f64>> {
+        values
+            .iter()
+            .enumerate()
+            .map(|(i, v)| {
+                (
+                    format!("org{i}"),
+                    BTreeMap::from([((String::new(), 0), *v)]),
+                )
+            })
+            .collect()
+    }
+
+    #[test]
+    fn private_releases_cannot_be_subtracted_to_one_orgs_value() {
+        let release = Release::Private {
+            epsilon: 1.0,
+            bound: 1_000.0,
+        };
+        let six = cells(&[100.0, 200.0, 300.0, 400.0, 500.0, 777.0]);
+        let five = cells(&[100.0, 200.0, 300.0, 400.0, 500.0]);
+        let mut errors = Vec::new();
+        for _ in 0..2_000 {
+            let a = combine("m", &six, 5, release, 1);
+            let b = combine("m", &five, 5, release, 4);
+            if let (Some(a), Some(b)) = (a.buckets.first(), b.buckets.first()) {
+                errors.push((6.0 * a.mean - 5.0 * b.mean - 777.0).abs());
+                assert!(a.noised && a.noise_scale > 0.0);
+            }
+        }
+        assert!(errors.len() > 100, "cells were shown");
+        errors.sort_by(f64::total_cmp);
+        // The typical error is hundreds of units: far beyond the value's own precision.
+        let median = errors[errors.len() / 2];
+        assert!(median > 100.0, "median error {median}");
+        // Exact releases give it away.
+        let a = combine("m", &six, 5, Release::Exact, 1);
+        let b = combine("m", &five, 5, Release::Exact, 1);
+        let exact = 6.0 * a.buckets[0].mean - 5.0 * b.buckets[0].mean;
+        assert!((exact - 777.0).abs() < 1e-9);
+    }
+
+    #[test]
+    fn private_quantiles_stay_in_bounds_and_near_the_data_with_a_large_epsilon() {
+        let sorted = [10.0, 20.0, 30.0, 40.0, 50.0, 60.0, 70.0, 80.0, 90.0, 100.0];
+        for _ in 0..200 {
+            let p50 = private_quantile(&sorted, 0.5, 50.0, 1_000.0);
+            assert!((0.0..=1_000.0).contains(&p50));
+            assert!((40.0..=60.0).contains(&p50), "{p50}");
+        }
+        assert_eq!(private_quantile(&[], 0.5, 1.0, 0.0), 0.0);
+    }
+
+    #[test]
+    fn an_org_feeds_a_bounded_number_of_cells() {
+        let day = DAY_MS;
+        assert_eq!(
+            cells_per_org(
+                pb::AggregateGroupBy::None,
+                pb::AggregateInterval::Total,
+                0,
+                day
+            ),
+            1
+        );
+        assert_eq!(
+            cells_per_org(
+                pb::AggregateGroupBy::None,
+                pb::AggregateInterval::Day,
+                0,
+                3 * day
+            ),
+            3
+        );
+        assert_eq!(
+            cells_per_org(
+                pb::AggregateGroupBy::Product,
+                pb::AggregateInterval::Total,
+                0,
+                day
+            ),
+            MAX_GROUPS_PER_ORG as u32
+        );
+    }
 }

@@ -382,7 +382,7 @@ impl Treat<'_> {
             return self.reject("event_id", "must be 1 to 64 characters of [A-Za-z0-9._:-]");
         }
         if let Some(found) = scrub::first_finding(&event.event_id, &Secrets::default()) {
-            return self.reject("event_id", &format!("holds an {}", found.name()));
+            return self.reject("event_id", &format!("holds {}", found.name()));
         }
         let Some(occurred_at) = event.occurred_at.as_ref() else {
             return self.reject("occurred_at", "is required");
@@ -541,7 +541,7 @@ impl Treat<'_> {
 
     fn refuse(&mut self, field: Field, found: Finding) {
         if self.invalid.is_none() && !self.plan.strip_only {
-            self.invalid = Some(Invalid(field, format!("holds an {}", found.name())));
+            self.invalid = Some(Invalid(field, format!("holds {}", found.name())));
         }
     }
 

@@ -527,8 +527,10 @@ fn scrub_name(name: &str, treated: &mut Treated) -> String {
 pub fn scrub_text(text: &str, treated: &mut Treated) -> String {
     // Person keys as written (a value may be JSON held in a string), then once decoded.
     let (raw_people, raw_users, raw_names, raw_values) = scrub_people_values(text);
-    let decoded = scrub::decode(&raw_people);
-    let (people, users, names, values) = scrub_people_values(&decoded);
+    let (people, users, names, values) = match scrub::decode(&raw_people) {
+        std::borrow::Cow::Borrowed(_) => (raw_people, 0, 0, Vec::new()),
+        std::borrow::Cow::Owned(decoded) => scrub_people_values(&decoded),
+    };
     let (users, names) = (users + raw_users, names + raw_names);
     treated.add_scrubbed(DataClass::Username, users);
     treated.add_scrubbed(DataClass::DisplayName, names);
@@ -690,7 +692,10 @@ fn scrub_people_values(line: &str) -> (String, u32, u32, Vec<String>) {
                     (at, end)
                 }
             };
+            let value = &line[value_start..value_end];
             if value_end > value_start
+                && value != "[username]"
+                && value != "[display-name]"
                 && !spans
                     .iter()
                     .any(|(s, e, _)| value_start < *e && *s < value_end)

@@ -132,27 +132,6 @@ pub async fn connect(url: &str, migrations: Migrations) -> Result<Database, Stor
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    static NONE: sqlx::migrate::Migrator = sqlx::migrate::Migrator::DEFAULT;
-
-    #[tokio::test]
-    async fn an_unreachable_postgres_says_why() {
-        let migrations = Migrations {
-            sqlite: &NONE,
-            postgres: &NONE,
-        };
-        let error = connect("postgres://sightline@127.0.0.1:1/nothing", migrations)
-            .await
-            .unwrap_err()
-            .to_string();
-        assert!(error.to_lowercase().contains("refused"), "{error}");
-        assert!(!error.contains("timed out"), "{error}");
-    }
-}
-
 /// After personal data was deleted: no file of the data directory keeps a readable copy.
 #[async_trait::async_trait]
 pub trait Forget {
@@ -161,10 +140,14 @@ pub trait Forget {
 
 #[async_trait::async_trait]
 impl Forget for SqlitePool {
-    /// With `secure_delete` the database file holds zeros where the rows were; the WAL still holds
-    /// the pages as they were before the delete until it is checkpointed and truncated. Readers
-    /// can hold the checkpoint back: it is tried a few times (each waits up to the busy timeout).
+    /// `secure_delete` zeroes a deleted row where it lies, but SQLite leaves stale copies of rows
+    /// in the unused space of pages it rebalanced while they were alive (a row moved to a sibling
+    /// page keeps its old bytes behind). VACUUM rewrites every page from the live rows only; the
+    /// WAL, which then holds the pages as they were, is checkpointed and truncated. Its cost is
+    /// one rewrite of the database (BENCHMARKS.md): erasures and purges are rare. Readers can hold
+    /// the checkpoint back: it is tried a few times (each waits up to the busy timeout).
     async fn forget_deleted(&self) -> Result<(), sqlx::Error> {
+        sqlx::query("VACUUM").execute(self).await?;
         for _ in 0..5 {
             let (busy, _, _): (i64, i64, i64) = sqlx::query_as("PRAGMA wal_checkpoint(TRUNCATE)")
                 .fetch_one(self)
@@ -186,5 +169,89 @@ impl Forget for PgPool {
     /// and in its WAL and backups until those expire (README, "Privacy"): nothing to do per call.
     async fn forget_deleted(&self) -> Result<(), sqlx::Error> {
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    static NONE: sqlx::migrate::Migrator = sqlx::migrate::Migrator::DEFAULT;
+
+    #[tokio::test]
+    async fn an_unreachable_postgres_says_why() {
+        let migrations = Migrations {
+            sqlite: &NONE,
+            postgres: &NONE,
+        };
+        let error = connect("postgres://sightline@127.0.0.1:1/nothing", migrations)
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(error.to_lowercase().contains("refused"), "{error}");
+        assert!(!error.contains("timed out"), "{error}");
+    }
+
+    #[tokio::test]
+    async fn deleted_and_updated_rows_leave_no_readable_bytes_in_any_file() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::set_permissions(
+            dir.path(),
+            std::os::unix::fs::PermissionsExt::from_mode(0o700),
+        )
+        .unwrap();
+        let url = default_sqlite_url(dir.path(), "forget");
+        let migrations = Migrations {
+            sqlite: &NONE,
+            postgres: &NONE,
+        };
+        let Database::Sqlite(pool) = connect(&url, migrations).await.unwrap() else {
+            panic!("sqlite")
+        };
+        let on: (i64,) = sqlx::query_as("PRAGMA secure_delete")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+        assert_eq!(on.0, 1);
+        sqlx::query("CREATE TABLE t (id TEXT PRIMARY KEY, body BLOB, subject TEXT)")
+            .execute(&pool)
+            .await
+            .unwrap();
+        sqlx::query("CREATE INDEX t_subject ON t (subject)")
+            .execute(&pool)
+            .await
+            .unwrap();
+        for i in 0..400 {
+            let subject = if i % 2 == 0 {
+                "psn1_forgetme"
+            } else {
+                "someone"
+            };
+            sqlx::query("INSERT INTO t VALUES ($1, $2, $3)")
+                .bind(format!("e{i}"))
+                .bind(format!("{:x<100}{subject}", "").into_bytes())
+                .bind(subject)
+                .execute(&pool)
+                .await
+                .unwrap();
+        }
+        sqlx::query("UPDATE t SET body = NULL, subject = NULL WHERE subject = 'psn1_forgetme' AND id < 'e2'")
+            .execute(&pool)
+            .await
+            .unwrap();
+        sqlx::query("DELETE FROM t WHERE subject = 'psn1_forgetme'")
+            .execute(&pool)
+            .await
+            .unwrap();
+        pool.forget_deleted().await.unwrap();
+        for entry in std::fs::read_dir(dir.path()).unwrap() {
+            let path = entry.unwrap().path();
+            let bytes = std::fs::read(&path).unwrap();
+            assert!(
+                memchr::memmem::find(&bytes, b"psn1_forgetme").is_none(),
+                "{}",
+                path.display()
+            );
+        }
     }
 }

@@ -161,7 +161,7 @@ async fn readme_collector_walkthrough_runs_with_real_grpcurl() {
     );
     assert!(
         lines[1].contains("\"hashedFields\":[\"page_view.viewer_id\"]")
-            && lines[1].contains("from=[email]"),
+            && lines[1].contains("\"url\":\"https://wiki.initech.example/[redacted]/98311\""),
         "{stdout}"
     );
     assert!(lines[2].contains("\"accepted\":1"), "{stdout}");
@@ -172,7 +172,9 @@ async fn readme_collector_walkthrough_runs_with_real_grpcurl() {
     );
     assert!(lines[5].contains("\"pageViewsDeleted\":\"1\""), "{stdout}");
     assert!(
-        lines[6].contains("collector.viewer_erased") && lines[6].contains("psn1_"),
+        lines[6].contains("collector.viewer_erased")
+            && lines[6].contains("\"target\":\"erasure:")
+            && !lines[6].contains("psn1_"),
         "{stdout}"
     );
     for secret in [
@@ -843,7 +845,16 @@ async fn erasing_a_viewer_is_audited_and_removes_everything_about_them() {
     assert_eq!(erased.feature_usage_deleted, 1);
     assert_eq!(erased.unique_viewer_entries_deleted, 1);
     assert_eq!(erased.dedupe_entries_deleted, 1);
-    assert_eq!(again, pb::EraseViewerResponse::default());
+    assert_eq!(
+        (
+            again.page_views_deleted,
+            again.feature_usage_deleted,
+            again.unique_viewer_entries_deleted,
+            again.dedupe_entries_deleted
+        ),
+        (0, 0, 0, 0)
+    );
+    assert!(again.stores.iter().all(|s| s.deleted == 0));
     let count = s
         .collector
         .client()

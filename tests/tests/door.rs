@@ -251,6 +251,51 @@ proptest! {
     }
 }
 
+proptest! {
+    #![proptest_config(Config { cases: 300, ..Config::default() })]
+
+    /// What a product drops in the companion's inbox goes through the same door: the inbox's
+    /// attributes, tags and value names, read by the companion and enforced as the collector does.
+    #[test]
+    fn the_companion_inbox_carries_no_personal_data_past_the_door(
+        pii in pii::pii().prop_filter("known without its own field", Pii::is_self_evident),
+        encodings in pii::encodings(),
+        extended in any::<bool>(),
+    ) {
+        let (text, forms) = pii::plant(pii.value(), &encodings);
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("product.jsonl");
+        let line = serde_json::json!({
+            "name": "jvm.heap.used",
+            "value": 812.5,
+            "unit": "MiB",
+            "at": sightline_tests::rfc3339(NOW - 1_000),
+            "attributes": {"note": format!("seen {text}"), text.clone(): "v"},
+            "tags": {"node": text.clone()},
+            "values": {text.clone(): 1.0},
+        });
+        std::fs::write(&path, format!("{line}\n")).unwrap();
+        let mut events = Vec::new();
+        sightline_companion::sampler::read_inbox(&path, 100, &mut |chunk| {
+            events.extend(chunk);
+            Ok(())
+        })
+        .unwrap();
+        prop_assert_eq!(events.len(), 1);
+        let plan = plan(if extended { Sharing::Extended } else { Sharing::Basic });
+        for event in events {
+            if let Verdict::Keep(stored) = enforce(&plan, event, 0, NOW, true).verdict {
+                let bytes = stored.event.encode_to_vec();
+                let stored_text = String::from_utf8_lossy(&bytes);
+                prop_assert!(
+                    !pii.leaks(&pii::Haystack::new(&stored_text), &forms),
+                    "{pii:?} through {encodings:?}: {stored_text:?}"
+                );
+            }
+        }
+    }
+}
+
 /// The four encodings the hostile tester found, each alone, at the enforcement code: each failed
 /// before the scrubber decoded by what text may hold.
 #[test]

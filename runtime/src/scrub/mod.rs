@@ -58,13 +58,14 @@ impl Finding {
         }
     }
 
+    /// What was found, with its article (`an e-mail address`).
     pub const fn name(self) -> &'static str {
         match self {
-            Finding::Email => "e-mail address",
-            Finding::Ip => "IP address",
-            Finding::Secret => "personal value of the same event",
-            Finding::Opaque => "encoded or opaque value",
-            Finding::Reduced => "part of a URL that BASIC sharing does not keep",
+            Finding::Email => "an e-mail address",
+            Finding::Ip => "an IP address",
+            Finding::Secret => "a personal value of the same event",
+            Finding::Opaque => "text encoded deeper than is read",
+            Finding::Reduced => "a part of a URL that BASIC sharing does not keep",
         }
     }
 }
@@ -290,12 +291,11 @@ fn first_finding_at(text: &str, secrets: &Secrets, depth: usize) -> Option<Findi
     if let Some(span) = find::find(&decoded, secrets).first() {
         return Some(span.finding);
     }
-    if depth + 1 >= MAX_OPAQUE_DEPTH {
-        return None;
-    }
     opaque_spans(&decoded)
         .into_iter()
         .find_map(|(_, _, held)| match held {
+            // Text encoded deeper than is read: what it holds cannot be known.
+            Opaque::Text(_) if depth + 1 >= MAX_OPAQUE_DEPTH => Some(Finding::Opaque),
             Opaque::Text(inner) => first_finding_at(&inner, secrets, depth + 1),
             Opaque::Binary => None,
         })
