@@ -120,7 +120,7 @@ impl Plan {
             moving: policy.moving,
             retry_after_ms: policy.retry_after_ms,
             location: policy.location(),
-            text: TextRules::for_sharing(policy.sharing_level(), query_keys),
+            text: scrub::rules_for(policy.sharing_level(), query_keys),
             strip_only: false,
         }
     }

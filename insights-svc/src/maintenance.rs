@@ -240,6 +240,10 @@ impl Maintenance {
                         Ok(()) => {
                             self.remove_files(&files);
                             applied += 1;
+                            // No file keeps a readable copy of what the purge took.
+                            if let Err(error) = self.api.store.forget_deleted().await {
+                                tracing::warn!(%error, "purged rows may stay readable until the next checkpoint");
+                            }
                         }
                         // Another pass or replica holds it.
                         Err(MaintenanceError::Commit(CommitError::Store(_))) => {}

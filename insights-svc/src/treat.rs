@@ -31,7 +31,7 @@ pub struct FieldRules {
 impl FieldRules {
     pub fn of(policy: &consent_pb::Policy) -> Self {
         Self {
-            text: TextRules::for_sharing(policy.sharing_level(), Arc::from(Vec::new())),
+            text: scrub::rules_for(policy.sharing_level(), Arc::from(Vec::new())),
             ..Self::from_rules(&policy.field_rules)
         }
     }

@@ -188,6 +188,9 @@ impl Change {
 
 #[async_trait]
 pub trait InsightsStore: ChangeLog + Send + Sync + std::fmt::Debug {
+    /// After a purge: no file keeps a readable copy of what was deleted (SQLite: VACUUM, the WAL
+    /// truncated).
+    async fn forget_deleted(&self) -> StoreResult<()>;
     async fn put_assessment(&self, assessment: &StoredAssessment) -> StoreResult<()>;
     /// The newest assessment of a subject.
     async fn latest_assessment(

@@ -178,6 +178,11 @@ macro_rules! sql_store {
 
         #[async_trait]
         impl InsightsStore for $store {
+            async fn forget_deleted(&self) -> StoreResult<()> {
+                sightline_runtime::storage::Forget::forget_deleted(&self.pool).await?;
+                Ok(())
+            }
+
             async fn put_assessment(&self, a: &StoredAssessment) -> StoreResult<()> {
                 sqlx::query(
                     "INSERT INTO assessments (upload_id, org_id, subject, stored_at, consent_version, size_bytes, body)

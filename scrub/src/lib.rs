@@ -101,18 +101,6 @@ impl TextRules {
         Self { level, query_keys }
     }
 
-    /// The rules of a policy's sharing level.
-    pub fn for_sharing(
-        sharing: sightline_proto::common::v1::SharingLevel,
-        keys: Arc<[String]>,
-    ) -> Self {
-        let level = match sharing {
-            sightline_proto::common::v1::SharingLevel::Extended => Level::Extended,
-            _ => Level::Basic,
-        };
-        Self::new(level, keys)
-    }
-
     pub fn extended() -> Self {
         Self::new(Level::Extended, Arc::from(Vec::new()))
     }

@@ -1,0 +1,16 @@
+//! The door's text treatment (`sightline-scrub`), and the rules a policy's sharing level gives it.
+
+use std::sync::Arc;
+
+use sightline_proto::common::v1::SharingLevel;
+pub use sightline_scrub::*;
+
+/// The text rules of a policy's sharing level: EXTENDED only when the policy says so, BASIC for
+/// anything else (fail closed).
+pub fn rules_for(sharing: SharingLevel, query_keys: Arc<[String]>) -> TextRules {
+    let level = match sharing {
+        SharingLevel::Extended => Level::Extended,
+        SharingLevel::Basic | SharingLevel::Unspecified => Level::Basic,
+    };
+    TextRules::new(level, query_keys)
+}
