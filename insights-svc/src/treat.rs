@@ -482,6 +482,31 @@ mod tests {
     }
 
     #[test]
+    fn encoded_contact_data_in_an_assessment_is_read_before_it_is_kept() {
+        // Named references, JSON held in JSON, base64 of a JSON blob, form encoding.
+        let file = r#"{
+          "format": "sightline.assessment", "formatVersion": 1,
+          "metrics": [{"name": "jvm.cpu.load", "value": 50, "attributes": {
+            "a": "mara.voss&commat;host&period;example",
+            "b": "{\\\"u\\\":\\\"mara\\\\u0040host.example\\\"}",
+            "c": "https://w.example/p?d=eyJ1IjoibWFyYUBob3N0LmV4YW1wbGUifQ",
+            "d": "ip=10%2E1%2E2%2E3+port"}}]
+        }"#;
+        for extended in [false, true] {
+            let (assessment, treated) = assessment(parse(file), &rules(extended), None).unwrap();
+            let attributes = &assessment.metrics[0].attributes;
+            for (key, value) in attributes {
+                let decoded = scrub::decode(value).to_lowercase();
+                assert!(
+                    !decoded.contains("mara") && !decoded.contains("10.1.2.3"),
+                    "{key}: {value} (extended: {extended})"
+                );
+            }
+            assert!(!treated.scrubbed.is_empty());
+        }
+    }
+
+    #[test]
     fn a_class_without_a_rule_is_dropped() {
         let (assessment, _) = assessment(parse(FILE), &FieldRules::default(), None).unwrap();
         assert_eq!(assessment.entities[0].id, "");

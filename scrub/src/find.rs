@@ -92,11 +92,13 @@ pub(crate) fn find(text: &str, secrets: &Secrets) -> Vec<Span> {
             spans.push(span);
         }
     }
-    ipv4(bytes, &mut spans);
+    if memchr::memchr(b'.', bytes).is_some() {
+        ipv4(bytes, &mut spans);
+        ipv6_literal_net(text, &mut spans);
+    }
     if memchr::memchr(b':', bytes).is_some() {
         ipv6(text, &mut spans);
     }
-    ipv6_literal_net(text, &mut spans);
     if !secrets.is_empty() {
         let folded = fold(text);
         for secret in &secrets.values {
@@ -312,11 +314,13 @@ fn ipv6(text: &str, spans: &mut Vec<Span>) {
 fn ipv6_literal_net(text: &str, spans: &mut Vec<Span>) {
     const SUFFIX: &[u8] = b".ipv6-literal.net";
     let bytes = text.as_bytes();
-    if bytes.len() < SUFFIX.len() || !text.to_ascii_lowercase().contains(".ipv6-literal.net") {
-        return;
-    }
-    let lower = text.to_ascii_lowercase();
-    for at in memmem::find_iter(lower.as_bytes(), SUFFIX) {
+    for at in memchr::memchr_iter(b'.', bytes) {
+        if !bytes
+            .get(at..at + SUFFIX.len())
+            .is_some_and(|w| w.eq_ignore_ascii_case(SUFFIX))
+        {
+            continue;
+        }
         let mut start = at;
         while start > 0 && (bytes[start - 1].is_ascii_alphanumeric() || bytes[start - 1] == b'-') {
             start -= 1;

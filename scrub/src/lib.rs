@@ -24,6 +24,7 @@ mod find;
 mod opaque;
 mod url;
 
+use std::borrow::Cow;
 use std::sync::Arc;
 
 pub use decode::{MAX_LAYERS, decode};
@@ -123,27 +124,37 @@ pub fn treat(
     }
     let mut found = Vec::new();
     let out = treat_at(text, secrets, rules, shape, 0, &mut found);
-    (!found.is_empty()).then_some((out, found))
+    (!found.is_empty()).then(|| (out.into_owned(), found))
 }
 
-fn treat_at(
-    text: &str,
+fn treat_at<'a>(
+    text: &'a str,
     secrets: &Secrets,
     rules: &TextRules,
     shape: Shape,
     depth: usize,
     found: &mut Vec<Finding>,
-) -> String {
-    let mut work = decode(text).into_owned();
+) -> Cow<'a, str> {
+    // Each step allocates only when it changes something (the common case on the hot path is
+    // text that needs nothing).
+    let mut work = decode(text);
     if rules.level == Level::Basic {
-        work = match shape {
-            Shape::Url => url::reduce(&work, &rules.query_keys, found),
-            Shape::Text => replace_each(&work, &url::embedded(&work), |u| {
-                url::reduce(u, &rules.query_keys, found)
-            }),
-        };
+        match shape {
+            Shape::Url => work = Cow::Owned(url::reduce(&work, &rules.query_keys, found)),
+            Shape::Text => {
+                let urls = url::embedded(&work);
+                if !urls.is_empty() {
+                    work = Cow::Owned(replace_each(&work, &urls, |u| {
+                        url::reduce(u, &rules.query_keys, found)
+                    }));
+                }
+            }
+        }
     }
-    work = opaque_runs(&work, secrets, rules, depth, found);
+    let runs = opaque_spans(&work);
+    if !runs.is_empty() {
+        work = Cow::Owned(opaque_runs(&work, runs, secrets, rules, depth, found));
+    }
     let spans = find::find(&work, secrets);
     if spans.is_empty() {
         return work;
@@ -157,7 +168,7 @@ fn treat_at(
         at = span.end;
     }
     out.push_str(&work[at..]);
-    out
+    Cow::Owned(out)
 }
 
 /// `text` with each of `spans` (sorted, apart) replaced by what `with` makes of it.
@@ -214,15 +225,12 @@ fn opaque_spans(text: &str) -> Vec<(usize, usize, Opaque)> {
 /// Replaces or reads the opaque runs of `text` by `rules` (see the module's doc).
 fn opaque_runs(
     text: &str,
+    spans: Vec<(usize, usize, Opaque)>,
     secrets: &Secrets,
     rules: &TextRules,
     depth: usize,
     found: &mut Vec<Finding>,
 ) -> String {
-    let spans = opaque_spans(text);
-    if spans.is_empty() {
-        return text.to_owned();
-    }
     let mut out = String::with_capacity(text.len());
     let mut at = 0;
     for (start, end, held) in spans {
@@ -247,7 +255,7 @@ fn opaque_runs(
                         Some(Finding::Opaque.marker().to_owned())
                     }
                     Level::Basic => None,
-                    Level::Extended => (!inner.is_empty()).then_some(treated),
+                    Level::Extended => (!inner.is_empty()).then(|| treated.into_owned()),
                 }
             }
         };
@@ -303,15 +311,21 @@ fn worth_scanning(text: &str, secrets: &Secrets, rules: &TextRules, shape: Shape
     let bytes = text.as_bytes();
     let mut colons = 0;
     let mut run = 0;
+    // A run ends where it may hold something: 4n + 1 characters are neither base64 nor hex, so a
+    // word such as `pluginKey` is passed over; a token-long run is always looked at.
+    let run_matters = |run: usize| run >= MIN_TOKEN || (run >= MIN_RUN && run % 4 != 1);
     for (i, b) in bytes.iter().enumerate() {
         if is_run_byte(*b) {
             run += 1;
-            if run >= MIN_RUN {
+            if run >= MIN_TOKEN {
                 return true;
             }
-        } else {
-            run = 0;
+            continue;
         }
+        if run_matters(run) {
+            return true;
+        }
+        run = 0;
         match b {
             b'@' | b'%' | b'\\' | b'&' => return true,
             b if !b.is_ascii() => return true,
@@ -333,7 +347,7 @@ fn worth_scanning(text: &str, secrets: &Secrets, rules: &TextRules, shape: Shape
             _ => {}
         }
     }
-    false
+    run_matters(run)
 }
 
 #[cfg(test)]

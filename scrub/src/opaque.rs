@@ -10,6 +10,8 @@ use base64::engine::{DecodePaddingMode, GeneralPurpose, GeneralPurposeConfig};
 pub(crate) const MIN_RUN: usize = 8;
 /// Runs at least this long that look like a token are opaque whatever they decode to.
 pub(crate) const MIN_TOKEN: usize = 16;
+/// Runs up to this long are decoded on the stack.
+const SHORT_RUN: usize = 64;
 /// Longer runs are not decoded (they are opaque).
 pub(crate) const MAX_RUN: usize = 16 * 1024;
 
@@ -27,29 +29,31 @@ fn is_run_char(b: u8) -> bool {
 }
 
 /// The byte ranges of the runs of `text` at least [`MIN_RUN`] long (with their `=` padding).
-pub(crate) fn runs(text: &str) -> Vec<(usize, usize)> {
+pub(crate) fn runs(text: &str) -> impl Iterator<Item = (usize, usize)> + '_ {
     let bytes = text.as_bytes();
-    let mut found = Vec::new();
     let mut i = 0;
-    while i < bytes.len() {
-        if !is_run_char(bytes[i]) {
-            i += 1;
-            continue;
+    std::iter::from_fn(move || {
+        while i < bytes.len() {
+            if !is_run_char(bytes[i]) {
+                i += 1;
+                continue;
+            }
+            let start = i;
+            while i < bytes.len() && is_run_char(bytes[i]) {
+                i += 1;
+            }
+            let body_end = i;
+            let mut end = i;
+            while end < bytes.len() && end - body_end < 2 && bytes[end] == b'=' {
+                end += 1;
+            }
+            i = end;
+            if end - start >= MIN_RUN {
+                return Some((start, end));
+            }
         }
-        let start = i;
-        while i < bytes.len() && is_run_char(bytes[i]) {
-            i += 1;
-        }
-        let mut end = i;
-        while end < bytes.len() && end - i < 2 && bytes[end] == b'=' {
-            end += 1;
-        }
-        if end - start >= MIN_RUN {
-            found.push((start, end));
-        }
-        i = end.max(i);
-    }
-    found
+        None
+    })
 }
 
 const fn engine(alphabet: &base64::alphabet::Alphabet) -> GeneralPurpose {
@@ -65,13 +69,18 @@ const STANDARD: GeneralPurpose = engine(&base64::alphabet::STANDARD);
 const URL_SAFE: GeneralPurpose = engine(&base64::alphabet::URL_SAFE);
 
 /// Bytes that are readable text: UTF-8 without control characters other than tab and line ends.
-fn as_text(bytes: Vec<u8>) -> Option<String> {
-    let text = String::from_utf8(bytes).ok()?;
+fn text_of(bytes: &[u8]) -> Option<&str> {
+    let text = std::str::from_utf8(bytes).ok()?;
     (!text.is_empty()
         && text
             .chars()
             .all(|c| !c.is_control() || matches!(c, '\t' | '\n' | '\r')))
     .then_some(text)
+}
+
+fn as_text(bytes: Vec<u8>) -> Option<String> {
+    text_of(&bytes)?;
+    String::from_utf8(bytes).ok()
 }
 
 fn is_uuid(run: &str) -> bool {
@@ -106,10 +115,17 @@ pub(crate) fn classify(run: &str) -> Option<Opaque> {
     if bytes.len() > MAX_RUN {
         return Some(Opaque::Binary);
     }
-    let has_digit = bytes.iter().any(u8::is_ascii_digit);
-    let has_letter = bytes.iter().any(u8::is_ascii_alphabetic);
+    // One pass for what the rules below ask about the run's characters.
+    let (mut has_digit, mut has_upper, mut has_lower, mut all_hex) = (false, false, false, true);
+    for b in bytes {
+        has_digit |= b.is_ascii_digit();
+        has_upper |= b.is_ascii_uppercase();
+        has_lower |= b.is_ascii_lowercase();
+        all_hex &= b.is_ascii_hexdigit();
+    }
+    let has_letter = has_upper || has_lower;
     let long = bytes.len() >= MIN_TOKEN;
-    if bytes.iter().all(u8::is_ascii_hexdigit) && has_letter {
+    if all_hex && has_letter {
         if bytes.len() % 2 == 0
             && let Ok(decoded) = hex::decode(bytes)
             && let Some(text) = as_text(decoded)
@@ -121,16 +137,27 @@ pub(crate) fn classify(run: &str) -> Option<Opaque> {
     let body = run.trim_end_matches('=');
     let url_safe = body.contains(['-', '_']);
     let standard = body.contains(['+', '/']);
-    let decoded = match (standard, url_safe) {
+    let engine = match (standard, url_safe) {
         (true, true) => None,
-        (false, true) => URL_SAFE.decode(body).ok(),
-        (true, false) | (false, false) => STANDARD.decode(body).ok(),
+        (false, true) => Some(&URL_SAFE),
+        (true, false) | (false, false) => Some(&STANDARD),
     };
-    if let Some(text) = decoded.and_then(as_text) {
-        return Some(Opaque::Text(text));
+    // Most runs are words that do not decode at all (a length of 4n + 1) or decode to bytes that
+    // are not text: that is found without allocating.
+    if let Some(engine) = engine
+        && body.len() % 4 != 1
+    {
+        if body.len() <= SHORT_RUN {
+            let mut buffer = [0u8; SHORT_RUN * 3 / 4 + 3];
+            if let Ok(n) = engine.decode_slice(body, &mut buffer)
+                && let Some(text) = text_of(&buffer[..n])
+            {
+                return Some(Opaque::Text(text.to_owned()));
+            }
+        } else if let Some(text) = engine.decode(body).ok().and_then(as_text) {
+            return Some(Opaque::Text(text));
+        }
     }
-    let has_upper = bytes.iter().any(u8::is_ascii_uppercase);
-    let has_lower = bytes.iter().any(u8::is_ascii_lowercase);
     let symbols = run.contains(['+', '=']);
     let token = long && has_letter && (has_digit || (has_upper && has_lower && symbols));
     token.then_some(Opaque::Binary)
@@ -189,7 +216,7 @@ mod tests {
     #[test]
     fn runs_end_at_other_characters_and_keep_their_padding() {
         let text = "d=YUBiLmM=&x=short&y=eyJ1IjoiYSJ9";
-        let found: Vec<&str> = runs(text).iter().map(|(s, e)| &text[*s..*e]).collect();
+        let found: Vec<&str> = runs(text).map(|(s, e)| &text[s..e]).collect();
         assert_eq!(found, vec!["YUBiLmM=", "eyJ1IjoiYSJ9"]);
     }
 }
