@@ -11,6 +11,7 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
+use sightline_proto::classes::is_identifier;
 use sightline_proto::collector::v1::{self as pb, DropReason, event::Payload};
 use sightline_proto::common::v1::{self as common, DataClass, EventKind, FieldAction};
 use sightline_proto::consent::v1 as consent_pb;
@@ -344,20 +345,6 @@ fn kind_of(payload: &Payload) -> EventKind {
         Payload::ClientMetric(_) => EventKind::ClientMetric,
         Payload::AppInventory(_) => EventKind::AppInventory,
     }
-}
-
-/// Classes whose values are identifiers or vocabulary: a value holding personal data is refused,
-/// not altered.
-fn is_identifier(class: DataClass) -> bool {
-    !matches!(
-        class,
-        DataClass::Name
-            | DataClass::CustomAppName
-            | DataClass::FreeText
-            | DataClass::Url
-            | DataClass::GroupName
-            | DataClass::DisplayName
-    )
 }
 
 /// Whether an event id is 1 to 64 characters of `[A-Za-z0-9._:-]`.

@@ -243,7 +243,13 @@ impl Walk<'_> {
                     Shape::Text
                 };
                 let mut found: Vec<Finding> = Vec::new();
+                let identifier = classes::is_identifier(class);
                 map_text(value, &mut |text| {
+                    // An id is kept as it is unless it holds personal data (then it is scrubbed
+                    // as text: an upload cannot be refused field by field).
+                    if identifier && scrub::first_finding(text, secrets).is_none() {
+                        return;
+                    }
                     if let Some((clean, findings)) = scrub::treat(text, secrets, rules, shape) {
                         *text = clean;
                         found.extend(findings);

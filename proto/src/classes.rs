@@ -144,6 +144,21 @@ fn walk(
     on_path.remove(message.full_name());
 }
 
+/// Whether values of `class` are identifiers or vocabulary (ids, keys, categories, counts): a
+/// value holding personal data is refused or replaced whole, never rewritten as text. The others
+/// (names, free text, URLs, group and display names) are text, treated by what they may hold.
+pub fn is_identifier(class: DataClass) -> bool {
+    !matches!(
+        class,
+        DataClass::Name
+            | DataClass::CustomAppName
+            | DataClass::FreeText
+            | DataClass::Url
+            | DataClass::GroupName
+            | DataClass::DisplayName
+    )
+}
+
 /// Every class the contract defines, UNSPECIFIED excepted.
 pub fn all_classes() -> Vec<DataClass> {
     (1..).map_while(|n| DataClass::try_from(n).ok()).collect()

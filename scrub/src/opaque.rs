@@ -104,7 +104,7 @@ pub(crate) fn classify(run: &str) -> Option<Opaque> {
         if bytes.len() <= 20 {
             return None;
         }
-        if bytes.len() % 2 == 0
+        if bytes.len().is_multiple_of(2)
             && let Ok(decoded) = hex::decode(bytes)
             && let Some(text) = as_text(decoded)
         {
@@ -126,7 +126,7 @@ pub(crate) fn classify(run: &str) -> Option<Opaque> {
     let has_letter = has_upper || has_lower;
     let long = bytes.len() >= MIN_TOKEN;
     if all_hex && has_letter {
-        if bytes.len() % 2 == 0
+        if bytes.len().is_multiple_of(2)
             && let Ok(decoded) = hex::decode(bytes)
             && let Some(text) = as_text(decoded)
         {
@@ -158,8 +158,20 @@ pub(crate) fn classify(run: &str) -> Option<Opaque> {
             return Some(Opaque::Text(text));
         }
     }
+    // A token: upper and lower case mixed with digits, or letters mixed with digits (or with
+    // base64's symbols) in one piece at least MIN_TOKEN long. `customfield_10420` or
+    // `eu-west-1-prod-cluster-02` are words and numbers joined, not a token.
     let symbols = run.contains(['+', '=']);
-    let token = long && has_letter && (has_digit || (has_upper && has_lower && symbols));
+    let token = long
+        && has_letter
+        && (has_digit || (has_upper && has_lower && symbols))
+        && ((has_upper && has_lower && has_digit)
+            || run.split(['-', '_']).any(|piece| {
+                piece.len() >= MIN_TOKEN
+                    && piece.bytes().any(|b| b.is_ascii_alphabetic())
+                    && (piece.bytes().any(|b| b.is_ascii_digit())
+                        || piece.contains(['+', '/', '=']))
+            }));
     token.then_some(Opaque::Binary)
 }
 
@@ -208,6 +220,8 @@ mod tests {
             "123e4567-e89b-12d3-a456-426614174000",
             "jvm-cpu-load",
             "abcdefg",
+            "customfield_10420",
+            "eu-west-1-prod-cluster-02",
         ] {
             assert_eq!(classify(run), None, "{run}");
         }
