@@ -800,8 +800,70 @@ pub mod pii;
 pub mod collector {
     use sightline_proto::collector::v1 as pb;
     use sightline_proto::common::v1 as common;
+    use sightline_proto::consent::v1 as consent_pb;
 
-    use super::{TestCollector, TestInstance, authed};
+    use super::{
+        CollectorOptions, LinkerOptions, TestCollector, TestConsent, TestInstance, TestLinker,
+        TestOrg, authed,
+    };
+
+    /// A linker, consent-svc and collector-svc with one org opted in at ADVANCED and `sharing`,
+    /// its instance linked and page views tracked as `tracking` says; the collector enforces that
+    /// policy when this returns.
+    #[derive(Debug)]
+    pub struct TrackedStack {
+        pub linker: TestLinker,
+        pub consent: TestConsent,
+        pub collector: TestCollector,
+        pub org: TestOrg,
+        pub instance: TestInstance,
+    }
+
+    pub async fn tracked_stack(
+        options: CollectorOptions,
+        sharing: common::SharingLevel,
+        tracking: consent_pb::TrackingSettings,
+    ) -> TrackedStack {
+        let linker = TestLinker::start(LinkerOptions::default()).await;
+        let consent = TestConsent::start(
+            &linker,
+            None,
+            sightline_runtime::settings::Limits::default(),
+        )
+        .await;
+        let collector = TestCollector::start(&linker, &consent, options).await;
+        let org = linker.org("Acme").await;
+        let instance = linker.link_instance(&org, "SRV-A").await;
+        crate::consent::opt_in(&consent, &org, common::UsageLevel::Advanced, sharing).await;
+        crate::consent::track(&consent, &org, tracking).await;
+        let revision = crate::consent::policy(&consent, &org, &instance.id)
+            .await
+            .revision;
+        collector
+            .wait_revision(&org.id, &instance.id, revision)
+            .await;
+        TrackedStack {
+            linker,
+            consent,
+            collector,
+            org,
+            instance,
+        }
+    }
+
+    /// Every file below `dir` (the data directory's databases, WALs, journals, bundles).
+    pub fn files_under(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+        let mut files = Vec::new();
+        for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                files.extend(files_under(&path));
+            } else {
+                files.push(path);
+            }
+        }
+        files
+    }
 
     pub fn at(ms: i64) -> Option<prost_types::Timestamp> {
         Some(sightline_runtime::time::to_proto(ms))

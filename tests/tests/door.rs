@@ -23,13 +23,9 @@ use sightline_proto::collector::v1::{self as pb, event::Payload};
 use sightline_proto::common::v1::{self as common, Channel, SharingLevel, UsageLevel};
 use sightline_proto::consent::v1 as consent_pb;
 use sightline_runtime::pseudonym::PseudonymSecret;
-use sightline_runtime::settings::Limits;
-use sightline_tests::collector::{at, ingest};
-use sightline_tests::consent::{opt_in, policy, track};
+use sightline_tests::collector::{TrackedStack, at, files_under, ingest, tracked_stack};
 use sightline_tests::pii::{self, Encoding, Pii};
-use sightline_tests::{
-    CollectorOptions, LinkerOptions, T0_MS, TestCollector, TestConsent, TestLinker, authed,
-};
+use sightline_tests::{CollectorOptions, T0_MS, authed};
 
 const NOW: i64 = T0_MS;
 
@@ -335,45 +331,29 @@ fn generated(n: usize) -> Vec<(Pii, Vec<Encoding>)> {
         .collect()
 }
 
-fn files_under(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
-    let mut files = Vec::new();
-    for entry in std::fs::read_dir(dir).unwrap() {
-        let path = entry.unwrap().path();
-        if path.is_dir() {
-            files.extend(files_under(&path));
-        } else {
-            files.push(path);
-        }
-    }
-    files
-}
-
 /// Every generated case through a real collector: what Ingest stores (every file, or every row
 /// on PostgreSQL), what PreviewSample shows and what QueryMetrics returns hold none of it.
 async fn through_a_real_collector(database_url: Option<String>, sharing: SharingLevel) {
-    let linker = TestLinker::start(LinkerOptions::default()).await;
-    let consent = TestConsent::start(&linker, None, Limits::default()).await;
-    let options = CollectorOptions {
-        database_url: database_url.clone(),
-        ..CollectorOptions::default()
-    };
-    let collector = TestCollector::start(&linker, &consent, options).await;
-    let org = linker.org("Acme").await;
-    let instance = linker.link_instance(&org, "SRV-A").await;
-    opt_in(&consent, &org, UsageLevel::Advanced, sharing).await;
-    track(
-        &consent,
-        &org,
+    // The services stop when dropped: consent-svc too is held to the end.
+    let TrackedStack {
+        linker,
+        consent: _consent,
+        collector,
+        org,
+        instance,
+        ..
+    } = tracked_stack(
+        CollectorOptions {
+            database_url: database_url.clone(),
+            ..CollectorOptions::default()
+        },
+        sharing,
         consent_pb::TrackingSettings {
             enabled_channels: vec![Channel::Desktop as i32],
             ..Default::default()
         },
     )
     .await;
-    let revision = policy(&consent, &org, &instance.id).await.revision;
-    collector
-        .wait_revision(&org.id, &instance.id, revision)
-        .await;
 
     let cases = generated(300);
     let mut planted = Vec::new();

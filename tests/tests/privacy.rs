@@ -12,8 +12,8 @@ use sightline_proto::collector::v1::{self as pb, DropReason};
 use sightline_proto::common::v1::{self as common, Channel, SharingLevel, UsageLevel};
 use sightline_proto::consent::v1 as consent_pb;
 use sightline_runtime::settings::Limits;
-use sightline_tests::collector::{at, dropped, ingest};
-use sightline_tests::consent::{opt_in, policy, track};
+use sightline_tests::collector::{TrackedStack, at, dropped, files_under, ingest, tracked_stack};
+use sightline_tests::consent::policy;
 use sightline_tests::{
     CollectorOptions, LinkerOptions, T0_MS, TestCollector, TestConsent, TestLinker, authed, logs,
 };
@@ -225,30 +225,18 @@ fn events(i: usize, now: i64) -> Vec<pb::Event> {
     ]
 }
 
-fn files_under(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
-    let mut files = Vec::new();
-    for entry in std::fs::read_dir(dir).unwrap() {
-        let path = entry.unwrap().path();
-        if path.is_dir() {
-            files.extend(files_under(&path));
-        } else {
-            files.push(path);
-        }
-    }
-    files
-}
-
 async fn canary(sharing: SharingLevel) {
     let log = logs();
-    let linker = TestLinker::start(LinkerOptions::default()).await;
-    let consent = TestConsent::start(&linker, None, Limits::default()).await;
-    let collector = TestCollector::start(&linker, &consent, CollectorOptions::default()).await;
-    let org = linker.org("Acme").await;
-    let instance = linker.link_instance(&org, "SRV-A").await;
-    opt_in(&consent, &org, UsageLevel::Advanced, sharing).await;
-    track(
-        &consent,
-        &org,
+    // The services stop when dropped: consent-svc too is held to the end.
+    let TrackedStack {
+        linker,
+        consent: _consent,
+        collector,
+        instance,
+        ..
+    } = tracked_stack(
+        CollectorOptions::default(),
+        sharing,
         consent_pb::TrackingSettings {
             enabled_channels: vec![Channel::Desktop as i32],
             view_counter_enabled: true,
@@ -256,10 +244,6 @@ async fn canary(sharing: SharingLevel) {
         },
     )
     .await;
-    let revision = policy(&consent, &org, &instance.id).await.revision;
-    collector
-        .wait_revision(&org.id, &instance.id, revision)
-        .await;
 
     let mut accepted = 0;
     let mut invalid = 0;
@@ -340,47 +324,6 @@ async fn no_personal_data_survives_under_extended() {
     canary(SharingLevel::Extended).await;
 }
 
-/// A linker, consent and collector with one org whose instance tracks page views.
-struct Tracked {
-    linker: TestLinker,
-    #[allow(dead_code)]
-    consent: TestConsent,
-    collector: TestCollector,
-    org: sightline_tests::TestOrg,
-    instance: sightline_tests::TestInstance,
-}
-
-async fn tracked(sharing: SharingLevel) -> Tracked {
-    let linker = TestLinker::start(LinkerOptions::default()).await;
-    let consent = TestConsent::start(&linker, None, Limits::default()).await;
-    let collector = TestCollector::start(&linker, &consent, CollectorOptions::default()).await;
-    let org = linker.org("Acme").await;
-    let instance = linker.link_instance(&org, "SRV-A").await;
-    opt_in(&consent, &org, UsageLevel::Advanced, sharing).await;
-    track(
-        &consent,
-        &org,
-        consent_pb::TrackingSettings {
-            enabled_channels: vec![Channel::Desktop as i32],
-            blocking_time_ms: 60_000,
-            view_counter_enabled: true,
-            ..Default::default()
-        },
-    )
-    .await;
-    let revision = policy(&consent, &org, &instance.id).await.revision;
-    collector
-        .wait_revision(&org.id, &instance.id, revision)
-        .await;
-    Tracked {
-        linker,
-        consent,
-        collector,
-        org,
-        instance,
-    }
-}
-
 fn contains(haystack: &[u8], needle: &str) -> bool {
     memchr::memmem::find(haystack, needle.as_bytes()).is_some()
 }
@@ -391,7 +334,17 @@ fn contains(haystack: &[u8], needle: &str) -> bool {
 /// entry names the erasure by a random reference and every store it touched, with counts.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_erased_viewer_leaves_no_byte_in_any_file_and_the_log_does_not_name_them() {
-    let s = tracked(SharingLevel::Basic).await;
+    let s = tracked_stack(
+        CollectorOptions::default(),
+        SharingLevel::Basic,
+        consent_pb::TrackingSettings {
+            enabled_channels: vec![Channel::Desktop as i32],
+            blocking_time_ms: 60_000,
+            view_counter_enabled: true,
+            ..Default::default()
+        },
+    )
+    .await;
     let view = |i: usize, viewer: &str| pb::Event {
         event_id: format!(
             "v-{}-{i}",
