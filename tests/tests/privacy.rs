@@ -579,13 +579,54 @@ fn aggregate_query(
     }
 }
 
+/// A stack whose orgs contribute `values` to `db.latency` in one hour, and the operator's question.
+struct Contributed {
+    linker: TestLinker,
+    consent: TestConsent,
+    collector: TestCollector,
+    orgs: Vec<(sightline_tests::TestOrg, sightline_tests::TestInstance)>,
+    hour: i64,
+}
+
+impl Contributed {
+    async fn start(options: CollectorOptions, values: &[(&str, f64)]) -> Self {
+        let hour = (T0_MS - 2 * 3_600_000) / 3_600_000 * 3_600_000;
+        let linker = TestLinker::start(LinkerOptions::default()).await;
+        let consent = TestConsent::start(&linker, None, Limits::default()).await;
+        let collector = TestCollector::start(&linker, &consent, options).await;
+        let orgs = contributing_orgs(&linker, &consent, &collector, hour, values).await;
+        Self {
+            linker,
+            consent,
+            collector,
+            orgs,
+            hour,
+        }
+    }
+
+    async fn ask(
+        &self,
+        group_by: pb::AggregateGroupBy,
+        add_noise: bool,
+    ) -> Result<pb::GetContributedAggregatesResponse, tonic::Status> {
+        self.collector
+            .client()
+            .await
+            .get_contributed_aggregates(authed(
+                self.linker.operator.expose(),
+                aggregate_query(self.hour, group_by, add_noise),
+            ))
+            .await
+            .map(tonic::Response::into_inner)
+    }
+}
+
 /// The differencing attack: a 6-org cell (no grouping) and a 5-org cell (jira only) give the one
 /// confluence org's value as 6 × mean₆ − 5 × mean₅. With exact figures (only when the operator
 /// turns privacy off) it works to the last digit; with the defaults every release is noised and
 /// the subtraction misses by far more than the value's own size.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn overlapping_cells_cannot_be_subtracted_to_recover_one_org_under_defaults() {
-    let hour = (T0_MS - 2 * 3_600_000) / 3_600_000 * 3_600_000;
     let values = [
         ("jira", 120.0),
         ("jira", 180.0),
@@ -603,59 +644,30 @@ async fn overlapping_cells_cannot_be_subtracted_to_recover_one_org_under_default
     };
 
     // Privacy turned off by the operator: the attack recovers the org's exact value.
-    let linker = TestLinker::start(LinkerOptions::default()).await;
-    let consent = TestConsent::start(&linker, None, Limits::default()).await;
     let mut exact = CollectorOptions::default();
     exact.collection.exact_aggregates_reveal_orgs = true;
-    let collector = TestCollector::start(&linker, &consent, exact).await;
-    contributing_orgs(&linker, &consent, &collector, hour, &values).await;
-    let operator = linker.operator.expose().to_owned();
-    let mut client = collector.client().await;
-    let ask = |group_by, noise| authed(&operator, aggregate_query(hour, group_by, noise));
-    let six = client
-        .get_contributed_aggregates(ask(pb::AggregateGroupBy::None, false))
+    let stack = Contributed::start(exact, &values).await;
+    let six = stack.ask(pb::AggregateGroupBy::None, false).await.unwrap();
+    let five = stack
+        .ask(pb::AggregateGroupBy::Product, false)
         .await
-        .unwrap()
-        .into_inner();
-    let five = client
-        .get_contributed_aggregates(ask(pb::AggregateGroupBy::Product, false))
-        .await
-        .unwrap()
-        .into_inner();
+        .unwrap();
     let recovered = recover(&six, &five).expect("both cells are shown");
     assert!((recovered - 555.0).abs() < 1e-6, "{recovered}");
-    drop(client);
-    drop(collector);
+    drop(stack);
 
     // The defaults (only the budget raised, to ask many times): private, and the subtraction
-    // misses every time.
-    let linker = TestLinker::start(LinkerOptions::default()).await;
-    let consent = TestConsent::start(&linker, None, Limits::default()).await;
+    // misses every time. add_noise = false: exact figures are not the caller's to choose.
     let mut defaults = CollectorOptions::default();
     defaults.collection.epsilon_budget = 1_000.0;
-    let collector = TestCollector::start(&linker, &consent, defaults).await;
-    contributing_orgs(&linker, &consent, &collector, hour, &values).await;
-    let operator = linker.operator.expose().to_owned();
-    let mut client = collector.client().await;
+    let stack = Contributed::start(defaults, &values).await;
     let mut pairs = 0;
     for _ in 0..60 {
-        // add_noise = false: exact figures are not the caller's to choose.
-        let six = client
-            .get_contributed_aggregates(authed(
-                &operator,
-                aggregate_query(hour, pb::AggregateGroupBy::None, false),
-            ))
+        let six = stack.ask(pb::AggregateGroupBy::None, false).await.unwrap();
+        let five = stack
+            .ask(pb::AggregateGroupBy::Product, false)
             .await
-            .unwrap()
-            .into_inner();
-        let five = client
-            .get_contributed_aggregates(authed(
-                &operator,
-                aggregate_query(hour, pb::AggregateGroupBy::Product, false),
-            ))
-            .await
-            .unwrap()
-            .into_inner();
+            .unwrap();
         for reply in [&six, &five] {
             assert_eq!(reply.epsilon_spent, 1.0, "the default epsilon is charged");
             assert!(reply.epsilon_per_bucket > 0.0 && reply.epsilon_per_bucket <= 1.0);
@@ -681,30 +693,17 @@ async fn overlapping_cells_cannot_be_subtracted_to_recover_one_org_under_default
 /// budget (10 by default, 1 per call by default) ends the series.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn repeating_a_query_spends_the_budget_until_nothing_is_released() {
-    let hour = (T0_MS - 2 * 3_600_000) / 3_600_000 * 3_600_000;
-    let linker = TestLinker::start(LinkerOptions::default()).await;
-    let consent = TestConsent::start(&linker, None, Limits::default()).await;
-    let collector = TestCollector::start(&linker, &consent, CollectorOptions::default()).await;
     let values: Vec<(&str, f64)> = (0..6).map(|i| ("jira", 100.0 + f64::from(i))).collect();
-    contributing_orgs(&linker, &consent, &collector, hour, &values).await;
-    let operator = linker.operator.expose().to_owned();
-    let mut client = collector.client().await;
+    let stack = Contributed::start(CollectorOptions::default(), &values).await;
     for call in 0..10 {
-        let reply = client
-            .get_contributed_aggregates(authed(
-                &operator,
-                aggregate_query(hour, pb::AggregateGroupBy::None, true),
-            ))
+        let reply = stack
+            .ask(pb::AggregateGroupBy::None, true)
             .await
-            .unwrap_or_else(|e| panic!("call {call}: {e}"))
-            .into_inner();
+            .unwrap_or_else(|e| panic!("call {call}: {e}"));
         assert_eq!(reply.epsilon_spent, 1.0);
     }
-    let refused = client
-        .get_contributed_aggregates(authed(
-            &operator,
-            aggregate_query(hour, pb::AggregateGroupBy::None, true),
-        ))
+    let refused = stack
+        .ask(pb::AggregateGroupBy::None, true)
         .await
         .unwrap_err();
     assert_eq!(refused.code(), tonic::Code::ResourceExhausted);
@@ -716,32 +715,19 @@ async fn repeating_a_query_spends_the_budget_until_nothing_is_released() {
 /// when it reads.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_disabled_org_is_not_counted_even_before_its_purge() {
-    let hour = (T0_MS - 2 * 3_600_000) / 3_600_000 * 3_600_000;
-    let linker = TestLinker::start(LinkerOptions::default()).await;
-    let consent = TestConsent::start(&linker, None, Limits::default()).await;
     let mut exact = CollectorOptions::default();
     exact.collection.exact_aggregates_reveal_orgs = true;
     exact.collection.min_orgs = 2;
-    let collector = TestCollector::start(&linker, &consent, exact).await;
     let values = [("jira", 100.0), ("jira", 200.0), ("jira", 900.0)];
-    let orgs = contributing_orgs(&linker, &consent, &collector, hour, &values).await;
-    let operator = linker.operator.expose().to_owned();
-    let mut client = collector.client().await;
+    let stack = Contributed::start(exact, &values).await;
     let mean =
         |r: pb::GetContributedAggregatesResponse| r.buckets.first().map(|b| (b.org_count, b.mean));
-    let before = client
-        .get_contributed_aggregates(authed(
-            &operator,
-            aggregate_query(hour, pb::AggregateGroupBy::None, false),
-        ))
-        .await
-        .unwrap()
-        .into_inner();
+    let before = stack.ask(pb::AggregateGroupBy::None, false).await.unwrap();
     assert_eq!(mean(before), Some((3, 400.0)));
 
-    let (org, instance) = &orgs[2];
+    let (org, instance) = &stack.orgs[2];
     sightline_tests::consent::update(
-        &consent,
+        &stack.consent,
         org,
         consent_pb::ConsentSettings {
             usage_level: UsageLevel::Disabled as i32,
@@ -752,21 +738,15 @@ async fn a_disabled_org_is_not_counted_even_before_its_purge() {
     )
     .await
     .unwrap();
-    let disabled = policy(&consent, org, &instance.id).await;
+    let disabled = policy(&stack.consent, org, &instance.id).await;
     assert!(
         disabled.contribute_in_app_data_kinds.is_empty() && !disabled.contribute_in_app_data,
         "the policy of a DISABLED org says it contributes nothing: {disabled:?}"
     );
-    collector
+    stack
+        .collector
         .wait_revision(&org.id, &instance.id, disabled.revision)
         .await;
-    let after = client
-        .get_contributed_aggregates(authed(
-            &operator,
-            aggregate_query(hour, pb::AggregateGroupBy::None, false),
-        ))
-        .await
-        .unwrap()
-        .into_inner();
+    let after = stack.ask(pb::AggregateGroupBy::None, false).await.unwrap();
     assert_eq!(mean(after), Some((2, 150.0)));
 }
