@@ -4,6 +4,7 @@
 //! and treated by the policy's field rules before anything is kept), retention and purges as
 //! audited changes, and the portfolio of an org's instances.
 
+pub mod archive;
 pub mod grpc;
 pub mod health;
 pub mod maintenance;

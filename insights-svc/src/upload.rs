@@ -28,6 +28,7 @@ use sightline_runtime::pseudonym::OrgPseudonymizer;
 use sightline_runtime::scrub::{self, Finding, Secrets};
 use tonic::Status;
 
+use crate::archive;
 use crate::health::{HOUR_MS, Hour, Series};
 use crate::treat::{self, FieldRules, Treated};
 
@@ -319,7 +320,10 @@ pub fn process_bundle<R: Read + Seek, W: Write + Seek>(
     rules: &FieldRules,
     pseudonyms: Option<&OrgPseudonymizer>,
 ) -> Result<Bundle, Status> {
-    let listed = listed_entries(&mut input)
+    let archive_len = input
+        .seek(std::io::SeekFrom::End(0))
+        .map_err(|e| Status::internal(format!("reading the bundle: {e}")))?;
+    let listed_count = listed_entries(&mut input)
         .map_err(|e| bad(format!("the file is not a complete zip archive: {e}")))?;
     let mut archive = zip::ZipArchive::new(input).map_err(|e| {
         if e.to_string().contains("Duplicate filename") {
@@ -332,7 +336,7 @@ pub fn process_bundle<R: Read + Seek, W: Write + Seek>(
     })?;
     // A zip reader keeps one entry per name: fewer entries than the directory lists means a name
     // appears twice (and the other entry would be silently lost).
-    if listed != Some(archive.len() as u64) {
+    if listed_count != Some(archive.len() as u64) {
         return Err(bad(
             "an entry name appears twice in the bundle (or its directory is inconsistent)".into(),
         ));
@@ -344,7 +348,14 @@ pub fn process_bundle<R: Read + Seek, W: Write + Seek>(
             limits.max_files
         )));
     }
+    if archive.offset() != 0 {
+        return Err(bad(
+            "the bundle has data before its first entry (a self-extracting or appended archive)"
+                .into(),
+        ));
+    }
     // Everything the central directory says is checked before one byte is expanded.
+    let mut listed = Vec::with_capacity(archive.len());
     let mut seen = HashSet::new();
     let mut declared_total: u64 = 0;
     let mut kinds = Vec::with_capacity(archive.len());
@@ -400,8 +411,38 @@ pub fn process_bundle<R: Read + Seek, W: Write + Seek>(
                 limits.max_expanded
             )));
         }
+        // The whole archive may expand no more than any one entry may: what is read while
+        // checking is bounded by the upload's size.
+        if declared_total > archive_len.max(1).saturating_mul(limits.max_ratio) {
+            return Err(Status::resource_exhausted(format!(
+                "the bundle expands to {declared_total} bytes from {archive_len}, over the ratio of {} (zip bomb)",
+                limits.max_ratio
+            )));
+        }
+        listed.push(archive::Listed {
+            name: name.clone(),
+            name_raw: entry.name_raw().to_vec(),
+            header_start: entry.header_start(),
+            compressed_size: packed,
+            size,
+            method: if entry.compression() == zip::CompressionMethod::Stored {
+                0
+            } else {
+                8
+            },
+        });
         kinds.push((name, kind, size));
     }
+    let names: Vec<String> = kinds.iter().map(|(name, _, _)| name.clone()).collect();
+    archive::check_names(&names).map_err(bad)?;
+    let directory_start = archive.central_directory_start();
+    let mut input = archive.into_inner();
+    archive::check_layout(&mut input, &listed, directory_start).map_err(bad)?;
+    input
+        .seek(std::io::SeekFrom::Start(0))
+        .map_err(|e| Status::internal(format!("reading the bundle: {e}")))?;
+    let mut archive = zip::ZipArchive::new(input)
+        .map_err(|e| bad(format!("the file is not a complete zip archive: {e}")))?;
     let mut writer = zip::ZipWriter::new(output);
     let options = zip::write::SimpleFileOptions::default()
         .compression_method(zip::CompressionMethod::Deflated)
@@ -788,6 +829,213 @@ mod tests {
             at += i + from.len();
         }
         bytes
+    }
+
+    /// An archive built byte by byte: `locals` are (name, method, data) written as local entries;
+    /// `records` are central-directory records (name, method, index of the local entry they
+    /// point at, sizes) — several may point at one entry, or disagree with it.
+    struct Raw<'a> {
+        locals: Vec<(&'a str, u16, Vec<u8>)>,
+        records: Vec<(&'a str, u16, usize, u32, u32)>,
+    }
+
+    impl Raw<'_> {
+        fn bytes(&self) -> Vec<u8> {
+            let mut out = Vec::new();
+            let mut offsets = Vec::new();
+            for (name, method, data) in &self.locals {
+                offsets.push(out.len() as u32);
+                out.extend_from_slice(b"PK\x03\x04");
+                out.extend_from_slice(&20u16.to_le_bytes());
+                out.extend_from_slice(&0u16.to_le_bytes()); // flags
+                out.extend_from_slice(&method.to_le_bytes());
+                out.extend_from_slice(&[0; 4]); // time, date
+                out.extend_from_slice(&crc32fast::hash(data).to_le_bytes());
+                out.extend_from_slice(&(data.len() as u32).to_le_bytes());
+                out.extend_from_slice(&(data.len() as u32).to_le_bytes());
+                out.extend_from_slice(&(name.len() as u16).to_le_bytes());
+                out.extend_from_slice(&0u16.to_le_bytes());
+                out.extend_from_slice(name.as_bytes());
+                out.extend_from_slice(data);
+            }
+            let directory = out.len() as u32;
+            for (name, method, local, packed, size) in &self.records {
+                let crc = crc32fast::hash(&self.locals[*local].2);
+                out.extend_from_slice(b"PK\x01\x02");
+                out.extend_from_slice(&20u16.to_le_bytes());
+                out.extend_from_slice(&20u16.to_le_bytes());
+                out.extend_from_slice(&0u16.to_le_bytes());
+                out.extend_from_slice(&method.to_le_bytes());
+                out.extend_from_slice(&[0; 4]);
+                out.extend_from_slice(&crc.to_le_bytes());
+                out.extend_from_slice(&packed.to_le_bytes());
+                out.extend_from_slice(&size.to_le_bytes());
+                out.extend_from_slice(&(name.len() as u16).to_le_bytes());
+                out.extend_from_slice(&[0; 8]); // extra, comment, disk, internal attributes
+                out.extend_from_slice(&0o100_644u32.wrapping_shl(16).to_le_bytes());
+                out.extend_from_slice(&offsets[*local].to_le_bytes());
+                out.extend_from_slice(name.as_bytes());
+            }
+            let size = out.len() as u32 - directory;
+            let count = self.records.len() as u16;
+            out.extend_from_slice(b"PK\x05\x06");
+            out.extend_from_slice(&[0; 4]);
+            out.extend_from_slice(&count.to_le_bytes());
+            out.extend_from_slice(&count.to_le_bytes());
+            out.extend_from_slice(&size.to_le_bytes());
+            out.extend_from_slice(&directory.to_le_bytes());
+            out.extend_from_slice(&0u16.to_le_bytes());
+            out
+        }
+    }
+
+    fn refused(bytes: Vec<u8>) -> String {
+        let mut out = Cursor::new(Vec::new());
+        let status =
+            process_bundle(Cursor::new(bytes), &mut out, limits(), &all_keep(), None).unwrap_err();
+        assert!(
+            out.into_inner().is_empty(),
+            "nothing is written for a refused bundle"
+        );
+        status.message().to_owned()
+    }
+
+    #[test]
+    fn many_records_pointing_at_one_entry_are_refused_before_anything_expands() {
+        // The better zip bomb: 90 records (under the test's 100 files), one stored 64 KiB entry:
+        // each record alone passes the per-entry ratio, and their declared total stays under the
+        // bundle's limit.
+        let data = vec![b'a'; 64 * 1024];
+        let names: Vec<String> = (0..90).map(|i| format!("logs/{i}.log")).collect();
+        let raw = Raw {
+            locals: vec![(names[0].as_str(), 0, data.clone())],
+            records: names
+                .iter()
+                .map(|n| (n.as_str(), 0, 0, data.len() as u32, data.len() as u32))
+                .collect(),
+        };
+        let message = refused(raw.bytes());
+        assert!(
+            message.contains("local header names another file") || message.contains("overlap"),
+            "{message}"
+        );
+        // The same with every record naming the one entry's own name is caught as a repeat; and
+        // records that agree with distinct local entries but overlap are caught as overlap.
+        let overlapping = Raw {
+            locals: vec![
+                ("logs/a.log", 0, data.clone()),
+                ("logs/b.log", 0, b"b".to_vec()),
+            ],
+            records: vec![
+                ("logs/a.log", 0, 0, data.len() as u32, data.len() as u32),
+                ("logs/a.log", 0, 0, data.len() as u32, data.len() as u32),
+            ],
+        };
+        assert!(refused(overlapping.bytes()).contains("twice"));
+    }
+
+    #[test]
+    fn entries_whose_bytes_overlap_are_refused() {
+        // Two local entries; the second record points at the first entry but a shifted name
+        // would be needed to agree, so build two agreeing headers inside one another's data.
+        let inner_name = "logs/b.log";
+        let mut inner = Vec::new();
+        inner.extend_from_slice(b"PK\x03\x04");
+        inner.extend_from_slice(&20u16.to_le_bytes());
+        inner.extend_from_slice(&0u16.to_le_bytes());
+        inner.extend_from_slice(&0u16.to_le_bytes());
+        inner.extend_from_slice(&[0; 4]);
+        inner.extend_from_slice(&crc32fast::hash(b"hello").to_le_bytes());
+        inner.extend_from_slice(&5u32.to_le_bytes());
+        inner.extend_from_slice(&5u32.to_le_bytes());
+        inner.extend_from_slice(&(inner_name.len() as u16).to_le_bytes());
+        inner.extend_from_slice(&0u16.to_le_bytes());
+        inner.extend_from_slice(inner_name.as_bytes());
+        inner.extend_from_slice(b"hello");
+        // logs/a.log's stored data *is* logs/b.log's local entry.
+        let outer_len = inner.len() as u32;
+        let mut bytes = Raw {
+            locals: vec![("logs/a.log", 0, inner.clone())],
+            records: vec![("logs/a.log", 0, 0, outer_len, outer_len)],
+        }
+        .bytes();
+        // Add a second central record for logs/b.log pointing inside logs/a.log's data.
+        let eocd = bytes.len() - 22;
+        let directory = u32::from_le_bytes(bytes[eocd + 16..eocd + 20].try_into().unwrap());
+        let mut record = Vec::new();
+        record.extend_from_slice(b"PK\x01\x02");
+        record.extend_from_slice(&20u16.to_le_bytes());
+        record.extend_from_slice(&20u16.to_le_bytes());
+        record.extend_from_slice(&0u16.to_le_bytes());
+        record.extend_from_slice(&0u16.to_le_bytes());
+        record.extend_from_slice(&[0; 4]);
+        record.extend_from_slice(&crc32fast::hash(b"hello").to_le_bytes());
+        record.extend_from_slice(&5u32.to_le_bytes());
+        record.extend_from_slice(&5u32.to_le_bytes());
+        record.extend_from_slice(&(inner_name.len() as u16).to_le_bytes());
+        record.extend_from_slice(&[0; 8]);
+        record.extend_from_slice(&0o100_644u32.wrapping_shl(16).to_le_bytes());
+        record.extend_from_slice(&(30 + "logs/a.log".len() as u32).to_le_bytes());
+        record.extend_from_slice(inner_name.as_bytes());
+        let mut tail = bytes.split_off(eocd);
+        bytes.extend_from_slice(&record);
+        let size = u32::from_le_bytes(tail[12..16].try_into().unwrap()) + record.len() as u32;
+        tail[8..10].copy_from_slice(&2u16.to_le_bytes());
+        tail[10..12].copy_from_slice(&2u16.to_le_bytes());
+        tail[12..16].copy_from_slice(&size.to_le_bytes());
+        tail[16..20].copy_from_slice(&directory.to_le_bytes());
+        bytes.extend_from_slice(&tail);
+        let message = refused(bytes);
+        assert!(message.contains("overlap"), "{message}");
+    }
+
+    #[test]
+    fn a_local_header_that_disagrees_with_its_record_is_refused() {
+        let data = b"line\n".to_vec();
+        let len = data.len() as u32;
+        let renamed = Raw {
+            locals: vec![("logs/x.log", 0, data.clone())],
+            records: vec![("logs/a.log", 0, 0, len, len)],
+        };
+        assert!(refused(renamed.bytes()).contains("names another file"));
+        let resized = Raw {
+            locals: vec![("logs/a.log", 0, data.clone())],
+            records: vec![("logs/a.log", 0, 0, len, len + 1)],
+        };
+        let message = refused(resized.bytes());
+        assert!(
+            message.contains("sizes") || message.contains("expands"),
+            "{message}"
+        );
+        let remethod = Raw {
+            locals: vec![("logs/a.log", 0, data.clone())],
+            records: vec![("logs/a.log", 8, 0, len, len)],
+        };
+        assert!(refused(remethod.bytes()).contains("compression method"));
+    }
+
+    #[test]
+    fn names_that_twin_or_cannot_be_extracted_are_refused_naming_the_entry() {
+        let long = format!("logs/{}.log", "n".repeat(300));
+        let deep = format!("logs/{}x.log", "abcdefghij/".repeat(400));
+        for (names, expect) in [
+            (
+                vec!["logs/caf\u{e9}.log", "logs/cafe\u{301}.log"],
+                "Unicode-normalized",
+            ),
+            (vec!["logs/App.log", "logs/app.log"], "case-folded"),
+            (
+                vec!["logs/app.log", "logs/app.log/inner.log"],
+                "both a file and a directory",
+            ),
+            (vec![long.as_str()], "name component"),
+            (vec![deep.as_str()], "at most 1024"),
+        ] {
+            let entries: Vec<(&str, &[u8])> = names.iter().map(|n| (*n, &b"x\n"[..])).collect();
+            let message = refused(zip_of(&entries));
+            assert!(message.contains(expect), "{names:?}: {message}");
+            assert!(message.contains("entry"), "{message}");
+        }
     }
 
     fn process(bytes: Vec<u8>) -> Result<(Bundle, Vec<u8>), Status> {

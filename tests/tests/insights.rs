@@ -558,6 +558,44 @@ async fn a_bundle_is_stored_scrubbed_and_the_reply_counts_what_was_removed() {
     }
 }
 
+/// The "better zip bomb", byte by byte: one stored local entry of `size` bytes and `records`
+/// central-directory records with their own names all pointing at it.
+fn overlapping_bomb(records: usize, size: usize) -> Vec<u8> {
+    let data = vec![b'a'; size];
+    let crc = crc32fast::hash(&data);
+    let local_name = "logs/0.log";
+    let mut out = Vec::new();
+    out.extend_from_slice(b"PK\x03\x04\x14\0\0\0\0\0\0\0\0\0");
+    out.extend_from_slice(&crc.to_le_bytes());
+    out.extend_from_slice(&(size as u32).to_le_bytes());
+    out.extend_from_slice(&(size as u32).to_le_bytes());
+    out.extend_from_slice(&(local_name.len() as u16).to_le_bytes());
+    out.extend_from_slice(&0u16.to_le_bytes());
+    out.extend_from_slice(local_name.as_bytes());
+    out.extend_from_slice(&data);
+    let directory = out.len() as u32;
+    for i in 0..records {
+        let name = format!("logs/{i}.log");
+        out.extend_from_slice(b"PK\x01\x02\x14\0\x14\0\0\0\0\0\0\0\0\0");
+        out.extend_from_slice(&crc.to_le_bytes());
+        out.extend_from_slice(&(size as u32).to_le_bytes());
+        out.extend_from_slice(&(size as u32).to_le_bytes());
+        out.extend_from_slice(&(name.len() as u16).to_le_bytes());
+        out.extend_from_slice(&[0; 8]);
+        out.extend_from_slice(&(0o100_644u32 << 16).to_le_bytes());
+        out.extend_from_slice(&0u32.to_le_bytes());
+        out.extend_from_slice(name.as_bytes());
+    }
+    let length = out.len() as u32 - directory;
+    out.extend_from_slice(b"PK\x05\x06\0\0\0\0");
+    out.extend_from_slice(&(records as u16).to_le_bytes());
+    out.extend_from_slice(&(records as u16).to_le_bytes());
+    out.extend_from_slice(&length.to_le_bytes());
+    out.extend_from_slice(&directory.to_le_bytes());
+    out.extend_from_slice(&0u16.to_le_bytes());
+    out
+}
+
 #[tokio::test]
 async fn unsafe_uploads_are_refused_and_nothing_is_stored() {
     let s = Stack::start(UsageLevel::Basic, SharingLevel::Basic).await;
@@ -591,7 +629,47 @@ async fn unsafe_uploads_are_refused_and_nothing_is_stored() {
         writer.finish().unwrap();
     }
     let whole = zip_of(&[("logs/a.log", &[b'x'; 5000][..])]);
+    let long_name = format!("logs/{}.log", "n".repeat(5_009));
     let cases: Vec<(&str, Vec<u8>, Code, &str)> = vec![
+        (
+            "overlapping entries (500 records, one local entry)",
+            overlapping_bomb(500, 64 * 1024),
+            Code::ResourceExhausted,
+            "zip bomb",
+        ),
+        (
+            "overlapping entries under the ratio",
+            overlapping_bomb(3, 64 * 1024),
+            Code::InvalidArgument,
+            "names another file",
+        ),
+        (
+            "NFC twins",
+            zip_of(&[
+                ("logs/caf\u{e9}.log", good_log),
+                ("logs/cafe\u{301}.log", good_log),
+            ]),
+            Code::InvalidArgument,
+            "Unicode-normalized",
+        ),
+        (
+            "case twins",
+            zip_of(&[("logs/App.log", good_log), ("logs/app.log", good_log)]),
+            Code::InvalidArgument,
+            "case-folded",
+        ),
+        (
+            "a file that is also a directory",
+            zip_of(&[("logs/app.log", good_log), ("logs/app.log/x.log", good_log)]),
+            Code::InvalidArgument,
+            "both a file and a directory",
+        ),
+        (
+            "a 5,009-byte name component",
+            zip_of(&[(long_name.as_str(), good_log)]),
+            Code::InvalidArgument,
+            "name component",
+        ),
         (
             "zip bomb",
             bomb.into_inner(),
