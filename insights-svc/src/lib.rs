@@ -161,6 +161,7 @@ impl InsightsService {
                     max_expanded: analysis.max_bundle_expanded_bytes,
                     max_ratio: analysis.max_bundle_ratio.max(1),
                     max_files: analysis.max_bundle_files.max(1),
+                    max_check: Duration::from_millis(analysis.max_bundle_check_ms.max(1)),
                 },
             },
             bundle_dirs: BundleDirs {

@@ -28,14 +28,13 @@ use sightline_runtime::pseudonym::OrgPseudonymizer;
 use sightline_runtime::scrub::{self, Finding, Secrets};
 use tonic::Status;
 
-use crate::archive;
+use crate::archive::{self, Kind};
+pub use crate::archive::{BundleLimits, MAX_METRICS_FILE};
 use crate::health::{HOUR_MS, Hour, Series};
 use crate::treat::{self, FieldRules, Treated};
 
 pub const ASSESSMENT_FORMAT: &str = "sightline.assessment";
 pub const BUNDLE_FORMAT: &str = "sightline.support-bundle";
-/// The largest metrics file of a bundle (it is parsed in memory).
-pub const MAX_METRICS_FILE: u64 = 8 * 1024 * 1024;
 /// Longer log lines are scrubbed in pieces of this size.
 const MAX_LINE: usize = 64 * 1024;
 
@@ -252,14 +251,6 @@ pub fn series_of(metrics: &[pb::AssessmentMetric]) -> (Series, Option<i64>) {
     (series, latest)
 }
 
-/// Limits of a bundle.
-#[derive(Debug, Clone, Copy)]
-pub struct BundleLimits {
-    pub max_expanded: u64,
-    pub max_ratio: u64,
-    pub max_files: usize,
-}
-
 /// What a checked and scrubbed bundle came to.
 #[derive(Debug, Default)]
 pub struct Bundle {
@@ -273,185 +264,43 @@ fn bad(message: String) -> Status {
     Status::invalid_argument(message)
 }
 
-/// Whether an entry's name is safe and in the bundle's layout; the reason when not.
-fn check_name(name: &str) -> Result<Kind, String> {
-    if name.is_empty()
-        || name.starts_with('/')
-        || name.contains('\\')
-        || name.contains('\0')
-        || name.split('/').any(|part| part == ".." || part == ".")
-        || name.as_bytes().get(1) == Some(&b':')
-    {
-        return Err(format!(
-            "entry {name:?}: the name is not a safe relative path"
-        ));
-    }
-    if name == "metrics/" || name == "logs/" || (name.starts_with("logs/") && name.ends_with('/')) {
-        return Ok(Kind::Directory);
-    }
-    if let Some(file) = name.strip_prefix("metrics/")
-        && !file.contains('/')
-        && file.ends_with(".json")
-        && file.len() > ".json".len()
-    {
-        return Ok(Kind::Metrics);
-    }
-    if name.starts_with("logs/") && !name.ends_with('/') {
-        return Ok(Kind::Log);
-    }
-    Err(format!(
-        "entry {name:?}: a support bundle holds metrics/*.json and logs/ only"
+fn too_slow(limits: &BundleLimits) -> Status {
+    Status::resource_exhausted(format!(
+        "checking and scrubbing the bundle took over {} s (analysis.max_bundle_check_ms)",
+        limits.max_check.as_secs_f64()
     ))
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Kind {
-    Directory,
-    Metrics,
-    Log,
 }
 
 /// Checks the zip in `input`, writes its scrubbed form to `output`. Blocking: run it off the
 /// async threads.
 pub fn process_bundle<R: Read + Seek, W: Write + Seek>(
-    mut input: R,
+    input: R,
     output: W,
     limits: BundleLimits,
     rules: &FieldRules,
     pseudonyms: Option<&OrgPseudonymizer>,
 ) -> Result<Bundle, Status> {
-    let archive_len = input
-        .seek(std::io::SeekFrom::End(0))
-        .map_err(|e| Status::internal(format!("reading the bundle: {e}")))?;
-    let listed_count = listed_entries(&mut input)
-        .map_err(|e| bad(format!("the file is not a complete zip archive: {e}")))?;
-    let mut archive = zip::ZipArchive::new(input).map_err(|e| {
-        if e.to_string().contains("Duplicate filename") {
-            bad("an entry name appears twice in the bundle".to_owned())
-        } else {
-            bad(format!(
-                "the file is not a complete zip archive (truncated or another format): {e}"
-            ))
-        }
+    let archive::Survey {
+        mut archive,
+        entries: kinds,
+    } = archive::survey(input, &limits).map_err(|refusal| match refusal {
+        archive::Refusal::Invalid(message) => bad(message),
+        archive::Refusal::TooLarge(message) => Status::resource_exhausted(message),
+        archive::Refusal::Io(message) => Status::internal(format!("reading the bundle: {message}")),
     })?;
-    // A zip reader keeps one entry per name: fewer entries than the directory lists means a name
-    // appears twice (and the other entry would be silently lost).
-    if listed_count != Some(archive.len() as u64) {
-        return Err(bad(
-            "an entry name appears twice in the bundle (or its directory is inconsistent)".into(),
-        ));
-    }
-    if archive.len() > limits.max_files {
-        return Err(bad(format!(
-            "the bundle holds {} files; at most {} are accepted",
-            archive.len(),
-            limits.max_files
-        )));
-    }
-    if archive.offset() != 0 {
-        return Err(bad(
-            "the bundle has data before its first entry (a self-extracting or appended archive)"
-                .into(),
-        ));
-    }
-    // Everything the central directory says is checked before one byte is expanded.
-    let mut listed = Vec::with_capacity(archive.len());
-    let mut seen = HashSet::new();
-    let mut declared_total: u64 = 0;
-    let mut kinds = Vec::with_capacity(archive.len());
-    for index in 0..archive.len() {
-        let entry = archive
-            .by_index_raw(index)
-            .map_err(|e| bad(format!("entry #{index}: unreadable: {e}")))?;
-        let name = entry
-            .name()
-            .map_err(|e| bad(format!("entry #{index}: the name is not readable: {e}")))?
-            .into_owned();
-        let kind = check_name(&name).map_err(bad)?;
-        if entry.enclosed_name().is_none() {
-            return Err(bad(format!(
-                "entry {name:?}: the name is not a safe relative path"
-            )));
-        }
-        if entry.is_symlink() {
-            return Err(bad(format!("entry {name:?}: links are not accepted")));
-        }
-        if entry.encrypted() {
-            return Err(bad(format!(
-                "entry {name:?}: encrypted entries are not accepted"
-            )));
-        }
-        match entry.compression() {
-            zip::CompressionMethod::Stored | zip::CompressionMethod::Deflated => {}
-            other => {
-                return Err(bad(format!(
-                    "entry {name:?}: compression {other:?} is not accepted (stored or deflate)"
-                )));
-            }
-        }
-        if !seen.insert(name.trim_end_matches('/').to_owned()) {
-            return Err(bad(format!("entry {name:?}: the name appears twice")));
-        }
-        let (size, packed) = (entry.size(), entry.compressed_size());
-        if size > packed.max(1).saturating_mul(limits.max_ratio) {
-            return Err(Status::resource_exhausted(format!(
-                "entry {name:?}: expands {size} bytes from {packed}, over the ratio of {} (zip bomb)",
-                limits.max_ratio
-            )));
-        }
-        if kind == Kind::Metrics && size > MAX_METRICS_FILE {
-            return Err(Status::resource_exhausted(format!(
-                "entry {name:?}: a metrics file of over {MAX_METRICS_FILE} bytes"
-            )));
-        }
-        declared_total = declared_total.saturating_add(size);
-        if declared_total > limits.max_expanded {
-            return Err(Status::resource_exhausted(format!(
-                "the bundle expands to over {} bytes (zip bomb)",
-                limits.max_expanded
-            )));
-        }
-        // The whole archive may expand no more than any one entry may: what is read while
-        // checking is bounded by the upload's size.
-        if declared_total > archive_len.max(1).saturating_mul(limits.max_ratio) {
-            return Err(Status::resource_exhausted(format!(
-                "the bundle expands to {declared_total} bytes from {archive_len}, over the ratio of {} (zip bomb)",
-                limits.max_ratio
-            )));
-        }
-        listed.push(archive::Listed {
-            name: name.clone(),
-            name_raw: entry.name_raw().to_vec(),
-            header_start: entry.header_start(),
-            compressed_size: packed,
-            size,
-            method: if entry.compression() == zip::CompressionMethod::Stored {
-                0
-            } else {
-                8
-            },
-        });
-        kinds.push((name, kind, size));
-    }
-    let names: Vec<String> = kinds.iter().map(|(name, _, _)| name.clone()).collect();
-    archive::check_names(&names).map_err(bad)?;
-    let directory_start = archive.central_directory_start();
-    let mut input = archive.into_inner();
-    archive::check_layout(&mut input, &listed, directory_start).map_err(bad)?;
-    input
-        .seek(std::io::SeekFrom::Start(0))
-        .map_err(|e| Status::internal(format!("reading the bundle: {e}")))?;
-    let mut archive = zip::ZipArchive::new(input)
-        .map_err(|e| bad(format!("the file is not a complete zip archive: {e}")))?;
     let mut writer = zip::ZipWriter::new(output);
     let options = zip::write::SimpleFileOptions::default()
         .compression_method(zip::CompressionMethod::Deflated)
         .large_file(true);
     let mut bundle = Bundle::default();
     let mut kept_names = HashSet::new();
+    let deadline = std::time::Instant::now() + limits.max_check;
     for (index, (name, kind, size)) in kinds.into_iter().enumerate() {
         if kind == Kind::Directory {
             continue;
+        }
+        if std::time::Instant::now() >= deadline {
+            return Err(too_slow(&limits));
         }
         let entry = archive
             .by_index(index)
@@ -492,8 +341,16 @@ pub fn process_bundle<R: Read + Seek, W: Write + Seek>(
                 read
             }
             Kind::Log => {
-                let read = scrub_log(&mut limited, &mut writer, &mut bundle.treated)
-                    .map_err(|e| bad(format!("entry {name:?}: truncated or corrupt: {e}")))?;
+                let read = match scrub_log(&mut limited, &mut writer, &mut bundle.treated, deadline)
+                {
+                    Ok(read) => read,
+                    Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {
+                        return Err(too_slow(&limits));
+                    }
+                    Err(e) => {
+                        return Err(bad(format!("entry {name:?}: truncated or corrupt: {e}")));
+                    }
+                };
                 if read > size {
                     return Err(Status::resource_exhausted(format!(
                         "entry {name:?}: expands to more than its header says (zip bomb)"
@@ -514,46 +371,6 @@ pub fn process_bundle<R: Read + Seek, W: Write + Seek>(
         .finish()
         .map_err(|e| Status::internal(format!("writing the bundle: {e}")))?;
     Ok(bundle)
-}
-
-/// How many entries the zip's end-of-central-directory record lists (zip64 too); None when there
-/// is no such record.
-fn listed_entries<R: Read + Seek>(input: &mut R) -> std::io::Result<Option<u64>> {
-    let len = input.seek(std::io::SeekFrom::End(0))?;
-    let tail_len = len.min(22 + 65_535);
-    input.seek(std::io::SeekFrom::Start(len - tail_len))?;
-    let mut tail = vec![0u8; usize::try_from(tail_len).unwrap_or(0)];
-    input.read_exact(&mut tail)?;
-    input.seek(std::io::SeekFrom::Start(0))?;
-    let Some(at) = tail.windows(4).rposition(|w| w == b"PK\x05\x06") else {
-        return Ok(None);
-    };
-    let Some(count) = tail.get(at + 10..at + 12) else {
-        return Ok(None);
-    };
-    let count = u16::from_le_bytes([count[0], count[1]]);
-    if count != u16::MAX {
-        return Ok(Some(u64::from(count)));
-    }
-    // Zip64: the locator sits just before the record and points at the zip64 record.
-    let Some(locator) = at.checked_sub(20).and_then(|l| tail.get(l..l + 20)) else {
-        return Ok(None);
-    };
-    if &locator[..4] != b"PK\x06\x07" {
-        return Ok(None);
-    }
-    let mut offset = [0u8; 8];
-    offset.copy_from_slice(&locator[8..16]);
-    input.seek(std::io::SeekFrom::Start(u64::from_le_bytes(offset)))?;
-    let mut record = [0u8; 40];
-    input.read_exact(&mut record)?;
-    input.seek(std::io::SeekFrom::Start(0))?;
-    if &record[..4] != b"PK\x06\x06" {
-        return Ok(None);
-    }
-    let mut total = [0u8; 8];
-    total.copy_from_slice(&record[32..40]);
-    Ok(Some(u64::from_le_bytes(total)))
 }
 
 /// An entry's name with e-mail addresses, IP addresses and person keys replaced, counted.
@@ -628,11 +445,17 @@ fn scrub_log(
     input: &mut dyn Read,
     out: &mut dyn Write,
     treated: &mut Treated,
+    deadline: std::time::Instant,
 ) -> std::io::Result<u64> {
     let mut reader = BufReader::with_capacity(64 * 1024, input);
     let mut line = Vec::with_capacity(1024);
     let mut read: u64 = 0;
+    let mut lines: u32 = 0;
     loop {
+        lines = lines.wrapping_add(1);
+        if lines.is_multiple_of(256) && std::time::Instant::now() >= deadline {
+            return Err(std::io::ErrorKind::TimedOut.into());
+        }
         line.clear();
         let n = (&mut reader)
             .take(MAX_LINE as u64)
@@ -791,6 +614,7 @@ mod tests {
             max_expanded: 64 * 1024 * 1024,
             max_ratio: 200,
             max_files: 100,
+            max_check: std::time::Duration::from_secs(60),
         }
     }
 
@@ -898,6 +722,26 @@ mod tests {
             "nothing is written for a refused bundle"
         );
         status.message().to_owned()
+    }
+
+    #[test]
+    fn a_bundle_costs_no_more_time_than_its_budget() {
+        let log = "a line\n".repeat(1_000);
+        let mut out = Cursor::new(Vec::new());
+        let limits = BundleLimits {
+            max_check: std::time::Duration::ZERO,
+            ..limits()
+        };
+        let refused = process_bundle(
+            Cursor::new(zip_of(&[("logs/a.log", log.as_bytes())])),
+            &mut out,
+            limits,
+            &all_keep(),
+            None,
+        )
+        .unwrap_err();
+        assert_eq!(refused.code(), tonic::Code::ResourceExhausted);
+        assert!(refused.message().contains("analysis.max_bundle_check_ms"));
     }
 
     #[test]

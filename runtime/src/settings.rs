@@ -81,6 +81,8 @@ pub struct AnalysisSettings {
     pub max_bundle_ratio: u64,
     /// The most files a bundle may hold.
     pub max_bundle_files: usize,
+    /// The time checking and scrubbing one support bundle may take; past it, RESOURCE_EXHAUSTED.
+    pub max_bundle_check_ms: u64,
 }
 
 impl Default for AnalysisSettings {
@@ -96,6 +98,7 @@ impl Default for AnalysisSettings {
             max_bundle_expanded_bytes: 2 * 1024 * 1024 * 1024,
             max_bundle_ratio: 200,
             max_bundle_files: 10_000,
+            max_bundle_check_ms: 120_000,
         }
     }
 }
