@@ -18,7 +18,7 @@ use sightline_proto::consent::v1 as consent_pb;
 use sightline_runtime::pseudonym::OrgPseudonymizer;
 
 use crate::fields::{ClassTable, Field};
-use sightline_runtime::scrub::{self, Finding, Secrets, Shape, TextRules};
+use sightline_runtime::scrub::{self, Finding, Secrets, TextRules};
 
 /// How far in the future an event may be dated (clock skew).
 pub const MAX_FUTURE_MS: i64 = 5 * 60 * 1000;
@@ -600,11 +600,7 @@ impl Treat<'_> {
                 None
             }
             FieldAction::Keep | FieldAction::Scrub => {
-                let shape = if self.plan.class(field) == DataClass::Url {
-                    Shape::Url
-                } else {
-                    Shape::Text
-                };
+                let shape = scrub::shape_of(self.plan.class(field));
                 let (clean, _) = scrub::treat(value, &self.secrets, &self.plan.text, shape)?;
                 self.note(field, Change::Scrubbed);
                 Some(clean)

@@ -769,6 +769,7 @@ impl CollectorService for CollectorApi {
             subjects.push(viewer_id);
         }
         let opened = self.stores.get(plan.location).await?;
+        let store = crate::maintenance::erased_store_name(opened.store.as_ref());
         let (removed, erasure_ref) = self
             .maintenance
             .erase(
@@ -796,7 +797,7 @@ impl CollectorService for CollectorApi {
             ]
             .into_iter()
             .map(|(kind, n)| pb::ErasedCount {
-                store: crate::maintenance::erased_store_name(opened.store.as_ref()),
+                store: store.clone(),
                 kind: kind.to_owned(),
                 deleted: count(n),
             })

@@ -208,8 +208,7 @@ pub fn survey<R: Read + Seek>(mut input: R, limits: &BundleLimits) -> Result<Sur
         });
         kinds.push((name, kind, size));
     }
-    let names: Vec<String> = kinds.iter().map(|(name, _, _)| name.clone()).collect();
-    check_names(&names).map_err(Refusal::Invalid)?;
+    check_names(kinds.iter().map(|(name, _, _)| name.as_str())).map_err(Refusal::Invalid)?;
     let directory_start = archive.central_directory_start();
     let mut input = archive.into_inner();
     check_layout(&mut input, &listed, directory_start).map_err(Refusal::Invalid)?;
@@ -290,7 +289,7 @@ const LOCAL_SIGNATURE: &[u8; 4] = b"PK\x03\x04";
 const FLAG_DATA_DESCRIPTOR: u16 = 1 << 3;
 
 /// Checks the names of every entry; the message names the entry and what is wrong.
-pub fn check_names(names: &[String]) -> Result<(), String> {
+pub fn check_names<'a>(names: impl IntoIterator<Item = &'a str>) -> Result<(), String> {
     let mut folded_names: HashMap<String, &str> = HashMap::new();
     let mut directories: HashSet<String> = HashSet::new();
     let mut files: Vec<(String, &str)> = Vec::new();
@@ -420,7 +419,7 @@ mod tests {
     use super::*;
 
     fn names(list: &[&str]) -> Result<(), String> {
-        check_names(&list.iter().map(|n| (*n).to_owned()).collect::<Vec<_>>())
+        check_names(list.iter().copied())
     }
 
     #[test]

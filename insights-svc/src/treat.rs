@@ -6,6 +6,7 @@
 //! walk reads the classes from the contract's descriptors.
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
 
 use prost::Message;
 use prost_reflect::{DynamicMessage, MapKey, Value};
@@ -14,9 +15,7 @@ use sightline_proto::common::v1::{DataClass, FieldAction};
 use sightline_proto::consent::v1 as consent_pb;
 use sightline_proto::insights::v1 as pb;
 use sightline_runtime::pseudonym::OrgPseudonymizer;
-use std::sync::Arc;
-
-use sightline_runtime::scrub::{self, Finding, Level, Secrets, Shape, TextRules};
+use sightline_runtime::scrub::{self, Finding, Level, Secrets, TextRules};
 
 use crate::store::StoreError;
 
@@ -237,11 +236,7 @@ impl Walk<'_> {
                 }
                 let secrets = &self.secrets;
                 let rules = &self.rules.text;
-                let shape = if class == DataClass::Url {
-                    Shape::Url
-                } else {
-                    Shape::Text
-                };
+                let shape = scrub::shape_of(class);
                 let mut found: Vec<Finding> = Vec::new();
                 let identifier = classes::is_identifier(class);
                 map_text(value, &mut |text| {

@@ -308,7 +308,7 @@ pub fn process_bundle<R: Read + Seek, W: Write + Seek>(
         // Never more than the header said: a lying header is a bomb too.
         let mut limited = entry.take(size.saturating_add(1));
         // A file's name is kept only once scrubbed too (`logs/alice@acme.example.log`).
-        let kept_name = scrub_name(&name, &mut bundle.treated);
+        let kept_name = scrub_text(&name, &mut bundle.treated);
         if !kept_names.insert(kept_name.clone()) {
             return Err(bad(format!(
                 "entry {kept_name:?}: two entries have this name once personal data is removed"
@@ -371,11 +371,6 @@ pub fn process_bundle<R: Read + Seek, W: Write + Seek>(
         .finish()
         .map_err(|e| Status::internal(format!("writing the bundle: {e}")))?;
     Ok(bundle)
-}
-
-/// An entry's name with e-mail addresses, IP addresses and person keys replaced, counted.
-fn scrub_name(name: &str, treated: &mut Treated) -> String {
-    scrub_text(name, treated)
 }
 
 /// One line of a log (or a name) treated: every encoding undone first, so a person key written
@@ -655,12 +650,38 @@ mod tests {
         bytes
     }
 
+    /// Where a central-directory record points: an entry's local header, or the first byte of
+    /// its data (inside it).
+    #[derive(Clone, Copy)]
+    enum At {
+        Entry(usize),
+        DataOf(usize),
+    }
+
     /// An archive built byte by byte: `locals` are (name, method, data) written as local entries;
-    /// `records` are central-directory records (name, method, index of the local entry they
-    /// point at, sizes) — several may point at one entry, or disagree with it.
+    /// `records` are central-directory records (name, method, where they point, sizes) — several
+    /// may point at one entry, inside one, or disagree with it.
     struct Raw<'a> {
         locals: Vec<(&'a str, u16, Vec<u8>)>,
-        records: Vec<(&'a str, u16, usize, u32, u32)>,
+        records: Vec<(&'a str, u16, At, u32, u32)>,
+    }
+
+    /// A stored entry's local header followed by its data.
+    fn local_entry(name: &str, method: u16, data: &[u8]) -> Vec<u8> {
+        let mut out = Vec::new();
+        out.extend_from_slice(b"PK\x03\x04");
+        out.extend_from_slice(&20u16.to_le_bytes());
+        out.extend_from_slice(&0u16.to_le_bytes()); // flags
+        out.extend_from_slice(&method.to_le_bytes());
+        out.extend_from_slice(&[0; 4]); // time, date
+        out.extend_from_slice(&crc32fast::hash(data).to_le_bytes());
+        out.extend_from_slice(&(data.len() as u32).to_le_bytes());
+        out.extend_from_slice(&(data.len() as u32).to_le_bytes());
+        out.extend_from_slice(&(name.len() as u16).to_le_bytes());
+        out.extend_from_slice(&0u16.to_le_bytes());
+        out.extend_from_slice(name.as_bytes());
+        out.extend_from_slice(data);
+        out
     }
 
     impl Raw<'_> {
@@ -669,35 +690,28 @@ mod tests {
             let mut offsets = Vec::new();
             for (name, method, data) in &self.locals {
                 offsets.push(out.len() as u32);
-                out.extend_from_slice(b"PK\x03\x04");
-                out.extend_from_slice(&20u16.to_le_bytes());
-                out.extend_from_slice(&0u16.to_le_bytes()); // flags
-                out.extend_from_slice(&method.to_le_bytes());
-                out.extend_from_slice(&[0; 4]); // time, date
-                out.extend_from_slice(&crc32fast::hash(data).to_le_bytes());
-                out.extend_from_slice(&(data.len() as u32).to_le_bytes());
-                out.extend_from_slice(&(data.len() as u32).to_le_bytes());
-                out.extend_from_slice(&(name.len() as u16).to_le_bytes());
-                out.extend_from_slice(&0u16.to_le_bytes());
-                out.extend_from_slice(name.as_bytes());
-                out.extend_from_slice(data);
+                out.extend_from_slice(&local_entry(name, *method, data));
             }
             let directory = out.len() as u32;
-            for (name, method, local, packed, size) in &self.records {
-                let crc = crc32fast::hash(&self.locals[*local].2);
+            for (name, method, at, packed, size) in &self.records {
+                let offset = match *at {
+                    At::Entry(i) => offsets[i],
+                    At::DataOf(i) => offsets[i] + 30 + self.locals[i].0.len() as u32,
+                };
                 out.extend_from_slice(b"PK\x01\x02");
                 out.extend_from_slice(&20u16.to_le_bytes());
                 out.extend_from_slice(&20u16.to_le_bytes());
                 out.extend_from_slice(&0u16.to_le_bytes());
                 out.extend_from_slice(&method.to_le_bytes());
                 out.extend_from_slice(&[0; 4]);
-                out.extend_from_slice(&crc.to_le_bytes());
+                // Nothing is expanded before the checks refuse: the CRC is not looked at.
+                out.extend_from_slice(&0u32.to_le_bytes());
                 out.extend_from_slice(&packed.to_le_bytes());
                 out.extend_from_slice(&size.to_le_bytes());
                 out.extend_from_slice(&(name.len() as u16).to_le_bytes());
                 out.extend_from_slice(&[0; 8]); // extra, comment, disk, internal attributes
                 out.extend_from_slice(&0o100_644u32.wrapping_shl(16).to_le_bytes());
-                out.extend_from_slice(&offsets[*local].to_le_bytes());
+                out.extend_from_slice(&offset.to_le_bytes());
                 out.extend_from_slice(name.as_bytes());
             }
             let size = out.len() as u32 - directory;
@@ -755,7 +769,15 @@ mod tests {
             locals: vec![(names[0].as_str(), 0, data.clone())],
             records: names
                 .iter()
-                .map(|n| (n.as_str(), 0, 0, data.len() as u32, data.len() as u32))
+                .map(|n| {
+                    (
+                        n.as_str(),
+                        0,
+                        At::Entry(0),
+                        data.len() as u32,
+                        data.len() as u32,
+                    )
+                })
                 .collect(),
         };
         let message = refused(raw.bytes());
@@ -771,8 +793,20 @@ mod tests {
                 ("logs/b.log", 0, b"b".to_vec()),
             ],
             records: vec![
-                ("logs/a.log", 0, 0, data.len() as u32, data.len() as u32),
-                ("logs/a.log", 0, 0, data.len() as u32, data.len() as u32),
+                (
+                    "logs/a.log",
+                    0,
+                    At::Entry(0),
+                    data.len() as u32,
+                    data.len() as u32,
+                ),
+                (
+                    "logs/a.log",
+                    0,
+                    At::Entry(0),
+                    data.len() as u32,
+                    data.len() as u32,
+                ),
             ],
         };
         assert!(refused(overlapping.bytes()).contains("twice"));
@@ -780,56 +814,20 @@ mod tests {
 
     #[test]
     fn entries_whose_bytes_overlap_are_refused() {
-        // Two local entries; the second record points at the first entry but a shifted name
-        // would be needed to agree, so build two agreeing headers inside one another's data.
-        let inner_name = "logs/b.log";
-        let mut inner = Vec::new();
-        inner.extend_from_slice(b"PK\x03\x04");
-        inner.extend_from_slice(&20u16.to_le_bytes());
-        inner.extend_from_slice(&0u16.to_le_bytes());
-        inner.extend_from_slice(&0u16.to_le_bytes());
-        inner.extend_from_slice(&[0; 4]);
-        inner.extend_from_slice(&crc32fast::hash(b"hello").to_le_bytes());
-        inner.extend_from_slice(&5u32.to_le_bytes());
-        inner.extend_from_slice(&5u32.to_le_bytes());
-        inner.extend_from_slice(&(inner_name.len() as u16).to_le_bytes());
-        inner.extend_from_slice(&0u16.to_le_bytes());
-        inner.extend_from_slice(inner_name.as_bytes());
-        inner.extend_from_slice(b"hello");
-        // logs/a.log's stored data *is* logs/b.log's local entry.
-        let outer_len = inner.len() as u32;
-        let mut bytes = Raw {
-            locals: vec![("logs/a.log", 0, inner.clone())],
-            records: vec![("logs/a.log", 0, 0, outer_len, outer_len)],
-        }
-        .bytes();
-        // Add a second central record for logs/b.log pointing inside logs/a.log's data.
-        let eocd = bytes.len() - 22;
-        let directory = u32::from_le_bytes(bytes[eocd + 16..eocd + 20].try_into().unwrap());
-        let mut record = Vec::new();
-        record.extend_from_slice(b"PK\x01\x02");
-        record.extend_from_slice(&20u16.to_le_bytes());
-        record.extend_from_slice(&20u16.to_le_bytes());
-        record.extend_from_slice(&0u16.to_le_bytes());
-        record.extend_from_slice(&0u16.to_le_bytes());
-        record.extend_from_slice(&[0; 4]);
-        record.extend_from_slice(&crc32fast::hash(b"hello").to_le_bytes());
-        record.extend_from_slice(&5u32.to_le_bytes());
-        record.extend_from_slice(&5u32.to_le_bytes());
-        record.extend_from_slice(&(inner_name.len() as u16).to_le_bytes());
-        record.extend_from_slice(&[0; 8]);
-        record.extend_from_slice(&0o100_644u32.wrapping_shl(16).to_le_bytes());
-        record.extend_from_slice(&(30 + "logs/a.log".len() as u32).to_le_bytes());
-        record.extend_from_slice(inner_name.as_bytes());
-        let mut tail = bytes.split_off(eocd);
-        bytes.extend_from_slice(&record);
-        let size = u32::from_le_bytes(tail[12..16].try_into().unwrap()) + record.len() as u32;
-        tail[8..10].copy_from_slice(&2u16.to_le_bytes());
-        tail[10..12].copy_from_slice(&2u16.to_le_bytes());
-        tail[12..16].copy_from_slice(&size.to_le_bytes());
-        tail[16..20].copy_from_slice(&directory.to_le_bytes());
-        bytes.extend_from_slice(&tail);
-        let message = refused(bytes);
+        // logs/a.log's stored data *is* logs/b.log's local entry: both records agree with the
+        // headers they point at, and their bytes overlap.
+        let inner = local_entry("logs/b.log", 0, b"hello");
+        let outer = inner.len() as u32;
+        let message = refused(
+            Raw {
+                locals: vec![("logs/a.log", 0, inner)],
+                records: vec![
+                    ("logs/a.log", 0, At::Entry(0), outer, outer),
+                    ("logs/b.log", 0, At::DataOf(0), 5, 5),
+                ],
+            }
+            .bytes(),
+        );
         assert!(message.contains("overlap"), "{message}");
     }
 
@@ -839,12 +837,12 @@ mod tests {
         let len = data.len() as u32;
         let renamed = Raw {
             locals: vec![("logs/x.log", 0, data.clone())],
-            records: vec![("logs/a.log", 0, 0, len, len)],
+            records: vec![("logs/a.log", 0, At::Entry(0), len, len)],
         };
         assert!(refused(renamed.bytes()).contains("names another file"));
         let resized = Raw {
             locals: vec![("logs/a.log", 0, data.clone())],
-            records: vec![("logs/a.log", 0, 0, len, len + 1)],
+            records: vec![("logs/a.log", 0, At::Entry(0), len, len + 1)],
         };
         let message = refused(resized.bytes());
         assert!(
@@ -853,7 +851,7 @@ mod tests {
         );
         let remethod = Raw {
             locals: vec![("logs/a.log", 0, data.clone())],
-            records: vec![("logs/a.log", 8, 0, len, len)],
+            records: vec![("logs/a.log", 8, At::Entry(0), len, len)],
         };
         assert!(refused(remethod.bytes()).contains("compression method"));
     }

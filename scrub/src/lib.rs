@@ -109,7 +109,13 @@ impl TextRules {
 
 /// `text` treated as free text under EXTENDED: decoded, opaque runs read, personal data removed.
 pub fn scrub(text: &str, secrets: &Secrets) -> Option<(String, Vec<Finding>)> {
-    treat(text, secrets, &TextRules::extended(), Shape::Text)
+    static EXTENDED: std::sync::OnceLock<TextRules> = std::sync::OnceLock::new();
+    treat(
+        text,
+        secrets,
+        EXTENDED.get_or_init(TextRules::extended),
+        Shape::Text,
+    )
 }
 
 /// `text` treated by `rules` as a value of `shape`; None when nothing was found or removed.
@@ -119,7 +125,7 @@ pub fn treat(
     rules: &TextRules,
     shape: Shape,
 ) -> Option<(String, Vec<Finding>)> {
-    if !worth_scanning(text, secrets, rules, shape) {
+    if !worth_scanning(text, secrets, rules.level, shape) {
         return None;
     }
     let mut found = Vec::new();
@@ -177,9 +183,6 @@ fn replace_each(
     spans: &[(usize, usize)],
     mut with: impl FnMut(&str) -> String,
 ) -> String {
-    if spans.is_empty() {
-        return text.to_owned();
-    }
     let mut out = String::with_capacity(text.len());
     let mut at = 0;
     for (start, end) in spans {
@@ -237,36 +240,39 @@ fn opaque_runs(
         out.push_str(&text[at..start]);
         at = end;
         let run = &text[start..end];
-        let replacement = match held {
-            Opaque::Binary => Some(Finding::Opaque.marker().to_owned()),
-            Opaque::Text(_) if depth + 1 >= MAX_OPAQUE_DEPTH => {
-                Some(Finding::Opaque.marker().to_owned())
-            }
-            Opaque::Text(decoded) => {
+        let read = match held {
+            Opaque::Text(decoded) if depth + 1 < MAX_OPAQUE_DEPTH => {
                 let mut inner = Vec::new();
                 let treated =
                     treat_at(&decoded, secrets, rules, Shape::Text, depth + 1, &mut inner);
+                Some((treated.into_owned(), inner))
+            }
+            // A token, bytes that are not text, or text nested deeper than is read.
+            Opaque::Text(_) | Opaque::Binary => None,
+        };
+        match read {
+            None => {
+                out.push_str(Finding::Opaque.marker());
+                found.push(Finding::Opaque);
+            }
+            Some((treated, inner)) => {
                 let holds_data = inner
                     .iter()
                     .any(|f| matches!(f, Finding::Email | Finding::Ip | Finding::Secret));
-                found.extend(inner.iter().copied());
                 match rules.level {
                     Level::Basic if run.len() >= MIN_TOKEN || holds_data => {
-                        Some(Finding::Opaque.marker().to_owned())
+                        out.push_str(Finding::Opaque.marker());
+                        found.extend(inner);
+                        found.push(Finding::Opaque);
                     }
-                    Level::Basic => None,
-                    Level::Extended => (!inner.is_empty()).then(|| treated.into_owned()),
+                    Level::Extended if !inner.is_empty() => {
+                        out.push_str(&treated);
+                        found.extend(inner);
+                    }
+                    // Read, and nothing in it: kept as written.
+                    Level::Basic | Level::Extended => out.push_str(run),
                 }
             }
-        };
-        match replacement {
-            Some(text) => {
-                if text == Finding::Opaque.marker() {
-                    found.push(Finding::Opaque);
-                }
-                out.push_str(&text);
-            }
-            None => out.push_str(run),
         }
     }
     out.push_str(&text[at..]);
@@ -276,7 +282,7 @@ fn opaque_runs(
 /// The first kind of personal data in `text`, also inside what its opaque runs decode to (for
 /// values that must not be altered, such as ids: they are refused instead).
 pub fn first_finding(text: &str, secrets: &Secrets) -> Option<Finding> {
-    if !worth_scanning(text, secrets, &TextRules::extended(), Shape::Text) {
+    if !worth_scanning(text, secrets, Level::Extended, Shape::Text) {
         return None;
     }
     first_finding_at(text, secrets, 0)
@@ -297,15 +303,11 @@ fn first_finding_at(text: &str, secrets: &Secrets, depth: usize) -> Option<Findi
         })
 }
 
-fn is_run_byte(b: u8) -> bool {
-    b.is_ascii_alphanumeric() || matches!(b, b'+' | b'/' | b'_' | b'-' | b'=')
-}
-
 /// Whether `text` could hold anything [`treat`] acts on: an `@`, an encoding (`%`, `\`, `&`, any
 /// non-ASCII character), two colons (IPv6), a digit, a dot and a digit (IPv4), a run that could be
 /// encoded, or (BASIC) a URL. One pass over the bytes.
-fn worth_scanning(text: &str, secrets: &Secrets, rules: &TextRules, shape: Shape) -> bool {
-    if !secrets.is_empty() || (rules.level == Level::Basic && shape == Shape::Url) {
+fn worth_scanning(text: &str, secrets: &Secrets, level: Level, shape: Shape) -> bool {
+    if !secrets.is_empty() || (level == Level::Basic && shape == Shape::Url) {
         return true;
     }
     let bytes = text.as_bytes();
@@ -315,7 +317,8 @@ fn worth_scanning(text: &str, secrets: &Secrets, rules: &TextRules, shape: Shape
     // word such as `pluginKey` is passed over; a token-long run is always looked at.
     let run_matters = |run: usize| run >= MIN_TOKEN || (run >= MIN_RUN && run % 4 != 1);
     for (i, b) in bytes.iter().enumerate() {
-        if is_run_byte(*b) {
+        // A run with its `=` padding.
+        if opaque::is_run_char(*b) || *b == b'=' {
             run += 1;
             if run >= MIN_TOKEN {
                 return true;
@@ -329,7 +332,7 @@ fn worth_scanning(text: &str, secrets: &Secrets, rules: &TextRules, shape: Shape
         match b {
             b'@' | b'%' | b'\\' | b'&' => return true,
             b if !b.is_ascii() => return true,
-            b':' if rules.level == Level::Basic && bytes[i + 1..].starts_with(b"//") => {
+            b':' if level == Level::Basic && bytes[i + 1..].starts_with(b"//") => {
                 return true;
             }
             b':' => {

@@ -24,7 +24,7 @@ pub(crate) enum Opaque {
     Binary,
 }
 
-fn is_run_char(b: u8) -> bool {
+pub(crate) fn is_run_char(b: u8) -> bool {
     b.is_ascii_alphanumeric() || matches!(b, b'+' | b'/' | b'_' | b'-')
 }
 
@@ -83,7 +83,8 @@ fn as_text(bytes: Vec<u8>) -> Option<String> {
     String::from_utf8(bytes).ok()
 }
 
-fn is_uuid(run: &str) -> bool {
+/// A UUID in its canonical text form: an id, not an opaque run.
+pub(crate) fn is_uuid(run: &str) -> bool {
     let bytes = run.as_bytes();
     bytes.len() == 36
         && bytes.iter().enumerate().all(|(i, b)| match i {

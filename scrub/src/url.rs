@@ -12,11 +12,7 @@ pub(crate) const SEGMENT_MARKER: &str = "[redacted]";
 fn is_id_segment(segment: &str) -> bool {
     let bytes = segment.as_bytes();
     (!bytes.is_empty() && bytes.len() <= 32 && bytes.iter().all(u8::is_ascii_digit))
-        || (bytes.len() == 36
-            && bytes.iter().enumerate().all(|(i, b)| match i {
-                8 | 13 | 18 | 23 => *b == b'-',
-                _ => b.is_ascii_hexdigit(),
-            }))
+        || super::opaque::is_uuid(segment)
 }
 
 /// The length of a `scheme://` at the start of `text`, if it has one.
