@@ -6,7 +6,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::Stream;
+use futures::{Stream, StreamExt};
 use prost::Message;
 use sightline_proto::collector::v1 as pb;
 use sightline_proto::collector::v1::collector_service_server::CollectorService;
@@ -78,7 +78,7 @@ struct Scope {
 impl CollectorApi {
     async fn caller<T>(&self, request: &Request<T>) -> Result<Principal, Status> {
         let principal = self.credentials.authenticate(request).await?;
-        self.limiter.check(&principal.tenant())?;
+        self.limiter.check_caller(&principal)?;
         Ok(principal)
     }
 
@@ -348,6 +348,10 @@ impl CollectorService for CollectorApi {
         let processed = self
             .ingest_batch(&org_id, &instance_id, request.into_inner().events)
             .await?;
+        if processed.held.is_some() {
+            self.policies
+                .hand_over(&org_id, &instance_id, &processed.result);
+        }
         Ok(Response::new(pb::IngestResponse {
             result: Some(processed.result),
         }))
@@ -370,6 +374,9 @@ impl CollectorService for CollectorApi {
         let mut inbound = request.into_inner();
         let (tx, rx) = mpsc::channel(16);
         let api = self.clone();
+        let (policies, org_id, instance_id) =
+            (self.policies.clone(), org_id.clone(), instance_id.clone());
+        let (org, instance) = (org_id.clone(), instance_id.clone());
         tokio::spawn(async move {
             loop {
                 let next = tokio::select! {
@@ -393,36 +400,55 @@ impl CollectorService for CollectorApi {
                         result: None,
                         error: Some(batch_error(&status)),
                     };
-                    if tx.send(Ok(ack)).await.is_err() {
+                    if tx.send(Ok((ack, None))).await.is_err() {
                         break;
                     }
                     continue;
                 }
-                let answer = match api.limiter.check(&caller.tenant()) {
+                let answer = match api.limiter.check_caller(&caller) {
                     Ok(()) => {
                         api.ingest_batch(&org_id, &instance_id, message.events)
                             .await
                     }
                     Err(status) => Err(status),
                 };
-                let ack = match answer {
-                    Ok(processed) => pb::IngestStreamResponse {
-                        batch_id: message.batch_id,
-                        result: Some(processed.result),
-                        error: None,
-                    },
-                    Err(status) => pb::IngestStreamResponse {
-                        batch_id: message.batch_id,
-                        result: None,
-                        error: Some(batch_error(&status)),
-                    },
+                let (ack, held) = match answer {
+                    Ok(processed) => (
+                        pb::IngestStreamResponse {
+                            batch_id: message.batch_id,
+                            result: Some(processed.result),
+                            error: None,
+                        },
+                        processed.held,
+                    ),
+                    Err(status) => (
+                        pb::IngestStreamResponse {
+                            batch_id: message.batch_id,
+                            result: None,
+                            error: Some(batch_error(&status)),
+                        },
+                        None,
+                    ),
                 };
-                if tx.send(Ok(ack)).await.is_err() {
+                // The commit's hold on the policy fence goes with the ack, and is let go only when
+                // the transport takes the ack (below): an ack of a commit checked under the old
+                // revision is on the wire before a new revision can be applied.
+                if tx.send(Ok((ack, held))).await.is_err() {
                     break;
                 }
             }
         });
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        let acks = ReceiverStream::new(rx).map(move |item| {
+            item.map(|(ack, held)| {
+                if held.is_some()
+                    && let Some(result) = &ack.result
+                {
+                    policies.hand_over(&org, &instance, result);
+                }
+                ack
+            })
+        });
+        Ok(Response::new(Box::pin(acks)))
     }
 
     #[tracing::instrument(skip_all, fields(org_id = tracing::field::Empty, instance_id = tracing::field::Empty))]

@@ -8,12 +8,13 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use prost::Message;
 use sightline_proto::collector::v1::{self as pb, DropReason};
+use sightline_runtime::policy_stream::Held;
 use sightline_runtime::ratelimit::retry_after;
 use tonic::Status;
 
 use crate::enforce::{self, Enforced, Plan, Verdict};
 use crate::store::{Batch, BatchOutcome, Row, RowOutcome, View};
-use crate::writer::Writer;
+use crate::writer::{Writer, Written};
 
 /// Events a batch may hold.
 pub const MAX_BATCH: usize = 1_000;
@@ -29,12 +30,14 @@ pub trait Sink: Send + Sync {
         true
     }
 
-    async fn write(&self, batch: Batch) -> Result<BatchOutcome, Status>;
+    /// Commits a batch; the outcome comes with the commit's hold on the policy fence, which the
+    /// caller keeps until its answer is on its way.
+    async fn write(&self, batch: Batch) -> Result<Written, Status>;
 }
 
 #[async_trait]
 impl Sink for Writer {
-    async fn write(&self, batch: Batch) -> Result<BatchOutcome, Status> {
+    async fn write(&self, batch: Batch) -> Result<Written, Status> {
         Writer::write(self, batch).await
     }
 }
@@ -49,11 +52,11 @@ impl Sink for Discard {
         false
     }
 
-    async fn write(&self, batch: Batch) -> Result<BatchOutcome, Status> {
-        Ok(BatchOutcome::Committed(vec![
-            RowOutcome::Stored;
-            batch.rows.len()
-        ]))
+    async fn write(&self, batch: Batch) -> Result<Written, Status> {
+        Ok((
+            BatchOutcome::Committed(vec![RowOutcome::Stored; batch.rows.len()]),
+            None,
+        ))
     }
 }
 
@@ -95,6 +98,8 @@ pub struct Processed {
     pub result: pb::IngestResult,
     /// Per event, for PreviewSample (empty otherwise).
     pub previews: Vec<pb::PreviewedEvent>,
+    /// The commit's hold on the policy fence: dropped once the answer is handed on.
+    pub held: Option<Held>,
 }
 
 #[derive(Debug, Default)]
@@ -231,6 +236,7 @@ pub async fn process(
         fates.push((item.event_id, fate, item.report));
     }
     let mut outcomes = Vec::new();
+    let mut held = None;
     if !rows.is_empty() {
         let batch = Batch {
             org_id: plan.org_id.clone(),
@@ -242,7 +248,9 @@ pub async fn process(
             blocking_time_ms: plan.tracking.blocking_time_ms,
             rows,
         };
-        outcomes = match sink.write(batch).await? {
+        let (outcome, hold) = sink.write(batch).await?;
+        held = hold;
+        outcomes = match outcome {
             BatchOutcome::Committed(outcomes) => outcomes,
             BatchOutcome::Stale => {
                 return Err(retry_after(
@@ -305,5 +313,6 @@ pub async fn process(
             policy_revision: plan.revision,
         },
         previews,
+        held,
     })
 }

@@ -120,6 +120,8 @@ pub struct CollectorService {
     consent: tonic::transport::Channel,
     linker: tonic::transport::Channel,
     service_token: Secret,
+    /// The policy lease (`limits.policy_lease_ms`).
+    lease: std::time::Duration,
     schedules: Schedules,
     background: CancellationToken,
 }
@@ -128,11 +130,14 @@ const DEPENDENCY_CHECK_EVERY: Duration = Duration::from_secs(1);
 
 impl CollectorService {
     pub async fn build(config: CollectorConfig) -> Result<Self, StartError> {
+        config.limits.check().map_err(StartError::Config)?;
         let classes = Arc::new(ClassTable::from_contract()?);
-        let linker = client::service_channel(&config.linker_url, config.tls.as_ref())
-            .map_err(|e| StartError::Config(format!("linker: {e}")))?;
-        let consent = client::service_channel(&config.consent_url, config.tls.as_ref())
-            .map_err(|e| StartError::Config(format!("consent: {e}")))?;
+        let linker =
+            client::service_channel(&config.linker_url, config.tls.as_ref(), &config.limits)
+                .map_err(|e| StartError::Config(format!("linker: {e}")))?;
+        let consent =
+            client::service_channel(&config.consent_url, config.tls.as_ref(), &config.limits)
+                .map_err(|e| StartError::Config(format!("consent: {e}")))?;
         let policies = Arc::new(Policies::new(
             classes,
             PseudonymKeys::new(config.data_dir.clone()),
@@ -217,6 +222,7 @@ impl CollectorService {
             consent,
             linker,
             service_token: config.service_token,
+            lease: config.limits.policy_lease(),
             schedules: Schedules {
                 rollups: millis(config.collection.rollup_every_ms.max(100)),
                 sweeps: millis(config.collection.sweep_every_ms.max(1_000)),
@@ -256,13 +262,17 @@ impl CollectorService {
             self.api.policies.clone(),
             self.consent.clone(),
             self.service_token.clone(),
+            self.lease,
             self.background.clone(),
         ));
-        self.server.follow_dependency(
-            self.linker.clone(),
-            DEPENDENCY_CHECK_EVERY,
-            shutdown.clone(),
-        );
+        self.server
+            .follow_dependency(
+                self.linker.clone(),
+                Some(self.api.policies.readiness()),
+                DEPENDENCY_CHECK_EVERY,
+                shutdown.clone(),
+            )
+            .await;
         self.api
             .maintenance
             .clone()

@@ -623,10 +623,9 @@ impl Maintenance {
                 m.move_data().await;
                 tokio::select! {
                     () = stop.cancelled() => break,
-                    () = m.policies.changed().notified() => {
-                        // Let the commits in flight under the old policy finish first.
-                        tokio::time::sleep(Duration::from_millis(200)).await;
-                    }
+                    // A change is applied only after the commits in flight under the old policy
+                    // have answered (the policy fence): what a purge must take is all stored.
+                    () = m.policies.changed().notified() => {}
                     () = tokio::time::sleep(every.purges) => {}
                 }
             }

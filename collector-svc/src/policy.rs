@@ -7,8 +7,9 @@ use std::collections::HashMap;
 
 use std::sync::Arc;
 
+use sightline_proto::collector::v1 as pb;
 use sightline_proto::consent::v1 as consent_pb;
-use sightline_runtime::policy_stream::{PolicyFollower, PolicyTable, Revisioned};
+use sightline_runtime::policy_stream::{Fence, PolicyFollower, PolicyTable, Revisioned};
 pub use sightline_runtime::pseudonym::PseudonymKeys;
 use tokio::sync::Notify;
 use tonic::Status;
@@ -37,6 +38,8 @@ pub struct Policies {
     keys: PseudonymKeys,
     /// Query keys URLs keep under BASIC (`collection.url_query_keys`).
     query_keys: Arc<[String]>,
+    /// Accepted acks handed on after a newer revision was applied (the fence makes this 0).
+    breaches: std::sync::atomic::AtomicU64,
 }
 
 impl Policies {
@@ -46,11 +49,44 @@ impl Policies {
             classes,
             keys,
             query_keys,
+            breaches: std::sync::atomic::AtomicU64::new(0),
         }
+    }
+
+    /// Checks an ack as it is handed to the transport, while its commit still holds the fence: an
+    /// ack that says *accepted* must carry the revision the instance is enforced under now. One
+    /// that does not (a breach of the opt-out fence) is counted and logged; the fence makes that
+    /// impossible, and the tests hold it to zero.
+    pub fn hand_over(&self, org_id: &str, instance_id: &str, result: &pb::IngestResult) {
+        if result.accepted == 0 {
+            return;
+        }
+        let current = self.revision(org_id, instance_id);
+        if current != Some(result.policy_revision) {
+            self.breaches
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            metrics::counter!("sightline_collector_fence_breaches_total").increment(1);
+            tracing::error!(
+                org_id,
+                acked = result.policy_revision,
+                applied = ?current,
+                "an accepted ack was handed on after a newer policy revision was applied"
+            );
+        }
+    }
+
+    /// Accepted acks handed on under an outdated revision since the start (always 0).
+    pub fn fence_breaches(&self) -> u64 {
+        self.breaches.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     pub fn is_ready(&self) -> bool {
         self.table.is_ready()
+    }
+
+    /// Whether a complete snapshot is held, as it changes (health follows it).
+    pub fn readiness(&self) -> tokio::sync::watch::Receiver<bool> {
+        self.table.readiness()
     }
 
     /// Woken on every change, for the purge applier.
@@ -62,7 +98,7 @@ impl Policies {
     /// never mentioned has the default policy (nothing is collected).
     pub fn plan(&self, org_id: &str, instance_id: &str) -> Result<Arc<Plan>, Status> {
         if !self.is_ready() {
-            return Err(Status::unavailable(
+            return Err(self.table.unavailable(
                 "no current policy from consent-svc: nothing can be collected until it answers",
             ));
         }
@@ -133,6 +169,14 @@ impl PolicyFollower for Policies {
 
     fn is_ready(&self) -> bool {
         self.table.is_ready()
+    }
+
+    fn fence(&self) -> &Fence {
+        &self.table.fence
+    }
+
+    fn next_try_in(&self, wait: std::time::Duration) {
+        self.table.next_try_in(wait);
     }
 }
 

@@ -1,6 +1,11 @@
 //! Group commit: batches from every concurrent Ingest and IngestStream call queue here, and each
 //! writer task commits as many as are waiting in one transaction (one fsync on SQLite), then answers
 //! each. An answer means the batch is durably committed.
+//!
+//! Each commit holds the policy fence ([`sightline_runtime::policy_stream::Fence`]) from the
+//! revision check inside the transaction until every caller has its answer (the answer carries the
+//! hold on): a policy change is applied between commits, never during one, so no batch enforced
+//! under a revision older than the one applied is acknowledged as accepted.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -9,13 +14,18 @@ use tokio::sync::{Mutex, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tonic::Status;
 
+use sightline_runtime::policy_stream::{Held, PolicyFollower};
+
 use crate::policy::Policies;
 use crate::store::{Batch, BatchOutcome, CollectorStore};
 
 /// Rows one transaction takes at most.
 const MAX_GROUP_ROWS: usize = 16_000;
 
-type Reply = oneshot::Sender<Result<BatchOutcome, Status>>;
+/// A committed batch's outcome, with the commit's hold on the policy fence.
+pub type Written = (BatchOutcome, Option<Held>);
+
+type Reply = oneshot::Sender<Result<Written, Status>>;
 
 #[derive(Debug)]
 struct Job {
@@ -75,7 +85,7 @@ impl Writer {
     }
 
     /// Commits one batch (with whatever else is waiting) and answers when it is durable.
-    pub async fn write(&self, batch: Batch) -> Result<BatchOutcome, Status> {
+    pub async fn write(&self, batch: Batch) -> Result<Written, Status> {
         let (reply, answer) = oneshot::channel();
         self.queue
             .send(Job { batch, reply })
@@ -90,6 +100,7 @@ impl Writer {
 async fn commit(store: &dyn CollectorStore, policies: &Policies, jobs: Vec<Job>) {
     let (batches, replies): (Vec<Batch>, Vec<Reply>) =
         jobs.into_iter().map(|j| (j.batch, j.reply)).unzip();
+    let held = policies.fence().enter().await;
     let current = |org: &str, instance: &str| policies.revision(org, instance);
     let started = std::time::Instant::now();
     let result = store.commit(&batches, &current).await;
@@ -99,10 +110,11 @@ async fn commit(store: &dyn CollectorStore, policies: &Policies, jobs: Vec<Job>)
     match result {
         Ok(outcomes) => {
             for (reply, outcome) in replies.into_iter().zip(outcomes) {
-                let _ = reply.send(Ok(outcome));
+                let _ = reply.send(Ok((outcome, Some(held.clone()))));
             }
         }
         Err(error) => {
+            drop(held);
             let status = Status::from(error);
             for reply in replies {
                 let _ = reply.send(Err(status.clone()));

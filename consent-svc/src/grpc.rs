@@ -56,6 +56,8 @@ pub struct ApiOptions {
     pub pseudonym_key_version: u32,
     /// The data owners that report their part of a move, per scope.
     pub residency: sightline_runtime::settings::ResidencySettings,
+    /// How often a WatchPolicy stream carries a heartbeat (`limits.policy_heartbeat_ms`).
+    pub heartbeat: Duration,
 }
 
 impl Default for ApiOptions {
@@ -65,6 +67,7 @@ impl Default for ApiOptions {
             call_limit: Duration::from_secs(30),
             pseudonym_key_version: 1,
             residency: sightline_runtime::settings::ResidencySettings::default(),
+            heartbeat: Duration::from_secs(2),
         }
     }
 }
@@ -115,7 +118,7 @@ impl ConsentApi {
 
     async fn caller<T>(&self, request: &Request<T>) -> Result<Principal, Status> {
         let principal = self.credentials.authenticate(request).await?;
-        self.limiter.check(&principal.tenant())?;
+        self.limiter.check_caller(&principal)?;
         Ok(principal)
     }
 
@@ -253,8 +256,7 @@ impl ConsentApi {
         &self,
         org_id: &str,
     ) -> Result<(pb::Residency, Vec<MoveRecord>), ConsentError> {
-        let record = self.store.residency(org_id).await?;
-        let moves = self.store.moves(org_id).await?;
+        let (record, moves) = self.store.residency(org_id).await?;
         let (location, support) = match &record {
             Some(r) => (
                 domain::location_from_name(&r.location),
@@ -429,9 +431,27 @@ impl ConsentApi {
                 return;
             }
         }
+        // The lease of every watcher: a heartbeat whenever the stream would otherwise be quiet for
+        // `heartbeat`, so silence means the stream (or the path to it) is gone.
+        let mut heartbeat = tokio::time::interval_at(
+            tokio::time::Instant::now() + self.options.heartbeat,
+            self.options.heartbeat,
+        );
+        heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let update = tokio::select! {
                 () = tx.closed() => return,
+                _ = heartbeat.tick() => {
+                    let beat = pb::WatchPolicyResponse {
+                        heartbeat: true,
+                        ..Default::default()
+                    };
+                    match tx.try_send(Ok(beat)) {
+                        // A full buffer: the watcher is not reading; the changes decide its fate.
+                        Ok(()) | Err(mpsc::error::TrySendError::Full(_)) => continue,
+                        Err(mpsc::error::TrySendError::Closed(_)) => return,
+                    }
+                }
                 change = changes.recv() => match change {
                     Ok(update) => update,
                     Err(broadcast::error::RecvError::Lagged(missed)) => {
@@ -455,6 +475,7 @@ impl ConsentApi {
                     instance_ids: Vec::new(),
                     instance_policies: Vec::new(),
                     snapshot_complete: false,
+                    heartbeat: false,
                 },
                 Watched::Org(_) | Watched::Instance { .. } => continue,
             };
@@ -490,6 +511,7 @@ impl ConsentApi {
                 instance_ids: Vec::new(),
                 instance_policies: Vec::new(),
                 snapshot_complete: false,
+                heartbeat: false,
             }],
         };
         match messages.last_mut() {
@@ -499,6 +521,7 @@ impl ConsentApi {
                 instance_ids: Vec::new(),
                 instance_policies: Vec::new(),
                 snapshot_complete: true,
+                heartbeat: false,
             }),
         }
         Ok(messages)

@@ -106,11 +106,13 @@ const SETTLE_EVERY: std::time::Duration = std::time::Duration::from_secs(2);
 
 impl ConsentService {
     pub async fn build(config: ConsentConfig) -> Result<Self, StartError> {
+        config.limits.check().map_err(StartError::Config)?;
         let store = store::open(config.database_url.expose()).await?;
         let signer = Arc::new(ReceiptSigner::load_or_create(&config.receipt_key_path)?);
         // Lazy: consent-svc starts before linker-svc answers, and reconnects when it comes back.
-        let linker = client::service_channel(&config.linker_url, config.tls.as_ref())
-            .map_err(|e| StartError::Config(format!("linker: {e}")))?;
+        let linker =
+            client::service_channel(&config.linker_url, config.tls.as_ref(), &config.limits)
+                .map_err(|e| StartError::Config(format!("linker: {e}")))?;
         let stop_watchers = CancellationToken::new();
         let api = ConsentApi::new(
             store,
@@ -130,7 +132,10 @@ impl ConsentService {
             ))),
             signer,
             stop_watchers.clone(),
-            config.options,
+            ApiOptions {
+                heartbeat: config.limits.policy_heartbeat(),
+                ..config.options
+            },
         );
         let max = config.limits.max_message_bytes;
         let mut server = GrpcServer::bind(
@@ -173,11 +178,14 @@ impl ConsentService {
             watch.cancelled().await;
             stop_watchers.cancel();
         });
-        self.server.follow_dependency(
-            self.linker.clone(),
-            DEPENDENCY_CHECK_EVERY,
-            shutdown.clone(),
-        );
+        self.server
+            .follow_dependency(
+                self.linker.clone(),
+                None,
+                DEPENDENCY_CHECK_EVERY,
+                shutdown.clone(),
+            )
+            .await;
         // Settle whatever a crash left staged, at start and then on a schedule.
         let api = self.api.clone();
         let stop = shutdown.clone();

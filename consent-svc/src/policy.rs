@@ -173,6 +173,7 @@ impl OrgState {
             instance_ids,
             instance_policies: self.instance_policies(),
             snapshot_complete: false,
+            heartbeat: false,
         }
     }
 }

@@ -18,6 +18,7 @@ use sightline_runtime::auth::{CredentialClient, Principal, authorize};
 use sightline_runtime::directory::Directory;
 use sightline_runtime::ids;
 use sightline_runtime::location::location_name;
+use sightline_runtime::policy_stream::Held;
 use sightline_runtime::pseudonym::{OrgPseudonymizer, PseudonymKeys};
 use sightline_runtime::ratelimit::RateLimiter;
 use sightline_runtime::settings::Secret;
@@ -110,7 +111,7 @@ struct Uploader {
 impl InsightsApi {
     async fn caller<T>(&self, request: &Request<T>) -> Result<Principal, Status> {
         let principal = self.credentials.authenticate(request).await?;
-        self.limiter.check(&principal.tenant())?;
+        self.limiter.check_caller(&principal)?;
         Ok(principal)
     }
 
@@ -252,6 +253,17 @@ impl InsightsApi {
             policy,
             rules,
         })
+    }
+
+    /// The policy fence, held while an upload's records are written (see [`Policies::hold`]).
+    async fn hold(&self, uploader: &Uploader) -> Result<Held, Status> {
+        let linked = !uploader.instance_id.is_empty();
+        self.policies
+            .hold(
+                &uploader.policy,
+                linked.then_some(uploader.instance_id.as_str()),
+            )
+            .await
     }
 
     fn sharing_of(&self, uploader: &Uploader) -> SharingLevel {
@@ -579,6 +591,7 @@ impl InsightsService for InsightsApi {
         let (assessment, treated) =
             treat::assessment(parsed, &uploader.rules, keys.as_ref()).map_err(Status::internal)?;
         let upload_id = uuid::Uuid::now_v7().to_string();
+        let _held = self.hold(&uploader).await?;
         self.store
             .put_assessment(&StoredAssessment {
                 upload_id: upload_id.clone(),
@@ -703,25 +716,30 @@ impl InsightsService for InsightsApi {
             })
             .collect();
         let now = self.clock.now_ms();
-        let stored = self
-            .store
-            .put_bundle(&StoredBundle {
-                upload_id: upload_id.clone(),
-                org_id: uploader.org_id.clone(),
-                subject: uploader.subject.clone(),
-                location: location_name,
-                file_name,
-                stored_at: now,
-                size_bytes: i64::try_from(bytes_received).unwrap_or(i64::MAX),
-                sha256: digest,
-                files_read: i64::from(bundle.files_read),
-                scrubbed: serde_json::to_string(&scrubbed).unwrap_or_default(),
-            })
-            .await;
-        if let Err(error) = stored {
+        let held = self.hold(&uploader).await;
+        let stored = match &held {
+            Ok(_) => self
+                .store
+                .put_bundle(&StoredBundle {
+                    upload_id: upload_id.clone(),
+                    org_id: uploader.org_id.clone(),
+                    subject: uploader.subject.clone(),
+                    location: location_name,
+                    file_name,
+                    stored_at: now,
+                    size_bytes: i64::try_from(bytes_received).unwrap_or(i64::MAX),
+                    sha256: digest,
+                    files_read: i64::from(bundle.files_read),
+                    scrubbed: serde_json::to_string(&scrubbed).unwrap_or_default(),
+                })
+                .await
+                .map_err(Status::from),
+            Err(status) => Err(status.clone()),
+        };
+        if let Err(status) = stored {
             // Whole or not at all: the file goes when its record could not be written.
             let _ = std::fs::remove_file(&path);
-            return Err(error.into());
+            return Err(status);
         }
         let (series, latest) = upload::series_of(&bundle.metrics);
         let at = latest.unwrap_or(now);

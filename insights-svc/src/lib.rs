@@ -116,6 +116,8 @@ pub struct InsightsService {
     consent: tonic::transport::Channel,
     linker: tonic::transport::Channel,
     service_token: Secret,
+    /// The policy lease (`limits.policy_lease_ms`).
+    lease: std::time::Duration,
     schedules: Schedules,
 }
 
@@ -123,14 +125,18 @@ const DEPENDENCY_CHECK_EVERY: Duration = Duration::from_secs(1);
 
 impl InsightsService {
     pub async fn build(config: InsightsConfig) -> Result<Self, StartError> {
+        config.limits.check().map_err(StartError::Config)?;
         // A bad rules file stops the start, naming the rule and the field.
         let rules = Arc::new(Rules::load(config.analysis.rules_file.as_deref())?);
-        let linker = client::service_channel(&config.linker_url, config.tls.as_ref())
-            .map_err(|e| StartError::Config(format!("linker: {e}")))?;
-        let consent = client::service_channel(&config.consent_url, config.tls.as_ref())
-            .map_err(|e| StartError::Config(format!("consent: {e}")))?;
-        let collector = client::service_channel(&config.collector_url, config.tls.as_ref())
-            .map_err(|e| StartError::Config(format!("collector: {e}")))?;
+        let linker =
+            client::service_channel(&config.linker_url, config.tls.as_ref(), &config.limits)
+                .map_err(|e| StartError::Config(format!("linker: {e}")))?;
+        let consent =
+            client::service_channel(&config.consent_url, config.tls.as_ref(), &config.limits)
+                .map_err(|e| StartError::Config(format!("consent: {e}")))?;
+        let collector =
+            client::service_channel(&config.collector_url, config.tls.as_ref(), &config.limits)
+                .map_err(|e| StartError::Config(format!("collector: {e}")))?;
         let url = match &config.database_url {
             Some(url) => url.expose().to_owned(),
             None => storage::default_sqlite_url(&config.data_dir, "insights"),
@@ -203,6 +209,7 @@ impl InsightsService {
             consent,
             linker,
             service_token: config.service_token,
+            lease: config.limits.policy_lease(),
             schedules: Schedules {
                 scores: millis(analysis.score_every_ms.max(100)),
                 sweeps: millis(analysis.sweep_every_ms.max(100)),
@@ -242,13 +249,17 @@ impl InsightsService {
             self.maintenance.api.policies.clone(),
             self.consent.clone(),
             self.service_token.clone(),
+            self.lease,
             background.clone(),
         ));
-        self.server.follow_dependency(
-            self.linker.clone(),
-            DEPENDENCY_CHECK_EVERY,
-            shutdown.clone(),
-        );
+        self.server
+            .follow_dependency(
+                self.linker.clone(),
+                Some(self.maintenance.api.policies.readiness()),
+                DEPENDENCY_CHECK_EVERY,
+                shutdown.clone(),
+            )
+            .await;
         self.maintenance
             .clone()
             .spawn(self.schedules, background.clone());

@@ -7,7 +7,8 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use sightline_proto::consent::v1 as consent_pb;
-use sightline_runtime::policy_stream::{PolicyFollower, PolicyTable, Revisioned};
+use sightline_runtime::policy_stream::{Fence, Held, PolicyFollower, PolicyTable, Revisioned};
+use sightline_runtime::ratelimit::retry_after;
 use tokio::sync::Notify;
 use tonic::Status;
 
@@ -33,6 +34,11 @@ impl Policies {
         self.table.is_ready()
     }
 
+    /// Whether a complete snapshot is held, as it changes (health follows it).
+    pub fn readiness(&self) -> tokio::sync::watch::Receiver<bool> {
+        self.table.readiness()
+    }
+
     /// Woken on every change (the purge applier waits on it).
     pub fn changed(&self) -> &Notify {
         &self.table.changed
@@ -46,9 +52,9 @@ impl Policies {
         instance_id: Option<&str>,
     ) -> Result<Option<Arc<consent_pb::Policy>>, Status> {
         if !self.is_ready() {
-            return Err(Status::unavailable(
-                "no current policy from consent-svc: retry when it answers",
-            ));
+            return Err(self
+                .table
+                .unavailable("no current policy from consent-svc: retry when it answers"));
         }
         self.table
             .read(|orgs| {
@@ -60,6 +66,28 @@ impl Policies {
                 })
             })
             .ok_or_else(|| Status::internal("policy state poisoned"))
+    }
+
+    /// Holds the policy fence for a write made under `policy`: once held, no change is applied
+    /// until the hold is dropped (after the write has answered), and a policy that changed since it
+    /// was read is refused — UNAVAILABLE with a retry hint, nothing stored — so no upload checked
+    /// under an older revision is acknowledged after a new one is applied (an opt-out is a fence).
+    pub async fn hold(
+        &self,
+        policy: &consent_pb::Policy,
+        instance_id: Option<&str>,
+    ) -> Result<Held, Status> {
+        let held = self.table.fence.enter().await;
+        let current = self.policy(&policy.org_id, instance_id)?;
+        if current.map(|p| p.revision) != Some(policy.revision) {
+            return Err(retry_after(
+                Status::unavailable(
+                    "the org's policy changed while the upload was checked; nothing of it was stored: send it again",
+                ),
+                10,
+            ));
+        }
+        Ok(held)
     }
 
     /// Every org-level policy held, with its instances' own.
@@ -104,5 +132,13 @@ impl PolicyFollower for Policies {
 
     fn is_ready(&self) -> bool {
         self.table.is_ready()
+    }
+
+    fn fence(&self) -> &Fence {
+        &self.table.fence
+    }
+
+    fn next_try_in(&self, wait: std::time::Duration) {
+        self.table.next_try_in(wait);
     }
 }

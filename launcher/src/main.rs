@@ -81,7 +81,11 @@ async fn main() -> anyhow::Result<()> {
                 Some(_) => format!("https://{addr}"),
                 None => format!("http://{addr}"),
             };
-            let channel = sightline_runtime::client::service_channel(&url, settings.tls.as_ref())?;
+            let channel = sightline_runtime::client::service_channel(
+                &url,
+                settings.tls.as_ref(),
+                &settings.limits,
+            )?;
             let serving =
                 sightline_runtime::server::serving(channel, &service, Duration::from_secs(3))
                     .await

@@ -69,27 +69,40 @@ impl Authority {
         }
     }
 
-    /// The caller of a request, rate-limited per tenant. Services are not limited here: they call
-    /// on behalf of tenants who were limited where they called (a shared service bucket would let
-    /// one tenant use up another's checks and audit appends). A peer that keeps presenting bad
-    /// tokens is refused before its next one costs a lookup.
+    /// The caller of a request, rate-limited per tenant (services are not:
+    /// [`RateLimiter::check_caller`]). A peer that keeps presenting bad
+    /// tokens is refused before its next one costs a store lookup; configured tokens (operator,
+    /// services) cost none and are never refused for their address's failures, so a flood from
+    /// the host a service runs on cannot cut that service off, and a token found valid lately is
+    /// looked up whatever its address did (see [`FailureLimiter`]).
     async fn caller<T>(&self, request: &Request<T>) -> Result<Principal, Status> {
         let peer = PeerKey::of_request(request);
         let presented =
             auth::bearer(request.metadata()).inspect_err(|_| self.failures.charge(peer))?;
-        self.failures.check(peer)?;
+        let (configured, digest) = match token::parse(presented) {
+            Ok(parsed) => (
+                matches!(parsed.kind, TokenKind::Operator | TokenKind::Service),
+                parsed.digest(),
+            ),
+            Err(_) => (false, [0; 32]),
+        };
+        if !configured {
+            self.failures.check_token(peer, &digest)?;
+        }
         let principal = match self.resolve(presented).await {
             Ok(principal) => principal,
             Err(error) => {
                 if matches!(error, LinkerError::Unauthenticated(_)) {
                     self.failures.charge(peer);
+                    self.failures.vouch(digest, false);
                 }
                 return Err(error.into());
             }
         };
-        if !matches!(principal, Principal::Service { .. }) {
-            self.limiter.check(&principal.tenant())?;
+        if !configured {
+            self.failures.vouch(digest, true);
         }
+        self.limiter.check_caller(&principal)?;
         Ok(principal)
     }
 

@@ -135,8 +135,10 @@ pub fn authorize<T>(request: &mut tonic::Request<T>, token: &Secret) -> Result<(
 
 /// Validates callers' tokens with linker-svc, caching each answer for the TTL linker gives (capped),
 /// so revocations are seen within that TTL. Failures are cached for a shorter time, in a smaller
-/// cache of their own, and charged to the caller's peer: a peer past its failure budget is refused
-/// before its next unknown token costs a lookup. Both caches are bounded.
+/// cache of their own, and charged to the peer that presented the token — here, at the edge where
+/// it arrived, never to this service's own address at linker-svc: a peer past its failure budget is
+/// refused before its next unknown token costs a lookup, unless the token was found valid lately
+/// (see [`FailureLimiter`]). Both caches are bounded.
 #[derive(Debug, Clone)]
 pub struct CredentialClient {
     linker: LinkerServiceClient<Channel>,
@@ -165,6 +167,9 @@ impl CredentialClient {
         component: &'static str,
         limits: &Limits,
     ) -> Self {
+        let failures = Arc::new(FailureLimiter::new(component, limits));
+        // This service's own token (the one its peers present too) needs no budget.
+        failures.vouch(token::digest(service_token.expose()), true);
         Self {
             linker: LinkerServiceClient::new(linker),
             service_token,
@@ -176,7 +181,7 @@ impl CredentialClient {
                 .max_capacity(MAX_REFUSED)
                 .time_to_live(NEGATIVE_TTL)
                 .build(),
-            failures: Arc::new(FailureLimiter::new(component, limits)),
+            failures,
             max_ttl: Duration::from_secs(5),
         }
     }
@@ -203,7 +208,7 @@ impl CredentialClient {
             return Err(Status::new(code, message));
         }
         // An unknown token costs a lookup: not for a peer that keeps failing.
-        self.failures.check(peer)?;
+        self.failures.check_token(peer, &key)?;
         let mut request = tonic::Request::new(ValidateCredentialRequest {
             credential: presented.to_owned(),
         });
@@ -227,6 +232,7 @@ impl CredentialClient {
                 )));
             }
         };
+        self.failures.vouch(key, principal.is_ok());
         match &principal {
             Ok(_) => self.known.insert(
                 key,

@@ -6,7 +6,7 @@ use std::path::Path;
 
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
-use crate::settings::TlsSettings;
+use crate::settings::{Limits, TlsSettings};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ChannelError {
@@ -27,8 +27,15 @@ pub fn service_url(addr: std::net::SocketAddr, tls: Option<&TlsSettings>) -> Str
     format!("{scheme}://{addr}")
 }
 
-/// A lazily connecting channel to the service at `url` (it reconnects when the service returns).
-pub fn service_channel(url: &str, tls: Option<&TlsSettings>) -> Result<Channel, ChannelError> {
+/// A lazily connecting channel to the service at `url` (it reconnects when the service returns),
+/// with HTTP/2 keepalive (`limits.keepalive_*`, pings also while idle): a peer that stops answering
+/// is detected within interval + timeout, the connection closed and its streams ended, instead of
+/// looking open for as long as the TCP connection does.
+pub fn service_channel(
+    url: &str,
+    tls: Option<&TlsSettings>,
+    limits: &Limits,
+) -> Result<Channel, ChannelError> {
     let invalid = |reason: String| ChannelError::Url {
         url: url.to_owned(),
         reason,
@@ -38,7 +45,12 @@ pub fn service_channel(url: &str, tls: Option<&TlsSettings>) -> Result<Channel, 
         (Some(_), Some(rest)) => format!("https://{rest}"),
         _ => url.to_owned(),
     };
-    let mut endpoint = Endpoint::from_shared(url).map_err(|e| invalid(e.to_string()))?;
+    let mut endpoint = Endpoint::from_shared(url)
+        .map_err(|e| invalid(e.to_string()))?
+        .connect_timeout(limits.keepalive_timeout())
+        .http2_keep_alive_interval(limits.keepalive_interval())
+        .keep_alive_timeout(limits.keepalive_timeout())
+        .keep_alive_while_idle(true);
     if let Some(tls) = tls {
         let ca = tls
             .ca

@@ -23,6 +23,8 @@ pub const LATENCY: &str = "sightline_grpc_server_handling_seconds";
 pub const IN_FLIGHT: &str = "sightline_grpc_server_in_flight";
 pub const REFUSED: &str = "sightline_rate_limited_total";
 pub const AUDIT_APPENDS: &str = "sightline_audit_appends_total";
+pub const POLICY_LOST: &str = "sightline_policy_stream_lost_total";
+pub const POLICY_HELD: &str = "sightline_policy_held";
 
 const LATENCY_BUCKETS: &[f64] = &[
     0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
@@ -70,6 +72,14 @@ fn describe() {
     metrics::describe_counter!(
         REFUSED,
         "calls refused by a limit, by service and limit (tenant rate, failed authentications)"
+    );
+    metrics::describe_counter!(
+        POLICY_LOST,
+        "times an enforcement point lost its policy stream and failed closed, by reason (ended, error, lease)"
+    );
+    metrics::describe_gauge!(
+        POLICY_HELD,
+        "1 while an enforcement point holds a current policy snapshot, 0 while it fails closed"
     );
     metrics::describe_counter!(
         AUDIT_APPENDS,

@@ -137,6 +137,17 @@ impl RateLimiter {
         }
     }
 
+    /// Takes one call from the bucket of `caller`'s tenant, or says when to retry. Services are not
+    /// limited: they call on behalf of tenants limited where those called, and a bucket shared by
+    /// every call one service makes for all its tenants would let one tenant use up another's
+    /// (audit appends, rollup reads, credential checks).
+    pub fn check_caller(&self, caller: &crate::auth::Principal) -> Result<(), Status> {
+        if matches!(caller, crate::auth::Principal::Service { .. }) {
+            return Ok(());
+        }
+        self.check(&caller.tenant())
+    }
+
     /// Takes one call from `tenant`'s bucket, or says when to retry.
     pub fn check(&self, tenant: &str) -> Result<(), Status> {
         self.check_at(tenant, Instant::now())
@@ -166,17 +177,49 @@ impl RateLimiter {
 /// A budget of failed authentications per peer: a peer that keeps presenting unknown or revoked
 /// tokens is refused before its next token costs a lookup, while callers whose tokens are known go
 /// on as usual.
+///
+/// Many callers can share one address (a NAT, a proxy, every service of a host), so the budget
+/// gates only tokens nobody has shown to be valid: a token that passed a lookup within
+/// [`VOUCHED_FOR`] is looked up again whatever its address's budget says (the lookup still decides;
+/// a revoked token fails it and loses its voucher). A flood of unknown tokens from an address then
+/// costs that address's unknown tokens, never a tenant whose token is good.
 #[derive(Debug)]
 pub struct FailureLimiter {
     component: &'static str,
     failures: Buckets<PeerKey>,
+    vouched: Cache<[u8; 32], ()>,
 }
+
+/// How long a token that passed a lookup is exempt from its address's failure budget.
+pub const VOUCHED_FOR: Duration = Duration::from_secs(15 * 60);
 
 impl FailureLimiter {
     pub fn new(component: &'static str, limits: &Limits) -> Self {
         Self {
             component,
             failures: Buckets::new(limits.auth_failures_per_second, limits.auth_failure_burst),
+            vouched: Cache::builder()
+                .max_capacity(MAX_KEYS)
+                .time_to_live(VOUCHED_FOR)
+                .build(),
+        }
+    }
+
+    /// Whether the token with `digest`, presented by `peer`, may be looked up: always when a lookup
+    /// found it valid lately, else while the peer's budget lasts.
+    pub fn check_token(&self, peer: Option<PeerKey>, digest: &[u8; 32]) -> Result<(), Status> {
+        if self.vouched.contains_key(digest) {
+            return Ok(());
+        }
+        self.check(peer)
+    }
+
+    /// Records that a lookup found the token with `digest` valid (or, `valid` false, not).
+    pub fn vouch(&self, digest: [u8; 32], valid: bool) {
+        if valid {
+            self.vouched.insert(digest, ());
+        } else {
+            self.vouched.invalidate(&digest);
         }
     }
 
@@ -206,6 +249,12 @@ impl FailureLimiter {
 
     pub fn tracked(&self) -> u64 {
         self.failures.len()
+    }
+
+    /// How many tokens are vouched for (bounded).
+    pub fn vouched(&self) -> u64 {
+        self.vouched.run_pending_tasks();
+        self.vouched.entry_count()
     }
 }
 
@@ -268,5 +317,24 @@ mod tests {
         assert!(failures.check(good).is_ok());
         assert!(failures.check(None).is_ok());
         assert_eq!(format!("{bad_peer:?}"), "PeerKey(..)");
+        // A token a lookup found valid still gets its lookup from the exhausted address, until a
+        // lookup finds it revoked.
+        let (good_token, unknown) = ([7u8; 32], [8u8; 32]);
+        failures.vouch(good_token, true);
+        assert!(failures.check_token(bad, &good_token).is_ok());
+        assert!(failures.check_token(bad, &unknown).is_err());
+        failures.vouch(good_token, false);
+        assert!(failures.check_token(bad, &good_token).is_err());
+    }
+
+    #[test]
+    fn vouchers_stay_bounded_under_random_tokens() {
+        let failures = FailureLimiter::new("test", &Limits::default());
+        for i in 0..(MAX_KEYS + 20_000) {
+            let mut digest = [0u8; 32];
+            digest[..8].copy_from_slice(&i.to_le_bytes());
+            failures.vouch(digest, true);
+        }
+        assert!(failures.vouched() <= MAX_KEYS, "{}", failures.vouched());
     }
 }

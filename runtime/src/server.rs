@@ -118,39 +118,70 @@ impl GrpcServer {
 
     /// Follows a service this one cannot work without: while `dependency` does not answer its
     /// health check, every service of this server (and the server as a whole) reports NOT_SERVING,
-    /// so load balancers and operators see what callers would meet.
-    pub fn follow_dependency(
+    /// so load balancers and operators see what callers would meet. An enforcement point passes
+    /// its policy readiness too (`policy`): it is NOT_SERVING from the start until it holds a
+    /// complete policy snapshot, and again whenever it does not (stream lost, lease run out).
+    pub async fn follow_dependency(
         &self,
         dependency: tonic::transport::Channel,
+        policy: Option<tokio::sync::watch::Receiver<bool>>,
         every: Duration,
         stop: CancellationToken,
     ) {
         let health = self.health.clone();
         let services = self.services.clone();
+        let set = move |status: ServingStatus| {
+            let (health, services) = (health.clone(), services.clone());
+            async move {
+                health.set_service_status("", status).await;
+                for name in &services {
+                    health.set_service_status(*name, status).await;
+                }
+            }
+        };
+        let mut policy = policy;
+        let policy_ready = |policy: &Option<tokio::sync::watch::Receiver<bool>>| {
+            policy.as_ref().is_none_or(|p| *p.borrow())
+        };
+        if !policy_ready(&policy) {
+            // Before the first call is served: no SERVING without a policy.
+            set(ServingStatus::NotServing).await;
+        }
         tokio::spawn(async move {
-            let mut last = None;
+            let mut last = (!policy_ready(&policy)).then_some(false);
+            let mut next_check = tokio::time::Instant::now();
+            let mut answers = true;
             loop {
-                let answers = serving(dependency.clone(), "", Duration::from_secs(2))
-                    .await
-                    .unwrap_or(false);
-                if last != Some(answers) {
-                    let status = if answers {
+                if tokio::time::Instant::now() >= next_check {
+                    answers = serving(dependency.clone(), "", Duration::from_secs(2))
+                        .await
+                        .unwrap_or(false);
+                    next_check = tokio::time::Instant::now() + every;
+                }
+                let ready = policy_ready(&policy);
+                let now = answers && ready;
+                if last != Some(now) {
+                    let status = if now {
                         ServingStatus::Serving
                     } else {
-                        tracing::warn!(
-                            "a service this one depends on does not answer; reporting NOT_SERVING"
-                        );
+                        if !answers {
+                            tracing::warn!(
+                                "a service this one depends on does not answer; reporting NOT_SERVING"
+                            );
+                        } else {
+                            tracing::warn!(
+                                "no current policy from consent-svc; reporting NOT_SERVING"
+                            );
+                        }
                         ServingStatus::NotServing
                     };
-                    health.set_service_status("", status).await;
-                    for name in &services {
-                        health.set_service_status(*name, status).await;
-                    }
-                    last = Some(answers);
+                    set(status).await;
+                    last = Some(now);
                 }
                 tokio::select! {
                     () = stop.cancelled() => break,
-                    () = tokio::time::sleep(every) => {}
+                    () = tokio::time::sleep_until(next_check) => {}
+                    () = changed(&mut policy) => {}
                 }
             }
         });
@@ -223,6 +254,9 @@ impl GrpcServer {
         let component = self.component;
         let serve = tonic::transport::Server::builder()
             .tcp_nodelay(true)
+            // A client that stops answering is found out and its calls ended (streams included).
+            .http2_keepalive_interval(Some(self.limits.keepalive_interval()))
+            .http2_keepalive_timeout(Some(self.limits.keepalive_timeout()))
             .layer(tower::layer::layer_fn(move |inner| CallLayer {
                 inner,
                 component,
@@ -251,6 +285,19 @@ impl GrpcServer {
         outcome?;
         tracing::info!(%addr, "stopped");
         Ok(())
+    }
+}
+
+/// Waits for the next change of a readiness watch (forever when there is none, or it is closed).
+async fn changed(watch: &mut Option<tokio::sync::watch::Receiver<bool>>) {
+    match watch {
+        Some(w) => {
+            if w.changed().await.is_err() {
+                *watch = None;
+                std::future::pending::<()>().await;
+            }
+        }
+        None => std::future::pending::<()>().await,
     }
 }
 

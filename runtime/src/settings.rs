@@ -312,6 +312,54 @@ pub struct Limits {
     /// second; past its burst, its calls with tokens not already known are refused before a lookup.
     pub auth_failures_per_second: u32,
     pub auth_failure_burst: u32,
+    /// HTTP/2 keepalive on every channel between services and on every server: a ping after this
+    /// long without traffic...
+    pub keepalive_interval_ms: u64,
+    /// ...unanswered for this long closes the connection, so a peer that went silent (a NAT, a load
+    /// balancer's idle timeout, a firewall dropping packets) is detected within a bound and a
+    /// stream over it is treated as lost.
+    pub keepalive_timeout_ms: u64,
+    /// How often consent-svc sends a heartbeat on every WatchPolicy stream.
+    pub policy_heartbeat_ms: u64,
+    /// The policy lease: an enforcement point (collector-svc, insights-svc) that has heard nothing
+    /// on its WatchPolicy stream for this long fails closed (UNAVAILABLE, NOT_SERVING) until a new
+    /// snapshot arrives. At least three heartbeat intervals.
+    pub policy_lease_ms: u64,
+}
+
+impl Limits {
+    /// The settings that must agree with each other.
+    pub fn check(&self) -> Result<(), String> {
+        if self.policy_lease_ms < 3 * self.policy_heartbeat_ms {
+            return Err(format!(
+                "limits.policy_lease_ms ({}) must be at least three heartbeat intervals (limits.policy_heartbeat_ms = {})",
+                self.policy_lease_ms, self.policy_heartbeat_ms
+            ));
+        }
+        if self.policy_heartbeat_ms == 0
+            || self.keepalive_interval_ms == 0
+            || self.keepalive_timeout_ms == 0
+        {
+            return Err("limits: heartbeat and keepalive intervals must be above zero".into());
+        }
+        Ok(())
+    }
+
+    pub fn keepalive_interval(&self) -> std::time::Duration {
+        std::time::Duration::from_millis(self.keepalive_interval_ms)
+    }
+
+    pub fn keepalive_timeout(&self) -> std::time::Duration {
+        std::time::Duration::from_millis(self.keepalive_timeout_ms)
+    }
+
+    pub fn policy_heartbeat(&self) -> std::time::Duration {
+        std::time::Duration::from_millis(self.policy_heartbeat_ms)
+    }
+
+    pub fn policy_lease(&self) -> std::time::Duration {
+        std::time::Duration::from_millis(self.policy_lease_ms)
+    }
 }
 
 impl Default for Limits {
@@ -324,6 +372,10 @@ impl Default for Limits {
             drain_timeout_ms: 10_000,
             auth_failures_per_second: 20,
             auth_failure_burst: 100,
+            keepalive_interval_ms: 2_000,
+            keepalive_timeout_ms: 3_000,
+            policy_heartbeat_ms: 2_000,
+            policy_lease_ms: 10_000,
         }
     }
 }

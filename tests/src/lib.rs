@@ -23,6 +23,80 @@ use sightline_runtime::{ManualClock, Secret};
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
 
+/// A TCP relay in front of a service that can go silent: while paused it passes no bytes in either
+/// direction but keeps every connection open (what a NAT, a load balancer's idle timeout or a
+/// firewall dropping packets does to a flow), so only keepalive and leases can tell.
+#[derive(Debug, Clone)]
+pub struct Relay {
+    pub addr: SocketAddr,
+    flowing: tokio::sync::watch::Sender<bool>,
+}
+
+impl Relay {
+    pub async fn start(target: SocketAddr) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let flowing = tokio::sync::watch::Sender::new(true);
+        let gate = flowing.clone();
+        tokio::spawn(async move {
+            while let Ok((inbound, _)) = listener.accept().await {
+                let Ok(outbound) = tokio::net::TcpStream::connect(target).await else {
+                    continue;
+                };
+                let (in_read, in_write) = inbound.into_split();
+                let (out_read, out_write) = outbound.into_split();
+                tokio::spawn(Self::pipe(in_read, out_write, gate.subscribe()));
+                tokio::spawn(Self::pipe(out_read, in_write, gate.subscribe()));
+            }
+        });
+        Self { addr, flowing }
+    }
+
+    /// `http://` and the relay's address.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Stops passing bytes; connections stay open.
+    pub fn go_silent(&self) {
+        self.flowing.send_replace(false);
+    }
+
+    pub fn resume(&self) {
+        self.flowing.send_replace(true);
+    }
+
+    async fn pipe(
+        mut from: tokio::net::tcp::OwnedReadHalf,
+        mut to: tokio::net::tcp::OwnedWriteHalf,
+        mut flowing: tokio::sync::watch::Receiver<bool>,
+    ) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut buffer = vec![0u8; 64 * 1024];
+        loop {
+            // Nothing is read while silent, so nothing is passed either way.
+            if flowing.wait_for(|f| *f).await.is_err() {
+                return;
+            }
+            let read = tokio::select! {
+                read = from.read(&mut buffer) => read,
+                _ = flowing.changed() => continue,
+            };
+            let n = match read {
+                Ok(0) | Err(_) => return,
+                Ok(n) => n,
+            };
+            // Bytes read just before the silence began are held until it ends.
+            if flowing.wait_for(|f| *f).await.is_err() {
+                return;
+            }
+            if to.write_all(&buffer[..n]).await.is_err() {
+                return;
+            }
+        }
+    }
+}
+
 /// 2027-01-15T08:00:00Z: the manual clock's start.
 pub const T0_MS: i64 = 1_800_000_000_000;
 
@@ -296,12 +370,36 @@ impl TestConsent {
         .await
     }
 
+    /// consent-svc reaching linker-svc at `linker_url` (a [`Relay`] in front of it, say).
+    pub async fn start_via(linker: &TestLinker, linker_url: String, limits: Limits) -> Self {
+        Self::start_at(
+            linker,
+            None,
+            limits,
+            ApiOptions::default(),
+            None,
+            Some(linker_url),
+        )
+        .await
+    }
+
     async fn start_full(
         linker: &TestLinker,
         database_url: Option<String>,
         limits: Limits,
         options: ApiOptions,
         tls: Option<TlsSettings>,
+    ) -> Self {
+        Self::start_at(linker, database_url, limits, options, tls, None).await
+    }
+
+    async fn start_at(
+        linker: &TestLinker,
+        database_url: Option<String>,
+        limits: Limits,
+        options: ApiOptions,
+        tls: Option<TlsSettings>,
+        linker_url: Option<String>,
     ) -> Self {
         let database_url = database_url.unwrap_or_else(|| {
             sightline_runtime::storage::default_sqlite_url(linker.data_dir(), "consent")
@@ -310,7 +408,9 @@ impl TestConsent {
             listen: "127.0.0.1:0".parse().unwrap(),
             database_url: Secret::new(database_url.clone()),
             receipt_key_path: linker.data_dir().join("consent-receipt.key"),
-            linker_url: sightline_runtime::client::service_url(linker.addr, tls.as_ref()),
+            linker_url: linker_url.unwrap_or_else(|| {
+                sightline_runtime::client::service_url(linker.addr, tls.as_ref())
+            }),
             service_token: linker.service.clone(),
             limits,
             tls,
@@ -521,6 +621,8 @@ pub struct CollectorOptions {
     pub limits: Limits,
     /// Enforce but store nothing (the enforcement benchmark).
     pub discard: bool,
+    /// Where consent-svc is reached (a [`Relay`] in front of it, say); None: its own address.
+    pub consent_url: Option<String>,
 }
 
 impl Default for CollectorOptions {
@@ -534,6 +636,7 @@ impl Default for CollectorOptions {
             },
             limits: Limits::default(),
             discard: false,
+            consent_url: None,
         }
     }
 }
@@ -573,7 +676,9 @@ impl TestCollector {
             data_dir: linker.data_dir().to_owned(),
             collection: options.collection,
             linker_url: format!("http://{}", linker.addr),
-            consent_url: format!("http://{}", consent.addr),
+            consent_url: options
+                .consent_url
+                .unwrap_or_else(|| format!("http://{}", consent.addr)),
             service_token: linker.service.clone(),
             limits: options.limits,
             tls: None,
@@ -661,6 +766,8 @@ pub struct InsightsOptions {
     pub database_url: Option<String>,
     pub analysis: sightline_runtime::settings::AnalysisSettings,
     pub limits: Limits,
+    /// Where consent-svc is reached (a [`Relay`] in front of it, say); None: its own address.
+    pub consent_url: Option<String>,
 }
 
 impl Default for InsightsOptions {
@@ -675,6 +782,7 @@ impl Default for InsightsOptions {
                 ..Default::default()
             },
             limits: Limits::default(),
+            consent_url: None,
         }
     }
 }
@@ -739,7 +847,9 @@ impl TestInsights {
             data_dir: linker.data_dir().to_owned(),
             analysis: options.analysis,
             linker_url: format!("http://{}", linker.addr),
-            consent_url: format!("http://{}", consent.addr),
+            consent_url: options
+                .consent_url
+                .unwrap_or_else(|| format!("http://{}", consent.addr)),
             collector_url: format!("http://{}", collector.addr),
             service_token: linker.service.clone(),
             limits: options.limits,
@@ -806,6 +916,98 @@ pub mod collector {
         CollectorOptions, LinkerOptions, TestCollector, TestConsent, TestInstance, TestLinker,
         TestOrg, authed,
     };
+
+    /// What each ack of [`Streams`] came to: when it arrived, and whether its batch was accepted.
+    pub type Acks = Vec<(std::time::Instant, bool)>;
+
+    /// IngestStreams that send batches of `batch` metrics back to back, each waiting for its ack,
+    /// until told to stop — and then on until each has been refused once (the opt-out race).
+    #[derive(Debug)]
+    pub struct Streams {
+        seen: Vec<std::sync::Arc<std::sync::Mutex<Acks>>>,
+        tasks: Vec<tokio::task::JoinHandle<()>>,
+        stop: tokio_util::sync::CancellationToken,
+    }
+
+    impl Streams {
+        pub async fn start(
+            collector: &TestCollector,
+            instance: &TestInstance,
+            streams: usize,
+            batch: usize,
+            tag: &str,
+        ) -> Self {
+            let stop = tokio_util::sync::CancellationToken::new();
+            let (mut seen, mut tasks) = (Vec::new(), Vec::new());
+            // One connection for every stream: acks reach the client in the order the collector
+            // handed them to the transport.
+            let shared = collector.client().await;
+            for s in 0..streams {
+                let record = std::sync::Arc::new(std::sync::Mutex::new(Acks::new()));
+                seen.push(record.clone());
+                let (mut client, credential, stop) =
+                    (shared.clone(), instance.credential.clone(), stop.clone());
+                let tag = format!("{tag}-s{s}");
+                tasks.push(tokio::spawn(async move {
+                    let (tx, rx) = tokio::sync::mpsc::channel(1);
+                    let mut acks = client
+                        .ingest_stream(authed(
+                            &credential,
+                            tokio_stream::wrappers::ReceiverStream::new(rx),
+                        ))
+                        .await
+                        .unwrap()
+                        .into_inner();
+                    let mut refused = false;
+                    for n in 0u64.. {
+                        if stop.is_cancelled() && refused {
+                            break;
+                        }
+                        let events = (0..batch)
+                            .map(|i| metric(&format!("{tag}-{n}-{i}"), super::T0_MS, "load", 1.0))
+                            .collect();
+                        tx.send(pb::IngestStreamRequest {
+                            batch_id: format!("{tag}-{n}"),
+                            events,
+                        })
+                        .await
+                        .unwrap();
+                        let ack = acks.message().await.unwrap().unwrap();
+                        let accepted = ack.result.as_ref().is_some_and(|r| r.accepted > 0);
+                        record
+                            .lock()
+                            .unwrap()
+                            .push((std::time::Instant::now(), accepted));
+                        refused |= !accepted;
+                    }
+                }));
+            }
+            Self { seen, tasks, stop }
+        }
+
+        /// Waits until every stream has had `each` batches accepted.
+        pub async fn until_accepting(&self, each: usize) {
+            while self
+                .seen
+                .iter()
+                .any(|s| s.lock().unwrap().iter().filter(|(_, a)| *a).count() < each)
+            {
+                tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+            }
+        }
+
+        /// Stops each stream once it has been refused; every ack of every stream.
+        pub async fn until_refused(self) -> Acks {
+            self.stop.cancel();
+            for task in self.tasks {
+                task.await.unwrap();
+            }
+            self.seen
+                .iter()
+                .flat_map(|s| s.lock().unwrap().clone())
+                .collect()
+        }
+    }
 
     /// A linker, consent-svc and collector-svc with one org opted in at ADVANCED and `sharing`,
     /// its instance linked and page views tracked as `tracking` says; the collector enforces that
@@ -1056,6 +1258,17 @@ pub mod bench {
         super::TestLinker,
         super::TestConsent,
     ) {
+        unlimited_stack_on(None).await
+    }
+
+    /// As [`unlimited_stack`], with consent-svc on `database_url` (None: SQLite).
+    pub async fn unlimited_stack_on(
+        database_url: Option<String>,
+    ) -> (
+        sightline_runtime::settings::Limits,
+        super::TestLinker,
+        super::TestConsent,
+    ) {
         let limits = sightline_runtime::settings::Limits {
             rate_per_second: 10_000_000,
             rate_burst: 10_000_000,
@@ -1068,7 +1281,7 @@ pub mod bench {
             ..super::LinkerOptions::default()
         })
         .await;
-        let consent = super::TestConsent::start(&linker, None, limits).await;
+        let consent = super::TestConsent::start(&linker, database_url, limits).await;
         (limits, linker, consent)
     }
 

@@ -13,7 +13,7 @@ use sightline_runtime::settings::Limits;
 use sightline_tests::collector::{ingest, metric};
 use sightline_tests::consent::opt_in;
 use sightline_tests::{
-    CollectorOptions, InsightsOptions, LinkerOptions, T0_MS, TestCollector, TestConsent,
+    CollectorOptions, InsightsOptions, LinkerOptions, Relay, T0_MS, TestCollector, TestConsent,
     TestInsights, TestInstance, TestLinker, TestOrg, authed,
 };
 use tonic::Code;
@@ -40,9 +40,39 @@ impl Stack {
         sharing: SharingLevel,
         options: InsightsOptions,
     ) -> Self {
-        let linker = TestLinker::start(LinkerOptions::default()).await;
-        let consent = TestConsent::start(&linker, None, Limits::default()).await;
-        let collector = TestCollector::start(&linker, &consent, CollectorOptions::default()).await;
+        Self::start_relayed(usage, sharing, options, false).await.0
+    }
+
+    /// With insights-svc reaching consent-svc through a [`Relay`] when `relayed`.
+    async fn start_relayed(
+        usage: UsageLevel,
+        sharing: SharingLevel,
+        mut options: InsightsOptions,
+        relayed: bool,
+    ) -> (Self, Option<Relay>) {
+        let linker = TestLinker::start(LinkerOptions {
+            limits: options.limits,
+            ..LinkerOptions::default()
+        })
+        .await;
+        let consent = TestConsent::start(&linker, None, options.limits).await;
+        let collector = TestCollector::start(
+            &linker,
+            &consent,
+            CollectorOptions {
+                limits: options.limits,
+                ..CollectorOptions::default()
+            },
+        )
+        .await;
+        let relay = if relayed {
+            Some(Relay::start(consent.addr).await)
+        } else {
+            None
+        };
+        if let Some(relay) = &relay {
+            options.consent_url = Some(relay.url());
+        }
         let insights = TestInsights::start(&linker, &consent, &collector, options).await;
         let org = linker.org("Acme").await;
         let instance = linker.link_instance(&org, "SRV-A").await;
@@ -57,7 +87,7 @@ impl Stack {
         if usage != UsageLevel::Disabled {
             stack.levels(usage, sharing).await;
         }
-        stack
+        (stack, relay)
     }
 
     async fn levels(&self, usage: UsageLevel, sharing: SharingLevel) {
@@ -1283,4 +1313,88 @@ async fn a_support_bundle_move_carries_the_files_to_the_new_location_and_reports
         s.insights.maintenance.remove_orphan_files().await.unwrap(),
         0
     );
+}
+
+/// Policy lease (issue 22): insights-svc reaches consent-svc through a relay that goes silent while
+/// the org opts out. Uploads are refused from the lease on at the latest (not one is kept later than
+/// the lease plus a second), health says NOT_SERVING, and when the path returns the opt-out is
+/// enforced and its purge takes what was uploaded before it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn insights_that_cannot_hear_consent_stops_taking_uploads_within_the_lease() {
+    use std::time::{Duration, Instant};
+    let limits = Limits {
+        policy_heartbeat_ms: 200,
+        policy_lease_ms: 1_000,
+        keepalive_interval_ms: 300,
+        keepalive_timeout_ms: 500,
+        ..Limits::default()
+    };
+    let (s, relay) = Stack::start_relayed(
+        UsageLevel::Basic,
+        SharingLevel::Basic,
+        InsightsOptions {
+            limits,
+            ..InsightsOptions::default()
+        },
+        true,
+    )
+    .await;
+    let relay = relay.unwrap();
+    s.upload_example().await;
+    relay.go_silent();
+    sightline_tests::consent::update(
+        &s.consent,
+        &s.org,
+        sightline_tests::consent::settings(UsageLevel::Disabled, SharingLevel::Basic),
+    )
+    .await
+    .unwrap();
+    let opted_out = Instant::now();
+    let lease = Duration::from_millis(limits.policy_lease_ms);
+    let file = assessment_file();
+    let mut kept = Vec::new();
+    let mut last = None;
+    while opted_out.elapsed() < lease * 3 {
+        let head = s.assessment_header(&s.instance.id, file.len());
+        let outcome = upload_assessment(&s, &s.org.admin, head, file.as_bytes()).await;
+        if outcome.is_ok() {
+            kept.push(opted_out.elapsed());
+        }
+        last = Some(outcome);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        kept.iter().all(|at| *at <= lease + Duration::from_secs(1)),
+        "uploads kept {kept:?} after the opt-out, past the lease ({lease:?}) plus one second"
+    );
+    let refused = last.unwrap().unwrap_err();
+    assert_eq!(refused.code(), Code::Unavailable, "{refused:?}");
+    assert!(refused.metadata().get("retry-after-ms").is_some());
+    assert!(!s.insights.policies.is_ready());
+
+    relay.resume();
+    let disabled = sightline_tests::consent::policy(&s.consent, &s.org, &s.instance.id)
+        .await
+        .revision;
+    s.insights.wait_revision(&s.org.id, disabled).await;
+    s.insights.maintenance.purge_pass().await.unwrap();
+    let gone = s
+        .insights
+        .client()
+        .await
+        .get_readiness(authed(
+            &s.org.admin,
+            pb::GetReadinessRequest {
+                org_id: s.org.id.clone(),
+                instance_id: s.instance.id.clone(),
+            },
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(gone.code(), Code::NotFound, "{gone:?}");
+    let head = s.assessment_header(&s.instance.id, file.len());
+    let refused = upload_assessment(&s, &s.org.admin, head, file.as_bytes())
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::FailedPrecondition, "{refused:?}");
 }

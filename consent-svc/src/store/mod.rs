@@ -225,9 +225,12 @@ pub trait ConsentStore: ChangeLog + Send + Sync + std::fmt::Debug + 'static {
         limit: i64,
     ) -> StoreResult<Vec<ConsentRecord>>;
     async fn tracking(&self, org_id: &str) -> StoreResult<Option<TrackingRecord>>;
-    async fn residency(&self, org_id: &str) -> StoreResult<Option<ResidencyRecord>>;
-    /// The org's moves, newest first.
-    async fn moves(&self, org_id: &str) -> StoreResult<Vec<MoveRecord>>;
+    /// The org's residency and its moves, newest first, read in one statement: one snapshot, so a
+    /// move's completion and the location it changed are never seen apart.
+    async fn residency(
+        &self,
+        org_id: &str,
+    ) -> StoreResult<(Option<ResidencyRecord>, Vec<MoveRecord>)>;
     async fn retention(&self, org_id: &str) -> StoreResult<Option<RetentionRecord>>;
     async fn policy_state(&self, org_id: &str) -> StoreResult<Option<PolicyStateRecord>>;
     /// Every override of the org's instances.

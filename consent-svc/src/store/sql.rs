@@ -245,23 +245,53 @@ macro_rules! sql_store {
                 .await?)
             }
 
-            async fn residency(&self, org_id: &str) -> StoreResult<Option<ResidencyRecord>> {
-                Ok(sqlx::query_as(
-                    "SELECT org_id, location, support_bundle_location, updated_at FROM residency WHERE org_id = $1",
-                )
-                .bind(org_id)
-                .fetch_optional(&self.pool)
-                .await?)
-            }
-
-            async fn moves(&self, org_id: &str) -> StoreResult<Vec<MoveRecord>> {
-                Ok(sqlx::query_as(
-                    "SELECT move_id, org_id, scope, from_location, to_location, state, requested_at, started_at, completed_at, reported_by
-                     FROM residency_moves WHERE org_id = $1 ORDER BY requested_at DESC, move_id DESC",
+            async fn residency(
+                &self,
+                org_id: &str,
+            ) -> StoreResult<(Option<ResidencyRecord>, Vec<MoveRecord>)> {
+                use sqlx::Row;
+                // One statement: both backends read it from one snapshot.
+                let rows = sqlx::query(
+                    "SELECT r.location, r.support_bundle_location, r.updated_at,
+                            m.move_id, m.scope, m.from_location, m.to_location, m.state, m.requested_at,
+                            m.started_at, m.completed_at, m.reported_by
+                     FROM (SELECT CAST($1 AS TEXT) AS org_id) o
+                     LEFT JOIN residency r ON r.org_id = o.org_id
+                     LEFT JOIN residency_moves m ON m.org_id = o.org_id
+                     ORDER BY m.requested_at DESC, m.move_id DESC",
                 )
                 .bind(org_id)
                 .fetch_all(&self.pool)
-                .await?)
+                .await?;
+                let mut residency = None;
+                let mut moves = Vec::new();
+                for row in rows {
+                    if residency.is_none()
+                        && let Some(location) = row.try_get::<Option<String>, _>(0)?
+                    {
+                        residency = Some(ResidencyRecord {
+                            org_id: org_id.to_owned(),
+                            location,
+                            support_bundle_location: row.try_get(1)?,
+                            updated_at: row.try_get(2)?,
+                        });
+                    }
+                    if let Some(move_id) = row.try_get::<Option<String>, _>(3)? {
+                        moves.push(MoveRecord {
+                            move_id,
+                            org_id: org_id.to_owned(),
+                            scope: row.try_get(4)?,
+                            from_location: row.try_get(5)?,
+                            to_location: row.try_get(6)?,
+                            state: row.try_get(7)?,
+                            requested_at: row.try_get(8)?,
+                            started_at: row.try_get(9)?,
+                            completed_at: row.try_get(10)?,
+                            reported_by: row.try_get(11)?,
+                        });
+                    }
+                }
+                Ok((residency, moves))
             }
 
             async fn retention(&self, org_id: &str) -> StoreResult<Option<RetentionRecord>> {

@@ -8,7 +8,8 @@
 //!   1000 rows, into the same table (`--or-ignore`: `INSERT OR IGNORE`, as the collector's);
 //! - `baseline-postgres`: COPY of the same rows, 1000 per COPY;
 //! - `latency`: p50/p99 of one-event and of 1000-event unary Ingest at half the maximum load;
-//! - `optout`: the gap from UpdateConsent's reply (opt-out) to the first batch refused for consent.
+//! - `optout`: the opt-out fence under load (`--store sqlite|postgres`, 8 IngestStreams of `--batch`
+//!   events): from UpdateConsent's reply to the last ack that said accepted, and to the first refusal.
 //!
 //! The server (no-op or collector, with the linker-svc and consent-svc it needs) runs in a child
 //! process of its own, so its CPU time and peak RSS are read apart from the load generator's
@@ -34,12 +35,10 @@ use sightline_proto::collector::v1::collector_service_server::{
 };
 use sightline_proto::collector::v1::{self as pb};
 use sightline_proto::common::v1::{MetricType, SharingLevel, UsageLevel};
-use sightline_runtime::settings::Limits;
 use sightline_tests::bench::{arg, percentile};
+use sightline_tests::collector::Streams;
 use sightline_tests::consent::{opt_in, policy};
-use sightline_tests::{
-    CollectorOptions, LinkerOptions, T0_MS, TestCollector, TestConsent, TestLinker, authed,
-};
+use sightline_tests::{CollectorOptions, T0_MS, TestCollector, authed};
 use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
 
@@ -182,6 +181,7 @@ async fn collector(target: &str) -> Target {
             discard: target == "discard",
             // The service's own schedules, not the tests' fast ones.
             collection: sightline_runtime::settings::CollectionSettings::default(),
+            consent_url: None,
         },
     )
     .await;
@@ -493,49 +493,72 @@ fn report(label: &str, rate: f64, latencies: &[f64]) {
     }
 }
 
-/// Opt-out to enforcement: after UpdateConsent answers, one-event batches are sent back to back until
-/// one is dropped for consent; the gap is from the reply to that batch's reply.
-async fn optout(changes: usize) {
-    let linker = TestLinker::start(LinkerOptions {
-        quiet: true,
-        ..LinkerOptions::default()
-    })
+/// The opt-out fence under load: eight IngestStreams of `batch`-event batches commit back to back on
+/// `store` (sqlite or postgres); the org opts out; each stream goes on until it is refused. Per
+/// change, two gaps from UpdateConsent's reply: to the last ack that still said *accepted* (0 when
+/// every accepted ack came before the reply) and to the first refusal.
+async fn optout(store: &str, changes: usize, batch: usize) {
+    let url = async || match store {
+        "postgres" => Some(
+            sightline_runtime::testing::fresh_postgres_url()
+                .await
+                .unwrap(),
+        ),
+        _ => None,
+    };
+    let (limits, linker, consent) = sightline_tests::bench::unlimited_stack_on(url().await).await;
+    let database_url = url().await;
+    let collector = TestCollector::start(
+        &linker,
+        &consent,
+        CollectorOptions {
+            database_url,
+            limits,
+            collection: sightline_runtime::settings::CollectionSettings::default(),
+            ..CollectorOptions::default()
+        },
+    )
     .await;
-    let consent = TestConsent::start(&linker, None, Limits::default()).await;
-    let collector = TestCollector::start(&linker, &consent, CollectorOptions::default()).await;
     let org = linker.org("Bench").await;
     let instance = linker.link_instance(&org, "BENCH-1").await;
-    let mut client = collector.client().await;
-    let mut gaps = Vec::new();
-    let mut n = 0u64;
-    let mut send = async |client: &mut CollectorServiceClient<Channel>| {
-        n += 1;
-        let events = batch(0, n, 1);
-        client
-            .ingest(authed(&instance.credential, pb::IngestRequest { events }))
-            .await
-            .map(|r| r.into_inner().result.unwrap_or_default())
-    };
-    for _ in 0..changes {
+    let (mut last_accepted, mut first_refused) = (Vec::new(), Vec::new());
+    for change in 0..changes {
         opt_in(&consent, &org, UsageLevel::Basic, SharingLevel::Basic).await;
-        while send(&mut client).await.map(|r| r.accepted).unwrap_or(0) == 0 {}
+        let revision = policy(&consent, &org, &instance.id).await.revision;
+        collector
+            .wait_revision(&org.id, &instance.id, revision)
+            .await;
+        let streams = Streams::start(&collector, &instance, 8, batch, &format!("c{change}")).await;
+        streams.until_accepting(2).await;
         opt_in(&consent, &org, UsageLevel::Disabled, SharingLevel::Basic).await;
         let replied = Instant::now();
-        loop {
-            match send(&mut client).await {
-                Ok(r) if r.accepted == 0 && !r.dropped.is_empty() => break,
-                _ => {}
-            }
-        }
-        gaps.push(replied.elapsed().as_secs_f64() * 1e3);
+        let acks = streams.until_refused().await;
+        let ms = |at: Instant| at.saturating_duration_since(replied).as_secs_f64() * 1e3;
+        last_accepted.push(
+            acks.iter()
+                .filter(|(_, accepted)| *accepted)
+                .map(|(at, _)| ms(*at))
+                .fold(0.0, f64::max),
+        );
+        first_refused.push(
+            acks.iter()
+                .filter(|(_, accepted)| !accepted)
+                .map(|(at, _)| ms(*at))
+                .fold(f64::INFINITY, f64::min),
+        );
     }
-    gaps.sort_by(f64::total_cmp);
-    println!(
-        "opt-out to enforcement over {changes} changes: p50 {:.2} ms  p99 {:.2} ms  max {:.2} ms",
-        percentile(&gaps, 0.5),
-        percentile(&gaps, 0.99),
-        gaps[gaps.len() - 1]
-    );
+    for (what, gaps) in [
+        ("last accepted ack", &mut last_accepted),
+        ("first refusal", &mut first_refused),
+    ] {
+        gaps.sort_by(f64::total_cmp);
+        println!(
+            "optout {store}, 8 streams x {batch} events, {changes} changes: reply to {what}: p50 {:.2} ms  p99 {:.2} ms  max {:.2} ms",
+            percentile(gaps, 0.5),
+            percentile(gaps, 0.99),
+            gaps[gaps.len() - 1]
+        );
+    }
 }
 
 #[tokio::main]
@@ -595,7 +618,19 @@ async fn main() {
             }
             println!("server peak RSS: {:.0} MiB", child.peak_rss_mib());
         }
-        "optout" => optout(arg("--changes", 200) as usize).await,
+        "optout" => {
+            let store = args
+                .iter()
+                .position(|a| a == "--store")
+                .and_then(|i| args.get(i + 1))
+                .map_or("sqlite", String::as_str);
+            optout(
+                store,
+                arg("--changes", 50) as usize,
+                arg("--batch", 100) as usize,
+            )
+            .await;
+        }
         other => panic!("unknown target {other}"),
     }
 }
