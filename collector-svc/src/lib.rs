@@ -146,9 +146,11 @@ impl CollectorService {
         let background = CancellationToken::new();
         let stores = Stores::new(
             StoreUrls {
+                service: "collector",
                 locations: config.collection.locations.clone(),
                 shared: config.database_url.clone(),
                 data_dir: config.data_dir.clone(),
+                global_keeps_service_file: false,
             },
             policies.clone(),
             config.collection.writers,

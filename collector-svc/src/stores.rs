@@ -2,14 +2,11 @@
 //! and a store refuses records of another location. Stores open on first use (a location no org
 //! uses costs nothing) and at start when their database already exists.
 
-use std::collections::BTreeMap;
-use std::path::PathBuf;
 use std::sync::Arc;
 
 use dashmap::DashMap;
 use sightline_proto::common::v1::Location;
-use sightline_runtime::Secret;
-use sightline_runtime::storage::{self, StorageError};
+use sightline_runtime::storage::StorageError;
 use tokio::sync::OnceCell;
 use tokio_util::sync::CancellationToken;
 use tonic::Status;
@@ -18,29 +15,7 @@ use crate::policy::Policies;
 use crate::store::{self, CollectorStore};
 use crate::writer::Writer;
 
-/// Where each location's data lives.
-#[derive(Debug, Clone)]
-pub struct StoreUrls {
-    /// Named locations.
-    pub locations: BTreeMap<String, Secret>,
-    /// Every other location, when set (one database for all).
-    pub shared: Option<Secret>,
-    /// Else a SQLite file per location here.
-    pub data_dir: PathBuf,
-}
-
-impl StoreUrls {
-    pub fn url(&self, location: &str) -> String {
-        match (self.locations.get(location), &self.shared) {
-            (Some(url), _) | (None, Some(url)) => url.expose().to_owned(),
-            (None, None) => {
-                storage::default_sqlite_url(&self.data_dir, &format!("collector-{location}"))
-            }
-        }
-    }
-}
-
-pub use sightline_runtime::location::{all_locations, location_name};
+pub use sightline_runtime::location::{StoreUrls, all_locations, location_name};
 
 #[derive(Debug, Clone)]
 pub struct Opened {
@@ -77,12 +52,7 @@ impl Stores {
     /// rollups, purges and retention reach them after a restart.
     pub async fn open_existing(&self) -> Result<(), StorageError> {
         for location in all_locations() {
-            let url = self.urls.url(&location);
-            let exists = match url.strip_prefix("sqlite://") {
-                Some(path) => std::path::Path::new(path).exists(),
-                None => true,
-            };
-            if exists {
+            if StoreUrls::exists(&self.urls.url(&location)) {
                 self.open(&location).await?;
             }
         }

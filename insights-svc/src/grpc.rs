@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use prost::Message;
-use sightline_proto::common::v1::{DataClass, EventKind, SharingLevel, UsageLevel};
+use sightline_proto::common::v1::{DataClass, EventKind, Location, SharingLevel, UsageLevel};
 use sightline_proto::consent::v1 as consent_pb;
 use sightline_proto::insights::v1 as pb;
 use sightline_proto::insights::v1::insights_service_server::InsightsService;
@@ -33,6 +33,7 @@ use crate::readiness;
 use crate::rollups::Rollups;
 use crate::rules::Rules;
 use crate::store::{InsightsStore, StoredAssessment, StoredBundle, StoredReadiness, subject_of};
+use crate::stores::Stores;
 use crate::treat::{self, FieldRules};
 use crate::trends;
 use crate::upload::{self, BundleLimits, Part, Tally, UploadMessage};
@@ -70,7 +71,8 @@ pub struct UploadLimits {
 
 #[derive(Debug, Clone)]
 pub struct InsightsApi {
-    pub(crate) store: Arc<dyn InsightsStore>,
+    /// A store per residency location.
+    pub(crate) stores: Stores,
     pub(crate) policies: Arc<Policies>,
     pub(crate) keys: Arc<PseudonymKeys>,
     pub(crate) rules: Arc<Rules>,
@@ -90,6 +92,8 @@ pub struct InsightsApi {
 
 /// Whose readiness report it is and how it was made.
 struct ReportOf<'a> {
+    /// The store of the org's data location.
+    store: &'a dyn InsightsStore,
     org_id: &'a str,
     instance_id: &'a str,
     subject: &'a str,
@@ -255,6 +259,31 @@ impl InsightsApi {
         })
     }
 
+    /// The store of an org's data (assessments, readiness reports, score history): its data
+    /// location's, as the org's policy says (an org consent-svc never mentioned is GLOBAL).
+    pub(crate) async fn data_store(&self, org_id: &str) -> Result<Arc<dyn InsightsStore>, Status> {
+        let location = self
+            .policies
+            .policy(org_id, None)?
+            .map_or(Location::Global, |p| p.location());
+        self.stores.get(location).await
+    }
+
+    /// The store a write of the org's data goes to; refused (UNAVAILABLE, with the policy's retry
+    /// hint) while that data moves to another location.
+    pub(crate) async fn data_store_for_write(
+        &self,
+        policy: &consent_pb::Policy,
+    ) -> Result<Arc<dyn InsightsStore>, Status> {
+        if policy.data_move.is_some() && policy.moving {
+            return Err(sightline_runtime::ratelimit::retry_after(
+                Status::unavailable("the org's data is moving to another location; retry later"),
+                u64::from(policy.retry_after_ms.max(1)),
+            ));
+        }
+        self.stores.get(policy.location()).await
+    }
+
     /// The policy fence, held while an upload's records are written (see [`Policies::hold`]).
     async fn hold(&self, uploader: &Uploader) -> Result<Held, Status> {
         let linked = !uploader.instance_id.is_empty();
@@ -281,6 +310,7 @@ impl InsightsApi {
         assessment: &pb::Assessment,
     ) -> Result<pb::ReadinessReport, Status> {
         let ReportOf {
+            store,
             org_id,
             instance_id,
             subject,
@@ -301,7 +331,7 @@ impl InsightsApi {
             source: source as i32,
             consent_version,
         };
-        self.store
+        store
             .put_readiness(&StoredReadiness {
                 org_id: org_id.to_owned(),
                 subject: subject.to_owned(),
@@ -433,7 +463,11 @@ impl InsightsService for InsightsApi {
         let (org_id, instance_id) = self
             .instance_read(&request, &r.org_id, &r.instance_id)
             .await?;
-        let points = self.store.scores(&org_id, &instance_id, from, to).await?;
+        let points = self
+            .data_store(&org_id)
+            .await?
+            .scores(&org_id, &instance_id, from, to)
+            .await?;
         Ok(Response::new(pb::GetScoreHistoryResponse {
             points: points
                 .into_iter()
@@ -463,8 +497,8 @@ impl InsightsService for InsightsApi {
             })?;
         let rules = FieldRules::of(&policy);
         let keys = self.pseudonyms(&policy);
-        let (assessment, source) = match self.store.latest_assessment(&org_id, &instance_id).await?
-        {
+        let store = self.data_store_for_write(&policy).await?;
+        let (assessment, source) = match store.latest_assessment(&org_id, &instance_id).await? {
             Some(stored) => {
                 // Treated again under today's policy: a lowered level shows less at once.
                 let dynamic = prost_reflect::DynamicMessage::decode(
@@ -528,6 +562,7 @@ impl InsightsService for InsightsApi {
         let report = self
             .keep_readiness(
                 ReportOf {
+                    store: store.as_ref(),
                     org_id: &org_id,
                     instance_id: &instance_id,
                     subject: &instance_id,
@@ -553,7 +588,8 @@ impl InsightsService for InsightsApi {
             .instance_read(&request, &r.org_id, &r.instance_id)
             .await?;
         let stored = self
-            .store
+            .data_store(&org_id)
+            .await?
             .readiness(&org_id, &instance_id)
             .await?
             .ok_or_else(|| {
@@ -591,8 +627,9 @@ impl InsightsService for InsightsApi {
         let (assessment, treated) =
             treat::assessment(parsed, &uploader.rules, keys.as_ref()).map_err(Status::internal)?;
         let upload_id = uuid::Uuid::now_v7().to_string();
+        let store = self.data_store_for_write(&uploader.policy).await?;
         let _held = self.hold(&uploader).await?;
-        self.store
+        store
             .put_assessment(&StoredAssessment {
                 upload_id: upload_id.clone(),
                 org_id: uploader.org_id.clone(),
@@ -606,6 +643,7 @@ impl InsightsService for InsightsApi {
         let report = self
             .keep_readiness(
                 ReportOf {
+                    store: store.as_ref(),
                     org_id: &uploader.org_id,
                     instance_id: &uploader.instance_id,
                     subject: &uploader.subject,
@@ -666,6 +704,9 @@ impl InsightsService for InsightsApi {
             ));
         }
         let location = uploader.policy.support_bundle_location();
+        // The record goes to the bundles' location's store, the score made from it to the data's.
+        let bundle_store = self.stores.get(location).await?;
+        let data_store = self.data_store_for_write(&uploader.policy).await?;
         let location_name = location_name(location);
         let dir = self.bundle_dirs.dir(&location_name);
         sightline_runtime::secret_file::private_dir(&dir)
@@ -718,8 +759,7 @@ impl InsightsService for InsightsApi {
         let now = self.clock.now_ms();
         let held = self.hold(&uploader).await;
         let stored = match &held {
-            Ok(_) => self
-                .store
+            Ok(_) => bundle_store
                 .put_bundle(&StoredBundle {
                     upload_id: upload_id.clone(),
                     org_id: uploader.org_id.clone(),
@@ -745,7 +785,7 @@ impl InsightsService for InsightsApi {
         let at = latest.unwrap_or(now);
         let assessed = health::evaluate(&self.rules, &series, at);
         if assessed.has_data {
-            self.store
+            data_store
                 .put_score(
                     &uploader.org_id,
                     &uploader.subject,
@@ -816,8 +856,9 @@ impl InsightsService for InsightsApi {
             .iter()
             .map(|i| i.instance_id.clone())
             .collect();
-        let scores = self.store.latest_scores(&org_id, &subjects).await?;
-        let readiness = self.store.readiness_scores(&org_id, &subjects).await?;
+        let store = self.data_store(&org_id).await?;
+        let scores = store.latest_scores(&org_id, &subjects).await?;
+        let readiness = store.readiness_scores(&org_id, &subjects).await?;
         let instances = listed
             .instances
             .into_iter()

@@ -13,6 +13,7 @@ pub mod readiness;
 pub mod rollups;
 pub mod rules;
 pub mod store;
+pub mod stores;
 pub mod treat;
 pub mod trends;
 pub mod upload;
@@ -27,11 +28,12 @@ use sightline_runtime::audited::{Auditor, LinkerAuditLog};
 use sightline_runtime::auth::CredentialClient;
 use sightline_runtime::client;
 use sightline_runtime::directory::Directory;
+use sightline_runtime::location::StoreUrls;
 use sightline_runtime::pseudonym::PseudonymKeys;
 use sightline_runtime::ratelimit::RateLimiter;
 use sightline_runtime::server::{GrpcServer, ServerError};
 use sightline_runtime::settings::{AnalysisSettings, Limits, TlsSettings};
-use sightline_runtime::storage::{self, StorageError};
+use sightline_runtime::storage::StorageError;
 use sightline_runtime::{Secret, Settings, SharedClock};
 use tokio_util::sync::CancellationToken;
 
@@ -40,6 +42,7 @@ use crate::maintenance::{Maintenance, Schedules};
 use crate::policy::Policies;
 use crate::rollups::Rollups;
 use crate::rules::{Rules, RulesError};
+use crate::stores::Stores;
 use crate::upload::BundleLimits;
 
 /// Everything insights-svc needs to start.
@@ -137,14 +140,22 @@ impl InsightsService {
         let collector =
             client::service_channel(&config.collector_url, config.tls.as_ref(), &config.limits)
                 .map_err(|e| StartError::Config(format!("collector: {e}")))?;
-        let url = match &config.database_url {
-            Some(url) => url.expose().to_owned(),
-            None => storage::default_sqlite_url(&config.data_dir, "insights"),
-        };
-        let store = store::open(&url).await?;
+        let stores = Stores::new(StoreUrls {
+            service: "insights",
+            locations: config.analysis.locations.clone(),
+            shared: config.database_url.clone(),
+            data_dir: config.data_dir.clone(),
+            global_keeps_service_file: true,
+        });
+        stores.open_existing().await?;
+        // The default location opens at start, so a bad database URL stops the start, not a call.
+        stores
+            .get(sightline_proto::common::v1::Location::Global)
+            .await
+            .map_err(|s| StartError::Config(s.message().to_owned()))?;
         let analysis = &config.analysis;
         let api = InsightsApi {
-            store,
+            stores,
             policies: Arc::new(Policies::default()),
             keys: Arc::new(PseudonymKeys::new(config.data_dir.clone())),
             rules,

@@ -20,7 +20,9 @@ use tonic::Status;
 
 use crate::grpc::{InsightsApi, allows_metrics};
 use crate::health::HOUR_MS;
-use crate::store::{Change, Cutoffs, PurgeSpec, Removed, StoredBundle};
+use crate::store::{
+    Change, Cutoffs, InsightsStore, OrgRecords, Part, PurgeSpec, Removed, StoredBundle,
+};
 
 const DAY_MS: i64 = 86_400_000;
 
@@ -90,6 +92,9 @@ impl Maintenance {
                 if let Err(error) = purges.purge_pass().await {
                     tracing::warn!(%error, "purge pass failed");
                 }
+                if let Err(error) = purges.move_data().await {
+                    tracing::warn!(%error, "the org's data not moved yet");
+                }
                 if let Err(error) = purges.move_bundles().await {
                     tracing::warn!(%error, "support bundles not moved yet");
                 }
@@ -109,6 +114,10 @@ impl Maintenance {
             if !allows_metrics(&policy) {
                 continue;
             }
+            // An org whose data moves is scored again once it is in its new location.
+            let Ok(store) = self.api.data_store_for_write(&policy).await else {
+                continue;
+            };
             for instance in self.linked_instances(&policy.org_id).await? {
                 let health = match self.api.health_of(&policy.org_id, &instance).await {
                     Ok(health) => health,
@@ -121,8 +130,7 @@ impl Maintenance {
                     continue;
                 }
                 let hour = self.api.clock.now_ms().div_euclid(HOUR_MS) * HOUR_MS;
-                self.api
-                    .store
+                store
                     .put_score(
                         &policy.org_id,
                         &instance,
@@ -167,87 +175,105 @@ impl Maintenance {
         }
     }
 
-    /// Removes every org's records past its retention (as its policy says), audited with counts.
+    /// Removes every org's records past its retention (as its policy says), in every location's
+    /// store, audited with counts.
     pub async fn sweep_pass(&self) -> Result<Removed, MaintenanceError> {
         let _pass = self.passes.lock().await;
-        self.auditor.recover(self.api.store.as_ref()).await?;
         let now = self.api.clock.now_ms();
         let mut total = Removed::default();
-        for org_id in self.api.store.orgs().await? {
-            let Some(policy) = self.api.policies.policy(&org_id, None)? else {
-                continue;
-            };
-            let retention = policy.retention.unwrap_or_default();
-            let days = |d: u32| i64::from(d.max(1)) * DAY_MS;
-            let cutoffs = Cutoffs {
-                assessments: now - days(retention.assessment_days),
-                scores: now - days(retention.score_history_days),
-                bundles: now - days(retention.support_bundle_days),
-            };
-            let (removed, files) = self.api.store.sweep_counts(&org_id, &cutoffs).await?;
-            if removed == Removed::default() {
-                continue;
+        for (_, store) in self.api.stores.open_now() {
+            self.auditor.recover(store.as_ref()).await?;
+            for org_id in store.orgs().await? {
+                let Some(policy) = self.api.policies.policy(&org_id, None)? else {
+                    continue;
+                };
+                let retention = policy.retention.unwrap_or_default();
+                let days = |d: u32| i64::from(d.max(1)) * DAY_MS;
+                let cutoffs = Cutoffs {
+                    assessments: now - days(retention.assessment_days),
+                    scores: now - days(retention.score_history_days),
+                    bundles: now - days(retention.support_bundle_days),
+                };
+                let (removed, files) = store.sweep_counts(&org_id, &cutoffs).await?;
+                if removed == Removed::default() {
+                    continue;
+                }
+                let change = Change::Sweep {
+                    org_id: org_id.clone(),
+                    cutoffs,
+                };
+                self.commit(
+                    store.as_ref(),
+                    &org_id,
+                    "insights.retention_swept",
+                    "retention",
+                    &removed,
+                    change,
+                )
+                .await?;
+                self.remove_files(&files);
+                add(&mut total, &removed);
             }
-            let change = Change::Sweep {
-                org_id: org_id.clone(),
-                cutoffs,
-            };
-            self.commit(
-                &org_id,
-                "insights.retention_swept",
-                "retention",
-                &removed,
-                change,
-            )
-            .await?;
-            self.remove_files(&files);
-            add(&mut total, &removed);
         }
         Ok(total)
     }
 
-    /// Carries out every purge instruction of the policies not applied yet, once each.
+    /// Carries out every purge instruction of the policies not applied yet, once each, in every
+    /// location's store that holds what it covers (and, to record it, in the org's own locations').
     pub async fn purge_pass(&self) -> Result<u32, MaintenanceError> {
         if !self.api.policies.is_ready() {
             return Ok(0);
         }
         let _pass = self.passes.lock().await;
-        self.auditor.recover(self.api.store.as_ref()).await?;
+        let stores = self.api.stores.open_now();
+        for (_, store) in &stores {
+            self.auditor.recover(store.as_ref()).await?;
+        }
         let mut applied = 0;
         for (policy, instances) in self.api.policies.all() {
+            let own = [
+                location_name(policy.location()),
+                location_name(policy.support_bundle_location()),
+            ];
             let mut seen = HashSet::new();
             for holder in std::iter::once(&policy).chain(instances.iter()) {
                 for purge in &holder.purges {
                     if purge.purge_id.is_empty() || !seen.insert(purge.purge_id.clone()) {
                         continue;
                     }
-                    if self.api.store.purge_applied(&purge.purge_id).await? {
-                        continue;
-                    }
                     let spec = spec_of(&policy, holder, purge);
-                    let (removed, files) = self.api.store.purge_counts(&spec).await?;
-                    let change = Change::Purge(spec.clone());
-                    match self
-                        .commit(
-                            &spec.org_id,
-                            "insights.purge_applied",
-                            &spec.purge_id,
-                            &removed,
-                            change,
-                        )
-                        .await
-                    {
-                        Ok(()) => {
-                            self.remove_files(&files);
-                            applied += 1;
-                            // No file keeps a readable copy of what the purge took.
-                            if let Err(error) = self.api.store.forget_deleted().await {
-                                tracing::warn!(%error, "purged rows may stay readable until the next checkpoint");
-                            }
+                    for (location, store) in &stores {
+                        if store.purge_applied(&purge.purge_id).await? {
+                            continue;
                         }
-                        // Another pass or replica holds it.
-                        Err(MaintenanceError::Commit(CommitError::Store(_))) => {}
-                        Err(other) => return Err(other),
+                        let (removed, files) = store.purge_counts(&spec).await?;
+                        if removed == Removed::default() && !own.contains(location) {
+                            continue;
+                        }
+                        let change = Change::Purge(spec.clone());
+                        match self
+                            .commit(
+                                store.as_ref(),
+                                &spec.org_id,
+                                "insights.purge_applied",
+                                &spec.purge_id,
+                                &removed,
+                                change,
+                            )
+                            .await
+                        {
+                            Ok(()) => {
+                                self.remove_files(&files);
+                                applied += 1;
+                                // No file keeps a readable copy of what the purge took.
+                                if let Err(error) = store.forget_deleted().await {
+                                    tracing::warn!(%error, "purged rows may stay readable until the next checkpoint");
+                                }
+                            }
+                            // Another pass or replica holds it.
+                            Err(MaintenanceError::Commit(CommitError::Store(_))) => {}
+                            Err(other) => return Err(other),
+                        }
                     }
                 }
             }
@@ -255,10 +281,116 @@ impl Maintenance {
         Ok(applied)
     }
 
+    /// Carries out insights-svc's part of every data residency move under way (SPEC E10): copies
+    /// the org's assessments, readiness reports and score history to the new location's store,
+    /// checks the copy there, deletes them from the old store (an audited change, claimed once)
+    /// and reports the part done to consent-svc. Between stores of one database there is nothing
+    /// to carry. Each step may be repeated after a crash; returns how many moves it reported.
+    pub async fn move_data(&self) -> Result<u32, MaintenanceError> {
+        if !self.api.policies.is_ready() {
+            return Ok(0);
+        }
+        let _pass = self.passes.lock().await;
+        let mut reported = 0;
+        for (policy, _) in self.api.policies.all() {
+            let Some(data_move) = policy.data_move.as_ref().filter(|_| policy.moving) else {
+                continue;
+            };
+            if data_move.reported_by.iter().any(|o| o == MOVE_OWNER) {
+                continue;
+            }
+            let org_id = policy.org_id.as_str();
+            let (from, to) = (data_move.from_location(), data_move.to_location());
+            if !self.api.stores.same_database(from, to) {
+                let source = self.api.stores.get(from).await?;
+                let target = self.api.stores.get(to).await?;
+                if !source.move_applied(&data_move.move_id).await? {
+                    self.auditor.settle_org(source.as_ref(), org_id).await?;
+                    let records = source.org_records(org_id, &Part::Data).await?;
+                    target.import(&records).await?;
+                    let (sent, arrived) = (
+                        records.counts(),
+                        target.org_records(org_id, &Part::Data).await?.counts(),
+                    );
+                    if arrived.assessments < sent.assessments
+                        || arrived.readiness < sent.readiness
+                        || arrived.scores < sent.scores
+                    {
+                        return Err(Status::internal(format!(
+                            "the copy of the org's data to {} is short ({arrived:?} of {sent:?})",
+                            location_name(to)
+                        ))
+                        .into());
+                    }
+                    let change = Change::MoveOut {
+                        move_id: data_move.move_id.clone(),
+                        org_id: org_id.to_owned(),
+                        part: Part::Data,
+                    };
+                    match self
+                        .commit(
+                            source.as_ref(),
+                            org_id,
+                            "insights.residency_moved",
+                            &data_move.move_id,
+                            &sent,
+                            change,
+                        )
+                        .await
+                    {
+                        Ok(()) => {}
+                        // Another pass or replica carries it out and reports it.
+                        Err(MaintenanceError::Commit(CommitError::Store(_))) => continue,
+                        Err(other) => return Err(other),
+                    }
+                    if let Err(error) = source.forget_deleted().await {
+                        tracing::warn!(%error, "moved rows may stay readable in the old store until the next checkpoint");
+                    }
+                    tracing::info!(%org_id, move_id = %data_move.move_id, "org insights data moved");
+                }
+            }
+            if self
+                .report_part(org_id, consent_pb::ResidencyScope::Data)
+                .await?
+            {
+                reported += 1;
+            }
+        }
+        Ok(reported)
+    }
+
+    /// Tells consent-svc insights-svc's part of the org's move of `scope` is done; false when the
+    /// move was finished meanwhile (by the operator, or a report whose reply was lost).
+    async fn report_part(
+        &self,
+        org_id: &str,
+        scope: consent_pb::ResidencyScope,
+    ) -> Result<bool, MaintenanceError> {
+        let mut request = tonic::Request::new(consent_pb::RequestResidencyMoveRequest {
+            org_id: org_id.to_owned(),
+            transition: consent_pb::MoveTransition::Complete as i32,
+            scope: scope as i32,
+            to_location: 0,
+            owner: MOVE_OWNER.to_owned(),
+        });
+        request.set_timeout(Duration::from_secs(10));
+        authorize(&mut request, &self.api.service_token)?;
+        match ConsentServiceClient::new(self.consent.clone())
+            .request_residency_move(request)
+            .await
+        {
+            Ok(_) => Ok(true),
+            Err(status) if status.code() == tonic::Code::FailedPrecondition => Ok(false),
+            Err(status) => Err(status.into()),
+        }
+    }
+
     /// Carries out insights-svc's part of every support-bundle residency move under way: copies
-    /// the org's bundle files to the new location's directory, relabels their records (an audited
-    /// change), removes the old files and reports the part done to consent-svc. Each step may be
-    /// repeated after a crash; returns how many moves it reported.
+    /// the org's bundle files to the new location's directory and their records to the new
+    /// location's store (between stores of one database the records are relabelled instead), takes
+    /// them out of the old store (an audited change), removes the old files and reports the part
+    /// done to consent-svc. Each step may be repeated after a crash; returns how many moves it
+    /// reported.
     pub async fn move_bundles(&self) -> Result<u32, MaintenanceError> {
         if !self.api.policies.is_ready() {
             return Ok(0);
@@ -277,48 +409,73 @@ impl Maintenance {
                 continue;
             }
             let org_id = policy.org_id.as_str();
-            let from = location_name(bundle_move.from_location());
-            let to = location_name(bundle_move.to_location());
+            let (from_location, to_location) =
+                (bundle_move.from_location(), bundle_move.to_location());
+            let (from, to) = (location_name(from_location), location_name(to_location));
+            let in_place = self.api.stores.same_database(from_location, to_location);
+            let source = self.api.stores.get(from_location).await?;
+            let target = self.api.stores.get(to_location).await?;
             let (from_dir, to_dir) = (
                 self.api.bundle_dirs.dir(&from),
                 self.api.bundle_dirs.dir(&to),
             );
-            let moving: Vec<StoredBundle> =
-                if self.api.store.move_applied(&bundle_move.move_id).await? {
-                    // Carried out before (a report lost, or a crash before it): report only.
-                    Vec::new()
-                } else {
-                    self.api
-                        .store
-                        .bundles(org_id)
-                        .await?
-                        .into_iter()
-                        .filter(|b| b.location == from)
-                        .collect()
+            let moving: Vec<StoredBundle> = if source.move_applied(&bundle_move.move_id).await? {
+                // Carried out before (a report lost, or a crash before it): report only.
+                Vec::new()
+            } else {
+                let part = Part::Bundles {
+                    location: from.clone(),
                 };
+                source.org_records(org_id, &part).await?.bundles
+            };
             if !moving.is_empty() {
                 // Copies with the old records must not look like files without one.
                 let _keeping = self.api.keeping.read().await;
                 let names: Vec<String> = moving.iter().map(|b| b.file_name.clone()).collect();
-                let (source, target) = (from_dir.clone(), to_dir.clone());
-                if source != target {
-                    tokio::task::spawn_blocking(move || copy_files(&source, &target, &names))
-                        .await
-                        .map_err(|e| Status::internal(format!("copying bundles: {e}")))?
-                        .map_err(|e| Status::unavailable(format!("copying bundles: {e}")))?;
+                let (source_dir, target_dir) = (from_dir.clone(), to_dir.clone());
+                if source_dir != target_dir {
+                    tokio::task::spawn_blocking(move || {
+                        copy_files(&source_dir, &target_dir, &names)
+                    })
+                    .await
+                    .map_err(|e| Status::internal(format!("copying bundles: {e}")))?
+                    .map_err(|e| Status::unavailable(format!("copying bundles: {e}")))?;
                 }
-                let removed = Removed {
-                    bundles: i64::try_from(moving.len()).unwrap_or(i64::MAX),
-                    ..Removed::default()
-                };
-                let change = Change::Relocate {
-                    move_id: bundle_move.move_id.clone(),
-                    org_id: org_id.to_owned(),
-                    from: from.clone(),
-                    to: to.clone(),
+                let removed = OrgRecords {
+                    bundles: moving.clone(),
+                    ..OrgRecords::default()
+                }
+                .counts();
+                let change = if in_place {
+                    Change::Relocate {
+                        move_id: bundle_move.move_id.clone(),
+                        org_id: org_id.to_owned(),
+                        from: from.clone(),
+                        to: to.clone(),
+                    }
+                } else {
+                    let copies = OrgRecords {
+                        bundles: moving
+                            .iter()
+                            .map(|b| StoredBundle {
+                                location: to.clone(),
+                                ..b.clone()
+                            })
+                            .collect(),
+                        ..OrgRecords::default()
+                    };
+                    target.import(&copies).await?;
+                    Change::MoveOut {
+                        move_id: bundle_move.move_id.clone(),
+                        org_id: org_id.to_owned(),
+                        part: Part::Bundles {
+                            location: from.clone(),
+                        },
+                    }
                 };
                 match self
                     .commit(
+                        source.as_ref(),
                         org_id,
                         "insights.support_bundles_moved",
                         &bundle_move.move_id,
@@ -339,23 +496,11 @@ impl Maintenance {
                 }
                 tracing::info!(%org_id, move_id = %bundle_move.move_id, bundles = moving.len(), "support bundles moved");
             }
-            let mut request = tonic::Request::new(consent_pb::RequestResidencyMoveRequest {
-                org_id: org_id.to_owned(),
-                transition: consent_pb::MoveTransition::Complete as i32,
-                scope: consent_pb::ResidencyScope::SupportBundles as i32,
-                to_location: 0,
-                owner: MOVE_OWNER.to_owned(),
-            });
-            request.set_timeout(Duration::from_secs(10));
-            authorize(&mut request, &self.api.service_token)?;
-            match ConsentServiceClient::new(self.consent.clone())
-                .request_residency_move(request)
-                .await
+            if self
+                .report_part(org_id, consent_pb::ResidencyScope::SupportBundles)
+                .await?
             {
-                Ok(_) => reported += 1,
-                // Finished meanwhile (by the operator, or a report whose reply was lost).
-                Err(status) if status.code() == tonic::Code::FailedPrecondition => {}
-                Err(status) => return Err(status.into()),
+                reported += 1;
             }
         }
         Ok(reported)
@@ -363,15 +508,14 @@ impl Maintenance {
 
     async fn commit(
         &self,
+        store: &dyn InsightsStore,
         org_id: &str,
         action: &str,
         target: &str,
         removed: &Removed,
         change: Change,
     ) -> Result<(), MaintenanceError> {
-        self.auditor
-            .settle_org(self.api.store.as_ref(), org_id)
-            .await?;
+        self.auditor.settle_org(store, org_id).await?;
         let attributes = [
             ("assessments", removed.assessments),
             ("readiness_reports", removed.readiness),
@@ -395,9 +539,7 @@ impl Maintenance {
             payload: change.encode(),
             staged_at_ms: self.api.clock.now_ms(),
         };
-        self.auditor
-            .commit(self.api.store.as_ref(), staged, None)
-            .await?;
+        self.auditor.commit(store, staged, None).await?;
         Ok(())
     }
 
@@ -417,8 +559,10 @@ impl Maintenance {
     /// service takes uploads (a temporary may belong to an upload under way).
     pub async fn remove_orphan_files(&self) -> Result<u32, MaintenanceError> {
         let _no_bundle_is_being_kept = self.api.keeping.write().await;
-        let known: HashSet<(String, String)> =
-            self.api.store.bundle_files().await?.into_iter().collect();
+        let mut known: HashSet<(String, String)> = HashSet::new();
+        for (_, store) in self.api.stores.open_now() {
+            known.extend(store.bundle_files().await?);
+        }
         let mut removed = 0;
         let root = self.api.bundle_dirs.data_dir.join("bundles");
         let mut dirs: Vec<(String, std::path::PathBuf)> = self

@@ -1,6 +1,12 @@
 //! Residency locations by name, as settings, stored rows and directories name them.
 
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
 use sightline_proto::common::v1::Location;
+
+use crate::settings::Secret;
+use crate::storage;
 
 /// The name a location has in settings and in stored rows: `global`, `eu`, `south_korea`, …
 pub fn location_name(location: Location) -> String {
@@ -19,4 +25,43 @@ pub fn all_locations() -> Vec<String> {
         .map_while(|n| Location::try_from(n).ok())
         .map(location_name)
         .collect()
+}
+
+/// Where each location's store of a service lives (SPEC E10): a named URL, else the one shared
+/// database, else a SQLite file per location in the data directory (`<service>-<location>`).
+#[derive(Debug, Clone)]
+pub struct StoreUrls {
+    /// The service the stores belong to (`collector`, `insights`): the SQLite files' prefix.
+    pub service: &'static str,
+    /// Named locations.
+    pub locations: BTreeMap<String, Secret>,
+    /// Every other location, when set (one database for all).
+    pub shared: Option<Secret>,
+    /// Else a SQLite file per location here.
+    pub data_dir: PathBuf,
+    /// The global location keeps the file a service had before its stores were per location
+    /// (`<service>`), so its data stays where it was.
+    pub global_keeps_service_file: bool,
+}
+
+impl StoreUrls {
+    pub fn url(&self, location: &str) -> String {
+        match (self.locations.get(location), &self.shared) {
+            (Some(url), _) | (None, Some(url)) => url.expose().to_owned(),
+            (None, None) if self.global_keeps_service_file && location == "global" => {
+                storage::default_sqlite_url(&self.data_dir, self.service)
+            }
+            (None, None) => {
+                storage::default_sqlite_url(&self.data_dir, &format!("{}-{location}", self.service))
+            }
+        }
+    }
+
+    /// Whether a store at `url` holds data already (a SQLite file that exists; any server).
+    pub fn exists(url: &str) -> bool {
+        match url.strip_prefix("sqlite://") {
+            Some(path) => std::path::Path::new(path.split('?').next().unwrap_or(path)).exists(),
+            None => true,
+        }
+    }
 }

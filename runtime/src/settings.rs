@@ -65,6 +65,11 @@ pub struct AnalysisSettings {
     /// Where support bundles of each residency location are kept; a location not named here is
     /// kept under `<data_dir>/bundles/<location>`.
     pub bundle_dirs: std::collections::BTreeMap<String, PathBuf>,
+    /// The database of each residency location's insights store (assessments, readiness, score
+    /// history, bundle records), by location name; a location not named uses
+    /// `insights.database_url`, else its own SQLite file (`insights-<location>.db`; the global
+    /// location keeps `insights.db`).
+    pub locations: std::collections::BTreeMap<String, Secret>,
     /// How often every linked instance's score is computed and kept (score history).
     pub score_every_ms: u64,
     /// How often retention is enforced.
@@ -90,6 +95,7 @@ impl Default for AnalysisSettings {
         Self {
             rules_file: None,
             bundle_dirs: std::collections::BTreeMap::new(),
+            locations: std::collections::BTreeMap::new(),
             score_every_ms: 3_600_000,
             sweep_every_ms: 3_600_000,
             purge_check_every_ms: 5_000,
@@ -108,7 +114,8 @@ impl Default for AnalysisSettings {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ResidencySettings {
-    /// Owners of collected data (events, metrics, page views, rollups).
+    /// Owners of an org's data: collected data (events, metrics, page views, rollups) and
+    /// insights (assessments, readiness reports, score history).
     pub data_owners: Vec<String>,
     /// Owners of support bundles.
     pub support_bundle_owners: Vec<String>,
@@ -117,7 +124,7 @@ pub struct ResidencySettings {
 impl Default for ResidencySettings {
     fn default() -> Self {
         Self {
-            data_owners: vec!["collector".to_owned()],
+            data_owners: vec!["collector".to_owned(), "insights".to_owned()],
             support_bundle_owners: vec!["insights".to_owned()],
         }
     }

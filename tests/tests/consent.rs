@@ -365,7 +365,7 @@ async fn overrides_only_lower_and_the_effective_policy_is_the_lower_of_both() {
     );
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_move_is_done_when_every_data_owner_has_reported_its_part() {
     let linker =
         sightline_tests::TestLinker::start(sightline_tests::LinkerOptions::default()).await;
@@ -458,6 +458,43 @@ async fn a_move_is_done_when_every_data_owner_has_reported_its_part() {
     assert!(still.moving && still.retry_after_ms > 0);
     assert_eq!(still.location(), Location::Global);
 
+    // Pollers read GetResidency while the last part is reported: a move is never DONE while the
+    // location it changed still reads as the old one (one read, one snapshot).
+    let stop = tokio_util::sync::CancellationToken::new();
+    let mut pollers = Vec::new();
+    for _ in 0..3 {
+        let (mut reader, admin, org_id, stop) = (
+            consent.client().await,
+            org.admin.clone(),
+            org.id.clone(),
+            stop.clone(),
+        );
+        pollers.push(tokio::spawn(async move {
+            let mut reads = 0u32;
+            while !stop.is_cancelled() || reads < 50 {
+                let residency = reader
+                    .get_residency(authed(
+                        &admin,
+                        pb::GetResidencyRequest {
+                            org_id: org_id.clone(),
+                        },
+                    ))
+                    .await
+                    .unwrap()
+                    .into_inner()
+                    .residency
+                    .unwrap();
+                let done = residency.moves.iter().any(|m| {
+                    m.scope() == pb::ResidencyScope::Data && m.state() == pb::MoveState::Done
+                });
+                assert!(
+                    !done || residency.location() == Location::Eu,
+                    "GetResidency said DONE with the old location: {residency:?}"
+                );
+                reads += 1;
+            }
+        }));
+    }
     let done = client
         .request_residency_move(authed(
             service,
@@ -466,6 +503,10 @@ async fn a_move_is_done_when_every_data_owner_has_reported_its_part() {
         .await
         .unwrap()
         .into_inner();
+    stop.cancel();
+    for poller in pollers {
+        poller.await.unwrap();
+    }
     let finished = done.r#move.unwrap();
     assert_eq!(finished.state(), pb::MoveState::Done);
     assert_eq!(finished.reported_by, ["collector", "insights"]);

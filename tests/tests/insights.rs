@@ -1398,3 +1398,172 @@ async fn insights_that_cannot_hear_consent_stops_taking_uploads_within_the_lease
         .unwrap_err();
     assert_eq!(refused.code(), Code::FailedPrecondition, "{refused:?}");
 }
+
+/// Rows of `org_id` in each table of insights-svc's store of `file` (`insights` for the global
+/// location, `insights-<location>` for the others).
+async fn insights_rows(data_dir: &std::path::Path, file: &str, org_id: &str) -> Vec<(String, i64)> {
+    let url = sightline_runtime::storage::default_sqlite_url(data_dir, file);
+    let mut db = <sqlx::SqliteConnection as sqlx::Connection>::connect(&url)
+        .await
+        .unwrap();
+    let mut counts = Vec::new();
+    for table in ["assessments", "readiness", "scores", "bundles"] {
+        let (n,): (i64,) = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "SELECT COUNT(*) FROM {table} WHERE org_id = ?1"
+        )))
+        .bind(org_id)
+        .fetch_one(&mut db)
+        .await
+        .unwrap();
+        counts.push((table.to_owned(), n));
+    }
+    counts
+}
+
+/// Every store of org data has the org's location (SPEC E10): an org with an assessment, its
+/// readiness report, score history and a support bundle moves from GLOBAL to EU (both scopes);
+/// insights-svc copies its part to the EU store, checks it and takes it out of the global one
+/// (audited), and reports; afterwards the global store holds nothing of the org and reads are
+/// served from EU.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_move_carries_assessments_health_data_and_bundles_to_the_new_location_and_leaves_none_behind()
+ {
+    use sightline_proto::common::v1::Location;
+    use sightline_proto::consent::v1 as consent_pb;
+    let s = Stack::start(UsageLevel::Basic, SharingLevel::Basic).await;
+    let other = s.linker.org("Other").await;
+    opt_in(&s.consent, &other, UsageLevel::Basic, SharingLevel::Basic).await;
+    s.feed(&s.instance, "jvm.cpu.load", 24, |_| 95.0).await;
+    assert!(s.insights.maintenance.score_pass().await.unwrap() >= 1);
+    s.upload_example().await;
+    s.upload_small_bundle().await;
+    let data_dir = s.linker.data_dir().to_owned();
+    let before = insights_rows(&data_dir, "insights", &s.org.id).await;
+    assert!(before.iter().all(|(_, n)| *n > 0), "{before:?}");
+
+    let mut consent = s.consent.client().await;
+    for scope in [
+        consent_pb::ResidencyScope::Data,
+        consent_pb::ResidencyScope::SupportBundles,
+    ] {
+        let step =
+            |transition: consent_pb::MoveTransition| consent_pb::RequestResidencyMoveRequest {
+                org_id: s.org.id.clone(),
+                transition: transition as i32,
+                scope: scope as i32,
+                to_location: Location::Eu as i32,
+                owner: String::new(),
+            };
+        consent
+            .request_residency_move(authed(
+                &s.org.admin,
+                step(consent_pb::MoveTransition::Request),
+            ))
+            .await
+            .unwrap();
+        consent
+            .request_residency_move(authed(
+                s.linker.operator.expose(),
+                step(consent_pb::MoveTransition::Start),
+            ))
+            .await
+            .unwrap();
+    }
+    let moving = sightline_tests::consent::policy(&s.consent, &s.org, &s.instance.id).await;
+    assert!(moving.moving && moving.support_bundles_moving);
+    s.insights.wait_revision(&s.org.id, moving.revision).await;
+    s.collector
+        .wait_revision(&s.org.id, &s.instance.id, moving.revision)
+        .await;
+    // While the data moves, uploads of it are refused with the retry hint.
+    let file = assessment_file();
+    let refused = upload_assessment(
+        &s,
+        &s.org.admin,
+        s.assessment_header(&s.instance.id, file.len()),
+        file.as_bytes(),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(refused.code(), Code::Unavailable, "{refused:?}");
+    assert!(refused.metadata().get("retry-after-ms").is_some());
+    // Every owner does its part (the background passes may be first).
+    s.collector.maintenance.move_data().await;
+    s.insights.maintenance.move_data().await.unwrap();
+    s.insights.maintenance.move_bundles().await.unwrap();
+    let mut done = false;
+    for _ in 0..300 {
+        let policy = sightline_tests::consent::policy(&s.consent, &s.org, &s.instance.id).await;
+        if !policy.moving && !policy.support_bundles_moving {
+            assert_eq!(policy.location(), Location::Eu);
+            assert_eq!(policy.support_bundle_location(), Location::Eu);
+            s.insights.wait_revision(&s.org.id, policy.revision).await;
+            done = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert!(done, "the moves never finished");
+
+    let global = insights_rows(&data_dir, "insights", &s.org.id).await;
+    assert!(
+        global.iter().all(|(_, n)| *n == 0),
+        "left behind: {global:?}"
+    );
+    let eu = insights_rows(&data_dir, "insights-eu", &s.org.id).await;
+    assert_eq!(
+        eu.iter().map(|(_, n)| *n).collect::<Vec<_>>(),
+        before.iter().map(|(_, n)| *n).collect::<Vec<_>>(),
+        "{eu:?} against {before:?}"
+    );
+    // The other org's data stays where it was.
+    let others = insights_rows(&data_dir, "insights-eu", &other.id).await;
+    assert!(others.iter().all(|(_, n)| *n == 0), "{others:?}");
+    // Reads come from the new location.
+    let report = s
+        .insights
+        .client()
+        .await
+        .get_readiness(authed(
+            &s.org.admin,
+            pb::GetReadinessRequest {
+                org_id: s.org.id.clone(),
+                instance_id: s.instance.id.clone(),
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(report.report.is_some());
+    let history = s
+        .insights
+        .client()
+        .await
+        .get_score_history(authed(
+            &s.org.admin,
+            pb::GetScoreHistoryRequest {
+                org_id: s.org.id.clone(),
+                instance_id: s.instance.id.clone(),
+                range: Some(sightline_proto::common::v1::TimeRange {
+                    start: sightline_tests::collector::at(T0_MS - 30 * DAY),
+                    end: sightline_tests::collector::at(T0_MS + DAY),
+                }),
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!history.points.is_empty());
+    let moved: Vec<_> = s
+        .linker
+        .audit_events(&s.org)
+        .await
+        .into_iter()
+        .filter(|e| e.action == "insights.residency_moved")
+        .collect();
+    assert_eq!(moved.len(), 1, "{moved:?}");
+    assert_eq!(
+        moved[0].attributes.get("assessments").map(String::as_str),
+        Some("1")
+    );
+}

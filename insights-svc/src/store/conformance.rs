@@ -440,6 +440,71 @@ macro_rules! suite {
                         .all(|b| b.location == "eu")
                 );
             }
+
+            #[tokio::test]
+            async fn a_move_out_copies_one_orgs_part_to_another_store_and_deletes_it_here_once() {
+                let (from, _a) = super::$backend().await;
+                let (to, _b) = super::$backend().await;
+                fill(&from).await;
+                let data = from.org_records(ORG, &Part::Data).await.unwrap();
+                assert_eq!(
+                    (
+                        data.assessments.len(),
+                        data.readiness.len(),
+                        data.scores.len(),
+                        data.bundles.len()
+                    ),
+                    (2, 1, 3, 0)
+                );
+                assert!(data.assessments.iter().all(|a| a.org_id == ORG));
+                // A copy started over takes nothing twice.
+                to.import(&data).await.unwrap();
+                to.import(&data).await.unwrap();
+                assert_eq!(to.org_records(ORG, &Part::Data).await.unwrap(), data);
+                let out = || Change::MoveOut {
+                    move_id: "m-data".into(),
+                    org_id: ORG.into(),
+                    part: Part::Data,
+                };
+                let first = staged(ORG, out());
+                from.stage(&first).await.unwrap();
+                assert!(from.move_applied("m-data").await.unwrap());
+                assert!(from.stage(&staged(ORG, out())).await.is_err());
+                from.apply(&first).await.unwrap();
+                assert_eq!(
+                    from.org_records(ORG, &Part::Data).await.unwrap(),
+                    OrgRecords::default()
+                );
+                // The other org's data and the org's bundles stay.
+                assert_eq!(
+                    from.org_records(OTHER, &Part::Data)
+                        .await
+                        .unwrap()
+                        .scores
+                        .len(),
+                    3
+                );
+                let bundles = Part::Bundles {
+                    location: "eu".into(),
+                };
+                assert_eq!(
+                    from.org_records(ORG, &bundles).await.unwrap().bundles.len(),
+                    2
+                );
+                apply(
+                    &from,
+                    ORG,
+                    Change::MoveOut {
+                        move_id: "m-bundles".into(),
+                        org_id: ORG.into(),
+                        part: bundles.clone(),
+                    },
+                )
+                .await;
+                assert!(from.bundles(ORG).await.unwrap().is_empty());
+                assert_eq!(from.bundles(OTHER).await.unwrap().len(), 2);
+                assert_eq!(from.orgs().await.unwrap(), vec![OTHER.to_owned()]);
+            }
         }
     };
 }

@@ -121,6 +121,49 @@ pub struct StoredReadiness {
     pub report: Vec<u8>,
 }
 
+/// A score as kept (score history).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredScore {
+    pub org_id: String,
+    pub subject: String,
+    pub at: i64,
+    pub score: i64,
+    pub rules_version: String,
+    pub source: i64,
+}
+
+/// Which of an org's records a residency move carries: its data (assessments, readiness reports,
+/// score history: `ResidencyScope.DATA`), or its support bundles at one location.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "part", rename_all = "snake_case")]
+pub enum Part {
+    Data,
+    Bundles { location: String },
+}
+
+/// An org's records of one [`Part`], as a move copies them from one store to another.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct OrgRecords {
+    pub assessments: Vec<StoredAssessment>,
+    pub readiness: Vec<StoredReadiness>,
+    pub scores: Vec<StoredScore>,
+    pub bundles: Vec<StoredBundle>,
+}
+
+impl OrgRecords {
+    /// How many of each kind (what a move checks on both sides, and audits).
+    pub fn counts(&self) -> Removed {
+        let n = |len: usize| i64::try_from(len).unwrap_or(i64::MAX);
+        Removed {
+            assessments: n(self.assessments.len()),
+            readiness: n(self.readiness.len()),
+            scores: n(self.scores.len()),
+            bundles: n(self.bundles.len()),
+            stripped: 0,
+        }
+    }
+}
+
 /// Where each kind of an org's data ends (records stored before these are past retention).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Cutoffs {
@@ -165,13 +208,21 @@ pub enum Change {
         cutoffs: Cutoffs,
     },
     Purge(PurgeSpec),
-    /// A residency move of support bundles: the org's bundle records at `from` now say `to`
-    /// (their files were copied there before this is staged).
+    /// A residency move of support bundles within one database: the org's bundle records at
+    /// `from` now say `to` (their files were copied there before this is staged).
     Relocate {
         move_id: String,
         org_id: String,
         from: String,
         to: String,
+    },
+    /// A residency move out of this store: the org's records of `part` were copied to the new
+    /// location's store (and checked there) before this is staged; applying it deletes them here.
+    MoveOut {
+        move_id: String,
+        org_id: String,
+        #[serde(flatten)]
+        part: Part,
     },
 }
 
@@ -248,8 +299,13 @@ pub trait InsightsStore: ChangeLog + Send + Sync + std::fmt::Debug {
     async fn purge_counts(&self, spec: &PurgeSpec)
     -> StoreResult<(Removed, Vec<(String, String)>)>;
     async fn purge_applied(&self, purge_id: &str) -> StoreResult<bool>;
-    /// Whether a support-bundle move was carried out (or is staged) here.
+    /// Whether a move was carried out (or is staged) here.
     async fn move_applied(&self, move_id: &str) -> StoreResult<bool>;
+    /// The org's records of `part` held here.
+    async fn org_records(&self, org_id: &str, part: &Part) -> StoreResult<OrgRecords>;
+    /// Takes records copied from another location's store, in one transaction; a record held
+    /// already is kept as it is (a move started over copies again).
+    async fn import(&self, records: &OrgRecords) -> StoreResult<()>;
     /// Orgs with any record (for the retention sweep).
     async fn orgs(&self) -> StoreResult<Vec<String>>;
 }

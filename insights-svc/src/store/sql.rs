@@ -8,8 +8,8 @@ use sightline_runtime::audited::{ChangeLog, ChangeLogError, StagedChange};
 use sqlx::{PgPool, SqlitePool};
 
 use super::{
-    Change, Cutoffs, InsightsStore, PurgeSpec, Removed, StoreError, StoreResult, StoredAssessment,
-    StoredBundle, StoredReadiness,
+    Change, Cutoffs, InsightsStore, OrgRecords, Part, PurgeSpec, Removed, StoreError, StoreResult,
+    StoredAssessment, StoredBundle, StoredReadiness, StoredScore,
 };
 use crate::treat;
 
@@ -419,6 +419,140 @@ macro_rules! sql_store {
                 Ok(row.is_some())
             }
 
+            async fn org_records(&self, org_id: &str, part: &Part) -> StoreResult<OrgRecords> {
+                let mut records = OrgRecords::default();
+                match part {
+                    Part::Data => {
+                        let rows: Vec<(String, String, i64, i64, i64, Vec<u8>)> = sqlx::query_as(
+                            "SELECT upload_id, subject, stored_at, consent_version, size_bytes, body FROM assessments WHERE org_id = $1",
+                        )
+                        .bind(org_id)
+                        .fetch_all(&self.pool)
+                        .await?;
+                        records.assessments = rows
+                            .into_iter()
+                            .map(|(upload_id, subject, stored_at, consent_version, size_bytes, body)| StoredAssessment {
+                                upload_id,
+                                org_id: org_id.to_owned(),
+                                subject,
+                                stored_at,
+                                consent_version,
+                                size_bytes,
+                                body,
+                            })
+                            .collect();
+                        let rows: Vec<(String, i64, i64, Vec<u8>)> = sqlx::query_as(
+                            "SELECT subject, assessed_at, score, report FROM readiness WHERE org_id = $1",
+                        )
+                        .bind(org_id)
+                        .fetch_all(&self.pool)
+                        .await?;
+                        records.readiness = rows
+                            .into_iter()
+                            .map(|(subject, assessed_at, score, report)| StoredReadiness {
+                                org_id: org_id.to_owned(),
+                                subject,
+                                assessed_at,
+                                score,
+                                report,
+                            })
+                            .collect();
+                        let rows: Vec<(String, i64, i64, String, i64)> = sqlx::query_as(
+                            "SELECT subject, at, score, rules_version, source FROM scores WHERE org_id = $1",
+                        )
+                        .bind(org_id)
+                        .fetch_all(&self.pool)
+                        .await?;
+                        records.scores = rows
+                            .into_iter()
+                            .map(|(subject, at, score, rules_version, source)| StoredScore {
+                                org_id: org_id.to_owned(),
+                                subject,
+                                at,
+                                score,
+                                rules_version,
+                                source,
+                            })
+                            .collect();
+                    }
+                    Part::Bundles { location } => {
+                        records.bundles = self
+                            .bundles(org_id)
+                            .await?
+                            .into_iter()
+                            .filter(|b| &b.location == location)
+                            .collect();
+                    }
+                }
+                Ok(records)
+            }
+
+            async fn import(&self, records: &OrgRecords) -> StoreResult<()> {
+                let mut tx = self.pool.begin_with($begin).await?;
+                for a in &records.assessments {
+                    sqlx::query(
+                        "INSERT INTO assessments (upload_id, org_id, subject, stored_at, consent_version, size_bytes, body)
+                         VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (upload_id) DO NOTHING",
+                    )
+                    .bind(&a.upload_id)
+                    .bind(&a.org_id)
+                    .bind(&a.subject)
+                    .bind(a.stored_at)
+                    .bind(a.consent_version)
+                    .bind(a.size_bytes)
+                    .bind(&a.body)
+                    .execute(&mut *tx)
+                    .await?;
+                }
+                for r in &records.readiness {
+                    sqlx::query(
+                        "INSERT INTO readiness (org_id, subject, assessed_at, score, report) VALUES ($1, $2, $3, $4, $5)
+                         ON CONFLICT (org_id, subject) DO NOTHING",
+                    )
+                    .bind(&r.org_id)
+                    .bind(&r.subject)
+                    .bind(r.assessed_at)
+                    .bind(r.score)
+                    .bind(&r.report)
+                    .execute(&mut *tx)
+                    .await?;
+                }
+                for s in &records.scores {
+                    sqlx::query(
+                        "INSERT INTO scores (org_id, subject, at, score, rules_version, source) VALUES ($1, $2, $3, $4, $5, $6)
+                         ON CONFLICT (org_id, subject, at) DO NOTHING",
+                    )
+                    .bind(&s.org_id)
+                    .bind(&s.subject)
+                    .bind(s.at)
+                    .bind(s.score)
+                    .bind(&s.rules_version)
+                    .bind(s.source)
+                    .execute(&mut *tx)
+                    .await?;
+                }
+                for b in &records.bundles {
+                    sqlx::query(
+                        "INSERT INTO bundles (upload_id, org_id, subject, location, file_name, stored_at, size_bytes, sha256, files_read, scrubbed)
+                         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) ON CONFLICT (upload_id) DO NOTHING",
+                    )
+                    .bind(&b.upload_id)
+                    .bind(&b.org_id)
+                    .bind(&b.subject)
+                    .bind(&b.location)
+                    .bind(&b.file_name)
+                    .bind(b.stored_at)
+                    .bind(b.size_bytes)
+                    .bind(&b.sha256)
+                    .bind(b.files_read)
+                    .bind(&b.scrubbed)
+                    .execute(&mut *tx)
+                    .await?;
+                }
+                tx.commit().await?;
+                Ok(())
+            }
+
             async fn orgs(&self) -> StoreResult<Vec<String>> {
                 let rows: Vec<(String,)> = sqlx::query_as(
                     "SELECT org_id FROM assessments UNION SELECT org_id FROM readiness
@@ -449,7 +583,7 @@ macro_rules! sql_store {
                         .await
                         .map_err(db)?,
                     ),
-                    Change::Relocate { move_id, org_id, .. } => Some(
+                    Change::Relocate { move_id, org_id, .. } | Change::MoveOut { move_id, org_id, .. } => Some(
                         sqlx::query(
                             "INSERT INTO applied_moves (move_id, org_id, claimed_at) VALUES ($1, $2, $3)
                              ON CONFLICT (move_id) DO NOTHING",
@@ -490,6 +624,23 @@ macro_rules! sql_store {
                             .await
                             .map_err(db)?;
                     }
+                    Change::MoveOut { org_id, part: Part::Data, .. } => {
+                        for table in ["assessments", "readiness", "scores"] {
+                            sqlx::query(sqlx::AssertSqlSafe(format!("DELETE FROM {table} WHERE org_id = $1")))
+                                .bind(org_id)
+                                .execute(&mut *tx)
+                                .await
+                                .map_err(db)?;
+                        }
+                    }
+                    Change::MoveOut { org_id, part: Part::Bundles { location }, .. } => {
+                        sqlx::query("DELETE FROM bundles WHERE org_id = $1 AND location = $2")
+                            .bind(org_id)
+                            .bind(location)
+                            .execute(&mut *tx)
+                            .await
+                            .map_err(db)?;
+                    }
                 }
                 tx.commit().await.map_err(db)?;
                 Ok(())
@@ -512,7 +663,7 @@ macro_rules! sql_store {
                             .await
                             .map_err(db)?;
                     }
-                    Some(Ok(Change::Relocate { move_id, .. })) => {
+                    Some(Ok(Change::Relocate { move_id, .. } | Change::MoveOut { move_id, .. })) => {
                         sqlx::query("DELETE FROM applied_moves WHERE move_id = $1")
                             .bind(&move_id)
                             .execute(&mut *tx)
