@@ -2,10 +2,11 @@
 //! writer task commits as many as are waiting in one transaction (one fsync on SQLite), then answers
 //! each. An answer means the batch is durably committed.
 //!
-//! Each commit holds the policy fence ([`sightline_runtime::policy_stream::Fence`]) from the
-//! revision check inside the transaction until every caller has its answer (the answer carries the
-//! hold on): a policy change is applied between commits, never during one, so no batch enforced
-//! under a revision older than the one applied is acknowledged as accepted.
+//! Each commit takes the policy fence ([`sightline_runtime::policy_stream::Fence`]) for its last
+//! revision check, right before the transaction commits, and keeps it until every caller has its
+//! answer (the answer carries the hold on): a policy change is applied between commits, never
+//! during one, so no batch enforced under a revision older than the one applied is acknowledged as
+//! accepted — and a change waits for a COMMIT, not for a commit's inserts.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -100,21 +101,21 @@ impl Writer {
 async fn commit(store: &dyn CollectorStore, policies: &Policies, jobs: Vec<Job>) {
     let (batches, replies): (Vec<Batch>, Vec<Reply>) =
         jobs.into_iter().map(|j| (j.batch, j.reply)).unzip();
-    let held = policies.fence().enter().await;
     let current = |org: &str, instance: &str| policies.revision(org, instance);
     let started = std::time::Instant::now();
-    let result = store.commit(&batches, &current).await;
+    let result = store
+        .commit_fenced(&batches, &current, policies.fence())
+        .await;
     metrics::histogram!("sightline_collector_commit_seconds")
         .record(started.elapsed().as_secs_f64());
     metrics::counter!("sightline_collector_commits_total").increment(1);
     match result {
-        Ok(outcomes) => {
+        Ok((outcomes, held)) => {
             for (reply, outcome) in replies.into_iter().zip(outcomes) {
                 let _ = reply.send(Ok((outcome, Some(held.clone()))));
             }
         }
         Err(error) => {
-            drop(held);
             let status = Status::from(error);
             for reply in replies {
                 let _ = reply.send(Err(status.clone()));

@@ -838,7 +838,7 @@ macro_rules! suite {
                         counted.unique_viewer_entries,
                         counted.dedupe_entries
                     ),
-                    (2, 2, 1)
+                    (2, 2, 2)
                 );
                 apply(&store, ORG, Change::Erase(spec.clone())).await;
                 assert_eq!(store.erase_counts(&spec).await.unwrap(), Removed::default());

@@ -271,6 +271,8 @@ impl Change {
     }
 }
 
+pub use sightline_runtime::policy_stream::{Fence, Held};
+
 /// The current policy revision of (org, instance), as the writer checks it before a commit.
 pub type Revisions<'a> = &'a (dyn Fn(&str, &str) -> Option<u64> + Send + Sync);
 
@@ -280,12 +282,29 @@ pub trait CollectorStore: ChangeLog + Send + Sync + std::fmt::Debug + 'static {
     fn location(&self) -> &str;
 
     /// Commits several batches in one transaction (group commit). A batch whose policy revision is
-    /// no longer the current one is not stored (`Stale`).
+    /// no longer the current one is not stored (`Stale`). The revisions are checked when the
+    /// transaction starts and again, holding `fence`, right before it commits; a change applied in
+    /// between rolls the transaction back and it is tried again (its batches of that org then
+    /// `Stale`). The hold on the fence is returned: the caller keeps it until its answers are out,
+    /// so a policy change waits only for commits, never for their inserts.
+    async fn commit_fenced(
+        &self,
+        batches: &[Batch],
+        current: Revisions<'_>,
+        fence: &Fence,
+    ) -> StoreResult<(Vec<BatchOutcome>, Held)>;
+
+    /// [`CollectorStore::commit_fenced`] with a fence of its own (nothing else applies changes).
     async fn commit(
         &self,
         batches: &[Batch],
         current: Revisions<'_>,
-    ) -> StoreResult<Vec<BatchOutcome>>;
+    ) -> StoreResult<Vec<BatchOutcome>> {
+        Ok(self
+            .commit_fenced(batches, current, &Fence::default())
+            .await?
+            .0)
+    }
 
     /// All-time views and unique viewers of one page.
     async fn view_count(&self, instance_id: &str, page_id: &str) -> StoreResult<(i64, i64)>;

@@ -116,16 +116,22 @@ pub static MOVED_TABLES: &[Table] = &[
         counted: true,
     },
     Table {
-        name: "view_memory",
+        name: "view_times",
         columns: &[
             ("instance_id", Text),
             ("page_id", Text),
             ("viewer", Text),
+            ("at", Int),
+            ("event_id", Text),
             ("org_id", Text),
-            ("last_at", Int),
             ("stored_at", Int),
+            ("counted", Int),
+            ("channel", Int),
+            ("space_id", Text),
+            ("consent_version", Int),
+            ("policy_revision", Int),
         ],
-        key: 3,
+        key: 5,
         counted: true,
     },
     Table {
@@ -236,12 +242,16 @@ mod tests {
             include_str!("../../migrations/sqlite/0002_epsilon_ledger.sql"),
             include_str!("../../migrations/sqlite/0003_moves.sql"),
             include_str!("../../migrations/sqlite/0004_view_day_totals.sql"),
+            include_str!("../../migrations/sqlite/0005_view_times.sql"),
         ]
         .join("\n");
         let mut tables: Vec<(String, Vec<String>)> = Vec::new();
         let mut current: Option<(String, Vec<String>)> = None;
         for line in sql.lines().map(str::trim) {
-            if let Some(rest) = line.strip_prefix("CREATE TABLE ") {
+            if let Some(rest) = line.strip_prefix("DROP TABLE ") {
+                let name = rest.trim_end_matches(';').trim();
+                tables.retain(|(table, _)| table != name);
+            } else if let Some(rest) = line.strip_prefix("CREATE TABLE ") {
                 let name = rest.split_whitespace().next().unwrap_or_default();
                 current = Some((name.to_owned(), Vec::new()));
             } else if line.starts_with(')') {

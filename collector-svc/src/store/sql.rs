@@ -14,9 +14,9 @@ use sightline_runtime::audited::{ChangeLog, ChangeLogError, StagedChange};
 use super::days::{self, DayPart};
 use super::moved::Type;
 use super::{
-    Batch, BatchOutcome, Change, CollectorStore, EraseSpec, MOVED_TABLES, MoveSpec, PurgeSpec,
-    Ranked, Removed, Revisions, Rollup, RowOutcome, Sample, StoreError, StoreResult, Table, Value,
-    ViewScope, ViewTotals,
+    Batch, BatchOutcome, Change, CollectorStore, EraseSpec, Fence, Held, MOVED_TABLES, MoveSpec,
+    PurgeSpec, Ranked, Removed, Revisions, Rollup, RowOutcome, Sample, StoreError, StoreResult,
+    Table, Value, ViewScope, ViewTotals,
 };
 use crate::enforce::{self, DAY_MS};
 
@@ -104,6 +104,46 @@ fn strip_kinds(spec: &PurgeSpec) -> Vec<i64> {
         .collect()
 }
 
+/// How one try at a group commit ended.
+enum Attempt {
+    Done(Vec<BatchOutcome>, Held),
+    /// SQLite's fast path met an id stored before: roll back and commit carefully.
+    Careful,
+    /// A policy change was applied while the rows went in: roll back and try again.
+    Again,
+}
+
+/// Where one view's count goes: the page's day counter and the day's viewers.
+struct Counted<'a> {
+    org_id: &'a str,
+    instance_id: &'a str,
+    page_id: &'a str,
+    space_id: &'a str,
+    viewer: Option<&'a str>,
+    at: i64,
+    channel: i64,
+    consent_version: i64,
+    policy_revision: i64,
+    stored_at: i64,
+}
+
+impl<'a> Counted<'a> {
+    fn of(batch: &'a Batch, row: &crate::store::Row, view: &'a crate::store::View) -> Self {
+        Self {
+            org_id: &batch.org_id,
+            instance_id: &batch.instance_id,
+            page_id: &view.page_id,
+            space_id: &view.space_id,
+            viewer: view.viewer.as_deref(),
+            at: row.occurred_at,
+            channel: view.channel,
+            consent_version: batch.consent_version,
+            policy_revision: batch.policy_revision,
+            stored_at: batch.stored_at,
+        }
+    }
+}
+
 macro_rules! sql_store {
     ($store:ident, $pool:ty, $db:ty, $begin:literal, $shared_lock:expr, $exclusive_lock:expr, $returning:literal) => {
         #[derive(Debug, Clone)]
@@ -135,14 +175,15 @@ macro_rules! sql_store {
                 Ok(())
             }
 
-            /// One try at committing `batches`; None when a repeated id sent the fast path back
-            /// (nothing was committed).
+            /// One try at committing `batches`: done, or rolled back for the fast path's repeated
+            /// id or for a policy change applied while the rows went in.
             async fn commit_once(
                 &self,
                 batches: &[Batch],
                 current: Revisions<'_>,
                 careful: bool,
-            ) -> StoreResult<Option<Vec<BatchOutcome>>> {
+                fence: &Fence,
+            ) -> StoreResult<Attempt> {
                 let mut tx = self.pool.begin_with($begin).await?;
                 let orgs: BTreeSet<&str> = batches.iter().map(|b| b.org_id.as_str()).collect();
                 for org in orgs {
@@ -157,7 +198,7 @@ macro_rules! sql_store {
                     }
                     let Some(inserted) = Self::insert_rows(&mut tx, batch, &self.location, careful).await? else {
                         tx.rollback().await?;
-                        return Ok(None);
+                        return Ok(Attempt::Careful);
                     };
                     let mut rows = Vec::with_capacity(batch.rows.len());
                     let mut hours = BTreeSet::new();
@@ -193,8 +234,19 @@ macro_rules! sql_store {
                     }
                     outcomes.push(BatchOutcome::Committed(rows));
                 }
+                // The fence, then the revisions again: a change applied since the start is seen
+                // here (and sends this try back), one not applied yet waits for this commit.
+                let held = fence.enter().await;
+                let changed = batches.iter().zip(&outcomes).any(|(batch, outcome)| {
+                    matches!(outcome, BatchOutcome::Committed(_))
+                        && current(&batch.org_id, &batch.instance_id) != u64::try_from(batch.policy_revision).ok()
+                });
+                if changed {
+                    tx.rollback().await?;
+                    return Ok(Attempt::Again);
+                }
                 tx.commit().await?;
-                Ok(Some(outcomes))
+                Ok(Attempt::Done(outcomes, held))
             }
 
             /// Inserts a batch's rows; per row, whether this insert stored it (false: its id was
@@ -278,71 +330,213 @@ macro_rules! sql_store {
             }
 
             /// Counts one stored page view, unless the viewer saw the page inside the blocking time.
+            /// Counts a page view that was just stored. With a viewer and a blocking time, the view
+            /// counts when no counted view of the same viewer and page lies within the blocking time
+            /// before it *in time order* (views at the same time ordered by event id), whatever order
+            /// they arrive in: a view that arrives earlier than views already counted is placed in
+            /// the chain, and the views after it are counted again — a view that turns out to lie
+            /// inside the new view's window stops counting, one that no longer does starts — with
+            /// the counters and the days' totals corrected. A view not counted keeps no event row;
+            /// its time stays in `view_times` (the counter's memory) so later corrections can count
+            /// it. The result is the same counts as the views sent in time order.
             async fn count_view(
                 tx: &mut sqlx::Transaction<'static, $db>,
                 batch: &Batch,
                 row: &crate::store::Row,
                 view: &crate::store::View,
             ) -> StoreResult<RowOutcome> {
-                if let (Some(viewer), true) = (&view.viewer, batch.blocking_time_ms > 0) {
-                    let counted: Option<(i64,)> = sqlx::query_as(
-                        "INSERT INTO view_memory (instance_id, page_id, viewer, org_id, last_at, stored_at) VALUES ($1, $2, $3, $4, $5, $6)
-                         ON CONFLICT (instance_id, page_id, viewer) DO UPDATE SET last_at = excluded.last_at, stored_at = excluded.stored_at
-                         WHERE view_memory.last_at <= excluded.last_at - $7
-                         RETURNING last_at",
-                    )
-                    .bind(&batch.instance_id)
-                    .bind(&view.page_id)
-                    .bind(viewer)
-                    .bind(&batch.org_id)
-                    .bind(row.occurred_at)
-                    .bind(batch.stored_at)
-                    .bind(batch.blocking_time_ms)
-                    .fetch_optional(&mut **tx)
-                    .await?;
-                    if counted.is_none() {
-                        sqlx::query("DELETE FROM events WHERE instance_id = $1 AND event_id = $2")
-                            .bind(&batch.instance_id)
-                            .bind(&row.event_id)
-                            .execute(&mut **tx)
-                            .await?;
-                        return Ok(RowOutcome::Blocked);
-                    }
-                }
-                let day = row.occurred_at.div_euclid(DAY_MS);
+                let (Some(viewer), true) = (&view.viewer, batch.blocking_time_ms > 0) else {
+                    Self::add_count(tx, &Counted::of(batch, row, view), 1).await?;
+                    return Ok(RowOutcome::Stored);
+                };
+                let block = batch.blocking_time_ms;
+                let (t, event) = (row.occurred_at, row.event_id.as_str());
                 sqlx::query(
-                    "INSERT INTO page_view_days (instance_id, page_id, day, channel, consent_version, policy_revision, org_id, space_id, views)
-                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, 1)
-                     ON CONFLICT (instance_id, page_id, day, channel, consent_version, policy_revision) DO UPDATE SET views = page_view_days.views + 1",
+                    "INSERT INTO view_times (instance_id, page_id, viewer, at, event_id, org_id, stored_at, counted, channel, space_id, consent_version, policy_revision)
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, 0, $8, $9, $10, $11) ON CONFLICT DO NOTHING",
                 )
                 .bind(&batch.instance_id)
                 .bind(&view.page_id)
-                .bind(day)
+                .bind(viewer)
+                .bind(t)
+                .bind(event)
+                .bind(&batch.org_id)
+                .bind(batch.stored_at)
                 .bind(view.channel)
+                .bind(&view.space_id)
                 .bind(batch.consent_version)
                 .bind(batch.policy_revision)
-                .bind(&batch.org_id)
-                .bind(&view.space_id)
                 .execute(&mut **tx)
                 .await?;
-                if let Some(viewer) = &view.viewer {
-                    sqlx::query(
-                        "INSERT INTO page_viewers (instance_id, page_id, day, viewer, org_id, space_id, consent_version, policy_revision, stored_at)
-                         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) ON CONFLICT (instance_id, page_id, day, viewer) DO NOTHING",
-                    )
-                    .bind(&batch.instance_id)
-                    .bind(&view.page_id)
-                    .bind(day)
-                    .bind(viewer)
-                    .bind(&batch.org_id)
-                    .bind(&view.space_id)
-                    .bind(batch.consent_version)
-                    .bind(batch.policy_revision)
-                    .bind(batch.stored_at)
-                    .execute(&mut **tx)
-                    .await?;
+                // The counted view just before this one, in time order.
+                let before: Option<(i64,)> = sqlx::query_as(
+                    "SELECT at FROM view_times WHERE instance_id = $1 AND page_id = $2 AND viewer = $3 AND counted = 1
+                       AND (at < $4 OR (at = $4 AND event_id < $5)) ORDER BY at DESC, event_id DESC LIMIT 1",
+                )
+                .bind(&batch.instance_id)
+                .bind(&view.page_id)
+                .bind(viewer)
+                .bind(t)
+                .bind(event)
+                .fetch_optional(&mut **tx)
+                .await?;
+                if before.is_some_and(|(at,)| t < at.saturating_add(block)) {
+                    // Inside that view's window: not counted, and nothing after it changes.
+                    sqlx::query("DELETE FROM events WHERE instance_id = $1 AND event_id = $2")
+                        .bind(&batch.instance_id)
+                        .bind(event)
+                        .execute(&mut **tx)
+                        .await?;
+                    return Ok(RowOutcome::Blocked);
+                }
+                // This view counts; the views after it are counted again from it, until the chain
+                // meets a view it counted before (from there on it is what it was).
+                let later: Vec<(i64, String, i64, i64, String, i64, i64)> = sqlx::query_as(
+                    "SELECT at, event_id, counted, channel, space_id, consent_version, policy_revision FROM view_times
+                     WHERE instance_id = $1 AND page_id = $2 AND viewer = $3 AND (at > $4 OR (at = $4 AND event_id >= $5))
+                     ORDER BY at, event_id",
+                )
+                .bind(&batch.instance_id)
+                .bind(&view.page_id)
+                .bind(viewer)
+                .bind(t)
+                .bind(event)
+                .fetch_all(&mut **tx)
+                .await?;
+                let mut last: Option<i64> = None;
+                for (at, event_id, counted, channel, space_id, consent_version, policy_revision) in later {
+                    let this = event_id == event && at == t;
+                    let counts = last.is_none_or(|l| at >= l.saturating_add(block));
+                    if counts {
+                        last = Some(at);
+                    }
+                    if !this && counts && counted == 1 {
+                        break;
+                    }
+                    if this || counts != (counted == 1) {
+                        sqlx::query(
+                            "UPDATE view_times SET counted = $6 WHERE instance_id = $1 AND page_id = $2 AND viewer = $3 AND at = $4 AND event_id = $5",
+                        )
+                        .bind(&batch.instance_id)
+                        .bind(&view.page_id)
+                        .bind(viewer)
+                        .bind(at)
+                        .bind(&event_id)
+                        .bind(i64::from(counts))
+                        .execute(&mut **tx)
+                        .await?;
+                        let count = Counted {
+                            org_id: &batch.org_id,
+                            instance_id: &batch.instance_id,
+                            page_id: &view.page_id,
+                            space_id: &space_id,
+                            viewer: Some(viewer),
+                            at,
+                            channel,
+                            consent_version,
+                            policy_revision,
+                            stored_at: batch.stored_at,
+                        };
+                        Self::add_count(tx, &count, if counts { 1 } else { -1 }).await?;
+                        if !this {
+                            Self::mark_view_day(tx, &batch.org_id, &batch.instance_id, at.div_euclid(DAY_MS)).await?;
+                        }
+                    }
                 }
                 Ok(RowOutcome::Stored)
+            }
+
+            /// Adds one view to (`delta` 1) or takes one from (-1) the page's day counter and the
+            /// day's viewers (a viewer leaves a day when none of their views of the page that day
+            /// counts any more).
+            async fn add_count(
+                tx: &mut sqlx::Transaction<'static, $db>,
+                c: &Counted<'_>,
+                delta: i64,
+            ) -> StoreResult<()> {
+                let day = c.at.div_euclid(DAY_MS);
+                if delta > 0 {
+                    sqlx::query(
+                        "INSERT INTO page_view_days (instance_id, page_id, day, channel, consent_version, policy_revision, org_id, space_id, views)
+                         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, 1)
+                         ON CONFLICT (instance_id, page_id, day, channel, consent_version, policy_revision) DO UPDATE SET views = page_view_days.views + 1",
+                    )
+                    .bind(c.instance_id)
+                    .bind(c.page_id)
+                    .bind(day)
+                    .bind(c.channel)
+                    .bind(c.consent_version)
+                    .bind(c.policy_revision)
+                    .bind(c.org_id)
+                    .bind(c.space_id)
+                    .execute(&mut **tx)
+                    .await?;
+                    if let Some(viewer) = c.viewer {
+                        sqlx::query(
+                            "INSERT INTO page_viewers (instance_id, page_id, day, viewer, org_id, space_id, consent_version, policy_revision, stored_at)
+                             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) ON CONFLICT (instance_id, page_id, day, viewer) DO NOTHING",
+                        )
+                        .bind(c.instance_id)
+                        .bind(c.page_id)
+                        .bind(day)
+                        .bind(viewer)
+                        .bind(c.org_id)
+                        .bind(c.space_id)
+                        .bind(c.consent_version)
+                        .bind(c.policy_revision)
+                        .bind(c.stored_at)
+                        .execute(&mut **tx)
+                        .await?;
+                    }
+                    return Ok(());
+                }
+                sqlx::query(
+                    "UPDATE page_view_days SET views = views - 1 WHERE instance_id = $1 AND page_id = $2 AND day = $3 AND channel = $4
+                       AND consent_version = $5 AND policy_revision = $6 AND views > 0",
+                )
+                .bind(c.instance_id)
+                .bind(c.page_id)
+                .bind(day)
+                .bind(c.channel)
+                .bind(c.consent_version)
+                .bind(c.policy_revision)
+                .execute(&mut **tx)
+                .await?;
+                sqlx::query(
+                    "DELETE FROM page_view_days WHERE instance_id = $1 AND page_id = $2 AND day = $3 AND channel = $4
+                       AND consent_version = $5 AND policy_revision = $6 AND views = 0",
+                )
+                .bind(c.instance_id)
+                .bind(c.page_id)
+                .bind(day)
+                .bind(c.channel)
+                .bind(c.consent_version)
+                .bind(c.policy_revision)
+                .execute(&mut **tx)
+                .await?;
+                if let Some(viewer) = c.viewer {
+                    let (still,): (i64,) = sqlx::query_as(
+                        "SELECT COUNT(*) FROM view_times WHERE instance_id = $1 AND page_id = $2 AND viewer = $3 AND counted = 1
+                           AND at >= $4 AND at < $5",
+                    )
+                    .bind(c.instance_id)
+                    .bind(c.page_id)
+                    .bind(viewer)
+                    .bind(day * DAY_MS)
+                    .bind((day + 1) * DAY_MS)
+                    .fetch_one(&mut **tx)
+                    .await?;
+                    if still == 0 {
+                        sqlx::query("DELETE FROM page_viewers WHERE instance_id = $1 AND page_id = $2 AND day = $3 AND viewer = $4")
+                            .bind(c.instance_id)
+                            .bind(c.page_id)
+                            .bind(day)
+                            .bind(viewer)
+                            .execute(&mut **tx)
+                            .await?;
+                    }
+                }
+                Ok(())
             }
 
             async fn count_where(&self, sql: String, binds: &[String], tail: &[i64]) -> StoreResult<i64> {
@@ -401,7 +595,7 @@ macro_rules! sql_store {
                         Some(_) => "org_id = $1 AND instance_id = $2",
                         None => "org_id = $1",
                     };
-                    let mut query = sqlx::query(sqlx::AssertSqlSafe(format!("DELETE FROM view_memory WHERE {scope}")));
+                    let mut query = sqlx::query(sqlx::AssertSqlSafe(format!("DELETE FROM view_times WHERE {scope}")));
                     for b in &binds {
                         query = query.bind(b);
                     }
@@ -507,7 +701,7 @@ macro_rules! sql_store {
                         .bind(spec.until)
                         .execute(&mut **tx)
                         .await?;
-                    sqlx::query("DELETE FROM view_memory WHERE instance_id = $1 AND viewer = $2 AND stored_at <= $3")
+                    sqlx::query("DELETE FROM view_times WHERE instance_id = $1 AND viewer = $2 AND stored_at <= $3")
                         .bind(&spec.instance_id)
                         .bind(subject)
                         .bind(spec.until)
@@ -777,23 +971,30 @@ macro_rules! sql_store {
                 &self.location
             }
 
-            async fn commit(
+            async fn commit_fenced(
                 &self,
                 batches: &[Batch],
                 current: Revisions<'_>,
-            ) -> StoreResult<Vec<BatchOutcome>> {
+                fence: &Fence,
+            ) -> StoreResult<(Vec<BatchOutcome>, Held)> {
                 if let Some(wrong) = batches.iter().find(|b| b.location != self.location) {
                     return Err(StoreError::WrongLocation {
                         store: self.location.clone(),
                         batch: wrong.location.clone(),
                     });
                 }
-                if let Some(outcomes) = self.commit_once(batches, current, false).await? {
-                    return Ok(outcomes);
+                let mut careful = false;
+                // Each policy change applied mid-commit costs one more try; a few in a row are
+                // as many changes, each of which marks its batches stale at the next start.
+                for _ in 0..8 {
+                    match self.commit_once(batches, current, careful, fence).await? {
+                        Attempt::Done(outcomes, held) => return Ok((outcomes, held)),
+                        Attempt::Careful if careful => break,
+                        Attempt::Careful => careful = true,
+                        Attempt::Again => {}
+                    }
                 }
-                self.commit_once(batches, current, true)
-                    .await?
-                    .ok_or_else(|| StoreError::Inconsistent("a careful commit gave up".into()))
+                Err(StoreError::Inconsistent("a commit gave up after repeated retries".into()))
             }
 
             async fn view_count(&self, instance_id: &str, page_id: &str) -> StoreResult<(i64, i64)> {
@@ -1200,7 +1401,7 @@ macro_rules! sql_store {
                         Some(_) => "org_id = $1 AND instance_id = $2",
                         None => "org_id = $1",
                     };
-                    removed.dedupe_entries = self.count_where(format!("SELECT COUNT(*) FROM view_memory WHERE {scope}"), &binds, &[]).await?;
+                    removed.dedupe_entries = self.count_where(format!("SELECT COUNT(*) FROM view_times WHERE {scope}"), &binds, &[]).await?;
                 }
                 if spec.delete_kinds.contains(&KIND_METRIC) {
                     removed.rollups = self.count_where(format!("SELECT COUNT(*) FROM rollups WHERE {filter}"), &binds, &tail).await?;
@@ -1232,7 +1433,7 @@ macro_rules! sql_store {
                         "SELECT COUNT(*) FROM page_viewers WHERE instance_id = $1 AND viewer = $2 AND stored_at <= $3".to_owned(),
                         &binds, &[spec.until]).await?;
                     removed.dedupe_entries += self.count_where(
-                        "SELECT COUNT(*) FROM view_memory WHERE instance_id = $1 AND viewer = $2 AND stored_at <= $3".to_owned(),
+                        "SELECT COUNT(*) FROM view_times WHERE instance_id = $1 AND viewer = $2 AND stored_at <= $3".to_owned(),
                         &binds, &[spec.until]).await?;
                 }
                 removed.events = removed.page_views + removed.feature_usage;
@@ -1439,7 +1640,7 @@ macro_rules! sql_store {
                     "DELETE FROM view_days_dirty WHERE (instance_id, day) IN (SELECT instance_id, day FROM view_days_dirty WHERE org_id = $1 AND day < $2 LIMIT $3)".to_owned(),
                     org_id, raw_day).await?;
                 removed.dedupe_entries = self.delete_chunked(
-                    "DELETE FROM view_memory WHERE (instance_id, page_id, viewer) IN (SELECT instance_id, page_id, viewer FROM view_memory WHERE org_id = $1 AND last_at < $2 LIMIT $3)".to_owned(),
+                    "DELETE FROM view_times WHERE (instance_id, page_id, viewer, at, event_id) IN (SELECT instance_id, page_id, viewer, at, event_id FROM view_times WHERE org_id = $1 AND at < $2 LIMIT $3)".to_owned(),
                     org_id, raw_before).await?;
                 removed.rollups = self.delete_chunked(
                     "DELETE FROM rollups WHERE (instance_id, name, tags, hour) IN (SELECT instance_id, name, tags, hour FROM rollups WHERE org_id = $1 AND hour < $2 LIMIT $3)".to_owned(),

@@ -533,6 +533,9 @@ async fn optout(store: &str, changes: usize, batch: usize) {
         opt_in(&consent, &org, UsageLevel::Disabled, SharingLevel::Basic).await;
         let replied = Instant::now();
         let acks = streams.until_refused().await;
+        // The opt-out's purge (and, on SQLite, the VACUUM that makes it final) runs now, so the
+        // next sample measures the fence, not this purge holding the store.
+        collector.maintenance.apply_purges().await;
         let ms = |at: Instant| at.saturating_duration_since(replied).as_secs_f64() * 1e3;
         last_accepted.push(
             acks.iter()
@@ -553,10 +556,12 @@ async fn optout(store: &str, changes: usize, batch: usize) {
     ] {
         gaps.sort_by(f64::total_cmp);
         println!(
-            "optout {store}, 8 streams x {batch} events, {changes} changes: reply to {what}: p50 {:.2} ms  p99 {:.2} ms  max {:.2} ms",
+            "optout {store}, 8 streams x {batch} events, {changes} changes: reply to {what}: p50 {:.2} ms  p90 {:.2} ms  p99 {:.2} ms  max {:.2} ms  over 100 ms: {}",
             percentile(gaps, 0.5),
+            percentile(gaps, 0.9),
             percentile(gaps, 0.99),
-            gaps[gaps.len() - 1]
+            gaps[gaps.len() - 1],
+            gaps.iter().filter(|g| **g > 100.0).count()
         );
     }
 }

@@ -197,7 +197,7 @@ async fn bulk_load(
         .unwrap();
     let indexes: Vec<(String, String)> = sqlx::query_as(
         "SELECT name, sql FROM sqlite_master WHERE type = 'index' AND sql IS NOT NULL
-           AND tbl_name IN ('events', 'page_view_days', 'page_viewers', 'view_memory')",
+           AND tbl_name IN ('events', 'page_view_days', 'page_viewers', 'view_times')",
     )
     .fetch_all(&mut db)
     .await
@@ -320,23 +320,29 @@ async fn bulk_load(
     }
     insert(store, "page_viewers", &rows).await;
 
-    // view_memory: the last counted view per (page, viewer).
+    // view_times: the counter's memory, here the last counted view per (page, viewer).
     let mut rows = Vec::new();
     for (page, viewer, at) in memory {
         rows.push(vec![
             Value::Text(Some(instance.into())),
             Value::Text(Some(page_id(page))),
             Value::Text(Some(viewer_id(viewer))),
-            Value::Text(Some(org.into())),
             Value::Int(Some(at)),
+            Value::Text(Some(String::new())),
+            Value::Text(Some(org.into())),
             Value::Int(Some(T0_MS)),
+            Value::Int(Some(1)),
+            Value::Int(Some(0)),
+            Value::Text(Some(space_id(shape, page))),
+            Value::Int(Some(cv)),
+            Value::Int(Some(rev)),
         ]);
         if rows.len() == 100_000 {
-            insert(store, "view_memory", &rows).await;
+            insert(store, "view_times", &rows).await;
             rows.clear();
         }
     }
-    insert(store, "view_memory", &rows).await;
+    insert(store, "view_times", &rows).await;
 
     // Every day changed: the collector's maintenance makes the day totals (as it does after ingest).
     let days: std::collections::BTreeSet<i64> = views.iter().map(|v| v.0.div_euclid(DAY)).collect();
