@@ -917,6 +917,48 @@ pub mod collector {
         TestOrg, authed,
     };
 
+    /// Opts `org` in at BASIC and waits until `collector` enforces that policy for `instance`.
+    pub async fn opt_in_enforced(
+        consent: &TestConsent,
+        collector: &TestCollector,
+        org: &TestOrg,
+        instance: &TestInstance,
+    ) {
+        use sightline_proto::common::v1::{SharingLevel, UsageLevel};
+        super::consent::opt_in(consent, org, UsageLevel::Basic, SharingLevel::Basic).await;
+        let revision = super::consent::policy(consent, org, &instance.id)
+            .await
+            .revision;
+        collector
+            .wait_revision(&org.id, &instance.id, revision)
+            .await;
+    }
+
+    /// Rows of `org_id` in each of `tables` of the SQLite store in `data_dir` named `file`.
+    pub async fn rows_of(
+        data_dir: &std::path::Path,
+        file: &str,
+        org_id: &str,
+        tables: &[&str],
+    ) -> Vec<(String, i64)> {
+        let url = sightline_runtime::storage::default_sqlite_url(data_dir, file);
+        let mut db = <sqlx::SqliteConnection as sqlx::Connection>::connect(&url)
+            .await
+            .unwrap();
+        let mut counts = Vec::new();
+        for table in tables {
+            let (n,): (i64,) = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+                "SELECT COUNT(*) FROM {table} WHERE org_id = ?1"
+            )))
+            .bind(org_id)
+            .fetch_one(&mut db)
+            .await
+            .unwrap();
+            counts.push(((*table).to_owned(), n));
+        }
+        counts
+    }
+
     /// What each ack of [`Streams`] came to: when it arrived, and whether its batch was accepted.
     pub type Acks = Vec<(std::time::Instant, bool)>;
 

@@ -1529,30 +1529,16 @@ async fn two_replicas_on_one_postgres_store_each_event_once_and_follow_the_polic
 
 /// Rows of `org_id` in each table of org data, in one location's SQLite file.
 async fn rows_in(data_dir: &std::path::Path, location: &str, org_id: &str) -> Vec<(String, i64)> {
-    let url =
-        sightline_runtime::storage::default_sqlite_url(data_dir, &format!("collector-{location}"));
-    let mut db = <sqlx::SqliteConnection as sqlx::Connection>::connect(&url)
-        .await
-        .unwrap();
-    let mut counts = Vec::new();
-    for table in [
+    let tables = [
         "events",
         "page_view_days",
         "page_viewers",
         "view_times",
         "rollups",
         "applied_purges",
-    ] {
-        let (n,): (i64,) = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-            "SELECT COUNT(*) FROM {table} WHERE org_id = ?1"
-        )))
-        .bind(org_id)
-        .fetch_one(&mut db)
+    ];
+    sightline_tests::collector::rows_of(data_dir, &format!("collector-{location}"), org_id, &tables)
         .await
-        .unwrap();
-        counts.push((table.to_owned(), n));
-    }
-    counts
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -13,8 +13,8 @@ use sightline_proto::collector::v1::{self as pb, DropReason};
 use sightline_proto::common::v1::{SharingLevel, UsageLevel};
 use sightline_proto::consent::v1 as consent_pb;
 use sightline_runtime::settings::Limits;
-use sightline_tests::collector::{Streams, dropped, ingest, metric};
-use sightline_tests::consent::{opt_in, policy, settings, update};
+use sightline_tests::collector::{Streams, dropped, ingest, metric, opt_in_enforced};
+use sightline_tests::consent::{policy, settings, update};
 use sightline_tests::{
     CollectorOptions, LinkerOptions, Relay, T0_MS, TestCollector, TestConsent, TestLinker, TestOrg,
     authed,
@@ -79,11 +79,7 @@ async fn opt_out_is_a_fence(postgres: bool) {
     .await;
     let org = linker.org("Fence").await;
     let instance = linker.link_instance(&org, "FENCE-1").await;
-    opt_in(&consent, &org, UsageLevel::Basic, SharingLevel::Basic).await;
-    let revision = policy(&consent, &org, &instance.id).await.revision;
-    collector
-        .wait_revision(&org.id, &instance.id, revision)
-        .await;
+    opt_in_enforced(&consent, &collector, &org, &instance).await;
 
     let streams = Streams::start(&collector, &instance, 8, 100, "fence").await;
     // Every stream is committing before the opt-out.
@@ -248,11 +244,7 @@ async fn a_collector_that_cannot_hear_consent_stops_collecting_within_the_lease(
     .await;
     let org = linker.org("Partitioned").await;
     let instance = linker.link_instance(&org, "PART-1").await;
-    opt_in(&consent, &org, UsageLevel::Basic, SharingLevel::Basic).await;
-    let revision = policy(&consent, &org, &instance.id).await.revision;
-    collector
-        .wait_revision(&org.id, &instance.id, revision)
-        .await;
+    opt_in_enforced(&consent, &collector, &org, &instance).await;
     let send = async |n: u64| Sent {
         accepted: ingest(
             &collector,

@@ -660,6 +660,30 @@ fn tracking_write(
     )
 }
 
+/// Three writers for `org` at 40 calls per second each: three times a 40-per-second limit.
+async fn over_its_limit(
+    consent: &TestConsent,
+    org: &TestOrg,
+    stop: &tokio_util::sync::CancellationToken,
+) -> Vec<tokio::task::JoinHandle<()>> {
+    let mut writers = Vec::new();
+    for _ in 0..3 {
+        let (mut client, org, stop) = (consent.client().await, org.clone(), stop.clone());
+        writers.push(tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(25));
+            let mut n = 0;
+            while !stop.is_cancelled() {
+                tick.tick().await;
+                let _ = client
+                    .update_tracking_settings(tracking_write(&org, n))
+                    .await;
+                n += 1;
+            }
+        }));
+    }
+    writers
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn one_tenant_over_its_limit_and_a_flood_of_unknown_tokens_leave_another_tenant_whole() {
     use sightline_runtime::token::TokenKind;
@@ -678,18 +702,7 @@ async fn one_tenant_over_its_limit_and_a_flood_of_unknown_tokens_leave_another_t
     let stop = tokio_util::sync::CancellationToken::new();
     let mut noise = Vec::new();
     // Tenant A writes at three times its limit.
-    for _ in 0..3 {
-        let (mut client, a, stop) = (consent.client().await, a.clone(), stop.clone());
-        noise.push(tokio::spawn(async move {
-            let mut tick = tokio::time::interval(Duration::from_millis(25));
-            let mut n = 0;
-            while !stop.is_cancelled() {
-                tick.tick().await;
-                let _ = client.update_tracking_settings(tracking_write(&a, n)).await;
-                n += 1;
-            }
-        }));
-    }
+    noise.extend(over_its_limit(&consent, &a, &stop).await);
     // A flood of well-formed tokens nobody issued, from another address, as fast as it goes.
     for _ in 0..4 {
         let mut client = consent_from(&consent, "127.0.0.2").await;
@@ -821,26 +834,11 @@ async fn unknown_tokens_from_a_tenants_own_address_leave_that_tenant_whole_at_ev
     .await;
     let (a, b) = (linker.org("Alpha").await, linker.org("Bravo").await);
     let instance = linker.link_instance(&b, "BRAVO-1").await;
-    sightline_tests::consent::opt_in(&consent, &b, UsageLevel::Basic, SharingLevel::Basic).await;
-    let revision = sightline_tests::consent::policy(&consent, &b, &instance.id)
-        .await
-        .revision;
-    collector.wait_revision(&b.id, &instance.id, revision).await;
+    sightline_tests::collector::opt_in_enforced(&consent, &collector, &b, &instance).await;
     let stop = tokio_util::sync::CancellationToken::new();
     let mut noise = Vec::new();
     // Tenant A writes at three times its limit.
-    for _ in 0..3 {
-        let (mut client, a, stop) = (consent.client().await, a.clone(), stop.clone());
-        noise.push(tokio::spawn(async move {
-            let mut tick = tokio::time::interval(Duration::from_millis(25));
-            let mut n = 0;
-            while !stop.is_cancelled() {
-                tick.tick().await;
-                let _ = client.update_tracking_settings(tracking_write(&a, n)).await;
-                n += 1;
-            }
-        }));
-    }
+    noise.extend(over_its_limit(&consent, &a, &stop).await);
     // Unknown tokens from B's own address (127.0.0.1), to the three services, as fast as they go.
     for _ in 0..3 {
         let mut to_consent = consent.client().await;

@@ -1402,22 +1402,8 @@ async fn insights_that_cannot_hear_consent_stops_taking_uploads_within_the_lease
 /// Rows of `org_id` in each table of insights-svc's store of `file` (`insights` for the global
 /// location, `insights-<location>` for the others).
 async fn insights_rows(data_dir: &std::path::Path, file: &str, org_id: &str) -> Vec<(String, i64)> {
-    let url = sightline_runtime::storage::default_sqlite_url(data_dir, file);
-    let mut db = <sqlx::SqliteConnection as sqlx::Connection>::connect(&url)
-        .await
-        .unwrap();
-    let mut counts = Vec::new();
-    for table in ["assessments", "readiness", "scores", "bundles"] {
-        let (n,): (i64,) = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-            "SELECT COUNT(*) FROM {table} WHERE org_id = ?1"
-        )))
-        .bind(org_id)
-        .fetch_one(&mut db)
-        .await
-        .unwrap();
-        counts.push((table.to_owned(), n));
-    }
-    counts
+    let tables = ["assessments", "readiness", "scores", "bundles"];
+    sightline_tests::collector::rows_of(data_dir, file, org_id, &tables).await
 }
 
 /// Every store of org data has the org's location (SPEC E10): an org with an assessment, its

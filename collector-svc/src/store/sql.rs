@@ -490,30 +490,23 @@ macro_rules! sql_store {
                     }
                     return Ok(());
                 }
-                sqlx::query(
+                // One view less; a counter that reaches nothing goes.
+                for sql in [
                     "UPDATE page_view_days SET views = views - 1 WHERE instance_id = $1 AND page_id = $2 AND day = $3 AND channel = $4
                        AND consent_version = $5 AND policy_revision = $6 AND views > 0",
-                )
-                .bind(c.instance_id)
-                .bind(c.page_id)
-                .bind(day)
-                .bind(c.channel)
-                .bind(c.consent_version)
-                .bind(c.policy_revision)
-                .execute(&mut **tx)
-                .await?;
-                sqlx::query(
                     "DELETE FROM page_view_days WHERE instance_id = $1 AND page_id = $2 AND day = $3 AND channel = $4
                        AND consent_version = $5 AND policy_revision = $6 AND views = 0",
-                )
-                .bind(c.instance_id)
-                .bind(c.page_id)
-                .bind(day)
-                .bind(c.channel)
-                .bind(c.consent_version)
-                .bind(c.policy_revision)
-                .execute(&mut **tx)
-                .await?;
+                ] {
+                    sqlx::query(sql)
+                        .bind(c.instance_id)
+                        .bind(c.page_id)
+                        .bind(day)
+                        .bind(c.channel)
+                        .bind(c.consent_version)
+                        .bind(c.policy_revision)
+                        .execute(&mut **tx)
+                        .await?;
+                }
                 if let Some(viewer) = c.viewer {
                     let (still,): (i64,) = sqlx::query_as(
                         "SELECT COUNT(*) FROM view_times WHERE instance_id = $1 AND page_id = $2 AND viewer = $3 AND counted = 1

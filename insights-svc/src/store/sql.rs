@@ -51,6 +51,92 @@ macro_rules! sql_store {
 
             sightline_runtime::staged_change_rows!($db, db);
 
+            /// Inserts an assessment; `conflict` says what a repeated upload id does.
+            async fn insert_assessment<'e, E: sqlx::Executor<'e, Database = $db>>(
+                executor: E,
+                a: &StoredAssessment,
+                conflict: &str,
+            ) -> StoreResult<()> {
+                sqlx::query(sqlx::AssertSqlSafe(format!(
+                    "INSERT INTO assessments (upload_id, org_id, subject, stored_at, consent_version, size_bytes, body)
+                     VALUES ($1, $2, $3, $4, $5, $6, $7) {conflict}"
+                )))
+                .bind(&a.upload_id)
+                .bind(&a.org_id)
+                .bind(&a.subject)
+                .bind(a.stored_at)
+                .bind(a.consent_version)
+                .bind(a.size_bytes)
+                .bind(&a.body)
+                .execute(executor)
+                .await?;
+                Ok(())
+            }
+
+            /// Inserts a readiness report; `conflict` says what a subject's earlier report does.
+            async fn insert_readiness<'e, E: sqlx::Executor<'e, Database = $db>>(
+                executor: E,
+                r: &StoredReadiness,
+                conflict: &str,
+            ) -> StoreResult<()> {
+                sqlx::query(sqlx::AssertSqlSafe(format!(
+                    "INSERT INTO readiness (org_id, subject, assessed_at, score, report) VALUES ($1, $2, $3, $4, $5) {conflict}"
+                )))
+                .bind(&r.org_id)
+                .bind(&r.subject)
+                .bind(r.assessed_at)
+                .bind(r.score)
+                .bind(&r.report)
+                .execute(executor)
+                .await?;
+                Ok(())
+            }
+
+            /// Inserts a score; `conflict` says what a score at the same time does.
+            async fn insert_score<'e, E: sqlx::Executor<'e, Database = $db>>(
+                executor: E,
+                s: &StoredScore,
+                conflict: &str,
+            ) -> StoreResult<()> {
+                sqlx::query(sqlx::AssertSqlSafe(format!(
+                    "INSERT INTO scores (org_id, subject, at, score, rules_version, source) VALUES ($1, $2, $3, $4, $5, $6) {conflict}"
+                )))
+                .bind(&s.org_id)
+                .bind(&s.subject)
+                .bind(s.at)
+                .bind(s.score)
+                .bind(&s.rules_version)
+                .bind(s.source)
+                .execute(executor)
+                .await?;
+                Ok(())
+            }
+
+            /// Inserts a bundle record; `conflict` says what a repeated upload id does.
+            async fn insert_bundle<'e, E: sqlx::Executor<'e, Database = $db>>(
+                executor: E,
+                b: &StoredBundle,
+                conflict: &str,
+            ) -> StoreResult<()> {
+                sqlx::query(sqlx::AssertSqlSafe(format!(
+                    "INSERT INTO bundles (upload_id, org_id, subject, location, file_name, stored_at, size_bytes, sha256, files_read, scrubbed)
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) {conflict}"
+                )))
+                .bind(&b.upload_id)
+                .bind(&b.org_id)
+                .bind(&b.subject)
+                .bind(&b.location)
+                .bind(&b.file_name)
+                .bind(b.stored_at)
+                .bind(b.size_bytes)
+                .bind(&b.sha256)
+                .bind(b.files_read)
+                .bind(&b.scrubbed)
+                .execute(executor)
+                .await?;
+                Ok(())
+            }
+
             async fn count(&self, sql: String, org_id: &str, binds: &[String], tail: &[i64]) -> StoreResult<i64> {
                 let sql = sqlx::AssertSqlSafe(sql);
                 let mut query = sqlx::query_as::<_, (i64,)>(sql).bind(org_id);
@@ -184,20 +270,7 @@ macro_rules! sql_store {
             }
 
             async fn put_assessment(&self, a: &StoredAssessment) -> StoreResult<()> {
-                sqlx::query(
-                    "INSERT INTO assessments (upload_id, org_id, subject, stored_at, consent_version, size_bytes, body)
-                     VALUES ($1, $2, $3, $4, $5, $6, $7)",
-                )
-                .bind(&a.upload_id)
-                .bind(&a.org_id)
-                .bind(&a.subject)
-                .bind(a.stored_at)
-                .bind(a.consent_version)
-                .bind(a.size_bytes)
-                .bind(&a.body)
-                .execute(&self.pool)
-                .await?;
-                Ok(())
+                Self::insert_assessment(&self.pool, a, "").await
             }
 
             async fn latest_assessment(&self, org_id: &str, subject: &str) -> StoreResult<Option<StoredAssessment>> {
@@ -221,19 +294,12 @@ macro_rules! sql_store {
             }
 
             async fn put_readiness(&self, r: &StoredReadiness) -> StoreResult<()> {
-                sqlx::query(
-                    "INSERT INTO readiness (org_id, subject, assessed_at, score, report) VALUES ($1, $2, $3, $4, $5)
-                     ON CONFLICT (org_id, subject) DO UPDATE SET assessed_at = excluded.assessed_at,
-                       score = excluded.score, report = excluded.report",
+                Self::insert_readiness(
+                    &self.pool,
+                    r,
+                    "ON CONFLICT (org_id, subject) DO UPDATE SET assessed_at = excluded.assessed_at, score = excluded.score, report = excluded.report",
                 )
-                .bind(&r.org_id)
-                .bind(&r.subject)
-                .bind(r.assessed_at)
-                .bind(r.score)
-                .bind(&r.report)
-                .execute(&self.pool)
-                .await?;
-                Ok(())
+                .await
             }
 
             async fn readiness(&self, org_id: &str, subject: &str) -> StoreResult<Option<StoredReadiness>> {
@@ -270,20 +336,20 @@ macro_rules! sql_store {
             }
 
             async fn put_score(&self, org_id: &str, subject: &str, at: i64, score: i64, rules_version: &str, source: i64) -> StoreResult<()> {
-                sqlx::query(
-                    "INSERT INTO scores (org_id, subject, at, score, rules_version, source) VALUES ($1, $2, $3, $4, $5, $6)
-                     ON CONFLICT (org_id, subject, at) DO UPDATE SET score = excluded.score,
-                       rules_version = excluded.rules_version, source = excluded.source",
+                let kept = StoredScore {
+                    org_id: org_id.to_owned(),
+                    subject: subject.to_owned(),
+                    at,
+                    score,
+                    rules_version: rules_version.to_owned(),
+                    source,
+                };
+                Self::insert_score(
+                    &self.pool,
+                    &kept,
+                    "ON CONFLICT (org_id, subject, at) DO UPDATE SET score = excluded.score, rules_version = excluded.rules_version, source = excluded.source",
                 )
-                .bind(org_id)
-                .bind(subject)
-                .bind(at)
-                .bind(score)
-                .bind(rules_version)
-                .bind(source)
-                .execute(&self.pool)
-                .await?;
-                Ok(())
+                .await
             }
 
             async fn scores(&self, org_id: &str, subject: &str, from: i64, to: i64) -> StoreResult<Vec<(i64, i64)>> {
@@ -321,23 +387,7 @@ macro_rules! sql_store {
             }
 
             async fn put_bundle(&self, b: &StoredBundle) -> StoreResult<()> {
-                sqlx::query(
-                    "INSERT INTO bundles (upload_id, org_id, subject, location, file_name, stored_at, size_bytes, sha256, files_read, scrubbed)
-                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
-                )
-                .bind(&b.upload_id)
-                .bind(&b.org_id)
-                .bind(&b.subject)
-                .bind(&b.location)
-                .bind(&b.file_name)
-                .bind(b.stored_at)
-                .bind(b.size_bytes)
-                .bind(&b.sha256)
-                .bind(b.files_read)
-                .bind(&b.scrubbed)
-                .execute(&self.pool)
-                .await?;
-                Ok(())
+                Self::insert_bundle(&self.pool, b, "").await
             }
 
             async fn bundles(&self, org_id: &str) -> StoreResult<Vec<StoredBundle>> {
@@ -490,64 +540,16 @@ macro_rules! sql_store {
             async fn import(&self, records: &OrgRecords) -> StoreResult<()> {
                 let mut tx = self.pool.begin_with($begin).await?;
                 for a in &records.assessments {
-                    sqlx::query(
-                        "INSERT INTO assessments (upload_id, org_id, subject, stored_at, consent_version, size_bytes, body)
-                         VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (upload_id) DO NOTHING",
-                    )
-                    .bind(&a.upload_id)
-                    .bind(&a.org_id)
-                    .bind(&a.subject)
-                    .bind(a.stored_at)
-                    .bind(a.consent_version)
-                    .bind(a.size_bytes)
-                    .bind(&a.body)
-                    .execute(&mut *tx)
-                    .await?;
+                    Self::insert_assessment(&mut *tx, a, "ON CONFLICT (upload_id) DO NOTHING").await?;
                 }
                 for r in &records.readiness {
-                    sqlx::query(
-                        "INSERT INTO readiness (org_id, subject, assessed_at, score, report) VALUES ($1, $2, $3, $4, $5)
-                         ON CONFLICT (org_id, subject) DO NOTHING",
-                    )
-                    .bind(&r.org_id)
-                    .bind(&r.subject)
-                    .bind(r.assessed_at)
-                    .bind(r.score)
-                    .bind(&r.report)
-                    .execute(&mut *tx)
-                    .await?;
+                    Self::insert_readiness(&mut *tx, r, "ON CONFLICT (org_id, subject) DO NOTHING").await?;
                 }
                 for s in &records.scores {
-                    sqlx::query(
-                        "INSERT INTO scores (org_id, subject, at, score, rules_version, source) VALUES ($1, $2, $3, $4, $5, $6)
-                         ON CONFLICT (org_id, subject, at) DO NOTHING",
-                    )
-                    .bind(&s.org_id)
-                    .bind(&s.subject)
-                    .bind(s.at)
-                    .bind(s.score)
-                    .bind(&s.rules_version)
-                    .bind(s.source)
-                    .execute(&mut *tx)
-                    .await?;
+                    Self::insert_score(&mut *tx, s, "ON CONFLICT (org_id, subject, at) DO NOTHING").await?;
                 }
                 for b in &records.bundles {
-                    sqlx::query(
-                        "INSERT INTO bundles (upload_id, org_id, subject, location, file_name, stored_at, size_bytes, sha256, files_read, scrubbed)
-                         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) ON CONFLICT (upload_id) DO NOTHING",
-                    )
-                    .bind(&b.upload_id)
-                    .bind(&b.org_id)
-                    .bind(&b.subject)
-                    .bind(&b.location)
-                    .bind(&b.file_name)
-                    .bind(b.stored_at)
-                    .bind(b.size_bytes)
-                    .bind(&b.sha256)
-                    .bind(b.files_read)
-                    .bind(&b.scrubbed)
-                    .execute(&mut *tx)
-                    .await?;
+                    Self::insert_bundle(&mut *tx, b, "ON CONFLICT (upload_id) DO NOTHING").await?;
                 }
                 tx.commit().await?;
                 Ok(())

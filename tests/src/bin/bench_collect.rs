@@ -36,8 +36,8 @@ use sightline_proto::collector::v1::collector_service_server::{
 use sightline_proto::collector::v1::{self as pb};
 use sightline_proto::common::v1::{MetricType, SharingLevel, UsageLevel};
 use sightline_tests::bench::{arg, percentile};
-use sightline_tests::collector::Streams;
-use sightline_tests::consent::{opt_in, policy};
+use sightline_tests::collector::{Streams, opt_in_enforced};
+use sightline_tests::consent::opt_in;
 use sightline_tests::{CollectorOptions, T0_MS, TestCollector, authed};
 use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
@@ -187,11 +187,7 @@ async fn collector(target: &str) -> Target {
     .await;
     let org = linker.org("Bench").await;
     let instance = linker.link_instance(&org, "BENCH-1").await;
-    opt_in(&consent, &org, UsageLevel::Basic, SharingLevel::Basic).await;
-    let revision = policy(&consent, &org, &instance.id).await.revision;
-    collector
-        .wait_revision(&org.id, &instance.id, revision)
-        .await;
+    opt_in_enforced(&consent, &collector, &org, &instance).await;
     Target {
         addr: collector.addr,
         credential: instance.credential,
@@ -523,11 +519,7 @@ async fn optout(store: &str, changes: usize, batch: usize) {
     let instance = linker.link_instance(&org, "BENCH-1").await;
     let (mut last_accepted, mut first_refused) = (Vec::new(), Vec::new());
     for change in 0..changes {
-        opt_in(&consent, &org, UsageLevel::Basic, SharingLevel::Basic).await;
-        let revision = policy(&consent, &org, &instance.id).await.revision;
-        collector
-            .wait_revision(&org.id, &instance.id, revision)
-            .await;
+        opt_in_enforced(&consent, &collector, &org, &instance).await;
         let streams = Streams::start(&collector, &instance, 8, batch, &format!("c{change}")).await;
         streams.until_accepting(2).await;
         opt_in(&consent, &org, UsageLevel::Disabled, SharingLevel::Basic).await;
