@@ -36,6 +36,10 @@ use crate::spool::{self, Spool};
 use crate::status::{PolicyView, RunStatus};
 use crate::vault::{Home, LinkState};
 
+/// How long the policy stream may bring nothing (consent-svc heartbeats every
+/// `limits.policy_heartbeat_ms`, 2 s by default) before it is treated as lost and opened again.
+const POLICY_SILENCE: Duration = Duration::from_secs(30);
+
 /// How `run` paces itself.
 #[derive(Debug, Clone)]
 pub struct RunOptions {
@@ -198,7 +202,8 @@ impl Agent {
         }
     }
 
-    /// Follows the instance's policy: GetPolicy, then WatchPolicy, again after any break.
+    /// Follows the instance's policy: GetPolicy, then WatchPolicy, again after any break (a stream
+    /// that brings nothing, not even a heartbeat, for [`POLICY_SILENCE`] is one).
     async fn follow_policy(&self, tx: mpsc::Sender<Policy>) {
         let mut backoff = Backoff::new(self.options.initial_backoff, self.options.max_backoff);
         loop {
@@ -216,7 +221,15 @@ impl Agent {
                     .await?
                     .into_inner();
                 backoff.reset();
-                while let Some(message) = stream.message().await? {
+                // consent-svc sends a heartbeat every few seconds: a stream silent for longer
+                // than POLICY_SILENCE has lost its path, and is opened again.
+                loop {
+                    let next = tokio::time::timeout(POLICY_SILENCE, stream.message())
+                        .await
+                        .map_err(|_| {
+                            tonic::Status::unavailable("the policy stream went silent")
+                        })??;
+                    let Some(message) = next else { break };
                     if let Some(policy) = message.policy {
                         let _ = tx.send(policy).await;
                     }
