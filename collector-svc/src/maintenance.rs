@@ -288,7 +288,9 @@ impl Maintenance {
     }
 
     /// Applies every purge of the current policies not applied yet, each once; returns how many.
-    /// An org's purges wait while its data moves (the move applies them first).
+    /// An org's purges wait while its data moves (the move applies them first). The org's lock is
+    /// held throughout, so a pass that returns has seen through what a concurrent pass (the
+    /// background one starts the moment a change is applied) was carrying out.
     pub async fn apply_purges(&self) -> usize {
         if !self.policies.is_ready() {
             return 0;
@@ -305,6 +307,7 @@ impl Maintenance {
             let Ok(opened) = self.stores.get(policy.location()).await else {
                 continue;
             };
+            let _org = self.lock(&policy.org_id).await;
             for spec in specs {
                 match opened.store.purge_applied(&spec.purge_id).await {
                     Ok(true) => continue,
