@@ -9,9 +9,7 @@ use std::time::Duration;
 use prost::Message;
 use sightline_proto::collector::v1 as pb;
 use sightline_proto::consent::v1 as consent_pb;
-use sightline_proto::consent::v1::consent_service_client::ConsentServiceClient;
 use sightline_runtime::audited::{AuditEntry, Auditor, ChangeLogError, CommitError, StagedChange};
-use sightline_runtime::auth::authorize;
 use sightline_runtime::{Secret, SharedClock};
 use tokio_util::sync::CancellationToken;
 
@@ -582,28 +580,16 @@ impl Maintenance {
                 .await?;
             tracing::info!(%org_id, move_id = %data_move.move_id, in_place, "org data moved");
         }
-        self.report_moved(org_id).await
-    }
-
-    /// Tells consent-svc this collector's part of the org's data move is done.
-    async fn report_moved(&self, org_id: &str) -> Result<(), MoveError> {
-        let mut client = ConsentServiceClient::new(self.consent.clone());
-        let mut request = tonic::Request::new(consent_pb::RequestResidencyMoveRequest {
-            org_id: org_id.to_owned(),
-            transition: consent_pb::MoveTransition::Complete as i32,
-            scope: consent_pb::ResidencyScope::Data as i32,
-            to_location: 0,
-            owner: MOVE_OWNER.to_owned(),
-        });
-        request.set_timeout(Duration::from_secs(10));
-        authorize(&mut request, &self.service_token)
-            .map_err(|s| MoveError::Report(s.to_string()))?;
-        match client.request_residency_move(request).await {
-            Ok(_) => Ok(()),
-            // Finished meanwhile (by the operator, or a report whose reply was lost).
-            Err(status) if status.code() == tonic::Code::FailedPrecondition => Ok(()),
-            Err(status) => Err(MoveError::Report(status.message().to_owned())),
-        }
+        sightline_runtime::location::report_move_part(
+            self.consent.clone(),
+            &self.service_token,
+            org_id,
+            consent_pb::ResidencyScope::Data,
+            MOVE_OWNER,
+        )
+        .await
+        .map(drop)
+        .map_err(|status| MoveError::Report(status.message().to_owned()))
     }
 
     /// Settles staged changes left by a crash, in every open store.

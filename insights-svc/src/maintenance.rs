@@ -8,7 +8,6 @@ use std::time::Duration;
 
 use sightline_proto::common::v1::{EventKind, UsageLevel};
 use sightline_proto::consent::v1 as consent_pb;
-use sightline_proto::consent::v1::consent_service_client::ConsentServiceClient;
 use sightline_proto::insights::v1 as pb;
 use sightline_proto::linker::v1 as linker_pb;
 use sightline_proto::linker::v1::linker_service_client::LinkerServiceClient;
@@ -359,30 +358,20 @@ impl Maintenance {
         Ok(reported)
     }
 
-    /// Tells consent-svc insights-svc's part of the org's move of `scope` is done; false when the
-    /// move was finished meanwhile (by the operator, or a report whose reply was lost).
+    /// Reports insights-svc's part of the org's move of `scope` done (false: finished meanwhile).
     async fn report_part(
         &self,
         org_id: &str,
         scope: consent_pb::ResidencyScope,
     ) -> Result<bool, MaintenanceError> {
-        let mut request = tonic::Request::new(consent_pb::RequestResidencyMoveRequest {
-            org_id: org_id.to_owned(),
-            transition: consent_pb::MoveTransition::Complete as i32,
-            scope: scope as i32,
-            to_location: 0,
-            owner: MOVE_OWNER.to_owned(),
-        });
-        request.set_timeout(Duration::from_secs(10));
-        authorize(&mut request, &self.api.service_token)?;
-        match ConsentServiceClient::new(self.consent.clone())
-            .request_residency_move(request)
-            .await
-        {
-            Ok(_) => Ok(true),
-            Err(status) if status.code() == tonic::Code::FailedPrecondition => Ok(false),
-            Err(status) => Err(status.into()),
-        }
+        Ok(sightline_runtime::location::report_move_part(
+            self.consent.clone(),
+            &self.api.service_token,
+            org_id,
+            scope,
+            MOVE_OWNER,
+        )
+        .await?)
     }
 
     /// Carries out insights-svc's part of every support-bundle residency move under way: copies

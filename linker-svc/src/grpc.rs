@@ -79,17 +79,20 @@ impl Authority {
         let peer = PeerKey::of_request(request);
         let presented =
             auth::bearer(request.metadata()).inspect_err(|_| self.failures.charge(peer))?;
-        let (configured, digest) = match token::parse(presented) {
-            Ok(parsed) => (
-                matches!(parsed.kind, TokenKind::Operator | TokenKind::Service),
-                parsed.digest(),
-            ),
-            Err(_) => (false, [0; 32]),
+        let parsed = match token::parse(presented) {
+            Ok(parsed) => parsed,
+            Err(error) => {
+                self.failures.check(peer)?;
+                self.failures.charge(peer);
+                return Err(malformed(error).into());
+            }
         };
+        let digest = parsed.digest();
+        let configured = matches!(parsed.kind, TokenKind::Operator | TokenKind::Service);
         if !configured {
             self.failures.check_token(peer, &digest)?;
         }
-        let principal = match self.resolve(presented).await {
+        let principal = match self.resolve_parsed(parsed.kind, &digest).await {
             Ok(principal) => principal,
             Err(error) => {
                 if matches!(error, LinkerError::Unauthenticated(_)) {
@@ -108,11 +111,19 @@ impl Authority {
 
     /// Whose `presented` is. Link keys are not bearer tokens outside LinkInstance.
     pub async fn resolve(&self, presented: &str) -> Result<Principal, LinkerError> {
-        let parsed = token::parse(presented)
-            .map_err(|e| LinkerError::Unauthenticated(format!("malformed token: {e}")))?;
-        let digest = parsed.digest();
+        let parsed = token::parse(presented).map_err(malformed)?;
+        self.resolve_parsed(parsed.kind, &parsed.digest()).await
+    }
+
+    /// Whose the token of `kind` with `digest` is (the token parsed and digested once per call).
+    async fn resolve_parsed(
+        &self,
+        kind: TokenKind,
+        digest: &[u8; 32],
+    ) -> Result<Principal, LinkerError> {
+        let digest = *digest;
         let now = self.clock.now_ms();
-        match parsed.kind {
+        match kind {
             TokenKind::Operator if token::digests_equal(&digest, &self.operator_digest) => {
                 Ok(Principal::Operator)
             }
@@ -170,10 +181,14 @@ impl Authority {
             )),
             TokenKind::Operator | TokenKind::Service => Err(LinkerError::Unauthenticated(format!(
                 "unknown {}",
-                parsed.kind.noun()
+                kind.noun()
             ))),
         }
     }
+}
+
+fn malformed(error: token::TokenError) -> LinkerError {
+    LinkerError::Unauthenticated(format!("malformed token: {error}"))
 }
 
 fn stale(last_used_at: Option<i64>, now: i64) -> bool {

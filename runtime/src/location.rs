@@ -65,3 +65,33 @@ impl StoreUrls {
         }
     }
 }
+
+/// Tells consent-svc that `owner`'s part of the org's move of `scope` is done (with the service
+/// token). `Ok(false)`: the move was finished meanwhile (by the operator, or a report whose reply
+/// was lost), which is no failure.
+pub async fn report_move_part(
+    consent: tonic::transport::Channel,
+    service_token: &Secret,
+    org_id: &str,
+    scope: sightline_proto::consent::v1::ResidencyScope,
+    owner: &str,
+) -> Result<bool, tonic::Status> {
+    use sightline_proto::consent::v1 as consent_pb;
+    let mut request = tonic::Request::new(consent_pb::RequestResidencyMoveRequest {
+        org_id: org_id.to_owned(),
+        transition: consent_pb::MoveTransition::Complete as i32,
+        scope: scope as i32,
+        to_location: 0,
+        owner: owner.to_owned(),
+    });
+    request.set_timeout(std::time::Duration::from_secs(10));
+    crate::auth::authorize(&mut request, service_token)?;
+    match consent_pb::consent_service_client::ConsentServiceClient::new(consent)
+        .request_residency_move(request)
+        .await
+    {
+        Ok(_) => Ok(true),
+        Err(status) if status.code() == tonic::Code::FailedPrecondition => Ok(false),
+        Err(status) => Err(status),
+    }
+}

@@ -161,12 +161,11 @@ pub trait Revisioned {
 pub struct PolicyTable<E> {
     orgs: std::sync::RwLock<std::collections::HashMap<String, E>>,
     pending: std::sync::Mutex<Option<std::collections::HashMap<String, E>>>,
-    ready: std::sync::atomic::AtomicBool,
     /// Woken on every message (purge appliers wait on it).
     pub changed: tokio::sync::Notify,
     /// Between the follower's commits and its changes.
     pub fence: Fence,
-    /// Whether a complete snapshot is held, for health (NOT_SERVING until it is).
+    /// Whether a complete snapshot is held (calls and health follow it: NOT_SERVING until it is).
     ready_watch: tokio::sync::watch::Sender<bool>,
     /// What a refused caller is told to wait: the time to the next subscription and its snapshot.
     retry_ms: std::sync::atomic::AtomicU64,
@@ -180,7 +179,6 @@ impl<E> Default for PolicyTable<E> {
         Self {
             orgs: std::sync::RwLock::new(std::collections::HashMap::new()),
             pending: std::sync::Mutex::new(None),
-            ready: std::sync::atomic::AtomicBool::new(false),
             changed: tokio::sync::Notify::new(),
             fence: Fence::default(),
             ready_watch: tokio::sync::watch::Sender::new(false),
@@ -191,7 +189,7 @@ impl<E> Default for PolicyTable<E> {
 
 impl<E: Revisioned> PolicyTable<E> {
     pub fn is_ready(&self) -> bool {
-        self.ready.load(std::sync::atomic::Ordering::SeqCst)
+        *self.ready_watch.borrow()
     }
 
     /// Follows readiness (for health: NOT_SERVING until a complete snapshot is held).
@@ -233,7 +231,6 @@ impl<E: Revisioned> PolicyTable<E> {
                     let complete = pending.take().unwrap_or_default();
                     if let Ok(mut orgs) = self.orgs.write() {
                         *orgs = complete;
-                        self.ready.store(true, std::sync::atomic::Ordering::SeqCst);
                         self.retry_ms
                             .store(SNAPSHOT_MS, std::sync::atomic::Ordering::Relaxed);
                         self.ready_watch.send_replace(true);
@@ -254,7 +251,6 @@ impl<E: Revisioned> PolicyTable<E> {
 
     /// Fails closed: nothing is ready until the next complete snapshot.
     pub fn lose(&self) {
-        self.ready.store(false, std::sync::atomic::Ordering::SeqCst);
         self.ready_watch.send_replace(false);
         if let Ok(mut orgs) = self.orgs.write() {
             orgs.clear();

@@ -124,7 +124,7 @@ impl GrpcServer {
     pub async fn follow_dependency(
         &self,
         dependency: tonic::transport::Channel,
-        policy: Option<tokio::sync::watch::Receiver<bool>>,
+        mut policy: Option<tokio::sync::watch::Receiver<bool>>,
         every: Duration,
         stop: CancellationToken,
     ) {
@@ -139,7 +139,6 @@ impl GrpcServer {
                 }
             }
         };
-        let mut policy = policy;
         let policy_ready = |policy: &Option<tokio::sync::watch::Receiver<bool>>| {
             policy.as_ref().is_none_or(|p| *p.borrow())
         };
