@@ -6,6 +6,7 @@
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -82,6 +83,7 @@ async fn sender(
     instance: TestInstance,
     stream: usize,
     stop: CancellationToken,
+    counted: Arc<AtomicUsize>,
 ) -> Vec<String> {
     let mut acked = Vec::new();
     let mut n = 0;
@@ -118,6 +120,7 @@ async fn sender(
                         result.accepted + dropped(&result, DropReason::Duplicate),
                         50
                     );
+                    counted.fetch_add(ids.len(), Ordering::Relaxed);
                     acked.extend(ids);
                     n += 1;
                     continue 'batches;
@@ -152,13 +155,28 @@ async fn kill_loop(database_url: Option<String>) {
         .unwrap()
         .connect_lazy();
     let stop = CancellationToken::new();
+    let counted = Arc::new(AtomicUsize::new(0));
     let senders: Vec<_> = (0..4)
-        .map(|k| tokio::spawn(sender(channel.clone(), instance.clone(), k, stop.clone())))
+        .map(|k| {
+            let sent = sender(
+                channel.clone(),
+                instance.clone(),
+                k,
+                stop.clone(),
+                counted.clone(),
+            );
+            tokio::spawn(sent)
+        })
         .collect();
-    for _ in 0..20 {
+    // Twenty kills at least, and on until 1,000 events were acknowledged: how many go through
+    // between kills depends on the machine's pace, so it is a condition to reach, not a verdict
+    // (bounded, so a collector that never acknowledges still ends the test).
+    let mut kills = 0;
+    while kills < 20 || (counted.load(Ordering::Relaxed) < 1_000 && kills < 200) {
         tokio::time::sleep(Duration::from_millis(rand::random_range(150..400))).await;
         process.kill9().await;
         process = CollectorProcess::start(&linker, &consent, addr, database_url.as_deref()).await;
+        kills += 1;
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
     stop.cancel();
