@@ -129,6 +129,40 @@ impl Stack {
         self.collector.maintenance.roll_up().await;
     }
 
+    /// Asks (as the org's admin) and starts (as the operator) a move of `scope` to `to`; the
+    /// operator's answer.
+    async fn start_move(
+        &self,
+        scope: sightline_proto::consent::v1::ResidencyScope,
+        to: sightline_proto::common::v1::Location,
+    ) -> sightline_proto::consent::v1::RequestResidencyMoveResponse {
+        use sightline_proto::consent::v1 as consent_pb;
+        let mut consent = self.consent.client().await;
+        let step =
+            |transition: consent_pb::MoveTransition| consent_pb::RequestResidencyMoveRequest {
+                org_id: self.org.id.clone(),
+                transition: transition as i32,
+                scope: scope as i32,
+                to_location: to as i32,
+                owner: String::new(),
+            };
+        consent
+            .request_residency_move(authed(
+                &self.org.admin,
+                step(consent_pb::MoveTransition::Request),
+            ))
+            .await
+            .unwrap();
+        consent
+            .request_residency_move(authed(
+                self.linker.operator.expose(),
+                step(consent_pb::MoveTransition::Start),
+            ))
+            .await
+            .unwrap()
+            .into_inner()
+    }
+
     /// The header of an assessment upload by the org's admin for `instance_id`.
     fn assessment_header(&self, instance_id: &str, size: usize) -> pb::UploadHeader {
         let mut head = header("sightline.assessment", size);
@@ -1219,28 +1253,9 @@ async fn a_support_bundle_move_carries_the_files_to_the_new_location_and_reports
     let file = format!("{}.zip", kept.upload_id);
     assert!(dir("global").join(&file).exists());
     let mut consent = s.consent.client().await;
-    let step = |transition: consent_pb::MoveTransition| consent_pb::RequestResidencyMoveRequest {
-        org_id: s.org.id.clone(),
-        transition: transition as i32,
-        scope: consent_pb::ResidencyScope::SupportBundles as i32,
-        to_location: Location::Eu as i32,
-        owner: String::new(),
-    };
-    consent
-        .request_residency_move(authed(
-            &s.org.admin,
-            step(consent_pb::MoveTransition::Request),
-        ))
-        .await
-        .unwrap();
-    let started = consent
-        .request_residency_move(authed(
-            s.linker.operator.expose(),
-            step(consent_pb::MoveTransition::Start),
-        ))
-        .await
-        .unwrap()
-        .into_inner();
+    let started = s
+        .start_move(consent_pb::ResidencyScope::SupportBundles, Location::Eu)
+        .await;
     let revision = sightline_tests::consent::policy(&s.consent, &s.org, &s.instance.id)
         .await
         .revision;
@@ -1427,33 +1442,11 @@ async fn a_move_carries_assessments_health_data_and_bundles_to_the_new_location_
     let before = insights_rows(&data_dir, "insights", &s.org.id).await;
     assert!(before.iter().all(|(_, n)| *n > 0), "{before:?}");
 
-    let mut consent = s.consent.client().await;
     for scope in [
         consent_pb::ResidencyScope::Data,
         consent_pb::ResidencyScope::SupportBundles,
     ] {
-        let step =
-            |transition: consent_pb::MoveTransition| consent_pb::RequestResidencyMoveRequest {
-                org_id: s.org.id.clone(),
-                transition: transition as i32,
-                scope: scope as i32,
-                to_location: Location::Eu as i32,
-                owner: String::new(),
-            };
-        consent
-            .request_residency_move(authed(
-                &s.org.admin,
-                step(consent_pb::MoveTransition::Request),
-            ))
-            .await
-            .unwrap();
-        consent
-            .request_residency_move(authed(
-                s.linker.operator.expose(),
-                step(consent_pb::MoveTransition::Start),
-            ))
-            .await
-            .unwrap();
+        s.start_move(scope, Location::Eu).await;
     }
     let moving = sightline_tests::consent::policy(&s.consent, &s.org, &s.instance.id).await;
     assert!(moving.moving && moving.support_bundles_moving);
