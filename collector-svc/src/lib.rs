@@ -41,7 +41,7 @@ use crate::fields::{ClassTable, FieldsError};
 use crate::grpc::CollectorApi;
 use crate::maintenance::{Maintenance, Schedules};
 use crate::policy::{Policies, PseudonymKeys};
-use crate::stores::{StoreUrls, Stores};
+use crate::stores::StoreUrls;
 
 /// Everything collector-svc needs to start.
 #[derive(Debug, Clone)]
@@ -144,7 +144,7 @@ impl CollectorService {
             Arc::from(config.collection.url_query_keys.clone()),
         ));
         let background = CancellationToken::new();
-        let stores = Stores::new(
+        let stores = stores::stores(
             StoreUrls {
                 service: "collector",
                 locations: config.collection.locations.clone(),

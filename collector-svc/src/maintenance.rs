@@ -466,7 +466,7 @@ impl Maintenance {
             .filter(|p| p.moving)
             .map(|p| p.org_id.clone())
             .collect();
-        for opened in self.stores.open_now() {
+        for (_, opened) in self.stores.open_now() {
             if let Err(error) = remake_view_days(opened.store.as_ref(), &moving).await {
                 tracing::warn!(%error, "day totals of page views not remade");
             }
@@ -594,7 +594,7 @@ impl Maintenance {
 
     /// Settles staged changes left by a crash, in every open store.
     pub async fn recover(&self) {
-        for opened in self.stores.open_now() {
+        for (_, opened) in self.stores.open_now() {
             if let Err(error) = self.auditor.recover(opened.store.as_ref()).await {
                 tracing::warn!(%error, "cannot settle staged changes");
             }

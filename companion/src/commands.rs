@@ -6,6 +6,7 @@ use std::fmt::Write as _;
 use futures::StreamExt;
 use std::io::Read;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use sha2::{Digest, Sha256};
 use sightline_proto::collector::v1::collector_service_client::CollectorServiceClient;
@@ -72,6 +73,9 @@ fn read_key(source: KeySource) -> anyhow::Result<Secret> {
     }
 }
 
+/// How long a link waits out refusals that say when to come back.
+const LINK_PATIENCE: Duration = Duration::from_secs(60);
+
 /// Links the instance and keeps its secrets in the vault; returns what to print.
 pub async fn link(
     home: &Home,
@@ -85,30 +89,43 @@ pub async fn link(
         vault::load_key(home, false)?;
     }
     let mut linker = LinkerServiceClient::new(channel(&endpoints.linker, endpoints.ca.as_deref())?);
-    let linked = linker
-        .link_instance(unary(
-            &key,
-            LinkInstanceRequest {
-                metadata: Some(InstanceMetadata {
-                    server_id: args.server_id.clone(),
-                    base_url: args.base_url.clone(),
-                    product: args.product.clone(),
-                    version: args.version.clone(),
-                    license_sen: args.license_sen,
-                    ..Default::default()
-                }),
-                app_links: Vec::new(),
-            },
-        ))
-        .await
-        .map_err(|s| {
-            anyhow::anyhow!(
+    // A refusal that says when to come back (linker-svc has no policy yet, or the org's data
+    // moves) is retried for a while: nothing was linked, or linking again finishes it.
+    let patience = std::time::Instant::now() + LINK_PATIENCE;
+    let linked = loop {
+        let request = LinkInstanceRequest {
+            metadata: Some(InstanceMetadata {
+                server_id: args.server_id.clone(),
+                base_url: args.base_url.clone(),
+                product: args.product.clone(),
+                version: args.version.clone(),
+                license_sen: args.license_sen.clone(),
+                ..Default::default()
+            }),
+            app_links: Vec::new(),
+        };
+        match linker.link_instance(unary(&key, request)).await {
+            Ok(linked) => break linked.into_inner(),
+            Err(status)
+                if status.code() == tonic::Code::Unavailable
+                    && std::time::Instant::now() < patience =>
+            {
+                if let Some(wait) = crate::client::retry_hint(&status) {
+                    tokio::time::sleep(
+                        wait.clamp(Duration::from_millis(50), Duration::from_secs(5)),
+                    )
+                    .await;
+                    continue;
+                }
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            Err(status) => anyhow::bail!(
                 "linker-svc refused the link: {:?}: {}",
-                s.code(),
-                s.message()
-            )
-        })?
-        .into_inner();
+                status.code(),
+                status.message()
+            ),
+        }
+    };
     let instance = linked
         .instance
         .ok_or_else(|| anyhow::anyhow!("linker-svc returned no instance"))?;

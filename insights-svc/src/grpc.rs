@@ -260,12 +260,15 @@ impl InsightsApi {
     }
 
     /// The store of an org's data (assessments, readiness reports, score history): its data
-    /// location's, as the org's policy says (an org consent-svc never mentioned is GLOBAL).
+    /// location's, as the org's policy says (an org consent-svc never mentioned is GLOBAL), or
+    /// the new location's once insights-svc's part of a move under way is reported.
     pub(crate) async fn data_store(&self, org_id: &str) -> Result<Arc<dyn InsightsStore>, Status> {
         let location = self
             .policies
             .policy(org_id, None)?
-            .map_or(Location::Global, |p| p.location());
+            .map_or(Location::Global, |p| {
+                sightline_runtime::location::read_location(&p, crate::maintenance::MOVE_OWNER)
+            });
         self.stores.get(location).await
     }
 

@@ -42,7 +42,6 @@ use crate::maintenance::{Maintenance, Schedules};
 use crate::policy::Policies;
 use crate::rollups::Rollups;
 use crate::rules::{Rules, RulesError};
-use crate::stores::Stores;
 use crate::upload::BundleLimits;
 
 /// Everything insights-svc needs to start.
@@ -140,7 +139,7 @@ impl InsightsService {
         let collector =
             client::service_channel(&config.collector_url, config.tls.as_ref(), &config.limits)
                 .map_err(|e| StartError::Config(format!("collector: {e}")))?;
-        let stores = Stores::new(StoreUrls {
+        let stores = stores::stores(StoreUrls {
             service: "insights",
             locations: config.analysis.locations.clone(),
             shared: config.database_url.clone(),

@@ -34,7 +34,7 @@ pub struct Schedules {
 }
 
 /// The owner name insights-svc reports its part of a residency move under.
-const MOVE_OWNER: &str = "insights";
+pub(crate) const MOVE_OWNER: &str = "insights";
 
 #[derive(Debug, Clone)]
 pub struct Maintenance {

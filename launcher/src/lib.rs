@@ -44,7 +44,12 @@ pub async fn start_stack(
         settings.service_token = Some(ensure_service_token(&settings.data_dir)?);
     }
     let mut tasks = JoinSet::new();
-    let linker = Linker::build(LinkerConfig::from_settings(&settings)?)
+    // consent-svc's address is known once it is built (port 0 picks one): followed from then on.
+    let linker_config = LinkerConfig {
+        consent_url: None,
+        ..LinkerConfig::from_settings(&settings)?
+    };
+    let mut linker = Linker::build(linker_config)
         .await
         .context("starting linker-svc")?;
     // The other services reach linker-svc where it actually listens (port 0 picks one).
@@ -55,6 +60,9 @@ pub async fn start_stack(
         .context("starting consent-svc")?;
     settings.consent.url =
         sightline_runtime::client::service_url(consent.local_addr(), settings.tls.as_ref());
+    // linker-svc places instance metadata by the policies of consent-svc where it actually listens.
+    linker.follow_consent(&settings.consent.url)?;
+    let residency = linker.residency();
     let collector = CollectorService::build(CollectorConfig::from_settings(&settings)?)
         .await
         .context("starting collector-svc")?;
@@ -118,6 +126,18 @@ pub async fn start_stack(
         collector_stop.cancel();
         Ok(served?)
     });
+    // The stack is up once linker-svc holds consent-svc's policies (until then a link is refused
+    // with a retry hint); a bound, after which it goes on and says so.
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
+    while !residency.is_ready() {
+        if tokio::time::Instant::now() > deadline {
+            tracing::warn!(
+                "linker-svc holds no policy from consent-svc yet; links are refused until it does"
+            );
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
     Ok((endpoints, tasks))
 }
 

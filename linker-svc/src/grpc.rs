@@ -24,10 +24,11 @@ use crate::audit::{ChainCheck, ChainVerifier, GENESIS};
 use crate::domain::{self, LINK_KEY_VALIDITY_MS};
 use crate::domains::{self, TxtResolver};
 use crate::error::LinkerError;
+use crate::residency::Residency;
 use crate::store::{
     AdminTokenRecord, AppLinkRecord, AuditDraft, AuditRecord, CredentialRecord, DomainRecord,
-    IdempotentReply, InstanceRecord, KeyedAppend, LinkKeyRecord, LinkerStore, NewLink, NewSecret,
-    OrgRecord,
+    IdempotentReply, InstanceFacts, InstanceRecord, KeyedAppend, LinkKeyRecord, LinkerStore,
+    NewLink, NewSecret, OrgRecord,
 };
 
 /// How long other services may cache a ValidateCredential answer.
@@ -199,6 +200,7 @@ fn stale(last_used_at: Option<i64>, now: i64) -> bool {
 #[derive(Debug, Clone)]
 pub struct LinkerApi {
     store: Arc<dyn LinkerStore>,
+    residency: Arc<Residency>,
     clock: SharedClock,
     authority: Arc<Authority>,
     txt: Arc<dyn TxtResolver>,
@@ -207,16 +209,41 @@ pub struct LinkerApi {
 impl LinkerApi {
     pub fn new(
         store: Arc<dyn LinkerStore>,
+        residency: Arc<Residency>,
         clock: SharedClock,
         authority: Arc<Authority>,
         txt: Arc<dyn TxtResolver>,
     ) -> Self {
         Self {
             store,
+            residency,
             clock,
             authority,
             txt,
         }
+    }
+
+    /// Fills the instances' metadata from the store of the org's location and returns their app
+    /// links, sorted by instance.
+    async fn with_facts(
+        &self,
+        org_id: &str,
+        instances: &mut [InstanceRecord],
+    ) -> Result<Vec<AppLinkRecord>, Status> {
+        let read = self.residency.for_read(org_id).await?;
+        let ids: Vec<String> = instances.iter().map(|i| i.id.clone()).collect();
+        let facts: std::collections::HashMap<String, InstanceFacts> = read
+            .facts_of(&ids)
+            .await?
+            .into_iter()
+            .map(|f| (f.instance_id.clone(), f))
+            .collect();
+        for instance in instances.iter_mut() {
+            if let Some(found) = facts.get(&instance.id) {
+                found.fill(instance);
+            }
+        }
+        Ok(read.app_links_of(&ids).await?)
     }
 
     /// The caller, who must administer `org_id`; and the org must exist.
@@ -733,6 +760,7 @@ impl LinkerService for LinkerApi {
         let r = request.get_ref();
         let metadata = domain::metadata(r.metadata.as_ref())?;
         let links = domain::app_links(&r.app_links)?;
+        self.residency.check_writable()?;
         let now = self.clock.now_ms();
         let instance_id = domain::new_id();
         let (credential, new_credential) =
@@ -760,18 +788,7 @@ impl LinkerService for LinkerApi {
                 unlinked_at: None,
             },
             credential: new_credential,
-            app_links: links
-                .into_iter()
-                .map(|l| AppLinkRecord {
-                    instance_id: instance_id.clone(),
-                    url: l.url,
-                    product_family: l.product_family,
-                    server_id: l.server_id,
-                    version: l.version,
-                })
-                .collect(),
         };
-        let app_links = link.app_links.clone();
         let outcome = self
             .store
             .link_instance(&key_digest, link)
@@ -790,13 +807,22 @@ impl LinkerService for LinkerApi {
             "instance linked"
         );
         let credentials = vec![outcome.credential.clone()];
-        let app_links: Vec<AppLinkRecord> = app_links
+        let app_links: Vec<AppLinkRecord> = links
             .into_iter()
-            .map(|mut a| {
-                a.instance_id.clone_from(&outcome.instance.id);
-                a
+            .map(|l| AppLinkRecord {
+                instance_id: outcome.instance.id.clone(),
+                url: l.url,
+                product_family: l.product_family,
+                server_id: l.server_id,
+                version: l.version,
             })
             .collect();
+        // The metadata goes to the store of the org's location, under the policy fence.
+        let (located, _held) = self.residency.for_write(&outcome.instance.org_id).await?;
+        located
+            .put_instance_facts(&InstanceFacts::of(&outcome.instance), &app_links)
+            .await
+            .map_err(LinkerError::from)?;
         Ok(Response::new(pb::LinkInstanceResponse {
             instance: Some(instance_pb(
                 &outcome.instance,
@@ -825,7 +851,7 @@ impl LinkerService for LinkerApi {
             _ => self.admin_of(&caller, &r.org_id).await?,
         };
         let page = domain::page(r.page_size, &r.page_token)?;
-        let instances = if r.instance_id.is_empty() {
+        let mut instances = if r.instance_id.is_empty() {
             self.store
                 .list_instances(&org_id, page.after.as_deref(), page.size)
                 .await
@@ -846,15 +872,10 @@ impl LinkerService for LinkerApi {
             .credentials_of(&ids)
             .await
             .map_err(LinkerError::from)?;
-        let mut app_links = self
-            .store
-            .app_links_of(&ids)
-            .await
-            .map_err(LinkerError::from)?;
+        let app_links = self.with_facts(&org_id, &mut instances).await?;
         // Grouped by instance (stable: each instance's own order stays), so a page of n instances
         // is built in n log n, not n².
         credentials.sort_by(|a, b| a.instance_id.cmp(&b.instance_id));
-        app_links.sort_by(|a, b| a.instance_id.cmp(&b.instance_id));
         let now = self.clock.now_ms();
         Ok(Response::new(pb::ListInstancesResponse {
             next_page_token: next_token(&instances, page.size, |i| i.id.clone()),
@@ -889,7 +910,7 @@ impl LinkerService for LinkerApi {
             instance_id.clone(),
         )
         .until(self.deadline(&request));
-        let instance = self
+        let mut instance = self
             .store
             .unlink_instance(&org_id, &instance_id, audit)
             .await
@@ -901,10 +922,8 @@ impl LinkerService for LinkerApi {
             .await
             .map_err(LinkerError::from)?;
         let app_links = self
-            .store
-            .app_links_of(&ids)
-            .await
-            .map_err(LinkerError::from)?;
+            .with_facts(&org_id, std::slice::from_mut(&mut instance))
+            .await?;
         tracing::info!(%org_id, %instance_id, "instance unlinked");
         Ok(Response::new(pb::UnlinkInstanceResponse {
             instance: Some(instance_pb(&instance, &credentials, &app_links, now)),
@@ -1125,11 +1144,14 @@ impl LinkerService for LinkerApi {
     ) -> GrpcResult<pb::DetectInstancesResponse> {
         let caller = self.authority.caller(&request).await?;
         let org_id = self.admin_of(&caller, &request.get_ref().org_id).await?;
-        let inputs = self
+        let mut inputs = self
             .store
             .detection_inputs(&org_id)
             .await
             .map_err(LinkerError::from)?;
+        inputs.app_links = self
+            .with_facts(&org_id, &mut inputs.linked_instances)
+            .await?;
         Ok(Response::new(pb::DetectInstancesResponse {
             instances: crate::detect::detect(&inputs),
         }))

@@ -11,6 +11,7 @@ pub mod domain;
 pub mod domains;
 pub mod error;
 pub mod grpc;
+pub mod residency;
 pub mod store;
 
 use std::net::SocketAddr;
@@ -19,6 +20,7 @@ use std::sync::Arc;
 
 use sightline_proto::audit::v1::audit_service_server::AuditServiceServer;
 use sightline_proto::linker::v1::linker_service_server::LinkerServiceServer;
+use sightline_runtime::location::StoreUrls;
 use sightline_runtime::secret_file;
 use sightline_runtime::server::{GrpcServer, ServerError};
 use sightline_runtime::settings::{Limits, TlsSettings};
@@ -44,6 +46,14 @@ pub struct LinkerConfig {
     pub txt_resolver: Arc<dyn TxtResolver>,
     /// Where Prometheus scrapes `/metrics`; None for no metrics listener.
     pub metrics_listen: Option<SocketAddr>,
+    /// consent-svc, whose policies place each org's instance metadata (SPEC E10). None: all of it
+    /// stays in this database (a linker-svc alone, as some tests run it; see [`Linker::residency`]).
+    pub consent_url: Option<String>,
+    /// Where each location's store of instance metadata lives (`residency.linker_locations`; GLOBAL's is
+    /// this database unless named).
+    pub locations: std::collections::BTreeMap<String, Secret>,
+    /// The data directory (SQLite files of the other locations, by default).
+    pub data_dir: std::path::PathBuf,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -80,6 +90,9 @@ impl LinkerConfig {
             clock: sightline_runtime::clock::system(),
             txt_resolver,
             metrics_listen: settings.linker.metrics_addr().map_err(StartError::Config)?,
+            consent_url: Some(settings.consent.url.clone()),
+            locations: settings.residency.linker_locations.clone(),
+            data_dir: settings.data_dir.clone(),
         })
     }
 }
@@ -100,6 +113,21 @@ pub fn ensure_operator_token(data_dir: &Path) -> Result<(Secret, bool), StartErr
 #[derive(Debug)]
 pub struct Linker {
     server: GrpcServer,
+    residency: Arc<residency::Residency>,
+    /// Stops following consent-svc once the server has stopped.
+    background: CancellationToken,
+    service_token: Option<Secret>,
+    tls: Option<TlsSettings>,
+    limits: Limits,
+}
+
+fn consent_channel(
+    url: &str,
+    tls: Option<&TlsSettings>,
+    limits: &Limits,
+) -> Result<tonic::transport::Channel, StartError> {
+    sightline_runtime::client::service_channel(url, tls, limits)
+        .map_err(|e| StartError::Config(format!("consent: {e}")))
 }
 
 impl Linker {
@@ -113,7 +141,29 @@ impl Linker {
             &service_tokens,
             &config.limits,
         ));
-        let api = LinkerApi::new(store, config.clock, authority, config.txt_resolver);
+        let residency = Arc::new(residency::Residency::new(
+            store.clone(),
+            config.database_url.expose().to_owned(),
+            StoreUrls {
+                service: "linker",
+                locations: config.locations.clone(),
+                // A server database holds every location not named; SQLite, a file each.
+                shared: (!config.database_url.expose().starts_with("sqlite:"))
+                    .then(|| config.database_url.clone()),
+                data_dir: config.data_dir.clone(),
+                global_keeps_service_file: true,
+            },
+            config.clock.clone(),
+        ));
+        residency.open_existing().await?;
+
+        let api = LinkerApi::new(
+            store,
+            residency.clone(),
+            config.clock,
+            authority,
+            config.txt_resolver,
+        );
         let max = config.limits.max_message_bytes;
         let mut server = GrpcServer::bind(
             "linker",
@@ -137,7 +187,39 @@ impl Linker {
                     .max_encoding_message_size(max),
             )
             .await;
-        Ok(Self { server })
+        let mut linker = Self {
+            server,
+            residency,
+            background: CancellationToken::new(),
+            service_token: config.service_tokens.first().cloned(),
+            tls: config.tls,
+            limits: config.limits,
+        };
+        if let Some(url) = &config.consent_url {
+            linker.follow_consent(url)?;
+        }
+        Ok(linker)
+    }
+
+    /// Follows consent-svc at `url` from now on (the launcher learns its address after building
+    /// linker-svc); without a service token there is nothing to follow with.
+    pub fn follow_consent(&mut self, url: &str) -> Result<(), StartError> {
+        let channel = consent_channel(url, self.tls.as_ref(), &self.limits)?;
+        if let Some(token) = &self.service_token {
+            self.residency.follow(
+                channel,
+                token.clone(),
+                std::time::Duration::from_millis(self.limits.policy_lease_ms),
+                self.background.clone(),
+            );
+        }
+        Ok(())
+    }
+
+    /// Where the org's instance metadata is placed; [`residency::Residency::follow`] starts
+    /// following consent-svc later for a linker-svc built without its address (tests do).
+    pub fn residency(&self) -> Arc<residency::Residency> {
+        self.residency.clone()
     }
 
     pub fn local_addr(&self) -> SocketAddr {
@@ -149,7 +231,10 @@ impl Linker {
         self.server.metrics_addr()
     }
 
+    /// Serves until `shutdown`; then stops following consent-svc.
     pub async fn run_until_stopped(self, shutdown: CancellationToken) -> Result<(), StartError> {
-        Ok(self.server.run_until_stopped(shutdown).await?)
+        let served = self.server.run_until_stopped(shutdown).await;
+        self.background.cancel();
+        Ok(served?)
     }
 }

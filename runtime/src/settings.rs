@@ -114,18 +114,27 @@ impl Default for AnalysisSettings {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ResidencySettings {
-    /// Owners of an org's data: collected data (events, metrics, page views, rollups) and
-    /// insights (assessments, readiness reports, score history).
+    /// Owners of an org's data: collected data (events, metrics, page views, rollups), insights
+    /// (assessments, readiness reports, score history) and linker-svc's instance metadata.
     pub data_owners: Vec<String>,
     /// Owners of support bundles.
     pub support_bundle_owners: Vec<String>,
+    /// The database of each location's store of linker-svc's instance metadata (base URL,
+    /// product, version, license SEN, node count, app links), by location name; a location not
+    /// named uses its own SQLite file (`linker-<location>.db`; GLOBAL's is linker-svc's database).
+    pub linker_locations: std::collections::BTreeMap<String, Secret>,
 }
 
 impl Default for ResidencySettings {
     fn default() -> Self {
         Self {
-            data_owners: vec!["collector".to_owned(), "insights".to_owned()],
+            data_owners: vec![
+                "collector".to_owned(),
+                "insights".to_owned(),
+                "linker".to_owned(),
+            ],
             support_bundle_owners: vec!["insights".to_owned()],
+            linker_locations: std::collections::BTreeMap::new(),
         }
     }
 }

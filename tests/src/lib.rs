@@ -147,9 +147,12 @@ pub struct LinkerOptions {
     pub tls: Option<TlsSettings>,
     /// Skip the TRACE log capture (benchmarks measure the service, not the logging).
     pub quiet: bool,
+    /// The stores of instance metadata by location (`residency.linker_locations`).
+    pub locations: std::collections::BTreeMap<String, Secret>,
 }
 
-/// A running linker-svc with its secrets, clock and data directory.
+/// A running linker-svc with its secrets, clock and data directory. It places instance metadata
+/// by location once a [`TestConsent`] started against it is there to follow.
 #[derive(Debug)]
 pub struct TestLinker {
     pub addr: SocketAddr,
@@ -161,6 +164,8 @@ pub struct TestLinker {
     pub txt: Arc<StaticTxt>,
     pub database_url: String,
     pub dir: tempfile::TempDir,
+    pub residency: Arc<linker_svc::residency::Residency>,
+    limits: Limits,
     shutdown: CancellationToken,
     served: Option<tokio::task::JoinHandle<()>>,
 }
@@ -191,9 +196,14 @@ impl TestLinker {
             clock: clock.clone(),
             txt_resolver: txt.clone(),
             metrics_listen: Some("127.0.0.1:0".parse().unwrap()),
+            consent_url: None,
+            locations: options.locations,
+            data_dir: dir.path().to_path_buf(),
         })
         .await
         .unwrap();
+        let residency = linker.residency();
+        let limits = options.limits;
         let addr = linker.local_addr();
         let metrics = linker.metrics_addr();
         let shutdown = CancellationToken::new();
@@ -210,9 +220,23 @@ impl TestLinker {
             txt,
             database_url,
             dir,
+            residency,
+            limits,
             shutdown,
             served: Some(served),
         }
+    }
+
+    /// Starts placing instance metadata by the policies of the consent-svc at `url` (the first
+    /// consent-svc started against this linker; later ones change nothing).
+    pub fn follow_consent(&self, url: &str, tls: Option<&TlsSettings>) {
+        let channel = sightline_runtime::client::service_channel(url, tls, &self.limits).unwrap();
+        self.residency.follow(
+            channel,
+            self.service.clone(),
+            std::time::Duration::from_millis(self.limits.policy_lease_ms),
+            self.shutdown.clone(),
+        );
     }
 
     pub fn data_dir(&self) -> &Path {
@@ -413,7 +437,7 @@ impl TestConsent {
             }),
             service_token: linker.service.clone(),
             limits,
-            tls,
+            tls: tls.clone(),
             clock: linker.clock.clone(),
             options: ApiOptions {
                 call_limit: std::time::Duration::from_millis(limits.request_timeout_ms),
@@ -430,6 +454,26 @@ impl TestConsent {
         let served = tokio::spawn(async move {
             consent.run_until_stopped(stop).await.unwrap();
         });
+        linker.follow_consent(
+            &sightline_runtime::client::service_url(addr, tls.as_ref()),
+            tls.as_ref(),
+        );
+        // Instance metadata is placed once the linker holds the policies (a bound, not a pace).
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        while !linker.residency.is_ready() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "linker-svc never received consent-svc's policies: {}",
+                logs()
+                    .text()
+                    .lines()
+                    .filter(|l| l.contains("WARN") || l.contains("ERROR"))
+                    .take(20)
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
         Self {
             addr,
             metrics,

@@ -1553,6 +1553,7 @@ async fn a_residency_move_carries_the_orgs_data_to_the_new_store_and_leaves_none
             residency: sightline_runtime::settings::ResidencySettings {
                 data_owners: vec!["collector".into(), "insights".into()],
                 support_bundle_owners: vec!["insights".into()],
+                ..Default::default()
             },
             ..Default::default()
         },

@@ -90,6 +90,10 @@ impl Stack {
         for name in SERVICES {
             stack.spawn(name).await;
         }
+        // linker-svc follows consent-svc, whose address is known only now: it starts again, on
+        // its own address, with it.
+        stack.kill("linker").await;
+        stack.spawn("linker").await;
         stack
     }
 

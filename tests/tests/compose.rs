@@ -168,7 +168,16 @@ async fn compose_stack_runs_here(files: &[&str], tls: bool) {
     // Volumes by name: collector and insights share one (the pseudonymization secret).
     let mut volumes: HashMap<String, tempfile::TempDir> = HashMap::new();
     let mut children = Vec::new();
-    for name in SERVICES {
+    let mut databases: HashMap<&str, String> = HashMap::new();
+    // linker-svc follows consent-svc (SIGHTLINE_CONSENT__URL), whose address is known only once it
+    // listens: as compose's linker retries until `consent` resolves, it is started again here,
+    // on its address, once the others are up.
+    for (round, name) in SERVICES.into_iter().chain(["linker"]).enumerate() {
+        let again = round >= SERVICES.len();
+        if again {
+            let mut first: tokio::process::Child = children.remove(0);
+            first.kill().await.unwrap();
+        }
         let service = &services[name];
         let command = strings(&service["command"]);
         assert_eq!(command, [name], "{name} runs `sightline {name}`");
@@ -193,19 +202,27 @@ async fn compose_stack_runs_here(files: &[&str], tls: bool) {
                 "{name} publishes {target}: {published:?}"
             );
         }
-        env.insert(format!("SIGHTLINE_{upper}__LISTEN"), "127.0.0.1:0".into());
+        let listen = if again {
+            mapped.listen[name].to_string()
+        } else {
+            "127.0.0.1:0".into()
+        };
+        env.insert(format!("SIGHTLINE_{upper}__LISTEN"), listen);
         env.insert(
             format!("SIGHTLINE_{upper}__METRICS_LISTEN"),
             "127.0.0.1:0".into(),
         );
         let database = format!("SIGHTLINE_{upper}__DATABASE_URL");
         assert!(env[&database].starts_with("postgres://sightline:sightline@postgres:5432/"));
-        env.insert(
-            database,
-            sightline_runtime::testing::fresh_postgres_url()
-                .await
-                .unwrap(),
-        );
+        if !databases.contains_key(name) {
+            databases.insert(
+                name,
+                sightline_runtime::testing::fresh_postgres_url()
+                    .await
+                    .unwrap(),
+            );
+        }
+        env.insert(database, databases[name].clone());
         let env: BTreeMap<String, String> = env
             .into_iter()
             .map(|(k, v)| (k, mapped.value(&v)))

@@ -377,6 +377,7 @@ async fn a_move_is_done_when_every_data_owner_has_reported_its_part() {
             residency: sightline_runtime::settings::ResidencySettings {
                 data_owners: vec!["collector".into(), "insights".into()],
                 support_bundle_owners: vec!["insights".into()],
+                ..Default::default()
             },
             ..Default::default()
         },

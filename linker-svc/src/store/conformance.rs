@@ -136,17 +136,21 @@ impl Harness {
                 },
                 digest: token::digest(&credential),
             },
-            app_links: vec![AppLinkRecord {
-                instance_id,
-                url: "https://wiki.example.com".into(),
-                product_family: "confluence".into(),
-                server_id: "WIKI-1".into(),
-                version: "8.5.0".into(),
-            }],
         };
         let outcome = self
             .store
             .link_instance(&token::digest(key_secret), link)
+            .await?;
+        // As LinkInstance does: the metadata goes to the store of the org's location (here, the same).
+        let app_link = AppLinkRecord {
+            instance_id: outcome.instance.id.clone(),
+            url: "https://wiki.example.com".into(),
+            product_family: "confluence".into(),
+            server_id: "WIKI-1".into(),
+            version: "8.5.0".into(),
+        };
+        self.store
+            .put_instance_facts(&InstanceFacts::of(&outcome.instance), &[app_link])
             .await?;
         Ok((outcome, credential))
     }
@@ -575,7 +579,66 @@ async fn detection_inputs_match_licenses_to_verified_domains(h: Harness) {
     let sens: Vec<&str> = inputs.licenses.iter().map(|l| l.sen.as_str()).collect();
     assert_eq!(sens, ["SEN-1", "SEN-2"]);
     assert_eq!(inputs.linked_instances.len(), 1);
-    assert_eq!(inputs.app_links.len(), 1);
+    // Identity rows only: the metadata is read from the org's location.
+    assert_eq!(inputs.linked_instances[0].license_sen, "");
+    assert!(inputs.app_links.is_empty());
+}
+
+async fn instance_metadata_is_kept_apart_and_moves_whole(h: Harness) {
+    let org = h.org(T0).await;
+    let other = h.org(T0).await;
+    let mut ids = Vec::new();
+    for (owner, server) in [(&org, "S1"), (&org, "S2"), (&other, "S3")] {
+        let (secret, _) = h.key(owner, T0).await;
+        let (outcome, _) = h.link(&secret, server, T0).await.unwrap();
+        ids.push(outcome.instance.id);
+    }
+    // The identity row keeps none of the metadata.
+    let identity = h.store.get_instance(&org, &ids[0]).await.unwrap().unwrap();
+    assert_eq!(
+        (
+            identity.base_url.as_str(),
+            identity.version.as_str(),
+            identity.license_sen.as_str()
+        ),
+        ("", "", "")
+    );
+    let facts = h.store.instance_facts_of(&ids).await.unwrap();
+    assert_eq!(facts.len(), 3);
+    assert_eq!(
+        facts
+            .iter()
+            .find(|f| f.instance_id == ids[0])
+            .unwrap()
+            .version,
+        "9.12.0"
+    );
+    // Replacing an instance's metadata replaces its app links too.
+    let mut newer = facts
+        .iter()
+        .find(|f| f.instance_id == ids[0])
+        .unwrap()
+        .clone();
+    newer.version = "10.0.0".into();
+    h.store.put_instance_facts(&newer, &[]).await.unwrap();
+    assert!(
+        h.store
+            .app_links_of(std::slice::from_ref(&ids[0]))
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    let held = h.store.org_facts(&org).await.unwrap();
+    assert_eq!((held.facts.len(), held.app_links.len()), (2, 1));
+    assert!(held.facts.iter().any(|f| f.version == "10.0.0"));
+    // A move: delete here, import again (as into another location's store), nothing lost or doubled.
+    assert_eq!(h.store.delete_org_facts(&org).await.unwrap(), 3);
+    assert_eq!(h.store.org_facts(&org).await.unwrap(), OrgFacts::default());
+    assert_eq!(h.store.org_facts(&other).await.unwrap().facts.len(), 1);
+    h.store.import_facts(&held).await.unwrap();
+    h.store.import_facts(&held).await.unwrap();
+    assert_eq!(h.store.org_facts(&org).await.unwrap(), held);
+    h.store.forget_deleted().await.unwrap();
 }
 
 async fn the_audit_log_pages_filters_and_reports_an_edited_entry(h: Harness) {
@@ -743,4 +806,5 @@ conformance!(
     the_audit_log_pages_filters_and_reports_an_edited_entry,
     an_action_whose_audit_entry_cannot_be_written_changes_nothing,
     credentials_and_app_links_of_a_large_page_are_all_found,
+    instance_metadata_is_kept_apart_and_moves_whole,
 );

@@ -125,6 +125,50 @@ pub struct InstanceRecord {
     pub unlinked_at: Option<i64>,
 }
 
+/// An instance's detection and connection metadata: it lives in the store of the org's data
+/// location (SPEC E10), apart from the instance's identity row.
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub struct InstanceFacts {
+    pub instance_id: String,
+    pub org_id: String,
+    pub base_url: String,
+    pub product: String,
+    pub version: String,
+    pub license_sen: String,
+    pub node_count: i64,
+}
+
+impl InstanceFacts {
+    /// The metadata `instance` carries.
+    pub fn of(instance: &InstanceRecord) -> Self {
+        Self {
+            instance_id: instance.id.clone(),
+            org_id: instance.org_id.clone(),
+            base_url: instance.base_url.clone(),
+            product: instance.product.clone(),
+            version: instance.version.clone(),
+            license_sen: instance.license_sen.clone(),
+            node_count: instance.node_count,
+        }
+    }
+
+    /// Fills `instance`'s metadata from these facts.
+    pub fn fill(&self, instance: &mut InstanceRecord) {
+        instance.base_url.clone_from(&self.base_url);
+        instance.product.clone_from(&self.product);
+        instance.version.clone_from(&self.version);
+        instance.license_sen.clone_from(&self.license_sen);
+        instance.node_count = self.node_count;
+    }
+}
+
+/// An org's instance metadata in one store: what a residency move carries.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct OrgFacts {
+    pub facts: Vec<InstanceFacts>,
+    pub app_links: Vec<AppLinkRecord>,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
 pub struct CredentialRecord {
     pub id: String,
@@ -237,13 +281,14 @@ pub struct NewSecret<R> {
     pub digest: [u8; 32],
 }
 
-/// What LinkInstance stores.
+/// What LinkInstance stores in the identity store. The instance's metadata is not kept there (it
+/// goes to the store of the org's location, [`LinkerStore::put_instance_facts`]); the outcome
+/// carries it back as given.
 #[derive(Debug, Clone)]
 pub struct NewLink {
     /// Used when the server id is not linked in the org yet.
     pub instance: InstanceRecord,
     pub credential: NewSecret<CredentialRecord>,
-    pub app_links: Vec<AppLinkRecord>,
 }
 
 #[derive(Debug, Clone)]
@@ -291,6 +336,8 @@ pub struct DetectionInputs {
     pub verified_domains: Vec<String>,
     /// Licenses whose domain is a verified domain or under one.
     pub licenses: Vec<LicenseRecord>,
+    /// The org's linked instances (identity rows; their metadata is filled from the org's
+    /// location before detection runs).
     pub linked_instances: Vec<InstanceRecord>,
     pub app_links: Vec<AppLinkRecord>,
 }
@@ -354,7 +401,22 @@ pub trait LinkerStore: Send + Sync + std::fmt::Debug + 'static {
         instance_id: &str,
     ) -> StoreResult<Option<InstanceRecord>>;
     async fn credentials_of(&self, instance_ids: &[String]) -> StoreResult<Vec<CredentialRecord>>;
+    /// Stores an instance's metadata and app links (replacing what it had) in this location's store.
+    async fn put_instance_facts(
+        &self,
+        facts: &InstanceFacts,
+        app_links: &[AppLinkRecord],
+    ) -> StoreResult<()>;
+    async fn instance_facts_of(&self, instance_ids: &[String]) -> StoreResult<Vec<InstanceFacts>>;
     async fn app_links_of(&self, instance_ids: &[String]) -> StoreResult<Vec<AppLinkRecord>>;
+    /// All of the org's instance metadata held here.
+    async fn org_facts(&self, org_id: &str) -> StoreResult<OrgFacts>;
+    /// Adds an org's instance metadata copied from another location (what is there already stays).
+    async fn import_facts(&self, facts: &OrgFacts) -> StoreResult<()>;
+    /// Deletes all of the org's instance metadata held here; returns how many rows went.
+    async fn delete_org_facts(&self, org_id: &str) -> StoreResult<u64>;
+    /// Makes deleted rows unreadable in the file (SQLite: VACUUM and a truncating checkpoint).
+    async fn forget_deleted(&self) -> StoreResult<()>;
     async fn unlink_instance(
         &self,
         org_id: &str,

@@ -9,9 +9,9 @@ use sqlx::sqlite::SqlitePool;
 
 use super::{
     AdminTokenRecord, AppLinkRecord, AuditDraft, AuditHead, AuditRecord, CredentialRecord,
-    DetectionInputs, DomainRecord, FoundAdminToken, FoundCredential, InstanceRecord, KeyedAppend,
-    LicenseRecord, LinkKeyRecord, LinkKeyRejection, LinkOutcome, LinkerStore, NewLink, NewSecret,
-    OrgRecord, StoreError, StoreResult,
+    DetectionInputs, DomainRecord, FoundAdminToken, FoundCredential, InstanceFacts, InstanceRecord,
+    KeyedAppend, LicenseRecord, LinkKeyRecord, LinkKeyRejection, LinkOutcome, LinkerStore, NewLink,
+    NewSecret, OrgFacts, OrgRecord, StoreError, StoreResult,
 };
 use crate::audit::{self, Canonical};
 
@@ -51,6 +51,50 @@ macro_rules! sql_store {
             async fn begin(&self) -> StoreResult<sqlx::Transaction<'static, <$pool as PoolDb>::Db>> {
                 Ok(self.pool.begin_with($begin).await?)
             }
+        }
+
+        /// Inserts or replaces an instance's metadata.
+        async fn upsert_facts(
+            tx: &mut sqlx::Transaction<'static, <$pool as PoolDb>::Db>,
+            facts: &InstanceFacts,
+        ) -> StoreResult<()> {
+            sqlx::query(
+                "INSERT INTO instance_facts (instance_id, org_id, base_url, product, version, license_sen, node_count)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7)
+                 ON CONFLICT (instance_id) DO UPDATE SET org_id = excluded.org_id, base_url = excluded.base_url,
+                 product = excluded.product, version = excluded.version, license_sen = excluded.license_sen,
+                 node_count = excluded.node_count",
+            )
+            .bind(&facts.instance_id)
+            .bind(&facts.org_id)
+            .bind(&facts.base_url)
+            .bind(&facts.product)
+            .bind(&facts.version)
+            .bind(&facts.license_sen)
+            .bind(facts.node_count)
+            .execute(&mut **tx)
+            .await?;
+            Ok(())
+        }
+
+        async fn insert_app_link(
+            tx: &mut sqlx::Transaction<'static, <$pool as PoolDb>::Db>,
+            org_id: &str,
+            link: &AppLinkRecord,
+        ) -> StoreResult<()> {
+            sqlx::query(
+                "INSERT INTO instance_app_links (instance_id, org_id, url, product_family, server_id, version)
+                 VALUES ($1, $2, $3, $4, $5, $6)",
+            )
+            .bind(&link.instance_id)
+            .bind(org_id)
+            .bind(&link.url)
+            .bind(&link.product_family)
+            .bind(&link.server_id)
+            .bind(&link.version)
+            .execute(&mut **tx)
+            .await?;
+            Ok(())
         }
 
         /// Locks the org's row and reserves the next audit seq; NotFound when the org does not exist.
@@ -373,41 +417,24 @@ macro_rules! sql_store {
                     // new metadata, and revoke what it was issued before.
                     instance.id = existing.id;
                     instance.linked_at = existing.linked_at;
-                    sqlx::query(
-                        "UPDATE instances SET base_url = $2, product = $3, version = $4, license_sen = $5, node_count = $6, link_key_id = $7
-                         WHERE id = $1",
-                    )
-                    .bind(&instance.id)
-                    .bind(&instance.base_url)
-                    .bind(&instance.product)
-                    .bind(&instance.version)
-                    .bind(&instance.license_sen)
-                    .bind(instance.node_count)
-                    .bind(&instance.link_key_id)
-                    .execute(&mut *tx)
-                    .await?;
+                    sqlx::query("UPDATE instances SET link_key_id = $2 WHERE id = $1")
+                        .bind(&instance.id)
+                        .bind(&instance.link_key_id)
+                        .execute(&mut *tx)
+                        .await?;
                     sqlx::query("UPDATE credentials SET revoked_at = $2 WHERE instance_id = $1 AND revoked_at IS NULL")
                         .bind(&instance.id)
                         .bind(now)
                         .execute(&mut *tx)
                         .await?;
-                    sqlx::query("DELETE FROM app_links WHERE instance_id = $1")
-                        .bind(&instance.id)
-                        .execute(&mut *tx)
-                        .await?;
                 } else {
                     sqlx::query(
                         "INSERT INTO instances (id, org_id, server_id, base_url, product, version, license_sen, node_count, link_key_id, linked_at)
-                         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+                         VALUES ($1, $2, $3, '', '', '', '', 0, $4, $5)",
                     )
                     .bind(&instance.id)
                     .bind(&instance.org_id)
                     .bind(&instance.server_id)
-                    .bind(&instance.base_url)
-                    .bind(&instance.product)
-                    .bind(&instance.version)
-                    .bind(&instance.license_sen)
-                    .bind(instance.node_count)
                     .bind(&instance.link_key_id)
                     .bind(instance.linked_at)
                     .execute(&mut *tx)
@@ -427,18 +454,6 @@ macro_rules! sql_store {
                 .bind(credential.created_at)
                 .execute(&mut *tx)
                 .await?;
-                for app_link in &link.app_links {
-                    sqlx::query(
-                        "INSERT INTO app_links (instance_id, url, product_family, server_id, version) VALUES ($1, $2, $3, $4, $5)",
-                    )
-                    .bind(&instance.id)
-                    .bind(&app_link.url)
-                    .bind(&app_link.product_family)
-                    .bind(&app_link.server_id)
-                    .bind(&app_link.version)
-                    .execute(&mut *tx)
-                    .await?;
-                }
                 let draft = AuditDraft::new(now, format!("link_key:{key_id}"), "instance.linked", instance.id.clone())
                     .with("link_key_id", key_id.clone())
                     .with("credential_id", credential.id.clone())
@@ -490,11 +505,101 @@ macro_rules! sql_store {
                 Ok(all)
             }
 
+            async fn put_instance_facts(&self, facts: &InstanceFacts, app_links: &[AppLinkRecord]) -> StoreResult<()> {
+                let mut tx = self.begin().await?;
+                upsert_facts(&mut tx, facts).await?;
+                sqlx::query("DELETE FROM instance_app_links WHERE instance_id = $1")
+                    .bind(&facts.instance_id)
+                    .execute(&mut *tx)
+                    .await?;
+                for link in app_links {
+                    insert_app_link(&mut tx, &facts.org_id, link).await?;
+                }
+                tx.commit().await?;
+                Ok(())
+            }
+
+            async fn instance_facts_of(&self, instance_ids: &[String]) -> StoreResult<Vec<InstanceFacts>> {
+                let mut all = Vec::new();
+                for chunk in instance_ids.chunks(IN_CHUNK) {
+                    let mut query = sqlx::QueryBuilder::<$db>::new(
+                        "SELECT instance_id, org_id, base_url, product, version, license_sen, node_count
+                         FROM instance_facts WHERE instance_id IN (",
+                    );
+                    let mut ids = query.separated(", ");
+                    for id in chunk {
+                        ids.push_bind(id);
+                    }
+                    query.push(") ORDER BY instance_id");
+                    all.extend(query.build_query_as::<InstanceFacts>().fetch_all(&self.pool).await?);
+                }
+                Ok(all)
+            }
+
+            async fn org_facts(&self, org_id: &str) -> StoreResult<OrgFacts> {
+                let facts = sqlx::query_as(
+                    "SELECT instance_id, org_id, base_url, product, version, license_sen, node_count
+                     FROM instance_facts WHERE org_id = $1 ORDER BY instance_id",
+                )
+                .bind(org_id)
+                .fetch_all(&self.pool)
+                .await?;
+                let app_links = sqlx::query_as(
+                    "SELECT instance_id, url, product_family, server_id, version
+                     FROM instance_app_links WHERE org_id = $1 ORDER BY instance_id, url",
+                )
+                .bind(org_id)
+                .fetch_all(&self.pool)
+                .await?;
+                Ok(OrgFacts { facts, app_links })
+            }
+
+            async fn import_facts(&self, org: &OrgFacts) -> StoreResult<()> {
+                let mut tx = self.begin().await?;
+                for facts in &org.facts {
+                    upsert_facts(&mut tx, facts).await?;
+                }
+                for link in &org.app_links {
+                    let Some(owner) = org.facts.iter().find(|f| f.instance_id == link.instance_id) else {
+                        continue;
+                    };
+                    sqlx::query("DELETE FROM instance_app_links WHERE instance_id = $1 AND url = $2")
+                        .bind(&link.instance_id)
+                        .bind(&link.url)
+                        .execute(&mut *tx)
+                        .await?;
+                    insert_app_link(&mut tx, &owner.org_id, link).await?;
+                }
+                tx.commit().await?;
+                Ok(())
+            }
+
+            async fn delete_org_facts(&self, org_id: &str) -> StoreResult<u64> {
+                let mut tx = self.begin().await?;
+                let links = sqlx::query("DELETE FROM instance_app_links WHERE org_id = $1")
+                    .bind(org_id)
+                    .execute(&mut *tx)
+                    .await?
+                    .rows_affected();
+                let facts = sqlx::query("DELETE FROM instance_facts WHERE org_id = $1")
+                    .bind(org_id)
+                    .execute(&mut *tx)
+                    .await?
+                    .rows_affected();
+                tx.commit().await?;
+                Ok(links + facts)
+            }
+
+            async fn forget_deleted(&self) -> StoreResult<()> {
+                sightline_runtime::storage::Forget::forget_deleted(&self.pool).await?;
+                Ok(())
+            }
+
             async fn app_links_of(&self, instance_ids: &[String]) -> StoreResult<Vec<AppLinkRecord>> {
                 let mut all = Vec::new();
                 for chunk in instance_ids.chunks(IN_CHUNK) {
                     let mut query = sqlx::QueryBuilder::<$db>::new(
-                        "SELECT instance_id, url, product_family, server_id, version FROM app_links WHERE instance_id IN (",
+                        "SELECT instance_id, url, product_family, server_id, version FROM instance_app_links WHERE instance_id IN (",
                     );
                     let mut ids = query.separated(", ");
                     for id in chunk {
@@ -688,15 +793,7 @@ macro_rules! sql_store {
                 .bind(org_id)
                 .fetch_all(&self.pool)
                 .await?;
-                let app_links: Vec<AppLinkRecord> = sqlx::query_as(
-                    "SELECT a.instance_id, a.url, a.product_family, a.server_id, a.version
-                     FROM app_links a JOIN instances i ON i.id = a.instance_id
-                     WHERE i.org_id = $1 AND i.unlinked_at IS NULL ORDER BY a.instance_id, a.url",
-                )
-                .bind(org_id)
-                .fetch_all(&self.pool)
-                .await?;
-                Ok(DetectionInputs { verified_domains, licenses, linked_instances, app_links })
+                Ok(DetectionInputs { verified_domains, licenses, linked_instances, app_links: Vec::new() })
             }
 
             async fn append_audit(&self, org_id: &str, audit: AuditDraft) -> StoreResult<AuditRecord> {

@@ -39,6 +39,7 @@ async fn main() {
         },
         tls: None,
         quiet: true,
+        locations: Default::default(),
     })
     .await;
     let mut client = linker.linker().await;

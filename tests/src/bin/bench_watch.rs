@@ -43,6 +43,7 @@ async fn main() {
         limits,
         tls: None,
         quiet: true,
+        locations: Default::default(),
     })
     .await;
     let consent = TestConsent::start(&linker, url("consent").await, limits).await;
