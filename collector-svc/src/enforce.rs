@@ -1027,8 +1027,9 @@ fn validate(payload: &Payload) -> Result<(), String> {
 
 #[cfg(test)]
 mod tests {
-    use consent_svc::domain::{self, Sharing, Usage};
     use prost::Message;
+    use sightline_proto::common::v1::{SharingLevel as Sharing, UsageLevel as Usage};
+    use sightline_proto::rules as domain;
     use sightline_runtime::pseudonym::PseudonymSecret;
 
     use super::*;
@@ -1041,7 +1042,7 @@ mod tests {
             org_id: ORG.into(),
             consent_version: 3,
             revision: 7,
-            sharing_level: sharing.to_pb() as i32,
+            sharing_level: sharing as i32,
             allowed_kinds: domain::allowed_kinds(usage, true)
                 .into_iter()
                 .map(|k| k as i32)

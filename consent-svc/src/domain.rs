@@ -146,76 +146,19 @@ impl Consent {
     }
 }
 
-/// Event kinds a usage level allows (SPEC E3). Page views also need view tracking to allow them.
+/// Event kinds a usage level allows (SPEC E3; the rule lives with the contract).
 pub fn allowed_kinds(usage: Usage, any_channel_tracked: bool) -> Vec<common_pb::EventKind> {
-    use common_pb::EventKind as K;
-    match usage {
-        Usage::Disabled => vec![],
-        Usage::Basic => vec![
-            K::InstanceMetadata,
-            K::Metric,
-            K::ClientMetric,
-            K::AppInventory,
-        ],
-        Usage::Advanced => {
-            let mut kinds = vec![
-                K::InstanceMetadata,
-                K::Metric,
-                K::ClientMetric,
-                K::AppInventory,
-                K::FeatureUsage,
-            ];
-            if any_channel_tracked {
-                kinds.push(K::PageView);
-            }
-            kinds
-        }
-    }
+    sightline_proto::rules::allowed_kinds(usage.to_pb(), any_channel_tracked)
 }
 
-/// What an enforcement point does with a field of `class` under `sharing` (SPEC E4, the seed's
-/// Basic/Extended table). Exhaustive: a new class does not compile without its rule.
+/// What an enforcement point does with a field of `class` under `sharing` (SPEC E4).
 pub fn field_action(class: DataClass, sharing: Sharing) -> FieldAction {
-    use DataClass as C;
-    use FieldAction as A;
-    let extended = sharing == Sharing::Extended;
-    match class {
-        C::TechnicalId | C::Count | C::MetricValue | C::Category | C::Timestamp | C::PublicApp => {
-            A::Keep
-        }
-        // User-generated content: kept only under EXTENDED.
-        C::Key | C::Name => {
-            if extended {
-                A::Keep
-            } else {
-                A::Drop
-            }
-        }
-        // Custom apps are recognisable by a keyed hash under BASIC, readable under EXTENDED.
-        C::CustomAppId | C::CustomAppName => {
-            if extended {
-                A::Keep
-            } else {
-                A::KeyedHash
-            }
-        }
-        // People are only ever technical pseudonyms; machines too.
-        C::Username | C::UserId | C::NodeId => A::KeyedHash,
-        // Never stored.
-        C::DisplayName | C::Email | C::IpAddress | C::GroupName | C::Unspecified => A::Drop,
-        C::FreeText | C::Url => A::Scrub,
-    }
+    sightline_proto::rules::field_action(class, sharing.to_pb())
 }
 
 /// The policy's rules: one per class the contract defines.
 pub fn field_rules(sharing: Sharing) -> Vec<pb::FieldRule> {
-    sightline_proto::classes::all_classes()
-        .into_iter()
-        .map(|class| pb::FieldRule {
-            data_class: class as i32,
-            action: field_action(class, sharing) as i32,
-        })
-        .collect()
+    sightline_proto::rules::field_rules(sharing.to_pb())
 }
 
 /// How much of a value an action keeps: a change to a higher rank must strip stored values.
@@ -227,14 +170,7 @@ fn retained(action: FieldAction) -> u8 {
     }
 }
 
-/// Kinds that may feed cross-org statistics under each contribution flag (metadata, in-app data).
-pub fn contribution_kinds() -> (Vec<common_pb::EventKind>, Vec<common_pb::EventKind>) {
-    use common_pb::EventKind as K;
-    (
-        vec![K::InstanceMetadata, K::AppInventory],
-        vec![K::Metric, K::ClientMetric, K::FeatureUsage],
-    )
-}
+pub use sightline_proto::rules::contribution_kinds;
 
 /// What an org (or one instance) allows, as far as purges are concerned.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

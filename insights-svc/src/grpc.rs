@@ -245,9 +245,11 @@ impl InsightsApi {
         let mut rules = FieldRules::of(&policy);
         if !linked {
             // An instance that is not linked is treated as BASIC, never more openly than the org.
-            rules = rules.stricter(&FieldRules::from_rules(&consent_svc::domain::field_rules(
-                consent_svc::domain::Sharing::Basic,
-            )));
+            rules = rules.stricter(&FieldRules::from_rules(
+                &sightline_proto::rules::field_rules(
+                    sightline_proto::common::v1::SharingLevel::Basic,
+                ),
+            ));
         }
         let subject = subject_of(&instance_id, header.server_id.trim());
         Ok(Uploader {

@@ -8,6 +8,7 @@
 #![allow(unreachable_pub, missing_debug_implementations, clippy::all)]
 
 pub mod classes;
+pub mod rules;
 
 pub use prost;
 pub use prost_types;
