@@ -17,9 +17,6 @@ pub mod store;
 pub mod stores;
 pub mod writer;
 
-/// The scrubber lives in the runtime: insights-svc scrubs uploads with it too.
-pub use sightline_runtime::scrub;
-
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;

@@ -3,9 +3,10 @@
 //! the shutdown token fires, then drain in-flight calls.
 //!
 //! Every server also serves `grpc.health.v1.Health` and reflection (v1 and v1alpha, with the health
-//! descriptors too, so `grpcurl` needs no proto files), applies the message-size limit and a maximum
-//! call time (client deadlines are honoured below it), and answers oversized requests with
-//! RESOURCE_EXHAUSTED rather than tonic's OUT_OF_RANGE.
+//! descriptors too, so `grpcurl` needs no proto files), applies a maximum call time (client
+//! deadlines are honoured below it), and answers oversized requests with RESOURCE_EXHAUSTED rather
+//! than tonic's OUT_OF_RANGE. The message-size limit itself is set by each service on the services
+//! it adds (`max_decoding_message_size`).
 
 use std::convert::Infallible;
 use std::net::SocketAddr;

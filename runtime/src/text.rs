@@ -1,6 +1,7 @@
-//! What text a person may give a name, a label, a reason or a group: bounded, and free of control
-//! characters and of the invisible format characters that make text read differently from what it
-//! is (bidirectional overrides and isolates, zero-width characters, the byte-order mark, tags).
+//! Text in and out. In: what text a person may give a name, a label, a reason or a group —
+//! bounded, and free of control characters and of the invisible format characters that make text
+//! read differently from what it is (bidirectional overrides and isolates, zero-width characters,
+//! the byte-order mark, tags). Out: printing to standard output ([`print`], [`print_line`]).
 
 /// A required identifier-like field of a request (a page id, a metric name): present and at most
 /// 128 bytes; errors name the field.
