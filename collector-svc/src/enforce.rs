@@ -22,7 +22,7 @@ use sightline_runtime::scrub::{self, Finding, Secrets, TextRules};
 
 /// How far in the future an event may be dated (clock skew).
 pub const MAX_FUTURE_MS: i64 = 5 * 60 * 1000;
-pub const DAY_MS: i64 = 86_400_000;
+pub use sightline_runtime::time::DAY_MS;
 
 const MAX_ID: usize = 128;
 const MAX_TEXT: usize = 1_024;

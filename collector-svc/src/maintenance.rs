@@ -21,7 +21,7 @@ use crate::store::{
 };
 use crate::stores::{Stores, location_name};
 
-const HOUR_MS: i64 = 3_600_000;
+use sightline_runtime::time::HOUR_MS;
 
 /// The value at quantile `q` of sorted `values` (nearest rank).
 fn quantile(sorted: &[f64], q: f64) -> f64 {

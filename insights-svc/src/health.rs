@@ -11,7 +11,7 @@ use sightline_proto::insights::v1 as pb;
 
 use crate::rules::{Aggregation, Rule, Rules};
 
-pub const HOUR_MS: i64 = 3_600_000;
+pub use sightline_runtime::time::HOUR_MS;
 
 /// One hourly rollup of one metric (one tag set), as collector-svc's QueryMetrics gives it.
 #[derive(Debug, Clone, Copy, PartialEq)]

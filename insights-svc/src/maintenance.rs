@@ -23,7 +23,7 @@ use crate::store::{
     Change, Cutoffs, InsightsStore, OrgRecords, Part, PurgeSpec, Removed, StoredBundle,
 };
 
-const DAY_MS: i64 = 86_400_000;
+use sightline_runtime::time::DAY_MS;
 
 /// How often each kind of work runs.
 #[derive(Debug, Clone, Copy)]

@@ -13,7 +13,7 @@ use sightline_proto::insights::v1::TrendDirection;
 
 use crate::health::Hour;
 
-pub const DAY_MS: i64 = 86_400_000;
+pub use sightline_runtime::time::DAY_MS;
 /// How many standard errors a slope must be to count.
 pub const SIGNIFICANCE: f64 = 3.0;
 /// The smallest change over the range, as a share of the mean, that counts.

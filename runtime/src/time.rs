@@ -3,6 +3,7 @@
 use prost_types::Timestamp;
 
 pub const SECOND_MS: i64 = 1_000;
+pub const HOUR_MS: i64 = 3_600 * SECOND_MS;
 pub const DAY_MS: i64 = 86_400 * SECOND_MS;
 
 pub fn to_proto(ms: i64) -> Timestamp {

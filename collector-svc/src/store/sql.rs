@@ -20,7 +20,7 @@ use super::{
 };
 use crate::enforce::{self, DAY_MS};
 
-const HOUR_MS: i64 = 3_600_000;
+use sightline_runtime::time::HOUR_MS;
 /// Rows per INSERT statement: a fixed size keeps the statement text (and its prepared form) reused.
 const INSERT_CHUNK: usize = 200;
 /// Rows per DELETE of a sweep, so no write transaction runs long.
