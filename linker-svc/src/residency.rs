@@ -19,7 +19,9 @@ use std::time::Duration;
 
 use sightline_proto::common::v1::Location;
 use sightline_proto::consent::v1 as consent_pb;
-use sightline_runtime::location::{Located, StoreUrls, location_name, report_move_part};
+use sightline_runtime::location::{
+    Located, StoreUrls, location_name, read_location, report_move_part,
+};
 use sightline_runtime::policy_stream::{Fence, Held, PolicyFollower, PolicyTable, Revisioned};
 use sightline_runtime::ratelimit::retry_after;
 use sightline_runtime::{Secret, SharedClock};
@@ -233,11 +235,16 @@ impl Residency {
         self.followed.get().is_none() || self.policies.is_ready()
     }
 
+    /// UNAVAILABLE while no policy snapshot is held, with the expected wait.
+    fn no_policy(&self) -> Status {
+        self.policies.table.unavailable(
+            "no current policy from consent-svc, so the org's data location is unknown: retry when it answers",
+        )
+    }
+
     fn policy(&self, org_id: &str) -> Result<Option<Arc<consent_pb::Policy>>, Status> {
         if !self.policies.is_ready() {
-            return Err(self.policies.table.unavailable(
-                "no current policy from consent-svc, so the org's data location is unknown: retry when it answers",
-            ));
+            return Err(self.no_policy());
         }
         self.policies
             .table
@@ -266,17 +273,14 @@ impl Residency {
         let mut stores = Vec::with_capacity(2);
         match policy.as_ref() {
             None => stores.push(self.stores.get(Location::Global).await?),
-            Some(policy) => match policy.data_move.as_ref().filter(|_| policy.moving) {
-                // The policy names the old location until the move is done: until linker-svc's
-                // part is reported the metadata is in the old store (or, mid-copy, both); after,
-                // in the new one.
+            // The policy names the old location until the move is done: until linker-svc's part is
+            // reported the metadata is in the old store (or, mid-copy, both); after, in the new one.
+            Some(policy) => match pending_move(policy) {
                 Some(data_move) => {
-                    if pending_move(policy).is_some() {
-                        stores.push(self.stores.get(data_move.from_location()).await?);
-                    }
+                    stores.push(self.stores.get(data_move.from_location()).await?);
                     stores.push(self.stores.get(data_move.to_location()).await?);
                 }
-                None => stores.push(self.stores.get(policy.location()).await?),
+                None => stores.push(self.stores.get(read_location(policy, MOVE_OWNER)).await?),
             },
         }
         Ok(ReadStores(stores))
@@ -286,9 +290,7 @@ impl Residency {
     /// is turned away before anything of it is recorded.
     pub fn check_writable(&self) -> Result<(), Status> {
         if self.followed.get().is_some() && !self.policies.is_ready() {
-            return Err(self.policies.table.unavailable(
-                "no current policy from consent-svc, so the org's data location is unknown: retry when it answers",
-            ));
+            return Err(self.no_policy());
         }
         Ok(())
     }
