@@ -468,70 +468,76 @@ impl AuditLog for LinkerAuditLog {
     }
 }
 
-/// The `staged_changes` table's rows, the same in every service that audits its changes: expands,
-/// inside a store's `impl` block, to `insert_staged_row`, `delete_staged_row` and `staged_rows` for
-/// the backend `$db`, with `$db_error` turning a `sqlx::Error` into a [`ChangeLogError`]. Each
+/// The `staged_changes` table's rows, the same in every service that audits its changes. Each
 /// service adds what is its own (claims, applying) around them.
-#[macro_export]
-macro_rules! staged_change_rows {
-    ($db:ty, $db_error:path) => {
-        /// Writes a staged change's row.
-        async fn insert_staged_row<'c>(
-            executor: impl sqlx::Executor<'c, Database = $db>,
-            change: &$crate::audited::StagedChange,
-        ) -> Result<(), $crate::audited::ChangeLogError> {
-            let entry = serde_json::to_string(&change.entry)
-                .map_err(|e| $crate::audited::ChangeLogError::Refused(e.to_string()))?;
-            sqlx::query(
-                "INSERT INTO staged_changes (change_id, org_id, entry, payload, staged_at) VALUES ($1, $2, $3, $4, $5)",
-            )
-            .bind(&change.change_id)
-            .bind(&change.org_id)
-            .bind(entry)
-            .bind(&change.payload)
-            .bind(change.staged_at_ms)
-            .execute(executor)
+pub mod staged_rows {
+    use super::{ChangeLogError, StagedChange, StagedRow, staged_of};
+    use crate::sql::{self, Database, Executor};
+
+    fn db(error: sqlx::Error) -> ChangeLogError {
+        match crate::storage::classify(&error) {
+            crate::storage::DbFailure::Unavailable => {
+                ChangeLogError::Unavailable(error.to_string())
+            }
+            _ => ChangeLogError::Refused(error.to_string()),
+        }
+    }
+
+    /// Writes a staged change's row.
+    pub async fn insert(on: impl Executor, change: &StagedChange) -> Result<(), ChangeLogError> {
+        let entry = serde_json::to_string(&change.entry)
+            .map_err(|e| ChangeLogError::Refused(e.to_string()))?;
+        sql::query(
+            "INSERT INTO staged_changes (change_id, org_id, entry, payload, staged_at)
+             VALUES ($1, $2, $3, $4, $5)",
+        )
+        .bind(&change.change_id)
+        .bind(&change.org_id)
+        .bind(entry)
+        .bind(&change.payload)
+        .bind(change.staged_at_ms)
+        .execute(on)
+        .await
+        .map_err(db)?;
+        Ok(())
+    }
+
+    /// Removes a staged change's row; false when it was not there (settled already).
+    pub async fn delete(on: impl Executor, change_id: &str) -> Result<bool, ChangeLogError> {
+        let removed = sql::query("DELETE FROM staged_changes WHERE change_id = $1")
+            .bind(change_id)
+            .execute(on)
             .await
-            .map_err($db_error)?;
-            Ok(())
-        }
+            .map_err(db)?;
+        Ok(removed.rows_affected() > 0)
+    }
 
-        /// Removes a staged change's row; false when it was not there (settled already).
-        async fn delete_staged_row<'c>(
-            executor: impl sqlx::Executor<'c, Database = $db>,
-            change_id: &str,
-        ) -> Result<bool, $crate::audited::ChangeLogError> {
-            let removed = sqlx::query("DELETE FROM staged_changes WHERE change_id = $1")
-                .bind(change_id)
-                .execute(executor)
-                .await
-                .map_err($db_error)?;
-            Ok(removed.rows_affected() > 0)
-        }
-
-        /// Staged changes, oldest first: of one org, or of every org.
-        async fn staged_rows(
-            pool: &sqlx::Pool<$db>,
-            org_id: Option<&str>,
-        ) -> Result<Vec<$crate::audited::StagedChange>, $crate::audited::ChangeLogError> {
-            const COLUMNS: &str = "change_id, org_id, entry, payload, staged_at";
-            let rows: Vec<$crate::audited::StagedRow> = match org_id {
-                Some(org_id) => sqlx::query_as(sqlx::AssertSqlSafe(format!(
+    /// Staged changes, oldest first: of one org, or of every org.
+    pub async fn list(
+        db_: &Database,
+        org_id: Option<&str>,
+    ) -> Result<Vec<StagedChange>, ChangeLogError> {
+        const COLUMNS: &str = "change_id, org_id, entry, payload, staged_at";
+        let rows: Vec<StagedRow> = match org_id {
+            Some(org_id) => {
+                sql::query(sqlx::AssertSqlSafe(format!(
                     "SELECT {COLUMNS} FROM staged_changes WHERE org_id = $1 ORDER BY staged_at, change_id"
                 )))
                 .bind(org_id)
-                .fetch_all(pool)
-                .await,
-                None => sqlx::query_as(sqlx::AssertSqlSafe(format!(
+                .fetch_all(db_)
+                .await
+            }
+            None => {
+                sql::query(sqlx::AssertSqlSafe(format!(
                     "SELECT {COLUMNS} FROM staged_changes ORDER BY staged_at, change_id"
                 )))
-                .fetch_all(pool)
-                .await,
+                .fetch_all(db_)
+                .await
             }
-            .map_err($db_error)?;
-            rows.into_iter().map($crate::audited::staged_of).collect()
         }
-    };
+        .map_err(db)?;
+        rows.into_iter().map(staged_of).collect()
+    }
 }
 
 #[cfg(test)]

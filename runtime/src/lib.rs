@@ -21,6 +21,7 @@ pub mod scrub;
 pub mod secret_file;
 pub mod server;
 pub mod settings;
+pub mod sql;
 pub mod storage;
 pub mod telemetry;
 #[cfg(feature = "testing")]

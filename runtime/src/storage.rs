@@ -164,6 +164,16 @@ impl Forget for SqlitePool {
 }
 
 #[async_trait::async_trait]
+impl Forget for Database {
+    async fn forget_deleted(&self) -> Result<(), sqlx::Error> {
+        match self {
+            Database::Sqlite(pool) => pool.forget_deleted().await,
+            Database::Postgres(pool) => pool.forget_deleted().await,
+        }
+    }
+}
+
+#[async_trait::async_trait]
 impl Forget for PgPool {
     /// PostgreSQL keeps a deleted row's bytes in the table's pages until VACUUM reuses the space,
     /// and in its WAL and backups until those expire (README, "Privacy"): nothing to do per call.

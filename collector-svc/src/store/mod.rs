@@ -12,10 +12,10 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 use sightline_runtime::audited::{ChangeLog, ChangeLogError};
-use sightline_runtime::storage::{self, Database, DbFailure, Migrations, StorageError};
+use sightline_runtime::storage::{self, DbFailure, Migrations, StorageError};
 
 pub use moved::{MOVED_TABLES, MoveSpec, Table, Value};
-pub use sql::{PURGE_TAKEN, PgStore, SqliteStore};
+pub use sql::{PURGE_TAKEN, SqlStore};
 
 pub static SQLITE_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("migrations/sqlite");
 pub static POSTGRES_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("migrations/postgres");
@@ -27,10 +27,10 @@ pub const MIGRATIONS: Migrations = Migrations {
 
 /// Opens the store of one location at `url`.
 pub async fn open(url: &str, location: &str) -> Result<Arc<dyn CollectorStore>, StorageError> {
-    Ok(match storage::connect(url, MIGRATIONS).await? {
-        Database::Sqlite(pool) => Arc::new(SqliteStore::new(pool, location)),
-        Database::Postgres(pool) => Arc::new(PgStore::new(pool, location)),
-    })
+    Ok(Arc::new(SqlStore::new(
+        storage::connect(url, MIGRATIONS).await?,
+        location,
+    )))
 }
 
 #[derive(Debug, thiserror::Error)]

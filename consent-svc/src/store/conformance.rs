@@ -1,7 +1,7 @@
 //! The consent store suite: written once, run against SQLite and PostgreSQL.
 
 use sightline_runtime::audited::{AuditEntry, StagedChange};
-use sightline_runtime::storage::{self, Database};
+use sightline_runtime::storage;
 
 use super::*;
 
@@ -61,10 +61,7 @@ async fn postgres() -> (Arc<dyn ConsentStore>, ()) {
         .await
         .unwrap();
     let db = storage::connect(&url, MIGRATIONS).await.unwrap();
-    let store: Arc<dyn ConsentStore> = match db {
-        Database::Postgres(pool) => Arc::new(PgStore::new(pool)),
-        Database::Sqlite(pool) => Arc::new(SqliteStore::new(pool)),
-    };
+    let store: Arc<dyn ConsentStore> = Arc::new(SqlStore::new(db));
     (store, ())
 }
 

@@ -10,9 +10,9 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 use sightline_runtime::audited::{ChangeLog, ChangeLogError};
-use sightline_runtime::storage::{self, Database, DbFailure, Migrations, StorageError};
+use sightline_runtime::storage::{self, DbFailure, Migrations, StorageError};
 
-pub use sql::{PgStore, SqliteStore};
+pub use sql::SqlStore;
 
 pub static SQLITE_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("migrations/sqlite");
 pub static POSTGRES_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("migrations/postgres");
@@ -23,10 +23,9 @@ pub const MIGRATIONS: Migrations = Migrations {
 };
 
 pub async fn open(url: &str) -> Result<Arc<dyn ConsentStore>, StorageError> {
-    Ok(match storage::connect(url, MIGRATIONS).await? {
-        Database::Sqlite(pool) => Arc::new(SqliteStore::new(pool)),
-        Database::Postgres(pool) => Arc::new(PgStore::new(pool)),
-    })
+    Ok(Arc::new(SqlStore::new(
+        storage::connect(url, MIGRATIONS).await?,
+    )))
 }
 
 #[derive(Debug, thiserror::Error)]

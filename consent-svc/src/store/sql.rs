@@ -2,10 +2,9 @@
 //! `ON CONFLICT … DO UPDATE` and `RETURNING`). SQLite write transactions take the lock up front.
 
 use async_trait::async_trait;
-use sqlx::postgres::PgPool;
-use sqlx::sqlite::SqlitePool;
 
-use sightline_runtime::audited::{ChangeLog, ChangeLogError, StagedChange};
+use sightline_runtime::audited::{ChangeLog, ChangeLogError, StagedChange, staged_rows};
+use sightline_runtime::sql::{self, Database, Tx};
 
 use super::{
     Change, ConsentRecord, ConsentStore, MoveRecord, OverrideRecord, PolicyStateRecord,
@@ -22,389 +21,396 @@ const RETENTION_COLUMNS: &str = "org_id, raw_days, assessment_days, aggregate_da
 
 const CONSENT_COLUMNS: &str = "org_id, version, usage_level, sharing_level, contribute_metadata, contribute_in_app_data, compliance_restricted, actor, reason, created_at, receipt_payload, receipt_signature, key_id, request_key";
 
-macro_rules! sql_store {
-    ($store:ident, $pool:ty, $db:ty, $begin:literal) => {
-        #[derive(Debug, Clone)]
-        pub struct $store {
-            pool: $pool,
+/// consent-svc's store on either backend.
+#[derive(Debug, Clone)]
+pub struct SqlStore {
+    db: Database,
+}
+
+impl SqlStore {
+    pub fn new(db: Database) -> Self {
+        Self { db }
+    }
+}
+
+async fn write_change(tx: &mut Tx, change: &Change) -> StoreResult<()> {
+    match change {
+        Change::Consent(c) => {
+            sql::query(sqlx::AssertSqlSafe(format!(
+                "INSERT INTO consent_versions ({CONSENT_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)"
+            )))
+            .bind(&c.org_id)
+            .bind(c.version)
+            .bind(&c.usage_level)
+            .bind(&c.sharing_level)
+            .bind(c.contribute_metadata)
+            .bind(c.contribute_in_app_data)
+            .bind(c.compliance_restricted)
+            .bind(&c.actor)
+            .bind(&c.reason)
+            .bind(c.created_at)
+            .bind(&c.receipt_payload)
+            .bind(&c.receipt_signature)
+            .bind(&c.key_id)
+            .bind(&c.request_key)
+            .execute(&mut *tx)
+            .await?;
         }
-
-        impl $store {
-            pub fn new(pool: $pool) -> Self {
-                Self { pool }
-            }
-
-            sightline_runtime::staged_change_rows!($db, db);
-        }
-
-        async fn write_change(
-            tx: &mut sqlx::Transaction<'static, $db>,
-            change: &Change,
-        ) -> StoreResult<()> {
-            match change {
-                Change::Consent(c) => {
-                    sqlx::query(sqlx::AssertSqlSafe(format!(
-                        "INSERT INTO consent_versions ({CONSENT_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)"
-                    )))
-                    .bind(&c.org_id)
-                    .bind(c.version)
-                    .bind(&c.usage_level)
-                    .bind(&c.sharing_level)
-                    .bind(c.contribute_metadata)
-                    .bind(c.contribute_in_app_data)
-                    .bind(c.compliance_restricted)
-                    .bind(&c.actor)
-                    .bind(&c.reason)
-                    .bind(c.created_at)
-                    .bind(&c.receipt_payload)
-                    .bind(&c.receipt_signature)
-                    .bind(&c.key_id)
-                    .bind(&c.request_key)
-                    .execute(&mut **tx)
-                    .await?;
-                }
-                Change::Override { org_id, instance_id, record: None } => {
-                    sqlx::query("DELETE FROM instance_overrides WHERE org_id = $1 AND instance_id = $2")
-                        .bind(org_id)
-                        .bind(instance_id)
-                        .execute(&mut **tx)
-                        .await?;
-                }
-                Change::Override { record: Some(o), .. } => {
-                    sqlx::query(
-                        "INSERT INTO instance_overrides (org_id, instance_id, usage_level, sharing_level, reason, updated_at)
-                         VALUES ($1, $2, $3, $4, $5, $6)
-                         ON CONFLICT (org_id, instance_id) DO UPDATE SET usage_level = excluded.usage_level,
-                           sharing_level = excluded.sharing_level, reason = excluded.reason, updated_at = excluded.updated_at",
-                    )
-                    .bind(&o.org_id)
-                    .bind(&o.instance_id)
-                    .bind(&o.usage_level)
-                    .bind(&o.sharing_level)
-                    .bind(&o.reason)
-                    .bind(o.updated_at)
-                    .execute(&mut **tx)
-                    .await?;
-                }
-                Change::Tracking(t) => {
-                    sqlx::query(
-                        "INSERT INTO tracking_settings (org_id, enabled_channels, exclude_anonymous, excluded_groups, blocking_time_ms,
-                           view_counter_enabled, global_report_group, updated_at)
-                         VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
-                         ON CONFLICT (org_id) DO UPDATE SET enabled_channels = excluded.enabled_channels,
-                           exclude_anonymous = excluded.exclude_anonymous, excluded_groups = excluded.excluded_groups,
-                           blocking_time_ms = excluded.blocking_time_ms, view_counter_enabled = excluded.view_counter_enabled,
-                           global_report_group = excluded.global_report_group, updated_at = excluded.updated_at",
-                    )
-                    .bind(&t.org_id)
-                    .bind(&t.enabled_channels)
-                    .bind(t.exclude_anonymous)
-                    .bind(&t.excluded_groups)
-                    .bind(t.blocking_time_ms)
-                    .bind(t.view_counter_enabled)
-                    .bind(&t.global_report_group)
-                    .bind(t.updated_at)
-                    .execute(&mut **tx)
-                    .await?;
-                }
-                Change::Retention(r) => {
-                    sqlx::query(sqlx::AssertSqlSafe(format!(
-                        "INSERT INTO retention ({RETENTION_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
-                         ON CONFLICT (org_id) DO UPDATE SET raw_days = excluded.raw_days, assessment_days = excluded.assessment_days,
-                           aggregate_days = excluded.aggregate_days, updated_at = excluded.updated_at,
-                           score_history_days = excluded.score_history_days, support_bundle_days = excluded.support_bundle_days,
-                           event_id_days = excluded.event_id_days"
-                    )))
-                    .bind(&r.org_id)
-                    .bind(r.raw_days)
-                    .bind(r.assessment_days)
-                    .bind(r.aggregate_days)
-                    .bind(r.updated_at)
-                    .bind(r.score_history_days)
-                    .bind(r.support_bundle_days)
-                    .bind(r.event_id_days)
-                    .execute(&mut **tx)
-                    .await?;
-                }
-                Change::Move { record: m, expected, residency } => {
-                    match expected {
-                        None => {
-                            let open: Option<(String,)> = sqlx::query_as(
-                                "SELECT move_id FROM residency_moves WHERE org_id = $1 AND scope = $2 AND state IN ('REQUESTED', 'MOVING')",
-                            )
-                            .bind(&m.org_id)
-                            .bind(&m.scope)
-                            .fetch_optional(&mut **tx)
-                            .await?;
-                            if open.is_some() {
-                                return Err(StoreError::Conflict("a move of this scope is already under way"));
-                            }
-                            sqlx::query(
-                                "INSERT INTO residency_moves (move_id, org_id, scope, from_location, to_location, state, requested_at, started_at, completed_at, reported_by)
-                                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
-                            )
-                            .bind(&m.move_id)
-                            .bind(&m.org_id)
-                            .bind(&m.scope)
-                            .bind(&m.from_location)
-                            .bind(&m.to_location)
-                            .bind(&m.state)
-                            .bind(m.requested_at)
-                            .bind(m.started_at)
-                            .bind(m.completed_at)
-                            .bind(&m.reported_by)
-                            .execute(&mut **tx)
-                            .await?;
-                        }
-                        Some(expected) => {
-                            let updated = sqlx::query(
-                                "UPDATE residency_moves SET state = $3, started_at = $4, completed_at = $5, reported_by = $6
-                                 WHERE move_id = $1 AND state = $2 AND reported_by = $7",
-                            )
-                            .bind(&m.move_id)
-                            .bind(&expected.state)
-                            .bind(&m.state)
-                            .bind(m.started_at)
-                            .bind(m.completed_at)
-                            .bind(&m.reported_by)
-                            .bind(&expected.reported_by)
-                            .execute(&mut **tx)
-                            .await?;
-                            if updated.rows_affected() != 1 {
-                                return Err(StoreError::Conflict("the move changed concurrently"));
-                            }
-                        }
-                    }
-                    if let Some(r) = residency {
-                        sqlx::query(
-                            "INSERT INTO residency (org_id, location, support_bundle_location, updated_at) VALUES ($1, $2, $3, $4)
-                             ON CONFLICT (org_id) DO UPDATE SET location = excluded.location,
-                               support_bundle_location = excluded.support_bundle_location, updated_at = excluded.updated_at",
-                        )
-                        .bind(&r.org_id)
-                        .bind(&r.location)
-                        .bind(&r.support_bundle_location)
-                        .bind(r.updated_at)
-                        .execute(&mut **tx)
-                        .await?;
-                    }
-                }
-            }
-            Ok(())
-        }
-
-        #[async_trait]
-        impl ConsentStore for $store {
-            async fn latest_consent(&self, org_id: &str) -> StoreResult<Option<ConsentRecord>> {
-                Ok(sqlx::query_as(sqlx::AssertSqlSafe(format!(
-                    "SELECT {CONSENT_COLUMNS} FROM consent_versions WHERE org_id = $1 ORDER BY version DESC LIMIT 1"
-                )))
+        Change::Override {
+            org_id,
+            instance_id,
+            record: None,
+        } => {
+            sql::query("DELETE FROM instance_overrides WHERE org_id = $1 AND instance_id = $2")
                 .bind(org_id)
-                .fetch_optional(&self.pool)
-                .await?)
-            }
-
-            async fn consent_version(&self, org_id: &str, version: i64) -> StoreResult<Option<ConsentRecord>> {
-                Ok(sqlx::query_as(sqlx::AssertSqlSafe(format!(
-                    "SELECT {CONSENT_COLUMNS} FROM consent_versions WHERE org_id = $1 AND version = $2"
-                )))
-                .bind(org_id)
-                .bind(version)
-                .fetch_optional(&self.pool)
-                .await?)
-            }
-
-            async fn consent_by_request(&self, org_id: &str, request_key: &str) -> StoreResult<Option<ConsentRecord>> {
-                Ok(sqlx::query_as(sqlx::AssertSqlSafe(format!(
-                    "SELECT {CONSENT_COLUMNS} FROM consent_versions WHERE org_id = $1 AND request_key = $2"
-                )))
-                .bind(org_id)
-                .bind(request_key)
-                .fetch_optional(&self.pool)
-                .await?)
-            }
-
-            async fn list_consent(&self, org_id: &str, before: Option<i64>, limit: i64) -> StoreResult<Vec<ConsentRecord>> {
-                Ok(sqlx::query_as(sqlx::AssertSqlSafe(format!(
-                    "SELECT {CONSENT_COLUMNS} FROM consent_versions WHERE org_id = $1 AND version < $2 ORDER BY version DESC LIMIT $3"
-                )))
-                .bind(org_id)
-                .bind(before.unwrap_or(i64::MAX))
-                .bind(limit)
-                .fetch_all(&self.pool)
-                .await?)
-            }
-
-            async fn tracking(&self, org_id: &str) -> StoreResult<Option<TrackingRecord>> {
-                Ok(sqlx::query_as(
-                    "SELECT org_id, enabled_channels, exclude_anonymous, excluded_groups, blocking_time_ms, view_counter_enabled,
-                       global_report_group, updated_at FROM tracking_settings WHERE org_id = $1",
-                )
-                .bind(org_id)
-                .fetch_optional(&self.pool)
-                .await?)
-            }
-
-            async fn residency(
-                &self,
-                org_id: &str,
-            ) -> StoreResult<(Option<ResidencyRecord>, Vec<MoveRecord>)> {
-                use sqlx::Row;
-                // One statement: both backends read it from one snapshot.
-                let rows = sqlx::query(
-                    "SELECT r.location, r.support_bundle_location, r.updated_at,
-                            m.move_id, m.scope, m.from_location, m.to_location, m.state, m.requested_at,
-                            m.started_at, m.completed_at, m.reported_by
-                     FROM (SELECT CAST($1 AS TEXT) AS org_id) o
-                     LEFT JOIN residency r ON r.org_id = o.org_id
-                     LEFT JOIN residency_moves m ON m.org_id = o.org_id
-                     ORDER BY m.requested_at DESC, m.move_id DESC",
-                )
-                .bind(org_id)
-                .fetch_all(&self.pool)
+                .bind(instance_id)
+                .execute(&mut *tx)
                 .await?;
-                let mut residency = None;
-                let mut moves = Vec::new();
-                for row in rows {
-                    if residency.is_none()
-                        && let Some(location) = row.try_get::<Option<String>, _>(0)?
-                    {
-                        residency = Some(ResidencyRecord {
-                            org_id: org_id.to_owned(),
-                            location,
-                            support_bundle_location: row.try_get(1)?,
-                            updated_at: row.try_get(2)?,
-                        });
-                    }
-                    if let Some(move_id) = row.try_get::<Option<String>, _>(3)? {
-                        moves.push(MoveRecord {
-                            move_id,
-                            org_id: org_id.to_owned(),
-                            scope: row.try_get(4)?,
-                            from_location: row.try_get(5)?,
-                            to_location: row.try_get(6)?,
-                            state: row.try_get(7)?,
-                            requested_at: row.try_get(8)?,
-                            started_at: row.try_get(9)?,
-                            completed_at: row.try_get(10)?,
-                            reported_by: row.try_get(11)?,
-                        });
-                    }
-                }
-                Ok((residency, moves))
-            }
-
-            async fn retention(&self, org_id: &str) -> StoreResult<Option<RetentionRecord>> {
-                Ok(sqlx::query_as(sqlx::AssertSqlSafe(format!(
-                    "SELECT {RETENTION_COLUMNS} FROM retention WHERE org_id = $1"
-                )))
-                .bind(org_id)
-                .fetch_optional(&self.pool)
-                .await?)
-            }
-
-            async fn policy_state(&self, org_id: &str) -> StoreResult<Option<PolicyStateRecord>> {
-                Ok(sqlx::query_as("SELECT org_id, revision FROM policy_state WHERE org_id = $1")
-                    .bind(org_id)
-                    .fetch_optional(&self.pool)
-                    .await?)
-            }
-
-            async fn overrides(&self, org_id: &str) -> StoreResult<Vec<OverrideRecord>> {
-                Ok(sqlx::query_as(
-                    "SELECT org_id, instance_id, usage_level, sharing_level, reason, updated_at FROM instance_overrides
-                     WHERE org_id = $1 ORDER BY instance_id",
-                )
-                .bind(org_id)
-                .fetch_all(&self.pool)
-                .await?)
-            }
-
-            async fn purges(&self, org_id: &str) -> StoreResult<Vec<PurgeRecord>> {
-                Ok(sqlx::query_as(sqlx::AssertSqlSafe(format!(
-                    "SELECT {PURGE_COLUMNS} FROM purges WHERE org_id = $1 ORDER BY before_revision DESC"
-                )))
-                .bind(org_id)
-                .fetch_all(&self.pool)
-                .await?)
-            }
-
-            async fn orgs(&self) -> StoreResult<Vec<String>> {
-                let rows: Vec<(String,)> = sqlx::query_as("SELECT org_id FROM policy_state ORDER BY org_id")
-                    .fetch_all(&self.pool)
+        }
+        Change::Override {
+            record: Some(o), ..
+        } => {
+            sql::query(
+                "INSERT INTO instance_overrides (org_id, instance_id, usage_level, sharing_level, reason, updated_at)
+                 VALUES ($1, $2, $3, $4, $5, $6)
+                 ON CONFLICT (org_id, instance_id) DO UPDATE SET usage_level = excluded.usage_level,
+                   sharing_level = excluded.sharing_level, reason = excluded.reason, updated_at = excluded.updated_at",
+            )
+            .bind(&o.org_id)
+            .bind(&o.instance_id)
+            .bind(&o.usage_level)
+            .bind(&o.sharing_level)
+            .bind(&o.reason)
+            .bind(o.updated_at)
+            .execute(&mut *tx)
+            .await?;
+        }
+        Change::Tracking(t) => {
+            sql::query(
+                "INSERT INTO tracking_settings (org_id, enabled_channels, exclude_anonymous, excluded_groups, blocking_time_ms,
+                   view_counter_enabled, global_report_group, updated_at)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+                 ON CONFLICT (org_id) DO UPDATE SET enabled_channels = excluded.enabled_channels,
+                   exclude_anonymous = excluded.exclude_anonymous, excluded_groups = excluded.excluded_groups,
+                   blocking_time_ms = excluded.blocking_time_ms, view_counter_enabled = excluded.view_counter_enabled,
+                   global_report_group = excluded.global_report_group, updated_at = excluded.updated_at",
+            )
+            .bind(&t.org_id)
+            .bind(&t.enabled_channels)
+            .bind(t.exclude_anonymous)
+            .bind(&t.excluded_groups)
+            .bind(t.blocking_time_ms)
+            .bind(t.view_counter_enabled)
+            .bind(&t.global_report_group)
+            .bind(t.updated_at)
+            .execute(&mut *tx)
+            .await?;
+        }
+        Change::Retention(r) => {
+            sql::query(sqlx::AssertSqlSafe(format!(
+                "INSERT INTO retention ({RETENTION_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+                 ON CONFLICT (org_id) DO UPDATE SET raw_days = excluded.raw_days, assessment_days = excluded.assessment_days,
+                   aggregate_days = excluded.aggregate_days, updated_at = excluded.updated_at,
+                   score_history_days = excluded.score_history_days, support_bundle_days = excluded.support_bundle_days,
+                   event_id_days = excluded.event_id_days"
+            )))
+            .bind(&r.org_id)
+            .bind(r.raw_days)
+            .bind(r.assessment_days)
+            .bind(r.aggregate_days)
+            .bind(r.updated_at)
+            .bind(r.score_history_days)
+            .bind(r.support_bundle_days)
+            .bind(r.event_id_days)
+            .execute(&mut *tx)
+            .await?;
+        }
+        Change::Move {
+            record: m,
+            expected,
+            residency,
+        } => {
+            match expected {
+                None => {
+                    let open: Option<(String,)> = sql::query(
+                        "SELECT move_id FROM residency_moves WHERE org_id = $1 AND scope = $2 AND state IN ('REQUESTED', 'MOVING')",
+                    )
+                    .bind(&m.org_id)
+                    .bind(&m.scope)
+                    .fetch_optional(&mut *tx)
                     .await?;
-                Ok(rows.into_iter().map(|(id,)| id).collect())
-            }
-
-        }
-
-        #[async_trait]
-        impl ChangeLog for $store {
-            async fn stage(&self, change: &StagedChange) -> Result<(), ChangeLogError> {
-                Self::insert_staged_row(&self.pool, change).await
-            }
-
-            async fn apply(&self, change: &StagedChange) -> Result<(), ChangeLogError> {
-                let StagedPayload { change: staged, purge } = StagedPayload::decode(&change.payload)?;
-                let mut tx = self.pool.begin_with($begin).await.map_err(db)?;
-                if !Self::delete_staged_row(&mut *tx, &change.change_id).await? {
-                    // Settled already (by another settler): applying twice would apply it twice.
-                    return Ok(());
-                }
-                write_change(&mut tx, &staged).await?;
-                let (revision,): (i64,) = sqlx::query_as(
-                    "INSERT INTO policy_state (org_id, revision) VALUES ($1, 1)
-                     ON CONFLICT (org_id) DO UPDATE SET revision = policy_state.revision + 1
-                     RETURNING revision",
-                )
-                .bind(staged.org_id())
-                .fetch_one(&mut *tx)
-                .await
-                .map_err(db)?;
-                if let Some(p) = purge {
-                    sqlx::query(sqlx::AssertSqlSafe(format!(
-                        "INSERT INTO purges ({PURGE_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)"
-                    )))
-                    .bind(&p.purge_id)
-                    .bind(&p.org_id)
-                    .bind(&p.scope)
-                    .bind(&p.instance_id)
-                    .bind(&p.delete_kinds)
-                    .bind(&p.strip_classes)
-                    .bind(p.withdraw_metadata)
-                    .bind(p.withdraw_in_app_data)
-                    .bind(p.before_consent_version)
-                    .bind(revision)
-                    .bind(p.issued_at)
+                    if open.is_some() {
+                        return Err(StoreError::Conflict(
+                            "a move of this scope is already under way",
+                        ));
+                    }
+                    sql::query(
+                        "INSERT INTO residency_moves (move_id, org_id, scope, from_location, to_location, state, requested_at, started_at, completed_at, reported_by)
+                         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+                    )
+                    .bind(&m.move_id)
+                    .bind(&m.org_id)
+                    .bind(&m.scope)
+                    .bind(&m.from_location)
+                    .bind(&m.to_location)
+                    .bind(&m.state)
+                    .bind(m.requested_at)
+                    .bind(m.started_at)
+                    .bind(m.completed_at)
+                    .bind(&m.reported_by)
                     .execute(&mut *tx)
-                    .await
-                    .map_err(db)?;
+                    .await?;
                 }
-                tx.commit().await.map_err(db)?;
-                Ok(())
+                Some(expected) => {
+                    let updated = sql::query(
+                        "UPDATE residency_moves SET state = $3, started_at = $4, completed_at = $5, reported_by = $6
+                         WHERE move_id = $1 AND state = $2 AND reported_by = $7",
+                    )
+                    .bind(&m.move_id)
+                    .bind(&expected.state)
+                    .bind(&m.state)
+                    .bind(m.started_at)
+                    .bind(m.completed_at)
+                    .bind(&m.reported_by)
+                    .bind(&expected.reported_by)
+                    .execute(&mut *tx)
+                    .await?;
+                    if updated.rows_affected() != 1 {
+                        return Err(StoreError::Conflict("the move changed concurrently"));
+                    }
+                }
             }
-
-            async fn discard(&self, change_id: &str) -> Result<(), ChangeLogError> {
-                Self::delete_staged_row(&self.pool, change_id).await?;
-                Ok(())
-            }
-
-            async fn staged(&self, org_id: Option<&str>) -> Result<Vec<StagedChange>, ChangeLogError> {
-                Self::staged_rows(&self.pool, org_id).await
+            if let Some(r) = residency {
+                sql::query(
+                    "INSERT INTO residency (org_id, location, support_bundle_location, updated_at) VALUES ($1, $2, $3, $4)
+                     ON CONFLICT (org_id) DO UPDATE SET location = excluded.location,
+                       support_bundle_location = excluded.support_bundle_location, updated_at = excluded.updated_at",
+                )
+                .bind(&r.org_id)
+                .bind(&r.location)
+                .bind(&r.support_bundle_location)
+                .bind(r.updated_at)
+                .execute(&mut *tx)
+                .await?;
             }
         }
-    };
+    }
+    Ok(())
 }
 
-mod sqlite {
-    use super::*;
-    sql_store!(SqliteStore, SqlitePool, sqlx::Sqlite, "BEGIN IMMEDIATE");
+#[async_trait]
+impl ConsentStore for SqlStore {
+    async fn latest_consent(&self, org_id: &str) -> StoreResult<Option<ConsentRecord>> {
+        Ok(sql::query(sqlx::AssertSqlSafe(format!(
+            "SELECT {CONSENT_COLUMNS} FROM consent_versions WHERE org_id = $1 ORDER BY version DESC LIMIT 1"
+        )))
+        .bind(org_id)
+        .fetch_optional(&self.db)
+        .await?)
+    }
+
+    async fn consent_version(
+        &self,
+        org_id: &str,
+        version: i64,
+    ) -> StoreResult<Option<ConsentRecord>> {
+        Ok(sql::query(sqlx::AssertSqlSafe(format!(
+            "SELECT {CONSENT_COLUMNS} FROM consent_versions WHERE org_id = $1 AND version = $2"
+        )))
+        .bind(org_id)
+        .bind(version)
+        .fetch_optional(&self.db)
+        .await?)
+    }
+
+    async fn consent_by_request(
+        &self,
+        org_id: &str,
+        request_key: &str,
+    ) -> StoreResult<Option<ConsentRecord>> {
+        Ok(sql::query(sqlx::AssertSqlSafe(format!(
+            "SELECT {CONSENT_COLUMNS} FROM consent_versions WHERE org_id = $1 AND request_key = $2"
+        )))
+        .bind(org_id)
+        .bind(request_key)
+        .fetch_optional(&self.db)
+        .await?)
+    }
+
+    async fn list_consent(
+        &self,
+        org_id: &str,
+        before: Option<i64>,
+        limit: i64,
+    ) -> StoreResult<Vec<ConsentRecord>> {
+        Ok(sql::query(sqlx::AssertSqlSafe(format!(
+            "SELECT {CONSENT_COLUMNS} FROM consent_versions WHERE org_id = $1 AND version < $2 ORDER BY version DESC LIMIT $3"
+        )))
+        .bind(org_id)
+        .bind(before.unwrap_or(i64::MAX))
+        .bind(limit)
+        .fetch_all(&self.db)
+        .await?)
+    }
+
+    async fn tracking(&self, org_id: &str) -> StoreResult<Option<TrackingRecord>> {
+        Ok(sql::query(
+            "SELECT org_id, enabled_channels, exclude_anonymous, excluded_groups, blocking_time_ms, view_counter_enabled,
+               global_report_group, updated_at FROM tracking_settings WHERE org_id = $1",
+        )
+        .bind(org_id)
+        .fetch_optional(&self.db)
+        .await?)
+    }
+
+    async fn residency(
+        &self,
+        org_id: &str,
+    ) -> StoreResult<(Option<ResidencyRecord>, Vec<MoveRecord>)> {
+        // One statement: both backends read it from one snapshot.
+        let rows = sql::query(
+            "SELECT r.location, r.support_bundle_location, r.updated_at,
+                    m.move_id, m.scope, m.from_location, m.to_location, m.state, m.requested_at,
+                    m.started_at, m.completed_at, m.reported_by
+             FROM (SELECT CAST($1 AS TEXT) AS org_id) o
+             LEFT JOIN residency r ON r.org_id = o.org_id
+             LEFT JOIN residency_moves m ON m.org_id = o.org_id
+             ORDER BY m.requested_at DESC, m.move_id DESC",
+        )
+        .bind(org_id)
+        .fetch_rows(&self.db)
+        .await?;
+        let mut residency = None;
+        let mut moves = Vec::new();
+        for row in rows {
+            if residency.is_none()
+                && let Some(location) = row.try_get::<Option<String>>(0)?
+            {
+                residency = Some(ResidencyRecord {
+                    org_id: org_id.to_owned(),
+                    location,
+                    support_bundle_location: row.try_get(1)?,
+                    updated_at: row.try_get(2)?,
+                });
+            }
+            if let Some(move_id) = row.try_get::<Option<String>>(3)? {
+                moves.push(MoveRecord {
+                    move_id,
+                    org_id: org_id.to_owned(),
+                    scope: row.try_get(4)?,
+                    from_location: row.try_get(5)?,
+                    to_location: row.try_get(6)?,
+                    state: row.try_get(7)?,
+                    requested_at: row.try_get(8)?,
+                    started_at: row.try_get(9)?,
+                    completed_at: row.try_get(10)?,
+                    reported_by: row.try_get(11)?,
+                });
+            }
+        }
+        Ok((residency, moves))
+    }
+
+    async fn retention(&self, org_id: &str) -> StoreResult<Option<RetentionRecord>> {
+        Ok(sql::query(sqlx::AssertSqlSafe(format!(
+            "SELECT {RETENTION_COLUMNS} FROM retention WHERE org_id = $1"
+        )))
+        .bind(org_id)
+        .fetch_optional(&self.db)
+        .await?)
+    }
+
+    async fn policy_state(&self, org_id: &str) -> StoreResult<Option<PolicyStateRecord>> {
+        Ok(
+            sql::query("SELECT org_id, revision FROM policy_state WHERE org_id = $1")
+                .bind(org_id)
+                .fetch_optional(&self.db)
+                .await?,
+        )
+    }
+
+    async fn overrides(&self, org_id: &str) -> StoreResult<Vec<OverrideRecord>> {
+        Ok(sql::query(
+            "SELECT org_id, instance_id, usage_level, sharing_level, reason, updated_at FROM instance_overrides
+             WHERE org_id = $1 ORDER BY instance_id",
+        )
+        .bind(org_id)
+        .fetch_all(&self.db)
+        .await?)
+    }
+
+    async fn purges(&self, org_id: &str) -> StoreResult<Vec<PurgeRecord>> {
+        Ok(sql::query(sqlx::AssertSqlSafe(format!(
+            "SELECT {PURGE_COLUMNS} FROM purges WHERE org_id = $1 ORDER BY before_revision DESC"
+        )))
+        .bind(org_id)
+        .fetch_all(&self.db)
+        .await?)
+    }
+
+    async fn orgs(&self) -> StoreResult<Vec<String>> {
+        let rows: Vec<(String,)> = sql::query("SELECT org_id FROM policy_state ORDER BY org_id")
+            .fetch_all(&self.db)
+            .await?;
+        Ok(rows.into_iter().map(|(id,)| id).collect())
+    }
 }
 
-mod postgres {
-    use super::*;
-    sql_store!(PgStore, PgPool, sqlx::Postgres, "BEGIN");
-}
+#[async_trait]
+impl ChangeLog for SqlStore {
+    async fn stage(&self, change: &StagedChange) -> Result<(), ChangeLogError> {
+        staged_rows::insert(&self.db, change).await
+    }
 
-pub use postgres::PgStore;
-pub use sqlite::SqliteStore;
+    async fn apply(&self, change: &StagedChange) -> Result<(), ChangeLogError> {
+        let StagedPayload {
+            change: staged,
+            purge,
+        } = StagedPayload::decode(&change.payload)?;
+        let mut tx = self.db.begin().await.map_err(db)?;
+        if !staged_rows::delete(&mut tx, &change.change_id).await? {
+            // Settled already (by another settler): applying twice would apply it twice.
+            return Ok(());
+        }
+        write_change(&mut tx, &staged).await?;
+        let (revision,): (i64,) = sql::query(
+            "INSERT INTO policy_state (org_id, revision) VALUES ($1, 1)
+             ON CONFLICT (org_id) DO UPDATE SET revision = policy_state.revision + 1
+             RETURNING revision",
+        )
+        .bind(staged.org_id())
+        .fetch_one(&mut tx)
+        .await
+        .map_err(db)?;
+        if let Some(p) = purge {
+            sql::query(sqlx::AssertSqlSafe(format!(
+                "INSERT INTO purges ({PURGE_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)"
+            )))
+            .bind(&p.purge_id)
+            .bind(&p.org_id)
+            .bind(&p.scope)
+            .bind(&p.instance_id)
+            .bind(&p.delete_kinds)
+            .bind(&p.strip_classes)
+            .bind(p.withdraw_metadata)
+            .bind(p.withdraw_in_app_data)
+            .bind(p.before_consent_version)
+            .bind(revision)
+            .bind(p.issued_at)
+            .execute(&mut tx)
+            .await
+            .map_err(db)?;
+        }
+        tx.commit().await.map_err(db)?;
+        Ok(())
+    }
+
+    async fn discard(&self, change_id: &str) -> Result<(), ChangeLogError> {
+        staged_rows::delete(&self.db, change_id).await?;
+        Ok(())
+    }
+
+    async fn staged(&self, org_id: Option<&str>) -> Result<Vec<StagedChange>, ChangeLogError> {
+        staged_rows::list(&self.db, org_id).await
+    }
+}

@@ -1,6 +1,6 @@
 //! insights-svc's store: assessments, readiness reports, score history, support-bundle records,
 //! applied purges and staged audited changes; one implementation per backend
-//! ([`sql::SqliteStore`], [`sql::PgStore`]) behind [`InsightsStore`], with one conformance suite.
+//! ([`sql::SqlStore`]) behind [`InsightsStore`], with one conformance suite.
 
 pub mod sql;
 
@@ -13,7 +13,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 use sightline_runtime::audited::{ChangeLog, ChangeLogError};
-use sightline_runtime::storage::{self, Database, DbFailure, Migrations, StorageError};
+use sightline_runtime::storage::{self, DbFailure, Migrations, StorageError};
 
 pub static SQLITE_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("migrations/sqlite");
 pub static POSTGRES_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("migrations/postgres");
@@ -25,10 +25,9 @@ pub const MIGRATIONS: Migrations = Migrations {
 
 /// Opens the store at `url` (migrated).
 pub async fn open(url: &str) -> Result<Arc<dyn InsightsStore>, StorageError> {
-    Ok(match storage::connect(url, MIGRATIONS).await? {
-        Database::Sqlite(pool) => Arc::new(sql::SqliteStore::new(pool)),
-        Database::Postgres(pool) => Arc::new(sql::PgStore::new(pool)),
-    })
+    Ok(Arc::new(sql::SqlStore::new(
+        storage::connect(url, MIGRATIONS).await?,
+    )))
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -35,10 +35,7 @@ impl Harness {
 
     async fn open(url: &str) -> Self {
         let db = storage::connect(url, MIGRATIONS).await.unwrap();
-        let store: Arc<dyn LinkerStore> = match &db {
-            Database::Sqlite(pool) => Arc::new(SqliteStore::new(pool.clone())),
-            Database::Postgres(pool) => Arc::new(PgStore::new(pool.clone())),
-        };
+        let store: Arc<dyn LinkerStore> = Arc::new(SqlStore::new(db.clone()));
         Self { store, db }
     }
 

@@ -1,6 +1,5 @@
-//! linker-svc's storage: the [`LinkerStore`] trait, with a SQLite and a PostgreSQL implementation
-//! ([`SqliteStore`], [`PgStore`]) that share their SQL text and differ in how a write transaction
-//! starts. Every mutating method writes its audit entry in the same transaction, so an action whose
+//! linker-svc's storage: the [`LinkerStore`] trait, implemented once ([`SqlStore`]) for SQLite and
+//! PostgreSQL through the runtime's SQL shim (`sightline_runtime::sql`). Every mutating method writes its audit entry in the same transaction, so an action whose
 //! audit entry cannot be written does not happen.
 //!
 //! The store maps database errors to [`StoreError`]; handlers never see `sqlx::Error`.
@@ -10,9 +9,9 @@ mod sql;
 use std::collections::BTreeMap;
 
 use async_trait::async_trait;
-use sightline_runtime::storage::{self, Database, DbFailure, Migrations, StorageError};
+use sightline_runtime::storage::{self, DbFailure, Migrations, StorageError};
 
-pub use sql::{PgStore, SqliteStore};
+pub use sql::SqlStore;
 
 pub static SQLITE_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("migrations/sqlite");
 pub static POSTGRES_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("migrations/postgres");
@@ -24,10 +23,9 @@ pub const MIGRATIONS: Migrations = Migrations {
 
 /// Opens the store at `url` (SQLite or PostgreSQL) and runs migrations.
 pub async fn open(url: &str) -> Result<std::sync::Arc<dyn LinkerStore>, StorageError> {
-    Ok(match storage::connect(url, MIGRATIONS).await? {
-        Database::Sqlite(pool) => std::sync::Arc::new(SqliteStore::new(pool)),
-        Database::Postgres(pool) => std::sync::Arc::new(PgStore::new(pool)),
-    })
+    Ok(std::sync::Arc::new(SqlStore::new(
+        storage::connect(url, MIGRATIONS).await?,
+    )))
 }
 
 #[derive(Debug, thiserror::Error)]
