@@ -39,6 +39,21 @@ impl Database {
     }
 }
 
+impl Database {
+    /// Begins a read-only transaction whose statements all see one snapshot (SQLite: a deferred
+    /// transaction in WAL mode; PostgreSQL: REPEATABLE READ). For a read made of several
+    /// statements that a concurrent writer must not fall between.
+    pub async fn snapshot(&self) -> Result<Tx, sqlx::Error> {
+        Ok(match self {
+            Database::Sqlite(pool) => Tx::Sqlite(pool.begin_with("BEGIN DEFERRED").await?),
+            Database::Postgres(pool) => Tx::Postgres(
+                pool.begin_with("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+                    .await?,
+            ),
+        })
+    }
+}
+
 /// An open transaction on either backend; dropped without [`Tx::commit`], it rolls back.
 #[derive(Debug)]
 pub enum Tx {

@@ -1,0 +1,580 @@
+//! The SQL of [`CollectorStore`], written once for SQLite and PostgreSQL (both take `$n` placeholders,
+//! `ON CONFLICT`, `RETURNING` and row values). SQLite write transactions take the lock up front; on
+//! PostgreSQL a commit holds a shared advisory lock per org and a purge an exclusive one, so a batch
+//! enforced under an old policy can never commit after the purge that covers it.
+
+use std::collections::{BTreeMap, BTreeSet, HashSet};
+
+use async_trait::async_trait;
+use sightline_runtime::sql::{self, Backend, Database, Tx};
+
+use sightline_runtime::audited::{ChangeLog, ChangeLogError, StagedChange, staged_rows};
+
+use super::days::{self, DayPart};
+use super::moved::Type;
+use super::{
+    Batch, BatchOutcome, Change, CollectorStore, EraseSpec, Fence, Held, MOVED_TABLES, MoveSpec,
+    PurgeSpec, Ranked, Removed, Revisions, Rollup, RowOutcome, Sample, StoreError, StoreResult,
+    Table, Value, ViewScope, ViewTotals,
+};
+use crate::enforce::{self, DAY_MS};
+
+mod change_log;
+mod moves;
+mod purges;
+mod rollups;
+mod views;
+
+use sightline_runtime::time::HOUR_MS;
+/// Rows per INSERT statement: a fixed size keeps the statement text (and its prepared form) reused.
+const INSERT_CHUNK: usize = 200;
+/// Rows per DELETE of a sweep, so no write transaction runs long.
+const SWEEP_CHUNK: i64 = 5_000;
+/// On PostgreSQL a commit holds the org's lock shared and a purge exclusively (SQLite has one
+/// writer at a time).
+const SHARED_LOCK: &str = "SELECT pg_advisory_xact_lock_shared(hashtext($1))";
+const EXCLUSIVE_LOCK: &str = "SELECT pg_advisory_xact_lock(hashtext($1))";
+const KIND_TOMBSTONE: i64 = 0;
+/// `applied_purges.applied_at` of a purge staged but not applied yet (its claim).
+const PURGE_CLAIMED: i64 = -1;
+/// What staging a purge that another purger holds answers.
+pub const PURGE_TAKEN: &str = "the purge is already staged or applied";
+const KIND_METRIC: i64 = 2;
+const KIND_FEATURE_USAGE: i64 = 3;
+const KIND_PAGE_VIEW: i64 = 4;
+
+fn db(error: sqlx::Error) -> ChangeLogError {
+    StoreError::from(error).into()
+}
+
+/// `kind IN (…)` for kind numbers (integers we parsed: safe to write into the SQL).
+fn kinds_in(kinds: &[i64]) -> String {
+    let list: Vec<String> = kinds.iter().map(i64::to_string).collect();
+    format!("kind IN ({})", list.join(", "))
+}
+
+/// The filter of a purge's covered records, with its binds: org, then instance when scoped.
+fn covered(spec: &PurgeSpec) -> (String, Vec<String>) {
+    match &spec.instance_id {
+        Some(instance) => (
+            "org_id = $1 AND instance_id = $2 AND consent_version < $3 AND policy_revision < $4"
+                .to_owned(),
+            vec![spec.org_id.clone(), instance.clone()],
+        ),
+        None => (
+            "org_id = $1 AND consent_version < $2 AND policy_revision < $3".to_owned(),
+            vec![spec.org_id.clone()],
+        ),
+    }
+}
+
+/// A report scope's filter over page_view_days / page_viewers, with its binds.
+fn scope_filter(scope: &ViewScope) -> (&'static str, Vec<String>) {
+    match scope {
+        ViewScope::Page {
+            instance_id,
+            page_id,
+        } => (
+            "instance_id = $1 AND page_id = $2",
+            vec![instance_id.clone(), page_id.clone()],
+        ),
+        ViewScope::Space {
+            instance_id,
+            space_id,
+        } => (
+            "instance_id = $1 AND space_id = $2",
+            vec![instance_id.clone(), space_id.clone()],
+        ),
+        ViewScope::Org {
+            org_id,
+            instance_id: Some(instance),
+        } => (
+            "org_id = $1 AND instance_id = $2",
+            vec![org_id.clone(), instance.clone()],
+        ),
+        ViewScope::Org {
+            org_id,
+            instance_id: None,
+        } => ("org_id = $1", vec![org_id.clone()]),
+    }
+}
+
+/// `($first, …)` placeholders for `count` values starting at `$first`.
+fn placeholders(first: usize, count: usize) -> String {
+    let list: Vec<String> = (first..first + count).map(|n| format!("${n}")).collect();
+    format!("({})", list.join(", "))
+}
+
+/// Kinds of the rows of a purge whose bodies may carry a stripped class.
+fn strip_kinds(spec: &PurgeSpec) -> Vec<i64> {
+    enforce::kinds_with_classes(&spec.strip_classes)
+        .into_iter()
+        .filter(|k| !spec.delete_kinds.contains(k))
+        .collect()
+}
+
+/// How one try at a group commit ended.
+enum Attempt {
+    Done(Vec<BatchOutcome>, Held),
+    /// SQLite's fast path met an id stored before: roll back and commit carefully.
+    Careful,
+    /// A policy change was applied while the rows went in: roll back and try again.
+    Again,
+}
+
+/// Where one view's count goes: the page's day counter and the day's viewers.
+struct Counted<'a> {
+    org_id: &'a str,
+    instance_id: &'a str,
+    page_id: &'a str,
+    space_id: &'a str,
+    viewer: Option<&'a str>,
+    at: i64,
+    channel: i64,
+    consent_version: i64,
+    policy_revision: i64,
+    stored_at: i64,
+}
+
+impl<'a> Counted<'a> {
+    fn of(batch: &'a Batch, row: &crate::store::Row, view: &'a crate::store::View) -> Self {
+        Self {
+            org_id: &batch.org_id,
+            instance_id: &batch.instance_id,
+            page_id: &view.page_id,
+            space_id: &view.space_id,
+            viewer: view.viewer.as_deref(),
+            at: row.occurred_at,
+            channel: view.channel,
+            consent_version: batch.consent_version,
+            policy_revision: batch.policy_revision,
+            stored_at: batch.stored_at,
+        }
+    }
+}
+
+/// collector-svc's store on either backend, holding one location's data.
+#[derive(Debug, Clone)]
+pub struct SqlStore {
+    db: Database,
+    location: String,
+}
+
+impl SqlStore {
+    pub fn new(db: Database, location: &str) -> Self {
+        Self {
+            db,
+            location: location.to_owned(),
+        }
+    }
+
+    /// Locks the org against purges (shared: commits; exclusive: purges), PostgreSQL only.
+    async fn lock_org(tx: &mut Tx, org_id: &str, exclusive: bool) -> StoreResult<()> {
+        if tx.backend() == Backend::Postgres {
+            let sql = if exclusive {
+                EXCLUSIVE_LOCK
+            } else {
+                SHARED_LOCK
+            };
+            sql::query(sql).bind(org_id).execute(&mut *tx).await?;
+        }
+        Ok(())
+    }
+
+    /// One try at committing `batches`: done, or rolled back for the fast path's repeated
+    /// id or for a policy change applied while the rows went in.
+    async fn commit_once(
+        &self,
+        batches: &[Batch],
+        current: Revisions<'_>,
+        careful: bool,
+        fence: &Fence,
+    ) -> StoreResult<Attempt> {
+        let mut tx = self.db.begin().await?;
+        let orgs: BTreeSet<&str> = batches.iter().map(|b| b.org_id.as_str()).collect();
+        for org in orgs {
+            Self::lock_org(&mut tx, org, false).await?;
+        }
+        let mut outcomes = Vec::with_capacity(batches.len());
+        for batch in batches {
+            let revision = u64::try_from(batch.policy_revision).ok();
+            if current(&batch.org_id, &batch.instance_id) != revision {
+                outcomes.push(BatchOutcome::Stale);
+                continue;
+            }
+            let Some(inserted) = Self::insert_rows(&mut tx, batch, &self.location, careful).await?
+            else {
+                tx.rollback().await?;
+                return Ok(Attempt::Careful);
+            };
+            let mut rows = Vec::with_capacity(batch.rows.len());
+            let mut hours = BTreeSet::new();
+            let mut days = BTreeSet::new();
+            for (row, inserted) in batch.rows.iter().zip(inserted) {
+                if !inserted {
+                    rows.push(RowOutcome::Duplicate);
+                    continue;
+                }
+                if let Some(view) = &row.view {
+                    let outcome = Self::count_view(&mut tx, batch, row, view).await?;
+                    if outcome == RowOutcome::Stored {
+                        days.insert(row.occurred_at.div_euclid(DAY_MS));
+                    }
+                    rows.push(outcome);
+                    continue;
+                }
+                if row.kind == KIND_METRIC {
+                    hours.insert(row.occurred_at.div_euclid(HOUR_MS) * HOUR_MS);
+                }
+                rows.push(RowOutcome::Stored);
+            }
+            for hour in hours {
+                sql::query("INSERT INTO rollup_dirty (instance_id, hour, org_id) VALUES ($1, $2, $3) ON CONFLICT (instance_id, hour) DO NOTHING")
+                    .bind(&batch.instance_id)
+                    .bind(hour)
+                    .bind(&batch.org_id)
+                    .execute(&mut tx)
+                    .await?;
+            }
+            for day in days {
+                Self::mark_view_day(&mut tx, &batch.org_id, &batch.instance_id, day).await?;
+            }
+            outcomes.push(BatchOutcome::Committed(rows));
+        }
+        // The fence, then the revisions again: a change applied since the start is seen
+        // here (and sends this try back), one not applied yet waits for this commit.
+        let held = fence.enter().await;
+        let changed = batches.iter().zip(&outcomes).any(|(batch, outcome)| {
+            matches!(outcome, BatchOutcome::Committed(_))
+                && current(&batch.org_id, &batch.instance_id)
+                    != u64::try_from(batch.policy_revision).ok()
+        });
+        if changed {
+            tx.rollback().await?;
+            return Ok(Attempt::Again);
+        }
+        tx.commit().await?;
+        Ok(Attempt::Done(outcomes, held))
+    }
+
+    /// Inserts a batch's rows; per row, whether this insert stored it (false: its id was
+    /// stored before). None when `careful` is off and a repeated id was met: SQLite's
+    /// fast path cannot tell which row it was, so the caller rolls back and commits again
+    /// carefully.
+    async fn insert_rows(
+        tx: &mut Tx,
+        batch: &Batch,
+        location: &str,
+        careful: bool,
+    ) -> StoreResult<Option<Vec<bool>>> {
+        // PostgreSQL's concurrent writers learn which rows were theirs from RETURNING.
+        let returning = tx.backend() == Backend::Postgres;
+        let mut inserted = Vec::with_capacity(batch.rows.len());
+        for chunk in batch.rows.chunks(INSERT_CHUNK) {
+            // SQLite has one writer at a time: what is not stored before this statement is
+            // stored by it. Reading that first (careful) is far cheaper there than
+            // RETURNING, whose rows cross from SQLite's thread one by one; and a batch of
+            // ids never seen (the usual case) needs neither: the count says so.
+            // PostgreSQL's concurrent writers need RETURNING to know which rows were theirs.
+            let existing: HashSet<String> = if returning || !careful {
+                HashSet::new()
+            } else {
+                let mut query = sql::Builder::new(
+                    tx.backend(),
+                    "SELECT event_id FROM events WHERE instance_id = ",
+                );
+                query
+                    .push_bind(&batch.instance_id)
+                    .push(" AND event_id IN (");
+                let mut ids = query.separated();
+                for row in chunk {
+                    ids.push_bind(&row.event_id);
+                }
+                query.push(")");
+                let found: Vec<(String,)> = query.build().fetch_all(&mut *tx).await?;
+                found.into_iter().map(|(id,)| id).collect()
+            };
+            // On SQLite, OR IGNORE: no constraint can then abort the statement halfway, so
+            // SQLite keeps no statement journal for it (a copy of every page it changes).
+            // Only the key can conflict; the count below proves it.
+            let mut query = sql::Builder::new(
+                tx.backend(),
+                if returning {
+                    "INSERT INTO events (instance_id, event_id, org_id, location, kind, occurred_at, stored_at, name, value, subject, consent_version, policy_revision, body) "
+                } else {
+                    "INSERT OR IGNORE INTO events (instance_id, event_id, org_id, location, kind, occurred_at, stored_at, name, value, subject, consent_version, policy_revision, body) "
+                },
+            );
+            query.push_values(chunk, |b, row| {
+                b.push_bind(&batch.instance_id)
+                    .push_bind(&row.event_id)
+                    .push_bind(&batch.org_id)
+                    .push_bind(location)
+                    .push_bind(row.kind)
+                    .push_bind(row.occurred_at)
+                    .push_bind(batch.stored_at)
+                    .push_bind(&row.name)
+                    .push_bind(row.value)
+                    .push_bind(row.subject.as_deref())
+                    .push_bind(batch.consent_version)
+                    .push_bind(batch.policy_revision)
+                    .push_bind(row.body.as_slice());
+            });
+            if returning {
+                query.push(" ON CONFLICT (instance_id, event_id) DO NOTHING RETURNING event_id");
+                let ids: Vec<(String,)> = query.build().fetch_all(&mut *tx).await?;
+                let ids: HashSet<String> = ids.into_iter().map(|(id,)| id).collect();
+                inserted.extend(chunk.iter().map(|row| ids.contains(&row.event_id)));
+            } else {
+                let stored = query.build().execute(&mut *tx).await?.rows_affected();
+                let expected = chunk
+                    .iter()
+                    .filter(|row| !existing.contains(&row.event_id))
+                    .count();
+                if usize::try_from(stored).ok() == Some(expected) {
+                    inserted.extend(chunk.iter().map(|row| !existing.contains(&row.event_id)));
+                } else if careful {
+                    // Something other than a repeated id was ignored: nothing of the
+                    // transaction may stand, or an ack would cover a row not stored.
+                    return Err(StoreError::Inconsistent(format!(
+                        "an insert of {} events stored {stored}, {expected} expected",
+                        chunk.len()
+                    )));
+                } else {
+                    return Ok(None);
+                }
+            }
+        }
+        Ok(Some(inserted))
+    }
+}
+
+#[async_trait]
+impl CollectorStore for SqlStore {
+    fn location(&self) -> &str {
+        &self.location
+    }
+
+    async fn commit_fenced(
+        &self,
+        batches: &[Batch],
+        current: Revisions<'_>,
+        fence: &Fence,
+    ) -> StoreResult<(Vec<BatchOutcome>, Held)> {
+        if let Some(wrong) = batches.iter().find(|b| b.location != self.location) {
+            return Err(StoreError::WrongLocation {
+                store: self.location.clone(),
+                batch: wrong.location.clone(),
+            });
+        }
+        let mut careful = false;
+        // Each policy change applied mid-commit costs one more try; a few in a row are
+        // as many changes, each of which marks its batches stale at the next start.
+        for _ in 0..8 {
+            match self.commit_once(batches, current, careful, fence).await? {
+                Attempt::Done(outcomes, held) => return Ok((outcomes, held)),
+                Attempt::Careful if careful => break,
+                Attempt::Careful => careful = true,
+                Attempt::Again => {}
+            }
+        }
+        Err(StoreError::Inconsistent(
+            "a commit gave up after repeated retries".into(),
+        ))
+    }
+
+    async fn view_count(&self, instance_id: &str, page_id: &str) -> StoreResult<(i64, i64)> {
+        views::view_count(self, instance_id, page_id).await
+    }
+
+    async fn view_totals(
+        &self,
+        scope: &ViewScope,
+        from_day: i64,
+        to_day: i64,
+    ) -> StoreResult<ViewTotals> {
+        views::view_totals(self, scope, from_day, to_day).await
+    }
+
+    async fn top_pages(
+        &self,
+        instance_id: &str,
+        space_id: &str,
+        from_day: i64,
+        to_day: i64,
+        offset: i64,
+        limit: i64,
+    ) -> StoreResult<Vec<Ranked>> {
+        views::top_pages(self, instance_id, space_id, from_day, to_day, offset, limit).await
+    }
+
+    async fn top_spaces(
+        &self,
+        org_id: &str,
+        instance_id: Option<&str>,
+        from_day: i64,
+        to_day: i64,
+        offset: i64,
+        limit: i64,
+    ) -> StoreResult<Vec<Ranked>> {
+        views::top_spaces(self, org_id, instance_id, from_day, to_day, offset, limit).await
+    }
+
+    async fn dirty_view_days(
+        &self,
+        limit: i64,
+        skip: &[String],
+    ) -> StoreResult<Vec<(String, String, i64, i64)>> {
+        views::dirty_view_days(self, limit, skip).await
+    }
+
+    async fn remake_view_day(
+        &self,
+        org_id: &str,
+        instance_id: &str,
+        day: i64,
+        generation: i64,
+    ) -> StoreResult<()> {
+        views::remake_view_day(self, org_id, instance_id, day, generation).await
+    }
+
+    async fn samples(
+        &self,
+        instance_id: &str,
+        name: &str,
+        from: i64,
+        to: i64,
+        after: Option<(i64, String)>,
+        limit: i64,
+    ) -> StoreResult<Vec<Sample>> {
+        rollups::samples(self, instance_id, name, from, to, after, limit).await
+    }
+
+    async fn rollups(
+        &self,
+        instance_id: &str,
+        name: &str,
+        from: i64,
+        to: i64,
+        after: Option<(i64, String)>,
+        limit: i64,
+    ) -> StoreResult<Vec<Rollup>> {
+        rollups::rollups(self, instance_id, name, from, to, after, limit).await
+    }
+
+    async fn take_dirty_hours(
+        &self,
+        before: i64,
+        limit: i64,
+        skip: &[String],
+    ) -> StoreResult<Vec<(String, String, i64)>> {
+        rollups::take_dirty_hours(self, before, limit, skip).await
+    }
+
+    async fn hour_samples(
+        &self,
+        instance_id: &str,
+        hour: i64,
+    ) -> StoreResult<Vec<(Vec<u8>, i64, i64)>> {
+        rollups::hour_samples(self, instance_id, hour).await
+    }
+
+    async fn replace_rollups(
+        &self,
+        org_id: &str,
+        instance_id: &str,
+        hour: i64,
+        rollups: &[Rollup],
+    ) -> StoreResult<()> {
+        rollups::replace_rollups(self, org_id, instance_id, hour, rollups).await
+    }
+
+    async fn purge_applied(&self, purge_id: &str) -> StoreResult<bool> {
+        purges::purge_applied(self, purge_id).await
+    }
+
+    async fn purge_counts(&self, spec: &PurgeSpec) -> StoreResult<Removed> {
+        purges::purge_counts(self, spec).await
+    }
+
+    async fn erase_counts(&self, spec: &EraseSpec) -> StoreResult<Removed> {
+        purges::erase_counts(self, spec).await
+    }
+
+    async fn forget_deleted(&self) -> StoreResult<()> {
+        sightline_runtime::storage::Forget::forget_deleted(&self.db).await?;
+        Ok(())
+    }
+
+    async fn org_rollups(
+        &self,
+        org_id: &str,
+        name: &str,
+        from: i64,
+        to: i64,
+    ) -> StoreResult<Vec<(String, i64, i64, f64)>> {
+        rollups::org_rollups(self, org_id, name, from, to).await
+    }
+
+    async fn instance_metadata(&self, org_id: &str) -> StoreResult<Vec<(String, Vec<u8>)>> {
+        Ok(sql::query(
+            "SELECT instance_id, body FROM events WHERE org_id = $1 AND kind = 1 AND body IS NOT NULL ORDER BY occurred_at DESC",
+        )
+        .bind(org_id)
+        .fetch_all(&self.db)
+        .await?)
+    }
+
+    async fn charge_epsilon(
+        &self,
+        org_ids: &[String],
+        epsilon: f64,
+        budget: f64,
+        now: i64,
+    ) -> StoreResult<Vec<String>> {
+        rollups::charge_epsilon(self, org_ids, epsilon, budget, now).await
+    }
+
+    async fn identity(&self) -> StoreResult<String> {
+        let (id,): (String,) = sql::query("SELECT id FROM store_identity")
+            .fetch_one(&self.db)
+            .await?;
+        Ok(id)
+    }
+
+    async fn export_rows(
+        &self,
+        table: &'static Table,
+        org_id: &str,
+        after: Option<&[Value]>,
+        limit: i64,
+    ) -> StoreResult<Vec<Vec<Value>>> {
+        moves::export_rows(self, table, org_id, after, limit).await
+    }
+
+    async fn import_rows(&self, table: &'static Table, rows: &[Vec<Value>]) -> StoreResult<()> {
+        moves::import_rows(self, table, rows).await
+    }
+
+    async fn org_counts(&self, org_id: &str) -> StoreResult<Vec<i64>> {
+        moves::org_counts(self, org_id).await
+    }
+
+    async fn clear_org(&self, org_id: &str) -> StoreResult<()> {
+        moves::clear_org(self, org_id).await
+    }
+
+    async fn moved_out(&self, move_id: &str) -> StoreResult<bool> {
+        moves::moved_out(self, move_id).await
+    }
+
+    async fn sweep(
+        &self,
+        org_id: &str,
+        raw_before: i64,
+        aggregate_before: i64,
+        ids_before: i64,
+    ) -> StoreResult<Removed> {
+        purges::sweep(self, org_id, raw_before, aggregate_before, ids_before).await
+    }
+}
