@@ -521,7 +521,8 @@ pub mod staged_rows {
         let rows: Vec<StagedRow> = match org_id {
             Some(org_id) => {
                 sql::query(sqlx::AssertSqlSafe(format!(
-                    "SELECT {COLUMNS} FROM staged_changes WHERE org_id = $1 ORDER BY staged_at, change_id"
+                    "SELECT {COLUMNS} FROM staged_changes WHERE org_id = $1 ORDER BY staged_at,
+                        change_id"
                 )))
                 .bind(org_id)
                 .fetch_all(db_)

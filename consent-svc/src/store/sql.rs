@@ -16,10 +16,14 @@ fn db(error: sqlx::Error) -> ChangeLogError {
     StoreError::from(error).into()
 }
 
-const PURGE_COLUMNS: &str = "purge_id, org_id, scope, instance_id, delete_kinds, strip_classes, withdraw_metadata, withdraw_in_app_data, before_consent_version, before_revision, issued_at";
-const RETENTION_COLUMNS: &str = "org_id, raw_days, assessment_days, aggregate_days, updated_at, score_history_days, support_bundle_days, event_id_days";
+const PURGE_COLUMNS: &str = "purge_id, org_id, scope, instance_id, delete_kinds, strip_classes,
+    withdraw_metadata, withdraw_in_app_data, before_consent_version, before_revision, issued_at";
+const RETENTION_COLUMNS: &str = "org_id, raw_days, assessment_days, aggregate_days, updated_at,
+    score_history_days, support_bundle_days, event_id_days";
 
-const CONSENT_COLUMNS: &str = "org_id, version, usage_level, sharing_level, contribute_metadata, contribute_in_app_data, compliance_restricted, actor, reason, created_at, receipt_payload, receipt_signature, key_id, request_key";
+const CONSENT_COLUMNS: &str = "org_id, version, usage_level, sharing_level, contribute_metadata,
+    contribute_in_app_data, compliance_restricted, actor, reason, created_at, receipt_payload,
+    receipt_signature, key_id, request_key";
 
 /// consent-svc's store on either backend.
 #[derive(Debug, Clone)]
@@ -37,7 +41,8 @@ async fn write_change(tx: &mut Tx, change: &Change) -> StoreResult<()> {
     match change {
         Change::Consent(c) => {
             sql::query(sqlx::AssertSqlSafe(format!(
-                "INSERT INTO consent_versions ({CONSENT_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)"
+                "INSERT INTO consent_versions ({CONSENT_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6,
+                    $7, $8, $9, $10, $11, $12, $13, $14)"
             )))
             .bind(&c.org_id)
             .bind(c.version)
@@ -71,10 +76,12 @@ async fn write_change(tx: &mut Tx, change: &Change) -> StoreResult<()> {
             record: Some(o), ..
         } => {
             sql::query(
-                "INSERT INTO instance_overrides (org_id, instance_id, usage_level, sharing_level, reason, updated_at)
+                "INSERT INTO instance_overrides (org_id, instance_id, usage_level, sharing_level,
+                    reason, updated_at)
                  VALUES ($1, $2, $3, $4, $5, $6)
                  ON CONFLICT (org_id, instance_id) DO UPDATE SET usage_level = excluded.usage_level,
-                   sharing_level = excluded.sharing_level, reason = excluded.reason, updated_at = excluded.updated_at",
+                   sharing_level = excluded.sharing_level, reason = excluded.reason, updated_at =
+                   excluded.updated_at",
             )
             .bind(&o.org_id)
             .bind(&o.instance_id)
@@ -87,13 +94,17 @@ async fn write_change(tx: &mut Tx, change: &Change) -> StoreResult<()> {
         }
         Change::Tracking(t) => {
             sql::query(
-                "INSERT INTO tracking_settings (org_id, enabled_channels, exclude_anonymous, excluded_groups, blocking_time_ms,
+                "INSERT INTO tracking_settings (org_id, enabled_channels, exclude_anonymous,
+                    excluded_groups, blocking_time_ms,
                    view_counter_enabled, global_report_group, updated_at)
                  VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
                  ON CONFLICT (org_id) DO UPDATE SET enabled_channels = excluded.enabled_channels,
-                   exclude_anonymous = excluded.exclude_anonymous, excluded_groups = excluded.excluded_groups,
-                   blocking_time_ms = excluded.blocking_time_ms, view_counter_enabled = excluded.view_counter_enabled,
-                   global_report_group = excluded.global_report_group, updated_at = excluded.updated_at",
+                   exclude_anonymous = excluded.exclude_anonymous, excluded_groups =
+                   excluded.excluded_groups,
+                   blocking_time_ms = excluded.blocking_time_ms, view_counter_enabled =
+                   excluded.view_counter_enabled,
+                   global_report_group = excluded.global_report_group, updated_at =
+                   excluded.updated_at",
             )
             .bind(&t.org_id)
             .bind(&t.enabled_channels)
@@ -109,9 +120,11 @@ async fn write_change(tx: &mut Tx, change: &Change) -> StoreResult<()> {
         Change::Retention(r) => {
             sql::query(sqlx::AssertSqlSafe(format!(
                 "INSERT INTO retention ({RETENTION_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
-                 ON CONFLICT (org_id) DO UPDATE SET raw_days = excluded.raw_days, assessment_days = excluded.assessment_days,
+                 ON CONFLICT (org_id) DO UPDATE SET raw_days = excluded.raw_days, assessment_days
+                 = excluded.assessment_days,
                    aggregate_days = excluded.aggregate_days, updated_at = excluded.updated_at,
-                   score_history_days = excluded.score_history_days, support_bundle_days = excluded.support_bundle_days,
+                   score_history_days = excluded.score_history_days, support_bundle_days =
+                   excluded.support_bundle_days,
                    event_id_days = excluded.event_id_days"
             )))
             .bind(&r.org_id)
@@ -133,7 +146,8 @@ async fn write_change(tx: &mut Tx, change: &Change) -> StoreResult<()> {
             match expected {
                 None => {
                     let open: Option<(String,)> = sql::query(
-                        "SELECT move_id FROM residency_moves WHERE org_id = $1 AND scope = $2 AND state IN ('REQUESTED', 'MOVING')",
+                        "SELECT move_id FROM residency_moves WHERE org_id = $1 AND scope = $2 AND
+                            state IN ('REQUESTED', 'MOVING')",
                     )
                     .bind(&m.org_id)
                     .bind(&m.scope)
@@ -145,7 +159,9 @@ async fn write_change(tx: &mut Tx, change: &Change) -> StoreResult<()> {
                         ));
                     }
                     sql::query(
-                        "INSERT INTO residency_moves (move_id, org_id, scope, from_location, to_location, state, requested_at, started_at, completed_at, reported_by)
+                        "INSERT INTO residency_moves (move_id, org_id, scope, from_location,
+                            to_location, state, requested_at, started_at, completed_at,
+                            reported_by)
                          VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
                     )
                     .bind(&m.move_id)
@@ -163,7 +179,8 @@ async fn write_change(tx: &mut Tx, change: &Change) -> StoreResult<()> {
                 }
                 Some(expected) => {
                     let updated = sql::query(
-                        "UPDATE residency_moves SET state = $3, started_at = $4, completed_at = $5, reported_by = $6
+                        "UPDATE residency_moves SET state = $3, started_at = $4, completed_at =
+                            $5, reported_by = $6
                          WHERE move_id = $1 AND state = $2 AND reported_by = $7",
                     )
                     .bind(&m.move_id)
@@ -182,9 +199,11 @@ async fn write_change(tx: &mut Tx, change: &Change) -> StoreResult<()> {
             }
             if let Some(r) = residency {
                 sql::query(
-                    "INSERT INTO residency (org_id, location, support_bundle_location, updated_at) VALUES ($1, $2, $3, $4)
+                    "INSERT INTO residency (org_id, location, support_bundle_location, updated_at)
+                        VALUES ($1, $2, $3, $4)
                      ON CONFLICT (org_id) DO UPDATE SET location = excluded.location,
-                       support_bundle_location = excluded.support_bundle_location, updated_at = excluded.updated_at",
+                       support_bundle_location = excluded.support_bundle_location, updated_at =
+                       excluded.updated_at",
                 )
                 .bind(&r.org_id)
                 .bind(&r.location)
@@ -202,7 +221,8 @@ async fn write_change(tx: &mut Tx, change: &Change) -> StoreResult<()> {
 impl ConsentStore for SqlStore {
     async fn latest_consent(&self, org_id: &str) -> StoreResult<Option<ConsentRecord>> {
         Ok(sql::query(sqlx::AssertSqlSafe(format!(
-            "SELECT {CONSENT_COLUMNS} FROM consent_versions WHERE org_id = $1 ORDER BY version DESC LIMIT 1"
+            "SELECT {CONSENT_COLUMNS} FROM consent_versions WHERE org_id = $1 ORDER BY version
+                DESC LIMIT 1"
         )))
         .bind(org_id)
         .fetch_optional(&self.db)
@@ -244,7 +264,8 @@ impl ConsentStore for SqlStore {
         limit: i64,
     ) -> StoreResult<Vec<ConsentRecord>> {
         Ok(sql::query(sqlx::AssertSqlSafe(format!(
-            "SELECT {CONSENT_COLUMNS} FROM consent_versions WHERE org_id = $1 AND version < $2 ORDER BY version DESC LIMIT $3"
+            "SELECT {CONSENT_COLUMNS} FROM consent_versions WHERE org_id = $1 AND version < $2
+                ORDER BY version DESC LIMIT $3"
         )))
         .bind(org_id)
         .bind(before.unwrap_or(i64::MAX))
@@ -255,7 +276,8 @@ impl ConsentStore for SqlStore {
 
     async fn tracking(&self, org_id: &str) -> StoreResult<Option<TrackingRecord>> {
         Ok(sql::query(
-            "SELECT org_id, enabled_channels, exclude_anonymous, excluded_groups, blocking_time_ms, view_counter_enabled,
+            "SELECT org_id, enabled_channels, exclude_anonymous, excluded_groups,
+                blocking_time_ms, view_counter_enabled,
                global_report_group, updated_at FROM tracking_settings WHERE org_id = $1",
         )
         .bind(org_id)
@@ -331,7 +353,8 @@ impl ConsentStore for SqlStore {
 
     async fn overrides(&self, org_id: &str) -> StoreResult<Vec<OverrideRecord>> {
         Ok(sql::query(
-            "SELECT org_id, instance_id, usage_level, sharing_level, reason, updated_at FROM instance_overrides
+            "SELECT org_id, instance_id, usage_level, sharing_level, reason, updated_at FROM
+                instance_overrides
              WHERE org_id = $1 ORDER BY instance_id",
         )
         .bind(org_id)
@@ -384,7 +407,8 @@ impl ChangeLog for SqlStore {
         .map_err(db)?;
         if let Some(p) = purge {
             sql::query(sqlx::AssertSqlSafe(format!(
-                "INSERT INTO purges ({PURGE_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)"
+                "INSERT INTO purges ({PURGE_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9,
+                    $10, $11)"
             )))
             .bind(&p.purge_id)
             .bind(&p.org_id)

@@ -12,7 +12,8 @@ impl ChangeLog for SqlStore {
         // a discarded change and becomes the applied mark when the change is applied.
         if let Change::Purge { spec } = Change::decode(&change.payload)? {
             let claimed = sql::query(
-                "INSERT INTO applied_purges (purge_id, org_id, applied_at, counts) VALUES ($1, $2, $3, '{}')
+                "INSERT INTO applied_purges (purge_id, org_id, applied_at, counts) VALUES ($1, $2,
+                    $3, '{}')
                  ON CONFLICT (purge_id) DO NOTHING",
             )
             .bind(&spec.purge_id)

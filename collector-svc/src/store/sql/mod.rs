@@ -229,12 +229,15 @@ impl SqlStore {
                 rows.push(RowOutcome::Stored);
             }
             for hour in hours {
-                sql::query("INSERT INTO rollup_dirty (instance_id, hour, org_id) VALUES ($1, $2, $3) ON CONFLICT (instance_id, hour) DO NOTHING")
-                    .bind(&batch.instance_id)
-                    .bind(hour)
-                    .bind(&batch.org_id)
-                    .execute(&mut tx)
-                    .await?;
+                sql::query(
+                    "INSERT INTO rollup_dirty (instance_id, hour, org_id) VALUES ($1, $2,
+                    $3) ON CONFLICT (instance_id, hour) DO NOTHING",
+                )
+                .bind(&batch.instance_id)
+                .bind(hour)
+                .bind(&batch.org_id)
+                .execute(&mut tx)
+                .await?;
             }
             for day in days {
                 Self::mark_view_day(&mut tx, &batch.org_id, &batch.instance_id, day).await?;
@@ -300,9 +303,13 @@ impl SqlStore {
             let mut query = sql::Builder::new(
                 tx.backend(),
                 if returning {
-                    "INSERT INTO events (instance_id, event_id, org_id, location, kind, occurred_at, stored_at, name, value, subject, consent_version, policy_revision, body) "
+                    "INSERT INTO events (instance_id, event_id, org_id, location, kind,
+                        occurred_at, stored_at, name, value, subject, consent_version,
+                        policy_revision, body) "
                 } else {
-                    "INSERT OR IGNORE INTO events (instance_id, event_id, org_id, location, kind, occurred_at, stored_at, name, value, subject, consent_version, policy_revision, body) "
+                    "INSERT OR IGNORE INTO events (instance_id, event_id, org_id, location, kind,
+                        occurred_at, stored_at, name, value, subject, consent_version,
+                        policy_revision, body) "
                 },
             );
             query.push_values(chunk, |b, row| {
@@ -518,7 +525,8 @@ impl CollectorStore for SqlStore {
 
     async fn instance_metadata(&self, org_id: &str) -> StoreResult<Vec<(String, Vec<u8>)>> {
         Ok(sql::query(
-            "SELECT instance_id, body FROM events WHERE org_id = $1 AND kind = 1 AND body IS NOT NULL ORDER BY occurred_at DESC",
+            "SELECT instance_id, body FROM events WHERE org_id = $1 AND kind = 1 AND body IS NOT
+                NULL ORDER BY occurred_at DESC",
         )
         .bind(org_id)
         .fetch_all(&self.db)

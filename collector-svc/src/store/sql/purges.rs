@@ -39,7 +39,8 @@ impl SqlStore {
         }
         if !spec.delete_kinds.is_empty() {
             run!(format!(
-                "UPDATE events SET kind = {KIND_TOMBSTONE}, body = NULL, name = '', value = NULL, subject = NULL WHERE {filter} AND {}",
+                "UPDATE events SET kind = {KIND_TOMBSTONE}, body = NULL, name = '', value = NULL,
+                    subject = NULL WHERE {filter} AND {}",
                 kinds_in(&spec.delete_kinds)
             ));
         }
@@ -75,7 +76,8 @@ impl SqlStore {
         let kinds = strip_kinds(spec);
         if !spec.strip_classes.is_empty() && !kinds.is_empty() {
             let sql = format!(
-                "SELECT instance_id, event_id, body FROM events WHERE {filter} AND {} AND body IS NOT NULL",
+                "SELECT instance_id, event_id, body FROM events WHERE {filter} AND {} AND body IS
+                    NOT NULL",
                 kinds_in(&kinds)
             );
             let mut query = sql::query_as::<(String, String, Vec<u8>)>(sqlx::AssertSqlSafe(sql));
@@ -100,7 +102,8 @@ impl SqlStore {
             }
         }
         sql::query(
-            "INSERT INTO applied_purges (purge_id, org_id, applied_at, counts) VALUES ($1, $2, $3, '{}')
+            "INSERT INTO applied_purges (purge_id, org_id, applied_at, counts) VALUES ($1, $2, $3,
+                '{}')
              ON CONFLICT (purge_id) DO UPDATE SET applied_at = excluded.applied_at",
         )
         .bind(&spec.purge_id)
@@ -115,7 +118,8 @@ impl SqlStore {
         for subject in &spec.subjects {
             // The days the viewer was seen on lose their totals (and sketches) until remade.
             let days: Vec<(String, String, i64)> = sql::query(
-                "SELECT DISTINCT org_id, instance_id, day FROM page_viewers WHERE instance_id = $1 AND viewer = $2 AND stored_at <= $3",
+                "SELECT DISTINCT org_id, instance_id, day FROM page_viewers WHERE instance_id = $1
+                    AND viewer = $2 AND stored_at <= $3",
             )
             .bind(&spec.instance_id)
             .bind(subject)
@@ -137,7 +141,8 @@ impl SqlStore {
                 #[allow(clippy::cast_possible_truncation)]
                 let channel = channel.unwrap_or_default() as i64;
                 sql::query(
-                    "UPDATE page_view_days SET views = views - 1 WHERE instance_id = $1 AND page_id = $2 AND day = $3
+                    "UPDATE page_view_days SET views = views - 1 WHERE instance_id = $1 AND
+                        page_id = $2 AND day = $3
                      AND channel = $4 AND consent_version = $5 AND policy_revision = $6",
                 )
                 .bind(&spec.instance_id)
@@ -154,7 +159,8 @@ impl SqlStore {
                 .execute(&mut *tx)
                 .await?;
             sql::query(sqlx::AssertSqlSafe(format!(
-                "UPDATE events SET kind = {KIND_TOMBSTONE}, body = NULL, name = '', value = NULL, subject = NULL
+                "UPDATE events SET kind = {KIND_TOMBSTONE}, body = NULL, name = '', value = NULL,
+                    subject = NULL
                  WHERE instance_id = $1 AND subject = $2 AND stored_at <= $3"
             )))
             .bind(&spec.instance_id)
@@ -162,12 +168,15 @@ impl SqlStore {
             .bind(spec.until)
             .execute(&mut *tx)
             .await?;
-            sql::query("DELETE FROM page_viewers WHERE instance_id = $1 AND viewer = $2 AND stored_at <= $3")
-                .bind(&spec.instance_id)
-                .bind(subject)
-                .bind(spec.until)
-                .execute(&mut *tx)
-                .await?;
+            sql::query(
+                "DELETE FROM page_viewers WHERE instance_id = $1 AND viewer = $2 AND
+                stored_at <= $3",
+            )
+            .bind(&spec.instance_id)
+            .bind(subject)
+            .bind(spec.until)
+            .execute(&mut *tx)
+            .await?;
             sql::query(
                 "DELETE FROM view_times WHERE instance_id = $1 AND viewer = $2 AND stored_at <= $3",
             )
@@ -306,18 +315,44 @@ pub(super) async fn erase_counts(store: &SqlStore, spec: &EraseSpec) -> StoreRes
     let mut removed = Removed::default();
     for subject in &spec.subjects {
         let binds = [spec.instance_id.clone(), subject.clone()];
-        removed.page_views += SqlStore::count_where(&store.db,
-                format!("SELECT COUNT(*) FROM events WHERE instance_id = $1 AND subject = $2 AND stored_at <= $3 AND kind = {KIND_PAGE_VIEW}"),
-                &binds, &[spec.until]).await?;
-        removed.feature_usage += SqlStore::count_where(&store.db,
-                format!("SELECT COUNT(*) FROM events WHERE instance_id = $1 AND subject = $2 AND stored_at <= $3 AND kind = {KIND_FEATURE_USAGE}"),
-                &binds, &[spec.until]).await?;
-        removed.unique_viewer_entries += SqlStore::count_where(&store.db,
-                "SELECT COUNT(*) FROM page_viewers WHERE instance_id = $1 AND viewer = $2 AND stored_at <= $3".to_owned(),
-                &binds, &[spec.until]).await?;
-        removed.dedupe_entries += SqlStore::count_where(&store.db,
-                "SELECT COUNT(*) FROM view_times WHERE instance_id = $1 AND viewer = $2 AND stored_at <= $3".to_owned(),
-                &binds, &[spec.until]).await?;
+        removed.page_views += SqlStore::count_where(
+            &store.db,
+            format!(
+                "SELECT COUNT(*) FROM events WHERE instance_id = $1 AND subject = $2 AND
+                    stored_at <= $3 AND kind = {KIND_PAGE_VIEW}"
+            ),
+            &binds,
+            &[spec.until],
+        )
+        .await?;
+        removed.feature_usage += SqlStore::count_where(
+            &store.db,
+            format!(
+                "SELECT COUNT(*) FROM events WHERE instance_id = $1 AND subject = $2 AND
+                    stored_at <= $3 AND kind = {KIND_FEATURE_USAGE}"
+            ),
+            &binds,
+            &[spec.until],
+        )
+        .await?;
+        removed.unique_viewer_entries += SqlStore::count_where(
+            &store.db,
+            "SELECT COUNT(*) FROM page_viewers WHERE instance_id = $1 AND viewer = $2 AND
+                    stored_at <= $3"
+                .to_owned(),
+            &binds,
+            &[spec.until],
+        )
+        .await?;
+        removed.dedupe_entries += SqlStore::count_where(
+            &store.db,
+            "SELECT COUNT(*) FROM view_times WHERE instance_id = $1 AND viewer = $2 AND
+                    stored_at <= $3"
+                .to_owned(),
+            &binds,
+            &[spec.until],
+        )
+        .await?;
     }
     removed.events = removed.page_views + removed.feature_usage;
     Ok(removed)
@@ -331,31 +366,86 @@ pub(super) async fn sweep(
     ids_before: i64,
 ) -> StoreResult<Removed> {
     let mut removed = Removed::default();
-    removed.events = store.delete_chunked(
-            "DELETE FROM events WHERE (instance_id, event_id) IN (SELECT instance_id, event_id FROM events WHERE org_id = $1 AND occurred_at < $2 LIMIT $3)".to_owned(),
-            org_id, raw_before).await?;
-    removed.events += store.delete_chunked(
-            format!("DELETE FROM events WHERE (instance_id, event_id) IN (SELECT instance_id, event_id FROM events WHERE org_id = $1 AND kind = {KIND_TOMBSTONE} AND occurred_at < $2 LIMIT $3)"),
-            org_id, ids_before).await?;
+    removed.events = store
+        .delete_chunked(
+            "DELETE FROM events WHERE (instance_id, event_id) IN (SELECT instance_id, event_id
+                FROM events WHERE org_id = $1 AND occurred_at < $2 LIMIT $3)"
+                .to_owned(),
+            org_id,
+            raw_before,
+        )
+        .await?;
+    removed.events += store
+        .delete_chunked(
+            format!(
+                "DELETE FROM events WHERE (instance_id, event_id) IN (SELECT instance_id,
+                event_id FROM events WHERE org_id = $1 AND kind = {KIND_TOMBSTONE} AND occurred_at
+                < $2 LIMIT $3)"
+            ),
+            org_id,
+            ids_before,
+        )
+        .await?;
     let raw_day = raw_before.div_euclid(DAY_MS);
-    removed.view_counters = store.delete_chunked(
-            "DELETE FROM page_view_days WHERE (instance_id, page_id, day, channel, consent_version, policy_revision) IN (SELECT instance_id, page_id, day, channel, consent_version, policy_revision FROM page_view_days WHERE org_id = $1 AND day < $2 LIMIT $3)".to_owned(),
-            org_id, raw_day).await?;
-    removed.unique_viewer_entries = store.delete_chunked(
-            "DELETE FROM page_viewers WHERE (instance_id, page_id, day, viewer) IN (SELECT instance_id, page_id, day, viewer FROM page_viewers WHERE org_id = $1 AND day < $2 LIMIT $3)".to_owned(),
-            org_id, raw_day).await?;
+    removed.view_counters = store
+        .delete_chunked(
+            "DELETE FROM page_view_days WHERE (instance_id, page_id, day, channel,
+                consent_version, policy_revision) IN (SELECT instance_id, page_id, day, channel,
+                consent_version, policy_revision FROM page_view_days WHERE org_id = $1 AND day <
+                $2 LIMIT $3)"
+                .to_owned(),
+            org_id,
+            raw_day,
+        )
+        .await?;
+    removed.unique_viewer_entries = store
+        .delete_chunked(
+            "DELETE FROM page_viewers WHERE (instance_id, page_id, day, viewer) IN (SELECT
+                instance_id, page_id, day, viewer FROM page_viewers WHERE org_id = $1 AND day < $2
+                LIMIT $3)"
+                .to_owned(),
+            org_id,
+            raw_day,
+        )
+        .await?;
     // Day totals and their sketches go with the days they sum up.
-    removed.view_counters += store.delete_chunked(
-            "DELETE FROM view_day_totals WHERE (instance_id, space_id, day) IN (SELECT instance_id, space_id, day FROM view_day_totals WHERE org_id = $1 AND day < $2 LIMIT $3)".to_owned(),
-            org_id, raw_day).await?;
-    store.delete_chunked(
-            "DELETE FROM view_days_dirty WHERE (instance_id, day) IN (SELECT instance_id, day FROM view_days_dirty WHERE org_id = $1 AND day < $2 LIMIT $3)".to_owned(),
-            org_id, raw_day).await?;
-    removed.dedupe_entries = store.delete_chunked(
-            "DELETE FROM view_times WHERE (instance_id, page_id, viewer, at, event_id) IN (SELECT instance_id, page_id, viewer, at, event_id FROM view_times WHERE org_id = $1 AND at < $2 LIMIT $3)".to_owned(),
-            org_id, raw_before).await?;
-    removed.rollups = store.delete_chunked(
-            "DELETE FROM rollups WHERE (instance_id, name, tags, hour) IN (SELECT instance_id, name, tags, hour FROM rollups WHERE org_id = $1 AND hour < $2 LIMIT $3)".to_owned(),
-            org_id, aggregate_before).await?;
+    removed.view_counters += store
+        .delete_chunked(
+            "DELETE FROM view_day_totals WHERE (instance_id, space_id, day) IN (SELECT
+                instance_id, space_id, day FROM view_day_totals WHERE org_id = $1 AND day < $2
+                LIMIT $3)"
+                .to_owned(),
+            org_id,
+            raw_day,
+        )
+        .await?;
+    store
+        .delete_chunked(
+            "DELETE FROM view_days_dirty WHERE (instance_id, day) IN (SELECT instance_id, day FROM
+                view_days_dirty WHERE org_id = $1 AND day < $2 LIMIT $3)"
+                .to_owned(),
+            org_id,
+            raw_day,
+        )
+        .await?;
+    removed.dedupe_entries = store
+        .delete_chunked(
+            "DELETE FROM view_times WHERE (instance_id, page_id, viewer, at, event_id) IN (SELECT
+                instance_id, page_id, viewer, at, event_id FROM view_times WHERE org_id = $1 AND
+                at < $2 LIMIT $3)"
+                .to_owned(),
+            org_id,
+            raw_before,
+        )
+        .await?;
+    removed.rollups = store
+        .delete_chunked(
+            "DELETE FROM rollups WHERE (instance_id, name, tags, hour) IN (SELECT instance_id,
+                name, tags, hour FROM rollups WHERE org_id = $1 AND hour < $2 LIMIT $3)"
+                .to_owned(),
+            org_id,
+            aggregate_before,
+        )
+        .await?;
     Ok(removed)
 }

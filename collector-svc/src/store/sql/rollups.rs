@@ -14,20 +14,21 @@ pub(super) async fn samples(
 ) -> StoreResult<Vec<Sample>> {
     let (at, id) = after.unwrap_or((i64::MIN, String::new()));
     let rows: Vec<(i64, String, i64, Vec<u8>)> = sql::query(sqlx::AssertSqlSafe(format!(
-            "SELECT occurred_at, event_id, consent_version, body FROM events
-             WHERE instance_id = $1 AND kind = {KIND_METRIC} AND name = $2 AND occurred_at >= $3 AND occurred_at < $4
+        "SELECT occurred_at, event_id, consent_version, body FROM events
+             WHERE instance_id = $1 AND kind = {KIND_METRIC} AND name = $2 AND occurred_at >= $3
+             AND occurred_at < $4
                AND (occurred_at > $5 OR (occurred_at = $5 AND event_id > $6)) AND body IS NOT NULL
              ORDER BY occurred_at, event_id LIMIT $7"
-        )))
-        .bind(instance_id)
-        .bind(name)
-        .bind(from)
-        .bind(to)
-        .bind(at)
-        .bind(id)
-        .bind(limit)
-        .fetch_all(&store.db)
-        .await?;
+    )))
+    .bind(instance_id)
+    .bind(name)
+    .bind(from)
+    .bind(to)
+    .bind(at)
+    .bind(id)
+    .bind(limit)
+    .fetch_all(&store.db)
+    .await?;
     Ok(rows
         .into_iter()
         .map(|(occurred_at, event_id, consent_version, body)| Sample {
@@ -66,20 +67,21 @@ pub(super) async fn rollups(
         i64,
     );
     let rows: Vec<R> = sql::query(
-            "SELECT instance_id, name, tags, hour, org_id, unit, count, min, max, sum, p50, p95, consent_version, policy_revision
+        "SELECT instance_id, name, tags, hour, org_id, unit, count, min, max, sum, p50, p95,
+                consent_version, policy_revision
              FROM rollups WHERE instance_id = $1 AND name = $2 AND hour >= $3 AND hour < $4
                AND (hour > $5 OR (hour = $5 AND tags > $6))
              ORDER BY hour, tags LIMIT $7",
-        )
-        .bind(instance_id)
-        .bind(name)
-        .bind(from)
-        .bind(to)
-        .bind(at)
-        .bind(tags)
-        .bind(limit)
-        .fetch_all(&store.db)
-        .await?;
+    )
+    .bind(instance_id)
+    .bind(name)
+    .bind(from)
+    .bind(to)
+    .bind(at)
+    .bind(tags)
+    .bind(limit)
+    .fetch_all(&store.db)
+    .await?;
     Ok(rows
         .into_iter()
         .map(
@@ -130,10 +132,11 @@ pub(super) async fn take_dirty_hours(
         format!(" AND org_id NOT IN {}", placeholders(3, skip.len()))
     };
     let mut query = sql::query(sqlx::AssertSqlSafe(format!(
-            "SELECT org_id, instance_id, hour FROM rollup_dirty WHERE hour < $1{skipped} ORDER BY hour LIMIT $2"
-        )))
-        .bind(before)
-        .bind(limit);
+        "SELECT org_id, instance_id, hour FROM rollup_dirty WHERE hour < $1{skipped} ORDER BY
+                hour LIMIT $2"
+    )))
+    .bind(before)
+    .bind(limit);
     for org_id in skip {
         query = query.bind(org_id);
     }
@@ -155,14 +158,15 @@ pub(super) async fn hour_samples(
     hour: i64,
 ) -> StoreResult<Vec<(Vec<u8>, i64, i64)>> {
     Ok(sql::query(sqlx::AssertSqlSafe(format!(
-            "SELECT body, consent_version, policy_revision FROM events
-             WHERE instance_id = $1 AND kind = {KIND_METRIC} AND occurred_at >= $2 AND occurred_at < $3 AND body IS NOT NULL"
-        )))
-        .bind(instance_id)
-        .bind(hour)
-        .bind(hour + HOUR_MS)
-        .fetch_all(&store.db)
-        .await?)
+        "SELECT body, consent_version, policy_revision FROM events
+             WHERE instance_id = $1 AND kind = {KIND_METRIC} AND occurred_at >= $2 AND occurred_at
+             < $3 AND body IS NOT NULL"
+    )))
+    .bind(instance_id)
+    .bind(hour)
+    .bind(hour + HOUR_MS)
+    .fetch_all(&store.db)
+    .await?)
 }
 
 pub(super) async fn replace_rollups(
@@ -177,13 +181,14 @@ pub(super) async fn replace_rollups(
     // seen: then the hour has nothing to roll up here.
     SqlStore::lock_org(&mut tx, org_id, false).await?;
     let samples: Option<(String,)> = sql::query(sqlx::AssertSqlSafe(format!(
-            "SELECT event_id FROM events WHERE instance_id = $1 AND kind = {KIND_METRIC} AND occurred_at >= $2 AND occurred_at < $3 LIMIT 1"
-        )))
-        .bind(instance_id)
-        .bind(hour)
-        .bind(hour + HOUR_MS)
-        .fetch_optional(&mut tx)
-        .await?;
+        "SELECT event_id FROM events WHERE instance_id = $1 AND kind = {KIND_METRIC} AND
+                occurred_at >= $2 AND occurred_at < $3 LIMIT 1"
+    )))
+    .bind(instance_id)
+    .bind(hour)
+    .bind(hour + HOUR_MS)
+    .fetch_optional(&mut tx)
+    .await?;
     if samples.is_none() && !rollups.is_empty() {
         return Ok(());
     }
@@ -194,26 +199,27 @@ pub(super) async fn replace_rollups(
         .await?;
     for r in rollups {
         sql::query(
-                "INSERT INTO rollups (instance_id, name, tags, hour, org_id, location, unit, count, min, max, sum, p50, p95, consent_version, policy_revision)
+            "INSERT INTO rollups (instance_id, name, tags, hour, org_id, location, unit,
+                    count, min, max, sum, p50, p95, consent_version, policy_revision)
                  VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)",
-            )
-            .bind(&r.instance_id)
-            .bind(&r.name)
-            .bind(&r.tags)
-            .bind(r.hour)
-            .bind(&r.org_id)
-            .bind(&store.location)
-            .bind(&r.unit)
-            .bind(r.count)
-            .bind(r.min)
-            .bind(r.max)
-            .bind(r.sum)
-            .bind(r.p50)
-            .bind(r.p95)
-            .bind(r.consent_version)
-            .bind(r.policy_revision)
-            .execute(&mut tx)
-            .await?;
+        )
+        .bind(&r.instance_id)
+        .bind(&r.name)
+        .bind(&r.tags)
+        .bind(r.hour)
+        .bind(&r.org_id)
+        .bind(&store.location)
+        .bind(&r.unit)
+        .bind(r.count)
+        .bind(r.min)
+        .bind(r.max)
+        .bind(r.sum)
+        .bind(r.p50)
+        .bind(r.p95)
+        .bind(r.consent_version)
+        .bind(r.policy_revision)
+        .execute(&mut tx)
+        .await?;
     }
     tx.commit().await?;
     Ok(())
@@ -227,14 +233,15 @@ pub(super) async fn org_rollups(
     to: i64,
 ) -> StoreResult<Vec<(String, i64, i64, f64)>> {
     Ok(sql::query(
-            "SELECT instance_id, hour, count, sum FROM rollups WHERE org_id = $1 AND name = $2 AND hour >= $3 AND hour < $4",
-        )
-        .bind(org_id)
-        .bind(name)
-        .bind(from)
-        .bind(to)
-        .fetch_all(&store.db)
-        .await?)
+        "SELECT instance_id, hour, count, sum FROM rollups WHERE org_id = $1 AND name = $2 AND
+                hour >= $3 AND hour < $4",
+    )
+    .bind(org_id)
+    .bind(name)
+    .bind(from)
+    .bind(to)
+    .fetch_all(&store.db)
+    .await?)
 }
 
 pub(super) async fn charge_epsilon(
@@ -263,14 +270,15 @@ pub(super) async fn charge_epsilon(
     }
     for org in org_ids {
         sql::query(
-                "INSERT INTO epsilon_ledger (org_id, spent, updated_at) VALUES ($1, $2, $3)
-                 ON CONFLICT (org_id) DO UPDATE SET spent = epsilon_ledger.spent + excluded.spent, updated_at = excluded.updated_at",
-            )
-            .bind(org)
-            .bind(epsilon)
-            .bind(now)
-            .execute(&mut tx)
-            .await?;
+            "INSERT INTO epsilon_ledger (org_id, spent, updated_at) VALUES ($1, $2, $3)
+                 ON CONFLICT (org_id) DO UPDATE SET spent = epsilon_ledger.spent + excluded.spent,
+                 updated_at = excluded.updated_at",
+        )
+        .bind(org)
+        .bind(epsilon)
+        .bind(now)
+        .execute(&mut tx)
+        .await?;
     }
     tx.commit().await?;
     Ok(Vec::new())

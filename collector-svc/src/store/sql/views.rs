@@ -27,7 +27,8 @@ impl SqlStore {
         let block = batch.blocking_time_ms;
         let (t, event) = (row.occurred_at, row.event_id.as_str());
         sql::query(
-            "INSERT INTO view_times (instance_id, page_id, viewer, at, event_id, org_id, stored_at, counted, channel, space_id, consent_version, policy_revision)
+            "INSERT INTO view_times (instance_id, page_id, viewer, at, event_id, org_id,
+                stored_at, counted, channel, space_id, consent_version, policy_revision)
              VALUES ($1, $2, $3, $4, $5, $6, $7, 0, $8, $9, $10, $11) ON CONFLICT DO NOTHING",
         )
         .bind(&batch.instance_id)
@@ -45,8 +46,10 @@ impl SqlStore {
         .await?;
         // The counted view just before this one, in time order.
         let before: Option<(i64,)> = sql::query(
-            "SELECT at FROM view_times WHERE instance_id = $1 AND page_id = $2 AND viewer = $3 AND counted = 1
-               AND (at < $4 OR (at = $4 AND event_id < $5)) ORDER BY at DESC, event_id DESC LIMIT 1",
+            "SELECT at FROM view_times WHERE instance_id = $1 AND page_id = $2 AND viewer = $3 AND
+                counted = 1
+               AND (at < $4 OR (at = $4 AND event_id < $5)) ORDER BY at DESC, event_id DESC LIMIT
+               1",
         )
         .bind(&batch.instance_id)
         .bind(&view.page_id)
@@ -67,8 +70,10 @@ impl SqlStore {
         // This view counts; the views after it are counted again from it, until the chain
         // meets a view it counted before (from there on it is what it was).
         let later: Vec<(i64, String, i64, i64, String, i64, i64)> = sql::query(
-            "SELECT at, event_id, counted, channel, space_id, consent_version, policy_revision FROM view_times
-             WHERE instance_id = $1 AND page_id = $2 AND viewer = $3 AND (at > $4 OR (at = $4 AND event_id >= $5))
+            "SELECT at, event_id, counted, channel, space_id, consent_version, policy_revision
+                FROM view_times
+             WHERE instance_id = $1 AND page_id = $2 AND viewer = $3 AND (at > $4 OR (at = $4 AND
+             event_id >= $5))
              ORDER BY at, event_id",
         )
         .bind(&batch.instance_id)
@@ -90,7 +95,8 @@ impl SqlStore {
             }
             if this || counts != (counted == 1) {
                 sql::query(
-                    "UPDATE view_times SET counted = $6 WHERE instance_id = $1 AND page_id = $2 AND viewer = $3 AND at = $4 AND event_id = $5",
+                    "UPDATE view_times SET counted = $6 WHERE instance_id = $1 AND page_id = $2
+                        AND viewer = $3 AND at = $4 AND event_id = $5",
                 )
                 .bind(&batch.instance_id)
                 .bind(&view.page_id)
@@ -134,9 +140,11 @@ impl SqlStore {
         let day = c.at.div_euclid(DAY_MS);
         if delta > 0 {
             sql::query(
-                "INSERT INTO page_view_days (instance_id, page_id, day, channel, consent_version, policy_revision, org_id, space_id, views)
+                "INSERT INTO page_view_days (instance_id, page_id, day, channel, consent_version,
+                    policy_revision, org_id, space_id, views)
                  VALUES ($1, $2, $3, $4, $5, $6, $7, $8, 1)
-                 ON CONFLICT (instance_id, page_id, day, channel, consent_version, policy_revision) DO UPDATE SET views = page_view_days.views + 1",
+                 ON CONFLICT (instance_id, page_id, day, channel, consent_version,
+                 policy_revision) DO UPDATE SET views = page_view_days.views + 1",
             )
             .bind(c.instance_id)
             .bind(c.page_id)
@@ -150,8 +158,10 @@ impl SqlStore {
             .await?;
             if let Some(viewer) = c.viewer {
                 sql::query(
-                    "INSERT INTO page_viewers (instance_id, page_id, day, viewer, org_id, space_id, consent_version, policy_revision, stored_at)
-                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) ON CONFLICT (instance_id, page_id, day, viewer) DO NOTHING",
+                    "INSERT INTO page_viewers (instance_id, page_id, day, viewer, org_id,
+                        space_id, consent_version, policy_revision, stored_at)
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) ON CONFLICT (instance_id,
+                     page_id, day, viewer) DO NOTHING",
                 )
                 .bind(c.instance_id)
                 .bind(c.page_id)
@@ -169,9 +179,11 @@ impl SqlStore {
         }
         // One view less; a counter that reaches nothing goes.
         for sql in [
-            "UPDATE page_view_days SET views = views - 1 WHERE instance_id = $1 AND page_id = $2 AND day = $3 AND channel = $4
+            "UPDATE page_view_days SET views = views - 1 WHERE instance_id = $1 AND page_id = $2
+                AND day = $3 AND channel = $4
                AND consent_version = $5 AND policy_revision = $6 AND views > 0",
-            "DELETE FROM page_view_days WHERE instance_id = $1 AND page_id = $2 AND day = $3 AND channel = $4
+            "DELETE FROM page_view_days WHERE instance_id = $1 AND page_id = $2 AND day = $3 AND
+                channel = $4
                AND consent_version = $5 AND policy_revision = $6 AND views = 0",
         ] {
             sql::query(sql)
@@ -186,7 +198,8 @@ impl SqlStore {
         }
         if let Some(viewer) = c.viewer {
             let (still,): (i64,) = sql::query(
-                "SELECT COUNT(*) FROM view_times WHERE instance_id = $1 AND page_id = $2 AND viewer = $3 AND counted = 1
+                "SELECT COUNT(*) FROM view_times WHERE instance_id = $1 AND page_id = $2 AND
+                    viewer = $3 AND counted = 1
                    AND at >= $4 AND at < $5",
             )
             .bind(c.instance_id)
@@ -197,13 +210,16 @@ impl SqlStore {
             .fetch_one(&mut *tx)
             .await?;
             if still == 0 {
-                sql::query("DELETE FROM page_viewers WHERE instance_id = $1 AND page_id = $2 AND day = $3 AND viewer = $4")
-                    .bind(c.instance_id)
-                    .bind(c.page_id)
-                    .bind(day)
-                    .bind(viewer)
-                    .execute(&mut *tx)
-                    .await?;
+                sql::query(
+                    "DELETE FROM page_viewers WHERE instance_id = $1 AND page_id = $2 AND
+                    day = $3 AND viewer = $4",
+                )
+                .bind(c.instance_id)
+                .bind(c.page_id)
+                .bind(day)
+                .bind(viewer)
+                .execute(&mut *tx)
+                .await?;
             }
         }
         Ok(())
@@ -218,8 +234,10 @@ impl SqlStore {
         day: i64,
     ) -> StoreResult<()> {
         sql::query(
-            "INSERT INTO view_days_dirty (instance_id, day, org_id, generation) VALUES ($1, $2, $3, 0)
-             ON CONFLICT (instance_id, day) DO UPDATE SET generation = view_days_dirty.generation + 1",
+            "INSERT INTO view_days_dirty (instance_id, day, org_id, generation) VALUES ($1, $2,
+                $3, 0)
+             ON CONFLICT (instance_id, day) DO UPDATE SET generation = view_days_dirty.generation
+             + 1",
         )
         .bind(instance_id)
         .bind(day)
@@ -257,7 +275,8 @@ impl SqlStore {
         let n = binds.len();
         let days = format!("day >= ${} AND day < ${}", n + 1, n + 2);
         let mut query = sql::query_as::<(i64, i64, i64)>(sqlx::AssertSqlSafe(format!(
-            "SELECT day, channel, CAST(SUM(views) AS BIGINT) FROM page_view_days WHERE {filter} AND {days} GROUP BY day, channel ORDER BY day, channel"
+            "SELECT day, channel, CAST(SUM(views) AS BIGINT) FROM page_view_days WHERE {filter}
+                AND {days} GROUP BY day, channel ORDER BY day, channel"
         )));
         for b in &binds {
             query = query.bind(b);
@@ -266,7 +285,8 @@ impl SqlStore {
         let mut tx = self.db.snapshot().await?;
         let cells = query.bind(from_day).bind(to_day).fetch_all(&mut tx).await?;
         let mut query = sql::query_as::<(i64, i64)>(sqlx::AssertSqlSafe(format!(
-            "SELECT day, COUNT(DISTINCT instance_id || '/' || viewer) FROM page_viewers WHERE {filter} AND {days} GROUP BY day ORDER BY day"
+            "SELECT day, COUNT(DISTINCT instance_id || '/' || viewer) FROM page_viewers WHERE
+                {filter} AND {days} GROUP BY day ORDER BY day"
         )));
         for b in &binds {
             query = query.bind(b);
@@ -274,12 +294,14 @@ impl SqlStore {
         let uniques = query.bind(from_day).bind(to_day).fetch_all(&mut tx).await?;
         let unique_viewers = Self::count_where(
             &mut tx,
-
-                format!("SELECT COUNT(DISTINCT instance_id || '/' || viewer) FROM page_viewers WHERE {filter} AND {days}"),
-                &binds,
-                &[from_day, to_day],
-            )
-            .await?;
+            format!(
+                "SELECT COUNT(DISTINCT instance_id || '/' || viewer) FROM page_viewers
+                    WHERE {filter} AND {days}"
+            ),
+            &binds,
+            &[from_day, to_day],
+        )
+        .await?;
         tx.rollback().await?;
         let mut totals = ViewTotals {
             unique_viewers,
@@ -319,7 +341,8 @@ impl SqlStore {
             ""
         };
         let mut cells = sql::query_as::<(i64, i64)>(sqlx::AssertSqlSafe(format!(
-            "SELECT channel, CAST(SUM(views) AS BIGINT) FROM page_view_days WHERE instance_id = $1 AND day = $2{space} GROUP BY channel"
+            "SELECT channel, CAST(SUM(views) AS BIGINT) FROM page_view_days WHERE instance_id = $1
+                AND day = $2{space} GROUP BY channel"
         )))
         .bind(instance_id)
         .bind(day);
@@ -381,13 +404,17 @@ impl SqlStore {
             ViewScope::Page { .. } => return self.exact_totals(scope, from_day, to_day).await,
         };
         let n = binds.len();
-        let mut query = sql::query_as::<(String, i64, i64, String, i64, Vec<u8>)>(sqlx::AssertSqlSafe(format!(
-            "SELECT t.instance_id, t.day, t.views, t.channels, t.unique_viewers, t.sketch FROM view_day_totals t
+        let mut query = sql::query_as::<(String, i64, i64, String, i64, Vec<u8>)>(
+            sqlx::AssertSqlSafe(format!(
+                "SELECT t.instance_id, t.day, t.views, t.channels, t.unique_viewers, t.sketch FROM
+                view_day_totals t
              WHERE {totals_filter} AND t.day >= ${} AND t.day < ${}
-               AND NOT EXISTS (SELECT 1 FROM view_days_dirty d WHERE d.instance_id = t.instance_id AND d.day = t.day)",
-            n + 1,
-            n + 2
-        )));
+               AND NOT EXISTS (SELECT 1 FROM view_days_dirty d WHERE d.instance_id = t.instance_id
+               AND d.day = t.day)",
+                n + 1,
+                n + 2
+            )),
+        );
         for b in &binds {
             query = query.bind(b);
         }
@@ -409,7 +436,8 @@ impl SqlStore {
         };
         let m = dirty_binds.len();
         let mut query = sql::query_as::<(String, i64)>(sqlx::AssertSqlSafe(format!(
-            "SELECT instance_id, day FROM view_days_dirty WHERE {dirty_filter} AND day >= ${} AND day < ${}",
+            "SELECT instance_id, day FROM view_days_dirty WHERE {dirty_filter} AND day >= ${} AND
+                day < ${}",
             m + 1,
             m + 2
         )));
@@ -433,12 +461,13 @@ pub(super) async fn view_count(
     page_id: &str,
 ) -> StoreResult<(i64, i64)> {
     let (views,): (i64,) = sql::query(
-            "SELECT CAST(COALESCE(SUM(views), 0) AS BIGINT) FROM page_view_days WHERE instance_id = $1 AND page_id = $2",
-        )
-        .bind(instance_id)
-        .bind(page_id)
-        .fetch_one(&store.db)
-        .await?;
+        "SELECT CAST(COALESCE(SUM(views), 0) AS BIGINT) FROM page_view_days WHERE instance_id
+                = $1 AND page_id = $2",
+    )
+    .bind(instance_id)
+    .bind(page_id)
+    .fetch_one(&store.db)
+    .await?;
     let (unique,): (i64,) = sql::query(
         "SELECT COUNT(DISTINCT viewer) FROM page_viewers WHERE instance_id = $1 AND page_id = $2",
     )
@@ -486,14 +515,15 @@ pub(super) async fn top_pages(
     let mut ranked = Vec::with_capacity(pages.len());
     for (page_id, views) in pages {
         let (unique,): (i64,) = sql::query(
-                "SELECT COUNT(DISTINCT viewer) FROM page_viewers WHERE instance_id = $1 AND page_id = $2 AND day >= $3 AND day < $4",
-            )
-            .bind(instance_id)
-            .bind(&page_id)
-            .bind(from_day)
-            .bind(to_day)
-            .fetch_one(&store.db)
-            .await?;
+            "SELECT COUNT(DISTINCT viewer) FROM page_viewers WHERE instance_id = $1 AND
+                    page_id = $2 AND day >= $3 AND day < $4",
+        )
+        .bind(instance_id)
+        .bind(&page_id)
+        .bind(from_day)
+        .bind(to_day)
+        .fetch_one(&store.db)
+        .await?;
         ranked.push(Ranked {
             instance_id: instance_id.to_owned(),
             id: page_id,
@@ -516,37 +546,41 @@ pub(super) async fn top_spaces(
 ) -> StoreResult<Vec<Ranked>> {
     let mut views: BTreeMap<(String, String), i64> = BTreeMap::new();
     let spaces: Vec<(String, String, i64)> = sql::query(
-            "SELECT t.instance_id, t.space_id, CAST(SUM(t.views) AS BIGINT) FROM view_day_totals t
-             WHERE t.org_id = $1 AND ($2 = '' OR t.instance_id = $2) AND t.space_id <> '' AND t.day >= $3 AND t.day < $4
-               AND NOT EXISTS (SELECT 1 FROM view_days_dirty d WHERE d.instance_id = t.instance_id AND d.day = t.day)
+        "SELECT t.instance_id, t.space_id, CAST(SUM(t.views) AS BIGINT) FROM view_day_totals t
+             WHERE t.org_id = $1 AND ($2 = '' OR t.instance_id = $2) AND t.space_id <> '' AND
+             t.day >= $3 AND t.day < $4
+               AND NOT EXISTS (SELECT 1 FROM view_days_dirty d WHERE d.instance_id = t.instance_id
+               AND d.day = t.day)
              GROUP BY t.instance_id, t.space_id",
-        )
-        .bind(org_id)
-        .bind(instance_id.unwrap_or_default())
-        .bind(from_day)
-        .bind(to_day)
-        .fetch_all(&store.db)
-        .await?;
+    )
+    .bind(org_id)
+    .bind(instance_id.unwrap_or_default())
+    .bind(from_day)
+    .bind(to_day)
+    .fetch_all(&store.db)
+    .await?;
     for (instance, space, v) in spaces {
         *views.entry((instance, space)).or_default() += v;
     }
     let dirty: Vec<(String, i64)> = sql::query(
-            "SELECT instance_id, day FROM view_days_dirty WHERE org_id = $1 AND ($2 = '' OR instance_id = $2) AND day >= $3 AND day < $4",
-        )
-        .bind(org_id)
-        .bind(instance_id.unwrap_or_default())
-        .bind(from_day)
-        .bind(to_day)
-        .fetch_all(&store.db)
-        .await?;
+        "SELECT instance_id, day FROM view_days_dirty WHERE org_id = $1 AND ($2 = '' OR
+                instance_id = $2) AND day >= $3 AND day < $4",
+    )
+    .bind(org_id)
+    .bind(instance_id.unwrap_or_default())
+    .bind(from_day)
+    .bind(to_day)
+    .fetch_all(&store.db)
+    .await?;
     for (instance, day) in dirty {
         let cells: Vec<(String, i64)> = sql::query(
-                "SELECT space_id, CAST(SUM(views) AS BIGINT) FROM page_view_days WHERE instance_id = $1 AND day = $2 GROUP BY space_id",
-            )
-            .bind(&instance)
-            .bind(day)
-            .fetch_all(&store.db)
-            .await?;
+            "SELECT space_id, CAST(SUM(views) AS BIGINT) FROM page_view_days WHERE instance_id
+                    = $1 AND day = $2 GROUP BY space_id",
+        )
+        .bind(&instance)
+        .bind(day)
+        .fetch_all(&store.db)
+        .await?;
         for (space, v) in cells {
             *views.entry((instance.clone(), space)).or_default() += v;
         }
@@ -592,9 +626,10 @@ pub(super) async fn dirty_view_days(
         format!(" WHERE org_id NOT IN {}", placeholders(2, skip.len()))
     };
     let mut query = sql::query(sqlx::AssertSqlSafe(format!(
-            "SELECT org_id, instance_id, day, generation FROM view_days_dirty{skipped} ORDER BY day, instance_id LIMIT $1"
-        )))
-        .bind(limit);
+        "SELECT org_id, instance_id, day, generation FROM view_days_dirty{skipped} ORDER BY
+                day, instance_id LIMIT $1"
+    )))
+    .bind(limit);
     for org_id in skip {
         query = query.bind(org_id);
     }
@@ -609,12 +644,13 @@ pub(super) async fn remake_view_day(
     generation: i64,
 ) -> StoreResult<()> {
     let cells: Vec<(String, i64, i64)> = sql::query(
-            "SELECT space_id, channel, CAST(SUM(views) AS BIGINT) FROM page_view_days WHERE instance_id = $1 AND day = $2 GROUP BY space_id, channel",
-        )
-        .bind(instance_id)
-        .bind(day)
-        .fetch_all(&store.db)
-        .await?;
+        "SELECT space_id, channel, CAST(SUM(views) AS BIGINT) FROM page_view_days WHERE
+                instance_id = $1 AND day = $2 GROUP BY space_id, channel",
+    )
+    .bind(instance_id)
+    .bind(day)
+    .fetch_all(&store.db)
+    .await?;
     let viewers: Vec<(String, String)> =
         sql::query("SELECT space_id, viewer FROM page_viewers WHERE instance_id = $1 AND day = $2")
             .bind(instance_id)
@@ -634,19 +670,20 @@ pub(super) async fn remake_view_day(
         .filter(|(_, p)| p.views > 0 || p.unique_viewers > 0)
     {
         sql::query(
-                "INSERT INTO view_day_totals (instance_id, space_id, day, org_id, views, channels, unique_viewers, sketch)
+            "INSERT INTO view_day_totals (instance_id, space_id, day, org_id, views, channels,
+                    unique_viewers, sketch)
                  VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
-            )
-            .bind(instance_id)
-            .bind(space_id)
-            .bind(day)
-            .bind(org_id)
-            .bind(part.views)
-            .bind(part.channels_text())
-            .bind(part.unique_viewers)
-            .bind(part.sketch.to_bytes())
-            .execute(&mut tx)
-            .await?;
+        )
+        .bind(instance_id)
+        .bind(space_id)
+        .bind(day)
+        .bind(org_id)
+        .bind(part.views)
+        .bind(part.channels_text())
+        .bind(part.unique_viewers)
+        .bind(part.sketch.to_bytes())
+        .execute(&mut tx)
+        .await?;
     }
     sql::query(
         "DELETE FROM view_days_dirty WHERE instance_id = $1 AND day = $2 AND generation = $3",

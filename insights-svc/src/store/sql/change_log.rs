@@ -12,7 +12,8 @@ impl ChangeLog for SqlStore {
         let claimed = match Change::decode(&change.payload)? {
             Change::Purge(spec) => Some(
                 sql::query(
-                    "INSERT INTO applied_purges (purge_id, org_id, applied_at, counts) VALUES ($1, $2, $3, '{}')
+                    "INSERT INTO applied_purges (purge_id, org_id, applied_at, counts) VALUES ($1,
+                        $2, $3, '{}')
                      ON CONFLICT (purge_id) DO NOTHING",
                 )
                 .bind(&spec.purge_id)
@@ -22,7 +23,12 @@ impl ChangeLog for SqlStore {
                 .await
                 .map_err(db)?,
             ),
-            Change::Relocate { move_id, org_id, .. } | Change::MoveOut { move_id, org_id, .. } => Some(
+            Change::Relocate {
+                move_id, org_id, ..
+            }
+            | Change::MoveOut {
+                move_id, org_id, ..
+            } => Some(
                 sql::query(
                     "INSERT INTO applied_moves (move_id, org_id, claimed_at) VALUES ($1, $2, $3)
                      ON CONFLICT (move_id) DO NOTHING",

@@ -59,7 +59,8 @@ impl SqlStore {
         conflict: &str,
     ) -> StoreResult<()> {
         sql::query(sqlx::AssertSqlSafe(format!(
-            "INSERT INTO assessments (upload_id, org_id, subject, stored_at, consent_version, size_bytes, body)
+            "INSERT INTO assessments (upload_id, org_id, subject, stored_at, consent_version,
+                size_bytes, body)
              VALUES ($1, $2, $3, $4, $5, $6, $7) {conflict}"
         )))
         .bind(&a.upload_id)
@@ -81,7 +82,8 @@ impl SqlStore {
         conflict: &str,
     ) -> StoreResult<()> {
         sql::query(sqlx::AssertSqlSafe(format!(
-            "INSERT INTO readiness (org_id, subject, assessed_at, score, report) VALUES ($1, $2, $3, $4, $5) {conflict}"
+            "INSERT INTO readiness (org_id, subject, assessed_at, score, report) VALUES ($1, $2,
+                $3, $4, $5) {conflict}"
         )))
         .bind(&r.org_id)
         .bind(&r.subject)
@@ -100,7 +102,8 @@ impl SqlStore {
         conflict: &str,
     ) -> StoreResult<()> {
         sql::query(sqlx::AssertSqlSafe(format!(
-            "INSERT INTO scores (org_id, subject, at, score, rules_version, source) VALUES ($1, $2, $3, $4, $5, $6) {conflict}"
+            "INSERT INTO scores (org_id, subject, at, score, rules_version, source) VALUES ($1,
+                $2, $3, $4, $5, $6) {conflict}"
         )))
         .bind(&s.org_id)
         .bind(&s.subject)
@@ -120,7 +123,8 @@ impl SqlStore {
         conflict: &str,
     ) -> StoreResult<()> {
         sql::query(sqlx::AssertSqlSafe(format!(
-            "INSERT INTO bundles (upload_id, org_id, subject, location, file_name, stored_at, size_bytes, sha256, files_read, scrubbed)
+            "INSERT INTO bundles (upload_id, org_id, subject, location, file_name, stored_at,
+                size_bytes, sha256, files_read, scrubbed)
              VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) {conflict}"
         )))
         .bind(&b.upload_id)
@@ -180,7 +184,8 @@ impl InsightsStore for SqlStore {
         Self::insert_readiness(
             &self.db,
             r,
-            "ON CONFLICT (org_id, subject) DO UPDATE SET assessed_at = excluded.assessed_at, score = excluded.score, report = excluded.report",
+            "ON CONFLICT (org_id, subject) DO UPDATE SET assessed_at = excluded.assessed_at, score
+                = excluded.score, report = excluded.report",
         )
         .await
     }
@@ -242,7 +247,8 @@ impl InsightsStore for SqlStore {
         Self::insert_score(
             &self.db,
             &kept,
-            "ON CONFLICT (org_id, subject, at) DO UPDATE SET score = excluded.score, rules_version = excluded.rules_version, source = excluded.source",
+            "ON CONFLICT (org_id, subject, at) DO UPDATE SET score = excluded.score, rules_version
+                = excluded.rules_version, source = excluded.source",
         )
         .await
     }
@@ -255,7 +261,8 @@ impl InsightsStore for SqlStore {
         to: i64,
     ) -> StoreResult<Vec<(i64, i64)>> {
         Ok(sql::query(
-            "SELECT at, score FROM scores WHERE org_id = $1 AND subject = $2 AND at >= $3 AND at < $4
+            "SELECT at, score FROM scores WHERE org_id = $1 AND subject = $2 AND at >= $3 AND at <
+                $4
              ORDER BY at LIMIT 20000",
         )
         .bind(org_id)
@@ -275,7 +282,8 @@ impl InsightsStore for SqlStore {
         for chunk in subjects.chunks(500) {
             let sql = sqlx::AssertSqlSafe(format!(
                 "SELECT s.subject, s.at, s.score FROM scores s
-                 JOIN (SELECT subject, MAX(at) AS at FROM scores WHERE org_id = $1 AND subject IN ({}) GROUP BY subject) m
+                 JOIN (SELECT subject, MAX(at) AS at FROM scores WHERE org_id = $1 AND subject IN
+                 ({}) GROUP BY subject) m
                    ON s.subject = m.subject AND s.at = m.at
                  WHERE s.org_id = $1",
                 placeholders(2, chunk.len())
@@ -296,8 +304,19 @@ impl InsightsStore for SqlStore {
     }
 
     async fn bundles(&self, org_id: &str) -> StoreResult<Vec<StoredBundle>> {
-        let rows: Vec<(String, String, String, String, i64, i64, String, i64, String)> = sql::query(
-            "SELECT upload_id, subject, location, file_name, stored_at, size_bytes, sha256, files_read, scrubbed
+        let rows: Vec<(
+            String,
+            String,
+            String,
+            String,
+            i64,
+            i64,
+            String,
+            i64,
+            String,
+        )> = sql::query(
+            "SELECT upload_id, subject, location, file_name, stored_at, size_bytes, sha256,
+                files_read, scrubbed
              FROM bundles WHERE org_id = $1 ORDER BY stored_at, upload_id",
         )
         .bind(org_id)

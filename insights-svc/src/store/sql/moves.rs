@@ -12,11 +12,12 @@ pub(super) async fn org_records(
     match part {
         Part::Data => {
             let rows: Vec<(String, String, i64, i64, i64, Vec<u8>)> = sql::query(
-                    "SELECT upload_id, subject, stored_at, consent_version, size_bytes, body FROM assessments WHERE org_id = $1",
-                )
-                .bind(org_id)
-                .fetch_all(&store.db)
-                .await?;
+                "SELECT upload_id, subject, stored_at, consent_version, size_bytes, body FROM
+                        assessments WHERE org_id = $1",
+            )
+            .bind(org_id)
+            .fetch_all(&store.db)
+            .await?;
             records.assessments = rows
                 .into_iter()
                 .map(

@@ -29,12 +29,15 @@ pub(super) async fn append_audit_keyed(
         return Ok(known);
     }
     let record = write_audit(&mut tx, org_id, reserved, &audit).await?;
-    sql::query("INSERT INTO audit_keys (org_id, idempotency_key, seq, fenced_at) VALUES ($1, $2, $3, NULL)")
-            .bind(org_id)
-            .bind(key)
-            .bind(record.seq)
-            .execute(&mut tx)
-            .await?;
+    sql::query(
+        "INSERT INTO audit_keys (org_id, idempotency_key, seq, fenced_at) VALUES ($1, $2,
+        $3, NULL)",
+    )
+    .bind(org_id)
+    .bind(key)
+    .bind(record.seq)
+    .execute(&mut tx)
+    .await?;
     tx.commit().await?;
     Ok(KeyedAppend::Appended(record))
 }
@@ -56,12 +59,15 @@ pub(super) async fn resolve_audit_key(
     if let Some(known) = key_state(&mut tx, org_id, key).await? {
         return Ok(known);
     }
-    sql::query("INSERT INTO audit_keys (org_id, idempotency_key, seq, fenced_at) VALUES ($1, $2, NULL, $3)")
-            .bind(org_id)
-            .bind(key)
-            .bind(now)
-            .execute(&mut tx)
-            .await?;
+    sql::query(
+        "INSERT INTO audit_keys (org_id, idempotency_key, seq, fenced_at) VALUES ($1, $2,
+        NULL, $3)",
+    )
+    .bind(org_id)
+    .bind(key)
+    .bind(now)
+    .execute(&mut tx)
+    .await?;
     tx.commit().await?;
     Ok(KeyedAppend::Fenced)
 }
@@ -74,15 +80,17 @@ pub(super) async fn list_audit(
     action_prefix: &str,
 ) -> StoreResult<Vec<AuditRecord>> {
     Ok(sql::query(
-            "SELECT org_id, seq, occurred_at, actor, service, action, target, attributes, prev_hash, hash
-             FROM audit_events WHERE org_id = $1 AND seq > $2 AND action LIKE $4 ESCAPE '\\' ORDER BY seq LIMIT $3",
-        )
-        .bind(org_id)
-        .bind(after_seq)
-        .bind(limit)
-        .bind(starts_with_pattern(action_prefix))
-        .fetch_all(&store.db)
-        .await?)
+        "SELECT org_id, seq, occurred_at, actor, service, action, target, attributes,
+                prev_hash, hash
+             FROM audit_events WHERE org_id = $1 AND seq > $2 AND action LIKE $4 ESCAPE '\\' ORDER
+             BY seq LIMIT $3",
+    )
+    .bind(org_id)
+    .bind(after_seq)
+    .bind(limit)
+    .bind(starts_with_pattern(action_prefix))
+    .fetch_all(&store.db)
+    .await?)
 }
 
 pub(super) async fn replay(
@@ -93,14 +101,15 @@ pub(super) async fn replay(
     since: i64,
 ) -> StoreResult<Option<Vec<u8>>> {
     let row: Option<(Vec<u8>,)> = sql::query(
-            "SELECT sealed FROM idempotent_replies WHERE org_id = $1 AND method = $2 AND request_key = $3 AND created_at >= $4",
-        )
-        .bind(org_id)
-        .bind(method)
-        .bind(request_key)
-        .bind(since)
-        .fetch_optional(&store.db)
-        .await?;
+        "SELECT sealed FROM idempotent_replies WHERE org_id = $1 AND method = $2 AND
+                request_key = $3 AND created_at >= $4",
+    )
+    .bind(org_id)
+    .bind(method)
+    .bind(request_key)
+    .bind(since)
+    .fetch_optional(&store.db)
+    .await?;
     Ok(row.map(|(sealed,)| sealed))
 }
 

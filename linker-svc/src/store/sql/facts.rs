@@ -97,7 +97,8 @@ pub(super) async fn app_links_of(
     // One query per page of instances, not one per instance.
     Ok(sql::fetch_in(
         &store.db,
-        "SELECT instance_id, url, product_family, server_id, version FROM instance_app_links WHERE instance_id",
+        "SELECT instance_id, url, product_family, server_id, version FROM instance_app_links WHERE
+            instance_id",
         instance_ids,
         "ORDER BY instance_id, url",
     )

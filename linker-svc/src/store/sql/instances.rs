@@ -45,13 +45,14 @@ pub(super) async fn link_instance(
         .await?;
 
     let existing: Option<InstanceRecord> = sql::query(
-            "SELECT id, org_id, server_id, base_url, product, version, license_sen, node_count, link_key_id, linked_at, unlinked_at
+        "SELECT id, org_id, server_id, base_url, product, version, license_sen, node_count,
+                link_key_id, linked_at, unlinked_at
              FROM instances WHERE org_id = $1 AND server_id = $2 AND unlinked_at IS NULL",
-        )
-        .bind(&org_id)
-        .bind(&link.instance.server_id)
-        .fetch_optional(&mut tx)
-        .await?;
+    )
+    .bind(&org_id)
+    .bind(&link.instance.server_id)
+    .fetch_optional(&mut tx)
+    .await?;
     let relinked = existing.is_some();
     let mut instance = link.instance;
     instance.org_id.clone_from(&org_id);
@@ -75,31 +76,33 @@ pub(super) async fn link_instance(
         .await?;
     } else {
         sql::query(
-                "INSERT INTO instances (id, org_id, server_id, base_url, product, version, license_sen, node_count, link_key_id, linked_at)
+            "INSERT INTO instances (id, org_id, server_id, base_url, product, version,
+                    license_sen, node_count, link_key_id, linked_at)
                  VALUES ($1, $2, $3, '', '', '', '', 0, $4, $5)",
-            )
-            .bind(&instance.id)
-            .bind(&instance.org_id)
-            .bind(&instance.server_id)
-            .bind(&instance.link_key_id)
-            .bind(instance.linked_at)
-            .execute(&mut tx)
-            .await?;
+        )
+        .bind(&instance.id)
+        .bind(&instance.org_id)
+        .bind(&instance.server_id)
+        .bind(&instance.link_key_id)
+        .bind(instance.linked_at)
+        .execute(&mut tx)
+        .await?;
     }
     let mut credential = link.credential.record;
     credential.org_id.clone_from(&org_id);
     credential.instance_id.clone_from(&instance.id);
     sql::query(
-            "INSERT INTO credentials (id, org_id, instance_id, prefix, digest, created_at) VALUES ($1, $2, $3, $4, $5, $6)",
-        )
-        .bind(&credential.id)
-        .bind(&credential.org_id)
-        .bind(&credential.instance_id)
-        .bind(&credential.prefix)
-        .bind(link.credential.digest.as_slice())
-        .bind(credential.created_at)
-        .execute(&mut tx)
-        .await?;
+        "INSERT INTO credentials (id, org_id, instance_id, prefix, digest, created_at) VALUES
+                ($1, $2, $3, $4, $5, $6)",
+    )
+    .bind(&credential.id)
+    .bind(&credential.org_id)
+    .bind(&credential.instance_id)
+    .bind(&credential.prefix)
+    .bind(link.credential.digest.as_slice())
+    .bind(credential.created_at)
+    .execute(&mut tx)
+    .await?;
     let draft = AuditDraft::new(
         now,
         format!("link_key:{key_id}"),
@@ -127,14 +130,15 @@ pub(super) async fn list_instances(
     limit: i64,
 ) -> StoreResult<Vec<InstanceRecord>> {
     Ok(sql::query(
-            "SELECT id, org_id, server_id, base_url, product, version, license_sen, node_count, link_key_id, linked_at, unlinked_at
+        "SELECT id, org_id, server_id, base_url, product, version, license_sen, node_count,
+                link_key_id, linked_at, unlinked_at
              FROM instances WHERE org_id = $1 AND id > $2 ORDER BY id LIMIT $3",
-        )
-        .bind(org_id)
-        .bind(after_id.unwrap_or(""))
-        .bind(limit)
-        .fetch_all(&store.db)
-        .await?)
+    )
+    .bind(org_id)
+    .bind(after_id.unwrap_or(""))
+    .bind(limit)
+    .fetch_all(&store.db)
+    .await?)
 }
 
 pub(super) async fn get_instance(
@@ -143,13 +147,14 @@ pub(super) async fn get_instance(
     instance_id: &str,
 ) -> StoreResult<Option<InstanceRecord>> {
     Ok(sql::query(
-            "SELECT id, org_id, server_id, base_url, product, version, license_sen, node_count, link_key_id, linked_at, unlinked_at
+        "SELECT id, org_id, server_id, base_url, product, version, license_sen, node_count,
+                link_key_id, linked_at, unlinked_at
              FROM instances WHERE org_id = $1 AND id = $2",
-        )
-        .bind(org_id)
-        .bind(instance_id)
-        .fetch_optional(&store.db)
-        .await?)
+    )
+    .bind(org_id)
+    .bind(instance_id)
+    .fetch_optional(&store.db)
+    .await?)
 }
 
 pub(super) async fn unlink_instance(
@@ -161,14 +166,16 @@ pub(super) async fn unlink_instance(
     let mut tx = store.begin().await?;
     let reserved = reserve_audit(&mut tx, org_id).await?;
     let instance: Option<InstanceRecord> = sql::query(
-            "UPDATE instances SET unlinked_at = COALESCE(unlinked_at, $3) WHERE org_id = $1 AND id = $2
-             RETURNING id, org_id, server_id, base_url, product, version, license_sen, node_count, link_key_id, linked_at, unlinked_at",
-        )
-        .bind(org_id)
-        .bind(instance_id)
-        .bind(audit.at)
-        .fetch_optional(&mut tx)
-        .await?;
+        "UPDATE instances SET unlinked_at = COALESCE(unlinked_at, $3) WHERE org_id = $1 AND id
+                = $2
+             RETURNING id, org_id, server_id, base_url, product, version, license_sen, node_count,
+             link_key_id, linked_at, unlinked_at",
+    )
+    .bind(org_id)
+    .bind(instance_id)
+    .bind(audit.at)
+    .fetch_optional(&mut tx)
+    .await?;
     let instance = instance.ok_or(StoreError::NotFound("instance"))?;
     sql::query(
         "UPDATE credentials SET revoked_at = $2 WHERE instance_id = $1 AND revoked_at IS NULL",
@@ -186,13 +193,24 @@ pub(super) async fn find_credential(
     store: &SqlStore,
     digest: &[u8; 32],
 ) -> StoreResult<Option<FoundCredential>> {
-    let row: Option<(String, String, String, String, i64, Option<i64>, Option<i64>, Vec<u8>, Option<i64>)> = sql::query(
-            "SELECT c.id, c.org_id, c.instance_id, c.prefix, c.created_at, c.last_used_at, c.revoked_at, c.digest, i.unlinked_at
+    let row: Option<(
+        String,
+        String,
+        String,
+        String,
+        i64,
+        Option<i64>,
+        Option<i64>,
+        Vec<u8>,
+        Option<i64>,
+    )> = sql::query(
+        "SELECT c.id, c.org_id, c.instance_id, c.prefix, c.created_at, c.last_used_at,
+                c.revoked_at, c.digest, i.unlinked_at
              FROM credentials c JOIN instances i ON i.id = c.instance_id WHERE c.digest = $1",
-        )
-        .bind(digest.as_slice())
-        .fetch_optional(&store.db)
-        .await?;
+    )
+    .bind(digest.as_slice())
+    .fetch_optional(&store.db)
+    .await?;
     Ok(row.map(
         |(
             id,
@@ -272,21 +290,23 @@ pub(super) async fn detection_inputs(
     let mut licenses = Vec::new();
     for domain in &verified_domains {
         let mut some: Vec<LicenseRecord> = sql::query(
-                "SELECT sen, product, domain FROM licenses WHERE domain = $1 OR domain LIKE $2 ORDER BY sen",
-            )
-            .bind(domain)
-            .bind(format!("%.{domain}"))
-            .fetch_all(&store.db)
-            .await?;
+            "SELECT sen, product, domain FROM licenses WHERE domain = $1 OR domain LIKE $2
+                    ORDER BY sen",
+        )
+        .bind(domain)
+        .bind(format!("%.{domain}"))
+        .fetch_all(&store.db)
+        .await?;
         licenses.append(&mut some);
     }
     let linked_instances: Vec<InstanceRecord> = sql::query(
-            "SELECT id, org_id, server_id, base_url, product, version, license_sen, node_count, link_key_id, linked_at, unlinked_at
+        "SELECT id, org_id, server_id, base_url, product, version, license_sen, node_count,
+                link_key_id, linked_at, unlinked_at
              FROM instances WHERE org_id = $1 AND unlinked_at IS NULL ORDER BY id",
-        )
-        .bind(org_id)
-        .fetch_all(&store.db)
-        .await?;
+    )
+    .bind(org_id)
+    .fetch_all(&store.db)
+    .await?;
     Ok(DetectionInputs {
         verified_domains,
         licenses,

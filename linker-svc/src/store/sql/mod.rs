@@ -55,9 +55,11 @@ impl SqlStore {
 /// Inserts or replaces an instance's metadata.
 async fn upsert_facts(tx: &mut Tx, facts: &InstanceFacts) -> StoreResult<()> {
     sql::query(
-        "INSERT INTO instance_facts (instance_id, org_id, base_url, product, version, license_sen, node_count)
+        "INSERT INTO instance_facts (instance_id, org_id, base_url, product, version, license_sen,
+            node_count)
          VALUES ($1, $2, $3, $4, $5, $6, $7)
-         ON CONFLICT (instance_id) DO UPDATE SET org_id = excluded.org_id, base_url = excluded.base_url,
+         ON CONFLICT (instance_id) DO UPDATE SET org_id = excluded.org_id, base_url =
+         excluded.base_url,
          product = excluded.product, version = excluded.version, license_sen = excluded.license_sen,
          node_count = excluded.node_count",
     )
@@ -75,7 +77,8 @@ async fn upsert_facts(tx: &mut Tx, facts: &InstanceFacts) -> StoreResult<()> {
 
 async fn insert_app_link(tx: &mut Tx, org_id: &str, link: &AppLinkRecord) -> StoreResult<()> {
     sql::query(
-        "INSERT INTO instance_app_links (instance_id, org_id, url, product_family, server_id, version)
+        "INSERT INTO instance_app_links (instance_id, org_id, url, product_family, server_id,
+            version)
          VALUES ($1, $2, $3, $4, $5, $6)",
     )
     .bind(&link.instance_id)
@@ -114,7 +117,8 @@ async fn key_state(tx: &mut Tx, org_id: &str, key: &str) -> StoreResult<Option<K
         Some((None,)) => Ok(Some(KeyedAppend::Fenced)),
         Some((Some(seq),)) => {
             let record: AuditRecord = sql::query(
-                "SELECT org_id, seq, occurred_at, actor, service, action, target, attributes, prev_hash, hash
+                "SELECT org_id, seq, occurred_at, actor, service, action, target, attributes,
+                    prev_hash, hash
                  FROM audit_events WHERE org_id = $1 AND seq = $2",
             )
             .bind(org_id)
@@ -152,7 +156,8 @@ async fn write_audit(
         prev_hash: &reserved.hash,
     });
     sql::query(
-        "INSERT INTO audit_events (org_id, seq, occurred_at, actor, service, action, target, attributes, prev_hash, hash)
+        "INSERT INTO audit_events (org_id, seq, occurred_at, actor, service, action, target,
+            attributes, prev_hash, hash)
          VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
     )
     .bind(org_id)
@@ -180,7 +185,8 @@ async fn write_audit(
             .execute(&mut *tx)
             .await?;
         sql::query(
-            "INSERT INTO idempotent_replies (org_id, method, request_key, sealed, created_at) VALUES ($1, $2, $3, $4, $5)",
+            "INSERT INTO idempotent_replies (org_id, method, request_key, sealed, created_at)
+                VALUES ($1, $2, $3, $4, $5)",
         )
         .bind(org_id)
         .bind(reply.method)
@@ -213,13 +219,16 @@ impl LinkerStore for SqlStore {
         genesis: [u8; 32],
     ) -> StoreResult<()> {
         let mut tx = self.begin().await?;
-        sql::query("INSERT INTO orgs (id, name, created_at, audit_seq, audit_head) VALUES ($1, $2, $3, 0, $4)")
-            .bind(&org.id)
-            .bind(&org.name)
-            .bind(org.created_at)
-            .bind(genesis.as_slice())
-            .execute(&mut tx)
-            .await?;
+        sql::query(
+            "INSERT INTO orgs (id, name, created_at, audit_seq, audit_head) VALUES ($1, $2,
+            $3, 0, $4)",
+        )
+        .bind(&org.id)
+        .bind(&org.name)
+        .bind(org.created_at)
+        .bind(genesis.as_slice())
+        .execute(&mut tx)
+        .await?;
         let reserved = reserve_audit(&mut tx, &org.id).await?;
         write_audit(&mut tx, &org.id, reserved, &audit).await?;
         tx.commit().await?;
@@ -244,7 +253,8 @@ impl LinkerStore for SqlStore {
         let mut tx = self.begin().await?;
         let reserved = reserve_audit(&mut tx, &t.org_id).await?;
         sql::query(
-            "INSERT INTO admin_tokens (id, org_id, label, prefix, digest, created_at) VALUES ($1, $2, $3, $4, $5, $6)",
+            "INSERT INTO admin_tokens (id, org_id, label, prefix, digest, created_at) VALUES ($1,
+                $2, $3, $4, $5, $6)",
         )
         .bind(&t.id)
         .bind(&t.org_id)
@@ -268,7 +278,8 @@ impl LinkerStore for SqlStore {
         let mut tx = self.begin().await?;
         let reserved = reserve_audit(&mut tx, org_id).await?;
         let revoked: Option<AdminTokenRecord> = sql::query(
-            "UPDATE admin_tokens SET revoked_at = COALESCE(revoked_at, $3) WHERE org_id = $1 AND id = $2
+            "UPDATE admin_tokens SET revoked_at = COALESCE(revoked_at, $3) WHERE org_id = $1 AND
+                id = $2
              RETURNING id, org_id, label, prefix, created_at, last_used_at, revoked_at",
         )
         .bind(org_id)
@@ -283,8 +294,18 @@ impl LinkerStore for SqlStore {
     }
 
     async fn find_admin_token(&self, digest: &[u8; 32]) -> StoreResult<Option<FoundAdminToken>> {
-        let row: Option<(String, String, String, String, i64, Option<i64>, Option<i64>, Vec<u8>)> = sql::query(
-            "SELECT id, org_id, label, prefix, created_at, last_used_at, revoked_at, digest FROM admin_tokens WHERE digest = $1",
+        let row: Option<(
+            String,
+            String,
+            String,
+            String,
+            i64,
+            Option<i64>,
+            Option<i64>,
+            Vec<u8>,
+        )> = sql::query(
+            "SELECT id, org_id, label, prefix, created_at, last_used_at, revoked_at, digest FROM
+                admin_tokens WHERE digest = $1",
         )
         .bind(digest.as_slice())
         .fetch_optional(&self.db)
@@ -339,7 +360,8 @@ impl LinkerStore for SqlStore {
         let mut tx = self.begin().await?;
         let reserved = reserve_audit(&mut tx, org_id).await?;
         let old: Option<LinkKeyRecord> = sql::query(
-            "SELECT id, org_id, label, prefix, created_at, expires_at, last_used_at, revoked_at, replaces_key_id
+            "SELECT id, org_id, label, prefix, created_at, expires_at, last_used_at, revoked_at,
+                replaces_key_id
              FROM link_keys WHERE org_id = $1 AND id = $2",
         )
         .bind(org_id)
@@ -354,7 +376,8 @@ impl LinkerStore for SqlStore {
         }
         let revoked: LinkKeyRecord = sql::query(
             "UPDATE link_keys SET revoked_at = $3 WHERE org_id = $1 AND id = $2
-             RETURNING id, org_id, label, prefix, created_at, expires_at, last_used_at, revoked_at, replaces_key_id",
+             RETURNING id, org_id, label, prefix, created_at, expires_at, last_used_at,
+             revoked_at, replaces_key_id",
         )
         .bind(org_id)
         .bind(old_key_id)
@@ -374,7 +397,8 @@ impl LinkerStore for SqlStore {
         limit: i64,
     ) -> StoreResult<Vec<LinkKeyRecord>> {
         Ok(sql::query(
-            "SELECT id, org_id, label, prefix, created_at, expires_at, last_used_at, revoked_at, replaces_key_id
+            "SELECT id, org_id, label, prefix, created_at, expires_at, last_used_at, revoked_at,
+                replaces_key_id
              FROM link_keys WHERE org_id = $1 AND id > $2 ORDER BY id LIMIT $3",
         )
         .bind(org_id)
@@ -480,7 +504,8 @@ impl LinkerStore for SqlStore {
         let mut tx = self.begin().await?;
         let reserved = reserve_audit(&mut tx, &claim.org_id).await?;
         let existing: Option<DomainRecord> = sql::query(
-            "SELECT org_id, domain, token, claimed_at, verified_at FROM domains WHERE org_id = $1 AND domain = $2",
+            "SELECT org_id, domain, token, claimed_at, verified_at FROM domains WHERE org_id = $1
+                AND domain = $2",
         )
         .bind(&claim.org_id)
         .bind(&claim.domain)
@@ -505,7 +530,8 @@ impl LinkerStore for SqlStore {
 
     async fn get_domain(&self, org_id: &str, domain: &str) -> StoreResult<Option<DomainRecord>> {
         Ok(sql::query(
-            "SELECT org_id, domain, token, claimed_at, verified_at FROM domains WHERE org_id = $1 AND domain = $2",
+            "SELECT org_id, domain, token, claimed_at, verified_at FROM domains WHERE org_id = $1
+                AND domain = $2",
         )
         .bind(org_id)
         .bind(domain)
@@ -522,7 +548,8 @@ impl LinkerStore for SqlStore {
         let mut tx = self.begin().await?;
         let reserved = reserve_audit(&mut tx, org_id).await?;
         let verified: Option<DomainRecord> = sql::query(
-            "UPDATE domains SET verified_at = COALESCE(verified_at, $3) WHERE org_id = $1 AND domain = $2
+            "UPDATE domains SET verified_at = COALESCE(verified_at, $3) WHERE org_id = $1 AND
+                domain = $2
              RETURNING org_id, domain, token, claimed_at, verified_at",
         )
         .bind(org_id)
@@ -531,7 +558,9 @@ impl LinkerStore for SqlStore {
         .fetch_optional(&mut tx)
         .await
         .map_err(|e| match StoreError::from(e) {
-            StoreError::AlreadyExists(_) => StoreError::AlreadyExists("verified claim of this domain by another org"),
+            StoreError::AlreadyExists(_) => {
+                StoreError::AlreadyExists("verified claim of this domain by another org")
+            }
             other => other,
         })?;
         let verified = verified.ok_or(StoreError::NotFound("domain claim"))?;
@@ -553,22 +582,28 @@ impl LinkerStore for SqlStore {
                 .fetch_optional(&mut tx)
                 .await?;
             if existed.is_some() {
-                sql::query("UPDATE licenses SET product = $2, domain = $3, imported_at = $4 WHERE sen = $1")
-                    .bind(&license.sen)
-                    .bind(&license.product)
-                    .bind(&license.domain)
-                    .bind(at)
-                    .execute(&mut tx)
-                    .await?;
+                sql::query(
+                    "UPDATE licenses SET product = $2, domain = $3, imported_at = $4 WHERE
+                    sen = $1",
+                )
+                .bind(&license.sen)
+                .bind(&license.product)
+                .bind(&license.domain)
+                .bind(at)
+                .execute(&mut tx)
+                .await?;
                 updated += 1;
             } else {
-                sql::query("INSERT INTO licenses (sen, product, domain, imported_at) VALUES ($1, $2, $3, $4)")
-                    .bind(&license.sen)
-                    .bind(&license.product)
-                    .bind(&license.domain)
-                    .bind(at)
-                    .execute(&mut tx)
-                    .await?;
+                sql::query(
+                    "INSERT INTO licenses (sen, product, domain, imported_at) VALUES ($1,
+                    $2, $3, $4)",
+                )
+                .bind(&license.sen)
+                .bind(&license.product)
+                .bind(&license.domain)
+                .bind(at)
+                .execute(&mut tx)
+                .await?;
                 inserted += 1;
             }
         }
@@ -630,7 +665,8 @@ impl LinkerStore for SqlStore {
 async fn insert_link_key(tx: &mut Tx, key: &NewSecret<LinkKeyRecord>) -> StoreResult<()> {
     let k = &key.record;
     sql::query(
-        "INSERT INTO link_keys (id, org_id, label, prefix, digest, created_at, expires_at, replaces_key_id)
+        "INSERT INTO link_keys (id, org_id, label, prefix, digest, created_at, expires_at,
+            replaces_key_id)
          VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
     )
     .bind(&k.id)
