@@ -23,3 +23,36 @@ pub async fn fresh_postgres_url() -> Result<String, sqlx::Error> {
         "{base}{separator}options=-c%20search_path%3D{schema}"
     ))
 }
+
+/// A backend a store's conformance suite runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+/// What keeps a fresh database alive until the test ends (a SQLite file's directory).
+pub type Guard = Option<tempfile::TempDir>;
+
+impl Backend {
+    /// The URL of a fresh, empty database of this backend, named `name` (SQLite: a file in a new
+    /// private directory; PostgreSQL: a new schema, see [`fresh_postgres_url`]).
+    pub async fn fresh_url(self, name: &str) -> (String, Guard) {
+        match self {
+            Backend::Sqlite => {
+                let dir = tempfile::Builder::new()
+                    .permissions(std::os::unix::fs::PermissionsExt::from_mode(0o700))
+                    .tempdir()
+                    .expect("a temporary directory");
+                let url = crate::storage::default_sqlite_url(dir.path(), name);
+                (url, Some(dir))
+            }
+            Backend::Postgres => {
+                let url = fresh_postgres_url()
+                    .await
+                    .expect("the test PostgreSQL answers");
+                (url, None)
+            }
+        }
+    }
+}
