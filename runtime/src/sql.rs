@@ -110,8 +110,8 @@ impl Executor for &Database {
 impl Executor for &mut Tx {
     fn target(&mut self) -> Target<'_> {
         match self {
-            Tx::Sqlite(tx) => Target::Sqlite(&mut **tx),
-            Tx::Postgres(tx) => Target::Postgres(&mut **tx),
+            Tx::Sqlite(tx) => Target::Sqlite(tx),
+            Tx::Postgres(tx) => Target::Postgres(tx),
         }
     }
 }

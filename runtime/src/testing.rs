@@ -37,22 +37,16 @@ pub type Guard = Option<tempfile::TempDir>;
 impl Backend {
     /// The URL of a fresh, empty database of this backend, named `name` (SQLite: a file in a new
     /// private directory; PostgreSQL: a new schema, see [`fresh_postgres_url`]).
-    pub async fn fresh_url(self, name: &str) -> (String, Guard) {
-        match self {
+    pub async fn fresh_url(self, name: &str) -> Result<(String, Guard), sqlx::Error> {
+        Ok(match self {
             Backend::Sqlite => {
                 let dir = tempfile::Builder::new()
                     .permissions(std::os::unix::fs::PermissionsExt::from_mode(0o700))
-                    .tempdir()
-                    .expect("a temporary directory");
+                    .tempdir()?;
                 let url = crate::storage::default_sqlite_url(dir.path(), name);
                 (url, Some(dir))
             }
-            Backend::Postgres => {
-                let url = fresh_postgres_url()
-                    .await
-                    .expect("the test PostgreSQL answers");
-                (url, None)
-            }
-        }
+            Backend::Postgres => (fresh_postgres_url().await?, None),
+        })
     }
 }

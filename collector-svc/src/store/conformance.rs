@@ -31,12 +31,12 @@ impl Stores for Backend {
     }
 
     async fn elsewhere(self, location: &str) -> (Arc<dyn CollectorStore>, Guard) {
-        let (url, guard) = self.fresh_url("collector").await;
+        let (url, guard) = self.fresh_url("collector").await.unwrap();
         (open(&url, location).await.unwrap(), guard)
     }
 
     async fn shared(self) -> (Arc<dyn CollectorStore>, Arc<dyn CollectorStore>, Guard) {
-        let (url, guard) = self.fresh_url("collector").await;
+        let (url, guard) = self.fresh_url("collector").await.unwrap();
         let global = open(&url, "global").await.unwrap();
         (global, open(&url, "eu").await.unwrap(), guard)
     }

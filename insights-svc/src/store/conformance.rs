@@ -23,7 +23,7 @@ trait Stores {
 
 impl Stores for Backend {
     async fn open(self) -> (Arc<dyn InsightsStore>, Guard) {
-        let (url, guard) = self.fresh_url("insights").await;
+        let (url, guard) = self.fresh_url("insights").await.unwrap();
         (open(&url).await.unwrap(), guard)
     }
 }

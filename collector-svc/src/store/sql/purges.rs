@@ -365,16 +365,18 @@ pub(super) async fn sweep(
     aggregate_before: i64,
     ids_before: i64,
 ) -> StoreResult<Removed> {
-    let mut removed = Removed::default();
-    removed.events = store
-        .delete_chunked(
-            "DELETE FROM events WHERE (instance_id, event_id) IN (SELECT instance_id, event_id
+    let mut removed = Removed {
+        events: store
+            .delete_chunked(
+                "DELETE FROM events WHERE (instance_id, event_id) IN (SELECT instance_id, event_id
                 FROM events WHERE org_id = $1 AND occurred_at < $2 LIMIT $3)"
-                .to_owned(),
-            org_id,
-            raw_before,
-        )
-        .await?;
+                    .to_owned(),
+                org_id,
+                raw_before,
+            )
+            .await?,
+        ..Removed::default()
+    };
     removed.events += store
         .delete_chunked(
             format!(

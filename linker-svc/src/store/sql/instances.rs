@@ -3,20 +3,49 @@
 
 use super::*;
 
+/// A link key as presented: found by its digest.
+#[derive(sqlx::FromRow)]
+struct PresentedKey {
+    id: String,
+    org_id: String,
+    expires_at: i64,
+    revoked_at: Option<i64>,
+    digest: Vec<u8>,
+}
+
+/// A credential found by its digest, with its instance's unlink time.
+#[derive(sqlx::FromRow)]
+struct CredentialRow {
+    id: String,
+    org_id: String,
+    instance_id: String,
+    prefix: String,
+    created_at: i64,
+    last_used_at: Option<i64>,
+    revoked_at: Option<i64>,
+    digest: Vec<u8>,
+    unlinked_at: Option<i64>,
+}
+
 pub(super) async fn link_instance(
     store: &SqlStore,
     key_digest: &[u8; 32],
     link: NewLink,
 ) -> StoreResult<LinkOutcome> {
     let now = link.instance.linked_at;
-    let key: Option<(String, String, i64, Option<i64>, Vec<u8>)> = sql::query(
+    let key: Option<PresentedKey> = sql::query(
         "SELECT id, org_id, expires_at, revoked_at, digest FROM link_keys WHERE digest = $1",
     )
     .bind(key_digest.as_slice())
     .fetch_optional(&store.db)
     .await?;
-    let (key_id, org_id, expires_at, revoked_at, stored) =
-        key.ok_or(StoreError::LinkKeyRejected(LinkKeyRejection::Unknown))?;
+    let PresentedKey {
+        id: key_id,
+        org_id,
+        expires_at,
+        revoked_at,
+        digest: stored,
+    } = key.ok_or(StoreError::LinkKeyRejected(LinkKeyRejection::Unknown))?;
     if !sightline_runtime::token::digests_equal(&stored, key_digest) {
         return Err(StoreError::LinkKeyRejected(LinkKeyRejection::Unknown));
     }
@@ -193,17 +222,7 @@ pub(super) async fn find_credential(
     store: &SqlStore,
     digest: &[u8; 32],
 ) -> StoreResult<Option<FoundCredential>> {
-    let row: Option<(
-        String,
-        String,
-        String,
-        String,
-        i64,
-        Option<i64>,
-        Option<i64>,
-        Vec<u8>,
-        Option<i64>,
-    )> = sql::query(
+    let row: Option<CredentialRow> = sql::query(
         "SELECT c.id, c.org_id, c.instance_id, c.prefix, c.created_at, c.last_used_at,
                 c.revoked_at, c.digest, i.unlinked_at
              FROM credentials c JOIN instances i ON i.id = c.instance_id WHERE c.digest = $1",
@@ -211,33 +230,19 @@ pub(super) async fn find_credential(
     .bind(digest.as_slice())
     .fetch_optional(&store.db)
     .await?;
-    Ok(row.map(
-        |(
-            id,
-            org_id,
-            instance_id,
-            prefix,
-            created_at,
-            last_used_at,
-            revoked_at,
-            digest,
-            unlinked_at,
-        )| {
-            FoundCredential {
-                record: CredentialRecord {
-                    id,
-                    org_id,
-                    instance_id,
-                    prefix,
-                    created_at,
-                    last_used_at,
-                    revoked_at,
-                },
-                digest,
-                instance_unlinked: unlinked_at.is_some(),
-            }
+    Ok(row.map(|row| FoundCredential {
+        record: CredentialRecord {
+            id: row.id,
+            org_id: row.org_id,
+            instance_id: row.instance_id,
+            prefix: row.prefix,
+            created_at: row.created_at,
+            last_used_at: row.last_used_at,
+            revoked_at: row.revoked_at,
         },
-    ))
+        digest: row.digest,
+        instance_unlinked: row.unlinked_at.is_some(),
+    }))
 }
 
 pub(super) async fn touch_credential(
