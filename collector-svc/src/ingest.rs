@@ -5,12 +5,11 @@
 use std::collections::HashSet;
 use std::sync::Arc;
 
+use crate::error::CollectorError;
 use async_trait::async_trait;
 use prost::Message;
 use sightline_proto::collector::v1::{self as pb, DropReason};
 use sightline_runtime::policy_stream::Held;
-use sightline_runtime::ratelimit::retry_after;
-use tonic::Status;
 
 use crate::enforce::{self, Enforced, Plan, Verdict};
 use crate::store::{Batch, BatchOutcome, Row, RowOutcome, View};
@@ -32,12 +31,12 @@ pub trait Sink: Send + Sync {
 
     /// Commits a batch; the outcome comes with the commit's hold on the policy fence, which the
     /// caller keeps until its answer is on its way.
-    async fn write(&self, batch: Batch) -> Result<Written, Status>;
+    async fn write(&self, batch: Batch) -> Result<Written, CollectorError>;
 }
 
 #[async_trait]
 impl Sink for Writer {
-    async fn write(&self, batch: Batch) -> Result<Written, Status> {
+    async fn write(&self, batch: Batch) -> Result<Written, CollectorError> {
         Writer::write(self, batch).await
     }
 }
@@ -52,7 +51,7 @@ impl Sink for Discard {
         false
     }
 
-    async fn write(&self, batch: Batch) -> Result<Written, Status> {
+    async fn write(&self, batch: Batch) -> Result<Written, CollectorError> {
         Ok((
             BatchOutcome::Committed(vec![RowOutcome::Stored; batch.rows.len()]),
             None,
@@ -61,14 +60,14 @@ impl Sink for Discard {
 }
 
 /// The refusal of a whole batch (nothing of it is stored).
-pub fn check_batch(events: &[pb::Event]) -> Result<(), Status> {
+pub fn check_batch(events: &[pb::Event]) -> Result<(), CollectorError> {
     if events.is_empty() {
-        return Err(Status::invalid_argument(
-            "events: a batch holds 1 to 1000 events",
+        return Err(CollectorError::InvalidArgument(
+            "events: a batch holds 1 to 1000 events".to_owned(),
         ));
     }
     if events.len() > MAX_BATCH {
-        return Err(Status::invalid_argument(format!(
+        return Err(CollectorError::InvalidArgument(format!(
             "events: {} events; a batch holds at most {MAX_BATCH}",
             events.len()
         )));
@@ -76,7 +75,7 @@ pub fn check_batch(events: &[pb::Event]) -> Result<(), Status> {
     let mut seen = HashSet::with_capacity(events.len());
     for (i, event) in events.iter().enumerate() {
         if !event.event_id.is_empty() && !seen.insert(event.event_id.as_str()) {
-            return Err(Status::invalid_argument(format!(
+            return Err(CollectorError::InvalidArgument(format!(
                 "events[{i}].event_id: repeats an earlier event id of the batch"
             )));
         }
@@ -85,9 +84,9 @@ pub fn check_batch(events: &[pb::Event]) -> Result<(), Status> {
 }
 
 /// UNAVAILABLE with the policy's retry hint, for an org whose data is moving.
-pub fn moving(plan: &Plan) -> Status {
-    retry_after(
-        Status::unavailable("the org's data is moving to another location; retry later"),
+pub fn moving(plan: &Plan) -> CollectorError {
+    CollectorError::unavailable(
+        "the org's data is moving to another location; retry later",
         u64::from(plan.retry_after_ms.max(1)),
     )
 }
@@ -200,7 +199,7 @@ pub async fn process(
     now_ms: i64,
     sink: &dyn Sink,
     preview: bool,
-) -> Result<Processed, Status> {
+) -> Result<Processed, CollectorError> {
     check_batch(&events)?;
     if plan.moving {
         return Err(moving(plan));
@@ -253,10 +252,8 @@ pub async fn process(
         outcomes = match outcome {
             BatchOutcome::Committed(outcomes) => outcomes,
             BatchOutcome::Stale => {
-                return Err(retry_after(
-                    Status::unavailable(
-                        "the org's policy changed while the batch was checked; nothing of it was stored: resend it",
-                    ),
+                return Err(CollectorError::unavailable(
+                    "the org's policy changed while the batch was checked; nothing of it was stored: resend it",
                     10,
                 ));
             }

@@ -7,6 +7,7 @@
 
 pub mod aggregates;
 pub mod enforce;
+pub mod error;
 pub mod fields;
 pub mod grpc;
 pub mod ingest;

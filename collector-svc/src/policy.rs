@@ -7,12 +7,12 @@ use std::collections::HashMap;
 
 use std::sync::Arc;
 
+use crate::error::CollectorError;
 use sightline_proto::collector::v1 as pb;
 use sightline_proto::consent::v1 as consent_pb;
 use sightline_runtime::policy_stream::{Fence, PolicyFollower, PolicyTable, Revisioned};
 pub use sightline_runtime::pseudonym::PseudonymKeys;
 use tokio::sync::Notify;
-use tonic::Status;
 
 use crate::enforce::Plan;
 use crate::fields::ClassTable;
@@ -96,10 +96,11 @@ impl Policies {
 
     /// The plan for one instance of an org: its override's policy, else the org's; an org consent-svc
     /// never mentioned has the default policy (nothing is collected).
-    pub fn plan(&self, org_id: &str, instance_id: &str) -> Result<Arc<Plan>, Status> {
+    pub fn plan(&self, org_id: &str, instance_id: &str) -> Result<Arc<Plan>, CollectorError> {
         if !self.is_ready() {
-            return Err(self.table.unavailable(
+            return Err(CollectorError::unavailable(
                 "no current policy from consent-svc: nothing can be collected until it answers",
+                self.table.retry_ms(),
             ));
         }
         let held = self
@@ -113,7 +114,10 @@ impl Policies {
                         .clone()
                 })
             })
-            .ok_or_else(|| Status::unavailable("policy cache unavailable"))?;
+            .ok_or(CollectorError::Unavailable {
+                message: "policy cache unavailable".into(),
+                retry_after_ms: None,
+            })?;
         Ok(held.unwrap_or_else(|| Arc::new(self.compile(&default_policy(org_id)))))
     }
 

@@ -11,9 +11,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::error::CollectorError;
 use tokio::sync::{Mutex, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
-use tonic::Status;
 
 use sightline_runtime::policy_stream::{Held, PolicyFollower};
 
@@ -26,7 +26,7 @@ const MAX_GROUP_ROWS: usize = 16_000;
 /// A committed batch's outcome, with the commit's hold on the policy fence.
 pub type Written = (BatchOutcome, Option<Held>);
 
-type Reply = oneshot::Sender<Result<Written, Status>>;
+type Reply = oneshot::Sender<Result<Written, CollectorError>>;
 
 #[derive(Debug)]
 struct Job {
@@ -86,15 +86,13 @@ impl Writer {
     }
 
     /// Commits one batch (with whatever else is waiting) and answers when it is durable.
-    pub async fn write(&self, batch: Batch) -> Result<Written, Status> {
+    pub async fn write(&self, batch: Batch) -> Result<Written, CollectorError> {
         let (reply, answer) = oneshot::channel();
         self.queue
             .send(Job { batch, reply })
             .await
-            .map_err(|_| Status::unavailable("the collector is shutting down"))?;
-        answer
-            .await
-            .map_err(|_| Status::unavailable("the collector is shutting down"))?
+            .map_err(|_| CollectorError::ShuttingDown)?;
+        answer.await.map_err(|_| CollectorError::ShuttingDown)?
     }
 }
 
@@ -116,9 +114,9 @@ async fn commit(store: &dyn CollectorStore, policies: &Policies, jobs: Vec<Job>)
             }
         }
         Err(error) => {
-            let status = Status::from(error);
+            let error = CollectorError::from(error);
             for reply in replies {
-                let _ = reply.send(Err(status.clone()));
+                let _ = reply.send(Err(error.clone()));
             }
             // A database that fails now will likely fail again at once: let it breathe.
             tokio::time::sleep(Duration::from_millis(20)).await;

@@ -5,6 +5,7 @@
 //! audited changes, and the portfolio of an org's instances.
 
 pub mod archive;
+pub mod error;
 pub mod grpc;
 pub mod health;
 pub mod maintenance;

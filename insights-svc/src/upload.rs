@@ -19,6 +19,7 @@ use std::collections::{BTreeMap, HashSet};
 use std::io::{BufRead, BufReader, Read, Seek, Write};
 use std::path::Path;
 
+use crate::error::InsightsError;
 use prost_reflect::DynamicMessage;
 use sha2::{Digest, Sha256};
 use sightline_proto::classes;
@@ -26,7 +27,6 @@ use sightline_proto::common::v1::DataClass;
 use sightline_proto::insights::v1 as pb;
 use sightline_runtime::pseudonym::OrgPseudonymizer;
 use sightline_runtime::scrub::{self, Finding, Secrets};
-use tonic::Status;
 
 use crate::archive::{self, Kind};
 pub use crate::archive::{BundleLimits, MAX_METRICS_FILE};
@@ -68,26 +68,30 @@ impl UploadMessage for pb::UploadSupportBundleRequest {
 }
 
 /// Checks a header against the expected format and the size limit.
-pub fn check_header(header: &pb::UploadHeader, format: &str, limit: u64) -> Result<(), Status> {
+pub fn check_header(
+    header: &pb::UploadHeader,
+    format: &str,
+    limit: u64,
+) -> Result<(), InsightsError> {
     if header.format != format {
-        return Err(Status::invalid_argument(format!(
+        return Err(InsightsError::InvalidArgument(format!(
             "header.format: {:?} is not {format:?}",
             header.format
         )));
     }
     if header.format_version != 1 {
-        return Err(Status::invalid_argument(format!(
+        return Err(InsightsError::InvalidArgument(format!(
             "header.format_version: {} is not a known version (1)",
             header.format_version
         )));
     }
     if header.size_bytes == 0 {
-        return Err(Status::invalid_argument(
-            "header.size_bytes: the file's size is required",
+        return Err(InsightsError::InvalidArgument(
+            "header.size_bytes: the file's size is required".to_owned(),
         ));
     }
     if header.size_bytes > limit {
-        return Err(Status::resource_exhausted(format!(
+        return Err(InsightsError::ResourceExhausted(format!(
             "header.size_bytes: {} bytes is over the limit of {limit}",
             header.size_bytes
         )));
@@ -99,13 +103,13 @@ pub fn check_header(header: &pb::UploadHeader, format: &str, limit: u64) -> Resu
                 .bytes()
                 .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)))
     {
-        return Err(Status::invalid_argument(
-            "header.sha256: must be 64 lower-case hex digits",
+        return Err(InsightsError::InvalidArgument(
+            "header.sha256: must be 64 lower-case hex digits".to_owned(),
         ));
     }
     if header.file_name.len() > 255 || header.file_name.contains(['/', '\\', '\0']) {
-        return Err(Status::invalid_argument(
-            "header.file_name: a plain file name of at most 255 bytes",
+        return Err(InsightsError::InvalidArgument(
+            "header.file_name: a plain file name of at most 255 bytes".to_owned(),
         ));
     }
     Ok(())
@@ -128,10 +132,10 @@ impl Tally {
         }
     }
 
-    pub fn add(&mut self, chunk: &[u8]) -> Result<(), Status> {
+    pub fn add(&mut self, chunk: &[u8]) -> Result<(), InsightsError> {
         self.received = self.received.saturating_add(chunk.len() as u64);
         if self.received > self.declared {
-            return Err(Status::resource_exhausted(format!(
+            return Err(InsightsError::ResourceExhausted(format!(
                 "chunk: more than the {} bytes the header declared",
                 self.declared
             )));
@@ -145,17 +149,17 @@ impl Tally {
     }
 
     /// Checks the total and the SHA-256; returns the file's hex SHA-256.
-    pub fn finish(self, header: &pb::UploadHeader) -> Result<String, Status> {
+    pub fn finish(self, header: &pb::UploadHeader) -> Result<String, InsightsError> {
         if self.received != self.declared {
-            return Err(Status::invalid_argument(format!(
+            return Err(InsightsError::InvalidArgument(format!(
                 "header.size_bytes: {} bytes declared, {} received (truncated upload)",
                 self.declared, self.received
             )));
         }
         let digest = hex::encode(self.hash.finalize());
         if !header.sha256.is_empty() && header.sha256 != digest {
-            return Err(Status::invalid_argument(
-                "header.sha256: does not match the file received",
+            return Err(InsightsError::InvalidArgument(
+                "header.sha256: does not match the file received".to_owned(),
             ));
         }
         Ok(digest)
@@ -164,10 +168,10 @@ impl Tally {
 
 /// Parses an assessment file (the JSON form of the contract's Assessment); errors name the JSON
 /// path.
-pub fn parse_assessment(bytes: &[u8], origin: &str) -> Result<DynamicMessage, Status> {
+pub fn parse_assessment(bytes: &[u8], origin: &str) -> Result<DynamicMessage, InsightsError> {
     let descriptor = assessment_descriptor()?;
     let text = std::str::from_utf8(bytes)
-        .map_err(|_| Status::invalid_argument(format!("{origin}: is not UTF-8 text")))?;
+        .map_err(|_| InsightsError::InvalidArgument(format!("{origin}: is not UTF-8 text")))?;
     let mut json = serde_json::Deserializer::from_str(text);
     let mut track = serde_path_to_error::Track::new();
     let parsed = DynamicMessage::deserialize(
@@ -175,19 +179,19 @@ pub fn parse_assessment(bytes: &[u8], origin: &str) -> Result<DynamicMessage, St
         serde_path_to_error::Deserializer::new(&mut json, &mut track),
     )
     .map_err(|e| {
-        Status::invalid_argument(format!(
+        InsightsError::InvalidArgument(format!(
             "{origin}: does not parse at {}: {e}",
             json_path(&track.path())
         ))
     })?;
     json.end()
-        .map_err(|e| Status::invalid_argument(format!("{origin}: trailing data: {e}")))?;
+        .map_err(|e| InsightsError::InvalidArgument(format!("{origin}: trailing data: {e}")))?;
     let format = parsed
         .get_field_by_name("format")
         .and_then(|v| v.as_str().map(str::to_owned))
         .unwrap_or_default();
     if format != ASSESSMENT_FORMAT {
-        return Err(Status::invalid_argument(format!(
+        return Err(InsightsError::InvalidArgument(format!(
             "{origin}: $.format is {format:?}, not {ASSESSMENT_FORMAT:?}"
         )));
     }
@@ -196,7 +200,7 @@ pub fn parse_assessment(bytes: &[u8], origin: &str) -> Result<DynamicMessage, St
         .and_then(|v| v.as_u32())
         .unwrap_or(0);
     if version != 1 {
-        return Err(Status::invalid_argument(format!(
+        return Err(InsightsError::InvalidArgument(format!(
             "{origin}: $.formatVersion is {version}, not 1"
         )));
     }
@@ -260,12 +264,12 @@ pub struct Bundle {
     pub metrics: Vec<pb::AssessmentMetric>,
 }
 
-fn bad(message: String) -> Status {
-    Status::invalid_argument(message)
+fn bad(message: String) -> InsightsError {
+    InsightsError::InvalidArgument(message)
 }
 
-fn too_slow(limits: &BundleLimits) -> Status {
-    Status::resource_exhausted(format!(
+fn too_slow(limits: &BundleLimits) -> InsightsError {
+    InsightsError::ResourceExhausted(format!(
         "checking and scrubbing the bundle took over {} s (analysis.max_bundle_check_ms)",
         limits.max_check.as_secs_f64()
     ))
@@ -279,14 +283,16 @@ pub fn process_bundle<R: Read + Seek, W: Write + Seek>(
     limits: BundleLimits,
     rules: &FieldRules,
     pseudonyms: Option<&OrgPseudonymizer>,
-) -> Result<Bundle, Status> {
+) -> Result<Bundle, InsightsError> {
     let archive::Survey {
         mut archive,
         entries: kinds,
     } = archive::survey(input, &limits).map_err(|refusal| match refusal {
         archive::Refusal::Invalid(message) => bad(message),
-        archive::Refusal::TooLarge(message) => Status::resource_exhausted(message),
-        archive::Refusal::Io(message) => Status::internal(format!("reading the bundle: {message}")),
+        archive::Refusal::TooLarge(message) => InsightsError::ResourceExhausted(message),
+        archive::Refusal::Io(message) => {
+            InsightsError::Internal(format!("reading the bundle: {message}"))
+        }
     })?;
     let mut writer = zip::ZipWriter::new(output);
     let options = zip::write::SimpleFileOptions::default()
@@ -316,7 +322,7 @@ pub fn process_bundle<R: Read + Seek, W: Write + Seek>(
         }
         writer
             .start_file(kept_name.as_str(), options)
-            .map_err(|e| Status::internal(format!("writing the bundle: {e}")))?;
+            .map_err(|e| InsightsError::Internal(format!("writing the bundle: {e}")))?;
         let written = match kind {
             Kind::Metrics => {
                 let mut text = Vec::with_capacity(usize::try_from(size).unwrap_or(0));
@@ -325,18 +331,18 @@ pub fn process_bundle<R: Read + Seek, W: Write + Seek>(
                     .map_err(|e| bad(format!("entry {name:?}: truncated or corrupt: {e}")))?;
                 let read = text.len() as u64;
                 if read > size {
-                    return Err(Status::resource_exhausted(format!(
+                    return Err(InsightsError::ResourceExhausted(format!(
                         "entry {name:?}: expands to more than its header says (zip bomb)"
                     )));
                 }
                 let parsed = parse_assessment(&text, &format!("entry {name:?}"))?;
-                let (assessment, treated) =
-                    treat::assessment(parsed, rules, pseudonyms).map_err(Status::internal)?;
+                let (assessment, treated) = treat::assessment(parsed, rules, pseudonyms)
+                    .map_err(InsightsError::Internal)?;
                 merge(&mut bundle.treated, &treated);
                 let json = assessment_json(&assessment)?;
                 writer
                     .write_all(json.as_bytes())
-                    .map_err(|e| Status::internal(format!("writing the bundle: {e}")))?;
+                    .map_err(|e| InsightsError::Internal(format!("writing the bundle: {e}")))?;
                 bundle.metrics.extend(assessment.metrics);
                 read
             }
@@ -352,7 +358,7 @@ pub fn process_bundle<R: Read + Seek, W: Write + Seek>(
                     }
                 };
                 if read > size {
-                    return Err(Status::resource_exhausted(format!(
+                    return Err(InsightsError::ResourceExhausted(format!(
                         "entry {name:?}: expands to more than its header says (zip bomb)"
                     )));
                 }
@@ -369,7 +375,7 @@ pub fn process_bundle<R: Read + Seek, W: Write + Seek>(
     }
     writer
         .finish()
-        .map_err(|e| Status::internal(format!("writing the bundle: {e}")))?;
+        .map_err(|e| InsightsError::Internal(format!("writing the bundle: {e}")))?;
     Ok(bundle)
 }
 
@@ -419,20 +425,20 @@ fn merge(into: &mut Treated, from: &Treated) {
 }
 
 /// The canonical JSON form of a (treated) assessment.
-pub fn assessment_json(assessment: &pb::Assessment) -> Result<String, Status> {
+pub fn assessment_json(assessment: &pb::Assessment) -> Result<String, InsightsError> {
     let mut message = DynamicMessage::new(assessment_descriptor()?);
     message
         .transcode_from(assessment)
-        .map_err(|e| Status::internal(e.to_string()))?;
-    serde_json::to_string_pretty(&message).map_err(|e| Status::internal(e.to_string()))
+        .map_err(|e| InsightsError::Internal(e.to_string()))?;
+    serde_json::to_string_pretty(&message).map_err(|e| InsightsError::Internal(e.to_string()))
 }
 
 /// The contract's Assessment message, which parsing and field treatment walk.
-pub fn assessment_descriptor() -> Result<prost_reflect::MessageDescriptor, Status> {
+pub fn assessment_descriptor() -> Result<prost_reflect::MessageDescriptor, InsightsError> {
     classes::pool()
-        .map_err(|e| Status::internal(e.to_string()))?
+        .map_err(|e| InsightsError::Internal(e.to_string()))?
         .get_message_by_name(classes::ASSESSMENT_MESSAGE)
-        .ok_or_else(|| Status::internal("the contract has no Assessment"))
+        .ok_or_else(|| InsightsError::Internal("the contract has no Assessment".to_owned()))
 }
 
 /// Copies a log to `out` line by line, scrubbed; returns the bytes read.

@@ -199,10 +199,12 @@ impl<E: Revisioned> PolicyTable<E> {
 
     /// UNAVAILABLE for a call that needs a policy while none is held, with the expected wait.
     pub fn unavailable(&self, message: &str) -> Status {
-        crate::ratelimit::retry_after(
-            Status::unavailable(message.to_owned()),
-            self.retry_ms.load(std::sync::atomic::Ordering::Relaxed),
-        )
+        crate::ratelimit::retry_after(Status::unavailable(message.to_owned()), self.retry_ms())
+    }
+
+    /// How long a call that needs a policy while none is held should wait, in milliseconds.
+    pub fn retry_ms(&self) -> u64 {
+        self.retry_ms.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Records when the next subscription is tried.

@@ -168,7 +168,7 @@ impl CollectorApi {
             scope.instance_id.as_deref().unwrap_or_default(),
         )?;
         if plan.moving {
-            return Err(crate::ingest::moving(&plan));
+            return Err(crate::ingest::moving(&plan).into());
         }
         Ok(plan)
     }
@@ -185,12 +185,12 @@ impl CollectorApi {
             Err(status) => {
                 // A bad batch is refused as such whatever the policy; `process` checks it otherwise.
                 crate::ingest::check_batch(&events)?;
-                return Err(status);
+                return Err(status.into());
             }
         };
         if plan.moving {
             crate::ingest::check_batch(&events)?;
-            return Err(crate::ingest::moving(&plan));
+            return Err(crate::ingest::moving(&plan).into());
         }
         let opened = self.stores.get(plan.location).await?;
         let sink: &dyn crate::ingest::Sink = if self.discard {
@@ -208,6 +208,7 @@ impl CollectorApi {
             false,
         )
         .await
+        .map_err(Status::from)
     }
 
     fn deadline<T>(&self, request: &Request<T>) -> std::time::Instant {

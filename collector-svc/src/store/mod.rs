@@ -67,21 +67,6 @@ impl From<StoreError> for ChangeLogError {
     }
 }
 
-impl From<StoreError> for tonic::Status {
-    fn from(error: StoreError) -> Self {
-        match &error {
-            StoreError::Unavailable(_) => tonic::Status::unavailable(error.to_string()),
-            StoreError::WrongLocation { .. } => {
-                tonic::Status::unavailable("the org's data location is changing; retry shortly")
-            }
-            _ => {
-                tracing::error!(%error, "store failed");
-                tonic::Status::internal("the collector's store failed")
-            }
-        }
-    }
-}
-
 pub type StoreResult<T> = Result<T, StoreError>;
 
 /// One event to store, already enforced.

@@ -58,18 +58,6 @@ impl From<StoreError> for ChangeLogError {
     }
 }
 
-impl From<StoreError> for tonic::Status {
-    fn from(error: StoreError) -> Self {
-        match &error {
-            StoreError::Unavailable(_) => tonic::Status::unavailable(error.to_string()),
-            _ => {
-                tracing::error!(%error, "store failed");
-                tonic::Status::internal("the insights store failed")
-            }
-        }
-    }
-}
-
 pub type StoreResult<T> = Result<T, StoreError>;
 
 /// Whose data a row is: a linked instance, or an unlinked one known by its server id.

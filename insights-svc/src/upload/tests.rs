@@ -1,6 +1,7 @@
 //! Tests of `upload`.
 
 use super::*;
+use crate::error::InsightsError;
 use std::io::Cursor;
 
 fn limits() -> BundleLimits {
@@ -279,7 +280,7 @@ fn names_that_twin_or_cannot_be_extracted_are_refused_naming_the_entry() {
     }
 }
 
-fn process(bytes: Vec<u8>) -> Result<(Bundle, Vec<u8>), Status> {
+fn process(bytes: Vec<u8>) -> Result<(Bundle, Vec<u8>), InsightsError> {
     let mut out = Cursor::new(Vec::new());
     let bundle = process_bundle(Cursor::new(bytes), &mut out, limits(), &all_keep(), None)?;
     Ok((bundle, out.into_inner()))
