@@ -11,11 +11,11 @@ pub mod error;
 pub mod fields;
 pub mod grpc;
 pub mod ingest;
+pub mod locations;
 pub mod maintenance;
-pub mod policy;
+pub mod policy_cache;
 pub mod sketch;
 pub mod store;
-pub mod stores;
 pub mod writer;
 
 use std::net::SocketAddr;
@@ -37,9 +37,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::fields::{ClassTable, FieldsError};
 use crate::grpc::CollectorApi;
+use crate::locations::StoreUrls;
 use crate::maintenance::{Maintenance, Schedules};
-use crate::policy::{Policies, PseudonymKeys};
-use crate::stores::StoreUrls;
+use crate::policy_cache::{Policies, PseudonymKeys};
 
 /// Everything collector-svc needs to start.
 #[derive(Debug, Clone)]
@@ -78,7 +78,7 @@ impl CollectorConfig {
         let service_token = settings.service_token.clone().ok_or_else(|| {
             StartError::Config("collector-svc needs service_token (SIGHTLINE_SERVICE_TOKEN)".into())
         })?;
-        let known = stores::all_locations();
+        let known = locations::all_locations();
         if let Some(unknown) = settings
             .collection
             .locations
@@ -142,7 +142,7 @@ impl CollectorService {
             Arc::from(config.collection.url_query_keys.clone()),
         ));
         let background = CancellationToken::new();
-        let stores = stores::stores(
+        let stores = locations::stores(
             StoreUrls {
                 service: "collector",
                 locations: config.collection.locations.clone(),

@@ -14,12 +14,12 @@ use sightline_runtime::{Secret, SharedClock};
 use tokio_util::sync::CancellationToken;
 
 use crate::enforce::DAY_MS;
-use crate::policy::Policies;
+use crate::locations::{Stores, location_name};
+use crate::policy_cache::Policies;
 use crate::store::{
     Change, CollectorStore, EraseSpec, MOVED_TABLES, MoveSpec, PURGE_TAKEN, PurgeSpec, Removed,
     Rollup,
 };
-use crate::stores::{Stores, location_name};
 
 use sightline_runtime::time::HOUR_MS;
 

@@ -17,7 +17,7 @@ use tokio_util::sync::CancellationToken;
 
 use sightline_runtime::policy_stream::{Held, PolicyFollower};
 
-use crate::policy::Policies;
+use crate::policy_cache::Policies;
 use crate::store::{Batch, BatchOutcome, CollectorStore};
 
 /// Rows one transaction takes at most.

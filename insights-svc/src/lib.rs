@@ -5,17 +5,17 @@
 //! audited changes, and the portfolio of an org's instances.
 
 pub mod archive;
+pub mod enforce;
 pub mod error;
 pub mod grpc;
 pub mod health;
 pub mod maintenance;
-pub mod policy;
+pub mod policy_cache;
 pub mod readiness;
 pub mod rollups;
 pub mod rules;
 pub mod store;
 pub mod stores;
-pub mod treat;
 pub mod trends;
 pub mod upload;
 
@@ -40,7 +40,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::grpc::{BundleDirs, InsightsApi, UploadLimits};
 use crate::maintenance::{Maintenance, Schedules};
-use crate::policy::Policies;
+use crate::policy_cache::Policies;
 use crate::rollups::Rollups;
 use crate::rules::{Rules, RulesError};
 use crate::upload::BundleLimits;

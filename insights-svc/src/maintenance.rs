@@ -436,7 +436,7 @@ impl Maintenance {
                 }
                 .counts();
                 let change = if in_place {
-                    Change::Relocate {
+                    Change::MoveInPlace {
                         move_id: bundle_move.move_id.clone(),
                         org_id: org_id.to_owned(),
                         from: from.clone(),

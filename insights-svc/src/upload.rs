@@ -30,8 +30,8 @@ use sightline_runtime::scrub::{self, Finding, Secrets};
 
 use crate::archive::{self, Kind};
 pub use crate::archive::{BundleLimits, MAX_METRICS_FILE};
+use crate::enforce::{self, FieldRules, Treated};
 use crate::health::{HOUR_MS, Hour, Series};
-use crate::treat::{self, FieldRules, Treated};
 
 pub const ASSESSMENT_FORMAT: &str = "sightline.assessment";
 pub const BUNDLE_FORMAT: &str = "sightline.support-bundle";
@@ -336,7 +336,7 @@ pub fn process_bundle<R: Read + Seek, W: Write + Seek>(
                     )));
                 }
                 let parsed = parse_assessment(&text, &format!("entry {name:?}"))?;
-                let (assessment, treated) = treat::assessment(parsed, rules, pseudonyms)
+                let (assessment, treated) = enforce::assessment(parsed, rules, pseudonyms)
                     .map_err(InsightsError::Internal)?;
                 merge(&mut bundle.treated, &treated);
                 let json = assessment_json(&assessment)?;

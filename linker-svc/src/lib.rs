@@ -7,8 +7,8 @@
 
 pub mod audit;
 pub mod detect;
+pub mod dns_claims;
 pub mod domain;
-pub mod domains;
 pub mod error;
 pub mod grpc;
 pub mod residency;
@@ -29,7 +29,7 @@ use sightline_runtime::token::TokenKind;
 use sightline_runtime::{Secret, Settings, SharedClock};
 use tokio_util::sync::CancellationToken;
 
-use crate::domains::TxtResolver;
+use crate::dns_claims::TxtResolver;
 use crate::grpc::{Authority, LinkerApi};
 
 /// Everything linker-svc needs to start.
@@ -79,7 +79,7 @@ impl LinkerConfig {
             Secret::new(storage::default_sqlite_url(&settings.data_dir, "linker"))
         });
         let txt_resolver: Arc<dyn TxtResolver> =
-            Arc::new(domains::DnsTxt::from_system().map_err(StartError::Config)?);
+            Arc::new(dns_claims::DnsTxt::from_system().map_err(StartError::Config)?);
         Ok(Self {
             listen: settings.linker.listen,
             database_url,

@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 
 use consent_svc::grpc::ApiOptions;
 use consent_svc::{ConsentConfig, ConsentService};
-use linker_svc::domains::StaticTxt;
+use linker_svc::dns_claims::StaticTxt;
 use linker_svc::{Linker, LinkerConfig};
 use sightline_proto::audit::v1::audit_service_client::AuditServiceClient;
 use sightline_proto::consent::v1::consent_service_client::ConsentServiceClient;
@@ -691,7 +691,7 @@ impl Default for CollectorOptions {
 pub struct TestCollector {
     pub addr: SocketAddr,
     pub metrics: Option<SocketAddr>,
-    pub policies: Arc<collector_svc::policy::Policies>,
+    pub policies: Arc<collector_svc::policy_cache::Policies>,
     pub maintenance: collector_svc::maintenance::Maintenance,
     shutdown: CancellationToken,
     served: Option<tokio::task::JoinHandle<()>>,
@@ -836,7 +836,7 @@ impl Default for InsightsOptions {
 pub struct TestInsights {
     pub addr: SocketAddr,
     pub maintenance: insights_svc::maintenance::Maintenance,
-    pub policies: Arc<insights_svc::policy::Policies>,
+    pub policies: Arc<insights_svc::policy_cache::Policies>,
     shutdown: CancellationToken,
     served: Option<tokio::task::JoinHandle<()>>,
 }

@@ -241,7 +241,7 @@ proptest! {
             (_, 2) => format!("GET /login?next={text}&x=1 200"),
             (_, _) => format!("<td>{text}</td>"),
         };
-        let mut treated = insights_svc::treat::Treated::default();
+        let mut treated = insights_svc::enforce::Treated::default();
         let clean = insights_svc::upload::scrub_text(&line, &mut treated);
         prop_assert!(!pii.leaks(&pii::Haystack::new(&clean), &forms), "{pii:?} through {encodings:?}: {line:?} became {clean:?}");
     }

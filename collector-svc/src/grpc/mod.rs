@@ -26,10 +26,10 @@ use tonic::{Code, Request, Response, Status, Streaming};
 use crate::enforce::{DAY_MS, Plan};
 use crate::fields::Field;
 use crate::ingest::{Discard, Processed};
+use crate::locations::{Stores, location_name};
 use crate::maintenance::Maintenance;
-use crate::policy::Policies;
+use crate::policy_cache::Policies;
 use crate::store::{EraseSpec, Ranked, ViewScope, ViewTotals};
-use crate::stores::{Stores, location_name};
 
 mod aggregates;
 mod erasure;

@@ -27,13 +27,13 @@ use sightline_runtime::time::{from_proto, required_range, to_proto};
 use tonic::transport::Channel;
 use tonic::{Request, Response, Status, Streaming};
 
+use crate::enforce::{self, FieldRules};
 use crate::health::HOUR_MS;
-use crate::policy::Policies;
+use crate::policy_cache::Policies;
 use crate::rollups::Rollups;
 use crate::rules::Rules;
 use crate::store::{InsightsStore, StoredAssessment, StoredBundle, StoredReadiness, subject_of};
 use crate::stores::Stores;
-use crate::treat::{self, FieldRules};
 use crate::trends;
 use crate::upload::{self, BundleLimits, Part, Tally, UploadMessage};
 

@@ -31,7 +31,7 @@ pub(super) async fn run_readiness_assessment(
             )
             .map_err(|e| Status::internal(format!("a stored assessment does not decode: {e}")))?;
             let (assessment, _) =
-                treat::assessment(dynamic, &rules, keys.as_ref()).map_err(Status::internal)?;
+                enforce::assessment(dynamic, &rules, keys.as_ref()).map_err(Status::internal)?;
             (assessment, pb::DataSource::Upload)
         }
         None => {

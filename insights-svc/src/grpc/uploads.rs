@@ -26,7 +26,7 @@ pub(super) async fn upload_assessment(
     let parsed = upload::parse_assessment(&bytes, "file")?;
     let keys = api.pseudonyms(&uploader.policy);
     let (assessment, treated) =
-        treat::assessment(parsed, &uploader.rules, keys.as_ref()).map_err(Status::internal)?;
+        enforce::assessment(parsed, &uploader.rules, keys.as_ref()).map_err(Status::internal)?;
     let upload_id = uuid::Uuid::now_v7().to_string();
     let store = api.data_store_for_write(&uploader.policy).await?;
     let _held = api.hold(&uploader).await?;

@@ -392,7 +392,7 @@ async fn a_discarded_purge_can_be_staged_again_and_settled_changes_apply_once(ba
 async fn a_bundle_move_relabels_one_orgs_records_once(backend: Backend) {
     let (store, _guard) = backend.open().await;
     fill(&store).await;
-    let relocate = || Change::Relocate {
+    let relocate = || Change::MoveInPlace {
         move_id: "m-1".into(),
         org_id: ORG.into(),
         from: "eu".into(),

@@ -196,8 +196,10 @@ pub enum Change {
     },
     Purge(PurgeSpec),
     /// A residency move of support bundles within one database: the org's bundle records at
-    /// `from` now say `to` (their files were copied there before this is staged).
-    Relocate {
+    /// `from` now say `to` (their files were copied there before this is staged). Staged as
+    /// `relocate` by earlier versions.
+    #[serde(alias = "relocate")]
+    MoveInPlace {
         move_id: String,
         org_id: String,
         from: String,
@@ -295,4 +297,24 @@ pub trait InsightsStore: ChangeLog + Send + Sync + std::fmt::Debug {
     async fn import(&self, records: &OrgRecords) -> StoreResult<()>;
     /// Orgs with any record (for the retention sweep).
     async fn orgs(&self) -> StoreResult<Vec<String>>;
+}
+
+#[cfg(test)]
+mod change_tests {
+    use super::Change;
+
+    #[test]
+    fn a_move_staged_under_its_earlier_name_still_decodes() {
+        let staged =
+            r#"{"kind":"relocate","move_id":"m1","org_id":"o1","from":"global","to":"eu"}"#;
+        assert_eq!(
+            Change::decode(staged).unwrap(),
+            Change::MoveInPlace {
+                move_id: "m1".into(),
+                org_id: "o1".into(),
+                from: "global".into(),
+                to: "eu".into(),
+            }
+        );
+    }
 }

@@ -21,8 +21,8 @@ use sightline_runtime::token::{self, TokenKind};
 use tonic::{Request, Response, Status};
 
 use crate::audit::{ChainCheck, ChainVerifier, GENESIS};
+use crate::dns_claims::{self, TxtResolver};
 use crate::domain::{self, LINK_KEY_VALIDITY_MS};
-use crate::domains::{self, TxtResolver};
 use crate::error::LinkerError;
 use crate::residency::Residency;
 use crate::store::{
@@ -33,7 +33,7 @@ use crate::store::{
 
 mod audit_log;
 mod callers;
-mod dns_claims;
+mod claims;
 mod instances;
 mod orgs;
 mod replay;
@@ -301,8 +301,8 @@ fn domain_pb(d: &DomainRecord) -> pb::DomainClaim {
         } else {
             pb::DomainState::Pending
         } as i32,
-        txt_record_name: domains::record_name(&d.domain),
-        txt_record_value: domains::record_value(&d.token),
+        txt_record_name: dns_claims::record_name(&d.domain),
+        txt_record_value: dns_claims::record_value(&d.token),
         claimed_at: Some(to_proto(d.claimed_at)),
         verified_at: to_proto_opt(d.verified_at),
     }
@@ -416,21 +416,21 @@ impl LinkerService for LinkerApi {
         &self,
         request: Request<pb::ClaimDomainRequest>,
     ) -> GrpcResult<pb::ClaimDomainResponse> {
-        dns_claims::claim_domain(self, request).await
+        claims::claim_domain(self, request).await
     }
 
     async fn verify_domain(
         &self,
         request: Request<pb::VerifyDomainRequest>,
     ) -> GrpcResult<pb::VerifyDomainResponse> {
-        dns_claims::verify_domain(self, request).await
+        claims::verify_domain(self, request).await
     }
 
     async fn import_licenses(
         &self,
         request: Request<pb::ImportLicensesRequest>,
     ) -> GrpcResult<pb::ImportLicensesResponse> {
-        dns_claims::import_licenses(self, request).await
+        claims::import_licenses(self, request).await
     }
 
     async fn detect_instances(

@@ -23,7 +23,7 @@ impl ChangeLog for SqlStore {
                 .await
                 .map_err(db)?,
             ),
-            Change::Relocate {
+            Change::MoveInPlace {
                 move_id, org_id, ..
             }
             | Change::MoveOut {
@@ -62,7 +62,7 @@ impl ChangeLog for SqlStore {
                 Self::apply_sweep(&mut tx, org_id, cutoffs).await?
             }
             Change::Purge(spec) => Self::apply_purge(&mut tx, spec, change.staged_at_ms).await?,
-            Change::Relocate {
+            Change::MoveInPlace {
                 org_id, from, to, ..
             } => {
                 sql::query("UPDATE bundles SET location = $1 WHERE org_id = $2 AND location = $3")
@@ -123,7 +123,7 @@ impl ChangeLog for SqlStore {
                     .await
                     .map_err(db)?;
             }
-            Some(Ok(Change::Relocate { move_id, .. } | Change::MoveOut { move_id, .. })) => {
+            Some(Ok(Change::MoveInPlace { move_id, .. } | Change::MoveOut { move_id, .. })) => {
                 sql::query("DELETE FROM applied_moves WHERE move_id = $1")
                     .bind(&move_id)
                     .execute(&mut tx)

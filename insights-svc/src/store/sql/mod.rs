@@ -11,7 +11,7 @@ use super::{
     Change, Cutoffs, InsightsStore, OrgRecords, Part, PurgeSpec, Removed, StoreError, StoreResult,
     StoredAssessment, StoredBundle, StoredReadiness, StoredScore,
 };
-use crate::treat;
+use crate::enforce;
 
 mod change_log;
 mod moves;

@@ -170,7 +170,7 @@ impl SqlStore {
             query = query.bind(bind);
         }
         for (upload_id, body) in query.fetch_all(&mut *tx).await? {
-            if let Some(body) = treat::strip_assessment(&body, &spec.strip_classes)? {
+            if let Some(body) = enforce::strip_assessment(&body, &spec.strip_classes)? {
                 sql::query("UPDATE assessments SET body = $1 WHERE upload_id = $2")
                     .bind(body)
                     .bind(upload_id)
@@ -187,7 +187,7 @@ impl SqlStore {
             query = query.bind(bind);
         }
         for (subject, report) in query.fetch_all(&mut *tx).await? {
-            if let Some(report) = treat::strip_readiness(&report, &spec.strip_classes)? {
+            if let Some(report) = enforce::strip_readiness(&report, &spec.strip_classes)? {
                 sql::query("UPDATE readiness SET report = $1 WHERE org_id = $2 AND subject = $3")
                     .bind(report)
                     .bind(&spec.org_id)

@@ -55,16 +55,16 @@ pub(super) async fn verify_domain(
             claim: Some(domain_pb(&claim)),
         }));
     }
-    let expected = domains::record_value(&claim.token);
+    let expected = dns_claims::record_value(&claim.token);
     let records = api
         .txt
-        .txt(&domains::record_name(&domain_name))
+        .txt(&dns_claims::record_name(&domain_name))
         .await
         .map_err(|e| LinkerError::FailedPrecondition(format!("TXT lookup failed: {e}")))?;
     if !records.iter().any(|r| r.trim() == expected) {
         return Err(LinkerError::FailedPrecondition(format!(
             "TXT record {} does not hold the claim's value yet",
-            domains::record_name(&domain_name)
+            dns_claims::record_name(&domain_name)
         ))
         .into());
     }

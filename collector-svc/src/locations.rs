@@ -8,7 +8,7 @@ use std::sync::Arc;
 use sightline_runtime::location::Located;
 use tokio_util::sync::CancellationToken;
 
-use crate::policy::Policies;
+use crate::policy_cache::Policies;
 use crate::store::{self, CollectorStore};
 use crate::writer::Writer;
 
