@@ -199,7 +199,6 @@ impl CollectorService {
                 exact_allowed: config.collection.exact_aggregates_reveal_orgs,
             },
         };
-        let max = config.limits.max_message_bytes;
         let mut server = GrpcServer::bind(
             "collector",
             config.listen,
@@ -209,11 +208,7 @@ impl CollectorService {
         )
         .await?;
         server
-            .add_service(
-                CollectorServiceServer::new(api.clone())
-                    .max_decoding_message_size(max)
-                    .max_encoding_message_size(max),
-            )
+            .add_service(CollectorServiceServer::new(api.clone()))
             .await;
         let millis = Duration::from_millis;
         Ok(Self {

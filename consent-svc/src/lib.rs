@@ -137,7 +137,6 @@ impl ConsentService {
                 ..config.options
             },
         );
-        let max = config.limits.max_message_bytes;
         let mut server = GrpcServer::bind(
             "consent",
             config.listen,
@@ -147,11 +146,7 @@ impl ConsentService {
         )
         .await?;
         server
-            .add_service(
-                ConsentServiceServer::new(api.clone())
-                    .max_decoding_message_size(max)
-                    .max_encoding_message_size(max),
-            )
+            .add_service(ConsentServiceServer::new(api.clone()))
             .await;
         Ok(Self {
             server,

@@ -192,7 +192,6 @@ impl InsightsService {
             config.service_token.clone(),
             "insights",
         )));
-        let max = config.limits.max_message_bytes;
         let mut server = GrpcServer::bind(
             "insights",
             config.listen,
@@ -202,11 +201,7 @@ impl InsightsService {
         )
         .await?;
         server
-            .add_service(
-                InsightsServiceServer::new(api.clone())
-                    .max_decoding_message_size(max)
-                    .max_encoding_message_size(max),
-            )
+            .add_service(InsightsServiceServer::new(api.clone()))
             .await;
         let millis = Duration::from_millis;
         Ok(Self {

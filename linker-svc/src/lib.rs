@@ -164,7 +164,6 @@ impl Linker {
             authority,
             config.txt_resolver,
         );
-        let max = config.limits.max_message_bytes;
         let mut server = GrpcServer::bind(
             "linker",
             config.listen,
@@ -174,19 +173,9 @@ impl Linker {
         )
         .await?;
         server
-            .add_service(
-                LinkerServiceServer::new(api.clone())
-                    .max_decoding_message_size(max)
-                    .max_encoding_message_size(max),
-            )
+            .add_service(LinkerServiceServer::new(api.clone()))
             .await;
-        server
-            .add_service(
-                AuditServiceServer::new(api)
-                    .max_decoding_message_size(max)
-                    .max_encoding_message_size(max),
-            )
-            .await;
+        server.add_service(AuditServiceServer::new(api)).await;
         let mut linker = Self {
             server,
             residency,

@@ -187,6 +187,18 @@ impl CredentialClient {
     }
 
     /// Resolves the bearer token of a request.
+    /// The caller of `request`: authenticated, then admitted by `limiter`'s per-caller budget.
+    /// Every service's handlers start here.
+    pub async fn caller<T>(
+        &self,
+        request: &tonic::Request<T>,
+        limiter: &crate::ratelimit::RateLimiter,
+    ) -> Result<Principal, Status> {
+        let principal = self.authenticate(request).await?;
+        limiter.check_caller(&principal)?;
+        Ok(principal)
+    }
+
     pub async fn authenticate<T>(&self, request: &tonic::Request<T>) -> Result<Principal, Status> {
         let peer = PeerKey::of_request(request);
         let presented = bearer(request.metadata()).inspect_err(|_| self.failures.charge(peer))?;

@@ -8,7 +8,7 @@ pub(super) async fn get_contributed_aggregates(
     api: &CollectorApi,
     request: Request<pb::GetContributedAggregatesRequest>,
 ) -> GrpcResult<pb::GetContributedAggregatesResponse> {
-    let caller = api.caller(&request).await?;
+    let caller = api.credentials.caller(&request, &api.limiter).await?;
     match caller {
         Principal::Operator | Principal::Service { .. } => {}
         _ => {

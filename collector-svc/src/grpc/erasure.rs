@@ -8,7 +8,7 @@ pub(super) async fn erase_viewer(
     request: Request<pb::EraseViewerRequest>,
 ) -> GrpcResult<pb::EraseViewerResponse> {
     let deadline = Some(api.deadline(&request));
-    let caller = api.caller(&request).await?;
+    let caller = api.credentials.caller(&request, &api.limiter).await?;
     let r = request.get_ref();
     let viewer_id = required("viewer_id", &r.viewer_id)?.to_owned();
     let instance = ids::parse("instance_id", &r.instance_id)?;

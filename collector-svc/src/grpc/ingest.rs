@@ -9,7 +9,7 @@ pub(super) async fn ingest(
     api: &CollectorApi,
     request: Request<pb::IngestRequest>,
 ) -> GrpcResult<pb::IngestResponse> {
-    let caller = api.caller(&request).await?;
+    let caller = api.credentials.caller(&request, &api.limiter).await?;
     let (org_id, instance_id) = CollectorApi::instance_of(&caller)?;
     let processed = api
         .ingest_batch(&org_id, &instance_id, request.into_inner().events)
@@ -28,7 +28,7 @@ pub(super) async fn ingest_stream(
     api: &CollectorApi,
     request: Request<Streaming<pb::IngestStreamRequest>>,
 ) -> GrpcResult<<CollectorApi as CollectorService>::IngestStreamStream> {
-    let caller = api.caller(&request).await?;
+    let caller = api.credentials.caller(&request, &api.limiter).await?;
     let (org_id, instance_id) = CollectorApi::instance_of(&caller)?;
     // The credential is checked again for every batch (from the cache), so a revoked one stops
     // the stream within the cache's lifetime.
@@ -119,7 +119,7 @@ pub(super) async fn preview_sample(
     api: &CollectorApi,
     request: Request<pb::PreviewSampleRequest>,
 ) -> GrpcResult<pb::PreviewSampleResponse> {
-    let caller = api.caller(&request).await?;
+    let caller = api.credentials.caller(&request, &api.limiter).await?;
     let r = request.into_inner();
     let scope = api
         .scope(caller, &r.org_id, &r.instance_id, true, false)

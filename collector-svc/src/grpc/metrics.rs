@@ -7,7 +7,7 @@ pub(super) async fn query_metrics(
     api: &CollectorApi,
     request: Request<pb::QueryMetricsRequest>,
 ) -> GrpcResult<pb::QueryMetricsResponse> {
-    let caller = api.caller(&request).await?;
+    let caller = api.credentials.caller(&request, &api.limiter).await?;
     let r = request.get_ref();
     let name = required("metric_name", &r.metric_name)?.to_owned();
     let (from, to) = required_range(r.range.as_ref(), MAX_RANGE_DAYS)?;

@@ -81,12 +81,6 @@ struct Scope {
 }
 
 impl CollectorApi {
-    async fn caller<T>(&self, request: &Request<T>) -> Result<Principal, Status> {
-        let principal = self.credentials.authenticate(request).await?;
-        self.limiter.check_caller(&principal)?;
-        Ok(principal)
-    }
-
     /// The caller's org and instance for an instance-credential call.
     fn instance_of(caller: &Principal) -> Result<(String, String), Status> {
         match caller {

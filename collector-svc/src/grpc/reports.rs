@@ -8,7 +8,7 @@ pub(super) async fn get_view_count(
     api: &CollectorApi,
     request: Request<pb::GetViewCountRequest>,
 ) -> GrpcResult<pb::GetViewCountResponse> {
-    let caller = api.caller(&request).await?;
+    let caller = api.credentials.caller(&request, &api.limiter).await?;
     let r = request.get_ref();
     let page_id = required("page_id", &r.page_id)?;
     let scope = api
@@ -40,7 +40,7 @@ pub(super) async fn get_page_report(
     api: &CollectorApi,
     request: Request<pb::GetPageReportRequest>,
 ) -> GrpcResult<pb::GetPageReportResponse> {
-    let caller = api.caller(&request).await?;
+    let caller = api.credentials.caller(&request, &api.limiter).await?;
     let r = request.get_ref();
     let page_id = required("page_id", &r.page_id)?.to_owned();
     let (from, to) = day_range(r.range.as_ref())?;
@@ -72,7 +72,7 @@ pub(super) async fn get_space_report(
     api: &CollectorApi,
     request: Request<pb::GetSpaceReportRequest>,
 ) -> GrpcResult<pb::GetSpaceReportResponse> {
-    let caller = api.caller(&request).await?;
+    let caller = api.credentials.caller(&request, &api.limiter).await?;
     let r = request.get_ref();
     let space_id = required("space_id", &r.space_id)?.to_owned();
     let (from, to) = day_range(r.range.as_ref())?;
@@ -120,7 +120,7 @@ pub(super) async fn get_global_report(
     api: &CollectorApi,
     request: Request<pb::GetGlobalReportRequest>,
 ) -> GrpcResult<pb::GetGlobalReportResponse> {
-    let caller = api.caller(&request).await?;
+    let caller = api.credentials.caller(&request, &api.limiter).await?;
     let r = request.get_ref();
     let (from, to) = day_range(r.range.as_ref())?;
     let offset = offset_token(&r.page_token)?;

@@ -185,7 +185,7 @@ pub(super) async fn get_receipt_key(
     api: &ConsentApi,
     request: Request<pb::GetReceiptKeyRequest>,
 ) -> GrpcResult<pb::GetReceiptKeyResponse> {
-    api.caller(&request).await?;
+    api.credentials.caller(&request, &api.limiter).await?;
     Ok(Response::new(pb::GetReceiptKeyResponse {
         public_key: api.signer.public_key().to_vec(),
         key_id: api.signer.key_id().to_owned(),
@@ -198,7 +198,7 @@ pub(super) async fn verify_receipt(
     api: &ConsentApi,
     request: Request<pb::VerifyReceiptRequest>,
 ) -> GrpcResult<pb::VerifyReceiptResponse> {
-    let caller = api.caller(&request).await?;
+    let caller = api.credentials.caller(&request, &api.limiter).await?;
     let receipt = request
         .get_ref()
         .receipt

@@ -122,19 +122,13 @@ impl ConsentApi {
         }
     }
 
-    async fn caller<T>(&self, request: &Request<T>) -> Result<Principal, Status> {
-        let principal = self.credentials.authenticate(request).await?;
-        self.limiter.check_caller(&principal)?;
-        Ok(principal)
-    }
-
     /// The caller, allowed to change `org_id`.
     async fn admin<T>(
         &self,
         request: &Request<T>,
         org_id: &str,
     ) -> Result<(Principal, String), Status> {
-        let caller = self.caller(request).await?;
+        let caller = self.credentials.caller(request, &self.limiter).await?;
         let org_id = domain::id("org_id", org_id)?;
         caller.require_admin_of(&org_id)?;
         self.directory.require_org(&org_id).await?;
@@ -148,7 +142,7 @@ impl ConsentApi {
         request: &Request<T>,
         org_id: &str,
     ) -> Result<(Principal, String), Status> {
-        let caller = self.caller(request).await?;
+        let caller = self.credentials.caller(request, &self.limiter).await?;
         let org_id = domain::id("org_id", org_id)?;
         caller.require_reader_of(&org_id)?;
         self.directory.require_org(&org_id).await?;

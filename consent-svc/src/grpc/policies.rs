@@ -8,7 +8,7 @@ pub(super) async fn get_policy(
     api: &ConsentApi,
     request: Request<pb::GetPolicyRequest>,
 ) -> GrpcResult<pb::GetPolicyResponse> {
-    let caller = api.caller(&request).await?;
+    let caller = api.credentials.caller(&request, &api.limiter).await?;
     let r = request.get_ref();
     let (org_id, instance_id) = api.policy_scope(&caller, &r.org_id, &r.instance_id).await?;
     let policy = api.policy(&org_id, instance_id.as_deref()).await?;
@@ -22,7 +22,7 @@ pub(super) async fn watch_policy(
     api: &ConsentApi,
     request: Request<pb::WatchPolicyRequest>,
 ) -> GrpcResult<<ConsentApi as ConsentService>::WatchPolicyStream> {
-    let caller = api.caller(&request).await?;
+    let caller = api.credentials.caller(&request, &api.limiter).await?;
     let r = request.get_ref();
     let every_org = r.org_id.is_empty()
         && r.instance_id.is_empty()

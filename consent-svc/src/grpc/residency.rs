@@ -20,7 +20,7 @@ pub(super) async fn request_residency_move(
     request: Request<pb::RequestResidencyMoveRequest>,
 ) -> GrpcResult<pb::RequestResidencyMoveResponse> {
     let deadline = Some(api.deadline(&request));
-    let caller = api.caller(&request).await?;
+    let caller = api.credentials.caller(&request, &api.limiter).await?;
     let r = request.get_ref();
     let org_id = domain::id("org_id", &r.org_id)?;
     let transition = domain::transition(r.transition)?;

@@ -117,12 +117,6 @@ struct Uploader {
 }
 
 impl InsightsApi {
-    async fn caller<T>(&self, request: &Request<T>) -> Result<Principal, Status> {
-        let principal = self.credentials.authenticate(request).await?;
-        self.limiter.check_caller(&principal)?;
-        Ok(principal)
-    }
-
     /// An admin's (or the operator's) read of one of the org's instances.
     async fn instance_read<T>(
         &self,
@@ -130,7 +124,7 @@ impl InsightsApi {
         org_id: &str,
         instance_id: &str,
     ) -> Result<(String, String), Status> {
-        let caller = self.caller(request).await?;
+        let caller = self.credentials.caller(request, &self.limiter).await?;
         let org_id = ids::parse("org_id", org_id)?;
         let instance_id = ids::parse("instance_id", instance_id)?;
         caller.require_admin_of(&org_id)?;

@@ -7,7 +7,7 @@ pub(super) async fn get_portfolio(
     api: &InsightsApi,
     request: Request<pb::GetPortfolioRequest>,
 ) -> GrpcResult<pb::GetPortfolioResponse> {
-    let caller = api.caller(&request).await?;
+    let caller = api.credentials.caller(&request, &api.limiter).await?;
     let r = request.get_ref();
     let org_id = ids::parse("org_id", &r.org_id)?;
     caller.require_admin_of(&org_id)?;

@@ -8,7 +8,7 @@ pub(super) async fn upload_assessment(
     api: &InsightsApi,
     request: Request<Streaming<pb::UploadAssessmentRequest>>,
 ) -> GrpcResult<pb::UploadAssessmentResponse> {
-    let caller = api.caller(&request).await?;
+    let caller = api.credentials.caller(&request, &api.limiter).await?;
     let mut stream = request.into_inner();
     let mut bytes = Vec::new();
     let (uploader, _, received) = api
@@ -70,7 +70,7 @@ pub(super) async fn upload_support_bundle(
     request: Request<Streaming<pb::UploadSupportBundleRequest>>,
 ) -> GrpcResult<pb::UploadSupportBundleResponse> {
     use std::io::Write;
-    let caller = api.caller(&request).await?;
+    let caller = api.credentials.caller(&request, &api.limiter).await?;
     let mut stream = request.into_inner();
     // The zip goes to a private temporary file next to where bundles are kept (0600).
     let incoming_dir = api.bundle_dirs.data_dir.join("bundles").join(".incoming");

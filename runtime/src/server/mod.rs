@@ -5,8 +5,8 @@
 //! Every server also serves `grpc.health.v1.Health` and reflection (v1 and v1alpha, with the health
 //! descriptors too, so `grpcurl` needs no proto files), applies a maximum call time (client
 //! deadlines are honoured below it), and answers oversized requests with RESOURCE_EXHAUSTED rather
-//! than tonic's OUT_OF_RANGE. The message-size limit itself is set by each service on the services
-//! it adds (`max_decoding_message_size`).
+//! than tonic's OUT_OF_RANGE. Every service added is limited to `limits.max_message_bytes` each way
+//! ([`SizeLimited`]).
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -53,6 +53,35 @@ pub enum ServerError {
 }
 
 const MAX_HEADER_LIST_BYTES: u32 = 256 * 1024;
+
+/// A generated gRPC server whose message size can be limited: tonic gives each generated server
+/// its own `max_decoding_message_size` / `max_encoding_message_size`, with no trait in common.
+pub trait SizeLimited {
+    fn with_max_message_bytes(self, max: usize) -> Self;
+}
+
+macro_rules! size_limited {
+    ($($server:path => $api:path),* $(,)?) => {
+        $(impl<T: $api> SizeLimited for $server {
+            fn with_max_message_bytes(self, max: usize) -> Self {
+                self.max_decoding_message_size(max).max_encoding_message_size(max)
+            }
+        })*
+    };
+}
+
+size_limited! {
+    sightline_proto::consent::v1::consent_service_server::ConsentServiceServer<T>
+        => sightline_proto::consent::v1::consent_service_server::ConsentService,
+    sightline_proto::linker::v1::linker_service_server::LinkerServiceServer<T>
+        => sightline_proto::linker::v1::linker_service_server::LinkerService,
+    sightline_proto::audit::v1::audit_service_server::AuditServiceServer<T>
+        => sightline_proto::audit::v1::audit_service_server::AuditService,
+    sightline_proto::collector::v1::collector_service_server::CollectorServiceServer<T>
+        => sightline_proto::collector::v1::collector_service_server::CollectorService,
+    sightline_proto::insights::v1::insights_service_server::InsightsServiceServer<T>
+        => sightline_proto::insights::v1::insights_service_server::InsightsService,
+}
 
 /// A bound, not yet running, gRPC server.
 pub struct GrpcServer {
@@ -201,17 +230,20 @@ impl GrpcServer {
             .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)))
     }
 
-    /// Adds a service and marks it SERVING in the health service, in one step.
+    /// Adds a service, limited to the server's `max_message_bytes` each way, and marks it SERVING
+    /// in the health service, in one step.
     pub async fn add_service<S>(&mut self, service: S) -> &mut Self
     where
         S: Service<http::Request<Body>, Response = http::Response<Body>, Error = Infallible>
             + NamedService
+            + SizeLimited
             + Clone
             + Send
             + Sync
             + 'static,
         S::Future: Send + 'static,
     {
+        let service = service.with_max_message_bytes(self.limits.max_message_bytes);
         self.health.set_serving::<S>().await;
         self.services.push(S::NAME);
         self.routes.add_service(service);
