@@ -187,20 +187,11 @@ pub struct Page {
     pub after: Option<String>,
 }
 
-/// A requested page size: 0 means the default, more than the maximum is refused.
-fn page_size(page_size: u32) -> Result<i64, LinkerError> {
-    match page_size {
-        0 => Ok(i64::from(DEFAULT_PAGE_SIZE)),
-        1..=MAX_PAGE_SIZE => Ok(i64::from(page_size)),
-        _ => Err(invalid(
-            "page_size",
-            format!("must be at most {MAX_PAGE_SIZE}"),
-        )),
-    }
-}
-
+/// A page: its size (0 means the default, more than the maximum is read as the maximum) and
+/// where it starts.
 pub fn page(page_size_requested: u32, page_token: &str) -> Result<Page, LinkerError> {
-    let size = page_size(page_size_requested)?;
+    let size =
+        sightline_runtime::paging::page_size(page_size_requested, DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE);
     let after = if page_token.is_empty() {
         None
     } else {
@@ -211,7 +202,8 @@ pub fn page(page_size_requested: u32, page_token: &str) -> Result<Page, LinkerEr
 
 /// The audit log pages by seq.
 pub fn seq_page(page_size_requested: u32, page_token: &str) -> Result<(i64, i64), LinkerError> {
-    let size = page_size(page_size_requested)?;
+    let size =
+        sightline_runtime::paging::page_size(page_size_requested, DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE);
     let after = if page_token.is_empty() {
         0
     } else {
@@ -329,7 +321,7 @@ mod tests {
     #[test]
     fn pages_are_bounded() {
         assert_eq!(page(0, "").unwrap().size, 100);
-        assert_eq!(field_of(page(5_000, "").unwrap_err()), "page_size");
+        assert_eq!(page(5_000, "").unwrap().size, 1_000);
         assert_eq!(field_of(page(10, "garbage").unwrap_err()), "page_token");
         assert_eq!(seq_page(10, "42").unwrap(), (10, 42));
         assert_eq!(field_of(seq_page(10, "-1").unwrap_err()), "page_token");

@@ -14,6 +14,7 @@ pub mod idempotency;
 pub mod ids;
 pub mod location;
 pub mod metrics;
+pub mod paging;
 pub mod policy_stream;
 pub mod pseudonym;
 pub mod ratelimit;

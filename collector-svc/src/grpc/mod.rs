@@ -218,13 +218,7 @@ fn day_range(range: Option<&common::TimeRange>) -> Result<(i64, i64), Status> {
     Ok((from, to))
 }
 
-fn page_size(requested: u32, default: u32, max: u32) -> i64 {
-    i64::from(if requested == 0 {
-        default
-    } else {
-        requested.min(max)
-    })
-}
+use sightline_runtime::paging::page_size;
 
 /// An offset page token (reports).
 fn offset_token(token: &str) -> Result<i64, Status> {

@@ -149,7 +149,7 @@ pub(super) async fn list_consent_history(
 ) -> GrpcResult<pb::ListConsentHistoryResponse> {
     let (_, org_id) = api.reader(&request, &request.get_ref().org_id).await?;
     let r = request.get_ref();
-    let size = page_size(r.page_size)?;
+    let size = page_size(r.page_size);
     let before = if r.page_token.is_empty() {
         None
     } else {

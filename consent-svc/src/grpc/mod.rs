@@ -570,15 +570,8 @@ fn owners(residency: &ResidencySettings, scope: pb::ResidencyScope) -> &[String]
     }
 }
 
-fn page_size(size: u32) -> Result<i64, ConsentError> {
-    match size {
-        0 => Ok(100),
-        1..=1_000 => Ok(i64::from(size)),
-        _ => Err(ConsentError::InvalidArgument {
-            field: "page_size",
-            reason: "must be at most 1000".into(),
-        }),
-    }
+fn page_size(size: u32) -> i64 {
+    sightline_runtime::paging::page_size(size, 100, 1_000)
 }
 
 #[tonic::async_trait]

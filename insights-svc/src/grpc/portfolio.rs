@@ -12,11 +12,13 @@ pub(super) async fn get_portfolio(
     let org_id = ids::parse("org_id", &r.org_id)?;
     caller.require_admin_of(&org_id)?;
     sightline_runtime::telemetry::note_ids(&org_id, None);
-    let page_size = if r.page_size == 0 {
-        100
-    } else {
-        r.page_size.min(MAX_PORTFOLIO_PAGE)
-    };
+    // At most MAX_PORTFOLIO_PAGE: the conversion cannot fail.
+    let page_size = u32::try_from(sightline_runtime::paging::page_size(
+        r.page_size,
+        100,
+        MAX_PORTFOLIO_PAGE,
+    ))
+    .unwrap_or(MAX_PORTFOLIO_PAGE);
     let mut list = Request::new(linker_pb::ListInstancesRequest {
         org_id: org_id.clone(),
         page_size,
