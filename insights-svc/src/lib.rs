@@ -9,13 +9,13 @@ pub mod enforce;
 pub mod error;
 pub mod grpc;
 pub mod health;
+pub mod locations;
 pub mod maintenance;
 pub mod policy_cache;
 pub mod readiness;
 pub mod rollups;
 pub mod rules;
 pub mod store;
-pub mod stores;
 pub mod trends;
 pub mod upload;
 
@@ -140,7 +140,7 @@ impl InsightsService {
         let collector =
             client::service_channel(&config.collector_url, config.tls.as_ref(), &config.limits)
                 .map_err(|e| StartError::Config(format!("collector: {e}")))?;
-        let stores = stores::stores(StoreUrls {
+        let stores = locations::stores(StoreUrls {
             service: "insights",
             locations: config.analysis.locations.clone(),
             shared: config.database_url.clone(),

@@ -512,6 +512,42 @@ pub mod staged_rows {
         Ok(removed.rows_affected() > 0)
     }
 
+    /// `applied_purges.applied_at` of a purge staged but not applied yet (its claim).
+    pub const PURGE_CLAIMED: i64 = -1;
+
+    /// Claims a purge as its change is staged (in the staging transaction): false when another
+    /// purger (another pass, another replica) holds it or applied it, so a purge is applied and
+    /// audited once. Applying the change turns the claim into the applied mark.
+    pub async fn claim_purge(
+        on: impl Executor,
+        purge_id: &str,
+        org_id: &str,
+    ) -> Result<bool, ChangeLogError> {
+        let claimed = sql::query(
+            "INSERT INTO applied_purges (purge_id, org_id, applied_at, counts)
+             VALUES ($1, $2, $3, '{}') ON CONFLICT (purge_id) DO NOTHING",
+        )
+        .bind(purge_id)
+        .bind(org_id)
+        .bind(PURGE_CLAIMED)
+        .execute(on)
+        .await
+        .map_err(db)?;
+        Ok(claimed.rows_affected() > 0)
+    }
+
+    /// Releases a purge's claim when its change is discarded (not applied): it may be claimed
+    /// again.
+    pub async fn release_purge(on: impl Executor, purge_id: &str) -> Result<(), ChangeLogError> {
+        sql::query("DELETE FROM applied_purges WHERE purge_id = $1 AND applied_at = $2")
+            .bind(purge_id)
+            .bind(PURGE_CLAIMED)
+            .execute(on)
+            .await
+            .map_err(db)?;
+        Ok(())
+    }
+
     /// Staged changes, oldest first: of one org, or of every org.
     pub async fn list(
         db_: &Database,

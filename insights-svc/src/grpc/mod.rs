@@ -29,11 +29,11 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::enforce::{self, FieldRules};
 use crate::health::HOUR_MS;
+use crate::locations::Stores;
 use crate::policy_cache::Policies;
 use crate::rollups::Rollups;
 use crate::rules::Rules;
 use crate::store::{InsightsStore, StoredAssessment, StoredBundle, StoredReadiness, subject_of};
-use crate::stores::Stores;
 use crate::trends;
 use crate::upload::{self, BundleLimits, Part, Tally, UploadMessage};
 

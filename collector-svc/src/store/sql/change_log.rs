@@ -10,21 +10,10 @@ impl ChangeLog for SqlStore {
         // A purge is claimed with its staging: a second purger (another pass, another
         // replica) cannot stage it, so it is applied and audited once. The claim goes with
         // a discarded change and becomes the applied mark when the change is applied.
-        if let Change::Purge { spec } = Change::decode(&change.payload)? {
-            let claimed = sql::query(
-                "INSERT INTO applied_purges (purge_id, org_id, applied_at, counts) VALUES ($1, $2,
-                    $3, '{}')
-                 ON CONFLICT (purge_id) DO NOTHING",
-            )
-            .bind(&spec.purge_id)
-            .bind(&spec.org_id)
-            .bind(PURGE_CLAIMED)
-            .execute(&mut tx)
-            .await
-            .map_err(db)?;
-            if claimed.rows_affected() == 0 {
-                return Err(ChangeLogError::Refused(PURGE_TAKEN.to_owned()));
-            }
+        if let Change::Purge { spec } = Change::decode(&change.payload)?
+            && !staged_rows::claim_purge(&mut tx, &spec.purge_id, &spec.org_id).await?
+        {
+            return Err(ChangeLogError::Refused(PURGE_TAKEN.to_owned()));
         }
         staged_rows::insert(&mut tx, change).await?;
         tx.commit().await.map_err(db)?;
@@ -61,12 +50,7 @@ impl ChangeLog for SqlStore {
             && let Ok(Change::Purge { spec }) = Change::decode(&payload)
         {
             // Not applied: the purge may be claimed again.
-            sql::query("DELETE FROM applied_purges WHERE purge_id = $1 AND applied_at = $2")
-                .bind(&spec.purge_id)
-                .bind(PURGE_CLAIMED)
-                .execute(&mut tx)
-                .await
-                .map_err(db)?;
+            staged_rows::release_purge(&mut tx, &spec.purge_id).await?;
         }
         staged_rows::delete(&mut tx, change_id).await?;
         tx.commit().await.map_err(db)?;

@@ -35,8 +35,6 @@ const SWEEP_CHUNK: i64 = 5_000;
 const SHARED_LOCK: &str = "SELECT pg_advisory_xact_lock_shared(hashtext($1))";
 const EXCLUSIVE_LOCK: &str = "SELECT pg_advisory_xact_lock(hashtext($1))";
 const KIND_TOMBSTONE: i64 = 0;
-/// `applied_purges.applied_at` of a purge staged but not applied yet (its claim).
-const PURGE_CLAIMED: i64 = -1;
 /// What staging a purge that another purger holds answers.
 pub const PURGE_TAKEN: &str = "the purge is already staged or applied";
 const KIND_METRIC: i64 = 2;

@@ -10,19 +10,9 @@ impl ChangeLog for SqlStore {
         // A purge is claimed with its staging, so it is applied and audited once however
         // many passes (or replicas) try; a discarded change releases the claim.
         let claimed = match Change::decode(&change.payload)? {
-            Change::Purge(spec) => Some(
-                sql::query(
-                    "INSERT INTO applied_purges (purge_id, org_id, applied_at, counts) VALUES ($1,
-                        $2, $3, '{}')
-                     ON CONFLICT (purge_id) DO NOTHING",
-                )
-                .bind(&spec.purge_id)
-                .bind(&spec.org_id)
-                .bind(PURGE_CLAIMED)
-                .execute(&mut tx)
-                .await
-                .map_err(db)?,
-            ),
+            Change::Purge(spec) => {
+                Some(staged_rows::claim_purge(&mut tx, &spec.purge_id, &spec.org_id).await?)
+            }
             Change::MoveInPlace {
                 move_id, org_id, ..
             }
@@ -38,11 +28,13 @@ impl ChangeLog for SqlStore {
                 .bind(change.staged_at_ms)
                 .execute(&mut tx)
                 .await
-                .map_err(db)?,
+                .map_err(db)?
+                .rows_affected()
+                    > 0,
             ),
             Change::Sweep { .. } => None,
         };
-        if claimed.is_some_and(|c| c.rows_affected() == 0) {
+        if claimed == Some(false) {
             return Err(ChangeLogError::Refused(TAKEN.to_owned()));
         }
         staged_rows::insert(&mut tx, change).await?;
@@ -116,12 +108,7 @@ impl ChangeLog for SqlStore {
         // Not applied: the purge or move may be claimed again.
         match payload.map(|(p,)| Change::decode(&p)) {
             Some(Ok(Change::Purge(spec))) => {
-                sql::query("DELETE FROM applied_purges WHERE purge_id = $1 AND applied_at = $2")
-                    .bind(&spec.purge_id)
-                    .bind(PURGE_CLAIMED)
-                    .execute(&mut tx)
-                    .await
-                    .map_err(db)?;
+                staged_rows::release_purge(&mut tx, &spec.purge_id).await?;
             }
             Some(Ok(Change::MoveInPlace { move_id, .. } | Change::MoveOut { move_id, .. })) => {
                 sql::query("DELETE FROM applied_moves WHERE move_id = $1")

@@ -17,8 +17,6 @@ mod change_log;
 mod moves;
 mod purges;
 
-/// `applied_at` of a purge claimed by a staged change that is not applied yet.
-const PURGE_CLAIMED: i64 = -1;
 const TAKEN: &str = "this purge or move is staged or applied already";
 
 fn db(error: sqlx::Error) -> ChangeLogError {
