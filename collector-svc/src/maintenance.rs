@@ -349,19 +349,17 @@ impl Maintenance {
             "scope".into(),
             spec.instance_id.clone().unwrap_or_else(|| "org".into()),
         );
-        let change = StagedChange {
-            change_id: uuid::Uuid::now_v7().to_string(),
-            org_id: spec.org_id.clone(),
-            entry: AuditEntry {
+        let change = StagedChange::new(
+            AuditEntry {
                 org_id: spec.org_id.clone(),
                 actor: "service:collector".into(),
                 action: "collector.purge_applied".into(),
                 target: spec.purge_id.clone(),
                 attributes,
             },
-            payload: Change::Purge { spec: spec.clone() }.encode(),
-            staged_at_ms: self.clock.now_ms(),
-        };
+            Change::Purge { spec: spec.clone() }.encode(),
+            self.clock.now_ms(),
+        );
         match self.auditor.commit(store, change, None).await {
             // Another pass or replica holds it: it is applied and audited once, by that one.
             Err(CommitError::Store(ChangeLogError::Refused(why))) if why == PURGE_TAKEN => {
@@ -396,19 +394,17 @@ impl Maintenance {
         let mut attributes = counts(&removed);
         attributes.insert("instance_id".into(), spec.instance_id.clone());
         attributes.insert("stores".into(), erased_store_name(store));
-        let change = StagedChange {
-            change_id: uuid::Uuid::now_v7().to_string(),
-            org_id: spec.org_id.clone(),
-            entry: AuditEntry {
+        let change = StagedChange::new(
+            AuditEntry {
                 org_id: spec.org_id.clone(),
                 actor,
                 action: "collector.viewer_erased".into(),
                 target: reference.clone(),
                 attributes,
             },
-            payload: Change::Erase(spec).encode(),
-            staged_at_ms: self.clock.now_ms(),
-        };
+            Change::Erase(spec).encode(),
+            self.clock.now_ms(),
+        );
         self.auditor.commit(store, change, deadline).await?;
         forget(store).await;
         Ok((removed, reference))
@@ -562,19 +558,17 @@ impl Maintenance {
             attributes.insert("from".into(), spec.from_location.clone());
             attributes.insert("to".into(), spec.to_location.clone());
             attributes.insert("in_place".into(), in_place.to_string());
-            let change = StagedChange {
-                change_id: uuid::Uuid::now_v7().to_string(),
-                org_id: org_id.to_owned(),
-                entry: AuditEntry {
+            let change = StagedChange::new(
+                AuditEntry {
                     org_id: org_id.to_owned(),
                     actor: "service:collector".into(),
                     action: "collector.residency_moved".into(),
                     target: data_move.move_id.clone(),
                     attributes,
                 },
-                payload: Change::MoveOut(spec).encode(),
-                staged_at_ms: self.clock.now_ms(),
-            };
+                Change::MoveOut(spec).encode(),
+                self.clock.now_ms(),
+            );
             self.auditor
                 .commit(from.store.as_ref(), change, None)
                 .await?;

@@ -515,19 +515,17 @@ impl Maintenance {
         .into_iter()
         .map(|(k, v)| (k.to_owned(), v.to_string()))
         .collect();
-        let staged = StagedChange {
-            change_id: uuid::Uuid::now_v7().to_string(),
-            org_id: org_id.to_owned(),
-            entry: AuditEntry {
+        let staged = StagedChange::new(
+            AuditEntry {
                 org_id: org_id.to_owned(),
                 actor: "service:insights".into(),
                 action: action.into(),
                 target: target.into(),
                 attributes,
             },
-            payload: change.encode(),
-            staged_at_ms: self.api.clock.now_ms(),
-        };
+            change.encode(),
+            self.api.clock.now_ms(),
+        );
         self.auditor.commit(store, staged, None).await?;
         Ok(())
     }

@@ -59,6 +59,19 @@ pub struct StagedChange {
     pub staged_at_ms: i64,
 }
 
+impl StagedChange {
+    /// A change to stage now (`staged_at_ms`), with a fresh id; its org is its entry's.
+    pub fn new(entry: AuditEntry, payload: String, staged_at_ms: i64) -> Self {
+        Self {
+            change_id: uuid::Uuid::now_v7().to_string(),
+            org_id: entry.org_id.clone(),
+            entry,
+            payload,
+            staged_at_ms,
+        }
+    }
+}
+
 /// A staged change as a store's `staged_changes` table holds it:
 /// (change_id, org_id, entry as JSON, payload, staged_at_ms).
 pub type StagedRow = (String, String, String, String, i64);

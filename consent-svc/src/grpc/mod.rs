@@ -380,13 +380,11 @@ impl ConsentApi {
         deadline: Option<std::time::Instant>,
     ) -> Result<(), ConsentError> {
         let org_id = entry.org_id.clone();
-        let staged = StagedChange {
-            change_id: uuid::Uuid::now_v7().to_string(),
-            org_id: org_id.clone(),
+        let staged = StagedChange::new(
             entry,
-            payload: StagedPayload { change, purge }.encode(),
-            staged_at_ms: self.clock.now_ms(),
-        };
+            StagedPayload { change, purge }.encode(),
+            self.clock.now_ms(),
+        );
         let api = self.clone();
         tokio::spawn(async move {
             let _guard = guard;
