@@ -75,9 +75,9 @@ pub enum StartError {
 
 impl CollectorConfig {
     pub fn from_settings(settings: &Settings) -> Result<Self, StartError> {
-        let service_token = settings.service_token.clone().ok_or_else(|| {
-            StartError::Config("collector-svc needs service_token (SIGHTLINE_SERVICE_TOKEN)".into())
-        })?;
+        let service_token = settings
+            .required_service_token("collector-svc")
+            .map_err(StartError::Config)?;
         let known = locations::all_locations();
         if let Some(unknown) = settings
             .collection
@@ -247,12 +247,7 @@ impl CollectorService {
 
     /// Serves until `shutdown`: follows the policy stream, runs rollups, purges and retention.
     pub async fn run_until_stopped(self, shutdown: CancellationToken) -> Result<(), StartError> {
-        let background = self.background.clone();
-        let watch = shutdown.clone();
-        tokio::spawn(async move {
-            watch.cancelled().await;
-            background.cancel();
-        });
+        sightline_runtime::server::stop_with(&shutdown, self.background.clone());
         tokio::spawn(sightline_runtime::policy_stream::follow(
             self.api.policies.clone(),
             self.consent.clone(),

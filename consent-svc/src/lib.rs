@@ -62,9 +62,9 @@ pub enum StartError {
 
 impl ConsentConfig {
     pub fn from_settings(settings: &Settings) -> Result<Self, StartError> {
-        let service_token = settings.service_token.clone().ok_or_else(|| {
-            StartError::Config("consent-svc needs service_token (SIGHTLINE_SERVICE_TOKEN)".into())
-        })?;
+        let service_token = settings
+            .required_service_token("consent-svc")
+            .map_err(StartError::Config)?;
         Ok(Self {
             listen: settings.consent.listen,
             database_url: settings.consent.database_url.clone().unwrap_or_else(|| {
@@ -167,12 +167,7 @@ impl ConsentService {
 
     /// Serves until `shutdown`; policy streams end then, so draining does not wait on watchers.
     pub async fn run_until_stopped(self, shutdown: CancellationToken) -> Result<(), StartError> {
-        let stop_watchers = self.stop_watchers.clone();
-        let watch = shutdown.clone();
-        tokio::spawn(async move {
-            watch.cancelled().await;
-            stop_watchers.cancel();
-        });
+        sightline_runtime::server::stop_with(&shutdown, self.stop_watchers.clone());
         self.server
             .follow_dependency(
                 self.linker.clone(),

@@ -76,9 +76,9 @@ pub enum StartError {
 
 impl InsightsConfig {
     pub fn from_settings(settings: &Settings) -> Result<Self, StartError> {
-        let service_token = settings.service_token.clone().ok_or_else(|| {
-            StartError::Config("insights-svc needs service_token (SIGHTLINE_SERVICE_TOKEN)".into())
-        })?;
+        let service_token = settings
+            .required_service_token("insights-svc")
+            .map_err(StartError::Config)?;
         let known = sightline_runtime::location::all_locations();
         if let Some(unknown) = settings
             .analysis

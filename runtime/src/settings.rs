@@ -210,6 +210,14 @@ impl Default for Settings {
 }
 
 impl Settings {
+    /// The service token `service` (e.g. "collector-svc") needs to call the others; the message
+    /// says how to set it when it is missing.
+    pub fn required_service_token(&self, service: &str) -> Result<Secret, String> {
+        self.service_token
+            .clone()
+            .ok_or_else(|| format!("{service} needs service_token (SIGHTLINE_SERVICE_TOKEN)"))
+    }
+
     /// Defaults, then `file` if given, then the environment.
     pub fn load(file: Option<&Path>) -> Result<Self, SettingsError> {
         let mut figment = Figment::new();

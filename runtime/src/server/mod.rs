@@ -463,6 +463,16 @@ impl AsyncWrite for Conn {
     }
 }
 
+/// The one shutdown pattern: `background` (what a service runs beside its server, made before
+/// the shutdown token is known) is cancelled when `shutdown` is.
+pub fn stop_with(shutdown: &CancellationToken, background: CancellationToken) {
+    let shutdown = shutdown.clone();
+    tokio::spawn(async move {
+        shutdown.cancelled().await;
+        background.cancel();
+    });
+}
+
 /// Asks a server's `grpc.health.v1.Health/Check` whether `service` ("" for the server as a whole)
 /// is SERVING; an error when it cannot be asked (not listening, TLS refused, timed out).
 pub async fn serving(
