@@ -10,7 +10,7 @@ use std::sync::Arc;
 use crate::error::CollectorError;
 use sightline_proto::collector::v1 as pb;
 use sightline_proto::consent::v1 as consent_pb;
-use sightline_runtime::policy_stream::{Fence, PolicyFollower, PolicyTable, Revisioned};
+use sightline_runtime::policy_stream::{PolicyTable, Revisioned, TableFollower};
 pub use sightline_runtime::pseudonym::PseudonymKeys;
 use tokio::sync::Notify;
 
@@ -18,7 +18,7 @@ use crate::enforce::Plan;
 use crate::fields::ClassTable;
 
 #[derive(Debug, Clone)]
-struct OrgEntry {
+pub struct OrgEntry {
     plan: Arc<Plan>,
     policy: Arc<consent_pb::Policy>,
     instances: HashMap<String, Arc<Plan>>,
@@ -140,7 +140,7 @@ impl Policies {
         Plan::compile(policy, self.classes.clone(), key, self.query_keys.clone())
     }
 
-    fn entry(&self, message: &consent_pb::WatchPolicyResponse) -> Option<(String, OrgEntry)> {
+    fn entry_of(&self, message: &consent_pb::WatchPolicyResponse) -> Option<(String, OrgEntry)> {
         let policy = message.policy.as_ref()?;
         let instances = message
             .instance_policies
@@ -158,29 +158,15 @@ impl Policies {
     }
 }
 
-impl PolicyFollower for Policies {
-    fn begin_snapshot(&self) {
-        self.table.begin_snapshot();
+impl TableFollower for Policies {
+    type Entry = OrgEntry;
+
+    fn table(&self) -> &PolicyTable<OrgEntry> {
+        &self.table
     }
 
-    fn apply(&self, message: &consent_pb::WatchPolicyResponse) {
-        self.table.apply(message, self.entry(message));
-    }
-
-    fn lose(&self) {
-        self.table.lose();
-    }
-
-    fn is_ready(&self) -> bool {
-        self.table.is_ready()
-    }
-
-    fn fence(&self) -> &Fence {
-        &self.table.fence
-    }
-
-    fn next_try_in(&self, wait: std::time::Duration) {
-        self.table.next_try_in(wait);
+    fn entry(&self, message: &consent_pb::WatchPolicyResponse) -> Option<(String, OrgEntry)> {
+        self.entry_of(message)
     }
 }
 

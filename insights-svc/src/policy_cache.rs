@@ -7,13 +7,13 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use sightline_proto::consent::v1 as consent_pb;
-use sightline_runtime::policy_stream::{Fence, Held, PolicyFollower, PolicyTable, Revisioned};
+use sightline_runtime::policy_stream::{Held, PolicyTable, Revisioned, TableFollower};
 use sightline_runtime::ratelimit::retry_after;
 use tokio::sync::Notify;
 use tonic::Status;
 
 #[derive(Debug, Clone)]
-struct OrgEntry {
+pub struct OrgEntry {
     policy: Arc<consent_pb::Policy>,
     instances: HashMap<String, Arc<consent_pb::Policy>>,
 }
@@ -101,7 +101,7 @@ impl Policies {
             .unwrap_or_default()
     }
 
-    fn entry(message: &consent_pb::WatchPolicyResponse) -> Option<(String, OrgEntry)> {
+    fn entry_of(message: &consent_pb::WatchPolicyResponse) -> Option<(String, OrgEntry)> {
         let policy = message.policy.as_ref()?;
         Some((
             policy.org_id.clone(),
@@ -117,28 +117,14 @@ impl Policies {
     }
 }
 
-impl PolicyFollower for Policies {
-    fn begin_snapshot(&self) {
-        self.table.begin_snapshot();
+impl TableFollower for Policies {
+    type Entry = OrgEntry;
+
+    fn table(&self) -> &PolicyTable<OrgEntry> {
+        &self.table
     }
 
-    fn apply(&self, message: &consent_pb::WatchPolicyResponse) {
-        self.table.apply(message, Self::entry(message));
-    }
-
-    fn lose(&self) {
-        self.table.lose();
-    }
-
-    fn is_ready(&self) -> bool {
-        self.table.is_ready()
-    }
-
-    fn fence(&self) -> &Fence {
-        &self.table.fence
-    }
-
-    fn next_try_in(&self, wait: std::time::Duration) {
-        self.table.next_try_in(wait);
+    fn entry(&self, message: &consent_pb::WatchPolicyResponse) -> Option<(String, OrgEntry)> {
+        Self::entry_of(message)
     }
 }

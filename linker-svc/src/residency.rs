@@ -22,7 +22,9 @@ use sightline_proto::consent::v1 as consent_pb;
 use sightline_runtime::location::{
     Located, StoreUrls, location_name, read_location, report_move_part,
 };
-use sightline_runtime::policy_stream::{Fence, Held, PolicyFollower, PolicyTable, Revisioned};
+use sightline_runtime::policy_stream::{
+    Held, PolicyFollower, PolicyTable, Revisioned, TableFollower,
+};
 use sightline_runtime::ratelimit::retry_after;
 use sightline_runtime::{Secret, SharedClock};
 use tokio_util::sync::CancellationToken;
@@ -37,7 +39,7 @@ pub const MOVE_OWNER: &str = "linker";
 
 /// An org's policy as linker-svc holds it: only where its data lives and whether it moves.
 #[derive(Debug, Clone)]
-struct OrgPolicy(Arc<consent_pb::Policy>);
+pub struct OrgPolicy(Arc<consent_pb::Policy>);
 
 impl Revisioned for OrgPolicy {
     fn revision(&self) -> u64 {
@@ -51,33 +53,18 @@ pub struct LocationPolicies {
     table: PolicyTable<OrgPolicy>,
 }
 
-impl PolicyFollower for LocationPolicies {
-    fn begin_snapshot(&self) {
-        self.table.begin_snapshot();
+impl TableFollower for LocationPolicies {
+    type Entry = OrgPolicy;
+
+    fn table(&self) -> &PolicyTable<OrgPolicy> {
+        &self.table
     }
 
-    fn apply(&self, message: &consent_pb::WatchPolicyResponse) {
-        let entry = message
+    fn entry(&self, message: &consent_pb::WatchPolicyResponse) -> Option<(String, OrgPolicy)> {
+        message
             .policy
             .as_ref()
-            .map(|p| (p.org_id.clone(), OrgPolicy(Arc::new(p.clone()))));
-        self.table.apply(message, entry);
-    }
-
-    fn lose(&self) {
-        self.table.lose();
-    }
-
-    fn is_ready(&self) -> bool {
-        self.table.is_ready()
-    }
-
-    fn fence(&self) -> &Fence {
-        &self.table.fence
-    }
-
-    fn next_try_in(&self, wait: Duration) {
-        self.table.next_try_in(wait);
+            .map(|p| (p.org_id.clone(), OrgPolicy(Arc::new(p.clone()))))
     }
 }
 

@@ -32,6 +32,41 @@ pub trait PolicyFollower: Send + Sync {
     fn next_try_in(&self, wait: Duration);
 }
 
+/// A follower that keeps the policies in a [`PolicyTable`]: it says where its table is and what
+/// entry a message makes; the rest of [`PolicyFollower`] is the table's.
+pub trait TableFollower: Send + Sync {
+    type Entry: Revisioned + Send + Sync;
+    fn table(&self) -> &PolicyTable<Self::Entry>;
+    /// The org and its entry a message carries (None for a message that carries no policy).
+    fn entry(&self, message: &consent_pb::WatchPolicyResponse) -> Option<(String, Self::Entry)>;
+}
+
+impl<T: TableFollower> PolicyFollower for T {
+    fn begin_snapshot(&self) {
+        self.table().begin_snapshot();
+    }
+
+    fn apply(&self, message: &consent_pb::WatchPolicyResponse) {
+        self.table().apply(message, self.entry(message));
+    }
+
+    fn lose(&self) {
+        self.table().lose();
+    }
+
+    fn is_ready(&self) -> bool {
+        self.table().is_ready()
+    }
+
+    fn fence(&self) -> &Fence {
+        &self.table().fence
+    }
+
+    fn next_try_in(&self, wait: Duration) {
+        self.table().next_try_in(wait);
+    }
+}
+
 /// Orders an enforcement point's commits against the policy changes it applies. A commit holds the
 /// fence ([`Fence::enter`]) from the moment it checks the policy revision its rows were enforced
 /// under until its caller has the answer; a change is applied under [`Fence::close`], which waits
