@@ -18,6 +18,7 @@ pub mod sketch;
 pub mod store;
 pub mod writer;
 
+use sightline_runtime::policy_stream::TableFollower as _;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;

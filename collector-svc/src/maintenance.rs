@@ -2,6 +2,7 @@
 //! sweeps, and erasures. Purges and erasures are audited changes: counted, staged, recorded in the
 //! org's audit log, then applied (`runtime::audited`).
 
+use sightline_runtime::policy_stream::{PolicyFollower as _, TableFollower as _};
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;

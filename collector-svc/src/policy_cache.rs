@@ -10,9 +10,10 @@ use std::sync::Arc;
 use crate::error::CollectorError;
 use sightline_proto::collector::v1 as pb;
 use sightline_proto::consent::v1 as consent_pb;
-use sightline_runtime::policy_stream::{PolicyTable, Revisioned, TableFollower};
+use sightline_runtime::policy_stream::{
+    PolicyFollower as _, PolicyTable, Revisioned, TableFollower,
+};
 pub use sightline_runtime::pseudonym::PseudonymKeys;
-use tokio::sync::Notify;
 
 use crate::enforce::Plan;
 use crate::fields::ClassTable;
@@ -78,20 +79,6 @@ impl Policies {
     /// Accepted acks handed on under an outdated revision since the start (always 0).
     pub fn fence_breaches(&self) -> u64 {
         self.breaches.load(std::sync::atomic::Ordering::Relaxed)
-    }
-
-    pub fn is_ready(&self) -> bool {
-        self.table.is_ready()
-    }
-
-    /// Whether a complete snapshot is held, as it changes (health follows it).
-    pub fn readiness(&self) -> tokio::sync::watch::Receiver<bool> {
-        self.table.readiness()
-    }
-
-    /// Woken on every change, for the purge applier.
-    pub fn changed(&self) -> &Notify {
-        &self.table.changed
     }
 
     /// The plan for one instance of an org: its override's policy, else the org's; an org consent-svc

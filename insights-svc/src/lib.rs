@@ -19,6 +19,7 @@ pub mod store;
 pub mod trends;
 pub mod upload;
 
+use sightline_runtime::policy_stream::TableFollower as _;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;

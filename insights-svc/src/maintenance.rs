@@ -3,6 +3,7 @@
 //! change (its entry in the org's audit log with the counts, applied exactly when the entry is
 //! there), and support-bundle files with no record removed.
 
+use sightline_runtime::policy_stream::{PolicyFollower as _, TableFollower as _};
 use std::collections::HashSet;
 use std::time::Duration;
 

@@ -7,9 +7,10 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use sightline_proto::consent::v1 as consent_pb;
-use sightline_runtime::policy_stream::{Held, PolicyTable, Revisioned, TableFollower};
+use sightline_runtime::policy_stream::{
+    Held, PolicyFollower as _, PolicyTable, Revisioned, TableFollower,
+};
 use sightline_runtime::ratelimit::retry_after;
-use tokio::sync::Notify;
 use tonic::Status;
 
 #[derive(Debug, Clone)]
@@ -30,20 +31,6 @@ pub struct Policies {
 }
 
 impl Policies {
-    pub fn is_ready(&self) -> bool {
-        self.table.is_ready()
-    }
-
-    /// Whether a complete snapshot is held, as it changes (health follows it).
-    pub fn readiness(&self) -> tokio::sync::watch::Receiver<bool> {
-        self.table.readiness()
-    }
-
-    /// Woken on every change (the purge applier waits on it).
-    pub fn changed(&self) -> &Notify {
-        &self.table.changed
-    }
-
     /// The effective policy of an instance (its override's, else its org's); for an org consent-svc
     /// never mentioned, None (nothing is allowed).
     pub fn policy(

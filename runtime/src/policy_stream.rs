@@ -39,6 +39,16 @@ pub trait TableFollower: Send + Sync {
     fn table(&self) -> &PolicyTable<Self::Entry>;
     /// The org and its entry a message carries (None for a message that carries no policy).
     fn entry(&self, message: &consent_pb::WatchPolicyResponse) -> Option<(String, Self::Entry)>;
+
+    /// Whether a complete snapshot is held, as it changes (health follows it).
+    fn readiness(&self) -> tokio::sync::watch::Receiver<bool> {
+        self.table().readiness()
+    }
+
+    /// Woken on every change (the purge appliers wait on it).
+    fn changed(&self) -> &tokio::sync::Notify {
+        &self.table().changed
+    }
 }
 
 impl<T: TableFollower> PolicyFollower for T {

@@ -17,6 +17,7 @@ use linker_svc::{Linker, LinkerConfig};
 use sightline_proto::audit::v1::audit_service_client::AuditServiceClient;
 use sightline_proto::consent::v1::consent_service_client::ConsentServiceClient;
 use sightline_proto::linker::v1::linker_service_client::LinkerServiceClient;
+use sightline_runtime::policy_stream::PolicyFollower as _;
 use sightline_runtime::settings::{Limits, TlsSettings};
 use sightline_runtime::token::{self, TokenKind};
 use sightline_runtime::{ManualClock, Secret};

@@ -7,6 +7,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+use sightline_runtime::policy_stream::PolicyFollower as _;
 use std::time::{Duration, Instant};
 
 use sightline_proto::collector::v1::{self as pb, DropReason};

@@ -5,6 +5,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+use sightline_runtime::policy_stream::PolicyFollower as _;
 use std::io::{Read, Write};
 
 use sightline_proto::common::v1::{DataClass, SharingLevel, UsageLevel};

@@ -2,6 +2,7 @@
 //! sharing level, noised and charged against its privacy budget.
 
 use super::*;
+use sightline_runtime::policy_stream::PolicyFollower as _;
 
 #[tracing::instrument(skip_all)]
 pub(super) async fn get_contributed_aggregates(
