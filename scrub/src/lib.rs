@@ -157,24 +157,39 @@ fn treat_at<'a>(
             }
         }
     }
-    let runs = opaque_spans(&work);
-    if !runs.is_empty() {
-        work = Cow::Owned(opaque_runs(&work, runs, secrets, rules, depth, found));
+    // What is plainly there goes first: an opaque run inside it (a host label that reads as
+    // base64) must not hide the rest of it from the search.
+    if let Some(marked) = mark_found(&work, secrets, found) {
+        work = Cow::Owned(marked);
     }
-    let spans = find::find(&work, secrets);
-    if spans.is_empty() {
+    let runs = opaque_spans(&work);
+    if runs.is_empty() {
         return work;
     }
-    let mut out = String::with_capacity(work.len());
+    work = Cow::Owned(opaque_runs(&work, runs, secrets, rules, depth, found));
+    // What the runs' replacements put side by side is looked at once more.
+    if let Some(marked) = mark_found(&work, secrets, found) {
+        work = Cow::Owned(marked);
+    }
+    work
+}
+
+/// `text` with the personal data it holds replaced by markers (None when it holds none).
+fn mark_found(text: &str, secrets: &Secrets, found: &mut Vec<Finding>) -> Option<String> {
+    let spans = find::find(text, secrets);
+    if spans.is_empty() {
+        return None;
+    }
+    let mut out = String::with_capacity(text.len());
     let mut at = 0;
     for span in spans {
-        out.push_str(&work[at..span.start]);
+        out.push_str(&text[at..span.start]);
         out.push_str(span.finding.marker());
         found.push(span.finding);
         at = span.end;
     }
-    out.push_str(&work[at..]);
-    Cow::Owned(out)
+    out.push_str(&text[at..]);
+    Some(out)
 }
 
 /// `text` with each of `spans` (sorted, apart) replaced by what `with` makes of it.

@@ -192,6 +192,23 @@ fn ids_with_personal_data_are_recognised() {
     );
 }
 
+/// Found by the door's generator: a host label that reads as base64 ("w4zhhost") was replaced as
+/// an opaque run first, at the depth where runs are no longer read, and what was left
+/// ("zqaa00a@[opaque].example") was no e-mail address any more: its local part got through.
+#[test]
+fn an_email_whose_host_reads_as_base64_is_found_at_every_depth() {
+    let email = "zqaa00a@w4zhhost.example";
+    let mut text = email.to_owned();
+    for _ in 0..MAX_OPAQUE_DEPTH + 1 {
+        assert!(!scrubbed(&text).contains("zqaa00a"), "{text}");
+        let json = format!("{{\"u\":\"{}\",\"n\":1}}", text.replace('"', "\\\""));
+        text = base64::Engine::encode(&base64::engine::general_purpose::STANDARD, json);
+    }
+    let (out, found) = scrub(&format!("request from {text} served"), &Secrets::default()).unwrap();
+    assert!(!out.contains("zqaa00a"), "{out}");
+    assert!(!found.is_empty());
+}
+
 proptest::proptest! {
     #[test]
     fn scrubbing_never_panics_and_leaves_no_email(prefix in "\\PC{0,40}", suffix in "\\PC{0,40}") {
