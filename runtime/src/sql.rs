@@ -37,9 +37,7 @@ impl Database {
             Database::Postgres(pool) => Tx::Postgres(pool.begin().await?),
         })
     }
-}
 
-impl Database {
     /// Begins a read-only transaction whose statements all see one snapshot (SQLite: a deferred
     /// transaction in WAL mode; PostgreSQL: REPEATABLE READ). For a read made of several
     /// statements that a concurrent writer must not fall between.

@@ -176,7 +176,7 @@ pub struct Sample {
 }
 
 /// An hourly rollup.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, sqlx::FromRow)]
 pub struct Rollup {
     pub instance_id: String,
     pub name: String,

@@ -50,23 +50,7 @@ pub(super) async fn rollups(
     limit: i64,
 ) -> StoreResult<Vec<Rollup>> {
     let (at, tags) = after.unwrap_or((i64::MIN, String::new()));
-    type R = (
-        String,
-        String,
-        String,
-        i64,
-        String,
-        String,
-        i64,
-        f64,
-        f64,
-        f64,
-        f64,
-        f64,
-        i64,
-        i64,
-    );
-    let rows: Vec<R> = sql::query(
+    Ok(sql::query(
         "SELECT instance_id, name, tags, hour, org_id, unit, count, min, max, sum, p50, p95,
                 consent_version, policy_revision
              FROM rollups WHERE instance_id = $1 AND name = $2 AND hour >= $3 AND hour < $4
@@ -81,43 +65,7 @@ pub(super) async fn rollups(
     .bind(tags)
     .bind(limit)
     .fetch_all(&store.db)
-    .await?;
-    Ok(rows
-        .into_iter()
-        .map(
-            |(
-                instance_id,
-                name,
-                tags,
-                hour,
-                org_id,
-                unit,
-                count,
-                min,
-                max,
-                sum,
-                p50,
-                p95,
-                consent_version,
-                policy_revision,
-            )| Rollup {
-                instance_id,
-                name,
-                tags,
-                hour,
-                org_id,
-                unit,
-                count,
-                min,
-                max,
-                sum,
-                p50,
-                p95,
-                consent_version,
-                policy_revision,
-            },
-        )
-        .collect())
+    .await?)
 }
 
 pub(super) async fn take_dirty_hours(
