@@ -163,19 +163,6 @@ pub fn org_values(
         .collect()
 }
 
-fn quantile(sorted: &[f64], q: f64) -> f64 {
-    if sorted.is_empty() {
-        return 0.0;
-    }
-    #[allow(
-        clippy::cast_possible_truncation,
-        clippy::cast_sign_loss,
-        clippy::cast_precision_loss
-    )]
-    let rank = ((q * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len());
-    sorted[rank - 1]
-}
-
 /// Laplace noise of scale `b`.
 fn laplace(b: f64) -> f64 {
     let u: f64 = rand::random::<f64>() - 0.5;
@@ -268,8 +255,8 @@ pub fn combine(
                     Some((
                         n,
                         mean,
-                        quantile(&values, 0.5),
-                        quantile(&values, 0.95),
+                        crate::maintenance::quantile(&values, 0.5),
+                        crate::maintenance::quantile(&values, 0.95),
                         0.0,
                     ))
                 }

@@ -30,13 +30,12 @@ use sightline_runtime::auth::CredentialClient;
 use sightline_runtime::client;
 use sightline_runtime::directory::Directory;
 use sightline_runtime::ratelimit::RateLimiter;
-use sightline_runtime::server::{GrpcServer, ServerError};
+use sightline_runtime::server::GrpcServer;
 use sightline_runtime::settings::{CollectionSettings, Limits, TlsSettings};
-use sightline_runtime::storage::StorageError;
 use sightline_runtime::{Secret, Settings, SharedClock};
 use tokio_util::sync::CancellationToken;
 
-use crate::fields::{ClassTable, FieldsError};
+use crate::fields::ClassTable;
 use crate::grpc::CollectorApi;
 use crate::locations::StoreUrls;
 use crate::maintenance::{Maintenance, Schedules};
@@ -62,35 +61,18 @@ pub struct CollectorConfig {
     pub discard: bool,
 }
 
-#[derive(Debug, thiserror::Error)]
-pub enum StartError {
-    #[error(transparent)]
-    Storage(#[from] StorageError),
-    #[error(transparent)]
-    Server(#[from] ServerError),
-    #[error(transparent)]
-    Contract(#[from] FieldsError),
-    #[error("{0}")]
-    Config(String),
-}
+pub use sightline_runtime::server::StartError;
 
 impl CollectorConfig {
     pub fn from_settings(settings: &Settings) -> Result<Self, StartError> {
         let service_token = settings
             .required_service_token("collector-svc")
             .map_err(StartError::Config)?;
-        let known = locations::all_locations();
-        if let Some(unknown) = settings
-            .collection
-            .locations
-            .keys()
-            .find(|l| !known.contains(l))
-        {
-            return Err(StartError::Config(format!(
-                "collection.locations: unknown location {unknown:?} (known: {})",
-                known.join(", ")
-            )));
-        }
+        sightline_runtime::location::check_known(
+            "collection.locations",
+            settings.collection.locations.keys(),
+        )
+        .map_err(StartError::Config)?;
         Ok(Self {
             listen: settings.collector.listen,
             database_url: settings.collector.database_url.clone(),
@@ -130,7 +112,8 @@ const DEPENDENCY_CHECK_EVERY: Duration = Duration::from_secs(1);
 impl CollectorService {
     pub async fn build(config: CollectorConfig) -> Result<Self, StartError> {
         config.limits.check().map_err(StartError::Config)?;
-        let classes = Arc::new(ClassTable::from_contract()?);
+        let classes =
+            Arc::new(ClassTable::from_contract().map_err(|e| StartError::Config(e.to_string()))?);
         let linker =
             client::service_channel(&config.linker_url, config.tls.as_ref(), &config.limits)
                 .map_err(|e| StartError::Config(format!("linker: {e}")))?;

@@ -25,7 +25,7 @@ use crate::store::{
 use sightline_runtime::time::HOUR_MS;
 
 /// The value at quantile `q` of sorted `values` (nearest rank).
-fn quantile(sorted: &[f64], q: f64) -> f64 {
+pub(crate) fn quantile(sorted: &[f64], q: f64) -> f64 {
     if sorted.is_empty() {
         return 0.0;
     }

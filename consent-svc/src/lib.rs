@@ -21,14 +21,14 @@ use sightline_runtime::auth::CredentialClient;
 use sightline_runtime::client;
 use sightline_runtime::directory::Directory;
 use sightline_runtime::ratelimit::RateLimiter;
-use sightline_runtime::server::{GrpcServer, ServerError};
+use sightline_runtime::server::GrpcServer;
 use sightline_runtime::settings::{Limits, TlsSettings};
-use sightline_runtime::storage::{self, StorageError};
+use sightline_runtime::storage;
 use sightline_runtime::{Secret, Settings, SharedClock};
 use tokio_util::sync::CancellationToken;
 
 use crate::grpc::{ApiOptions, ConsentApi};
-use crate::receipt::{KeyError, ReceiptSigner};
+use crate::receipt::ReceiptSigner;
 
 /// Everything consent-svc needs to start.
 #[derive(Debug, Clone)]
@@ -48,17 +48,7 @@ pub struct ConsentConfig {
     pub metrics_listen: Option<SocketAddr>,
 }
 
-#[derive(Debug, thiserror::Error)]
-pub enum StartError {
-    #[error(transparent)]
-    Storage(#[from] StorageError),
-    #[error(transparent)]
-    Server(#[from] ServerError),
-    #[error(transparent)]
-    Key(#[from] KeyError),
-    #[error("{0}")]
-    Config(String),
-}
+pub use sightline_runtime::server::StartError;
 
 impl ConsentConfig {
     pub fn from_settings(settings: &Settings) -> Result<Self, StartError> {
@@ -108,7 +98,10 @@ impl ConsentService {
     pub async fn build(config: ConsentConfig) -> Result<Self, StartError> {
         config.limits.check().map_err(StartError::Config)?;
         let store = store::open(config.database_url.expose()).await?;
-        let signer = Arc::new(ReceiptSigner::load_or_create(&config.receipt_key_path)?);
+        let signer = Arc::new(
+            ReceiptSigner::load_or_create(&config.receipt_key_path)
+                .map_err(|e| StartError::Config(e.to_string()))?,
+        );
         // Lazy: consent-svc starts before linker-svc answers, and reconnects when it comes back.
         let linker =
             client::service_channel(&config.linker_url, config.tls.as_ref(), &config.limits)

@@ -25,6 +25,22 @@ pub struct Hour {
     pub p95: f64,
 }
 
+#[cfg(test)]
+impl Hour {
+    /// An hour of 30 samples all at `value` (the tests' fixtures).
+    pub fn steady(hour_ms: i64, value: f64) -> Self {
+        Hour {
+            hour_ms,
+            count: 30,
+            min: value,
+            max: value,
+            sum: value * 30.0,
+            p50: value,
+            p95: value,
+        }
+    }
+}
+
 /// The rollups of the rules' metrics, by metric name (every tag set together).
 pub type Series = HashMap<String, Vec<Hour>>;
 
@@ -147,15 +163,7 @@ pub(crate) mod tests {
     pub(crate) fn flat(value: f64, hours: i64) -> Vec<Hour> {
         let current = NOW.div_euclid(HOUR_MS) * HOUR_MS;
         (0..hours)
-            .map(|i| Hour {
-                hour_ms: current - i * HOUR_MS,
-                count: 30,
-                min: value,
-                max: value,
-                sum: value * 30.0,
-                p50: value,
-                p95: value,
-            })
+            .map(|i| Hour::steady(current - i * HOUR_MS, value))
             .collect()
     }
 

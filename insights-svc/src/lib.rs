@@ -33,9 +33,8 @@ use sightline_runtime::directory::Directory;
 use sightline_runtime::location::StoreUrls;
 use sightline_runtime::pseudonym::PseudonymKeys;
 use sightline_runtime::ratelimit::RateLimiter;
-use sightline_runtime::server::{GrpcServer, ServerError};
+use sightline_runtime::server::GrpcServer;
 use sightline_runtime::settings::{AnalysisSettings, Limits, TlsSettings};
-use sightline_runtime::storage::StorageError;
 use sightline_runtime::{Secret, Settings, SharedClock};
 use tokio_util::sync::CancellationToken;
 
@@ -43,7 +42,7 @@ use crate::grpc::{BundleDirs, InsightsApi, UploadLimits};
 use crate::maintenance::{Maintenance, Schedules};
 use crate::policy_cache::Policies;
 use crate::rollups::Rollups;
-use crate::rules::{Rules, RulesError};
+use crate::rules::Rules;
 use crate::upload::BundleLimits;
 
 /// Everything insights-svc needs to start.
@@ -63,35 +62,18 @@ pub struct InsightsConfig {
     pub metrics_listen: Option<SocketAddr>,
 }
 
-#[derive(Debug, thiserror::Error)]
-pub enum StartError {
-    #[error(transparent)]
-    Storage(#[from] StorageError),
-    #[error(transparent)]
-    Server(#[from] ServerError),
-    #[error(transparent)]
-    Rules(#[from] RulesError),
-    #[error("{0}")]
-    Config(String),
-}
+pub use sightline_runtime::server::StartError;
 
 impl InsightsConfig {
     pub fn from_settings(settings: &Settings) -> Result<Self, StartError> {
         let service_token = settings
             .required_service_token("insights-svc")
             .map_err(StartError::Config)?;
-        let known = sightline_runtime::location::all_locations();
-        if let Some(unknown) = settings
-            .analysis
-            .bundle_dirs
-            .keys()
-            .find(|l| !known.contains(l))
-        {
-            return Err(StartError::Config(format!(
-                "analysis.bundle_dirs: unknown location {unknown:?} (known: {})",
-                known.join(", ")
-            )));
-        }
+        sightline_runtime::location::check_known(
+            "analysis.bundle_dirs",
+            settings.analysis.bundle_dirs.keys(),
+        )
+        .map_err(StartError::Config)?;
         Ok(Self {
             listen: settings.insights.listen,
             database_url: settings.insights.database_url.clone(),
@@ -131,7 +113,10 @@ impl InsightsService {
     pub async fn build(config: InsightsConfig) -> Result<Self, StartError> {
         config.limits.check().map_err(StartError::Config)?;
         // A bad rules file stops the start, naming the rule and the field.
-        let rules = Arc::new(Rules::load(config.analysis.rules_file.as_deref())?);
+        let rules = Arc::new(
+            Rules::load(config.analysis.rules_file.as_deref())
+                .map_err(|e| StartError::Config(e.to_string()))?,
+        );
         let linker =
             client::service_channel(&config.linker_url, config.tls.as_ref(), &config.limits)
                 .map_err(|e| StartError::Config(format!("linker: {e}")))?;

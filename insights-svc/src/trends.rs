@@ -108,15 +108,7 @@ mod tests {
                 state ^= state << 17;
                 let jitter = ((state % 10_000) as f64 / 10_000.0 - 0.5) * 2.0 * noise;
                 let value = f(i as f64) + jitter;
-                Hour {
-                    hour_ms: i * HOUR_MS,
-                    count: 30,
-                    min: value,
-                    max: value,
-                    sum: value * 30.0,
-                    p50: value,
-                    p95: value,
-                }
+                Hour::steady(i * HOUR_MS, value)
             })
             .collect()
     }

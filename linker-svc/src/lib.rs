@@ -22,9 +22,9 @@ use sightline_proto::audit::v1::audit_service_server::AuditServiceServer;
 use sightline_proto::linker::v1::linker_service_server::LinkerServiceServer;
 use sightline_runtime::location::StoreUrls;
 use sightline_runtime::secret_file;
-use sightline_runtime::server::{GrpcServer, ServerError};
+use sightline_runtime::server::GrpcServer;
 use sightline_runtime::settings::{Limits, TlsSettings};
-use sightline_runtime::storage::{self, StorageError};
+use sightline_runtime::storage;
 use sightline_runtime::token::TokenKind;
 use sightline_runtime::{Secret, Settings, SharedClock};
 use tokio_util::sync::CancellationToken;
@@ -56,20 +56,7 @@ pub struct LinkerConfig {
     pub data_dir: std::path::PathBuf,
 }
 
-#[derive(Debug, thiserror::Error)]
-pub enum StartError {
-    #[error(transparent)]
-    Storage(#[from] StorageError),
-    #[error(transparent)]
-    Server(#[from] ServerError),
-    #[error("operator token file {path}: {source}")]
-    OperatorToken {
-        path: String,
-        source: std::io::Error,
-    },
-    #[error("{0}")]
-    Config(String),
-}
+pub use sightline_runtime::server::StartError;
 
 impl LinkerConfig {
     /// The configuration `settings` describe, with the operator token from the data directory.
@@ -102,10 +89,10 @@ impl LinkerConfig {
 pub fn ensure_operator_token(data_dir: &Path) -> Result<(Secret, bool), StartError> {
     let path = data_dir.join("operator.token");
     secret_file::read_or_create_token(&path, TokenKind::Operator).map_err(|source| {
-        StartError::OperatorToken {
-            path: path.display().to_string(),
+        StartError::config(
+            format_args!("operator token file {}", path.display()),
             source,
-        }
+        )
     })
 }
 

@@ -31,6 +31,21 @@ pub fn all_locations() -> Vec<String> {
         .collect()
 }
 
+/// The first of `named` that is not a known location, told as the setting `field`'s error.
+pub fn check_known<'a>(
+    field: &str,
+    named: impl IntoIterator<Item = &'a String>,
+) -> Result<(), String> {
+    let known = all_locations();
+    match named.into_iter().find(|l| !known.contains(l)) {
+        Some(unknown) => Err(format!(
+            "{field}: unknown location {unknown:?} (known: {})",
+            known.join(", ")
+        )),
+        None => Ok(()),
+    }
+}
+
 /// Where each location's store of a service lives (SPEC E10): a named URL, else the one shared
 /// database, else a SQLite file per location in the data directory (`<service>-<location>`).
 #[derive(Debug, Clone)]

@@ -10,6 +10,18 @@ pub fn postgres_base_url() -> String {
 }
 
 /// Creates an empty schema and returns a URL that puts it first on the search path.
+/// A fresh PostgreSQL schema's URL when `postgres`, else None (the embedded SQLite default).
+/// Panics when PostgreSQL cannot be reached: a test or benchmark that asked for it cannot run.
+pub async fn postgres_url_if(postgres: bool) -> Option<String> {
+    if !postgres {
+        return None;
+    }
+    match fresh_postgres_url().await {
+        Ok(url) => Some(url),
+        Err(e) => panic!("PostgreSQL for the test: {e}"),
+    }
+}
+
 pub async fn fresh_postgres_url() -> Result<String, sqlx::Error> {
     let base = postgres_base_url();
     let schema = format!("t_{}", uuid::Uuid::now_v7().simple());

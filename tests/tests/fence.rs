@@ -50,17 +50,7 @@ fn short_lease() -> Limits {
 /// until it is refused. No ack that says accepted may be handed on once the new revision is
 /// applied: every commit checked under the old one answers before it is (the fence).
 async fn opt_out_is_a_fence(postgres: bool) {
-    let url = async || {
-        if postgres {
-            Some(
-                sightline_runtime::testing::fresh_postgres_url()
-                    .await
-                    .unwrap(),
-            )
-        } else {
-            None
-        }
-    };
+    let url = async || sightline_runtime::testing::postgres_url_if(postgres).await;
     let linker = TestLinker::start(LinkerOptions {
         quiet: true,
         limits: roomy(),

@@ -33,21 +33,17 @@ pub(super) async fn query_metrics(
     let mut next = String::new();
     // Tags are filtered after reading: read on until the page is full or the range is done.
     loop {
-        match resolution {
-            pb::Resolution::Hourly => {
-                let rows = opened
-                    .store
-                    .rollups(&instance, &name, from, to, after.clone(), limit)
-                    .await?;
-                let exhausted = i64::try_from(rows.len()).unwrap_or(0) < limit;
-                for row in rows {
-                    after = Some((row.hour, row.tags.clone()));
+        // Each row read: where the cursor moves to, and its point if its tags match.
+        let read: Vec<((i64, String), Option<pb::MetricPoint>)> = match resolution {
+            pb::Resolution::Hourly => opened
+                .store
+                .rollups(&instance, &name, from, to, after.clone(), limit)
+                .await?
+                .into_iter()
+                .map(|row| {
                     let tags: HashMap<String, String> =
                         serde_json::from_str(&row.tags).unwrap_or_default();
-                    if !matches(&tags) {
-                        continue;
-                    }
-                    points.push(pb::MetricPoint {
+                    let point = matches(&tags).then(|| pb::MetricPoint {
                         at: Some(to_proto(row.hour)),
                         count: count(row.count),
                         min: row.min,
@@ -59,35 +55,23 @@ pub(super) async fn query_metrics(
                         tags,
                         unit: row.unit,
                     });
-                    if i64::try_from(points.len()).unwrap_or(i64::MAX) >= limit {
-                        break;
-                    }
-                }
-                if exhausted || i64::try_from(points.len()).unwrap_or(i64::MAX) >= limit {
-                    if !exhausted && let Some((at, id)) = &after {
-                        next = cursor(*at, id);
-                    }
-                    break;
-                }
-            }
-            _ => {
-                let rows = opened
-                    .store
-                    .samples(&instance, &name, from, to, after.clone(), limit)
-                    .await?;
-                let exhausted = i64::try_from(rows.len()).unwrap_or(0) < limit;
-                for row in rows {
-                    after = Some((row.occurred_at, row.event_id.clone()));
-                    let Ok(event) = pb::Event::decode(row.body.as_slice()) else {
-                        continue;
+                    ((row.hour, row.tags), point)
+                })
+                .collect(),
+            _ => opened
+                .store
+                .samples(&instance, &name, from, to, after.clone(), limit)
+                .await?
+                .into_iter()
+                .map(|row| {
+                    let metric = match pb::Event::decode(row.body.as_slice()) {
+                        Ok(pb::Event {
+                            payload: Some(pb::event::Payload::Metric(metric)),
+                            ..
+                        }) => Some(metric).filter(|m| matches(&m.tags)),
+                        _ => None,
                     };
-                    let Some(pb::event::Payload::Metric(metric)) = event.payload else {
-                        continue;
-                    };
-                    if !matches(&metric.tags) {
-                        continue;
-                    }
-                    points.push(pb::MetricPoint {
+                    let point = metric.map(|metric| pb::MetricPoint {
                         at: Some(to_proto(row.occurred_at)),
                         count: 1,
                         min: metric.value,
@@ -99,17 +83,26 @@ pub(super) async fn query_metrics(
                         tags: metric.tags,
                         unit: metric.unit,
                     });
-                    if i64::try_from(points.len()).unwrap_or(i64::MAX) >= limit {
-                        break;
-                    }
-                }
-                if exhausted || i64::try_from(points.len()).unwrap_or(i64::MAX) >= limit {
-                    if !exhausted && let Some((at, id)) = &after {
-                        next = cursor(*at, id);
-                    }
-                    break;
-                }
+                    ((row.occurred_at, row.event_id), point)
+                })
+                .collect(),
+        };
+        let exhausted = i64::try_from(read.len()).unwrap_or(0) < limit;
+        let full = |points: &Vec<pb::MetricPoint>| {
+            i64::try_from(points.len()).unwrap_or(i64::MAX) >= limit
+        };
+        for (position, point) in read {
+            after = Some(position);
+            points.extend(point);
+            if full(&points) {
+                break;
             }
+        }
+        if exhausted || full(&points) {
+            if !exhausted && let Some((at, id)) = &after {
+                next = cursor(*at, id);
+            }
+            break;
         }
     }
     Ok(Response::new(pb::QueryMetricsResponse {

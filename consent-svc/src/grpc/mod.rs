@@ -128,12 +128,8 @@ impl ConsentApi {
         request: &Request<T>,
         org_id: &str,
     ) -> Result<(Principal, String), Status> {
-        let caller = self.credentials.caller(request, &self.limiter).await?;
-        let org_id = domain::id("org_id", org_id)?;
-        caller.require_admin_of(&org_id)?;
-        self.directory.require_org(&org_id).await?;
-        sightline_runtime::telemetry::note_ids(&org_id, None);
-        Ok((caller, org_id))
+        self.caller_of(request, org_id, Principal::require_admin_of)
+            .await
     }
 
     /// The caller, allowed to read `org_id` (its admins, the operator, enforcement points).
@@ -142,9 +138,20 @@ impl ConsentApi {
         request: &Request<T>,
         org_id: &str,
     ) -> Result<(Principal, String), Status> {
+        self.caller_of(request, org_id, Principal::require_reader_of)
+            .await
+    }
+
+    /// The caller, once `allowed` lets it at `org_id` and the org exists.
+    async fn caller_of<T>(
+        &self,
+        request: &Request<T>,
+        org_id: &str,
+        allowed: fn(&Principal, &str) -> Result<(), Status>,
+    ) -> Result<(Principal, String), Status> {
         let caller = self.credentials.caller(request, &self.limiter).await?;
         let org_id = domain::id("org_id", org_id)?;
-        caller.require_reader_of(&org_id)?;
+        allowed(&caller, &org_id)?;
         self.directory.require_org(&org_id).await?;
         sightline_runtime::telemetry::note_ids(&org_id, None);
         Ok((caller, org_id))

@@ -37,6 +37,26 @@ use crate::settings::{Limits, TlsSettings};
 use crate::tls::{self, TlsError};
 use calls::CallLayer;
 
+/// Why a service did not start: its store, its listener, or its settings.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Storage(#[from] crate::storage::StorageError),
+    #[error(transparent)]
+    Server(#[from] ServerError),
+    /// A setting is missing or wrong, or something it names (a key file, a rules file, the
+    /// contract's field table) cannot be read; the message names it.
+    #[error("{0}")]
+    Config(String),
+}
+
+impl StartError {
+    /// A setting's failure, told with what it names.
+    pub fn config(what: impl std::fmt::Display, error: impl std::fmt::Display) -> Self {
+        StartError::Config(format!("{what}: {error}"))
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
     #[error("cannot bind {addr}: {source}")]

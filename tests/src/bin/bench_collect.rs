@@ -162,15 +162,7 @@ struct Target {
 }
 
 async fn collector(target: &str) -> Target {
-    let database_url = if target == "postgres" {
-        Some(
-            sightline_runtime::testing::fresh_postgres_url()
-                .await
-                .unwrap(),
-        )
-    } else {
-        None
-    };
+    let database_url = sightline_runtime::testing::postgres_url_if(target == "postgres").await;
     let (limits, linker, consent) = sightline_tests::bench::unlimited_stack().await;
     let collector = TestCollector::start(
         &linker,
@@ -494,14 +486,7 @@ fn report(label: &str, rate: f64, latencies: &[f64]) {
 /// change, two gaps from UpdateConsent's reply: to the last ack that still said *accepted* (0 when
 /// every accepted ack came before the reply) and to the first refusal.
 async fn optout(store: &str, changes: usize, batch: usize) {
-    let url = async || match store {
-        "postgres" => Some(
-            sightline_runtime::testing::fresh_postgres_url()
-                .await
-                .unwrap(),
-        ),
-        _ => None,
-    };
+    let url = async || sightline_runtime::testing::postgres_url_if(store == "postgres").await;
     let (limits, linker, consent) = sightline_tests::bench::unlimited_stack_on(url().await).await;
     let database_url = url().await;
     let collector = TestCollector::start(

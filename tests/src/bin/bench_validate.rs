@@ -21,15 +21,7 @@ async fn main() {
     let concurrency = arg("--concurrency", 64) as usize;
     let connections = arg("--connections", 4) as usize;
     let postgres = flag("--postgres");
-    let database_url = if postgres {
-        Some(
-            sightline_runtime::testing::fresh_postgres_url()
-                .await
-                .unwrap(),
-        )
-    } else {
-        None
-    };
+    let database_url = sightline_runtime::testing::postgres_url_if(postgres).await;
     let mut linker = TestLinker::start(LinkerOptions {
         database_url,
         limits: Limits {

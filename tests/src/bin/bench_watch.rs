@@ -22,17 +22,7 @@ async fn main() {
     let watchers = arg("--watchers", 100) as usize;
     let changes = arg("--changes", 200) as usize;
     let postgres = flag("--postgres");
-    let url = |_: &str| async {
-        if postgres {
-            Some(
-                sightline_runtime::testing::fresh_postgres_url()
-                    .await
-                    .unwrap(),
-            )
-        } else {
-            None
-        }
-    };
+    let url = |_: &str| async { sightline_runtime::testing::postgres_url_if(postgres).await };
     let limits = Limits {
         rate_per_second: 1_000_000,
         rate_burst: 1_000_000,
