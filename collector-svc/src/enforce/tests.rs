@@ -361,3 +361,55 @@ fn a_purge_strips_classes_from_stored_bodies() {
     assert_eq!(kinds_with_classes(&[DataClass::Name as i32]), vec![3, 4]);
     assert!(strip_body(&stripped, &[DataClass::Name as i32]).is_none());
 }
+
+#[test]
+fn an_app_named_both_ways_is_refused_naming_the_field() {
+    let usage = |custom: bool, key: &str, custom_key: &str| {
+        Payload::FeatureUsage(pb::FeatureUsageEvent {
+            feature: "issue.create".into(),
+            count: 1,
+            custom_app: custom,
+            app_key: key.into(),
+            custom_app_key: custom_key.into(),
+            ..Default::default()
+        })
+    };
+    let inventory = |custom: bool, key: &str, custom_key: &str| {
+        Payload::AppInventory(pb::AppInventoryEvent {
+            apps: vec![common::AppInfo {
+                custom,
+                key: key.into(),
+                custom_key: custom_key.into(),
+                ..Default::default()
+            }],
+        })
+    };
+    for (payload, refusal) in [
+        (
+            usage(true, "com.acme.public", "com.acme.own"),
+            "feature_usage.app_key: a custom app fills custom_app_key and custom_app_name",
+        ),
+        (
+            usage(false, "", "com.acme.own"),
+            "feature_usage.custom_app_key: set custom_app for a custom app",
+        ),
+        (
+            inventory(true, "com.acme.public", ""),
+            "app_inventory.apps.key: a custom app fills custom_key and custom_name",
+        ),
+        (
+            inventory(false, "", "com.acme.own"),
+            "app_inventory.apps.custom_key: set custom for a custom app",
+        ),
+    ] {
+        assert_eq!(validate::validate(&payload), Err(refusal.to_owned()));
+    }
+    for fine in [
+        usage(true, "", "com.acme.own"),
+        usage(false, "com.acme.public", ""),
+        inventory(true, "", "com.acme.own"),
+        inventory(false, "com.acme.public", ""),
+    ] {
+        assert_eq!(validate::validate(&fine), Ok(()));
+    }
+}

@@ -173,15 +173,16 @@ pub(super) fn validate(payload: &Payload) -> Result<(), String> {
             ] {
                 check_text(field, value, max)?;
             }
-            if f.custom_app && !(f.app_key.is_empty() && f.app_name.is_empty()) {
-                return Err(
-                    "feature_usage.app_key: a custom app fills custom_app_key and custom_app_name"
-                        .into(),
-                );
-            }
-            if !f.custom_app && (!f.custom_app_key.is_empty() || !f.custom_app_name.is_empty()) {
-                return Err("feature_usage.custom_app_key: set custom_app for a custom app".into());
-            }
+            one_app_name(
+                (
+                    "feature_usage.app_key",
+                    "custom_app_key and custom_app_name",
+                ),
+                ("feature_usage.custom_app_key", "custom_app"),
+                f.custom_app,
+                [&f.app_key, &f.app_name],
+                [&f.custom_app_key, &f.custom_app_name],
+            )?;
             check_texts("feature_usage.attributes", &f.attributes)
         }
         Payload::PageView(v) => {
@@ -233,17 +234,35 @@ pub(super) fn validate(payload: &Payload) -> Result<(), String> {
                 ] {
                     check_text(field, value, MAX_TEXT)?;
                 }
-                if app.custom && !(app.key.is_empty() && app.name.is_empty()) {
-                    return Err(
-                        "app_inventory.apps.key: a custom app fills custom_key and custom_name"
-                            .into(),
-                    );
-                }
-                if !app.custom && (!app.custom_key.is_empty() || !app.custom_name.is_empty()) {
-                    return Err("app_inventory.apps.custom_key: set custom for a custom app".into());
-                }
+                one_app_name(
+                    ("app_inventory.apps.key", "custom_key and custom_name"),
+                    ("app_inventory.apps.custom_key", "custom"),
+                    app.custom,
+                    [&app.key, &app.name],
+                    [&app.custom_key, &app.custom_name],
+                )?;
             }
             Ok(())
         }
     }
+}
+
+/// An app is named one way: a custom app by its custom key and name, any other by its key and
+/// name. `named` and `custom_named` are the fields to report and what the other side needs.
+fn one_app_name(
+    (named_field, custom_fields): (&str, &str),
+    (custom_field, custom_flag): (&str, &str),
+    custom: bool,
+    named: [&String; 2],
+    custom_named: [&String; 2],
+) -> Result<(), String> {
+    if custom && !named.iter().all(|v| v.is_empty()) {
+        return Err(format!("{named_field}: a custom app fills {custom_fields}"));
+    }
+    if !custom && !custom_named.iter().all(|v| v.is_empty()) {
+        return Err(format!(
+            "{custom_field}: set {custom_flag} for a custom app"
+        ));
+    }
+    Ok(())
 }
