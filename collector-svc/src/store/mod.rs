@@ -1,7 +1,8 @@
-//! collector-svc's storage: the [`CollectorStore`] trait with one SQL text for SQLite and PostgreSQL.
-//! Events arrive already de-identified; the store de-duplicates them on (instance, event_id), keeps
-//! page-view counters, unique-viewer entries and blocking-time memory, rolls metrics up by hour, and
-//! applies purges and erasures through the audited-change protocol (`runtime::audited`).
+//! collector-svc's storage: the [`CollectorStore`] trait with one SQL text for SQLite and
+//! PostgreSQL. Events arrive already de-identified; the store de-duplicates them on (instance,
+//! event_id), keeps page-view counters, unique-viewer entries and blocking-time memory, rolls
+//! metrics up by hour, and applies purges and erasures through the audited-change protocol
+//! (`runtime::audited`).
 
 mod days;
 mod moved;
@@ -392,7 +393,8 @@ pub trait CollectorStore: ChangeLog + Send + Sync + std::fmt::Debug + 'static {
     /// WAL checkpointed and truncated; deleted rows are zeroed by `secure_delete`).
     async fn forget_deleted(&self) -> StoreResult<()>;
 
-    /// An org's hourly rollups of one metric with hours in [from, to): (instance, hour, count, sum).
+    /// An org's hourly rollups of one metric with hours in [from, to): (instance, hour, count,
+    /// sum).
     async fn org_rollups(
         &self,
         org_id: &str,

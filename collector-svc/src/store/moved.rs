@@ -1,5 +1,5 @@
-//! What a residency move carries (SPEC E10): every table that holds an org's data, described once so
-//! both backends export, import, count and delete the same columns.
+//! What a residency move carries (SPEC E10): every table that holds an org's data, described once
+//! so both backends export, import, count and delete the same columns.
 
 use serde::{Deserialize, Serialize};
 

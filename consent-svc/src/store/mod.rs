@@ -1,7 +1,7 @@
 //! consent-svc's storage: the [`ConsentStore`] trait with a SQLite and a PostgreSQL implementation
-//! sharing one SQL text. Changes go through the audited-change protocol (`runtime::audited`): staged
-//! first, applied — in one transaction that also bumps the org's policy revision and records its
-//! purge — only once the org's audit log holds the change's entry.
+//! sharing one SQL text. Changes go through the audited-change protocol (`runtime::audited`):
+//! staged first, applied — in one transaction that also bumps the org's policy revision and records
+//! its purge — only once the org's audit log holds the change's entry.
 
 mod sql;
 
@@ -201,8 +201,8 @@ impl Change {
 }
 
 #[async_trait]
-/// Reads of governance, and changes through the audited-change protocol ([`ChangeLog`]): a change is
-/// staged, then applied once its audit entry is in the org's log.
+/// Reads of governance, and changes through the audited-change protocol ([`ChangeLog`]): a change
+/// is staged, then applied once its audit entry is in the org's log.
 pub trait ConsentStore: ChangeLog + Send + Sync + std::fmt::Debug + 'static {
     async fn latest_consent(&self, org_id: &str) -> StoreResult<Option<ConsentRecord>>;
     async fn consent_version(

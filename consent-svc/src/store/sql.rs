@@ -1,5 +1,6 @@
-//! The SQL of [`ConsentStore`], written once for SQLite and PostgreSQL (both take `$n` placeholders,
-//! `ON CONFLICT … DO UPDATE` and `RETURNING`). SQLite write transactions take the lock up front.
+//! The SQL of [`ConsentStore`], written once for SQLite and PostgreSQL (both take `$n`
+//! placeholders, `ON CONFLICT … DO UPDATE` and `RETURNING`). SQLite write transactions take the
+//! lock up front.
 
 use async_trait::async_trait;
 

@@ -138,7 +138,8 @@ impl Harness {
             .store
             .link_instance(&token::digest(key_secret), link)
             .await?;
-        // As LinkInstance does: the metadata goes to the store of the org's location (here, the same).
+        // As LinkInstance does: the metadata goes to the store of the org's location (here, the
+        // same).
         let app_link = AppLinkRecord {
             instance_id: outcome.instance.id.clone(),
             url: "https://wiki.example.com".into(),
@@ -628,7 +629,8 @@ async fn instance_metadata_is_kept_apart_and_moves_whole(h: Harness) {
     let held = h.store.org_facts(&org).await.unwrap();
     assert_eq!((held.facts.len(), held.app_links.len()), (2, 1));
     assert!(held.facts.iter().any(|f| f.version == "10.0.0"));
-    // A move: delete here, import again (as into another location's store), nothing lost or doubled.
+    // A move: delete here, import again (as into another location's store), nothing lost or
+    // doubled.
     assert_eq!(h.store.delete_org_facts(&org).await.unwrap(), 3);
     assert_eq!(h.store.org_facts(&org).await.unwrap(), OrgFacts::default());
     assert_eq!(h.store.org_facts(&other).await.unwrap().facts.len(), 1);
@@ -692,7 +694,8 @@ async fn the_audit_log_pages_filters_and_reports_an_edited_entry(h: Harness) {
 async fn an_action_whose_audit_entry_cannot_be_written_changes_nothing(h: Harness) {
     let org = h.org(T0).await;
     h.exec(
-        "CREATE TRIGGER audit_full BEFORE INSERT ON audit_events BEGIN SELECT RAISE(ABORT, 'audit log unavailable'); END",
+        "CREATE TRIGGER audit_full BEFORE INSERT ON audit_events BEGIN
+            SELECT RAISE(ABORT, 'audit log unavailable'); END",
         "ALTER TABLE audit_events ADD CONSTRAINT audit_full CHECK (seq < 0) NOT VALID",
     )
     .await;

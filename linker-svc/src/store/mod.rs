@@ -1,6 +1,7 @@
 //! linker-svc's storage: the [`LinkerStore`] trait, implemented once ([`SqlStore`]) for SQLite and
-//! PostgreSQL through the runtime's SQL shim (`sightline_runtime::sql`). Every mutating method writes its audit entry in the same transaction, so an action whose
-//! audit entry cannot be written does not happen.
+//! PostgreSQL through the runtime's SQL shim (`sightline_runtime::sql`). Every mutating method
+//! writes its audit entry in the same transaction, so an action whose audit entry cannot be written
+//! does not happen.
 //!
 //! The store maps database errors to [`StoreError`]; handlers never see `sqlx::Error`.
 
@@ -399,7 +400,8 @@ pub trait LinkerStore: Send + Sync + std::fmt::Debug + 'static {
         instance_id: &str,
     ) -> StoreResult<Option<InstanceRecord>>;
     async fn credentials_of(&self, instance_ids: &[String]) -> StoreResult<Vec<CredentialRecord>>;
-    /// Stores an instance's metadata and app links (replacing what it had) in this location's store.
+    /// Stores an instance's metadata and app links (replacing what it had) in this location's
+    /// store.
     async fn put_instance_facts(
         &self,
         facts: &InstanceFacts,

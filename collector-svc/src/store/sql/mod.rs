@@ -1,7 +1,8 @@
-//! The SQL of [`CollectorStore`], written once for SQLite and PostgreSQL (both take `$n` placeholders,
-//! `ON CONFLICT`, `RETURNING` and row values). SQLite write transactions take the lock up front; on
-//! PostgreSQL a commit holds a shared advisory lock per org and a purge an exclusive one, so a batch
-//! enforced under an old policy can never commit after the purge that covers it.
+//! The SQL of [`CollectorStore`], written once for SQLite and PostgreSQL (both take `$n`
+//! placeholders, `ON CONFLICT`, `RETURNING` and row values). SQLite write transactions take the
+//! lock up front; on PostgreSQL a commit holds a shared advisory lock per org and a purge an
+//! exclusive one, so a batch enforced under an old policy can never commit after the purge that
+//! covers it.
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 
