@@ -1324,6 +1324,43 @@ pub mod consent {
 
 /// Command-line and statistics helpers the load generators share.
 pub mod bench {
+    /// Checks a load generator's command line before it does any work: `--help` (or `-h`) prints
+    /// `usage` and exits 0; an option not in `options` (name, whether a value follows it) or a
+    /// value missing prints what is wrong and the usage to stderr and exits 2.
+    pub fn command_line(usage: &str, options: &[(&str, bool)]) {
+        if let Err(problem) = check_command_line(std::env::args().skip(1), options) {
+            if problem.is_empty() {
+                println!("{usage}");
+                std::process::exit(0);
+            }
+            eprintln!("{problem}\n{usage}");
+            std::process::exit(2);
+        }
+    }
+
+    /// What [`command_line`] checks: Err("") for help, Err(problem) for a wrong command line.
+    pub fn check_command_line(
+        args: impl IntoIterator<Item = String>,
+        options: &[(&str, bool)],
+    ) -> Result<(), String> {
+        let mut args = args.into_iter();
+        while let Some(a) = args.next() {
+            if a == "--help" || a == "-h" {
+                return Err(String::new());
+            }
+            // `--serve` is the generator starting its own server side in a child process.
+            let takes_value = match options.iter().find(|(name, _)| *name == a) {
+                Some((_, takes_value)) => *takes_value,
+                None if a == "--serve" => true,
+                None => return Err(format!("unknown argument {a:?}")),
+            };
+            if takes_value && args.next().is_none_or(|v| v.starts_with("--")) {
+                return Err(format!("{a} needs a value"));
+            }
+        }
+        Ok(())
+    }
+
     /// The number after `name` on the command line, or `default`.
     pub fn arg(name: &str, default: u64) -> u64 {
         let args: Vec<String> = std::env::args().collect();

@@ -1,12 +1,16 @@
-//! Load generator for collector-svc's ingest, and the baselines its speed goals are measured
-//! against, all in one run on one machine:
+//! Load generator for collector-svc's ingest, and the references its speed goals are measured
+//! against, all in one run on one machine (`--help` lists the targets):
 //!
+//! - `sqlite` / `postgres`: the real collector, durable, against the fastest known way to put the
+//!   same rows into the same `events` table (the collector's own migrations, indexes and pragmas),
+//!   in alternated pairs: for SQLite the rows prepared before the clock and inserted by multi-row
+//!   INSERTs in large transactions (the best of three sizes and of `INSERT` / `INSERT OR IGNORE`);
+//!   for PostgreSQL the rows encoded before the clock and loaded by one COPY in one transaction,
+//!   and by 4 parallel COPY sessions. It prints each, each pair's ratio against the better
+//!   reference, and the median ratio;
 //! - `noop`: a tonic server that decodes IngestRequest and answers at once (the ceiling);
 //! - `discard`: the real collector, enforcing and de-identifying, with a sink that discards;
-//! - `sqlite` / `postgres`: the real collector, durable;
-//! - `baseline-sqlite`: plain sqlx multi-row INSERTs of the same prebuilt rows, one transaction per
-//!   1000 rows, into the same table (`--or-ignore`: `INSERT OR IGNORE`, as the collector's);
-//! - `baseline-postgres`: COPY of the same rows, 1000 per COPY;
+//! - `reference-sqlite` / `reference-postgres`: the references alone;
 //! - `latency`: p50/p99 of one-event and of 1000-event unary Ingest at half the maximum load;
 //! - `optout`: the opt-out fence under load (`--store sqlite|postgres`, 8 IngestStreams of `--batch`
 //!   events): from UpdateConsent's reply to the last ack that said accepted, and to the first refusal.
@@ -16,8 +20,8 @@
 //! (`/proc/<pid>/stat`, `/proc/<pid>/status`): throughput on this shared machine, and the server's
 //! CPU per event, which is what it would sustain with the cores to itself.
 //!
-//! cargo run --release -p sightline-tests --bin bench_collect -- --target discard [--seconds 10]
-//!     [--clients 8] [--batch 1000]
+//! cargo run --release -p sightline-tests --bin bench_collect -- --target sqlite [--seconds 10]
+//!     [--clients 8] [--batch 1000] [--pairs 3]
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -350,24 +354,34 @@ async fn open_loop(
     latencies
 }
 
-/// The rows the collector stores for `batch(…)` under BASIC (metrics pass enforcement unchanged).
-fn rows(count: usize) -> Vec<(String, i64, String, f64, Vec<u8>)> {
+/// One row as the collector stores it for an event of `batch(…)` under BASIC (metrics pass
+/// enforcement unchanged).
+struct StoredRow {
+    event_id: String,
+    occurred_at: i64,
+    name: String,
+    value: f64,
+    body: Vec<u8>,
+}
+
+/// The first `count` rows the collector stores for `batch(…)`, built before any clock starts.
+fn rows(count: usize) -> Vec<StoredRow> {
     let mut rows = Vec::with_capacity(count);
     let mut round = 0;
     while rows.len() < count {
         for event in batch(0, round, 1_000) {
-            let occurred = sightline_runtime::time::from_proto(event.occurred_at.as_ref().unwrap());
             let Some(pb::event::Payload::Metric(m)) = &event.payload else {
                 unreachable!()
             };
-            let (name, value) = (m.name.clone(), m.value);
-            rows.push((
-                event.event_id.clone(),
-                occurred,
-                name,
-                value,
-                event.encode_to_vec(),
-            ));
+            rows.push(StoredRow {
+                event_id: event.event_id.clone(),
+                occurred_at: sightline_runtime::time::from_proto(
+                    event.occurred_at.as_ref().unwrap(),
+                ),
+                name: m.name.clone(),
+                value: m.value,
+                body: event.encode_to_vec(),
+            });
         }
         round += 1;
     }
@@ -378,13 +392,17 @@ fn rows(count: usize) -> Vec<(String, i64, String, f64, Vec<u8>)> {
 const ORG: &str = "0190a000-0000-7000-8000-000000000001";
 const INSTANCE: &str = "0190a000-0000-7000-8000-0000000000a1";
 
-/// `or_ignore`: `INSERT OR IGNORE`, as the collector inserts (SQLite then keeps no statement journal).
-async fn baseline_sqlite(count: usize, or_ignore: bool) -> f64 {
+const COLUMNS: &str = "instance_id, event_id, org_id, location, kind, occurred_at, stored_at, \
+                       name, value, subject, consent_version, policy_revision, body";
+
+/// A fresh SQLite store with the collector's own migrations (the same table, the same indexes, the
+/// same pragmas: WAL, synchronous=FULL), and the directory that holds it.
+async fn fresh_sqlite() -> (sqlx::SqlitePool, tempfile::TempDir) {
     let dir = tempfile::Builder::new()
         .permissions(std::os::unix::fs::PermissionsExt::from_mode(0o700))
         .tempdir()
         .unwrap();
-    let url = sightline_runtime::storage::default_sqlite_url(dir.path(), "baseline");
+    let url = sightline_runtime::storage::default_sqlite_url(dir.path(), "reference");
     let sightline_runtime::storage::Database::Sqlite(pool) =
         sightline_runtime::storage::connect(&url, collector_svc::store::MIGRATIONS)
             .await
@@ -392,68 +410,209 @@ async fn baseline_sqlite(count: usize, or_ignore: bool) -> f64 {
     else {
         unreachable!()
     };
-    let rows = rows(count);
+    (pool, dir)
+}
+
+/// The SQLite reference: the prebuilt rows inserted into a fresh store's `events` table by
+/// multi-row INSERTs of 200 rows (one prepared statement), `per_commit` rows per transaction;
+/// `or_ignore`: `INSERT OR IGNORE`, as the collector inserts (SQLite then keeps no statement
+/// journal). Rows per second.
+async fn sqlite_reference(rows: &[StoredRow], per_commit: usize, or_ignore: bool) -> f64 {
+    let (pool, _dir) = fresh_sqlite().await;
+    let verb = if or_ignore {
+        "INSERT OR IGNORE"
+    } else {
+        "INSERT"
+    };
     let started = Instant::now();
-    for chunk in rows.chunks(1_000) {
+    for chunk in rows.chunks(per_commit) {
         let mut tx = pool.begin().await.unwrap();
         for part in chunk.chunks(200) {
-            let mut q = sqlx::QueryBuilder::<sqlx::Sqlite>::new(if or_ignore {
-                "INSERT OR IGNORE INTO events (instance_id, event_id, org_id, location, kind, occurred_at, stored_at, name, value, subject, consent_version, policy_revision, body) "
-            } else {
-                "INSERT INTO events (instance_id, event_id, org_id, location, kind, occurred_at, stored_at, name, value, subject, consent_version, policy_revision, body) "
-            });
-            q.push_values(part, |mut b, (id, at, name, value, body)| {
+            let mut q =
+                sqlx::QueryBuilder::<sqlx::Sqlite>::new(format!("{verb} INTO events ({COLUMNS}) "));
+            q.push_values(part, |mut b, r| {
                 b.push_bind(INSTANCE)
-                    .push_bind(id)
+                    .push_bind(&r.event_id)
                     .push_bind(ORG)
                     .push_bind("global")
                     .push_bind(2i64)
-                    .push_bind(*at)
+                    .push_bind(r.occurred_at)
                     .push_bind(T0_MS)
-                    .push_bind(name)
-                    .push_bind(*value)
+                    .push_bind(&r.name)
+                    .push_bind(r.value)
                     .push_bind(None::<String>)
                     .push_bind(1i64)
                     .push_bind(1i64)
-                    .push_bind(body.as_slice());
+                    .push_bind(r.body.as_slice());
             });
             q.build().execute(&mut *tx).await.unwrap();
         }
         tx.commit().await.unwrap();
     }
-    count as f64 / started.elapsed().as_secs_f64()
+    rows.len() as f64 / started.elapsed().as_secs_f64()
 }
 
-async fn baseline_postgres(count: usize) -> f64 {
-    let url = sightline_runtime::testing::fresh_postgres_url()
+/// The best SQLite reference: every transaction size and both INSERT forms, the fastest of them.
+async fn best_sqlite_reference(rows: &[StoredRow]) -> (f64, String) {
+    let mut best = (0.0, String::new());
+    for per_commit in [10_000, 100_000, rows.len()] {
+        for or_ignore in [false, true] {
+            let rate = sqlite_reference(rows, per_commit, or_ignore).await;
+            let how = format!(
+                "{} {per_commit} rows per transaction",
+                if or_ignore {
+                    "INSERT OR IGNORE"
+                } else {
+                    "INSERT"
+                }
+            );
+            println!("  reference sqlite, {how}: {rate:.0} rows/s");
+            if rate > best.0 {
+                best = (rate, how);
+            }
+        }
+    }
+    best
+}
+
+/// The rows as COPY's text format reads them, encoded before any clock starts (the body as
+/// `\\x` hex), in pieces of about 1 MiB.
+fn copy_text(rows: &[StoredRow]) -> Vec<Vec<u8>> {
+    let mut pieces = vec![Vec::with_capacity(1 << 20)];
+    for r in rows {
+        let piece = pieces.last_mut().unwrap();
+        use std::io::Write;
+        writeln!(
+            piece,
+            "{INSTANCE}\t{}\t{ORG}\tglobal\t2\t{}\t{T0_MS}\t{}\t{}\t\\N\t1\t1\t\\\\x{}",
+            r.event_id,
+            r.occurred_at,
+            r.name,
+            r.value,
+            hex::encode(&r.body)
+        )
+        .unwrap();
+        if piece.len() >= 1 << 20 {
+            pieces.push(Vec::with_capacity(1 << 20));
+        }
+    }
+    pieces
+}
+
+/// One COPY session, one transaction: every piece of `text`.
+async fn copy_all(pool: &sqlx::PgPool, text: &[Vec<u8>]) {
+    let mut conn = pool.acquire().await.unwrap();
+    let mut copy = conn
+        .copy_in_raw(&format!("COPY events ({COLUMNS}) FROM STDIN"))
         .await
         .unwrap();
-    let sightline_runtime::storage::Database::Postgres(pool) =
-        sightline_runtime::storage::connect(&url, collector_svc::store::MIGRATIONS)
-            .await
-            .unwrap()
-    else {
-        unreachable!()
-    };
-    let rows = rows(count);
-    let started = Instant::now();
-    for chunk in rows.chunks(1_000) {
-        let mut text = String::with_capacity(chunk.len() * 400);
-        for (id, at, name, value, body) in chunk {
-            text.push_str(&format!(
-                "{INSTANCE}\t{id}\t{ORG}\tglobal\t2\t{at}\t{T0_MS}\t{name}\t{value}\t\\N\t1\t1\t\\\\x{}\n",
-                hex::encode(body)
-            ));
-        }
-        let mut conn = pool.acquire().await.unwrap();
-        let mut copy = conn
-            .copy_in_raw("COPY events (instance_id, event_id, org_id, location, kind, occurred_at, stored_at, name, value, subject, consent_version, policy_revision, body) FROM STDIN")
+    for piece in text {
+        copy.send(piece.as_slice()).await.unwrap();
+    }
+    copy.finish().await.unwrap();
+}
+
+/// The PostgreSQL references on fresh schemas with the collector's migrations: the rows in one
+/// COPY (one transaction), and in `sessions` parallel COPY sessions of a share each. Rows per
+/// second of each.
+async fn postgres_references(rows: &[StoredRow], sessions: usize) -> (f64, f64) {
+    let fresh = async || {
+        let url = sightline_runtime::testing::fresh_postgres_url()
             .await
             .unwrap();
-        copy.send(text.as_bytes()).await.unwrap();
-        copy.finish().await.unwrap();
+        let sightline_runtime::storage::Database::Postgres(pool) =
+            sightline_runtime::storage::connect(&url, collector_svc::store::MIGRATIONS)
+                .await
+                .unwrap()
+        else {
+            unreachable!()
+        };
+        pool
+    };
+    let whole = copy_text(rows);
+    let pool = fresh().await;
+    let started = Instant::now();
+    copy_all(&pool, &whole).await;
+    let one = rows.len() as f64 / started.elapsed().as_secs_f64();
+    pool.close().await;
+
+    let shares: Vec<Vec<Vec<u8>>> = rows
+        .chunks(rows.len().div_ceil(sessions))
+        .map(copy_text)
+        .collect();
+    let pool = fresh().await;
+    // Every session connected before the clock starts.
+    let warm: Vec<_> = futures::future::join_all((0..sessions).map(|_| pool.acquire())).await;
+    drop(warm);
+    let started = Instant::now();
+    futures::future::join_all(shares.iter().map(|share| copy_all(&pool, share))).await;
+    let parallel = rows.len() as f64 / started.elapsed().as_secs_f64();
+    pool.close().await;
+    (one, parallel)
+}
+
+/// The collector on `store`, durable, as a child process: events per second of a closed loop of
+/// `clients` × `size` for `seconds` (after two seconds of warm-up), and its CPU per event.
+async fn collector_run(store: &str, clients: usize, size: usize, seconds: u64) -> (f64, f64) {
+    let child = Child::spawn(store);
+    closed_loop(&child.target, clients, size, 2).await;
+    let cpu = child.cpu_seconds();
+    let started = Instant::now();
+    let (rate, latencies) = closed_loop(&child.target, clients, size, seconds).await;
+    let events = rate * started.elapsed().as_secs_f64();
+    let cpu = child.cpu_seconds() - cpu;
+    measured(
+        &format!("  collector {store}"),
+        &child,
+        rate,
+        &latencies,
+        cpu,
+        events,
+    );
+    (rate, cpu / events * 1e6)
+}
+
+/// Durable ingest against the fastest known way to put the same rows into the same table, in
+/// `pairs` alternated pairs (collector, then reference), each on a fresh store.
+async fn against_reference(store: &str, pairs: usize, clients: usize, size: usize, seconds: u64) {
+    let mut ratios = Vec::new();
+    for pair in 1..=pairs {
+        println!("pair {pair} of {pairs}");
+        let (collector, _) = collector_run(store, clients, size, seconds).await;
+        // As many rows as the collector stored in its run (warm-up included), prepared before the
+        // clock.
+        let rows = rows(((collector * (seconds + 2) as f64) as usize).max(100_000));
+        let (reference, how) = if store == "postgres" {
+            let (one, parallel) = postgres_references(&rows, 4).await;
+            println!("  reference postgres, one COPY: {one:.0} rows/s");
+            println!("  reference postgres, 4 parallel COPY: {parallel:.0} rows/s");
+            if one >= parallel {
+                (one, "one COPY".to_owned())
+            } else {
+                (parallel, "4 parallel COPY".to_owned())
+            }
+        } else {
+            best_sqlite_reference(&rows).await
+        };
+        let ratio = collector / reference;
+        println!(
+            "  pair {pair}: collector {collector:.0} events/s, reference {reference:.0} rows/s \
+             ({how}, {} rows): {ratio:.2} x",
+            rows.len()
+        );
+        ratios.push(ratio);
     }
-    count as f64 / started.elapsed().as_secs_f64()
+    let mut sorted = ratios.clone();
+    sorted.sort_by(f64::total_cmp);
+    println!(
+        "{store}: collector / reference, median of {pairs} pairs: {:.2} x  (pairs: {})",
+        sorted[sorted.len() / 2],
+        ratios
+            .iter()
+            .map(|r| format!("{r:.2}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
 }
 
 /// Throughput with the server's CPU per event and what that makes per server core.
@@ -543,24 +702,69 @@ async fn optout(store: &str, changes: usize, batch: usize) {
     }
 }
 
+const USAGE: &str = "usage: bench_collect --target TARGET [options]
+targets:
+  sqlite | postgres   the durable collector against the reference on the same store, in
+                      alternated pairs: collector, then the same rows loaded the fastest known way
+                      (SQLite: multi-row INSERTs in large transactions, the best of three sizes and
+                      both INSERT forms; PostgreSQL: one COPY, and 4 parallel COPY sessions, rows
+                      encoded before the clock); prints both, each pair's ratio, and the median
+  noop                a server that decodes and answers at once (the ceiling)
+  discard             the collector, enforcing, with a sink that stores nothing
+  reference-sqlite | reference-postgres
+                      the references alone, over --rows rows
+  latency             p50/p99 of 1-event and 1000-event Ingest at half the maximum load (SQLite)
+  optout              the opt-out fence under load (--store sqlite|postgres, --changes, --batch)
+options:
+  --seconds N   each collector run (default 10, after 2 s of warm-up)
+  --clients N   closed-loop callers (default 8)
+  --batch N     events per call (default 1000; 100 for optout)
+  --pairs N     alternated pairs for sqlite|postgres (default 3; 0: the collector alone)
+  --rows N      rows for reference-* (default 500000)
+  --store S     optout's store (sqlite or postgres)
+  --changes N   optout's consent changes (default 50)";
+
 #[tokio::main]
 async fn main() {
+    sightline_tests::bench::command_line(
+        USAGE,
+        &[
+            ("--target", true),
+            ("--seconds", true),
+            ("--clients", true),
+            ("--batch", true),
+            ("--pairs", true),
+            ("--rows", true),
+            ("--store", true),
+            ("--changes", true),
+        ],
+    );
     let args: Vec<String> = std::env::args().collect();
-    let target = args
-        .iter()
-        .position(|a| a == "--target")
-        .and_then(|i| args.get(i + 1))
-        .cloned()
-        .unwrap_or_else(|| "discard".into());
+    let value = |name: &str| {
+        args.iter()
+            .position(|a| a == name)
+            .and_then(|i| args.get(i + 1))
+            .cloned()
+    };
+    if let Some(target) = value("--serve") {
+        serve(&target).await;
+        return;
+    }
+    let Some(target) = value("--target") else {
+        eprintln!("--target is required\n{USAGE}");
+        std::process::exit(2);
+    };
     let seconds = arg("--seconds", 10);
     let clients = arg("--clients", 8) as usize;
     let size = arg("--batch", 1_000) as usize;
-    if let Some(i) = args.iter().position(|a| a == "--serve") {
-        serve(&args[i + 1]).await;
-        return;
-    }
     match target.as_str() {
-        "noop" | "discard" | "sqlite" | "postgres" => {
+        "sqlite" | "postgres" => match arg("--pairs", 3) as usize {
+            0 => {
+                collector_run(&target, clients, size, seconds).await;
+            }
+            pairs => against_reference(&target, pairs, clients, size, seconds).await,
+        },
+        "noop" | "discard" => {
             let child = Child::spawn(&target);
             closed_loop(&child.target, clients, size, 2).await;
             let cpu = child.cpu_seconds();
@@ -570,18 +774,17 @@ async fn main() {
             let cpu = child.cpu_seconds() - cpu;
             measured(&target, &child, rate, &latencies, cpu, events);
         }
-        "baseline-sqlite" => println!(
-            "baseline-sqlite: {:.0} rows/s",
-            baseline_sqlite(
-                arg("--rows", 500_000) as usize,
-                args.iter().any(|a| a == "--or-ignore")
-            )
-            .await
-        ),
-        "baseline-postgres" => println!(
-            "baseline-postgres: {:.0} rows/s",
-            baseline_postgres(arg("--rows", 500_000) as usize).await
-        ),
+        "reference-sqlite" | "baseline-sqlite" => {
+            let (rate, how) = best_sqlite_reference(&rows(arg("--rows", 500_000) as usize)).await;
+            println!("reference sqlite: {rate:.0} rows/s ({how})");
+        }
+        "reference-postgres" | "baseline-postgres" => {
+            let (one, parallel) =
+                postgres_references(&rows(arg("--rows", 500_000) as usize), 4).await;
+            println!(
+                "reference postgres: one COPY {one:.0} rows/s, 4 parallel COPY {parallel:.0} rows/s"
+            );
+        }
         "latency" => {
             let child = Child::spawn("sqlite");
             for size in [1usize, 1_000] {
@@ -601,18 +804,17 @@ async fn main() {
             println!("server peak RSS: {:.0} MiB", child.peak_rss_mib());
         }
         "optout" => {
-            let store = args
-                .iter()
-                .position(|a| a == "--store")
-                .and_then(|i| args.get(i + 1))
-                .map_or("sqlite", String::as_str);
+            let store = value("--store").unwrap_or_else(|| "sqlite".into());
             optout(
-                store,
+                &store,
                 arg("--changes", 50) as usize,
                 arg("--batch", 100) as usize,
             )
             .await;
         }
-        other => panic!("unknown target {other}"),
+        other => {
+            eprintln!("unknown target {other:?}\n{USAGE}");
+            std::process::exit(2);
+        }
     }
 }

@@ -62,8 +62,23 @@ fn run(home: &Path, upload_every_ms: &str) -> std::process::Child {
         .unwrap()
 }
 
+const USAGE: &str = "usage: bench_companion [--events N] [--shuffled-times] [--no-tags]
+  Spools N metrics (default 200000) through the real sightline-companion with the collector away,
+  then delivers the backlog; prints both rates and the companion's peak memory.
+  --shuffled-times  sample times cycle over 50 minutes instead of running in order
+  --no-tags         samples without tags
+  (build the companion first: cargo build --release --bin sightline-companion)";
+
 #[tokio::main]
 async fn main() {
+    sightline_tests::bench::command_line(
+        USAGE,
+        &[
+            ("--events", true),
+            ("--shuffled-times", false),
+            ("--no-tags", false),
+        ],
+    );
     let events = arg("--events", 200_000);
     let no_tags = sightline_tests::bench::flag("--no-tags");
     // Samples as a product writes them (in time order, 100 a second) or with times cycling over

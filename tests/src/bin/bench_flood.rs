@@ -19,14 +19,13 @@ use sightline_tests::bench::arg;
 use sightline_tests::{LinkerOptions, TestConsent, TestLinker, authed};
 use tonic::transport::Channel;
 
+const USAGE: &str = "usage: bench_flood [--calls N] [--bound-mib M]
+  Floods linker-svc and consent-svc with random link keys and unknown tokens in chunks of N calls
+  (default 50000) and exits 1 when the process grows by more than M MiB (default 5).";
+
 #[tokio::main(flavor = "multi_thread", worker_threads = 4)]
 async fn main() {
-    if std::env::args().any(|a| a == "--help" || a == "-h") {
-        println!(
-            "usage: bench_flood [--calls N (per chunk, default 50000)] [--bound-mib M (default 5)]"
-        );
-        return;
-    }
+    sightline_tests::bench::command_line(USAGE, &[("--calls", true), ("--bound-mib", true)]);
     let calls = arg("--calls", 50_000) as usize;
     let bound = arg("--bound-mib", 5) as f64;
     if !measure(calls, bound).await {

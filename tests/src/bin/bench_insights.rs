@@ -523,8 +523,23 @@ async fn serve_bundle() {
     drop(s);
 }
 
+const USAGE: &str =
+    "usage: bench_insights --target health|portfolio|bundle [--calls N] [--instances N] [--mib N]
+  health     GetHealth over 30 days of hourly rollups of 200 metrics (--calls, default 500)
+  portfolio  GetPortfolio of an org with --instances linked instances (default 500)
+  bundle     UploadSupportBundle of a --mib MiB zip (default 100), the server's peak memory";
+
 #[tokio::main]
 async fn main() {
+    sightline_tests::bench::command_line(
+        USAGE,
+        &[
+            ("--target", true),
+            ("--calls", true),
+            ("--instances", true),
+            ("--mib", true),
+        ],
+    );
     let args: Vec<String> = std::env::args().collect();
     if args.iter().any(|a| a == "--serve") {
         serve_bundle().await;

@@ -401,8 +401,24 @@ fn summary(name: &str, mut ms: Vec<f64>) {
     );
 }
 
+const USAGE: &str = "usage: bench_reports [--views N] [--calls N] [--spaces N] [--pages-per-space N] [--viewers N] [--check]
+  Fills one org's store with --views page views (default 10000000) and times page, space and
+  global reports over gRPC (--calls each, default 200). --check: prove on a small run that the bulk
+  load and the store's own commit give the same store.";
+
 #[tokio::main]
 async fn main() {
+    sightline_tests::bench::command_line(
+        USAGE,
+        &[
+            ("--views", true),
+            ("--calls", true),
+            ("--spaces", true),
+            ("--pages-per-space", true),
+            ("--viewers", true),
+            ("--check", false),
+        ],
+    );
     let views = arg("--views", 10_000_000);
     let calls = arg("--calls", 200) as usize;
     let spaces = arg("--spaces", 200);

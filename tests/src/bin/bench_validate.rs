@@ -15,8 +15,22 @@ use sightline_runtime::settings::Limits;
 use sightline_tests::bench::{arg, flag, percentile};
 use sightline_tests::{LinkerOptions, TestLinker, authed};
 
+const USAGE: &str =
+    "usage: bench_validate [--seconds N] [--concurrency N] [--connections N] [--postgres]
+  ValidateCredential from --concurrency callers (default 64) over --connections channels
+  (default 4) for --seconds (default 10), on SQLite or --postgres; throughput and latency.";
+
 #[tokio::main]
 async fn main() {
+    sightline_tests::bench::command_line(
+        USAGE,
+        &[
+            ("--seconds", true),
+            ("--concurrency", true),
+            ("--connections", true),
+            ("--postgres", false),
+        ],
+    );
     let seconds = arg("--seconds", 10);
     let concurrency = arg("--concurrency", 64) as usize;
     let connections = arg("--connections", 4) as usize;

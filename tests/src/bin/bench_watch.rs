@@ -17,8 +17,20 @@ use sightline_tests::bench::{arg, flag, percentile};
 use sightline_tests::{LinkerOptions, TestConsent, TestLinker, authed};
 use tokio::sync::mpsc;
 
+const USAGE: &str = "usage: bench_watch [--watchers N] [--changes N] [--postgres]
+  --watchers WatchPolicy streams on one org (default 100), --changes consent changes one after
+  another (default 200): the time from each UpdateConsent to each watcher seeing the policy.";
+
 #[tokio::main]
 async fn main() {
+    sightline_tests::bench::command_line(
+        USAGE,
+        &[
+            ("--watchers", true),
+            ("--changes", true),
+            ("--postgres", false),
+        ],
+    );
     let watchers = arg("--watchers", 100) as usize;
     let changes = arg("--changes", 200) as usize;
     let postgres = flag("--postgres");
