@@ -259,6 +259,50 @@ impl SqlStore {
         Ok(Attempt::Done(outcomes, held))
     }
 
+    /// PostgreSQL: the whole batch in one statement, each column bound once as an array
+    /// (`UNNEST`), so the statement is parsed and planned once whatever the batch's size; the
+    /// values every row shares are bound once. Per row, whether this insert stored it (RETURNING:
+    /// concurrent writers learn which rows were theirs).
+    async fn insert_rows_postgres(
+        pg: &mut sqlx::PgConnection,
+        batch: &Batch,
+        location: &str,
+    ) -> StoreResult<Vec<bool>> {
+        let rows = &batch.rows;
+        let ids: Vec<&str> = rows.iter().map(|r| r.event_id.as_str()).collect();
+        let kinds: Vec<i64> = rows.iter().map(|r| r.kind).collect();
+        let times: Vec<i64> = rows.iter().map(|r| r.occurred_at).collect();
+        let names: Vec<&str> = rows.iter().map(|r| r.name.as_str()).collect();
+        let values: Vec<Option<f64>> = rows.iter().map(|r| r.value).collect();
+        let subjects: Vec<Option<&str>> = rows.iter().map(|r| r.subject.as_deref()).collect();
+        let bodies: Vec<&[u8]> = rows.iter().map(|r| r.body.as_slice()).collect();
+        let stored: Vec<(String,)> = sqlx::query_as(
+            "INSERT INTO events (instance_id, event_id, org_id, location, kind, occurred_at,
+                stored_at, name, value, subject, consent_version, policy_revision, body)
+             SELECT $1, e, $2, $3, k, o, $4, n, v, s, $5, $6, b
+             FROM UNNEST($7::text[], $8::bigint[], $9::bigint[], $10::text[],
+                $11::float8[], $12::text[], $13::bytea[]) AS u(e, k, o, n, v, s, b)
+             ON CONFLICT (instance_id, event_id) DO NOTHING RETURNING event_id",
+        )
+        .bind(&batch.instance_id)
+        .bind(&batch.org_id)
+        .bind(location)
+        .bind(batch.stored_at)
+        .bind(batch.consent_version)
+        .bind(batch.policy_revision)
+        .bind(ids)
+        .bind(kinds)
+        .bind(times)
+        .bind(names)
+        .bind(values)
+        .bind(subjects)
+        .bind(bodies)
+        .fetch_all(&mut *pg)
+        .await?;
+        let stored: HashSet<String> = stored.into_iter().map(|(id,)| id).collect();
+        Ok(rows.iter().map(|r| stored.contains(&r.event_id)).collect())
+    }
+
     /// Inserts a batch's rows; per row, whether this insert stored it (false: its id was
     /// stored before). None when `careful` is off and a repeated id was met: SQLite's
     /// fast path cannot tell which row it was, so the caller rolls back and commits again
@@ -269,6 +313,9 @@ impl SqlStore {
         location: &str,
         careful: bool,
     ) -> StoreResult<Option<Vec<bool>>> {
+        if let Tx::Postgres(pg) = tx {
+            return Ok(Some(Self::insert_rows_postgres(pg, batch, location).await?));
+        }
         // PostgreSQL's concurrent writers learn which rows were theirs from RETURNING.
         let returning = tx.backend() == Backend::Postgres;
         let mut inserted = Vec::with_capacity(batch.rows.len());
