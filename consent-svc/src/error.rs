@@ -63,6 +63,7 @@ impl From<CommitError> for ConsentError {
                 ConsentError::Unavailable("storage unavailable; retry later".to_owned())
             }
             CommitError::Store(ChangeLogError::Refused(detail)) => ConsentError::Internal(detail),
+            CommitError::Store(ChangeLogError::Concurrent(why)) => ConsentError::Aborted(why),
         }
     }
 }

@@ -9,6 +9,7 @@ pub mod error;
 pub mod grpc;
 pub mod policy;
 pub mod receipt;
+pub mod replicas;
 pub mod store;
 
 use std::net::SocketAddr;
@@ -23,7 +24,7 @@ use sightline_runtime::directory::Directory;
 use sightline_runtime::ratelimit::RateLimiter;
 use sightline_runtime::server::GrpcServer;
 use sightline_runtime::settings::{Limits, TlsSettings};
-use sightline_runtime::storage;
+use sightline_runtime::storage::{self, StorageError};
 use sightline_runtime::{Secret, Settings, SharedClock};
 use tokio_util::sync::CancellationToken;
 
@@ -98,6 +99,16 @@ impl ConsentService {
     pub async fn build(config: ConsentConfig) -> Result<Self, StartError> {
         config.limits.check().map_err(StartError::Config)?;
         let store = store::open(config.database_url.expose()).await?;
+        // Listening before serving: no change another replica applies from now on goes unheard.
+        let notices = match store.channel() {
+            Some(channel) => Some((
+                replicas::listen(config.database_url.expose(), channel)
+                    .await
+                    .map_err(StorageError::Connect)?,
+                channel.to_owned(),
+            )),
+            None => None,
+        };
         let signer = Arc::new(
             ReceiptSigner::load_or_create(&config.receipt_key_path)
                 .map_err(|e| StartError::Config(e.to_string()))?,
@@ -141,6 +152,15 @@ impl ConsentService {
         server
             .add_service(ConsentServiceServer::new(api.clone()))
             .await;
+        if let Some((listener, channel)) = notices {
+            tokio::spawn(replicas::follow(
+                listener,
+                config.database_url.expose().to_owned(),
+                channel,
+                api.clone(),
+                stop_watchers.clone(),
+            ));
+        }
         Ok(Self {
             server,
             stop_watchers,

@@ -99,6 +99,10 @@ pub enum ChangeLogError {
     /// The change cannot be applied as staged (a bug or a concurrent writer outside the protocol).
     #[error("store refused the change: {0}")]
     Refused(String),
+    /// The org changed since this change was computed (on another replica, or another change of
+    /// the org is being made): nothing was staged; read again and retry.
+    #[error("{0}")]
+    Concurrent(String),
 }
 
 /// What a service's store does for the protocol.
@@ -181,6 +185,7 @@ impl From<CommitError> for tonic::Status {
             CommitError::Store(ChangeLogError::Refused(_)) => {
                 tonic::Status::internal("the change could not be stored")
             }
+            CommitError::Store(ChangeLogError::Concurrent(why)) => tonic::Status::aborted(why),
         }
     }
 }
@@ -496,7 +501,8 @@ pub mod staged_rows {
         }
     }
 
-    /// Writes a staged change's row.
+    /// Writes a staged change's row; a unique violation (a store that keeps one staged change per
+    /// org) is [`ChangeLogError::Concurrent`].
     pub async fn insert(on: impl Executor, change: &StagedChange) -> Result<(), ChangeLogError> {
         let entry = serde_json::to_string(&change.entry)
             .map_err(|e| ChangeLogError::Refused(e.to_string()))?;
@@ -511,7 +517,13 @@ pub mod staged_rows {
         .bind(change.staged_at_ms)
         .execute(on)
         .await
-        .map_err(db)?;
+        .map_err(|error| match crate::storage::classify(&error) {
+            // A store that keeps one staged change per org refuses a second one this way.
+            crate::storage::DbFailure::UniqueViolation => ChangeLogError::Concurrent(
+                "another change of the org is being made; retry".to_owned(),
+            ),
+            _ => db(error),
+        })?;
         Ok(())
     }
 

@@ -44,7 +44,7 @@ pub(super) async fn update_consent(
         })?
         .map(sightline_runtime::idempotency::request_key);
     // Locking settles the org's earlier changes, so a first attempt still in flight is found.
-    let guard = api.lock(&org_id).await?;
+    let turn = api.lock(&org_id).await?;
     if let Some(key) = &request_key
         && let Some(first) = api
             .store
@@ -127,7 +127,7 @@ pub(super) async fn update_consent(
         note_purge(&mut entry, purge);
     }
     api.commit(
-        guard,
+        turn,
         Change::Consent(record.clone()),
         purge,
         entry,

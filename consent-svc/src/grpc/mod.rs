@@ -79,6 +79,14 @@ impl Default for ApiOptions {
 }
 
 /// Everything the handlers share.
+/// One change's turn at an org: this process's lock of the org, and the org's policy revision
+/// the change is computed from.
+#[derive(Debug)]
+pub(crate) struct Turn {
+    _guard: OwnedMutexGuard<()>,
+    revision: i64,
+}
+
 #[derive(Debug, Clone)]
 pub struct ConsentApi {
     store: Arc<dyn ConsentStore>,
@@ -201,8 +209,9 @@ impl ConsentApi {
     }
 
     /// Serialises the org's changes, with the org's earlier staged changes settled first, so a new
-    /// change is computed from the state every earlier one left.
-    async fn lock(&self, org_id: &str) -> Result<OwnedMutexGuard<()>, ConsentError> {
+    /// change is computed from the state every earlier one left. The turn carries the org's policy
+    /// revision as read then: staging refuses the change if another replica changed the org since.
+    async fn lock(&self, org_id: &str) -> Result<Turn, ConsentError> {
         let lock = self
             .locks
             .entry(org_id.to_owned())
@@ -213,7 +222,15 @@ impl ConsentApi {
         if settled.applied > 0 {
             self.publish(org_id, Vec::new()).await;
         }
-        Ok(guard)
+        let revision = self
+            .store
+            .policy_state(org_id)
+            .await?
+            .map_or(0, |state| state.revision);
+        Ok(Turn {
+            _guard: guard,
+            revision,
+        })
     }
 
     /// When a call must be done by: the client's deadline or the server's limit, the earlier.
@@ -379,7 +396,7 @@ impl ConsentApi {
     /// lock until the change is settled.
     async fn commit(
         &self,
-        guard: OwnedMutexGuard<()>,
+        turn: Turn,
         change: Change,
         purge: Option<PurgeRecord>,
         entry: AuditEntry,
@@ -389,12 +406,17 @@ impl ConsentApi {
         let org_id = entry.org_id.clone();
         let staged = StagedChange::new(
             entry,
-            StagedPayload { change, purge }.encode(),
+            StagedPayload {
+                change,
+                purge,
+                base_revision: Some(turn.revision),
+            }
+            .encode(),
             self.clock.now_ms(),
         );
         let api = self.clone();
         tokio::spawn(async move {
-            let _guard = guard;
+            let _turn = turn;
             api.auditor
                 .commit(api.store.as_ref(), staged, deadline)
                 .await?;

@@ -75,7 +75,7 @@ pub(super) async fn set_instance_override(
     api.directory
         .require_instance(&org_id, &instance_id)
         .await?;
-    let guard = api.lock(&org_id).await?;
+    let turn = api.lock(&org_id).await?;
     let now = api.clock.now_ms();
     let state = api.state(&org_id).await?;
     let org_allows = Allowance::of(&state.consent);
@@ -123,7 +123,7 @@ pub(super) async fn set_instance_override(
         note_purge(&mut entry, purge);
     }
     api.commit(
-        guard,
+        turn,
         Change::Override {
             org_id: org_id.clone(),
             instance_id: instance_id.clone(),
@@ -151,8 +151,25 @@ pub(super) async fn set_instance_override(
     }))
 }
 impl ConsentApi {
+    /// This replica's store's name among the replicas sharing its database.
+    pub(crate) fn origin(&self) -> &str {
+        self.store.origin()
+    }
+
+    /// Sends every org's policies to every watcher again (after notices may have been missed).
+    pub(crate) async fn publish_all(&self) {
+        match self.store.orgs().await {
+            Ok(orgs) => {
+                for org_id in orgs {
+                    self.publish(&org_id, Vec::new()).await;
+                }
+            }
+            Err(error) => tracing::error!(%error, "cannot publish the orgs' policies"),
+        }
+    }
+
     /// Sends the org's new policies to every watcher.
-    pub(super) async fn publish(&self, org_id: &str, instance_ids: Vec<String>) {
+    pub(crate) async fn publish(&self, org_id: &str, instance_ids: Vec<String>) {
         match self.state(org_id).await {
             Ok(state) => {
                 // No receiver is fine: nobody is watching.

@@ -36,7 +36,7 @@ pub(super) async fn request_residency_move(
             }
         }
     }
-    let guard = api.lock(&org_id).await?;
+    let turn = api.lock(&org_id).await?;
     let (residency, moves) = api.residency(&org_id).await?;
     let current_location = match scope {
         pb::ResidencyScope::SupportBundles => residency.support_bundle_location(),
@@ -142,7 +142,7 @@ pub(super) async fn request_residency_move(
                 };
                 if record.reported_by == m.reported_by {
                     // Reported before: nothing changes.
-                    drop(guard);
+                    drop(turn);
                     return Ok(Response::new(pb::RequestResidencyMoveResponse {
                         residency: Some(residency),
                         r#move: Some(move_pb(&record, &api.options.residency)),
@@ -194,7 +194,7 @@ pub(super) async fn request_residency_move(
             .insert("reported_by".into(), record.reported_by.clone());
     }
     api.commit(
-        guard,
+        turn,
         Change::Move {
             record: record.clone(),
             expected,

@@ -21,7 +21,7 @@ pub(super) async fn update_retention(
     let deadline = Some(api.deadline(&request));
     let (caller, org_id) = api.admin(&request, &request.get_ref().org_id).await?;
     let retention = Retention::parse(request.get_ref().retention.as_ref())?;
-    let guard = api.lock(&org_id).await?;
+    let turn = api.lock(&org_id).await?;
     let mut entry = api.entry(&org_id, &caller, "retention.updated", org_id.clone());
     entry
         .attributes
@@ -35,7 +35,7 @@ pub(super) async fn update_retention(
         retention.aggregate_days.to_string(),
     );
     api.commit(
-        guard,
+        turn,
         Change::Retention(RetentionRecord {
             org_id: org_id.clone(),
             raw_days: i64::from(retention.raw_days),

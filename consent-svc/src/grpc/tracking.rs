@@ -21,7 +21,7 @@ pub(super) async fn update_tracking_settings(
     let deadline = Some(api.deadline(&request));
     let (caller, org_id) = api.admin(&request, &request.get_ref().org_id).await?;
     let tracking = Tracking::parse(request.get_ref().settings.as_ref())?;
-    let guard = api.lock(&org_id).await?;
+    let turn = api.lock(&org_id).await?;
     let record = TrackingRecord {
         org_id: org_id.clone(),
         enabled_channels: tracking
@@ -47,7 +47,7 @@ pub(super) async fn update_tracking_settings(
         tracking.blocking_time_ms.to_string(),
     );
     api.commit(
-        guard,
+        turn,
         Change::Tracking(record),
         None,
         entry,

@@ -17,7 +17,12 @@ fn staged(change: Change, purge: Option<PurgeRecord>) -> StagedChange {
             target: "t".into(),
             attributes: Default::default(),
         },
-        payload: StagedPayload { change, purge }.encode(),
+        payload: StagedPayload {
+            change,
+            purge,
+            base_revision: None,
+        }
+        .encode(),
         staged_at_ms: 1,
     }
 }
@@ -61,7 +66,7 @@ async fn postgres() -> (Arc<dyn ConsentStore>, ()) {
         .await
         .unwrap();
     let db = storage::connect(&url, MIGRATIONS).await.unwrap();
-    let store: Arc<dyn ConsentStore> = Arc::new(SqlStore::new(db));
+    let store: Arc<dyn ConsentStore> = Arc::new(SqlStore::new(db).await.unwrap());
     (store, ())
 }
 

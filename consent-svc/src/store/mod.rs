@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 use sightline_runtime::audited::{ChangeLog, ChangeLogError};
 use sightline_runtime::storage::{self, DbFailure, Migrations, StorageError};
 
-pub use sql::SqlStore;
+pub use sql::{Notice, SqlStore};
 
 pub static SQLITE_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("migrations/sqlite");
 pub static POSTGRES_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("migrations/postgres");
@@ -23,9 +23,10 @@ pub const MIGRATIONS: Migrations = Migrations {
 };
 
 pub async fn open(url: &str) -> Result<Arc<dyn ConsentStore>, StorageError> {
-    Ok(Arc::new(SqlStore::new(
-        storage::connect(url, MIGRATIONS).await?,
-    )))
+    let db = storage::connect(url, MIGRATIONS).await?;
+    Ok(Arc::new(
+        SqlStore::new(db).await.map_err(StorageError::Connect)?,
+    ))
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -189,7 +190,7 @@ pub enum Change {
 }
 
 impl Change {
-    fn org_id(&self) -> &str {
+    pub fn org_id(&self) -> &str {
         match self {
             Change::Consent(r) => &r.org_id,
             Change::Override { org_id, .. } => org_id,
@@ -204,6 +205,11 @@ impl Change {
 /// Reads of governance, and changes through the audited-change protocol ([`ChangeLog`]): a change
 /// is staged, then applied once its audit entry is in the org's log.
 pub trait ConsentStore: ChangeLog + Send + Sync + std::fmt::Debug + 'static {
+    /// This store's name among the replicas sharing its database.
+    fn origin(&self) -> &str;
+    /// The channel applied changes are announced on to the other replicas (PostgreSQL only).
+    fn channel(&self) -> Option<&str>;
+
     async fn latest_consent(&self, org_id: &str) -> StoreResult<Option<ConsentRecord>>;
     async fn consent_version(
         &self,
@@ -246,6 +252,11 @@ pub trait ConsentStore: ChangeLog + Send + Sync + std::fmt::Debug + 'static {
 pub struct StagedPayload {
     pub change: Change,
     pub purge: Option<PurgeRecord>,
+    /// The org's policy revision the change was computed from: staging refuses it when the org
+    /// is at another revision by then (changed on another replica). None: not checked (changes
+    /// staged before this was kept).
+    #[serde(default)]
+    pub base_revision: Option<i64>,
 }
 
 impl StagedPayload {

@@ -30,12 +30,41 @@ const CONSENT_COLUMNS: &str = "org_id, version, usage_level, sharing_level, cont
 #[derive(Debug, Clone)]
 pub struct SqlStore {
     db: Database,
+    /// This store's name among the replicas sharing its database.
+    origin: String,
+    /// Where applied changes are announced to the other replicas (PostgreSQL): one channel per
+    /// database and schema, so stores in other schemas of the same server do not hear them.
+    channel: Option<String>,
 }
 
 impl SqlStore {
-    pub fn new(db: Database) -> Self {
-        Self { db }
+    pub async fn new(db: Database) -> Result<Self, sqlx::Error> {
+        let channel = match &db {
+            Database::Sqlite(_) => None,
+            Database::Postgres(_) => {
+                let (place,): (String,) =
+                    sql::query_as("SELECT current_database() || '.' || current_schema()")
+                        .fetch_one(&db)
+                        .await?;
+                let digest = <sha2::Sha256 as sha2::Digest>::digest(place.as_bytes());
+                Some(format!("sightline_policy_{}", hex::encode(&digest[..8])))
+            }
+        };
+        Ok(Self {
+            db,
+            origin: uuid::Uuid::new_v4().simple().to_string(),
+            channel,
+        })
     }
+}
+
+/// What an applied change announces to the other replicas: its org, the instances whose policy it
+/// changed, and which store applied it (that replica has told its own watchers).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Notice {
+    pub origin: String,
+    pub org_id: String,
+    pub instance_ids: Vec<String>,
 }
 
 async fn write_change(tx: &mut Tx, change: &Change) -> StoreResult<()> {
@@ -220,6 +249,14 @@ async fn write_change(tx: &mut Tx, change: &Change) -> StoreResult<()> {
 
 #[async_trait]
 impl ConsentStore for SqlStore {
+    fn origin(&self) -> &str {
+        &self.origin
+    }
+
+    fn channel(&self) -> Option<&str> {
+        self.channel.as_deref()
+    }
+
     async fn latest_consent(&self, org_id: &str) -> StoreResult<Option<ConsentRecord>> {
         Ok(sql::query(sqlx::AssertSqlSafe(format!(
             "SELECT {CONSENT_COLUMNS} FROM consent_versions WHERE org_id = $1 ORDER BY version
@@ -380,16 +417,47 @@ impl ConsentStore for SqlStore {
     }
 }
 
+/// Why a change computed from an org's older state is refused.
+const CONCURRENT: &str = "the org was changed at the same time (by another replica); nothing was changed: read it \
+     again and retry";
+
 #[async_trait]
 impl ChangeLog for SqlStore {
+    /// Stages the change unless the org moved on: one staged change per org at a time (a unique
+    /// index: a second replica's change waits for the first's transaction and is then refused),
+    /// and the org still at the revision the change was computed from, both checked in the
+    /// transaction that stages it. So two replicas changing one org at once leave one change
+    /// staged, audited and applied, and the other refused with nothing staged or audited.
     async fn stage(&self, change: &StagedChange) -> Result<(), ChangeLogError> {
-        staged_rows::insert(&self.db, change).await
+        let base = StagedPayload::decode(&change.payload)?.base_revision;
+        let mut tx = self.db.begin().await.map_err(db)?;
+        match staged_rows::insert(&mut tx, change).await {
+            Err(ChangeLogError::Concurrent(_)) => {
+                return Err(ChangeLogError::Concurrent(CONCURRENT.to_owned()));
+            }
+            other => other?,
+        }
+        if let Some(base) = base {
+            let current =
+                sql::query_as::<(i64,)>("SELECT revision FROM policy_state WHERE org_id = $1")
+                    .bind(&change.org_id)
+                    .fetch_optional(&mut tx)
+                    .await
+                    .map_err(db)?
+                    .map_or(0, |(revision,)| revision);
+            if current != base {
+                return Err(ChangeLogError::Concurrent(CONCURRENT.to_owned()));
+            }
+        }
+        tx.commit().await.map_err(db)?;
+        Ok(())
     }
 
     async fn apply(&self, change: &StagedChange) -> Result<(), ChangeLogError> {
         let StagedPayload {
             change: staged,
             purge,
+            ..
         } = StagedPayload::decode(&change.payload)?;
         let mut tx = self.db.begin().await.map_err(db)?;
         if !staged_rows::delete(&mut tx, &change.change_id).await? {
@@ -406,6 +474,23 @@ impl ChangeLog for SqlStore {
         .fetch_one(&mut tx)
         .await
         .map_err(db)?;
+        if let Some(channel) = &self.channel {
+            // Delivered to every listening replica when (and only if) this transaction commits.
+            let notice = Notice {
+                origin: self.origin.clone(),
+                org_id: staged.org_id().to_owned(),
+                instance_ids: match &staged {
+                    Change::Override { instance_id, .. } => vec![instance_id.clone()],
+                    _ => Vec::new(),
+                },
+            };
+            sql::query("SELECT pg_notify($1, $2)")
+                .bind(channel.as_str())
+                .bind(serde_json::to_string(&notice).unwrap_or_default())
+                .execute(&mut tx)
+                .await
+                .map_err(db)?;
+        }
         if let Some(p) = purge {
             sql::query(sqlx::AssertSqlSafe(format!(
                 "INSERT INTO purges ({PURGE_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9,
