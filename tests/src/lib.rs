@@ -264,6 +264,19 @@ impl TestLinker {
         AuditServiceClient::new(self.channel().await)
     }
 
+    /// The targets of the org's audit entries with `action`, sorted.
+    pub async fn audited(&self, org: &TestOrg, action: &str) -> Vec<String> {
+        let mut targets: Vec<String> = self
+            .audit_events(org)
+            .await
+            .into_iter()
+            .filter(|e| e.action == action)
+            .map(|e| e.target)
+            .collect();
+        targets.sort();
+        targets
+    }
+
     /// The org's audit log (its first 1000 entries), read by its admin.
     pub async fn audit_events(&self, org: &TestOrg) -> Vec<sightline_proto::audit::v1::AuditEvent> {
         self.audit()

@@ -97,14 +97,7 @@ async fn changes_taken_by_two_replicas_at_once_stay_contiguous_receipted_and_aud
         }
     }
     // The audit log names each stored version once, and nothing else of consent.
-    let mut audited: Vec<String> = linker
-        .audit_events(&org)
-        .await
-        .into_iter()
-        .filter(|e| e.action == "consent.updated")
-        .map(|e| e.target)
-        .collect();
-    audited.sort();
+    let audited = linker.audited(&org, "consent.updated").await;
     let mut expected: Vec<String> = (1..=2 * ROUNDS).map(|v| format!("v{v}")).collect();
     expected.sort();
     assert_eq!(audited, expected);

@@ -410,14 +410,7 @@ async fn a_silent_linker_stops_new_credentials_and_audited_changes_until_it_answ
         current.settings.unwrap().usage_level,
         UsageLevel::Advanced as i32
     );
-    let mut audited: Vec<String> = linker
-        .audit_events(&a)
-        .await
-        .into_iter()
-        .filter(|e| e.action == "consent.updated")
-        .map(|e| e.target)
-        .collect();
-    audited.sort();
+    let audited = linker.audited(&a, "consent.updated").await;
     let versions: Vec<String> = (1..=current.version).map(|v| format!("v{v}")).collect();
     assert_eq!(audited, versions);
     // The audit chain is whole.

@@ -395,6 +395,13 @@ const INSTANCE: &str = "0190a000-0000-7000-8000-0000000000a1";
 const COLUMNS: &str = "instance_id, event_id, org_id, location, kind, occurred_at, stored_at, \
                        name, value, subject, consent_version, policy_revision, body";
 
+/// The database at `url` with the collector's own migrations run.
+async fn collector_store(url: &str) -> sightline_runtime::storage::Database {
+    sightline_runtime::storage::connect(url, collector_svc::store::MIGRATIONS)
+        .await
+        .unwrap()
+}
+
 /// A fresh SQLite store with the collector's own migrations (the same table, the same indexes, the
 /// same pragmas: WAL, synchronous=FULL), and the directory that holds it.
 async fn fresh_sqlite() -> (sqlx::SqlitePool, tempfile::TempDir) {
@@ -403,11 +410,7 @@ async fn fresh_sqlite() -> (sqlx::SqlitePool, tempfile::TempDir) {
         .tempdir()
         .unwrap();
     let url = sightline_runtime::storage::default_sqlite_url(dir.path(), "reference");
-    let sightline_runtime::storage::Database::Sqlite(pool) =
-        sightline_runtime::storage::connect(&url, collector_svc::store::MIGRATIONS)
-            .await
-            .unwrap()
-    else {
+    let sightline_runtime::storage::Database::Sqlite(pool) = collector_store(&url).await else {
         unreachable!()
     };
     (pool, dir)
@@ -520,10 +523,7 @@ async fn postgres_references(rows: &[StoredRow], sessions: usize) -> (f64, f64) 
         let url = sightline_runtime::testing::fresh_postgres_url()
             .await
             .unwrap();
-        let sightline_runtime::storage::Database::Postgres(pool) =
-            sightline_runtime::storage::connect(&url, collector_svc::store::MIGRATIONS)
-                .await
-                .unwrap()
+        let sightline_runtime::storage::Database::Postgres(pool) = collector_store(&url).await
         else {
             unreachable!()
         };
