@@ -521,6 +521,36 @@ async fn reports_of_one_org_never_include_another(backend: Backend) {
     assert_eq!(theirs.len(), 2);
 }
 
+async fn passes_taking_dirty_hours_at_once_each_take_an_hour_once(backend: Backend) {
+    let (store, _guard) = backend.open().await;
+    const HOURS: i64 = 60;
+    let rows = (0..HOURS)
+        .map(|h| metric(&format!("m{h}"), T0 + h * 3_600_000 + 1, 1.0))
+        .collect();
+    commit_one(&store, batch(ORG, INSTANCE, 1, rows)).await;
+    // Six passes (as on six replicas) take at once, a few hours at a time, until none is left.
+    let passes = (0..6).map(|_| {
+        let store = store.clone();
+        tokio::spawn(async move {
+            let mut taken = Vec::new();
+            loop {
+                let some = store.take_dirty_hours(i64::MAX, 3, &[]).await.unwrap();
+                if some.is_empty() {
+                    return taken;
+                }
+                taken.extend(some.into_iter().map(|(_, _, hour)| hour));
+            }
+        })
+    });
+    let mut taken: Vec<i64> = Vec::new();
+    for pass in passes.collect::<Vec<_>>() {
+        taken.extend(pass.await.unwrap());
+    }
+    taken.sort_unstable();
+    let every: Vec<i64> = (0..HOURS).map(|h| T0 + h * 3_600_000).collect();
+    assert_eq!(taken, every, "each hour taken once, none left out");
+}
+
 async fn rollups_are_made_from_dirty_hours_and_read_by_range(backend: Backend) {
     let (store, _guard) = backend.open().await;
     let hour = T0;
@@ -1301,6 +1331,7 @@ suite!(
     views_count_once_per_viewer_inside_the_blocking_time,
     reports_of_one_org_never_include_another,
     rollups_are_made_from_dirty_hours_and_read_by_range,
+    passes_taking_dirty_hours_at_once_each_take_an_hour_once,
     a_purge_removes_exactly_what_it_counted_and_remembers_the_ids,
     a_purge_is_staged_by_one_purger_only_until_discarded,
     a_purge_strips_classes_from_covered_records,

@@ -79,24 +79,21 @@ pub(super) async fn take_dirty_hours(
     } else {
         format!(" AND org_id NOT IN {}", placeholders(3, skip.len()))
     };
+    // Taken before the samples are read (a sample stored meanwhile marks the hour again), and
+    // taken in one statement: of passes on several replicas, each hour goes to the one whose
+    // DELETE removed it, so it is rolled up once.
     let mut query = sql::query(sqlx::AssertSqlSafe(format!(
-        "SELECT org_id, instance_id, hour FROM rollup_dirty WHERE hour < $1{skipped} ORDER BY
-                hour LIMIT $2"
+        "DELETE FROM rollup_dirty WHERE (instance_id, hour) IN (SELECT instance_id, hour FROM
+                rollup_dirty WHERE hour < $1{skipped} ORDER BY hour LIMIT $2)
+             RETURNING org_id, instance_id, hour"
     )))
     .bind(before)
     .bind(limit);
     for org_id in skip {
         query = query.bind(org_id);
     }
-    let rows: Vec<(String, String, i64)> = query.fetch_all(&store.db).await?;
-    for (_, instance_id, hour) in &rows {
-        // Taken before the samples are read: a sample stored meanwhile marks it again.
-        sql::query("DELETE FROM rollup_dirty WHERE instance_id = $1 AND hour = $2")
-            .bind(instance_id)
-            .bind(hour)
-            .execute(&store.db)
-            .await?;
-    }
+    let mut rows: Vec<(String, String, i64)> = query.fetch_all(&store.db).await?;
+    rows.sort_by_key(|(_, _, hour)| *hour);
     Ok(rows)
 }
 
