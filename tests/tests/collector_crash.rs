@@ -137,7 +137,11 @@ async fn sender(
     acked
 }
 
-async fn kill_loop(database_url: Option<String>) {
+/// Kills collector-svc with SIGKILL over and over while four streams send (restarting it on the
+/// same address). With `replicas` 2 (PostgreSQL), a second replica on the same store keeps serving
+/// and the clients balance over both (tonic's client-side balancing): only the first is killed, so
+/// a batch a killed replica committed without answering may be retried on the other.
+async fn kill_loop(database_url: Option<String>, replicas: usize) {
     let linker = TestLinker::start(LinkerOptions {
         quiet: true,
         ..LinkerOptions::default()
@@ -148,12 +152,18 @@ async fn kill_loop(database_url: Option<String>) {
     let instance = linker.link_instance(&org, "SRV-A").await;
     opt_in(&consent, &org, UsageLevel::Basic, SharingLevel::Basic).await;
     let unbound: SocketAddr = "127.0.0.1:0".parse().unwrap();
-    let mut process =
-        CollectorProcess::start(&linker, &consent, unbound, database_url.as_deref()).await;
-    let addr = process.addr;
-    let channel = GrpcChannel::from_shared(format!("http://{addr}"))
-        .unwrap()
-        .connect_lazy();
+    let mut processes = Vec::new();
+    for _ in 0..replicas {
+        processes.push(
+            CollectorProcess::start(&linker, &consent, unbound, database_url.as_deref()).await,
+        );
+    }
+    let addrs: Vec<SocketAddr> = processes.iter().map(|p| p.addr).collect();
+    let channel = GrpcChannel::balance_list(
+        addrs
+            .iter()
+            .map(|addr| GrpcChannel::from_shared(format!("http://{addr}")).unwrap()),
+    );
     let stop = CancellationToken::new();
     let counted = Arc::new(AtomicUsize::new(0));
     let senders: Vec<_> = (0..4)
@@ -174,8 +184,9 @@ async fn kill_loop(database_url: Option<String>) {
     let mut kills = 0;
     while kills < 20 || (counted.load(Ordering::Relaxed) < 1_000 && kills < 200) {
         tokio::time::sleep(Duration::from_millis(rand::random_range(150..400))).await;
-        process.kill9().await;
-        process = CollectorProcess::start(&linker, &consent, addr, database_url.as_deref()).await;
+        processes[0].kill9().await;
+        processes[0] =
+            CollectorProcess::start(&linker, &consent, addrs[0], database_url.as_deref()).await;
         kills += 1;
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -184,7 +195,7 @@ async fn kill_loop(database_url: Option<String>) {
     for s in senders {
         acked.extend(s.await.unwrap());
     }
-    drop(process);
+    drop(processes);
     assert!(acked.len() >= 1_000, "{} acknowledged", acked.len());
     let url = database_url.unwrap_or_else(|| {
         format!(
@@ -220,15 +231,17 @@ async fn kill_loop(database_url: Option<String>) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn kill_9_in_the_middle_of_streams_loses_and_doubles_nothing_acknowledged_on_sqlite() {
-    kill_loop(None).await;
+    kill_loop(None, 1).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn kill_9_in_the_middle_of_streams_loses_and_doubles_nothing_acknowledged_on_postgres() {
-    let url = sightline_runtime::testing::fresh_postgres_url()
-        .await
-        .unwrap();
-    kill_loop(Some(url)).await;
+    kill_loop(sightline_runtime::testing::postgres_url_if(true).await, 1).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_replicas_one_killed_9_over_and_over_lose_and_double_nothing_acknowledged() {
+    kill_loop(sightline_runtime::testing::postgres_url_if(true).await, 2).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
