@@ -166,7 +166,11 @@ struct Target {
 }
 
 async fn collector(target: &str) -> Target {
-    let database_url = sightline_runtime::testing::postgres_url_if(target == "postgres").await;
+    // `postgres@URL`: a replica on a store another replica shares.
+    let database_url = match target.split_once('@') {
+        Some((_, url)) => Some(url.to_owned()),
+        None => sightline_runtime::testing::postgres_url_if(target == "postgres").await,
+    };
     let (limits, linker, consent) = sightline_tests::bench::unlimited_stack().await;
     let collector = TestCollector::start(
         &linker,
@@ -260,10 +264,21 @@ async fn closed_loop(
     size: usize,
     seconds: u64,
 ) -> (f64, Vec<f64>) {
+    closed_loop_over(std::slice::from_ref(target), clients, size, seconds).await
+}
+
+/// [`closed_loop`] with the callers spread over `targets` in turn.
+async fn closed_loop_over(
+    targets: &[Target],
+    clients: usize,
+    size: usize,
+    seconds: u64,
+) -> (f64, Vec<f64>) {
     let accepted = Arc::new(AtomicU64::new(0));
     let deadline = Instant::now() + Duration::from_secs(seconds);
     let mut tasks = Vec::new();
     for c in 0..clients {
+        let target = &targets[c % targets.len()];
         let client = CollectorServiceClient::new(channel(target.addr).await)
             .max_encoding_message_size(16 * 1024 * 1024);
         let (credential, accepted) = (target.credential.clone(), accepted.clone());
@@ -572,6 +587,45 @@ async fn collector_run(store: &str, clients: usize, size: usize, seconds: u64) -
     (rate, cpu / events * 1e6)
 }
 
+/// `replicas` collectors on one fresh PostgreSQL store, each a child process with the linker-svc and
+/// consent-svc it needs, the callers spread over them: events per second in all, and each
+/// replica's server CPU per event.
+async fn replicas_run(replicas: usize, clients: usize, size: usize, seconds: u64) {
+    let url = sightline_runtime::testing::fresh_postgres_url()
+        .await
+        .unwrap();
+    let children: Vec<Child> = (0..replicas)
+        .map(|_| Child::spawn(&format!("postgres@{url}")))
+        .collect();
+    let targets: Vec<Target> = children
+        .iter()
+        .map(|c| Target {
+            addr: c.target.addr,
+            credential: c.target.credential.clone(),
+            _keep: Vec::new(),
+        })
+        .collect();
+    closed_loop_over(&targets, clients, size, 2).await;
+    let cpu: Vec<f64> = children.iter().map(Child::cpu_seconds).collect();
+    let started = Instant::now();
+    let (rate, latencies) = closed_loop_over(&targets, clients, size, seconds).await;
+    let events = rate * started.elapsed().as_secs_f64();
+    report(
+        &format!("{replicas} collector replicas, postgres"),
+        rate,
+        &latencies,
+    );
+    for (n, (child, before)) in children.iter().zip(cpu).enumerate() {
+        let used = child.cpu_seconds() - before;
+        println!(
+            "  replica {n}: {:.2} CPU-seconds, {:.2} µs per event of all; peak RSS {:.0} MiB",
+            used,
+            used / events * 1e6,
+            child.peak_rss_mib()
+        );
+    }
+}
+
 /// Durable ingest against the fastest known way to put the same rows into the same table, in
 /// `pairs` alternated pairs (collector, then reference), each on a fresh store.
 async fn against_reference(store: &str, pairs: usize, clients: usize, size: usize, seconds: u64) {
@@ -720,6 +774,7 @@ options:
   --clients N   closed-loop callers (default 8)
   --batch N     events per call (default 1000; 100 for optout)
   --pairs N     alternated pairs for sqlite|postgres (default 3; 0: the collector alone)
+  --replicas N  postgres only: N collector replicas on one store, the callers spread over them
   --rows N      rows for reference-* (default 500000)
   --store S     optout's store (sqlite or postgres)
   --changes N   optout's consent changes (default 50)";
@@ -734,6 +789,7 @@ async fn main() {
             ("--clients", true),
             ("--batch", true),
             ("--pairs", true),
+            ("--replicas", true),
             ("--rows", true),
             ("--store", true),
             ("--changes", true),
@@ -758,6 +814,9 @@ async fn main() {
     let clients = arg("--clients", 8) as usize;
     let size = arg("--batch", 1_000) as usize;
     match target.as_str() {
+        "postgres" if arg("--replicas", 1) > 1 => {
+            replicas_run(arg("--replicas", 1) as usize, clients, size, seconds).await;
+        }
         "sqlite" | "postgres" => match arg("--pairs", 3) as usize {
             0 => {
                 collector_run(&target, clients, size, seconds).await;
