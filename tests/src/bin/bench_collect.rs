@@ -566,10 +566,11 @@ async fn postgres_references(rows: &[StoredRow], sessions: usize) -> (f64, f64) 
     (one, parallel)
 }
 
-/// The collector on `store`, durable, as a child process: events per second of a closed loop of
-/// `clients` × `size` for `seconds` (after two seconds of warm-up), and its CPU per event.
-async fn collector_run(store: &str, clients: usize, size: usize, seconds: u64) -> (f64, f64) {
-    let child = Child::spawn(store);
+/// The server `target` (the collector on a store, the discarding collector, or the no-op server) as
+/// a child process: events per second of a closed loop of `clients` × `size` for `seconds` (after
+/// two seconds of warm-up), and its CPU per event.
+async fn collector_run(target: &str, clients: usize, size: usize, seconds: u64) -> (f64, f64) {
+    let child = Child::spawn(target);
     closed_loop(&child.target, clients, size, 2).await;
     let cpu = child.cpu_seconds();
     let started = Instant::now();
@@ -577,7 +578,7 @@ async fn collector_run(store: &str, clients: usize, size: usize, seconds: u64) -
     let events = rate * started.elapsed().as_secs_f64();
     let cpu = child.cpu_seconds() - cpu;
     measured(
-        &format!("  collector {store}"),
+        &format!("  collector {target}"),
         &child,
         rate,
         &latencies,
@@ -824,14 +825,7 @@ async fn main() {
             pairs => against_reference(&target, pairs, clients, size, seconds).await,
         },
         "noop" | "discard" => {
-            let child = Child::spawn(&target);
-            closed_loop(&child.target, clients, size, 2).await;
-            let cpu = child.cpu_seconds();
-            let started = Instant::now();
-            let (rate, latencies) = closed_loop(&child.target, clients, size, seconds).await;
-            let events = rate * started.elapsed().as_secs_f64();
-            let cpu = child.cpu_seconds() - cpu;
-            measured(&target, &child, rate, &latencies, cpu, events);
+            collector_run(&target, clients, size, seconds).await;
         }
         "reference-sqlite" | "baseline-sqlite" => {
             let (rate, how) = best_sqlite_reference(&rows(arg("--rows", 500_000) as usize)).await;
