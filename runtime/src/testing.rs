@@ -9,7 +9,6 @@ pub fn postgres_base_url() -> String {
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_owned())
 }
 
-/// Creates an empty schema and returns a URL that puts it first on the search path.
 /// A fresh PostgreSQL schema's URL when `postgres`, else None (the embedded SQLite default).
 /// Panics when PostgreSQL cannot be reached: a test or benchmark that asked for it cannot run.
 pub async fn postgres_url_if(postgres: bool) -> Option<String> {
@@ -22,6 +21,7 @@ pub async fn postgres_url_if(postgres: bool) -> Option<String> {
     }
 }
 
+/// Creates an empty schema and returns a URL that puts it first on the search path.
 pub async fn fresh_postgres_url() -> Result<String, sqlx::Error> {
     let base = postgres_base_url();
     let schema = format!("t_{}", uuid::Uuid::now_v7().simple());

@@ -78,7 +78,6 @@ impl Default for ApiOptions {
     }
 }
 
-/// Everything the handlers share.
 /// One change's turn at an org: this process's lock of the org, and the org's policy revision
 /// the change is computed from.
 #[derive(Debug)]
@@ -87,6 +86,7 @@ pub(crate) struct Turn {
     revision: i64,
 }
 
+/// Everything the handlers share.
 #[derive(Debug, Clone)]
 pub struct ConsentApi {
     store: Arc<dyn ConsentStore>,

@@ -418,8 +418,8 @@ impl ConsentStore for SqlStore {
 }
 
 /// Why a change computed from an org's older state is refused.
-const CONCURRENT: &str = "the org was changed at the same time (by another replica); nothing was changed: read it \
-     again and retry";
+const CONCURRENT: &str = "the org was changed at the same time (by another replica); nothing \
+                          was changed: read it again and retry";
 
 #[async_trait]
 impl ChangeLog for SqlStore {

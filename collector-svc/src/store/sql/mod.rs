@@ -304,9 +304,9 @@ impl SqlStore {
     }
 
     /// Inserts a batch's rows; per row, whether this insert stored it (false: its id was
-    /// stored before). None when `careful` is off and a repeated id was met: SQLite's
-    /// fast path cannot tell which row it was, so the caller rolls back and commits again
-    /// carefully.
+    /// stored before). PostgreSQL: [`Self::insert_rows_postgres`]. SQLite: None when `careful`
+    /// is off and a repeated id was met: the fast path cannot tell which row it was, so the
+    /// caller rolls back and commits again carefully.
     async fn insert_rows(
         tx: &mut Tx,
         batch: &Batch,
@@ -316,18 +316,13 @@ impl SqlStore {
         if let Tx::Postgres(pg) = tx {
             return Ok(Some(Self::insert_rows_postgres(pg, batch, location).await?));
         }
-        // PostgreSQL's concurrent writers learn which rows were theirs from RETURNING.
-        let returning = tx.backend() == Backend::Postgres;
         let mut inserted = Vec::with_capacity(batch.rows.len());
         for chunk in batch.rows.chunks(INSERT_CHUNK) {
             // SQLite has one writer at a time: what is not stored before this statement is
             // stored by it. Reading that first (careful) is far cheaper there than
             // RETURNING, whose rows cross from SQLite's thread one by one; and a batch of
             // ids never seen (the usual case) needs neither: the count says so.
-            // PostgreSQL's concurrent writers need RETURNING to know which rows were theirs.
-            let existing: HashSet<String> = if returning || !careful {
-                HashSet::new()
-            } else {
+            let existing: HashSet<String> = if careful {
                 let mut query = sql::Builder::new(
                     tx.backend(),
                     "SELECT event_id FROM events WHERE instance_id = ",
@@ -342,21 +337,17 @@ impl SqlStore {
                 query.push(")");
                 let found: Vec<(String,)> = query.build().fetch_all(&mut *tx).await?;
                 found.into_iter().map(|(id,)| id).collect()
+            } else {
+                HashSet::new()
             };
-            // On SQLite, OR IGNORE: no constraint can then abort the statement halfway, so
-            // SQLite keeps no statement journal for it (a copy of every page it changes).
-            // Only the key can conflict; the count below proves it.
+            // OR IGNORE: no constraint can then abort the statement halfway, so SQLite keeps
+            // no statement journal for it (a copy of every page it changes). Only the key can
+            // conflict; the count below proves it.
             let mut query = sql::Builder::new(
                 tx.backend(),
-                if returning {
-                    "INSERT INTO events (instance_id, event_id, org_id, location, kind,
-                        occurred_at, stored_at, name, value, subject, consent_version,
-                        policy_revision, body) "
-                } else {
-                    "INSERT OR IGNORE INTO events (instance_id, event_id, org_id, location, kind,
-                        occurred_at, stored_at, name, value, subject, consent_version,
-                        policy_revision, body) "
-                },
+                "INSERT OR IGNORE INTO events (instance_id, event_id, org_id, location, kind,
+                    occurred_at, stored_at, name, value, subject, consent_version,
+                    policy_revision, body) ",
             );
             query.push_values(chunk, |b, row| {
                 b.push_bind(&batch.instance_id)
@@ -373,29 +364,22 @@ impl SqlStore {
                     .push_bind(batch.policy_revision)
                     .push_bind(row.body.as_slice());
             });
-            if returning {
-                query.push(" ON CONFLICT (instance_id, event_id) DO NOTHING RETURNING event_id");
-                let ids: Vec<(String,)> = query.build().fetch_all(&mut *tx).await?;
-                let ids: HashSet<String> = ids.into_iter().map(|(id,)| id).collect();
-                inserted.extend(chunk.iter().map(|row| ids.contains(&row.event_id)));
+            let stored = query.build().execute(&mut *tx).await?.rows_affected();
+            let expected = chunk
+                .iter()
+                .filter(|row| !existing.contains(&row.event_id))
+                .count();
+            if usize::try_from(stored).ok() == Some(expected) {
+                inserted.extend(chunk.iter().map(|row| !existing.contains(&row.event_id)));
+            } else if careful {
+                // Something other than a repeated id was ignored: nothing of the
+                // transaction may stand, or an ack would cover a row not stored.
+                return Err(StoreError::Inconsistent(format!(
+                    "an insert of {} events stored {stored}, {expected} expected",
+                    chunk.len()
+                )));
             } else {
-                let stored = query.build().execute(&mut *tx).await?.rows_affected();
-                let expected = chunk
-                    .iter()
-                    .filter(|row| !existing.contains(&row.event_id))
-                    .count();
-                if usize::try_from(stored).ok() == Some(expected) {
-                    inserted.extend(chunk.iter().map(|row| !existing.contains(&row.event_id)));
-                } else if careful {
-                    // Something other than a repeated id was ignored: nothing of the
-                    // transaction may stand, or an ack would cover a row not stored.
-                    return Err(StoreError::Inconsistent(format!(
-                        "an insert of {} events stored {stored}, {expected} expected",
-                        chunk.len()
-                    )));
-                } else {
-                    return Ok(None);
-                }
+                return Ok(None);
             }
         }
         Ok(Some(inserted))
