@@ -63,6 +63,30 @@ pub fn retry_hint(status: &tonic::Status) -> Option<Duration> {
         .map(Duration::from_millis)
 }
 
+/// Makes `call` until it is answered, retrying UNAVAILABLE (nothing was done) for up to
+/// `patience`: after the `retry-after-ms` hint when there is one (within 50 ms to 5 s), else after
+/// half a second. Any other answer, or UNAVAILABLE past `patience`, is returned as it is.
+pub async fn patiently<T>(
+    patience: Duration,
+    mut call: impl AsyncFnMut() -> Result<T, tonic::Status>,
+) -> Result<T, tonic::Status> {
+    let until = std::time::Instant::now() + patience;
+    loop {
+        match call().await {
+            Err(status)
+                if status.code() == tonic::Code::Unavailable
+                    && std::time::Instant::now() < until =>
+            {
+                let wait = retry_hint(&status).map_or(Duration::from_millis(500), |hint| {
+                    hint.clamp(Duration::from_millis(50), Duration::from_secs(5))
+                });
+                tokio::time::sleep(wait).await;
+            }
+            answered => return answered,
+        }
+    }
+}
+
 /// Exponential backoff with full jitter, never shorter than a server's hint.
 #[derive(Debug, Clone)]
 pub struct Backoff {

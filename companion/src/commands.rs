@@ -73,8 +73,9 @@ fn read_key(source: KeySource) -> anyhow::Result<Secret> {
     }
 }
 
-/// How long a link waits out refusals that say when to come back.
-const LINK_PATIENCE: Duration = Duration::from_secs(60);
+/// How long a command waits out refusals that say when to come back (UNAVAILABLE: a service
+/// without its policies yet, an org's data moving).
+const PATIENCE: Duration = Duration::from_secs(60);
 
 /// Links the instance and keeps its secrets in the vault; returns what to print.
 pub async fn link(
@@ -91,41 +92,29 @@ pub async fn link(
     let mut linker = LinkerServiceClient::new(channel(&endpoints.linker, endpoints.ca.as_deref())?);
     // A refusal that says when to come back (linker-svc has no policy yet, or the org's data
     // moves) is retried for a while: nothing was linked, or linking again finishes it.
-    let patience = std::time::Instant::now() + LINK_PATIENCE;
-    let linked = loop {
-        let request = LinkInstanceRequest {
-            metadata: Some(InstanceMetadata {
-                server_id: args.server_id.clone(),
-                base_url: args.base_url.clone(),
-                product: args.product.clone(),
-                version: args.version.clone(),
-                license_sen: args.license_sen.clone(),
-                ..Default::default()
-            }),
-            app_links: Vec::new(),
-        };
-        match linker.link_instance(unary(&key, request)).await {
-            Ok(linked) => break linked.into_inner(),
-            Err(status)
-                if status.code() == tonic::Code::Unavailable
-                    && std::time::Instant::now() < patience =>
-            {
-                if let Some(wait) = crate::client::retry_hint(&status) {
-                    tokio::time::sleep(
-                        wait.clamp(Duration::from_millis(50), Duration::from_secs(5)),
-                    )
-                    .await;
-                    continue;
-                }
-                tokio::time::sleep(Duration::from_millis(500)).await;
-            }
-            Err(status) => anyhow::bail!(
-                "linker-svc refused the link: {:?}: {}",
-                status.code(),
-                status.message()
-            ),
-        }
+    let request = LinkInstanceRequest {
+        metadata: Some(InstanceMetadata {
+            server_id: args.server_id.clone(),
+            base_url: args.base_url.clone(),
+            product: args.product.clone(),
+            version: args.version.clone(),
+            license_sen: args.license_sen.clone(),
+            ..Default::default()
+        }),
+        app_links: Vec::new(),
     };
+    let linked = crate::client::patiently(PATIENCE, async || {
+        linker.link_instance(unary(&key, request.clone())).await
+    })
+    .await
+    .map_err(|status| {
+        anyhow::anyhow!(
+            "linker-svc refused the link: {:?}: {}",
+            status.code(),
+            status.message()
+        )
+    })?
+    .into_inner();
     let instance = linked
         .instance
         .ok_or_else(|| anyhow::anyhow!("linker-svc returned no instance"))?;
@@ -244,17 +233,21 @@ pub async fn sample(home: &Home, inbox: &Path, json: bool) -> anyhow::Result<Str
     let mut collector = CollectorServiceClient::new(channel(&state.endpoints.collector, ca)?)
         .max_decoding_message_size(16 << 20)
         .max_encoding_message_size(16 << 20);
-    let preview = collector
-        .preview_sample(unary(
-            &credential,
-            PreviewSampleRequest {
-                events: events.clone(),
-                ..Default::default()
-            },
-        ))
-        .await
-        .map_err(|s| anyhow::anyhow!("collector-svc: {:?}: {}", s.code(), s.message()))?
-        .into_inner();
+    // The collector refuses until it holds the org's policy (just after linking, say): wait.
+    let preview = crate::client::patiently(PATIENCE, async || {
+        collector
+            .preview_sample(unary(
+                &credential,
+                PreviewSampleRequest {
+                    events: events.clone(),
+                    ..Default::default()
+                },
+            ))
+            .await
+    })
+    .await
+    .map_err(|s| anyhow::anyhow!("collector-svc: {:?}: {}", s.code(), s.message()))?
+    .into_inner();
     if json {
         return Ok(crate::bundle::canonical_json(
             &preview,
