@@ -66,7 +66,7 @@ fn the_descriptor_set_holds_every_service_of_the_spec() {
     expect(
         "sightline.linker.v1",
         "LinkerService",
-        "CreateOrg, CreateAdminToken, RevokeAdminToken, CreateLinkKey, RegenerateLinkKey, ListLinkKeys, LinkInstance, ListInstances, UnlinkInstance, ValidateCredential, RevokeCredential, ClaimDomain, VerifyDomain, ImportLicenses, DetectInstances",
+        "CreateOrg, ListOrgs, CreateAdminToken, RevokeAdminToken, ListAdminTokens, CreateLinkKey, RegenerateLinkKey, ListLinkKeys, LinkInstance, ListInstances, UnlinkInstance, ValidateCredential, RevokeCredential, ClaimDomain, VerifyDomain, ImportLicenses, DetectInstances",
     );
     expect(
         "sightline.audit.v1",

@@ -48,12 +48,36 @@ pub struct Settings {
     pub consent: ServiceSettings,
     pub collector: ServiceSettings,
     pub insights: ServiceSettings,
+    /// The web console (the `[console]` section).
+    pub console: ConsoleSettings,
     /// How collector-svc stores, rolls up and shares what it collects.
     pub collection: CollectionSettings,
     /// Who owns data that a residency move must carry (the `[residency]` section).
     pub residency: ResidencySettings,
     /// How insights-svc scores, keeps and accepts uploads (the `[analysis]` section).
     pub analysis: AnalysisSettings,
+}
+
+/// The web console's settings (the `[console]` section).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ConsoleSettings {
+    /// Where the console serves HTTP (HTTPS when `tls` is set); port 0 picks a free one.
+    pub listen: SocketAddr,
+    /// A signed-in session ends after this long without a request.
+    pub session_idle_ms: u64,
+    /// At most this many sessions are held; beyond it the least recently used one ends.
+    pub max_sessions: usize,
+}
+
+impl Default for ConsoleSettings {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            session_idle_ms: 30 * 60 * 1_000,
+            max_sessions: 10_000,
+        }
+    }
 }
 
 /// insights-svc's own settings (the `[analysis]` section).
@@ -202,6 +226,7 @@ impl Default for Settings {
             consent: ServiceSettings::local(50052),
             collector: ServiceSettings::local(50053),
             insights: ServiceSettings::local(50054),
+            console: ConsoleSettings::default(),
             collection: CollectionSettings::default(),
             residency: ResidencySettings::default(),
             analysis: AnalysisSettings::default(),

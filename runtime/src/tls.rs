@@ -48,6 +48,22 @@ fn read_certs(path: &std::path::Path) -> Result<Vec<CertificateDer<'static>>, Tl
 
 /// The rustls server configuration for `settings`, offering HTTP/2 only.
 pub fn server_config(settings: &TlsSettings) -> Result<Arc<rustls::ServerConfig>, TlsError> {
+    config(settings, settings.client_ca.as_deref(), &[b"h2"])
+}
+
+/// The configuration a browser-facing server (the web console) uses: the same certificate, no
+/// client certificate asked for, HTTP/2 and HTTP/1.1.
+pub fn browser_server_config(
+    settings: &TlsSettings,
+) -> Result<Arc<rustls::ServerConfig>, TlsError> {
+    config(settings, None, &[b"h2", b"http/1.1"])
+}
+
+fn config(
+    settings: &TlsSettings,
+    client_ca: Option<&std::path::Path>,
+    alpn: &[&[u8]],
+) -> Result<Arc<rustls::ServerConfig>, TlsError> {
     let certs = read_certs(&settings.cert)?;
     let key = PrivateKeyDer::from_pem_file(&settings.key).map_err(|source| TlsError::Pem {
         what: "private key",
@@ -57,7 +73,7 @@ pub fn server_config(settings: &TlsSettings) -> Result<Arc<rustls::ServerConfig>
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?;
-    let builder = match &settings.client_ca {
+    let builder = match client_ca {
         Some(ca) => {
             let mut roots = RootCertStore::empty();
             for cert in read_certs(ca)? {
@@ -70,6 +86,6 @@ pub fn server_config(settings: &TlsSettings) -> Result<Arc<rustls::ServerConfig>
         None => builder.with_no_client_auth(),
     };
     let mut config = builder.with_single_cert(certs, key)?;
-    config.alpn_protocols = vec![b"h2".to_vec()];
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
     Ok(Arc::new(config))
 }

@@ -498,6 +498,13 @@ async fn an_org_admin_can_neither_read_nor_change_another_org() {
         })
     );
     call!(
+        "ListAdminTokens",
+        linker_client.list_admin_tokens(pb::ListAdminTokensRequest {
+            org_id: b.id.clone(),
+            ..Default::default()
+        })
+    );
+    call!(
         "ListInstances",
         linker_client.list_instances(pb::ListInstancesRequest {
             org_id: b.id.clone(),
@@ -595,6 +602,10 @@ async fn an_org_admin_can_neither_read_nor_change_another_org() {
         })
     );
     call!(
+        "ListOrgs",
+        linker_client.list_orgs(pb::ListOrgsRequest::default())
+    );
+    call!(
         "ImportLicenses",
         linker_client.import_licenses(pb::ImportLicensesRequest { licenses: vec![] })
     );
@@ -622,7 +633,7 @@ async fn an_org_admin_can_neither_read_nor_change_another_org() {
         })
     );
 
-    assert_eq!(outcomes.len(), 23);
+    assert_eq!(outcomes.len(), 25);
     for (name, outcome) in &outcomes {
         let status = outcome.as_ref().expect_err(name);
         assert!(
@@ -1163,4 +1174,82 @@ async fn a_stopped_server_closes_its_listener() {
         tokio::net::TcpStream::connect(addr).await.is_err(),
         "listener still open"
     );
+}
+
+/// The operator lists every org, page by page; an admin lists its own org's admin tokens, metadata
+/// only: the secrets appear nowhere in the answer.
+#[tokio::test]
+async fn the_operator_lists_orgs_and_an_admin_lists_its_tokens_without_secrets() {
+    let linker = TestLinker::start(LinkerOptions::default()).await;
+    let mut made = Vec::new();
+    for name in ["Alpha", "Bravo", "Charlie"] {
+        made.push(org(&linker, name).await);
+    }
+    let mut client = linker.linker().await;
+    let mut seen = Vec::new();
+    let mut token = String::new();
+    loop {
+        let page = client
+            .list_orgs(authed(
+                linker.operator.expose(),
+                pb::ListOrgsRequest {
+                    page_size: 2,
+                    page_token: token.clone(),
+                },
+            ))
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(page.orgs.len() <= 2);
+        seen.extend(page.orgs.into_iter().map(|o| (o.org_id, o.name)));
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        token = page.next_page_token;
+    }
+    let mut want: Vec<(String, String)> = made
+        .iter()
+        .zip(["Alpha", "Bravo", "Charlie"])
+        .map(|(o, n)| (o.id.clone(), n.to_owned()))
+        .collect();
+    want.sort();
+    assert_eq!(seen, want);
+
+    let alpha = &made[0];
+    let second = client
+        .create_admin_token(authed(
+            alpha.admin.as_str(),
+            pb::CreateAdminTokenRequest {
+                org_id: alpha.id.clone(),
+                label: "second".into(),
+                request_id: String::new(),
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    let listed = client
+        .list_admin_tokens(authed(
+            alpha.admin.as_str(),
+            pb::ListAdminTokensRequest {
+                org_id: alpha.id.clone(),
+                ..Default::default()
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    let ids: Vec<&str> = listed.tokens.iter().map(|t| t.token_id.as_str()).collect();
+    assert_eq!(ids.len(), 2);
+    assert!(ids.contains(&alpha.admin_id.as_str()));
+    assert!(ids.contains(&second.token.as_ref().unwrap().token_id.as_str()));
+    let shown = format!("{listed:?}");
+    assert!(!shown.contains(alpha.admin.as_str()));
+    assert!(!shown.contains(&second.secret));
+    // An admin is not the operator.
+    let refused = client
+        .list_orgs(authed(alpha.admin.as_str(), pb::ListOrgsRequest::default()))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::PermissionDenied);
 }

@@ -266,20 +266,7 @@ fn cursor(at: i64, id: &str) -> String {
     hex::encode(format!("c:{at}|{id}"))
 }
 
-/// "YYYY-MM-DD" of a day number (days since 1970-01-01).
-pub fn day_text(day: i64) -> String {
-    // Howard Hinnant's civil-from-days.
-    let z = day + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    format!("{y:04}-{m:02}-{d:02}")
-}
+pub use sightline_runtime::time::day_text;
 
 fn count(n: i64) -> u64 {
     u64::try_from(n).unwrap_or(0)

@@ -370,6 +370,20 @@ impl LinkerService for LinkerApi {
         orgs::regenerate_link_key(self, request).await
     }
 
+    async fn list_orgs(
+        &self,
+        request: Request<pb::ListOrgsRequest>,
+    ) -> GrpcResult<pb::ListOrgsResponse> {
+        orgs::list_orgs(self, request).await
+    }
+
+    async fn list_admin_tokens(
+        &self,
+        request: Request<pb::ListAdminTokensRequest>,
+    ) -> GrpcResult<pb::ListAdminTokensResponse> {
+        orgs::list_admin_tokens(self, request).await
+    }
+
     async fn list_link_keys(
         &self,
         request: Request<pb::ListLinkKeysRequest>,

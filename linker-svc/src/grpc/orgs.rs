@@ -29,6 +29,47 @@ pub(super) async fn create_org(
 }
 
 #[tracing::instrument(skip_all, fields(org_id = tracing::field::Empty, instance_id = tracing::field::Empty))]
+pub(super) async fn list_orgs(
+    api: &LinkerApi,
+    request: Request<pb::ListOrgsRequest>,
+) -> GrpcResult<pb::ListOrgsResponse> {
+    let caller = api.authority.caller(&request).await?;
+    caller.require_operator()?;
+    let r = request.get_ref();
+    let page = domain::page(r.page_size, &r.page_token)?;
+    let orgs = api
+        .store
+        .list_orgs(page.after.as_deref(), page.size)
+        .await
+        .map_err(LinkerError::from)?;
+    Ok(Response::new(pb::ListOrgsResponse {
+        next_page_token: next_token(&orgs, page.size, |o| o.id.clone()),
+        orgs: orgs.iter().map(org_pb).collect(),
+    }))
+}
+
+#[tracing::instrument(skip_all, fields(org_id = tracing::field::Empty, instance_id = tracing::field::Empty))]
+pub(super) async fn list_admin_tokens(
+    api: &LinkerApi,
+    request: Request<pb::ListAdminTokensRequest>,
+) -> GrpcResult<pb::ListAdminTokensResponse> {
+    let caller = api.authority.caller(&request).await?;
+    let r = request.get_ref();
+    let org_id = api.admin_of(&caller, &r.org_id).await?;
+    let page = domain::page(r.page_size, &r.page_token)?;
+    let tokens = api
+        .store
+        .list_admin_tokens(&org_id, page.after.as_deref(), page.size)
+        .await
+        .map_err(LinkerError::from)?;
+    let now = api.clock.now_ms();
+    Ok(Response::new(pb::ListAdminTokensResponse {
+        next_page_token: next_token(&tokens, page.size, |t| t.id.clone()),
+        tokens: tokens.iter().map(|t| admin_token_pb(t, now)).collect(),
+    }))
+}
+
+#[tracing::instrument(skip_all, fields(org_id = tracing::field::Empty, instance_id = tracing::field::Empty))]
 pub(super) async fn create_admin_token(
     api: &LinkerApi,
     request: Request<pb::CreateAdminTokenRequest>,

@@ -350,6 +350,8 @@ pub trait LinkerStore: Send + Sync + std::fmt::Debug + 'static {
         genesis: [u8; 32],
     ) -> StoreResult<()>;
     async fn get_org(&self, org_id: &str) -> StoreResult<Option<OrgRecord>>;
+    /// Orgs by id, after `after_id`, at most `limit`.
+    async fn list_orgs(&self, after_id: Option<&str>, limit: i64) -> StoreResult<Vec<OrgRecord>>;
 
     async fn insert_admin_token(
         &self,
@@ -362,6 +364,12 @@ pub trait LinkerStore: Send + Sync + std::fmt::Debug + 'static {
         token_id: &str,
         audit: AuditDraft,
     ) -> StoreResult<AdminTokenRecord>;
+    async fn list_admin_tokens(
+        &self,
+        org_id: &str,
+        after_id: Option<&str>,
+        limit: i64,
+    ) -> StoreResult<Vec<AdminTokenRecord>>;
     async fn find_admin_token(&self, digest: &[u8; 32]) -> StoreResult<Option<FoundAdminToken>>;
     async fn touch_admin_token(&self, token_id: &str, at: i64) -> StoreResult<()>;
 

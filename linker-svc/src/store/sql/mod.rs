@@ -244,6 +244,16 @@ impl LinkerStore for SqlStore {
         )
     }
 
+    async fn list_orgs(&self, after_id: Option<&str>, limit: i64) -> StoreResult<Vec<OrgRecord>> {
+        Ok(sql::query(
+            "SELECT id, name, created_at FROM orgs WHERE id > $1 ORDER BY id LIMIT $2",
+        )
+        .bind(after_id.unwrap_or(""))
+        .bind(limit)
+        .fetch_all(&self.db)
+        .await?)
+    }
+
     async fn insert_admin_token(
         &self,
         token: &NewSecret<AdminTokenRecord>,
@@ -291,6 +301,23 @@ impl LinkerStore for SqlStore {
         write_audit(&mut tx, org_id, reserved, &audit).await?;
         tx.commit().await?;
         Ok(revoked)
+    }
+
+    async fn list_admin_tokens(
+        &self,
+        org_id: &str,
+        after_id: Option<&str>,
+        limit: i64,
+    ) -> StoreResult<Vec<AdminTokenRecord>> {
+        Ok(sql::query(
+            "SELECT id, org_id, label, prefix, created_at, last_used_at, revoked_at
+             FROM admin_tokens WHERE org_id = $1 AND id > $2 ORDER BY id LIMIT $3",
+        )
+        .bind(org_id)
+        .bind(after_id.unwrap_or(""))
+        .bind(limit)
+        .fetch_all(&self.db)
+        .await?)
     }
 
     async fn find_admin_token(&self, digest: &[u8; 32]) -> StoreResult<Option<FoundAdminToken>> {
