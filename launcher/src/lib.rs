@@ -9,6 +9,7 @@ use anyhow::Context;
 use collector_svc::{CollectorConfig, CollectorService};
 use consent_svc::{ConsentConfig, ConsentService};
 use insights_svc::{InsightsConfig, InsightsService};
+use sightline_console::{Console, ConsoleConfig};
 use linker_svc::{Linker, LinkerConfig};
 use sightline_runtime::secret_file;
 use sightline_runtime::token::TokenKind;
@@ -71,6 +72,11 @@ pub async fn start_stack(
     let insights = InsightsService::build(InsightsConfig::from_settings(&settings)?)
         .await
         .context("starting insights-svc")?;
+    settings.insights.url =
+        sightline_runtime::client::service_url(insights.local_addr(), settings.tls.as_ref());
+    let console = Console::build(ConsoleConfig::from_settings(&settings)?)
+        .await
+        .context("starting the console")?;
     let endpoints = vec![
         Endpoint {
             name: "linker",
@@ -99,10 +105,17 @@ pub async fn start_stack(
             metrics: insights.metrics_addr(),
             services: &["sightline.insights.v1.InsightsService"],
         },
+        Endpoint {
+            name: "console",
+            addr: console.local_addr(),
+            metrics: None,
+            services: &[],
+        },
     ];
-    // Stop in dependency order: insights-svc first (it reads from the collector), then
-    // collector-svc (its batches need their policy and its erasures the audit log), then
-    // consent-svc (its in-flight changes still need the audit log), then linker-svc.
+    // Stop in dependency order: the console first (it only calls the others), then insights-svc (it
+    // reads from the collector), then collector-svc (its batches need their policy and its erasures
+    // the audit log), then consent-svc (its in-flight changes still need the audit log), then
+    // linker-svc.
     let linker_stop = CancellationToken::new();
     let consent_stop = CancellationToken::new();
     let collector_stop = CancellationToken::new();
@@ -120,10 +133,17 @@ pub async fn start_stack(
         consent_stop.cancel();
         Ok(served?)
     });
-    let stop = shutdown.clone();
+    let insights_stop = CancellationToken::new();
+    let stop = insights_stop.clone();
     tasks.spawn(async move {
         let served = insights.run_until_stopped(stop).await;
         collector_stop.cancel();
+        Ok(served?)
+    });
+    let stop = shutdown.clone();
+    tasks.spawn(async move {
+        let served = console.run_until_stopped(stop).await;
+        insights_stop.cancel();
         Ok(served?)
     });
     // The stack is up once linker-svc holds consent-svc's policies (until then a link is refused
@@ -149,12 +169,17 @@ pub fn banner(data_dir: &Path, endpoints: &[Endpoint], plaintext: bool) -> Strin
         data_dir.display()
     );
     for e in endpoints {
-        out.push_str(&format!(
-            "  {:<10} {}   {}\n",
-            e.name,
-            e.addr,
-            e.services.join(", ")
-        ));
+        if e.services.is_empty() {
+            let scheme = if plaintext { "http" } else { "https" };
+            out.push_str(&format!("  {:<10} {scheme}://{}/\n", e.name, e.addr));
+        } else {
+            out.push_str(&format!(
+                "  {:<10} {}   {}\n",
+                e.name,
+                e.addr,
+                e.services.join(", ")
+            ));
+        }
     }
     for e in endpoints {
         if let Some(metrics) = e.metrics {
@@ -168,6 +193,13 @@ pub fn banner(data_dir: &Path, endpoints: &[Endpoint], plaintext: bool) -> Strin
         "\noperator token: {} (mode 0600; it is never printed)\n",
         token_path.display()
     ));
+    if let Some(console) = endpoints.iter().find(|e| e.name == "console") {
+        let scheme = if plaintext { "http" } else { "https" };
+        out.push_str(&format!(
+            "web console: {scheme}://{}/ (sign in with the operator token)\n",
+            console.addr
+        ));
+    }
     if let Some(linker) = endpoints.iter().find(|e| e.name == "linker") {
         let tls = if plaintext { "-plaintext " } else { "" };
         out.push_str(&format!(

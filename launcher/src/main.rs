@@ -59,6 +59,11 @@ enum Command {
         #[arg(long)]
         data_dir: Option<PathBuf>,
     },
+    /// Run the web console alone (it reaches every service at its `url`; `console.listen`).
+    Console {
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+    },
     /// Exit 0 when the server at ADDR answers its gRPC health check with SERVING (a container's
     /// health check). Uses TLS, with the settings' CA and certificate, when TLS is configured.
     Health {
@@ -154,6 +159,25 @@ async fn main() -> anyhow::Result<()> {
             stop_signal().await;
             shutdown.cancel();
             serve.await.context("collector task panicked")??;
+        }
+        Command::Console { data_dir } => {
+            let mut settings = load_settings(cli.config.as_deref(), data_dir)?;
+            let _telemetry =
+                sightline_runtime::telemetry::init(&settings.log, "sightline-console");
+            if settings.service_token.is_none() {
+                settings.service_token = Some(sightline::ensure_service_token(&settings.data_dir)?);
+            }
+            let console =
+                sightline_console::Console::build(sightline_console::ConsoleConfig::from_settings(
+                    &settings,
+                )?)
+                .await?;
+            tracing::info!(url = %console.url(), "console listening");
+            let stop = shutdown.clone();
+            let serve = tokio::spawn(console.run_until_stopped(stop));
+            stop_signal().await;
+            shutdown.cancel();
+            serve.await.context("console task panicked")??;
         }
         Command::Insights { data_dir } => {
             let mut settings = load_settings(cli.config.as_deref(), data_dir)?;

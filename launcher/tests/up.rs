@@ -184,6 +184,7 @@ fn under_umask_022_the_data_directory_is_0700_and_every_file_in_it_0600() {
         .env("SIGHTLINE_CONSENT__LISTEN", "127.0.0.1:0")
         .env("SIGHTLINE_COLLECTOR__LISTEN", "127.0.0.1:0")
         .env("SIGHTLINE_INSIGHTS__LISTEN", "127.0.0.1:0")
+        .env("SIGHTLINE_CONSOLE__LISTEN", "127.0.0.1:0")
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
@@ -230,6 +231,7 @@ fn under_umask_022_the_data_directory_is_0700_and_every_file_in_it_0600() {
         .env("SIGHTLINE_CONSENT__LISTEN", "127.0.0.1:0")
         .env("SIGHTLINE_COLLECTOR__LISTEN", "127.0.0.1:0")
         .env("SIGHTLINE_INSIGHTS__LISTEN", "127.0.0.1:0")
+        .env("SIGHTLINE_CONSOLE__LISTEN", "127.0.0.1:0")
         .output()
         .unwrap();
     assert!(!refused.status.success());

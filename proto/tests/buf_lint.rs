@@ -81,7 +81,7 @@ fn the_descriptor_set_holds_every_service_of_the_spec() {
     expect(
         "sightline.collector.v1",
         "CollectorService",
-        "Ingest, IngestStream, PreviewSample, GetViewCount, GetPageReport, GetSpaceReport, GetGlobalReport, QueryMetrics, EraseViewer, GetContributedAggregates",
+        "Ingest, IngestStream, PreviewSample, GetViewCount, GetPageReport, GetSpaceReport, GetGlobalReport, QueryMetrics, ListStoredEvents, EraseViewer, GetContributedAggregates",
     );
     expect(
         "sightline.insights.v1",

@@ -1118,6 +1118,21 @@ async fn another_orgs_tokens_and_ids_reveal_nothing_in_any_method() {
         c.get_contributed_aggregates(authed(a, pb::GetContributedAggregatesRequest::default()))
             .await
             .map(|_| ()),
+        c.list_stored_events(authed(
+            a,
+            pb::ListStoredEventsRequest {
+                org_id: org.clone(),
+                ..Default::default()
+            },
+        ))
+        .await
+        .map(|_| ()),
+        c.list_stored_events(authed(
+            &foreign.credential,
+            pb::ListStoredEventsRequest::default(),
+        ))
+        .await
+        .map(|_| ()),
     ];
     for (i, outcome) in denied.into_iter().enumerate() {
         assert_eq!(
@@ -1195,10 +1210,36 @@ async fn another_orgs_tokens_and_ids_reveal_nothing_in_any_method() {
         ))
         .await
         .map(|_| ()),
+        c.list_stored_events(authed(
+            admin,
+            pb::ListStoredEventsRequest {
+                org_id: org.clone(),
+                instance_id: foreign_id.clone(),
+                page_size: 0,
+            },
+        ))
+        .await
+        .map(|_| ()),
     ];
     for (i, outcome) in missing.into_iter().enumerate() {
         assert_eq!(outcome.unwrap_err().code(), Code::NotFound, "call {i}");
     }
+    // The org's own stored events, as stored: the viewer's id is its pseudonym, never "alice".
+    let stored = c
+        .list_stored_events(authed(
+            admin,
+            pb::ListStoredEventsRequest {
+                org_id: org.clone(),
+                ..Default::default()
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(stored.events.len(), 1);
+    assert_eq!(stored.events[0].instance_id, s.instance.id);
+    let shown = format!("{stored:?}");
+    assert!(shown.contains("p1") && !shown.contains("alice"), "{shown}");
     // The other org's own reports are empty: its ingest went nowhere near this org's data.
     let theirs = c
         .get_global_report(authed(

@@ -110,3 +110,34 @@ pub(super) async fn query_metrics(
         next_page_token: next,
     }))
 }
+
+#[tracing::instrument(skip_all, fields(org_id = tracing::field::Empty, instance_id = tracing::field::Empty))]
+pub(super) async fn list_stored_events(
+    api: &CollectorApi,
+    request: Request<pb::ListStoredEventsRequest>,
+) -> GrpcResult<pb::ListStoredEventsResponse> {
+    let caller = api.credentials.caller(&request, &api.limiter).await?;
+    let r = request.get_ref();
+    let limit = page_size(r.page_size, 20, 100);
+    let scope = api
+        .scope(caller, &r.org_id, &r.instance_id, false, false)
+        .await?;
+    let plan = api.readable_plan(&scope)?;
+    let opened = api.stores.get(plan.location).await?;
+    let rows = opened
+        .store
+        .recent_events(&scope.org_id, scope.instance_id.as_deref(), limit)
+        .await?;
+    let mut events = Vec::with_capacity(rows.len());
+    for row in rows {
+        let event = pb::Event::decode(row.body.as_slice())
+            .map_err(|_| Status::internal("a stored event does not decode"))?;
+        events.push(pb::StoredEvent {
+            instance_id: row.instance_id,
+            event: Some(event),
+            stored_at: Some(to_proto(row.stored_at)),
+            consent_version: count(row.consent_version),
+        });
+    }
+    Ok(Response::new(pb::ListStoredEventsResponse { events }))
+}

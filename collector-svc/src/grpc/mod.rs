@@ -378,6 +378,13 @@ impl CollectorService for CollectorApi {
         metrics::query_metrics(self, request).await
     }
 
+    async fn list_stored_events(
+        &self,
+        request: Request<pb::ListStoredEventsRequest>,
+    ) -> GrpcResult<pb::ListStoredEventsResponse> {
+        metrics::list_stored_events(self, request).await
+    }
+
     async fn erase_viewer(
         &self,
         request: Request<pb::EraseViewerRequest>,

@@ -521,6 +521,57 @@ async fn reports_of_one_org_never_include_another(backend: Backend) {
     assert_eq!(theirs.len(), 2);
 }
 
+async fn recent_events_are_an_orgs_own_newest_first(backend: Backend) {
+    let (store, _guard) = backend.open().await;
+    commit_one(
+        &store,
+        batch(
+            ORG,
+            INSTANCE,
+            1,
+            vec![
+                metric("m1", T0, 1.0),
+                view("v1", T0 + 2_000, "p1", "s1", Some("alice")),
+                metric("m2", T0 + 1_000, 2.0),
+            ],
+        ),
+    )
+    .await;
+    commit_one(
+        &store,
+        batch(OTHER, OTHER_INSTANCE, 1, vec![metric("m9", T0 + 5_000, 9.0)]),
+    )
+    .await;
+    let recent = store.recent_events(ORG, None, 10).await.unwrap();
+    let order: Vec<String> = recent
+        .iter()
+        .map(|r| match pb::Event::decode(r.body.as_slice()).unwrap().payload {
+            Some(pb::event::Payload::PageView(v)) => v.page_id,
+            Some(pb::event::Payload::Metric(m)) => m.value.to_string(),
+            other => panic!("{other:?}"),
+        })
+        .collect();
+    assert_eq!(order, ["p1", "2", "1"], "newest by occurrence first");
+    assert_eq!(recent.len(), 3, "the other org's event is not among them");
+    assert!(recent.iter().all(|r| r.instance_id == INSTANCE && r.stored_at == T0));
+    assert_eq!(store.recent_events(ORG, None, 2).await.unwrap().len(), 2);
+    assert!(
+        store
+            .recent_events(ORG, Some(OTHER_INSTANCE), 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert_eq!(
+        store
+            .recent_events(ORG, Some(INSTANCE), 10)
+            .await
+            .unwrap()
+            .len(),
+        3
+    );
+}
+
 async fn passes_taking_dirty_hours_at_once_each_take_an_hour_once(backend: Backend) {
     let (store, _guard) = backend.open().await;
     const HOURS: i64 = 60;
@@ -1330,6 +1381,7 @@ suite!(
     a_store_refuses_another_locations_records,
     views_count_once_per_viewer_inside_the_blocking_time,
     reports_of_one_org_never_include_another,
+    recent_events_are_an_orgs_own_newest_first,
     rollups_are_made_from_dirty_hours_and_read_by_range,
     passes_taking_dirty_hours_at_once_each_take_an_hour_once,
     a_purge_removes_exactly_what_it_counted_and_remembers_the_ids,

@@ -262,6 +262,15 @@ pub use sightline_runtime::policy_stream::{Fence, Held};
 /// The current policy revision of (org, instance), as the writer checks it before a commit.
 pub type Revisions<'a> = &'a (dyn Fn(&str, &str) -> Option<u64> + Send + Sync);
 
+/// A stored event as `recent_events` reads it.
+#[derive(Debug, Clone, PartialEq, sqlx::FromRow)]
+pub struct RecentEvent {
+    pub instance_id: String,
+    pub stored_at: i64,
+    pub consent_version: i64,
+    pub body: Vec<u8>,
+}
+
 #[async_trait]
 pub trait CollectorStore: ChangeLog + Send + Sync + std::fmt::Debug + 'static {
     /// The location this store holds.
@@ -404,6 +413,13 @@ pub trait CollectorStore: ChangeLog + Send + Sync + std::fmt::Debug + 'static {
     ) -> StoreResult<Vec<(String, i64, i64, f64)>>;
     /// The bodies of an org's instance-metadata events, newest first: (instance, body).
     async fn instance_metadata(&self, org_id: &str) -> StoreResult<Vec<(String, Vec<u8>)>>;
+    /// An org's (or one instance's) stored events that keep a body, newest by occurrence first.
+    async fn recent_events(
+        &self,
+        org_id: &str,
+        instance_id: Option<&str>,
+        limit: i64,
+    ) -> StoreResult<Vec<RecentEvent>>;
     /// Charges `epsilon` to every org of `org_ids` when each has that much left of `budget`, in one
     /// transaction; returns the orgs that have not (then nothing is charged).
     async fn charge_epsilon(

@@ -39,6 +39,7 @@ pub(crate) fn start_up(data: &Path, env: &[(&str, &str)]) -> Up {
         .env("SIGHTLINE_CONSENT__LISTEN", "127.0.0.1:0")
         .env("SIGHTLINE_COLLECTOR__LISTEN", "127.0.0.1:0")
         .env("SIGHTLINE_INSIGHTS__LISTEN", "127.0.0.1:0")
+        .env("SIGHTLINE_CONSOLE__LISTEN", "127.0.0.1:0")
         .envs(env.iter().copied())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())

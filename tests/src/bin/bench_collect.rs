@@ -145,6 +145,12 @@ impl CollectorService for Noop {
     ) -> Result<Response<pb::QueryMetricsResponse>, Status> {
         Err(Status::unimplemented("noop"))
     }
+    async fn list_stored_events(
+        &self,
+        _: Request<pb::ListStoredEventsRequest>,
+    ) -> Result<Response<pb::ListStoredEventsResponse>, Status> {
+        Err(Status::unimplemented("noop"))
+    }
     async fn erase_viewer(
         &self,
         _: Request<pb::EraseViewerRequest>,

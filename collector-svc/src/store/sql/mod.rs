@@ -15,7 +15,8 @@ use super::days::{self, DayPart};
 use super::moved::Type;
 use super::{
     Batch, BatchOutcome, Change, CollectorStore, EraseSpec, Fence, Held, MOVED_TABLES, MoveSpec,
-    PurgeSpec, Ranked, Removed, Revisions, Rollup, RowOutcome, Sample, StoreError, StoreResult,
+    PurgeSpec, Ranked, RecentEvent, Removed, Revisions, Rollup, RowOutcome, Sample, StoreError,
+    StoreResult,
     Table, Value, ViewScope, ViewTotals,
 };
 use crate::enforce::{self, DAY_MS};
@@ -559,6 +560,25 @@ impl CollectorStore for SqlStore {
                 NULL ORDER BY occurred_at DESC",
         )
         .bind(org_id)
+        .fetch_all(&self.db)
+        .await?)
+    }
+
+    async fn recent_events(
+        &self,
+        org_id: &str,
+        instance_id: Option<&str>,
+        limit: i64,
+    ) -> StoreResult<Vec<RecentEvent>> {
+        // The org index orders by occurrence; one instance's events are a filter over it.
+        Ok(sql::query(
+            "SELECT instance_id, stored_at, consent_version, body FROM events
+             WHERE org_id = $1 AND body IS NOT NULL AND ($2 = '' OR instance_id = $2)
+             ORDER BY occurred_at DESC LIMIT $3",
+        )
+        .bind(org_id)
+        .bind(instance_id.unwrap_or(""))
+        .bind(limit)
         .fetch_all(&self.db)
         .await?)
     }
