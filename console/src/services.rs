@@ -51,6 +51,20 @@ impl Services {
         })
     }
 
+    /// Clients of nothing (lazy channels to a closed port), for unit tests of what needs none.
+    #[cfg(test)]
+    pub(crate) fn for_tests() -> Self {
+        let channel = || Channel::from_static("http://127.0.0.1:9").connect_lazy();
+        Self {
+            linker: channel(),
+            consent: channel(),
+            collector: channel(),
+            insights: channel(),
+            service_token: Secret::new("sls_test"),
+            max_message_bytes: 1 << 20,
+        }
+    }
+
     pub(crate) fn linker(&self) -> LinkerServiceClient<Channel> {
         LinkerServiceClient::new(self.linker.clone())
             .max_decoding_message_size(self.max_message_bytes)

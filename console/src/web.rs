@@ -370,6 +370,18 @@ pub(crate) fn after_change<T>(
     Redirect::to(to).into_response()
 }
 
+/// A gRPC status code as the contracts name it, e.g. `PERMISSION_DENIED`.
+fn code_name(code: tonic::Code) -> String {
+    let mut out = String::new();
+    for (i, c) in format!("{code:?}").chars().enumerate() {
+        if c.is_ascii_uppercase() && i > 0 {
+            out.push('_');
+        }
+        out.push(c.to_ascii_uppercase());
+    }
+    out
+}
+
 /// What a page cannot show instead of itself.
 #[derive(Debug)]
 pub(crate) enum PageError {
@@ -403,7 +415,13 @@ impl IntoResponse for PageError {
             Self::Status(s) if s.code() == Code::Unauthenticated => {
                 // The token was revoked or expired: the session is of no use any more.
                 return (
-                    [(header::SET_COOKIE, format!("{COOKIE}=; Path=/; Max-Age=0"))],
+                    [
+                        (header::SET_COOKIE, format!("{COOKIE}=; Path=/; Max-Age=0")),
+                        (
+                            header::SET_COOKIE,
+                            format!("{SECURE_COOKIE}=; Path=/; Max-Age=0; Secure"),
+                        ),
+                    ],
                     Redirect::to("/signin?ended=1"),
                 )
                     .into_response();
@@ -432,7 +450,7 @@ impl IntoResponse for PageError {
                     ),
                     _ => s.message().to_owned(),
                 };
-                (status, title, format!("{:?}", s.code()), text)
+                (status, title, code_name(s.code()), text)
             }
             Self::Csrf => (
                 StatusCode::FORBIDDEN,
@@ -469,5 +487,43 @@ impl IntoResponse for PageError {
             .render()
             .unwrap_or_else(|_| "Something went wrong".to_owned());
         (status, Html(html)).into_response()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn codes_read_as_the_contracts_name_them() {
+        assert_eq!(code_name(tonic::Code::PermissionDenied), "PERMISSION_DENIED");
+        assert_eq!(code_name(tonic::Code::NotFound), "NOT_FOUND");
+        assert_eq!(code_name(tonic::Code::Unavailable), "UNAVAILABLE");
+    }
+
+    #[tokio::test]
+    async fn the_cookie_is_http_only_strict_and_secure_with_the_host_prefix_under_tls() {
+        let services = Services::for_tests();
+        let state = |secure_cookies| AppState {
+            services: services.clone(),
+            sessions: Sessions::new(sightline_runtime::clock::system(), 1_000, 1),
+            secure_cookies,
+            clock: sightline_runtime::clock::system(),
+        };
+        let plain = session_cookie(&state(false), Some("abc"));
+        assert_eq!(
+            plain.to_str().unwrap(),
+            "sightline_session=abc; Path=/; HttpOnly; SameSite=Strict"
+        );
+        let tls = session_cookie(&state(true), Some("abc"));
+        assert_eq!(
+            tls.to_str().unwrap(),
+            "__Host-sightline_session=abc; Path=/; HttpOnly; SameSite=Strict; Secure"
+        );
+        let ended = session_cookie(&state(true), None);
+        assert!(ended.to_str().unwrap().contains("Max-Age=0"));
+        let mut headers = HeaderMap::new();
+        headers.insert(header::COOKIE, HeaderValue::from_static("a=1; __Host-sightline_session=xyz"));
+        assert_eq!(cookie_session(&headers).as_deref(), Some("xyz"));
     }
 }

@@ -223,12 +223,89 @@ pub(crate) struct Sampled {
     pub fields: Vec<FieldMark>,
 }
 
+/// A record as Sightline stores it: when, which instance, its kind, and every field it holds.
+pub(crate) struct Record {
+    pub stored: String,
+    pub instance_id: String,
+    pub consent_version: u64,
+    pub kind: String,
+    /// (field path, value)
+    pub fields: Vec<(String, String)>,
+}
+
 #[derive(Template)]
 #[template(path = "sample.html")]
 struct SamplePage {
     chrome: Chrome,
     consent_version: u64,
     events: Vec<Sampled>,
+    records: Vec<Record>,
+}
+
+/// Every field a stored event holds, as (path, value), read through the contract's descriptors.
+fn fields_of(event: &collector_pb::Event) -> Vec<(String, String)> {
+    use prost::Message;
+    use prost_reflect::{DynamicMessage, ReflectMessage, Value};
+    let Ok(pool) = sightline_proto::classes::pool() else {
+        return Vec::new();
+    };
+    let Some(descriptor) = pool.get_message_by_name(sightline_proto::classes::EVENT_MESSAGE)
+    else {
+        return Vec::new();
+    };
+    let Ok(message) = DynamicMessage::decode(descriptor, event.encode_to_vec().as_slice()) else {
+        return Vec::new();
+    };
+    fn text(value: &Value) -> String {
+        match value {
+            Value::String(s) => s.clone(),
+            Value::Bytes(b) => hex::encode(b),
+            Value::List(items) => items.iter().map(text).collect::<Vec<_>>().join(", "),
+            Value::Map(map) => {
+                let mut pairs: Vec<String> = map
+                    .iter()
+                    .map(|(k, v)| format!("{k:?}={}", text(v)))
+                    .collect();
+                pairs.sort();
+                pairs.join(", ")
+            }
+            Value::Message(m) if m.descriptor().full_name() == "google.protobuf.Timestamp" => {
+                let ts = m.transcode_to::<prost_types::Timestamp>().ok();
+                when(ts.as_ref())
+            }
+            Value::Message(m) => format!("{m}"),
+            other => format!("{other}"),
+        }
+    }
+    fn walk(message: &DynamicMessage, prefix: &str, out: &mut Vec<(String, String)>) {
+        for (field, value) in message.fields() {
+            let path = if prefix.is_empty() {
+                field.name().to_owned()
+            } else {
+                format!("{prefix}.{}", field.name())
+            };
+            match value {
+                Value::Message(inner)
+                    if inner.descriptor().package_name().starts_with("sightline.") =>
+                {
+                    walk(inner, &path, out);
+                }
+                Value::List(items)
+                    if items.iter().any(|i| matches!(i, Value::Message(_))) =>
+                {
+                    for (i, item) in items.iter().enumerate() {
+                        if let Value::Message(inner) = item {
+                            walk(inner, &format!("{path}[{i}]"), out);
+                        }
+                    }
+                }
+                value => out.push((path, text(value))),
+            }
+        }
+    }
+    let mut out = Vec::new();
+    walk(&message, "", &mut out);
+    out
 }
 
 /// A typical event of each kind, as an instance would send it, with the personal data an instance
@@ -370,6 +447,33 @@ async fn sample(
     signed: Signed,
     Path(org_id): Path<String>,
 ) -> Result<Response, PageError> {
+    let stored = state
+        .services
+        .collector()
+        .list_stored_events(authed(
+            &signed.session.token,
+            collector_pb::ListStoredEventsRequest {
+                org_id: org_id.clone(),
+                instance_id: String::new(),
+                page_size: 20,
+            },
+        ))
+        .await?
+        .into_inner();
+    let records = stored
+        .events
+        .iter()
+        .map(|s| {
+            let event = s.event.clone().unwrap_or_default();
+            Record {
+                stored: when(s.stored_at.as_ref()),
+                instance_id: s.instance_id.clone(),
+                consent_version: s.consent_version,
+                kind: kind_of(&event).to_owned(),
+                fields: fields_of(&event),
+            }
+        })
+        .collect();
     let events = typical_events(state.clock.now_ms());
     let kinds: Vec<&'static str> = events.iter().map(kind_of).collect();
     let previewed = state
@@ -435,5 +539,6 @@ async fn sample(
         chrome: Chrome::new(&state, &signed, &org_id, "sample", "Sample data"),
         consent_version: previewed.consent_version,
         events,
+        records,
     }))
 }

@@ -1,0 +1,167 @@
+//! The web console against the whole stack as processes (`sightline up`, console included), driven
+//! by a real browser (headless Chromium through Playwright: tests/browser/walkthrough.py) and by a
+//! plain HTTP client that tries to break its security (tests/browser/security.py). Afterwards the
+//! stack's log is scanned for every secret the scripts handled.
+
+use std::io::BufRead;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+
+use sightline_tests::{companion_binary, sightline_binary};
+
+/// `sightline up` on ephemeral ports, logging JSON at info to a file.
+struct Up {
+    child: Child,
+    dir: tempfile::TempDir,
+    addrs: Vec<(String, String)>,
+}
+
+impl Drop for Up {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Up {
+    fn start() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let log = std::fs::File::create(dir.path().join("stack.log")).unwrap();
+        let mut command = Command::new(sightline_binary());
+        command
+            .args(["up", "--data-dir"])
+            .arg(dir.path().join("data"))
+            .env("SIGHTLINE_LOG__FORMAT", "json")
+            .env("SIGHTLINE_LOG__LEVEL", "info")
+            .env("SIGHTLINE_COLLECTION__ROLLUP_EVERY_MS", "300")
+            .env("SIGHTLINE_ANALYSIS__SCORE_EVERY_MS", "1000");
+        for service in ["LINKER", "CONSENT", "COLLECTOR", "INSIGHTS", "CONSOLE"] {
+            command.env(format!("SIGHTLINE_{service}__LISTEN"), "127.0.0.1:0");
+            if service != "CONSOLE" {
+                command.env(format!("SIGHTLINE_{service}__METRICS_LISTEN"), "off");
+            }
+        }
+        let mut child = command
+            .stdout(Stdio::piped())
+            .stderr(Stdio::from(log))
+            .spawn()
+            .unwrap();
+        let mut stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+        let mut addrs = Vec::new();
+        let mut banner = String::new();
+        loop {
+            let mut line = String::new();
+            assert!(
+                stdout.read_line(&mut line).unwrap() > 0,
+                "sightline up exited early:\n{banner}"
+            );
+            banner.push_str(&line);
+            let mut words = line.split_whitespace();
+            if let (Some(name), Some(addr)) = (words.next(), words.next())
+                && ["linker", "consent", "collector", "insights", "console"].contains(&name)
+            {
+                addrs.push((name.to_owned(), addr.to_owned()));
+            }
+            if line.contains("sightline-companion --home ./companion run") {
+                break;
+            }
+        }
+        // The rest of the banner is never read; drain it so the stack never blocks on it.
+        std::thread::spawn(move || std::io::copy(&mut stdout, &mut std::io::sink()));
+        Self { child, dir, addrs }
+    }
+
+    fn addr(&self, name: &str) -> &str {
+        &self
+            .addrs
+            .iter()
+            .find(|(n, _)| n == name)
+            .unwrap_or_else(|| panic!("{name} is not in the banner: {:?}", self.addrs))
+            .1
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("stack.log")).unwrap()
+    }
+
+    /// Runs tests/browser/`script` against this stack; its work files go in `work`.
+    fn run_script(&self, script: &str, work: &Path) {
+        let scripts = Path::new(env!("CARGO_MANIFEST_DIR")).join("browser");
+        let out = Command::new("python3")
+            .arg(scripts.join(script))
+            .current_dir(&scripts)
+            .env("CONSOLE_URL", self.addr("console"))
+            .env("LINKER_ADDR", self.addr("linker"))
+            .env("CONSENT_ADDR", self.addr("consent"))
+            .env("COLLECTOR_ADDR", self.addr("collector"))
+            .env("INSIGHTS_ADDR", self.addr("insights"))
+            .env(
+                "OPERATOR_TOKEN_FILE",
+                self.dir.path().join("data/operator.token"),
+            )
+            .env("COMPANION", companion_binary())
+            .env("WORK", work)
+            .env("SCREENSHOTS", screenshots())
+            .env("PYTHONDONTWRITEBYTECODE", "1")
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{script} failed\nstdout:\n{}\nstderr:\n{}\nstack log (last 4000 bytes):\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+            tail(&self.log(), 4000)
+        );
+        print!("{}", String::from_utf8_lossy(&out.stdout));
+    }
+
+    /// No secret the script handled is in the stack's log, nor in what the companion logged.
+    fn assert_no_secret_logged(&self, work: &Path) {
+        let secrets: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(work.join("secrets.json")).unwrap()).unwrap();
+        let mut logs = self.log();
+        if let Ok(companion) = std::fs::read_to_string(work.join("companion-run.log")) {
+            logs.push_str(&companion);
+        }
+        let mut count = 0;
+        for kind in ["signin", "issued"] {
+            for secret in secrets[kind].as_array().unwrap() {
+                let secret = secret.as_str().unwrap();
+                assert!(secret.len() > 20, "{secret:?} is not a secret");
+                assert!(!logs.contains(secret), "a {kind} secret is in a log");
+                count += 1;
+            }
+        }
+        assert!(count >= 3, "{count} secrets checked");
+        assert!(logs.lines().count() > 20, "the stack logged: {logs}");
+    }
+}
+
+fn tail(text: &str, bytes: usize) -> &str {
+    let mut start = text.len().saturating_sub(bytes);
+    while !text.is_char_boundary(start) {
+        start += 1;
+    }
+    &text[start..]
+}
+
+/// Where the browser test saves its screenshots (docs/console holds a few of them, committed).
+fn screenshots() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/console-screenshots")
+}
+
+#[test]
+fn an_operator_and_an_admin_do_their_days_work_in_a_real_browser() {
+    let up = Up::start();
+    let work = tempfile::tempdir().unwrap();
+    up.run_script("walkthrough.py", work.path());
+    up.assert_no_secret_logged(work.path());
+}
+
+#[test]
+fn the_console_refuses_forged_changes_escapes_markup_and_keeps_tokens_to_itself() {
+    let up = Up::start();
+    let work = tempfile::tempdir().unwrap();
+    up.run_script("security.py", work.path());
+    up.assert_no_secret_logged(work.path());
+}
