@@ -13,7 +13,7 @@ pub(crate) struct Point {
 
 const WIDTH: f64 = 640.0;
 const HEIGHT: f64 = 220.0;
-const LEFT: f64 = 56.0;
+const LEFT: f64 = 84.0;
 const RIGHT: f64 = 12.0;
 const TOP: f64 = 12.0;
 const BOTTOM: f64 = 28.0;
@@ -125,7 +125,11 @@ pub(crate) fn bars(title: &str, unit: &str, points: &[Point]) -> String {
     #[allow(clippy::cast_precision_loss)]
     let slot = plot_w / points.len().max(1) as f64;
     let base = scale(lo.max(0.0), lo, hi);
-    for (i, p) in points.iter().enumerate().filter(|(_, p)| p.value.is_finite()) {
+    for (i, p) in points
+        .iter()
+        .enumerate()
+        .filter(|(_, p)| p.value.is_finite())
+    {
         #[allow(clippy::cast_precision_loss)]
         let x = LEFT + slot * i as f64 + slot * 0.15;
         let y = scale(p.value, lo, hi);

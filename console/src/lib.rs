@@ -25,7 +25,6 @@ use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-
 /// What the console needs: where it listens, where the services are, and the service token it asks
 /// linker-svc with whose a pasted token is.
 #[derive(Debug, Clone)]

@@ -117,12 +117,9 @@ impl Services {
             ("collector-svc", &self.collector),
             ("insights-svc", &self.insights),
         ] {
-            let answer = sightline_runtime::server::serving(
-                channel.clone(),
-                "",
-                Duration::from_secs(3),
-            )
-            .await;
+            let answer =
+                sightline_runtime::server::serving(channel.clone(), "", Duration::from_secs(3))
+                    .await;
             let state = match answer {
                 Ok(true) => "SERVING".to_owned(),
                 Ok(false) => "NOT_SERVING".to_owned(),

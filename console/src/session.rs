@@ -155,7 +155,10 @@ mod tests {
         let a = sessions.start(Secret::new("sla_a"), Who::Operator);
         assert_eq!(a.len(), 64);
         clock.advance_ms(59_000);
-        assert!(sessions.touch(&a).is_some(), "renewed inside the idle limit");
+        assert!(
+            sessions.touch(&a).is_some(),
+            "renewed inside the idle limit"
+        );
         clock.advance_ms(59_000);
         assert!(sessions.touch(&a).is_some(), "the last request renewed it");
         clock.advance_ms(60_000);

@@ -61,7 +61,10 @@ pub(crate) fn router(state: AppRef) -> Router {
 }
 
 async fn asset_css() -> Response {
-    asset("text/css; charset=utf-8", include_str!("../assets/console.css"))
+    asset(
+        "text/css; charset=utf-8",
+        include_str!("../assets/console.css"),
+    )
 }
 
 async fn asset_js() -> Response {
@@ -296,7 +299,12 @@ impl Chrome {
         let mut items = Vec::new();
         if self.operator {
             items.push(("operator", "/operator".to_owned(), "Orgs", false));
-            items.push(("services", "/operator/services".to_owned(), "Services", false));
+            items.push((
+                "services",
+                "/operator/services".to_owned(),
+                "Services",
+                false,
+            ));
         }
         if !self.org_id.is_empty() {
             let o = &self.org_id;
@@ -437,10 +445,9 @@ impl IntoResponse for PageError {
                         (StatusCode::CONFLICT, "Not possible now")
                     }
                     Code::ResourceExhausted => (StatusCode::TOO_MANY_REQUESTS, "Too many requests"),
-                    Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled => (
-                        StatusCode::SERVICE_UNAVAILABLE,
-                        "A service is unavailable",
-                    ),
+                    Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled => {
+                        (StatusCode::SERVICE_UNAVAILABLE, "A service is unavailable")
+                    }
                     _ => (StatusCode::BAD_GATEWAY, "A service failed"),
                 };
                 let text = match s.code() {
@@ -496,7 +503,10 @@ mod tests {
 
     #[test]
     fn codes_read_as_the_contracts_name_them() {
-        assert_eq!(code_name(tonic::Code::PermissionDenied), "PERMISSION_DENIED");
+        assert_eq!(
+            code_name(tonic::Code::PermissionDenied),
+            "PERMISSION_DENIED"
+        );
         assert_eq!(code_name(tonic::Code::NotFound), "NOT_FOUND");
         assert_eq!(code_name(tonic::Code::Unavailable), "UNAVAILABLE");
     }
@@ -523,7 +533,10 @@ mod tests {
         let ended = session_cookie(&state(true), None);
         assert!(ended.to_str().unwrap().contains("Max-Age=0"));
         let mut headers = HeaderMap::new();
-        headers.insert(header::COOKIE, HeaderValue::from_static("a=1; __Host-sightline_session=xyz"));
+        headers.insert(
+            header::COOKIE,
+            HeaderValue::from_static("a=1; __Host-sightline_session=xyz"),
+        );
         assert_eq!(cookie_session(&headers).as_deref(), Some("xyz"));
     }
 }

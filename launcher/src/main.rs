@@ -162,16 +162,14 @@ async fn main() -> anyhow::Result<()> {
         }
         Command::Console { data_dir } => {
             let mut settings = load_settings(cli.config.as_deref(), data_dir)?;
-            let _telemetry =
-                sightline_runtime::telemetry::init(&settings.log, "sightline-console");
+            let _telemetry = sightline_runtime::telemetry::init(&settings.log, "sightline-console");
             if settings.service_token.is_none() {
                 settings.service_token = Some(sightline::ensure_service_token(&settings.data_dir)?);
             }
-            let console =
-                sightline_console::Console::build(sightline_console::ConsoleConfig::from_settings(
-                    &settings,
-                )?)
-                .await?;
+            let console = sightline_console::Console::build(
+                sightline_console::ConsoleConfig::from_settings(&settings)?,
+            )
+            .await?;
             tracing::info!(url = %console.url(), "console listening");
             let stop = shutdown.clone();
             let serve = tokio::spawn(console.run_until_stopped(stop));

@@ -97,7 +97,12 @@ pub fn day_of_text(text: &str) -> Option<i64> {
 pub fn minute_text(ms: i64) -> String {
     let day = ms.div_euclid(DAY_MS);
     let in_day = ms.rem_euclid(DAY_MS) / 60_000;
-    format!("{} {:02}:{:02} UTC", day_text(day), in_day / 60, in_day % 60)
+    format!(
+        "{} {:02}:{:02} UTC",
+        day_text(day),
+        in_day / 60,
+        in_day % 60
+    )
 }
 
 #[cfg(test)]
@@ -110,10 +115,21 @@ mod tests {
             assert_eq!(day_of_text(&day_text(day)), Some(day), "{day}");
         }
         assert_eq!(day_text(20_514), "2026-03-02");
-        for bad in ["2026-02-30", "2026-13-01", "2026-1-01", "26-01-01", "2026-01-01x", "", "abcd-ef-gh"] {
+        for bad in [
+            "2026-02-30",
+            "2026-13-01",
+            "2026-1-01",
+            "26-01-01",
+            "2026-01-01x",
+            "",
+            "abcd-ef-gh",
+        ] {
             assert_eq!(day_of_text(bad), None, "{bad}");
         }
-        assert_eq!(minute_text(20_514 * DAY_MS + 3_723_000), "2026-03-02 01:02 UTC");
+        assert_eq!(
+            minute_text(20_514 * DAY_MS + 3_723_000),
+            "2026-03-02 01:02 UTC"
+        );
     }
 
     #[test]

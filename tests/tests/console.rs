@@ -100,6 +100,10 @@ impl Up {
                 self.dir.path().join("data/operator.token"),
             )
             .env("COMPANION", companion_binary())
+            .env(
+                "ASSESSMENT",
+                Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/assessment.json"),
+            )
             .env("WORK", work)
             .env("SCREENSHOTS", screenshots())
             .env("PYTHONDONTWRITEBYTECODE", "1")
@@ -164,4 +168,79 @@ fn the_console_refuses_forged_changes_escapes_markup_and_keeps_tokens_to_itself(
     let work = tempfile::tempdir().unwrap();
     up.run_script("security.py", work.path());
     up.assert_no_secret_logged(work.path());
+}
+
+/// One HTTP/1.1 request on a new connection; the whole answer as text.
+async fn http(addr: std::net::SocketAddr, request: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).await.unwrap();
+    answer
+}
+
+/// `sightline console` alone, with every service it calls down: sign-in answers a page that says a
+/// service is unavailable (503), never a stack trace, and the console keeps serving.
+#[tokio::test]
+async fn with_the_services_down_the_console_says_so_on_a_page() {
+    let data = tempfile::tempdir().unwrap();
+    let env: Vec<(String, String)> = ["LINKER", "CONSENT", "COLLECTOR", "INSIGHTS"]
+        .iter()
+        .map(|s| {
+            (
+                format!("SIGHTLINE_{s}__URL"),
+                "http://127.0.0.1:9".to_owned(),
+            )
+        })
+        .chain([(
+            "SIGHTLINE_CONSOLE__LISTEN".to_owned(),
+            "127.0.0.1:0".to_owned(),
+        )])
+        .collect();
+    let mut child = tokio::process::Command::new(sightline_binary())
+        .arg("console")
+        .arg("--data-dir")
+        .arg(data.path().join("data"))
+        .envs(env)
+        .env("SIGHTLINE_LOG__FORMAT", "json")
+        .env("SIGHTLINE_LOG__LEVEL", "info")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let (addr, _) = sightline_tests::listening_addrs("console", &mut child, false).await;
+    let body = "token=sla_aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa";
+    for _ in 0..3 {
+        let answer = http(
+            addr,
+            &format!(
+                "POST /signin HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Type: application/x-www-form-urlencoded\r\nContent-Length: {}\r\n\r\n{body}",
+                body.len()
+            ),
+        )
+        .await;
+        assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
+        assert!(answer.contains("A service is unavailable"), "{answer}");
+        assert!(
+            answer.contains("<span class=\"code\">UNAVAILABLE</span>"),
+            "{answer}"
+        );
+        assert!(
+            !answer.contains("sla_aaaa"),
+            "the pasted token is not echoed"
+        );
+        assert!(!answer.to_lowercase().contains("panick"), "{answer}");
+    }
+    let home = http(
+        addr,
+        "GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(home.starts_with("HTTP/1.1 303"), "{home}");
+    assert!(
+        home.contains("content-security-policy: default-src 'none'"),
+        "{home}"
+    );
 }

@@ -539,21 +539,32 @@ async fn recent_events_are_an_orgs_own_newest_first(backend: Backend) {
     .await;
     commit_one(
         &store,
-        batch(OTHER, OTHER_INSTANCE, 1, vec![metric("m9", T0 + 5_000, 9.0)]),
+        batch(
+            OTHER,
+            OTHER_INSTANCE,
+            1,
+            vec![metric("m9", T0 + 5_000, 9.0)],
+        ),
     )
     .await;
     let recent = store.recent_events(ORG, None, 10).await.unwrap();
     let order: Vec<String> = recent
         .iter()
-        .map(|r| match pb::Event::decode(r.body.as_slice()).unwrap().payload {
-            Some(pb::event::Payload::PageView(v)) => v.page_id,
-            Some(pb::event::Payload::Metric(m)) => m.value.to_string(),
-            other => panic!("{other:?}"),
-        })
+        .map(
+            |r| match pb::Event::decode(r.body.as_slice()).unwrap().payload {
+                Some(pb::event::Payload::PageView(v)) => v.page_id,
+                Some(pb::event::Payload::Metric(m)) => m.value.to_string(),
+                other => panic!("{other:?}"),
+            },
+        )
         .collect();
     assert_eq!(order, ["p1", "2", "1"], "newest by occurrence first");
     assert_eq!(recent.len(), 3, "the other org's event is not among them");
-    assert!(recent.iter().all(|r| r.instance_id == INSTANCE && r.stored_at == T0));
+    assert!(
+        recent
+            .iter()
+            .all(|r| r.instance_id == INSTANCE && r.stored_at == T0)
+    );
     assert_eq!(store.recent_events(ORG, None, 2).await.unwrap().len(), 2);
     assert!(
         store

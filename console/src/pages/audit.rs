@@ -110,18 +110,25 @@ async fn verify(
         .await
         .map(tonic::Response::into_inner);
     let back = format!("/orgs/{org_id}/audit");
-    Ok(after_change(&state, &signed, "verify", &back, answer, |v| {
-        if v.intact {
-            format!(
-                "The chain is intact: {} entries checked, head {}.",
-                v.entries_checked,
-                hex::encode(&v.head_hash)
-            )
-        } else {
-            format!(
-                "The chain is broken at entry {}: {} ({} entries checked).",
-                v.first_bad_seq, v.problem, v.entries_checked
-            )
-        }
-    }))
+    Ok(after_change(
+        &state,
+        &signed,
+        "verify",
+        &back,
+        answer,
+        |v| {
+            if v.intact {
+                format!(
+                    "The chain is intact: {} entries checked, head {}.",
+                    v.entries_checked,
+                    hex::encode(&v.head_hash)
+                )
+            } else {
+                format!(
+                    "The chain is broken at entry {}: {} ({} entries checked).",
+                    v.first_bad_seq, v.problem, v.entries_checked
+                )
+            }
+        },
+    ))
 }

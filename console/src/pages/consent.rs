@@ -199,12 +199,19 @@ async fn update(
         .await
         .map(tonic::Response::into_inner);
     let back = format!("/orgs/{org_id}/consent");
-    Ok(after_change(&state, &signed, "consent", &back, updated, |r| {
-        format!(
-            "Saved as version {}.",
-            r.consent.map(|c| c.version).unwrap_or_default()
-        )
-    }))
+    Ok(after_change(
+        &state,
+        &signed,
+        "consent",
+        &back,
+        updated,
+        |r| {
+            format!(
+                "Saved as version {}.",
+                r.consent.map(|c| c.version).unwrap_or_default()
+            )
+        },
+    ))
 }
 
 /// One field of a previewed event: its path, its data class, and what the policy does with it.
@@ -249,8 +256,7 @@ fn fields_of(event: &collector_pb::Event) -> Vec<(String, String)> {
     let Ok(pool) = sightline_proto::classes::pool() else {
         return Vec::new();
     };
-    let Some(descriptor) = pool.get_message_by_name(sightline_proto::classes::EVENT_MESSAGE)
-    else {
+    let Some(descriptor) = pool.get_message_by_name(sightline_proto::classes::EVENT_MESSAGE) else {
         return Vec::new();
     };
     let Ok(message) = DynamicMessage::decode(descriptor, event.encode_to_vec().as_slice()) else {
@@ -290,9 +296,7 @@ fn fields_of(event: &collector_pb::Event) -> Vec<(String, String)> {
                 {
                     walk(inner, &path, out);
                 }
-                Value::List(items)
-                    if items.iter().any(|i| matches!(i, Value::Message(_))) =>
-                {
+                Value::List(items) if items.iter().any(|i| matches!(i, Value::Message(_))) => {
                     for (i, item) in items.iter().enumerate() {
                         if let Value::Message(inner) = item {
                             walk(inner, &format!("{path}[{i}]"), out);
@@ -514,7 +518,11 @@ async fn sample(
                         "kept"
                     };
                     FieldMark {
-                        css: if mark == "not collected" { "not-collected" } else { mark },
+                        css: if mark == "not collected" {
+                            "not-collected"
+                        } else {
+                            mark
+                        },
                         path: f.path.clone(),
                         class: name(f.class.as_str_name(), "DATA_CLASS_"),
                         mark,

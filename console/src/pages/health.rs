@@ -319,12 +319,19 @@ async fn run_readiness(
         .await
         .map(tonic::Response::into_inner);
     let back = format!("/orgs/{org_id}/instances/{instance_id}");
-    Ok(after_change(&state, &signed, "readiness", &back, done, |r| {
-        format!(
-            "Assessed: readiness score {}.",
-            r.report.map(|r| r.readiness_score).unwrap_or_default()
-        )
-    }))
+    Ok(after_change(
+        &state,
+        &signed,
+        "readiness",
+        &back,
+        done,
+        |r| {
+            format!(
+                "Assessed: readiness score {}.",
+                r.report.map(|r| r.readiness_score).unwrap_or_default()
+            )
+        },
+    ))
 }
 
 /// An assessment file from the browser, sent to UploadAssessment as a header and 64 KiB chunks.
@@ -362,9 +369,17 @@ async fn upload_assessment(
         file = Some((file_name, bytes));
     }
     let Some((file_name, bytes)) = file.filter(|(_, b)| !b.is_empty()) else {
-        let outcome: Result<(), tonic::Status> =
-            Err(tonic::Status::invalid_argument("file: choose an assessment file"));
-        return Ok(after_change(&state, &signed, "upload", &back, outcome, |()| String::new()));
+        let outcome: Result<(), tonic::Status> = Err(tonic::Status::invalid_argument(
+            "file: choose an assessment file",
+        ));
+        return Ok(after_change(
+            &state,
+            &signed,
+            "upload",
+            &back,
+            outcome,
+            |()| String::new(),
+        ));
     };
     let mut parts = vec![insights_pb::UploadAssessmentRequest {
         part: Some(insights_pb::upload_assessment_request::Part::Header(
@@ -379,9 +394,15 @@ async fn upload_assessment(
             },
         )),
     }];
-    parts.extend(bytes.chunks(CHUNK_BYTES).map(|c| insights_pb::UploadAssessmentRequest {
-        part: Some(insights_pb::upload_assessment_request::Part::Chunk(c.to_vec())),
-    }));
+    parts.extend(
+        bytes
+            .chunks(CHUNK_BYTES)
+            .map(|c| insights_pb::UploadAssessmentRequest {
+                part: Some(insights_pb::upload_assessment_request::Part::Chunk(
+                    c.to_vec(),
+                )),
+            }),
+    );
     let done = state
         .services
         .insights()

@@ -293,9 +293,14 @@ async fn unlink(
         ))
         .await;
     let back = format!("/orgs/{org_id}/instances");
-    Ok(after_change(&state, &signed, "instances", &back, done, |_| {
-        format!("Instance {instance_id} unlinked; its credentials are revoked.")
-    }))
+    Ok(after_change(
+        &state,
+        &signed,
+        "instances",
+        &back,
+        done,
+        |_| format!("Instance {instance_id} unlinked; its credentials are revoked."),
+    ))
 }
 
 async fn revoke_credential(
@@ -315,7 +320,12 @@ async fn revoke_credential(
         ))
         .await;
     let back = format!("/orgs/{org_id}/instances");
-    Ok(after_change(&state, &signed, "instances", &back, done, |_| {
-        format!("Credential {credential_id} revoked.")
-    }))
+    Ok(after_change(
+        &state,
+        &signed,
+        "instances",
+        &back,
+        done,
+        |_| format!("Credential {credential_id} revoked."),
+    ))
 }

@@ -87,8 +87,16 @@ mod tests {
         assert_eq!(d.previous().len(), 30);
         let d = Days::from_query(Some("2026-03-01"), Some("2026-03-02"), today, 30).unwrap();
         assert_eq!(d.len(), 2);
-        assert!(Days::from_query(Some("x"), None, today, 30).unwrap_err().starts_with("from:"));
-        assert!(Days::from_query(None, Some("2026-02-30"), today, 30).unwrap_err().starts_with("to:"));
+        assert!(
+            Days::from_query(Some("x"), None, today, 30)
+                .unwrap_err()
+                .starts_with("from:")
+        );
+        assert!(
+            Days::from_query(None, Some("2026-02-30"), today, 30)
+                .unwrap_err()
+                .starts_with("to:")
+        );
         assert!(Days::from_query(Some("2026-03-03"), Some("2026-03-02"), today, 30).is_err());
         assert!(Days::from_query(Some("2020-01-01"), Some("2026-03-02"), today, 30).is_err());
     }

@@ -23,7 +23,10 @@ pub(crate) fn routes() -> Router<AppRef> {
         .route("/operator/orgs", post(create_org))
         .route("/operator/orgs/{org}", get(org))
         .route("/operator/orgs/{org}/tokens", post(create_token))
-        .route("/operator/orgs/{org}/tokens/{token}/revoke", post(revoke_token))
+        .route(
+            "/operator/orgs/{org}/tokens/{token}/revoke",
+            post(revoke_token),
+        )
         .route("/operator/orgs/{org}/moves", post(move_step))
         .route("/operator/services", get(services))
 }
@@ -108,13 +111,22 @@ async fn create_org(
                 Flash::Message {
                     form: "tokens",
                     error: false,
-                    text: format!("Org {} created. Create its first admin token below.", org.name),
+                    text: format!(
+                        "Org {} created. Create its first admin token below.",
+                        org.name
+                    ),
                 },
             );
-            axum::response::Redirect::to(&format!("/operator/orgs/{}", org.org_id))
-                .into_response()
+            axum::response::Redirect::to(&format!("/operator/orgs/{}", org.org_id)).into_response()
         }
-        Err(status) => after_change(&state, &signed, "create-org", "/operator", Err::<(), _>(status), |()| String::new()),
+        Err(status) => after_change(
+            &state,
+            &signed,
+            "create-org",
+            "/operator",
+            Err::<(), _>(status),
+            |()| String::new(),
+        ),
     })
 }
 
@@ -165,8 +177,10 @@ pub(crate) fn move_rows(residency: &consent_pb::Residency) -> Vec<MoveRow> {
 }
 
 pub(crate) fn location(value: i32) -> String {
-    sightline_proto::common::v1::Location::try_from(value)
-        .map_or_else(|_| value.to_string(), |l| name(l.as_str_name(), "LOCATION_"))
+    sightline_proto::common::v1::Location::try_from(value).map_or_else(
+        |_| value.to_string(),
+        |l| name(l.as_str_name(), "LOCATION_"),
+    )
 }
 
 async fn org(
@@ -248,18 +262,25 @@ async fn create_token(
         .await
         .map(tonic::Response::into_inner);
     let back = format!("/operator/orgs/{org_id}");
-    Ok(after_change(&state, &signed, "tokens", &back, created, |reply| {
-        let id = reply.token.map(|t| t.token_id).unwrap_or_default();
-        state.sessions.flash(
-            &signed.id,
-            Flash::Secret {
-                what: "admin token",
-                id: id.clone(),
-                secret: Secret::new(reply.secret),
-            },
-        );
-        format!("Admin token {id} created.")
-    }))
+    Ok(after_change(
+        &state,
+        &signed,
+        "tokens",
+        &back,
+        created,
+        |reply| {
+            let id = reply.token.map(|t| t.token_id).unwrap_or_default();
+            state.sessions.flash(
+                &signed.id,
+                Flash::Secret {
+                    what: "admin token",
+                    id: id.clone(),
+                    secret: Secret::new(reply.secret),
+                },
+            );
+            format!("Admin token {id} created.")
+        },
+    ))
 }
 
 async fn revoke_token(
@@ -280,9 +301,14 @@ async fn revoke_token(
         ))
         .await;
     let back = format!("/operator/orgs/{org_id}");
-    Ok(after_change(&state, &signed, "tokens", &back, revoked, |_| {
-        format!("Admin token {token_id} revoked.")
-    }))
+    Ok(after_change(
+        &state,
+        &signed,
+        "tokens",
+        &back,
+        revoked,
+        |_| format!("Admin token {token_id} revoked."),
+    ))
 }
 
 #[derive(Deserialize)]
@@ -301,7 +327,11 @@ async fn move_step(
     let transition = match form.transition.as_str() {
         "start" => consent_pb::MoveTransition::Start,
         "complete" => consent_pb::MoveTransition::Complete,
-        other => return Err(PageError::BadRequest(format!("transition: {other:?} is not start or complete"))),
+        other => {
+            return Err(PageError::BadRequest(format!(
+                "transition: {other:?} is not start or complete"
+            )));
+        }
     };
     let moved = state
         .services
@@ -318,7 +348,14 @@ async fn move_step(
         .await;
     let back = format!("/operator/orgs/{org_id}");
     Ok(after_change(&state, &signed, "moves", &back, moved, |_| {
-        format!("Move {}.", if form.transition == "start" { "started" } else { "completed" })
+        format!(
+            "Move {}.",
+            if form.transition == "start" {
+                "started"
+            } else {
+                "completed"
+            }
+        )
     }))
 }
 

@@ -276,7 +276,10 @@ async fn space(
     Ok(report(
         Chrome::new(&state, &signed, &org_id, "pages", "Page analytics: space"),
         format!("space {space_id} on instance {instance_id}"),
-        vec![("instance", instance_id.clone()), ("space", space_id.clone())],
+        vec![
+            ("instance", instance_id.clone()),
+            ("space", space_id.clone()),
+        ],
         days,
         stats(now.stats),
         &stats(before.stats),

@@ -113,7 +113,9 @@ async fn page(
                 let value = i32::from(*c);
                 (
                     value,
-                    name(c.as_str_name(), "CHANNEL_").replace('_', " ").to_lowercase(),
+                    name(c.as_str_name(), "CHANNEL_")
+                        .replace('_', " ")
+                        .to_lowercase(),
                     tracking.enabled_channels.contains(&value),
                 )
             })
@@ -153,8 +155,9 @@ fn number<T: std::str::FromStr>(fields: &Fields, key: &'static str) -> Result<T,
             .parse()
             .map_err(|_| tonic::Status::invalid_argument(format!("{key}: is not a number")));
     }
-    text.parse()
-        .map_err(|_| tonic::Status::invalid_argument(format!("{key}: {text:?} is not a whole number")))
+    text.parse().map_err(|_| {
+        tonic::Status::invalid_argument(format!("{key}: {text:?} is not a whole number"))
+    })
 }
 
 async fn update_tracking(
@@ -169,7 +172,14 @@ async fn update_tracking(
     let blocking_s = match blocking_s {
         Ok(s) => s,
         Err(status) => {
-            return Ok(after_change(&state, &signed, "tracking", &back, Err::<(), _>(status), |()| String::new()));
+            return Ok(after_change(
+                &state,
+                &signed,
+                "tracking",
+                &back,
+                Err::<(), _>(status),
+                |()| String::new(),
+            ));
         }
     };
     let settings = consent_pb::TrackingSettings {
@@ -200,9 +210,14 @@ async fn update_tracking(
             },
         ))
         .await;
-    Ok(after_change(&state, &signed, "tracking", &back, done, |_| {
-        "View tracking saved.".to_owned()
-    }))
+    Ok(after_change(
+        &state,
+        &signed,
+        "tracking",
+        &back,
+        done,
+        |_| "View tracking saved.".to_owned(),
+    ))
 }
 
 async fn update_retention(
@@ -226,7 +241,14 @@ async fn update_retention(
     let retention = match read() {
         Ok(r) => r,
         Err(status) => {
-            return Ok(after_change(&state, &signed, "retention", &back, Err::<(), _>(status), |()| String::new()));
+            return Ok(after_change(
+                &state,
+                &signed,
+                "retention",
+                &back,
+                Err::<(), _>(status),
+                |()| String::new(),
+            ));
         }
     };
     let done = state
@@ -240,9 +262,14 @@ async fn update_retention(
             },
         ))
         .await;
-    Ok(after_change(&state, &signed, "retention", &back, done, |_| {
-        "Retention saved.".to_owned()
-    }))
+    Ok(after_change(
+        &state,
+        &signed,
+        "retention",
+        &back,
+        done,
+        |_| "Retention saved.".to_owned(),
+    ))
 }
 
 async fn request_move(
@@ -269,7 +296,17 @@ async fn request_move(
             },
         ))
         .await;
-    Ok(after_change(&state, &signed, "residency", &back, done, |_| {
-        format!("Move to {} requested; the operator starts it.", location(to))
-    }))
+    Ok(after_change(
+        &state,
+        &signed,
+        "residency",
+        &back,
+        done,
+        |_| {
+            format!(
+                "Move to {} requested; the operator starts it.",
+                location(to)
+            )
+        },
+    ))
 }

@@ -16,8 +16,7 @@ use super::moved::Type;
 use super::{
     Batch, BatchOutcome, Change, CollectorStore, EraseSpec, Fence, Held, MOVED_TABLES, MoveSpec,
     PurgeSpec, Ranked, RecentEvent, Removed, Revisions, Rollup, RowOutcome, Sample, StoreError,
-    StoreResult,
-    Table, Value, ViewScope, ViewTotals,
+    StoreResult, Table, Value, ViewScope, ViewTotals,
 };
 use crate::enforce::{self, DAY_MS};
 

@@ -245,13 +245,13 @@ impl LinkerStore for SqlStore {
     }
 
     async fn list_orgs(&self, after_id: Option<&str>, limit: i64) -> StoreResult<Vec<OrgRecord>> {
-        Ok(sql::query(
-            "SELECT id, name, created_at FROM orgs WHERE id > $1 ORDER BY id LIMIT $2",
+        Ok(
+            sql::query("SELECT id, name, created_at FROM orgs WHERE id > $1 ORDER BY id LIMIT $2")
+                .bind(after_id.unwrap_or(""))
+                .bind(limit)
+                .fetch_all(&self.db)
+                .await?,
         )
-        .bind(after_id.unwrap_or(""))
-        .bind(limit)
-        .fetch_all(&self.db)
-        .await?)
     }
 
     async fn insert_admin_token(
