@@ -12,12 +12,13 @@ RUN apt-get update && apt-get install -y --no-install-recommends ca-certificates
     && rm -rf /var/lib/apt/lists/* \
     && useradd --system --uid 10001 --home /var/lib/sightline --create-home sightline \
     && chmod 700 /var/lib/sightline \
-    && install -d -m 700 -o sightline -g sightline /var/lib/sightline-companion
+    && install -d -m 700 -o sightline -g sightline /var/lib/sightline-companion \
+    && install -d -m 700 -o sightline -g sightline /var/lib/sightline-shared
 COPY --from=build /src/target/release/sightline /usr/local/bin/sightline
 COPY --from=build /src/target/release/sightline-companion /usr/local/bin/sightline-companion
 USER sightline
 ENV SIGHTLINE_DATA_DIR=/var/lib/sightline \
     SIGHTLINE_COMPANION_HOME=/var/lib/sightline-companion
 VOLUME /var/lib/sightline
-EXPOSE 50051 50052 50053 50054 9151 9152 9153 9154
+EXPOSE 50051 50052 50053 50054 9151 9152 9153 9154 8080
 ENTRYPOINT ["sightline"]

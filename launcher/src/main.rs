@@ -59,6 +59,13 @@ enum Command {
         #[arg(long)]
         data_dir: Option<PathBuf>,
     },
+    /// Make what the stack's services share before any of them starts: the service token, in
+    /// DIR/service.token (mode 0600). Run again, it keeps what is there. docker-compose runs it as
+    /// its one-shot `init` service; the others read the token with `service_token_file`.
+    Init {
+        #[arg(long)]
+        shared_dir: PathBuf,
+    },
     /// Run the web console alone (it reaches every service at its `url`; `console.listen`).
     Console {
         #[arg(long)]
@@ -159,6 +166,15 @@ async fn main() -> anyhow::Result<()> {
             stop_signal().await;
             shutdown.cancel();
             serve.await.context("collector task panicked")??;
+        }
+        Command::Init { shared_dir } => {
+            sightline_runtime::secret_file::private_dir(&shared_dir)
+                .with_context(|| format!("shared directory {}", shared_dir.display()))?;
+            sightline::ensure_service_token(&shared_dir)?;
+            sightline_runtime::text::print_line(&format!(
+                "service token ready in {} (it is never printed)",
+                shared_dir.join("service.token").display()
+            ))?;
         }
         Command::Console { data_dir } => {
             let mut settings = load_settings(cli.config.as_deref(), data_dir)?;

@@ -103,21 +103,25 @@ pub fn create_private(path: &Path, contents: &[u8]) -> io::Result<()> {
     file.sync_all()
 }
 
+/// Reads a token of `kind` from `path`, which must exist and hold one.
+pub fn read_token(path: &Path, kind: TokenKind) -> io::Result<Secret> {
+    let text = std::fs::read_to_string(path)?;
+    let text = text.trim();
+    if token::parse(text).is_ok_and(|p| p.kind == kind) {
+        Ok(Secret::new(text))
+    } else {
+        Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("file does not hold a {}", kind.noun()),
+        ))
+    }
+}
+
 /// Reads the token of `kind` at `path`, or makes one there when the file does not exist. Returns the
 /// token and whether it was created. The token itself is never printed or logged.
 pub fn read_or_create_token(path: &Path, kind: TokenKind) -> io::Result<(Secret, bool)> {
-    match std::fs::read_to_string(path) {
-        Ok(existing) => {
-            let existing = existing.trim();
-            if token::parse(existing).is_ok_and(|p| p.kind == kind) {
-                Ok((Secret::new(existing), false))
-            } else {
-                Err(io::Error::new(
-                    io::ErrorKind::InvalidData,
-                    format!("file does not hold a {}", kind.noun()),
-                ))
-            }
-        }
+    match read_token(path, kind) {
+        Ok(existing) => Ok((existing, false)),
         Err(e) if e.kind() == io::ErrorKind::NotFound => {
             let secret = token::generate(kind);
             create_private(path, format!("{secret}\n").as_bytes())?;

@@ -44,6 +44,9 @@ pub struct Settings {
     pub limits: Limits,
     /// The token services present to each other. `sightline up` makes one when it is not set.
     pub service_token: Option<Secret>,
+    /// A file holding the service token, read at start when `service_token` is not set (e.g. the
+    /// one `sightline init` writes to a volume the services share).
+    pub service_token_file: Option<PathBuf>,
     pub linker: ServiceSettings,
     pub consent: ServiceSettings,
     pub collector: ServiceSettings,
@@ -222,6 +225,7 @@ impl Default for Settings {
             tls: None,
             limits: Limits::default(),
             service_token: None,
+            service_token_file: None,
             linker: ServiceSettings::local(50051),
             consent: ServiceSettings::local(50052),
             collector: ServiceSettings::local(50053),
@@ -243,16 +247,30 @@ impl Settings {
             .ok_or_else(|| format!("{service} needs service_token (SIGHTLINE_SERVICE_TOKEN)"))
     }
 
-    /// Defaults, then `file` if given, then the environment.
+    /// Defaults, then `file` if given, then the environment; then the service token from
+    /// `service_token_file` when it is not set itself.
     pub fn load(file: Option<&Path>) -> Result<Self, SettingsError> {
         let mut figment = Figment::new();
         if let Some(file) = file {
             figment = figment.merge(Toml::file_exact(file));
         }
-        figment
+        let mut settings: Self = figment
             .merge(Env::prefixed("SIGHTLINE_").split("__"))
             .extract()
-            .map_err(|e| SettingsError(Box::new(e)))
+            .map_err(|e| SettingsError(Box::new(e)))?;
+        if settings.service_token.is_none()
+            && let Some(path) = &settings.service_token_file
+        {
+            let token = crate::secret_file::read_token(path, crate::token::TokenKind::Service)
+                .map_err(|e| {
+                    SettingsError(Box::new(figment::Error::from(format!(
+                        "service_token_file {}: {e}",
+                        path.display()
+                    ))))
+                })?;
+            settings.service_token = Some(token);
+        }
+        Ok(settings)
     }
 }
 

@@ -25,8 +25,13 @@ fn private_dir() -> tempfile::TempDir {
         .unwrap()
 }
 
-/// `docker-compose -f … config`, as JSON.
-fn compose_config(files: &[&str], service_token: &str) -> Value {
+/// `docker-compose -f … config`, as JSON: with no .env and no SIGHTLINE_ variable set, as on a
+/// machine where nothing was run before.
+fn compose_config(files: &[&str]) -> Value {
+    assert!(
+        !workspace_root().join(".env").exists(),
+        "the stack starts without a .env"
+    );
     let mut command = Command::new("docker-compose");
     for file in files {
         command.arg("-f").arg(file);
@@ -34,7 +39,8 @@ fn compose_config(files: &[&str], service_token: &str) -> Value {
     let out = command
         .arg("config")
         .current_dir(workspace_root())
-        .env("SIGHTLINE_SERVICE_TOKEN", service_token)
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
         .output()
         .expect("docker-compose is required (Debian's docker-compose package; ./scripts/test installs it)");
     assert!(
@@ -60,9 +66,10 @@ fn compose_config(files: &[&str], service_token: &str) -> Value {
 }
 
 fn env_of(service: &Value) -> BTreeMap<String, String> {
-    service["environment"]
-        .as_object()
-        .unwrap()
+    let Some(environment) = service["environment"].as_object() else {
+        return BTreeMap::new();
+    };
+    environment
         .iter()
         .map(|(k, v)| {
             let v = match v {
@@ -93,7 +100,7 @@ fn tls_dir() -> tempfile::TempDir {
     let ca_cert = ca_params.self_signed(&ca_key).unwrap();
     let issuer = Issuer::new(ca_params, ca_key);
     std::fs::write(dir.path().join("ca.pem"), ca_cert.pem()).unwrap();
-    for name in SERVICES {
+    for name in SERVICES.into_iter().chain(["console"]) {
         let key = KeyPair::generate().unwrap();
         let cert = CertificateParams::new(vec![name.to_owned(), "127.0.0.1".to_owned()])
             .unwrap()
@@ -113,6 +120,8 @@ fn tls_dir() -> tempfile::TempDir {
 struct Mapped {
     listen: HashMap<String, SocketAddr>,
     tls: Option<PathBuf>,
+    /// The `shared` volume (the service token `init` makes).
+    shared: PathBuf,
 }
 
 impl Mapped {
@@ -128,7 +137,7 @@ impl Mapped {
         if let Some(dir) = &self.tls {
             value = value.replace("/etc/sightline/tls", dir.to_str().unwrap());
         }
-        value
+        value.replace("/var/lib/sightline-shared", self.shared.to_str().unwrap())
     }
 }
 
@@ -148,8 +157,7 @@ async fn compose_stack_runs_here(files: &[&str], tls: bool) {
         dockerfile.contains("USER sightline"),
         "the image runs as a non-root user"
     );
-    let token = sightline_runtime::token::generate(sightline_runtime::token::TokenKind::Service);
-    let config = compose_config(files, &token);
+    let config = compose_config(files);
     let services = &config["services"];
     assert_eq!(
         services["postgres"]["healthcheck"]["test"][1]
@@ -161,10 +169,48 @@ async fn compose_stack_runs_here(files: &[&str], tls: bool) {
     // Each service listens on a port the system picks (a port chosen here and released could be
     // taken by a parallel test first); it says which in its log, and the services started after it
     // are given that address.
+    let shared = private_dir();
     let mut mapped = Mapped {
         listen: HashMap::new(),
         tls: tls_dir.as_ref().map(|d| d.path().to_path_buf()),
+        shared: shared.path().to_path_buf(),
     };
+    // First the one-shot `init`, on the empty shared volume: it makes the service token, once.
+    let init = &services["init"];
+    assert_eq!(
+        strings(&init["volumes"]),
+        ["shared:/var/lib/sightline-shared:rw"]
+    );
+    let init_command: Vec<String> = strings(&init["command"])
+        .iter()
+        .map(|a| mapped.value(a))
+        .collect();
+    assert_eq!(init_command[0], "init");
+    let mut made = Vec::new();
+    for _ in 0..2 {
+        let out = Command::new(binary("sightline"))
+            .args(&init_command)
+            .env_clear()
+            .envs(env_of(init))
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "init: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let token_file = shared.path().join("service.token");
+        let text = std::fs::read_to_string(&token_file).unwrap();
+        assert!(
+            !String::from_utf8_lossy(&out.stdout).contains(text.trim()),
+            "never printed"
+        );
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&token_file).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        made.push(text);
+    }
+    assert_eq!(made[0], made[1], "run again, init keeps the token it made");
     // Volumes by name: collector and insights share one (the pseudonymization secret).
     let mut volumes: HashMap<String, tempfile::TempDir> = HashMap::new();
     let mut children = Vec::new();
@@ -181,6 +227,17 @@ async fn compose_stack_runs_here(files: &[&str], tls: bool) {
         let service = &services[name];
         let command = strings(&service["command"]);
         assert_eq!(command, [name], "{name} runs `sightline {name}`");
+        assert!(
+            strings(&service["volumes"])
+                .contains(&"shared:/var/lib/sightline-shared:ro".to_owned()),
+            "{name} reads the shared volume"
+        );
+        if name == "linker" {
+            assert_eq!(
+                service["depends_on"]["init"]["condition"],
+                "service_completed_successfully"
+            );
+        }
         let mut env = env_of(service);
         let port = container_port(name);
         let upper = name.to_uppercase();
@@ -280,12 +337,50 @@ async fn compose_stack_runs_here(files: &[&str], tls: bool) {
         children.push(child);
     }
 
+    // The console, on the services as compose names them, with the shared token.
+    let console = &services["console"];
+    assert_eq!(strings(&console["command"]), ["console"]);
+    assert!(strings(&console["ports"]).contains(&"127.0.0.1:8080:8080/tcp".to_owned()));
+    let mut env: BTreeMap<String, String> = env_of(console)
+        .into_iter()
+        .map(|(k, v)| (k, mapped.value(&v)))
+        .collect();
+    assert_eq!(env["SIGHTLINE_CONSOLE__LISTEN"], "0.0.0.0:8080");
+    env.insert("SIGHTLINE_CONSOLE__LISTEN".into(), "127.0.0.1:0".into());
+    let console_data = private_dir();
+    let mut console_child = tokio::process::Command::new(binary("sightline"))
+        .arg("console")
+        .env_clear()
+        .env("SIGHTLINE_DATA_DIR", console_data.path())
+        .envs(&env)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let (console_addr, _) =
+        sightline_tests::listening_addrs("console", &mut console_child, false).await;
+    let operator =
+        std::fs::read_to_string(volumes["linker-data"].path().join("operator.token")).unwrap();
+    if !tls {
+        // Signing in asks linker-svc with the shared service token: the token file works.
+        let body = format!("token={}", operator.trim());
+        let answer = http(
+            console_addr,
+            &format!(
+                "POST /signin HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Type: application/x-www-form-urlencoded\r\nContent-Length: {}\r\n\r\n{body}",
+                body.len()
+            ),
+        )
+        .await;
+        assert!(answer.starts_with("HTTP/1.1 303"), "{answer}");
+        assert!(answer.contains("location: /operator"), "{answer}");
+    }
+
     // The companion service's command, with the operator's org, key and consent in place.
     let scheme = if tls { "https" } else { "http" };
     let ca = tls_dir.as_ref().map(|d| d.path().join("ca.pem"));
     let url = |name: &str| format!("{scheme}://{}", mapped.listen[name]);
-    let operator =
-        std::fs::read_to_string(volumes["linker-data"].path().join("operator.token")).unwrap();
     let org = admin::org_with_link_key(
         admin::channel(&url("linker"), ca.as_deref()).await,
         operator.trim(),
@@ -393,9 +488,20 @@ async fn compose_stack_runs_here(files: &[&str], tls: bool) {
         "a linked companion runs without the key file"
     );
     again.kill().await.unwrap();
+    console_child.kill().await.unwrap();
     for mut child in children {
         child.kill().await.unwrap();
     }
+}
+
+/// One HTTP/1.1 request on a new connection; the whole answer as text.
+async fn http(addr: SocketAddr, request: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).await.unwrap();
+    answer
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
