@@ -977,7 +977,8 @@ async fn readme_tour_runs_as_written() {
         .current_dir(work.path())
         .env("SIGHTLINE", sightline_binary())
         .env("COMPANION", companion_binary())
-        .env("SIGHTLINE_COLLECTION__ROLLUP_EVERY_MS", "500");
+        .env("SIGHTLINE_COLLECTION__ROLLUP_EVERY_MS", "500")
+        .env("SIGHTLINE_CONSOLE__LISTEN", "127.0.0.1:0");
     // Ports chosen by the system, so parallel tests never collide; the tour reads the banner.
     for svc in SERVICES {
         let upper = svc.to_uppercase();

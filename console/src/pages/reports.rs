@@ -57,6 +57,7 @@ struct ReportPage {
     unique_change: String,
     error_note: String,
     day_svg: String,
+    any_views: bool,
     by_day: Vec<(String, u64, u64)>,
     by_channel: Vec<(String, u64)>,
     top_title: &'static str,
@@ -126,9 +127,17 @@ fn report(
     } else {
         String::new()
     };
+    // Every day of the range, a day without views as zero.
+    let by_day: Vec<(String, u64, u64)> = (days.from..=days.to)
+        .map(sightline_runtime::time::day_text)
+        .map(|day| {
+            let found = now.by_day.iter().find(|(d, _, _)| *d == day);
+            let (views, unique) = found.map_or((0, 0), |(_, v, u)| (*v, *u));
+            (day, views, unique)
+        })
+        .collect();
     #[allow(clippy::cast_precision_loss)]
-    let points: Vec<Point> = now
-        .by_day
+    let points: Vec<Point> = by_day
         .iter()
         .map(|(day, views, _)| Point {
             label: day.clone(),
@@ -146,7 +155,8 @@ fn report(
         unique_change: change(now.unique, before.unique),
         error_note,
         day_svg: chart::bars("Views by day", "views", &points),
-        by_day: now.by_day,
+        any_views: now.views > 0,
+        by_day,
         by_channel: now.by_channel,
         top_title,
         top,
