@@ -3,6 +3,8 @@
 //! plain HTTP client that tries to break its security (tests/browser/security.py). Afterwards the
 //! stack's log is scanned for every secret the scripts handled.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::io::BufRead;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};

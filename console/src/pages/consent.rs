@@ -148,7 +148,7 @@ async fn page(
         .collect::<Vec<_>>();
     Ok(render(&ConsentPage {
         chrome: Chrome::new(&state, &signed, &org_id, "consent", "Usage data sharing"),
-        settings: current.settings.clone().unwrap_or_default(),
+        settings: current.settings.unwrap_or_default(),
         current: version_row(current, None),
         allowed: if allowed.is_empty() {
             "nothing".to_owned()
@@ -508,11 +508,11 @@ async fn sample(
                 .map(|f| {
                     let mark = if !p.kept {
                         "not collected"
-                    } else if p.removed_fields.iter().any(|r| *r == f.path) {
+                    } else if p.removed_fields.contains(&f.path) {
                         "dropped"
-                    } else if p.hashed_fields.iter().any(|r| *r == f.path) {
+                    } else if p.hashed_fields.contains(&f.path) {
                         "hashed"
-                    } else if p.scrubbed_fields.iter().any(|r| *r == f.path) {
+                    } else if p.scrubbed_fields.contains(&f.path) {
                         "scrubbed"
                     } else {
                         "kept"

@@ -65,11 +65,11 @@ impl Days {
         }
     }
 
-    pub(crate) fn from_text(self) -> String {
+    pub(crate) fn first_text(self) -> String {
         sightline_runtime::time::day_text(self.from)
     }
 
-    pub(crate) fn to_text(self) -> String {
+    pub(crate) fn last_text(self) -> String {
         sightline_runtime::time::day_text(self.to)
     }
 }

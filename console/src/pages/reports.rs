@@ -99,7 +99,7 @@ fn days_of(state: &AppRef, q: &ReportQuery) -> Result<Days, PageError> {
 
 /// The query string that keeps the range when following a link.
 fn range_query(days: Days) -> String {
-    format!("from={}&to={}", days.from_text(), days.to_text())
+    format!("from={}&to={}", days.first_text(), days.last_text())
 }
 
 /// A query value as a link carries it (percent-encoded).
@@ -186,14 +186,13 @@ async fn global(
             },
         )
     };
-    let now = collector
-        .get_global_report(ask(days, q.after.clone().unwrap_or_default()))
-        .await?
-        .into_inner();
-    let before = collector
-        .get_global_report(ask(days.previous(), String::new()))
-        .await?
-        .into_inner();
+    // The period and the one before, asked at once.
+    let mut earlier = collector.clone();
+    let (now, before) = futures::join!(
+        collector.get_global_report(ask(days, q.after.clone().unwrap_or_default())),
+        earlier.get_global_report(ask(days.previous(), String::new())),
+    );
+    let (now, before) = (now?.into_inner(), before?.into_inner());
     let range = range_query(days);
     let top = now
         .top_spaces
@@ -260,14 +259,12 @@ async fn space(
             },
         )
     };
-    let now = collector
-        .get_space_report(ask(days, q.after.clone().unwrap_or_default()))
-        .await?
-        .into_inner();
-    let before = collector
-        .get_space_report(ask(days.previous(), String::new()))
-        .await?
-        .into_inner();
+    let mut earlier = collector.clone();
+    let (now, before) = futures::join!(
+        collector.get_space_report(ask(days, q.after.clone().unwrap_or_default())),
+        earlier.get_space_report(ask(days.previous(), String::new())),
+    );
+    let (now, before) = (now?.into_inner(), before?.into_inner());
     let range = range_query(days);
     let top = now
         .top_pages
@@ -320,11 +317,12 @@ async fn page(
             },
         )
     };
-    let now = collector.get_page_report(ask(days)).await?.into_inner();
-    let before = collector
-        .get_page_report(ask(days.previous()))
-        .await?
-        .into_inner();
+    let mut earlier = collector.clone();
+    let (now, before) = futures::join!(
+        collector.get_page_report(ask(days)),
+        earlier.get_page_report(ask(days.previous())),
+    );
+    let (now, before) = (now?.into_inner(), before?.into_inner());
     Ok(report(
         Chrome::new(&state, &signed, &org_id, "pages", "Page analytics: page"),
         format!("page {page_id} on instance {instance_id}"),

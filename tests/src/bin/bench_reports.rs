@@ -9,6 +9,9 @@
 //! (pseudonyms as the collector stores them); page popularity is skewed (u², so the first pages
 //! take the most views), viewers uniform, 85 % desktop and 15 % mobile web.
 //!
+//! Then the web console on the same stack: every page an admin or the operator opens, over HTTP,
+//! one request at a time (server time per page: loopback, a new connection each).
+//!
 //! cargo run --release -p sightline-tests --bin bench_reports -- [--views 10000000] [--calls 200]
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -401,10 +404,148 @@ fn summary(name: &str, mut ms: Vec<f64>) {
     );
 }
 
-const USAGE: &str = "usage: bench_reports [--views N] [--calls N] [--spaces N] [--pages-per-space N] [--viewers N] [--check]
+const USAGE: &str = "usage: bench_reports [--views N] [--calls N] [--spaces N] [--pages-per-space N] [--viewers N] [--check] [--no-console]
   Fills one org's store with --views page views (default 10000000) and times page, space and
-  global reports over gRPC (--calls each, default 200). --check: prove on a small run that the bulk
-  load and the store's own commit give the same store.";
+  global reports over gRPC (--calls each, default 200), then every console page over HTTP
+  (--no-console skips it). --check: prove on a small run that the bulk load and the store's own
+  commit give the same store.";
+
+/// One HTTP/1.1 request on a new connection: (status, body).
+async fn http(addr: std::net::SocketAddr, request: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    stream.set_nodelay(true).unwrap();
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut answer = Vec::new();
+    stream.read_to_end(&mut answer).await.unwrap();
+    let answer = String::from_utf8_lossy(&answer).into_owned();
+    let status = answer
+        .get(9..12)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_default();
+    (status, answer)
+}
+
+/// Signs in with `token`; the session cookie.
+async fn sign_in(addr: std::net::SocketAddr, token: &str) -> String {
+    let body = format!("token={token}");
+    let (status, answer) = http(
+        addr,
+        &format!(
+            "POST /signin HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Type: application/x-www-form-urlencoded\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        ),
+    )
+    .await;
+    assert_eq!(status, 303, "{answer}");
+    let cookie = answer
+        .lines()
+        .find_map(|l| l.strip_prefix("set-cookie: "))
+        .unwrap();
+    cookie.split(';').next().unwrap().to_owned()
+}
+
+/// Times every console page, `calls` times each, one request at a time.
+async fn console_pages(
+    linker: &TestLinker,
+    consent: &TestConsent,
+    collector: &TestCollector,
+    org: &sightline_tests::TestOrg,
+    instance_id: &str,
+    calls: usize,
+) {
+    let insights = sightline_tests::TestInsights::start(
+        linker,
+        consent,
+        collector,
+        sightline_tests::InsightsOptions::default(),
+    )
+    .await;
+    let console = sightline_console::Console::build(sightline_console::ConsoleConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        linker_url: format!("http://{}", linker.addr),
+        consent_url: format!("http://{}", consent.addr),
+        collector_url: format!("http://{}", collector.addr),
+        insights_url: format!("http://{}", insights.addr),
+        tls: None,
+        limits: Limits::default(),
+        service_token: linker.service.clone(),
+        session_idle_ms: 3_600_000,
+        max_sessions: 100,
+        clock: linker.clock.clone(),
+    })
+    .await
+    .unwrap();
+    let addr = console.local_addr();
+    let stop = tokio_util::sync::CancellationToken::new();
+    tokio::spawn(console.run_until_stopped(stop.clone()));
+    let admin = sign_in(addr, &org.admin).await;
+    let operator = sign_in(addr, linker.operator.expose()).await;
+    let o = &org.id;
+    let day = |ms: i64| sightline_runtime::time::day_text(ms.div_euclid(DAY));
+    let (from90, to) = (day(T0_MS - DAYS * DAY), day(T0_MS - 1));
+    let pages: Vec<(&str, String, &String)> = vec![
+        ("usage data sharing", format!("/orgs/{o}/consent"), &admin),
+        ("sample data", format!("/orgs/{o}/sample"), &admin),
+        ("instances", format!("/orgs/{o}/instances"), &admin),
+        (
+            "instance health",
+            format!("/orgs/{o}/instances/{instance_id}?metric=jvm.cpu.load"),
+            &admin,
+        ),
+        (
+            "page analytics, 30 days",
+            format!("/orgs/{o}/pages"),
+            &admin,
+        ),
+        (
+            "page analytics, 90 days",
+            format!("/orgs/{o}/pages?from={from90}&to={to}"),
+            &admin,
+        ),
+        (
+            "space, 90 days",
+            format!(
+                "/orgs/{o}/pages/space?instance={instance_id}&space=space-000&from={from90}&to={to}"
+            ),
+            &admin,
+        ),
+        (
+            "page, 90 days",
+            format!(
+                "/orgs/{o}/pages/page?instance={instance_id}&page=page-00000&from={from90}&to={to}"
+            ),
+            &admin,
+        ),
+        ("settings", format!("/orgs/{o}/settings"), &admin),
+        ("audit log", format!("/orgs/{o}/audit"), &admin),
+        ("operator: orgs", "/operator".to_owned(), &operator),
+        ("operator: org", format!("/operator/orgs/{o}"), &operator),
+        (
+            "operator: services",
+            "/operator/services".to_owned(),
+            &operator,
+        ),
+    ];
+    println!("console pages (server time per page, {calls} requests each):");
+    for (name, path, cookie) in pages {
+        let request = format!(
+            "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nCookie: {cookie}\r\n\r\n"
+        );
+        // One request first, unmeasured: the page must render.
+        let (status, answer) = http(addr, &request).await;
+        assert_eq!(status, 200, "{name}: {}", &answer[..answer.len().min(600)]);
+        let mut ms = Vec::with_capacity(calls);
+        for _ in 0..calls {
+            let t = Instant::now();
+            let (status, _) = http(addr, &request).await;
+            ms.push(t.elapsed().as_secs_f64() * 1e3);
+            assert_eq!(status, 200, "{name}");
+        }
+        summary(&format!("  {name}"), ms);
+    }
+    stop.cancel();
+}
 
 #[tokio::main]
 async fn main() {
@@ -417,6 +558,7 @@ async fn main() {
             ("--pages-per-space", true),
             ("--viewers", true),
             ("--check", false),
+            ("--no-console", false),
         ],
     );
     let views = arg("--views", 10_000_000);
@@ -587,5 +729,8 @@ async fn main() {
         summary("  page report", page_ms);
         summary("  space report (top 10 pages)", space_ms);
         summary("  global report (top 10)", global_ms);
+    }
+    if !flag("--no-console") {
+        console_pages(&linker, &consent, &collector, &org, &instance.id, calls).await;
     }
 }
