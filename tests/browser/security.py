@@ -18,6 +18,7 @@ from common import (
     remember,
     rfc3339,
     rpc,
+    wait_for,
 )
 
 HOST = urllib.parse.urlparse(CONSOLE).netloc
@@ -186,13 +187,7 @@ def main() -> None:
                                      "viewerId": "u1", "channel": "CHANNEL_DESKTOP"}}]})
 
     # The collector may hold the new policy a moment after the change: retry until it is stored.
-    import time
-    for _ in range(100):
-        if ingest()["result"]["accepted"] == 1:
-            break
-        time.sleep(0.2)
-    else:
-        raise AssertionError("the page view was never accepted")
+    wait_for("the page view to be accepted", 60, lambda: ingest()["result"]["accepted"] == 1)
     _, _, body, _ = call("GET", f"/orgs/{org_a}/sample", a)
     assert "<script>alert(&#34;title" not in body and '<script>alert("title")' not in body
     assert "&#60;script&#62;alert(&#34;title&#34;)&#60;/script&#62;Plan" in body, \
@@ -214,12 +209,8 @@ def main() -> None:
         status, headers, _, _ = call("GET", f"/orgs/{org_b}/consent", b)
         return status == 303 and headers["location"] == "/signin?ended=1"
 
-    for _ in range(100):  # linker-svc's answer is cached by the services for a moment
-        if ended():
-            break
-        time.sleep(0.2)
-    else:
-        raise AssertionError("a revoked token's session went on")
+    # linker-svc's answer may be cached by the services for a moment.
+    wait_for("a revoked token's session to end", 60, ended)
 
     # No signed-in token in any answer, body or header.
     for what, _, headers, body in SEEN:

@@ -35,6 +35,8 @@ from common import (
 )
 
 HOUR_MS = 3_600_000
+# Generous bounds: a busy machine makes pages slow, never wrong (these are not speed checks).
+expect.set_options(timeout=30_000)
 # axe-core from the npm registry (scripts/test installs it under .tools/), else the copy the Python
 # wrapper ships.
 _AXE_CORE = pathlib.Path(__file__).parents[2] / ".tools/node_modules/axe-core/axe.min.js"
@@ -113,6 +115,7 @@ def main() -> None:
             ],
         )
         operator_ctx = browser.new_context(viewport={"width": 1280, "height": 900})
+        operator_ctx.set_default_timeout(60_000)
         operator_ctx.on("response", lambda r: RESPONSES.append(r))
         op = operator_ctx.new_page()
         no_dialogs(op)
@@ -142,6 +145,7 @@ def main() -> None:
 
         # The org's admin signs in on a browser of their own.
         admin_ctx = browser.new_context(viewport={"width": 1280, "height": 900})
+        admin_ctx.set_default_timeout(60_000)
         admin_ctx.on("response", lambda r: RESPONSES.append(r))
         page = admin_ctx.new_page()
         no_dialogs(page)
