@@ -222,6 +222,11 @@ impl Signed {
         self.session.who == Who::Operator
     }
 
+    /// A request to a service, made with this session's token.
+    pub(crate) fn ask<T>(&self, message: T) -> tonic::Request<T> {
+        crate::services::authed(&self.session.token, message)
+    }
+
     pub(crate) fn require_operator(&self) -> Result<(), PageError> {
         if self.is_operator() {
             Ok(())

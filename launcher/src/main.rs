@@ -86,6 +86,8 @@ enum Command {
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let shutdown = CancellationToken::new();
+    // What a service run alone stops on.
+    let stop = shutdown.clone();
     match cli.command {
         Command::Health { addr, service } => {
             let settings = sightline_runtime::Settings::load(cli.config.as_deref())?;
@@ -124,48 +126,44 @@ async fn main() -> anyhow::Result<()> {
             }
         }
         Command::Linker { data_dir } => {
-            let mut settings = load_settings(cli.config.as_deref(), data_dir)?;
-            let _telemetry = sightline_runtime::telemetry::init(&settings.log, "sightline-linker");
-            if settings.service_token.is_none() {
-                settings.service_token = Some(sightline::ensure_service_token(&settings.data_dir)?);
-            }
+            let (settings, _telemetry) =
+                alone(cli.config.as_deref(), data_dir, "sightline-linker")?;
             let linker = Linker::build(LinkerConfig::from_settings(&settings)?).await?;
             tracing::info!(addr = %linker.local_addr(), "linker-svc listening");
-            let stop = shutdown.clone();
-            let serve = tokio::spawn(linker.run_until_stopped(stop));
-            stop_signal().await;
-            shutdown.cancel();
-            serve.await.context("linker task panicked")??;
+            serve_until_signal("linker", shutdown, linker.run_until_stopped(stop)).await?;
         }
         Command::Consent { data_dir } => {
-            let mut settings = load_settings(cli.config.as_deref(), data_dir)?;
-            let _telemetry = sightline_runtime::telemetry::init(&settings.log, "sightline-consent");
-            if settings.service_token.is_none() {
-                settings.service_token = Some(sightline::ensure_service_token(&settings.data_dir)?);
-            }
+            let (settings, _telemetry) =
+                alone(cli.config.as_deref(), data_dir, "sightline-consent")?;
             let consent = ConsentService::build(ConsentConfig::from_settings(&settings)?).await?;
             tracing::info!(addr = %consent.local_addr(), "consent-svc listening");
-            let stop = shutdown.clone();
-            let serve = tokio::spawn(consent.run_until_stopped(stop));
-            stop_signal().await;
-            shutdown.cancel();
-            serve.await.context("consent task panicked")??;
+            serve_until_signal("consent", shutdown, consent.run_until_stopped(stop)).await?;
         }
         Command::Collector { data_dir } => {
-            let mut settings = load_settings(cli.config.as_deref(), data_dir)?;
-            let _telemetry =
-                sightline_runtime::telemetry::init(&settings.log, "sightline-collector");
-            if settings.service_token.is_none() {
-                settings.service_token = Some(sightline::ensure_service_token(&settings.data_dir)?);
-            }
+            let (settings, _telemetry) =
+                alone(cli.config.as_deref(), data_dir, "sightline-collector")?;
             let collector =
                 CollectorService::build(CollectorConfig::from_settings(&settings)?).await?;
             tracing::info!(addr = %collector.local_addr(), "collector-svc listening");
-            let stop = shutdown.clone();
-            let serve = tokio::spawn(collector.run_until_stopped(stop));
-            stop_signal().await;
-            shutdown.cancel();
-            serve.await.context("collector task panicked")??;
+            serve_until_signal("collector", shutdown, collector.run_until_stopped(stop)).await?;
+        }
+        Command::Insights { data_dir } => {
+            let (settings, _telemetry) =
+                alone(cli.config.as_deref(), data_dir, "sightline-insights")?;
+            let insights =
+                InsightsService::build(InsightsConfig::from_settings(&settings)?).await?;
+            tracing::info!(addr = %insights.local_addr(), "insights-svc listening");
+            serve_until_signal("insights", shutdown, insights.run_until_stopped(stop)).await?;
+        }
+        Command::Console { data_dir } => {
+            let (settings, _telemetry) =
+                alone(cli.config.as_deref(), data_dir, "sightline-console")?;
+            let console = sightline_console::Console::build(
+                sightline_console::ConsoleConfig::from_settings(&settings)?,
+            )
+            .await?;
+            tracing::info!(url = %console.url(), "console listening");
+            serve_until_signal("console", shutdown, console.run_until_stopped(stop)).await?;
         }
         Command::Init { shared_dir } => {
             sightline_runtime::secret_file::private_dir(&shared_dir)
@@ -176,39 +174,42 @@ async fn main() -> anyhow::Result<()> {
                 shared_dir.join("service.token").display()
             ))?;
         }
-        Command::Console { data_dir } => {
-            let mut settings = load_settings(cli.config.as_deref(), data_dir)?;
-            let _telemetry = sightline_runtime::telemetry::init(&settings.log, "sightline-console");
-            if settings.service_token.is_none() {
-                settings.service_token = Some(sightline::ensure_service_token(&settings.data_dir)?);
-            }
-            let console = sightline_console::Console::build(
-                sightline_console::ConsoleConfig::from_settings(&settings)?,
-            )
-            .await?;
-            tracing::info!(url = %console.url(), "console listening");
-            let stop = shutdown.clone();
-            let serve = tokio::spawn(console.run_until_stopped(stop));
-            stop_signal().await;
-            shutdown.cancel();
-            serve.await.context("console task panicked")??;
-        }
-        Command::Insights { data_dir } => {
-            let mut settings = load_settings(cli.config.as_deref(), data_dir)?;
-            let _telemetry =
-                sightline_runtime::telemetry::init(&settings.log, "sightline-insights");
-            if settings.service_token.is_none() {
-                settings.service_token = Some(sightline::ensure_service_token(&settings.data_dir)?);
-            }
-            let insights =
-                InsightsService::build(InsightsConfig::from_settings(&settings)?).await?;
-            tracing::info!(addr = %insights.local_addr(), "insights-svc listening");
-            let stop = shutdown.clone();
-            let serve = tokio::spawn(insights.run_until_stopped(stop));
-            stop_signal().await;
-            shutdown.cancel();
-            serve.await.context("insights task panicked")??;
-        }
     }
     Ok(())
+}
+
+/// The settings of one part run alone (`sightline linker` …), its telemetry (kept alive by the
+/// caller), and the service token, made in the data directory when the settings name none.
+fn alone(
+    config: Option<&std::path::Path>,
+    data_dir: Option<PathBuf>,
+    component: &'static str,
+) -> anyhow::Result<(
+    sightline_runtime::Settings,
+    sightline_runtime::telemetry::Telemetry,
+)> {
+    let mut settings = load_settings(config, data_dir)?;
+    let telemetry = sightline_runtime::telemetry::init(&settings.log, component);
+    if settings.service_token.is_none() {
+        settings.service_token = Some(sightline::ensure_service_token(&settings.data_dir)?);
+    }
+    Ok((settings, telemetry))
+}
+
+/// Serves `run` until Ctrl-C or SIGTERM, then stops it and waits for it to finish.
+async fn serve_until_signal<E>(
+    name: &str,
+    shutdown: CancellationToken,
+    run: impl std::future::Future<Output = Result<(), E>> + Send + 'static,
+) -> anyhow::Result<()>
+where
+    E: Into<anyhow::Error> + Send + 'static,
+{
+    let serve = tokio::spawn(run);
+    stop_signal().await;
+    shutdown.cancel();
+    serve
+        .await
+        .with_context(|| format!("{name} task panicked"))?
+        .map_err(Into::into)
 }

@@ -9,7 +9,6 @@ use serde::Deserialize;
 use sightline_proto::audit::v1 as audit_pb;
 
 use crate::format::when;
-use crate::services::authed;
 use crate::web::{AppRef, Chrome, PageError, Signed, after_change, render};
 
 pub(crate) fn routes() -> Router<AppRef> {
@@ -53,15 +52,12 @@ async fn page(
     let listed = state
         .services
         .audit()
-        .list_events(authed(
-            &signed.session.token,
-            audit_pb::ListEventsRequest {
-                org_id: org_id.clone(),
-                page_size: 100,
-                page_token: q.after.unwrap_or_default(),
-                action_prefix: action.clone(),
-            },
-        ))
+        .list_events(signed.ask(audit_pb::ListEventsRequest {
+            org_id: org_id.clone(),
+            page_size: 100,
+            page_token: q.after.unwrap_or_default(),
+            action_prefix: action.clone(),
+        }))
         .await?
         .into_inner();
     let entries = listed
@@ -101,12 +97,9 @@ async fn verify(
     let answer = state
         .services
         .audit()
-        .verify_chain(authed(
-            &signed.session.token,
-            audit_pb::VerifyChainRequest {
-                org_id: org_id.clone(),
-            },
-        ))
+        .verify_chain(signed.ask(audit_pb::VerifyChainRequest {
+            org_id: org_id.clone(),
+        }))
         .await
         .map(tonic::Response::into_inner);
     let back = format!("/orgs/{org_id}/audit");

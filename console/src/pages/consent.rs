@@ -17,7 +17,6 @@ use sightline_proto::consent::v1 as consent_pb;
 use sightline_runtime::time::to_proto;
 
 use crate::format::{name, when};
-use crate::services::authed;
 use crate::web::{AppRef, Chrome, PageError, Signed, after_change, render};
 
 pub(crate) fn routes() -> Router<AppRef> {
@@ -86,40 +85,30 @@ async fn page(
     signed: Signed,
     Path(org_id): Path<String>,
 ) -> Result<Response, PageError> {
-    let token = &signed.session.token;
     let mut consent = state.services.consent();
     let current = consent
-        .get_consent(authed(
-            token,
-            consent_pb::GetConsentRequest {
-                org_id: org_id.clone(),
-            },
-        ))
+        .get_consent(signed.ask(consent_pb::GetConsentRequest {
+            org_id: org_id.clone(),
+        }))
         .await?
         .into_inner()
         .consent
         .unwrap_or_default();
     let policy = consent
-        .get_policy(authed(
-            token,
-            consent_pb::GetPolicyRequest {
-                org_id: org_id.clone(),
-                instance_id: String::new(),
-            },
-        ))
+        .get_policy(signed.ask(consent_pb::GetPolicyRequest {
+            org_id: org_id.clone(),
+            instance_id: String::new(),
+        }))
         .await?
         .into_inner()
         .policy
         .unwrap_or_default();
     let versions = consent
-        .list_consent_history(authed(
-            token,
-            consent_pb::ListConsentHistoryRequest {
-                org_id: org_id.clone(),
-                page_size: 20,
-                page_token: String::new(),
-            },
-        ))
+        .list_consent_history(signed.ask(consent_pb::ListConsentHistoryRequest {
+            org_id: org_id.clone(),
+            page_size: 20,
+            page_token: String::new(),
+        }))
         .await?
         .into_inner()
         .versions;
@@ -128,12 +117,9 @@ async fn page(
         let verified = match v.receipt.clone() {
             Some(receipt) => {
                 let answer = consent
-                    .verify_receipt(authed(
-                        token,
-                        consent_pb::VerifyReceiptRequest {
-                            receipt: Some(receipt),
-                        },
-                    ))
+                    .verify_receipt(signed.ask(consent_pb::VerifyReceiptRequest {
+                        receipt: Some(receipt),
+                    }))
                     .await?
                     .into_inner();
                 Some((answer.valid, answer.reason))
@@ -180,22 +166,19 @@ async fn update(
     let updated = state
         .services
         .consent()
-        .update_consent(authed(
-            &signed.session.token,
-            consent_pb::UpdateConsentRequest {
-                org_id: org_id.clone(),
-                settings: Some(consent_pb::ConsentSettings {
-                    usage_level: form.usage_level,
-                    sharing_level: form.sharing_level,
-                    contribute_metadata: form.contribute_metadata.is_some(),
-                    contribute_in_app_data: form.contribute_in_app_data.is_some(),
-                    compliance_restricted: form.compliance_restricted.is_some(),
-                }),
-                reason: form.reason,
-                expected_version: form.expected_version,
-                request_id: String::new(),
-            },
-        ))
+        .update_consent(signed.ask(consent_pb::UpdateConsentRequest {
+            org_id: org_id.clone(),
+            settings: Some(consent_pb::ConsentSettings {
+                usage_level: form.usage_level,
+                sharing_level: form.sharing_level,
+                contribute_metadata: form.contribute_metadata.is_some(),
+                contribute_in_app_data: form.contribute_in_app_data.is_some(),
+                compliance_restricted: form.compliance_restricted.is_some(),
+            }),
+            reason: form.reason,
+            expected_version: form.expected_version,
+            request_id: String::new(),
+        }))
         .await
         .map(tonic::Response::into_inner);
     let back = format!("/orgs/{org_id}/consent");
@@ -454,14 +437,11 @@ async fn sample(
     let stored = state
         .services
         .collector()
-        .list_stored_events(authed(
-            &signed.session.token,
-            collector_pb::ListStoredEventsRequest {
-                org_id: org_id.clone(),
-                instance_id: String::new(),
-                page_size: 20,
-            },
-        ))
+        .list_stored_events(signed.ask(collector_pb::ListStoredEventsRequest {
+            org_id: org_id.clone(),
+            instance_id: String::new(),
+            page_size: 20,
+        }))
         .await?
         .into_inner();
     let records = stored
@@ -483,14 +463,11 @@ async fn sample(
     let previewed = state
         .services
         .collector()
-        .preview_sample(authed(
-            &signed.session.token,
-            collector_pb::PreviewSampleRequest {
-                org_id: org_id.clone(),
-                instance_id: String::new(),
-                events,
-            },
-        ))
+        .preview_sample(signed.ask(collector_pb::PreviewSampleRequest {
+            org_id: org_id.clone(),
+            instance_id: String::new(),
+            events,
+        }))
         .await?
         .into_inner();
     // Every field of every kind, with its class, from the contract itself.

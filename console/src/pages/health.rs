@@ -14,7 +14,6 @@ use sightline_runtime::time::{DAY_MS, HOUR_MS, from_proto};
 use crate::chart::{self, Point};
 use crate::format::{name, number, when};
 use crate::pages::Days;
-use crate::services::authed;
 use crate::web::{AppRef, Chrome, PageError, Signed, after_change, render};
 
 pub(crate) fn routes() -> Router<AppRef> {
@@ -93,19 +92,15 @@ async fn page(
     Path((org_id, instance_id)): Path<(String, String)>,
     Query(query): Query<HealthQuery>,
 ) -> Result<Response, PageError> {
-    let token = &signed.session.token;
     let today = state.clock.now_ms().div_euclid(DAY_MS);
     let days = Days::from_query(query.from.as_deref(), query.to.as_deref(), today, 7)
         .map_err(PageError::BadRequest)?;
     let mut insights = state.services.insights();
     let health = insights
-        .get_health(authed(
-            token,
-            insights_pb::GetHealthRequest {
-                org_id: org_id.clone(),
-                instance_id: instance_id.clone(),
-            },
-        ))
+        .get_health(signed.ask(insights_pb::GetHealthRequest {
+            org_id: org_id.clone(),
+            instance_id: instance_id.clone(),
+        }))
         .await?
         .into_inner()
         .health
@@ -126,19 +121,16 @@ async fn page(
     let mut trends = Vec::new();
     for metric in metrics {
         let answer = insights
-            .get_trends(authed(
-                token,
-                insights_pb::GetTrendsRequest {
-                    org_id: org_id.clone(),
-                    instance_id: instance_id.clone(),
-                    metric_name: metric.clone(),
-                    range: Some(days.range()),
-                    bucket: Some(prost_types::Duration {
-                        seconds: HOUR_MS / 1_000,
-                        nanos: 0,
-                    }),
-                },
-            ))
+            .get_trends(signed.ask(insights_pb::GetTrendsRequest {
+                org_id: org_id.clone(),
+                instance_id: instance_id.clone(),
+                metric_name: metric.clone(),
+                range: Some(days.range()),
+                bucket: Some(prost_types::Duration {
+                    seconds: HOUR_MS / 1_000,
+                    nanos: 0,
+                }),
+            }))
             .await?
             .into_inner();
         let points: Vec<Point> = answer
@@ -169,14 +161,11 @@ async fn page(
         });
     }
     let history = insights
-        .get_score_history(authed(
-            token,
-            insights_pb::GetScoreHistoryRequest {
-                org_id: org_id.clone(),
-                instance_id: instance_id.clone(),
-                range: Some(days.range()),
-            },
-        ))
+        .get_score_history(signed.ask(insights_pb::GetScoreHistoryRequest {
+            org_id: org_id.clone(),
+            instance_id: instance_id.clone(),
+            range: Some(days.range()),
+        }))
         .await?
         .into_inner();
     let scores: Vec<(String, u32)> = history
@@ -192,13 +181,10 @@ async fn page(
         })
         .collect();
     let readiness = match insights
-        .get_readiness(authed(
-            token,
-            insights_pb::GetReadinessRequest {
-                org_id: org_id.clone(),
-                instance_id: instance_id.clone(),
-            },
-        ))
+        .get_readiness(signed.ask(insights_pb::GetReadinessRequest {
+            org_id: org_id.clone(),
+            instance_id: instance_id.clone(),
+        }))
         .await
     {
         Ok(answer) => answer.into_inner().report.map(readiness_view),
@@ -309,13 +295,10 @@ async fn run_readiness(
     let done = state
         .services
         .insights()
-        .run_readiness_assessment(authed(
-            &signed.session.token,
-            insights_pb::RunReadinessAssessmentRequest {
-                org_id: org_id.clone(),
-                instance_id: instance_id.clone(),
-            },
-        ))
+        .run_readiness_assessment(signed.ask(insights_pb::RunReadinessAssessmentRequest {
+            org_id: org_id.clone(),
+            instance_id: instance_id.clone(),
+        }))
         .await
         .map(tonic::Response::into_inner);
     let back = format!("/orgs/{org_id}/instances/{instance_id}");
@@ -406,7 +389,7 @@ async fn upload_assessment(
     let done = state
         .services
         .insights()
-        .upload_assessment(authed(&signed.session.token, tokio_stream::iter(parts)))
+        .upload_assessment(signed.ask(tokio_stream::iter(parts)))
         .await
         .map(tonic::Response::into_inner);
     Ok(after_change(&state, &signed, "upload", &back, done, |r| {

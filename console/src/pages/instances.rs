@@ -14,7 +14,6 @@ use sightline_proto::linker::v1 as linker_pb;
 use sightline_runtime::Secret;
 
 use crate::format::{name, when};
-use crate::services::authed;
 use crate::session::Flash;
 use crate::web::{AppRef, Chrome, PageError, Signed, after_change, render};
 
@@ -74,50 +73,37 @@ async fn page(
     signed: Signed,
     Path(org_id): Path<String>,
 ) -> Result<Response, PageError> {
-    let token = &signed.session.token;
     let portfolio = state
         .services
         .insights()
-        .get_portfolio(authed(
-            token,
-            insights_pb::GetPortfolioRequest {
-                org_id: org_id.clone(),
-                page_size: 500,
-                page_token: String::new(),
-            },
-        ))
+        .get_portfolio(signed.ask(insights_pb::GetPortfolioRequest {
+            org_id: org_id.clone(),
+            page_size: 500,
+            page_token: String::new(),
+        }))
         .await?
         .into_inner();
     let mut linker = state.services.linker();
     let linked = linker
-        .list_instances(authed(
-            token,
-            linker_pb::ListInstancesRequest {
-                org_id: org_id.clone(),
-                page_size: 1000,
-                ..Default::default()
-            },
-        ))
+        .list_instances(signed.ask(linker_pb::ListInstancesRequest {
+            org_id: org_id.clone(),
+            page_size: 1000,
+            ..Default::default()
+        }))
         .await?
         .into_inner();
     let keys = linker
-        .list_link_keys(authed(
-            token,
-            linker_pb::ListLinkKeysRequest {
-                org_id: org_id.clone(),
-                page_size: 1000,
-                page_token: String::new(),
-            },
-        ))
+        .list_link_keys(signed.ask(linker_pb::ListLinkKeysRequest {
+            org_id: org_id.clone(),
+            page_size: 1000,
+            page_token: String::new(),
+        }))
         .await?
         .into_inner();
     let detected = linker
-        .detect_instances(authed(
-            token,
-            linker_pb::DetectInstancesRequest {
-                org_id: org_id.clone(),
-            },
-        ))
+        .detect_instances(signed.ask(linker_pb::DetectInstancesRequest {
+            org_id: org_id.clone(),
+        }))
         .await?
         .into_inner();
     let instances = portfolio
@@ -206,16 +192,26 @@ struct NewKey {
     label: String,
 }
 
-fn flash_secret(state: &AppRef, signed: &Signed, id: String, secret: String) -> String {
-    state.sessions.flash(
-        &signed.id,
-        Flash::Secret {
-            what: "link key",
-            id: id.clone(),
-            secret: Secret::new(secret),
-        },
-    );
-    format!("Link key {id} created; it is valid for 30 days.")
+/// Back to the instances page, a new key's secret shown there once.
+fn key_made(
+    state: &AppRef,
+    signed: &Signed,
+    org_id: &str,
+    made: Result<(Option<linker_pb::LinkKeyInfo>, String), tonic::Status>,
+) -> Response {
+    let back = format!("/orgs/{org_id}/instances");
+    after_change(state, signed, "keys", &back, made, |(key, secret)| {
+        let id = key.map(|k| k.key_id).unwrap_or_default();
+        state.sessions.flash(
+            &signed.id,
+            Flash::Secret {
+                what: "link key",
+                id: id.clone(),
+                secret: Secret::new(secret),
+            },
+        );
+        format!("Link key {id} created; it is valid for 30 days.")
+    })
 }
 
 async fn create_key(
@@ -227,25 +223,17 @@ async fn create_key(
     let created = state
         .services
         .linker()
-        .create_link_key(authed(
-            &signed.session.token,
-            linker_pb::CreateLinkKeyRequest {
-                org_id: org_id.clone(),
-                label: form.label,
-                request_id: String::new(),
-            },
-        ))
+        .create_link_key(signed.ask(linker_pb::CreateLinkKeyRequest {
+            org_id: org_id.clone(),
+            label: form.label,
+            request_id: String::new(),
+        }))
         .await
-        .map(tonic::Response::into_inner);
-    let back = format!("/orgs/{org_id}/instances");
-    Ok(after_change(&state, &signed, "keys", &back, created, |r| {
-        flash_secret(
-            &state,
-            &signed,
-            r.key.map(|k| k.key_id).unwrap_or_default(),
-            r.secret,
-        )
-    }))
+        .map(|r| {
+            let r = r.into_inner();
+            (r.key, r.secret)
+        });
+    Ok(key_made(&state, &signed, &org_id, created))
 }
 
 async fn regenerate_key(
@@ -256,24 +244,16 @@ async fn regenerate_key(
     let made = state
         .services
         .linker()
-        .regenerate_link_key(authed(
-            &signed.session.token,
-            linker_pb::RegenerateLinkKeyRequest {
-                org_id: org_id.clone(),
-                key_id,
-            },
-        ))
+        .regenerate_link_key(signed.ask(linker_pb::RegenerateLinkKeyRequest {
+            org_id: org_id.clone(),
+            key_id,
+        }))
         .await
-        .map(tonic::Response::into_inner);
-    let back = format!("/orgs/{org_id}/instances");
-    Ok(after_change(&state, &signed, "keys", &back, made, |r| {
-        flash_secret(
-            &state,
-            &signed,
-            r.key.map(|k| k.key_id).unwrap_or_default(),
-            r.secret,
-        )
-    }))
+        .map(|r| {
+            let r = r.into_inner();
+            (r.key, r.secret)
+        });
+    Ok(key_made(&state, &signed, &org_id, made))
 }
 
 async fn unlink(
@@ -284,13 +264,10 @@ async fn unlink(
     let done = state
         .services
         .linker()
-        .unlink_instance(authed(
-            &signed.session.token,
-            linker_pb::UnlinkInstanceRequest {
-                org_id: org_id.clone(),
-                instance_id: instance_id.clone(),
-            },
-        ))
+        .unlink_instance(signed.ask(linker_pb::UnlinkInstanceRequest {
+            org_id: org_id.clone(),
+            instance_id: instance_id.clone(),
+        }))
         .await;
     let back = format!("/orgs/{org_id}/instances");
     Ok(after_change(
@@ -311,13 +288,10 @@ async fn revoke_credential(
     let done = state
         .services
         .linker()
-        .revoke_credential(authed(
-            &signed.session.token,
-            linker_pb::RevokeCredentialRequest {
-                org_id: org_id.clone(),
-                credential_id: credential_id.clone(),
-            },
-        ))
+        .revoke_credential(signed.ask(linker_pb::RevokeCredentialRequest {
+            org_id: org_id.clone(),
+            credential_id: credential_id.clone(),
+        }))
         .await;
     let back = format!("/orgs/{org_id}/instances");
     Ok(after_change(

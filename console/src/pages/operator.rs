@@ -13,7 +13,6 @@ use sightline_proto::linker::v1 as linker_pb;
 use sightline_runtime::Secret;
 
 use crate::format::{name, when};
-use crate::services::authed;
 use crate::session::Flash;
 use crate::web::{AppRef, Chrome, PageError, Signed, after_change, render};
 
@@ -59,13 +58,10 @@ async fn orgs(
     let listed = state
         .services
         .linker()
-        .list_orgs(authed(
-            &signed.session.token,
-            linker_pb::ListOrgsRequest {
-                page_size: 100,
-                page_token: query.after.unwrap_or_default(),
-            },
-        ))
+        .list_orgs(signed.ask(linker_pb::ListOrgsRequest {
+            page_size: 100,
+            page_token: query.after.unwrap_or_default(),
+        }))
         .await?
         .into_inner();
     let orgs = listed
@@ -98,10 +94,7 @@ async fn create_org(
     let created = state
         .services
         .linker()
-        .create_org(authed(
-            &signed.session.token,
-            linker_pb::CreateOrgRequest { name: form.name },
-        ))
+        .create_org(signed.ask(linker_pb::CreateOrgRequest { name: form.name }))
         .await
         .map(|r| r.into_inner().org.unwrap_or_default());
     Ok(match created {
@@ -189,29 +182,22 @@ async fn org(
     Path(org_id): Path<String>,
 ) -> Result<Response, PageError> {
     signed.require_operator()?;
-    let token = &signed.session.token;
     let listed = state
         .services
         .linker()
-        .list_admin_tokens(authed(
-            token,
-            linker_pb::ListAdminTokensRequest {
-                org_id: org_id.clone(),
-                page_size: 1000,
-                page_token: String::new(),
-            },
-        ))
+        .list_admin_tokens(signed.ask(linker_pb::ListAdminTokensRequest {
+            org_id: org_id.clone(),
+            page_size: 1000,
+            page_token: String::new(),
+        }))
         .await?
         .into_inner();
     let residency = state
         .services
         .consent()
-        .get_residency(authed(
-            token,
-            consent_pb::GetResidencyRequest {
-                org_id: org_id.clone(),
-            },
-        ))
+        .get_residency(signed.ask(consent_pb::GetResidencyRequest {
+            org_id: org_id.clone(),
+        }))
         .await?
         .into_inner()
         .residency
@@ -251,14 +237,11 @@ async fn create_token(
     let created = state
         .services
         .linker()
-        .create_admin_token(authed(
-            &signed.session.token,
-            linker_pb::CreateAdminTokenRequest {
-                org_id: org_id.clone(),
-                label: form.label,
-                request_id: String::new(),
-            },
-        ))
+        .create_admin_token(signed.ask(linker_pb::CreateAdminTokenRequest {
+            org_id: org_id.clone(),
+            label: form.label,
+            request_id: String::new(),
+        }))
         .await
         .map(tonic::Response::into_inner);
     let back = format!("/operator/orgs/{org_id}");
@@ -292,13 +275,10 @@ async fn revoke_token(
     let revoked = state
         .services
         .linker()
-        .revoke_admin_token(authed(
-            &signed.session.token,
-            linker_pb::RevokeAdminTokenRequest {
-                org_id: org_id.clone(),
-                token_id: token_id.clone(),
-            },
-        ))
+        .revoke_admin_token(signed.ask(linker_pb::RevokeAdminTokenRequest {
+            org_id: org_id.clone(),
+            token_id: token_id.clone(),
+        }))
         .await;
     let back = format!("/operator/orgs/{org_id}");
     Ok(after_change(
@@ -336,15 +316,12 @@ async fn move_step(
     let moved = state
         .services
         .consent()
-        .request_residency_move(authed(
-            &signed.session.token,
-            consent_pb::RequestResidencyMoveRequest {
-                org_id: org_id.clone(),
-                transition: transition.into(),
-                scope: form.scope,
-                ..Default::default()
-            },
-        ))
+        .request_residency_move(signed.ask(consent_pb::RequestResidencyMoveRequest {
+            org_id: org_id.clone(),
+            transition: transition.into(),
+            scope: form.scope,
+            ..Default::default()
+        }))
         .await;
     let back = format!("/operator/orgs/{org_id}");
     Ok(after_change(&state, &signed, "moves", &back, moved, |_| {

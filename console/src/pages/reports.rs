@@ -14,7 +14,6 @@ use sightline_runtime::time::DAY_MS;
 use crate::chart::{self, Point};
 use crate::format::{change, name, number};
 use crate::pages::Days;
-use crate::services::authed;
 use crate::web::{AppRef, Chrome, PageError, Signed, render};
 
 pub(crate) fn routes() -> Router<AppRef> {
@@ -174,17 +173,14 @@ async fn global(
     let instance_id = q.instance.clone().unwrap_or_default();
     let mut collector = state.services.collector();
     let ask = |days: Days, page_token: String| {
-        authed(
-            &signed.session.token,
-            collector_pb::GetGlobalReportRequest {
-                org_id: org_id.clone(),
-                range: Some(days.range()),
-                reader_groups: vec![],
-                instance_id: instance_id.clone(),
-                page_size: 50,
-                page_token,
-            },
-        )
+        signed.ask(collector_pb::GetGlobalReportRequest {
+            org_id: org_id.clone(),
+            range: Some(days.range()),
+            reader_groups: vec![],
+            instance_id: instance_id.clone(),
+            page_size: 50,
+            page_token,
+        })
     };
     // The period and the one before, asked at once.
     let mut earlier = collector.clone();
@@ -247,17 +243,14 @@ async fn space(
     let space_id = required("space", q.space.as_ref())?.to_owned();
     let mut collector = state.services.collector();
     let ask = |days: Days, page_token: String| {
-        authed(
-            &signed.session.token,
-            collector_pb::GetSpaceReportRequest {
-                org_id: org_id.clone(),
-                space_id: space_id.clone(),
-                range: Some(days.range()),
-                instance_id: instance_id.clone(),
-                page_size: 50,
-                page_token,
-            },
-        )
+        signed.ask(collector_pb::GetSpaceReportRequest {
+            org_id: org_id.clone(),
+            space_id: space_id.clone(),
+            range: Some(days.range()),
+            instance_id: instance_id.clone(),
+            page_size: 50,
+            page_token,
+        })
     };
     let mut earlier = collector.clone();
     let (now, before) = futures::join!(
@@ -307,15 +300,12 @@ async fn page(
     let page_id = required("page", q.page.as_ref())?.to_owned();
     let mut collector = state.services.collector();
     let ask = |days: Days| {
-        authed(
-            &signed.session.token,
-            collector_pb::GetPageReportRequest {
-                org_id: org_id.clone(),
-                page_id: page_id.clone(),
-                range: Some(days.range()),
-                instance_id: instance_id.clone(),
-            },
-        )
+        signed.ask(collector_pb::GetPageReportRequest {
+            org_id: org_id.clone(),
+            page_id: page_id.clone(),
+            range: Some(days.range()),
+            instance_id: instance_id.clone(),
+        })
     };
     let mut earlier = collector.clone();
     let (now, before) = futures::join!(

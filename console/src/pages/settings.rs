@@ -11,7 +11,6 @@ use sightline_proto::consent::v1 as consent_pb;
 
 use crate::format::name;
 use crate::pages::operator::{MoveRow, location, move_rows};
-use crate::services::authed;
 use crate::web::{AppRef, Chrome, PageError, Signed, after_change, render};
 
 pub(crate) fn routes() -> Router<AppRef> {
@@ -64,37 +63,27 @@ async fn page(
     signed: Signed,
     Path(org_id): Path<String>,
 ) -> Result<Response, PageError> {
-    let token = &signed.session.token;
     let mut consent = state.services.consent();
     let tracking = consent
-        .get_tracking_settings(authed(
-            token,
-            consent_pb::GetTrackingSettingsRequest {
-                org_id: org_id.clone(),
-            },
-        ))
+        .get_tracking_settings(signed.ask(consent_pb::GetTrackingSettingsRequest {
+            org_id: org_id.clone(),
+        }))
         .await?
         .into_inner()
         .settings
         .unwrap_or_default();
     let retention = consent
-        .get_retention(authed(
-            token,
-            consent_pb::GetRetentionRequest {
-                org_id: org_id.clone(),
-            },
-        ))
+        .get_retention(signed.ask(consent_pb::GetRetentionRequest {
+            org_id: org_id.clone(),
+        }))
         .await?
         .into_inner()
         .retention
         .unwrap_or_default();
     let residency = consent
-        .get_residency(authed(
-            token,
-            consent_pb::GetResidencyRequest {
-                org_id: org_id.clone(),
-            },
-        ))
+        .get_residency(signed.ask(consent_pb::GetResidencyRequest {
+            org_id: org_id.clone(),
+        }))
         .await?
         .into_inner()
         .residency
@@ -202,13 +191,10 @@ async fn update_tracking(
     let done = state
         .services
         .consent()
-        .update_tracking_settings(authed(
-            &signed.session.token,
-            consent_pb::UpdateTrackingSettingsRequest {
-                org_id: org_id.clone(),
-                settings: Some(settings),
-            },
-        ))
+        .update_tracking_settings(signed.ask(consent_pb::UpdateTrackingSettingsRequest {
+            org_id: org_id.clone(),
+            settings: Some(settings),
+        }))
         .await;
     Ok(after_change(
         &state,
@@ -254,13 +240,10 @@ async fn update_retention(
     let done = state
         .services
         .consent()
-        .update_retention(authed(
-            &signed.session.token,
-            consent_pb::UpdateRetentionRequest {
-                org_id: org_id.clone(),
-                retention: Some(retention),
-            },
-        ))
+        .update_retention(signed.ask(consent_pb::UpdateRetentionRequest {
+            org_id: org_id.clone(),
+            retention: Some(retention),
+        }))
         .await;
     Ok(after_change(
         &state,
@@ -285,16 +268,13 @@ async fn request_move(
     let done = state
         .services
         .consent()
-        .request_residency_move(authed(
-            &signed.session.token,
-            consent_pb::RequestResidencyMoveRequest {
-                org_id: org_id.clone(),
-                transition: consent_pb::MoveTransition::Request.into(),
-                scope,
-                to_location: to,
-                owner: String::new(),
-            },
-        ))
+        .request_residency_move(signed.ask(consent_pb::RequestResidencyMoveRequest {
+            org_id: org_id.clone(),
+            transition: consent_pb::MoveTransition::Request.into(),
+            scope,
+            to_location: to,
+            owner: String::new(),
+        }))
         .await;
     Ok(after_change(
         &state,
