@@ -362,19 +362,25 @@ async fn compose_stack_runs_here(files: &[&str], tls: bool) {
         sightline_tests::listening_addrs("console", &mut console_child, false).await;
     let operator =
         std::fs::read_to_string(volumes["linker-data"].path().join("operator.token")).unwrap();
-    if !tls {
-        // Signing in asks linker-svc with the shared service token: the token file works.
-        let body = format!("token={}", operator.trim());
-        let answer = http(
-            console_addr,
-            &format!(
-                "POST /signin HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Type: application/x-www-form-urlencoded\r\nContent-Length: {}\r\n\r\n{body}",
-                body.len()
-            ),
-        )
-        .await;
-        assert!(answer.starts_with("HTTP/1.1 303"), "{answer}");
-        assert!(answer.contains("location: /operator"), "{answer}");
+    // Signing in asks linker-svc with the shared service token: the token file works. Under TLS
+    // the console serves HTTPS (a browser's TLS: no client certificate) and the cookie is Secure.
+    let body = format!("token={}", operator.trim());
+    let request = format!(
+        "POST /signin HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Type: application/x-www-form-urlencoded\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    let answer = match &tls_dir {
+        None => http(console_addr, &request).await,
+        Some(dir) => https(console_addr, &dir.path().join("ca.pem"), &request).await,
+    };
+    assert!(answer.starts_with("HTTP/1.1 303"), "{answer}");
+    assert!(answer.contains("location: /operator"), "{answer}");
+    if tls {
+        assert!(
+            answer.contains("set-cookie: __Host-sightline_session=")
+                && answer.contains("; HttpOnly; SameSite=Strict; Secure"),
+            "{answer}"
+        );
     }
 
     // The companion service's command, with the operator's org, key and consent in place.
@@ -492,6 +498,34 @@ async fn compose_stack_runs_here(files: &[&str], tls: bool) {
     for mut child in children {
         child.kill().await.unwrap();
     }
+}
+
+/// One HTTP/1.1 request over TLS (trusting `ca`, no client certificate, as a browser).
+async fn https(addr: SocketAddr, ca: &std::path::Path, request: &str) -> String {
+    use rustls_pki_types::CertificateDer;
+    use rustls_pki_types::pem::PemObject;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_file_iter(ca).unwrap() {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    let mut config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config));
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let name = rustls_pki_types::ServerName::try_from("127.0.0.1").unwrap();
+    let mut stream = connector.connect(name, tcp).await.unwrap();
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut answer = Vec::new();
+    // The server may close without a TLS close_notify; what arrived is the answer.
+    let _ = stream.read_to_end(&mut answer).await;
+    String::from_utf8_lossy(&answer).into_owned()
 }
 
 /// One HTTP/1.1 request on a new connection; the whole answer as text.
