@@ -193,6 +193,28 @@ def main() -> None:
     assert "&#60;script&#62;alert(&#34;title&#34;)&#60;/script&#62;Plan" in body, \
         re.findall(r"page_title</dt><dd>[^<]*", body)
 
+    # A large upload (3 MB, over axum's default body limit) reaches insights-svc, whose refusal of
+    # what is not an assessment is shown next to the upload form.
+    instance_a = linked_a["instance"]["instanceId"]
+    boundary = "sightlineboundary7f3a"
+    junk = b"x" * (3 << 20)
+    payload = (
+        f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"big.json\"\r\n"
+        "Content-Type: application/json\r\n\r\n"
+    ).encode() + junk + f"\r\n--{boundary}--\r\n".encode()
+    conn = http.client.HTTPConnection(HOST, timeout=60)
+    conn.request("POST", f"/orgs/{org_a}/instances/{instance_a}/assessment?csrf={csrf_a}",
+                 body=payload, headers={"Cookie": f"sightline_session={a}",
+                                        "Content-Type": f"multipart/form-data; boundary={boundary}"})
+    r = conn.getresponse()
+    r.read()
+    assert r.status == 303, r.status
+    back = r.getheader("location")
+    conn.close()
+    _, _, body, _ = call("GET", back, a)
+    assert re.search(r'class="error" role="alert">[^<]*(parse|JSON|json)', body), \
+        re.findall(r'class="(?:error|notice)"[^>]*>[^<]*', body)
+
     # Signing out ends the session; the same cookie opens nothing afterwards.
     status, headers, _, cookies = call("POST", "/signout", a, {"csrf": csrf_a})
     assert status == 303 and headers["location"] == "/signin"

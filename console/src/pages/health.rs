@@ -25,7 +25,10 @@ pub(crate) fn routes() -> Router<AppRef> {
         )
         .route(
             "/orgs/{org}/instances/{instance}/assessment",
-            post(upload_assessment),
+            // The file is read up to MAX_UPLOAD_BYTES (axum's default body limit is 2 MB).
+            post(upload_assessment).layer(axum::extract::DefaultBodyLimit::max(
+                MAX_UPLOAD_BYTES + 64 * 1024,
+            )),
         )
 }
 
