@@ -170,6 +170,7 @@ impl InsightsService {
             bundle_dirs: BundleDirs {
                 data_dir: config.data_dir.clone(),
                 configured: analysis.bundle_dirs.clone(),
+                orphan_grace: Duration::from_millis(analysis.orphan_grace_ms),
             },
             keeping: Arc::default(),
         };

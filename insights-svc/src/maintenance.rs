@@ -84,6 +84,13 @@ impl Maintenance {
                 if let Err(error) = sweeps.sweep_pass().await {
                     tracing::warn!(%error, "retention sweep failed");
                 }
+                match sweeps.remove_orphan_files().await {
+                    Ok(0) => {}
+                    Ok(removed) => tracing::info!(removed, "bundle files without a record removed"),
+                    Err(error) => {
+                        tracing::warn!(%error, "bundle files without a record not removed")
+                    }
+                }
             }
         });
         let purges = self;
@@ -543,9 +550,22 @@ impl Maintenance {
     }
 
     /// Bundle files no record names (a crash between writing one and recording it, or between
-    /// a deletion and its file's removal) and temporaries a crash left. Run at start, before the
-    /// service takes uploads (a temporary may belong to an upload under way).
+    /// a deletion and its file's removal) and temporaries a crash left, once they are older than
+    /// `analysis.orphan_grace_ms`: a younger one may be an upload under way, this replica's or
+    /// another's sharing the directories. Run at start and with every sweep.
     pub async fn remove_orphan_files(&self) -> Result<u32, MaintenanceError> {
+        let grace = self.api.bundle_dirs.orphan_grace;
+        // File ages are the file system's: modification times against its clock, not the
+        // service's (which tests move).
+        let old_enough = |entry: &std::fs::DirEntry| {
+            entry
+                .metadata()
+                .and_then(|m| m.modified())
+                .ok()
+                .and_then(|at| std::time::SystemTime::now().duration_since(at).ok())
+                .is_some_and(|age| age >= grace)
+                || grace.is_zero()
+        };
         let _no_bundle_is_being_kept = self.api.keeping.write().await;
         let mut known: HashSet<(String, String)> = HashSet::new();
         for (_, store) in self.api.stores.open_now() {
@@ -578,15 +598,17 @@ impl Maintenance {
                 let orphan = (name.ends_with(".zip")
                     && !known.contains(&(location.clone(), name.clone())))
                     || name.starts_with(".tmp");
-                if orphan && std::fs::remove_file(entry.path()).is_ok() {
+                if orphan && old_enough(&entry) && std::fs::remove_file(entry.path()).is_ok() {
                     removed += 1;
                 }
             }
         }
-        // Uploads cut off mid-stream leave temporary files behind only until a restart.
+        // Uploads cut off mid-stream (a crash) leave temporary files behind until they are old.
         if let Ok(entries) = std::fs::read_dir(root.join(".incoming")) {
             for entry in entries.flatten() {
-                let _ = std::fs::remove_file(entry.path());
+                if old_enough(&entry) {
+                    let _ = std::fs::remove_file(entry.path());
+                }
             }
         }
         Ok(removed)

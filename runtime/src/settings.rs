@@ -115,6 +115,11 @@ pub struct AnalysisSettings {
     pub max_bundle_files: usize,
     /// The time checking and scrubbing one support bundle may take; past it, RESOURCE_EXHAUSTED.
     pub max_bundle_check_ms: u64,
+    /// A bundle file without a record, or an upload's temporary, is removed once it is this old
+    /// (checked at start and with every sweep). Replicas sharing the bundle directories need it
+    /// longer than any upload takes (another replica's upload under way is not an orphan); one
+    /// replica alone may set 0.
+    pub orphan_grace_ms: u64,
 }
 
 impl Default for AnalysisSettings {
@@ -132,6 +137,7 @@ impl Default for AnalysisSettings {
             max_bundle_ratio: 200,
             max_bundle_files: 10_000,
             max_bundle_check_ms: 120_000,
+            orphan_grace_ms: 3_600_000,
         }
     }
 }

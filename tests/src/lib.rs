@@ -837,6 +837,8 @@ impl Default for InsightsOptions {
                 score_every_ms: 3_600_000,
                 sweep_every_ms: 3_600_000,
                 purge_check_every_ms: 200,
+                // One replica: what a test leaves without a record is an orphan at once.
+                orphan_grace_ms: 0,
                 ..Default::default()
             },
             limits: Limits::default(),

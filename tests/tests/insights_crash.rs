@@ -42,6 +42,11 @@ impl InsightsProcess {
                 "SIGHTLINE_INSIGHTS__METRICS_LISTEN".to_owned(),
                 "off".to_owned(),
             ),
+            // One replica: what a crash left is an orphan at the restart.
+            (
+                "SIGHTLINE_ANALYSIS__ORPHAN_GRACE_MS".to_owned(),
+                "0".to_owned(),
+            ),
             (
                 "SIGHTLINE_LINKER__URL".to_owned(),
                 format!("http://{}", linker.addr),

@@ -54,6 +54,8 @@ const MAX_PORTFOLIO_PAGE: u32 = 500;
 pub struct BundleDirs {
     pub data_dir: PathBuf,
     pub configured: BTreeMap<String, PathBuf>,
+    /// How old a file without a record must be before it is taken for an orphan.
+    pub orphan_grace: std::time::Duration,
 }
 
 impl BundleDirs {
