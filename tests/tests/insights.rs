@@ -1547,3 +1547,129 @@ async fn a_move_carries_assessments_health_data_and_bundles_to_the_new_location_
         Some("1")
     );
 }
+
+/// Two insights-svc replicas on one PostgreSQL (and the shared bundle directories): passes run on
+/// both at once score each hour once, move the support bundles once and apply each purge once, with
+/// one audit entry each.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_on_one_postgres_score_each_hour_once_and_move_and_purge_once() {
+    let url = sightline_runtime::testing::fresh_postgres_url()
+        .await
+        .expect("PostgreSQL is required (SIGHTLINE_TEST_POSTGRES_URL)");
+    let options = || InsightsOptions {
+        database_url: Some(url.clone()),
+        ..InsightsOptions::default()
+    };
+    let s = Stack::start_with(UsageLevel::Basic, SharingLevel::Extended, options()).await;
+    let other = TestInsights::start(&s.linker, &s.consent, &s.collector, options()).await;
+    s.feed(&s.instance, "jvm.cpu.load", 24, |_| 95.0).await;
+    // Both replicas score the same hour at once: one point.
+    let (a, b) = tokio::join!(
+        s.insights.maintenance.score_pass(),
+        other.maintenance.score_pass()
+    );
+    assert_eq!((a.unwrap(), b.unwrap()), (1, 1));
+    let history = s
+        .insights
+        .client()
+        .await
+        .get_score_history(authed(
+            &s.org.admin,
+            pb::GetScoreHistoryRequest {
+                org_id: s.org.id.clone(),
+                instance_id: s.instance.id.clone(),
+                range: Some(sightline_proto::common::v1::TimeRange {
+                    start: sightline_tests::collector::at(T0_MS - DAY),
+                    end: sightline_tests::collector::at(T0_MS + DAY),
+                }),
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(history.points.len(), 1, "{history:?}");
+    s.upload_example().await;
+    let kept = s.upload_small_bundle().await;
+    assert_eq!(bundle_files(s.linker.data_dir()), 1);
+
+    // The support bundles move to the EU; both replicas carry them at once: the file once, in the
+    // new place only, with one audit entry.
+    {
+        use sightline_proto::common::v1::Location;
+        use sightline_proto::consent::v1 as consent_pb;
+        s.start_move(consent_pb::ResidencyScope::SupportBundles, Location::Eu)
+            .await;
+        let revision = sightline_tests::consent::policy(&s.consent, &s.org, &s.instance.id)
+            .await
+            .revision;
+        s.insights.wait_revision(&s.org.id, revision).await;
+        other.wait_revision(&s.org.id, revision).await;
+        let (a, b) = tokio::join!(
+            s.insights.maintenance.move_bundles(),
+            other.maintenance.move_bundles()
+        );
+        a.unwrap();
+        b.unwrap();
+        let dir = |location: &str| s.linker.data_dir().join("bundles").join(location);
+        let file = format!("{}.zip", kept.upload_id);
+        assert!(dir("eu").join(&file).exists());
+        assert!(!dir("global").join(&file).exists());
+        let moved = s
+            .linker
+            .audit_events(&s.org)
+            .await
+            .into_iter()
+            .filter(|e| e.action == "insights.support_bundles_moved")
+            .count();
+        assert_eq!(moved, 1);
+    }
+
+    // The org opts out; both replicas follow and run their purge passes at once, twice over.
+    opt_in(
+        &s.consent,
+        &s.org,
+        UsageLevel::Disabled,
+        SharingLevel::Basic,
+    )
+    .await;
+    let policy = sightline_tests::consent::policy(&s.consent, &s.org, &s.instance.id).await;
+    s.insights.wait_revision(&s.org.id, policy.revision).await;
+    other.wait_revision(&s.org.id, policy.revision).await;
+    for _ in 0..2 {
+        let (a, b) = tokio::join!(
+            s.insights.maintenance.purge_pass(),
+            other.maintenance.purge_pass()
+        );
+        a.unwrap();
+        b.unwrap();
+    }
+    assert_eq!(bundle_files(s.linker.data_dir()), 0);
+    let purges: Vec<_> = s
+        .linker
+        .audit_events(&s.org)
+        .await
+        .into_iter()
+        .filter(|e| e.action == "insights.purge_applied")
+        .collect();
+    assert_eq!(purges.len(), 1, "one entry for the one purge: {purges:?}");
+    assert_eq!(
+        purges[0]
+            .attributes
+            .get("support_bundles")
+            .map(String::as_str),
+        Some("1")
+    );
+    let gone = other
+        .client()
+        .await
+        .get_readiness(authed(
+            &s.org.admin,
+            pb::GetReadinessRequest {
+                org_id: s.org.id.clone(),
+                instance_id: s.instance.id.clone(),
+            },
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(gone.code(), Code::NotFound);
+}
