@@ -14,9 +14,10 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::service::TowerToHyperService;
+use sightline_runtime::ratelimit::PeerKey;
 use sightline_runtime::server::StartError;
 use sightline_runtime::settings::{Limits, TlsSettings};
 use sightline_runtime::{Secret, Settings, SharedClock};
@@ -39,6 +40,7 @@ pub struct ConsoleConfig {
     pub service_token: Secret,
     pub session_idle_ms: u64,
     pub max_sessions: usize,
+    pub header_timeout_ms: u64,
     pub clock: SharedClock,
 }
 
@@ -64,6 +66,7 @@ impl ConsoleConfig {
             service_token,
             session_idle_ms: settings.console.session_idle_ms,
             max_sessions: settings.console.max_sessions,
+            header_timeout_ms: settings.console.header_timeout_ms,
             clock: sightline_runtime::clock::system(),
         })
     }
@@ -75,6 +78,7 @@ pub struct Console {
     tls: Option<TlsAcceptor>,
     router: axum::Router,
     drain: Duration,
+    header_timeout: Duration,
 }
 
 impl std::fmt::Debug for Console {
@@ -106,6 +110,10 @@ impl Console {
             ),
             secure_cookies: tls.is_some(),
             clock: config.clock.clone(),
+            failed_sign_ins: sightline_runtime::ratelimit::FailureLimiter::new(
+                "console",
+                &config.limits,
+            ),
         });
         let listener = TcpListener::bind(config.listen)
             .await
@@ -115,6 +123,7 @@ impl Console {
             tls,
             router: web::router(state),
             drain: Duration::from_millis(config.limits.drain_timeout_ms),
+            header_timeout: Duration::from_millis(config.header_timeout_ms.max(1)),
         })
     }
 
@@ -137,7 +146,7 @@ impl Console {
         tracing::info!(%addr, tls = self.tls.is_some(), "serving");
         let connections = TaskTracker::new();
         loop {
-            let (stream, _) = tokio::select! {
+            let (stream, peer) = tokio::select! {
                 () = shutdown.cancelled() => break,
                 accepted = self.listener.accept() => match accepted {
                     Ok(accepted) => accepted,
@@ -149,16 +158,37 @@ impl Console {
                 },
             };
             let _ = stream.set_nodelay(true);
-            let service = TowerToHyperService::new(self.router.clone());
+            // Handlers see a keyed hash of the peer's address (for the sign-in failure budget),
+            // never the address, which is personal data.
+            let peer = PeerKey::of(peer.ip());
+            let service =
+                TowerToHyperService::new(self.router.clone().layer(axum::Extension(peer)));
             let tls = self.tls.clone();
             let stop = shutdown.clone();
+            let header_timeout = self.header_timeout;
             connections.spawn(async move {
-                let builder = auto::Builder::new(TokioExecutor::new());
+                let mut builder = auto::Builder::new(TokioExecutor::new());
+                builder
+                    .http1()
+                    .timer(TokioTimer::new())
+                    .header_read_timeout(header_timeout);
+                builder
+                    .http2()
+                    .timer(TokioTimer::new())
+                    .keep_alive_interval(header_timeout)
+                    .keep_alive_timeout(header_timeout);
+                // A client that sends nothing is let go: hyper's header timeout starts only once
+                // it knows the protocol, which needs a first byte.
+                let mut first = [0u8; 1];
+                match tokio::time::timeout(header_timeout, stream.peek(&mut first)).await {
+                    Ok(Ok(n)) if n > 0 => {}
+                    _ => return,
+                }
                 match tls {
                     None => serve(&builder, TokioIo::new(stream), service, stop).await,
                     Some(acceptor) => {
                         let handshake =
-                            tokio::time::timeout(Duration::from_secs(10), acceptor.accept(stream));
+                            tokio::time::timeout(header_timeout, acceptor.accept(stream));
                         if let Ok(Ok(stream)) = handshake.await {
                             serve(&builder, TokioIo::new(stream), service, stop).await;
                         }

@@ -33,6 +33,8 @@ pub(crate) struct AppState {
     pub sessions: Sessions,
     pub secure_cookies: bool,
     pub clock: SharedClock,
+    /// Each address's budget of sign-ins with a token linker-svc does not know.
+    pub failed_sign_ins: sightline_runtime::ratelimit::FailureLimiter,
 }
 
 pub(crate) type AppRef = Arc<AppState>;
@@ -524,6 +526,10 @@ mod tests {
             sessions: Sessions::new(sightline_runtime::clock::system(), 1_000, 1),
             secure_cookies,
             clock: sightline_runtime::clock::system(),
+            failed_sign_ins: sightline_runtime::ratelimit::FailureLimiter::new(
+                "console",
+                &sightline_runtime::settings::Limits::default(),
+            ),
         };
         let plain = session_cookie(&state(false), Some("abc"));
         assert_eq!(

@@ -71,6 +71,9 @@ pub struct ConsoleSettings {
     pub session_idle_ms: u64,
     /// At most this many sessions are held; beyond it the least recently used one ends.
     pub max_sessions: usize,
+    /// A connection that has not sent a request's headers this long after opening (or after its
+    /// last answer) is closed: a stalled client holds nothing for long.
+    pub header_timeout_ms: u64,
 }
 
 impl Default for ConsoleSettings {
@@ -79,6 +82,7 @@ impl Default for ConsoleSettings {
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
             session_idle_ms: 30 * 60 * 1_000,
             max_sessions: 10_000,
+            header_timeout_ms: 10_000,
         }
     }
 }

@@ -182,11 +182,11 @@ async fn http(addr: std::net::SocketAddr, request: &str) -> String {
     answer
 }
 
-/// `sightline console` alone, with every service it calls down: sign-in answers a page that says a
-/// service is unavailable (503), never a stack trace, and the console keeps serving.
-#[tokio::test]
-async fn with_the_services_down_the_console_says_so_on_a_page() {
-    let data = tempfile::tempdir().unwrap();
+/// `sightline console` alone, its services down (port 9), with `extra` settings.
+async fn console_alone(
+    data: &Path,
+    extra: &[(&str, &str)],
+) -> (tokio::process::Child, std::net::SocketAddr) {
     let env: Vec<(String, String)> = ["LINKER", "CONSENT", "COLLECTOR", "INSIGHTS"]
         .iter()
         .map(|s| {
@@ -199,11 +199,16 @@ async fn with_the_services_down_the_console_says_so_on_a_page() {
             "SIGHTLINE_CONSOLE__LISTEN".to_owned(),
             "127.0.0.1:0".to_owned(),
         )])
+        .chain(
+            extra
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned())),
+        )
         .collect();
     let mut child = tokio::process::Command::new(sightline_binary())
         .arg("console")
         .arg("--data-dir")
-        .arg(data.path().join("data"))
+        .arg(data.join("data"))
         .envs(env)
         .env("SIGHTLINE_LOG__FORMAT", "json")
         .env("SIGHTLINE_LOG__LEVEL", "info")
@@ -213,16 +218,26 @@ async fn with_the_services_down_the_console_says_so_on_a_page() {
         .spawn()
         .unwrap();
     let (addr, _) = sightline_tests::listening_addrs("console", &mut child, false).await;
-    let body = "token=sla_aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa";
+    (child, addr)
+}
+
+fn sign_in_request(token: &str) -> String {
+    let body = format!("token={token}");
+    format!(
+        "POST /signin HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Type: application/x-www-form-urlencoded\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+}
+
+/// `sightline console` alone, with every service it calls down: sign-in answers a page that says a
+/// service is unavailable (503), never a stack trace, and the console keeps serving.
+#[tokio::test]
+async fn with_the_services_down_the_console_says_so_on_a_page() {
+    let data = tempfile::tempdir().unwrap();
+    let (_child, addr) = console_alone(data.path(), &[]).await;
+    let token = sightline_runtime::token::generate(sightline_runtime::token::TokenKind::Admin);
     for _ in 0..3 {
-        let answer = http(
-            addr,
-            &format!(
-                "POST /signin HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Type: application/x-www-form-urlencoded\r\nContent-Length: {}\r\n\r\n{body}",
-                body.len()
-            ),
-        )
-        .await;
+        let answer = http(addr, &sign_in_request(&token)).await;
         assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
         assert!(answer.contains("A service is unavailable"), "{answer}");
         assert!(
@@ -245,4 +260,71 @@ async fn with_the_services_down_the_console_says_so_on_a_page() {
         home.contains("content-security-policy: default-src 'none'"),
         "{home}"
     );
+}
+
+/// A connection that opens and sends nothing, or only part of a request's headers, is closed after
+/// `console.header_timeout_ms`; the console goes on serving others.
+#[tokio::test]
+async fn a_stalled_connection_is_closed_and_others_are_served() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let data = tempfile::tempdir().unwrap();
+    let (_child, addr) = console_alone(
+        data.path(),
+        &[("SIGHTLINE_CONSOLE__HEADER_TIMEOUT_MS", "300")],
+    )
+    .await;
+    let mut silent = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let mut partial = tokio::net::TcpStream::connect(addr).await.unwrap();
+    partial
+        .write_all(b"GET /signin HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .unwrap();
+    // Closed by the server: the read ends (a bound far past the setting, never reached).
+    for stream in [&mut silent, &mut partial] {
+        let mut buf = Vec::new();
+        let ended = tokio::time::timeout(
+            std::time::Duration::from_secs(60),
+            stream.read_to_end(&mut buf),
+        )
+        .await;
+        assert!(ended.is_ok(), "a stalled connection stayed open");
+    }
+    let page = http(
+        addr,
+        "GET /signin HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(page.starts_with("HTTP/1.1 200"), "{page}");
+}
+
+/// An address that keeps pasting tokens nobody knows is refused (429) once its failure budget is
+/// spent, before linker-svc is asked.
+#[tokio::test]
+async fn a_flood_of_bad_sign_ins_runs_out_of_budget() {
+    let data = tempfile::tempdir().unwrap();
+    let (_child, addr) = console_alone(
+        data.path(),
+        &[
+            ("SIGHTLINE_LIMITS__AUTH_FAILURE_BURST", "3"),
+            ("SIGHTLINE_LIMITS__AUTH_FAILURES_PER_SECOND", "1"),
+        ],
+    )
+    .await;
+    let mut refused = 0;
+    for i in 0..50 {
+        let answer = http(addr, &sign_in_request(&format!("sla_guess{i}"))).await;
+        assert!(
+            answer.starts_with("HTTP/1.1 401") || answer.starts_with("HTTP/1.1 429"),
+            "{answer}"
+        );
+        if answer.starts_with("HTTP/1.1 429") {
+            assert!(
+                answer.contains("too many failed authentications"),
+                "{answer}"
+            );
+            refused += 1;
+        }
+    }
+    // 50 attempts spend a budget of 3 plus 1 a second unless they took most of a minute.
+    assert!(refused > 0, "no attempt was refused");
 }

@@ -8,6 +8,7 @@ use axum::response::{IntoResponse, Redirect, Response};
 use serde::Deserialize;
 use sightline_proto::linker::v1::CredentialKind;
 use sightline_runtime::Secret;
+use sightline_runtime::ratelimit::PeerKey;
 use tonic::Code;
 
 use crate::session::Who;
@@ -58,7 +59,16 @@ pub(crate) struct Token {
     token: String,
 }
 
-pub(crate) async fn submit(State(state): State<AppRef>, Form(form): Form<Token>) -> Response {
+pub(crate) async fn submit(
+    State(state): State<AppRef>,
+    peer: Option<axum::Extension<PeerKey>>,
+    Form(form): Form<Token>,
+) -> Response {
+    let peer = peer.map(|axum::Extension(p)| p);
+    // An address that keeps pasting tokens nobody knows is stopped before linker-svc is asked.
+    if let Err(status) = state.failed_sign_ins.check(peer) {
+        return PageError::Status(status).into_response();
+    }
     let token = Secret::new(form.token.trim());
     let refuse = |message: &str| {
         let mut page = render(&SignInPage {
@@ -71,6 +81,11 @@ pub(crate) async fn submit(State(state): State<AppRef>, Form(form): Form<Token>)
     if token.expose().is_empty() {
         return refuse("token: paste an admin or operator token");
     }
+    if sightline_runtime::token::parse(token.expose()).is_err() {
+        // Not even a token's shape: refused here, and counted like an unknown one.
+        state.failed_sign_ins.charge(peer);
+        return refuse("token: not a valid token (unknown, revoked or expired)");
+    }
     let whose = match state.services.whose(&token).await {
         Ok(whose) => whose,
         Err(status)
@@ -79,6 +94,7 @@ pub(crate) async fn submit(State(state): State<AppRef>, Form(form): Form<Token>)
                 Code::Unauthenticated | Code::InvalidArgument | Code::NotFound
             ) =>
         {
+            state.failed_sign_ins.charge(peer);
             return refuse("token: not a valid token (unknown, revoked or expired)");
         }
         Err(status) => return PageError::Status(status).into_response(),

@@ -472,6 +472,7 @@ async fn console_pages(
         service_token: linker.service.clone(),
         session_idle_ms: 3_600_000,
         max_sessions: 100,
+        header_timeout_ms: 10_000,
         clock: linker.clock.clone(),
     })
     .await
