@@ -103,6 +103,27 @@ impl Stack {
             .await;
     }
 
+    /// The instance's score history from `days` days before T0 to a day after, as the admin reads it.
+    async fn score_history(&self, days: i64) -> pb::GetScoreHistoryResponse {
+        self.insights
+            .client()
+            .await
+            .get_score_history(authed(
+                &self.org.admin,
+                pb::GetScoreHistoryRequest {
+                    org_id: self.org.id.clone(),
+                    instance_id: self.instance.id.clone(),
+                    range: Some(sightline_proto::common::v1::TimeRange {
+                        start: sightline_tests::collector::at(T0_MS - days * DAY),
+                        end: sightline_tests::collector::at(T0_MS + DAY),
+                    }),
+                },
+            ))
+            .await
+            .unwrap()
+            .into_inner()
+    }
+
     /// One sample an hour of `name` for the `hours` hours before T0, `value(hour index)`, rolled up.
     async fn feed(
         &self,
@@ -436,21 +457,7 @@ async fn trends_and_score_history_come_from_the_collectors_rollups() {
     assert!(refused.message().starts_with("bucket"));
     // The hourly scorer keeps a point per hour.
     assert_eq!(s.insights.maintenance.score_pass().await.unwrap(), 1);
-    let history = client
-        .get_score_history(authed(
-            &s.org.admin,
-            pb::GetScoreHistoryRequest {
-                org_id: s.org.id.clone(),
-                instance_id: s.instance.id.clone(),
-                range: Some(sightline_proto::common::v1::TimeRange {
-                    start: sightline_tests::collector::at(T0_MS - DAY),
-                    end: sightline_tests::collector::at(T0_MS + DAY),
-                }),
-            },
-        ))
-        .await
-        .unwrap()
-        .into_inner();
+    let history = s.score_history(1).await;
     assert_eq!(history.points.len(), 1);
     assert_eq!(history.points[0].score, s.health().await.score);
 }
@@ -1515,24 +1522,7 @@ async fn a_move_carries_assessments_health_data_and_bundles_to_the_new_location_
         .unwrap()
         .into_inner();
     assert!(report.report.is_some());
-    let history = s
-        .insights
-        .client()
-        .await
-        .get_score_history(authed(
-            &s.org.admin,
-            pb::GetScoreHistoryRequest {
-                org_id: s.org.id.clone(),
-                instance_id: s.instance.id.clone(),
-                range: Some(sightline_proto::common::v1::TimeRange {
-                    start: sightline_tests::collector::at(T0_MS - 30 * DAY),
-                    end: sightline_tests::collector::at(T0_MS + DAY),
-                }),
-            },
-        ))
-        .await
-        .unwrap()
-        .into_inner();
+    let history = s.score_history(30).await;
     assert!(!history.points.is_empty());
     let moved: Vec<_> = s
         .linker
@@ -1569,24 +1559,7 @@ async fn replicas_on_one_postgres_score_each_hour_once_and_move_and_purge_once()
         other.maintenance.score_pass()
     );
     assert_eq!((a.unwrap(), b.unwrap()), (1, 1));
-    let history = s
-        .insights
-        .client()
-        .await
-        .get_score_history(authed(
-            &s.org.admin,
-            pb::GetScoreHistoryRequest {
-                org_id: s.org.id.clone(),
-                instance_id: s.instance.id.clone(),
-                range: Some(sightline_proto::common::v1::TimeRange {
-                    start: sightline_tests::collector::at(T0_MS - DAY),
-                    end: sightline_tests::collector::at(T0_MS + DAY),
-                }),
-            },
-        ))
-        .await
-        .unwrap()
-        .into_inner();
+    let history = s.score_history(1).await;
     assert_eq!(history.points.len(), 1, "{history:?}");
     s.upload_example().await;
     let kept = s.upload_small_bundle().await;
