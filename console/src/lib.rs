@@ -145,6 +145,18 @@ impl Console {
         let addr = self.local_addr();
         tracing::info!(%addr, tls = self.tls.is_some(), "serving");
         let connections = TaskTracker::new();
+        // One builder for every connection: HTTP/1 closes a connection that sends no request
+        // headers in time; HTTP/2 pings and closes a peer that stops answering.
+        let mut builder = auto::Builder::new(TokioExecutor::new());
+        builder
+            .http1()
+            .timer(TokioTimer::new())
+            .header_read_timeout(self.header_timeout);
+        builder
+            .http2()
+            .timer(TokioTimer::new())
+            .keep_alive_interval(self.header_timeout)
+            .keep_alive_timeout(self.header_timeout);
         loop {
             let (stream, peer) = tokio::select! {
                 () = shutdown.cancelled() => break,
@@ -160,23 +172,15 @@ impl Console {
             let _ = stream.set_nodelay(true);
             // Handlers see a keyed hash of the peer's address (for the sign-in failure budget),
             // never the address, which is personal data.
-            let peer = PeerKey::of(peer.ip());
-            let service =
-                TowerToHyperService::new(self.router.clone().layer(axum::Extension(peer)));
+            let service = TowerToHyperService::new(WithPeer {
+                router: self.router.clone(),
+                peer: PeerKey::of(peer.ip()),
+            });
             let tls = self.tls.clone();
             let stop = shutdown.clone();
             let header_timeout = self.header_timeout;
+            let builder = builder.clone();
             connections.spawn(async move {
-                let mut builder = auto::Builder::new(TokioExecutor::new());
-                builder
-                    .http1()
-                    .timer(TokioTimer::new())
-                    .header_read_timeout(header_timeout);
-                builder
-                    .http2()
-                    .timer(TokioTimer::new())
-                    .keep_alive_interval(header_timeout)
-                    .keep_alive_timeout(header_timeout);
                 // A client that sends nothing is let go: hyper's header timeout starts only once
                 // it knows the protocol, which needs a first byte.
                 let mut first = [0u8; 1];
@@ -208,10 +212,35 @@ impl Console {
     }
 }
 
+/// The router, putting the connection's peer key on each request it serves.
+#[derive(Clone)]
+struct WithPeer {
+    router: axum::Router,
+    peer: PeerKey,
+}
+
+impl tower::Service<http::Request<hyper::body::Incoming>> for WithPeer {
+    type Response = axum::response::Response;
+    type Error = std::convert::Infallible;
+    type Future = <axum::Router as tower::Service<http::Request<hyper::body::Incoming>>>::Future;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        tower::Service::<http::Request<hyper::body::Incoming>>::poll_ready(&mut self.router, cx)
+    }
+
+    fn call(&mut self, mut request: http::Request<hyper::body::Incoming>) -> Self::Future {
+        request.extensions_mut().insert(self.peer);
+        self.router.call(request)
+    }
+}
+
 async fn serve<I>(
     builder: &auto::Builder<TokioExecutor>,
     io: I,
-    service: TowerToHyperService<axum::Router>,
+    service: TowerToHyperService<WithPeer>,
     stop: CancellationToken,
 ) where
     I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,

@@ -364,13 +364,9 @@ async fn compose_stack_runs_here(files: &[&str], tls: bool) {
         std::fs::read_to_string(volumes["linker-data"].path().join("operator.token")).unwrap();
     // Signing in asks linker-svc with the shared service token: the token file works. Under TLS
     // the console serves HTTPS (a browser's TLS: no client certificate) and the cookie is Secure.
-    let body = format!("token={}", operator.trim());
-    let request = format!(
-        "POST /signin HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Type: application/x-www-form-urlencoded\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    );
+    let request = sightline_tests::form_post("/signin", &format!("token={}", operator.trim()));
     let answer = match &tls_dir {
-        None => http(console_addr, &request).await,
+        None => sightline_tests::http(console_addr, &request).await,
         Some(dir) => https(console_addr, &dir.path().join("ca.pem"), &request).await,
     };
     assert!(answer.starts_with("HTTP/1.1 303"), "{answer}");
@@ -526,16 +522,6 @@ async fn https(addr: SocketAddr, ca: &std::path::Path, request: &str) -> String 
     // The server may close without a TLS close_notify; what arrived is the answer.
     let _ = stream.read_to_end(&mut answer).await;
     String::from_utf8_lossy(&answer).into_owned()
-}
-
-/// One HTTP/1.1 request on a new connection; the whole answer as text.
-async fn http(addr: SocketAddr, request: &str) -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-    stream.write_all(request.as_bytes()).await.unwrap();
-    let mut answer = String::new();
-    stream.read_to_string(&mut answer).await.unwrap();
-    answer
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

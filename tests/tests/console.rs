@@ -9,7 +9,7 @@ use std::io::BufRead;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 
-use sightline_tests::{companion_binary, sightline_binary};
+use sightline_tests::{companion_binary, form_post, http, sightline_binary};
 
 /// `sightline up` on ephemeral ports, logging JSON at info to a file.
 struct Up {
@@ -172,16 +172,6 @@ fn the_console_refuses_forged_changes_escapes_markup_and_keeps_tokens_to_itself(
     up.assert_no_secret_logged(work.path());
 }
 
-/// One HTTP/1.1 request on a new connection; the whole answer as text.
-async fn http(addr: std::net::SocketAddr, request: &str) -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-    stream.write_all(request.as_bytes()).await.unwrap();
-    let mut answer = String::new();
-    stream.read_to_string(&mut answer).await.unwrap();
-    answer
-}
-
 /// `sightline console` alone, its services down (port 9), with `extra` settings.
 async fn console_alone(
     data: &Path,
@@ -222,11 +212,7 @@ async fn console_alone(
 }
 
 fn sign_in_request(token: &str) -> String {
-    let body = format!("token={token}");
-    format!(
-        "POST /signin HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Type: application/x-www-form-urlencoded\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    )
+    form_post("/signin", &format!("token={token}"))
 }
 
 /// `sightline console` alone, with every service it calls down: sign-in answers a page that says a

@@ -137,12 +137,14 @@ fn one<'a>(fields: &'a Fields, key: &str) -> &'a str {
         .map_or("", |(_, v)| v.as_str())
 }
 
-fn number<T: std::str::FromStr>(fields: &Fields, key: &'static str) -> Result<T, tonic::Status> {
+/// A whole number from the form; an empty field is 0 (for retention: keep the default).
+fn number<T: std::str::FromStr + Default>(
+    fields: &Fields,
+    key: &'static str,
+) -> Result<T, tonic::Status> {
     let text = one(fields, key).trim();
     if text.is_empty() {
-        return "0"
-            .parse()
-            .map_err(|_| tonic::Status::invalid_argument(format!("{key}: is not a number")));
+        return Ok(T::default());
     }
     text.parse().map_err(|_| {
         tonic::Status::invalid_argument(format!("{key}: {text:?} is not a whole number"))

@@ -410,15 +410,9 @@ const USAGE: &str = "usage: bench_reports [--views N] [--calls N] [--spaces N] [
   (--no-console skips it). --check: prove on a small run that the bulk load and the store's own
   commit give the same store.";
 
-/// One HTTP/1.1 request on a new connection: (status, body).
+/// One HTTP/1.1 request on a new connection: (status, the whole answer).
 async fn http(addr: std::net::SocketAddr, request: &str) -> (u16, String) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-    stream.set_nodelay(true).unwrap();
-    stream.write_all(request.as_bytes()).await.unwrap();
-    let mut answer = Vec::new();
-    stream.read_to_end(&mut answer).await.unwrap();
-    let answer = String::from_utf8_lossy(&answer).into_owned();
+    let answer = sightline_tests::http(addr, request).await;
     let status = answer
         .get(9..12)
         .and_then(|s| s.parse().ok())
@@ -428,13 +422,9 @@ async fn http(addr: std::net::SocketAddr, request: &str) -> (u16, String) {
 
 /// Signs in with `token`; the session cookie.
 async fn sign_in(addr: std::net::SocketAddr, token: &str) -> String {
-    let body = format!("token={token}");
     let (status, answer) = http(
         addr,
-        &format!(
-            "POST /signin HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Type: application/x-www-form-urlencoded\r\nContent-Length: {}\r\n\r\n{body}",
-            body.len()
-        ),
+        &sightline_tests::form_post("/signin", &format!("token={token}")),
     )
     .await;
     assert_eq!(status, 303, "{answer}");
