@@ -136,6 +136,7 @@ impl CollectorService {
             },
             policies.clone(),
             config.collection.writers,
+            config.clock.clone(),
             background.clone(),
         );
         stores.open_existing().await?;

@@ -5,9 +5,12 @@
 
 use std::sync::Arc;
 
+use sightline_runtime::SharedClock;
 use sightline_runtime::location::Located;
+use sightline_runtime::time::DAY_MS;
 use tokio_util::sync::CancellationToken;
 
+use crate::maintenance::DAYS_AHEAD;
 use crate::policy_cache::Policies;
 use crate::store::{self, CollectorStore};
 use crate::writer::Writer;
@@ -30,14 +33,22 @@ pub fn stores(
     urls: StoreUrls,
     policies: Arc<Policies>,
     writers: usize,
+    clock: SharedClock,
     shutdown: CancellationToken,
 ) -> Stores {
     Located::new(
         urls,
         Arc::new(move |location, url| {
             let (policies, shutdown) = (policies.clone(), shutdown.clone());
+            let today = clock.now_ms().div_euclid(DAY_MS);
             Box::pin(async move {
                 let store = store::open(&url, &location).await?;
+                // Ready for today's events before the first one comes (maintenance keeps
+                // the days ahead made from here on; until then they go to the default
+                // partition).
+                if let Err(error) = store.prepare_days(today - 1, today + DAYS_AHEAD).await {
+                    tracing::warn!(%error, "cannot prepare the days ahead");
+                }
                 let writers = if url.starts_with("sqlite:") {
                     1
                 } else {

@@ -254,6 +254,8 @@ pub struct Maintenance {
 
 /// The name collector-svc reports its part of a residency move under.
 pub const MOVE_OWNER: &str = "collector";
+/// How many days ahead each day's partition of events is made (PostgreSQL).
+pub const DAYS_AHEAD: i64 = 3;
 /// Rows per page of a move's copy.
 const MOVE_PAGE: i64 = 2_000;
 
@@ -417,8 +419,30 @@ impl Maintenance {
             return 0;
         }
         let now = self.clock.now_ms();
+        let days = |d: u32| i64::from(d.max(1)) * DAY_MS;
+        let policies = self.policies.policies();
+        // First the days every org in them has expired (PostgreSQL drops them whole): per
+        // location, each org whose data may go, with the time its raw events expire before.
+        let mut expiring: BTreeMap<_, BTreeMap<String, i64>> = BTreeMap::new();
+        for policy in policies.iter().filter(|p| !p.moving) {
+            let retention = policy.retention.unwrap_or_default();
+            expiring
+                .entry(policy.location())
+                .or_default()
+                .insert(policy.org_id.clone(), now - days(retention.raw_days));
+        }
+        let mut dropped: BTreeMap<String, i64> = BTreeMap::new();
+        for (location, raw_before) in &expiring {
+            let Ok(opened) = self.stores.get(*location).await else {
+                continue;
+            };
+            match opened.store.drop_expired_days(raw_before).await {
+                Ok(removed) => dropped.extend(removed),
+                Err(error) => tracing::warn!(%error, "retention could not drop expired days"),
+            }
+        }
         let mut total = 0;
-        for policy in self.policies.policies() {
+        for policy in policies {
             if policy.moving {
                 continue;
             }
@@ -426,7 +450,6 @@ impl Maintenance {
                 continue;
             };
             let retention = policy.retention.unwrap_or_default();
-            let days = |d: u32| i64::from(d.max(1)) * DAY_MS;
             let raw_before = now - days(retention.raw_days);
             let aggregate_before =
                 (now - days(retention.aggregate_days)).div_euclid(HOUR_MS) * HOUR_MS;
@@ -437,7 +460,8 @@ impl Maintenance {
                 .await
             {
                 Ok(removed) => {
-                    let n = removed.events
+                    let n = dropped.get(&policy.org_id).copied().unwrap_or_default()
+                        + removed.events
                         + removed.view_counters
                         + removed.unique_viewer_entries
                         + removed.dedupe_entries
@@ -587,6 +611,21 @@ impl Maintenance {
         .map_err(|status| MoveError::Report(status.message().to_owned()))
     }
 
+    /// Makes every open store ready for the days around now (PostgreSQL: the day partitions of
+    /// events from yesterday to [`DAYS_AHEAD`] days ahead).
+    pub async fn prepare_days(&self) {
+        let today = self.clock.now_ms().div_euclid(DAY_MS);
+        for (_, opened) in self.stores.open_now() {
+            if let Err(error) = opened
+                .store
+                .prepare_days(today - 1, today + DAYS_AHEAD)
+                .await
+            {
+                tracing::warn!(%error, "cannot prepare the days ahead");
+            }
+        }
+    }
+
     /// Settles staged changes left by a crash, in every open store.
     pub async fn recover(&self) {
         for (_, opened) in self.stores.open_now() {
@@ -603,6 +642,7 @@ impl Maintenance {
         tokio::spawn(async move {
             loop {
                 m.recover().await;
+                m.prepare_days().await;
                 m.apply_purges().await;
                 m.move_data().await;
                 tokio::select! {

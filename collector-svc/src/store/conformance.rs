@@ -1,5 +1,7 @@
 //! The collector store suite: written once, run against SQLite and PostgreSQL.
 
+use std::collections::BTreeMap;
+
 use prost::Message;
 use sightline_proto::collector::v1 as pb;
 use sightline_runtime::audited::{AuditEntry, StagedChange};
@@ -287,6 +289,20 @@ async fn events_are_stored_once_per_instance_and_event_id(backend: Backend) {
     )
     .await;
     assert_eq!(other, vec![RowOutcome::Stored]);
+    // An event is keyed by its id and its time (a retry resends both; PostgreSQL partitions
+    // events by day, and a partition key is part of the table's key): the same id at another
+    // time is another event, on both backends, beside a true repeat in the same batch.
+    let later = commit_one(
+        &store,
+        batch(
+            ORG,
+            INSTANCE,
+            1,
+            vec![metric("a", T0 + DAY, 1.0), metric("b", T0, 2.0)],
+        ),
+    )
+    .await;
+    assert_eq!(later, vec![RowOutcome::Stored, RowOutcome::Duplicate]);
     // Two batches of one group commit with the same id: the second is the duplicate.
     let group = store
         .commit(
@@ -309,7 +325,7 @@ async fn events_are_stored_once_per_instance_and_event_id(backend: Backend) {
         .samples(INSTANCE, "latency", 0, i64::MAX, None, 100)
         .await
         .unwrap();
-    assert_eq!(samples.len(), 4);
+    assert_eq!(samples.len(), 5);
 }
 
 /// A repeated id deep in a group of large batches: SQLite's fast path gives the whole
@@ -947,6 +963,85 @@ async fn retention_sweeps_old_records_and_keeps_recent_ones(backend: Backend) {
     );
 }
 
+async fn expired_days_are_dropped_whole_and_the_rest_deleted_by_rows(backend: Backend) {
+    let (store, other_replica, _guard) = backend.shared().await;
+    let pg = backend == Backend::Postgres;
+    let today = T0 / DAY;
+    // Two replicas preparing the same days at once make each day once.
+    let (a, b) = tokio::join!(
+        store.prepare_days(today - 45, today),
+        other_replica.prepare_days(today - 45, today)
+    );
+    assert_eq!(a.unwrap() + b.unwrap(), if pg { 46 } else { 0 });
+    assert_eq!(store.prepare_days(today - 45, today).await.unwrap(), 0);
+    let rows = vec![
+        metric("a1", T0 - 40 * DAY, 1.0),
+        metric("a2", T0 - 40 * DAY + 1, 1.0),
+        metric("b", T0 - 39 * DAY, 1.0),
+        // No partition for this day: PostgreSQL keeps it in the default partition.
+        metric("c", T0 - 60 * DAY, 1.0),
+        metric("now", T0, 1.0),
+    ];
+    commit_one(&store, batch(ORG, INSTANCE, 1, rows)).await;
+    commit_one(
+        &store,
+        batch(
+            OTHER,
+            OTHER_INSTANCE,
+            1,
+            vec![metric("o", T0 - 39 * DAY, 1.0)],
+        ),
+    )
+    .await;
+    // OTHER may not lose data (say it is moving): the day it shares with ORG is kept whole.
+    let expiring: BTreeMap<String, i64> = [(ORG.to_owned(), T0 - 30 * DAY)].into_iter().collect();
+    let dropped = store.drop_expired_days(&expiring).await.unwrap();
+    let expected: BTreeMap<String, i64> = if pg {
+        [(ORG.to_owned(), 2)].into_iter().collect()
+    } else {
+        BTreeMap::new()
+    };
+    assert_eq!(dropped, expected);
+    let swept = store
+        .sweep(ORG, T0 - 30 * DAY, T0 - 30 * DAY, T0 - 30 * DAY)
+        .await
+        .unwrap();
+    assert_eq!(dropped.get(ORG).copied().unwrap_or(0) + swept.events, 4);
+    let left = |instance: &'static str| {
+        let store = store.clone();
+        async move {
+            let samples = store
+                .samples(instance, "latency", 0, i64::MAX, None, 10)
+                .await
+                .unwrap();
+            samples.into_iter().map(|s| s.event_id).collect::<Vec<_>>()
+        }
+    };
+    assert_eq!(left(INSTANCE).await, vec!["now"]);
+    assert_eq!(left(OTHER_INSTANCE).await, vec!["o"]);
+    // An event for a day made later moves into that day's partition with it, and goes with it.
+    commit_one(
+        &store,
+        batch(ORG, INSTANCE, 1, vec![metric("later", T0 + 10 * DAY, 1.0)]),
+    )
+    .await;
+    assert_eq!(
+        store.prepare_days(today + 10, today + 10).await.unwrap(),
+        usize::from(pg)
+    );
+    assert_eq!(left(INSTANCE).await, vec!["now", "later"]);
+    let expiring: BTreeMap<String, i64> = [(ORG.to_owned(), T0 + 11 * DAY)].into_iter().collect();
+    let dropped = store.drop_expired_days(&expiring).await.unwrap();
+    if pg {
+        assert_eq!(dropped.get(ORG), Some(&2), "{dropped:?}");
+        assert!(left(INSTANCE).await.is_empty());
+    } else {
+        assert!(dropped.is_empty());
+        assert_eq!(left(INSTANCE).await, vec!["now", "later"]);
+    }
+    assert_eq!(left(OTHER_INSTANCE).await, vec!["o"]);
+}
+
 async fn an_orgs_data_moves_whole_to_another_store_and_leaves_nothing_behind(backend: Backend) {
     let (from, _guard) = backend.open().await;
     let (to, _guard_to) = backend.elsewhere("eu").await;
@@ -991,7 +1086,7 @@ async fn an_orgs_data_moves_whole_to_another_store_and_leaves_nothing_behind(bac
     assert!(
         events
             .iter()
-            .all(|row| row[3] == Value::Text(Some("eu".into())))
+            .all(|row| row[4] == Value::Text(Some("eu".into())))
     );
     // The remembered purge and event ids went along: a retry is still a duplicate.
     assert!(to.purge_applied("purge-before-move").await.unwrap());
@@ -1400,6 +1495,7 @@ suite!(
     a_purge_strips_classes_from_covered_records,
     erasing_a_viewer_removes_their_views_entries_and_counts,
     retention_sweeps_old_records_and_keeps_recent_ones,
+    expired_days_are_dropped_whole_and_the_rest_deleted_by_rows,
     an_orgs_data_moves_whole_to_another_store_and_leaves_nothing_behind,
     a_move_between_locations_of_one_database_relabels_the_rows,
     export_pages_follow_the_key_order_without_gaps,

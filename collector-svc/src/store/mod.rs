@@ -452,6 +452,16 @@ pub trait CollectorStore: ChangeLog + Send + Sync + std::fmt::Debug + 'static {
     /// Whether the org's data left this store in move `move_id`.
     async fn moved_out(&self, move_id: &str) -> StoreResult<bool>;
 
+    /// Makes the events table ready for days `from_day..=to_day` (PostgreSQL: each day's
+    /// partition, made ahead of time); returns how many partitions it made.
+    async fn prepare_days(&self, from_day: i64, to_day: i64) -> StoreResult<usize>;
+    /// Retention's fast path (PostgreSQL): drops each day of events whose every row belongs to an
+    /// org of `raw_before` and is older than that org's time there. Returns rows removed per org;
+    /// [`CollectorStore::sweep`] deletes the expired rows of the days kept.
+    async fn drop_expired_days(
+        &self,
+        raw_before: &std::collections::BTreeMap<String, i64>,
+    ) -> StoreResult<std::collections::BTreeMap<String, i64>>;
     /// Deletes what retention no longer allows: records older than `raw_before`, rollups older than
     /// `aggregate_before`, remembered event ids older than `ids_before`. Returns rows removed.
     async fn sweep(

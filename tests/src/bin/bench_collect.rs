@@ -548,6 +548,14 @@ async fn postgres_references(rows: &[StoredRow], sessions: usize) -> (f64, f64) 
         else {
             unreachable!()
         };
+        // The day's partition of events, as the collector makes it when its store opens.
+        let today = T0_MS / sightline_runtime::time::DAY_MS;
+        collector_svc::store::open(&url, "global")
+            .await
+            .unwrap()
+            .prepare_days(today - 1, today + 3)
+            .await
+            .unwrap();
         pool
     };
     let whole = copy_text(rows);

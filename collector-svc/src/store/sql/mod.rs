@@ -22,6 +22,7 @@ use crate::enforce::{self, DAY_MS};
 
 mod change_log;
 mod moves;
+mod partitions;
 mod purges;
 mod rollups;
 mod views;
@@ -276,13 +277,14 @@ impl SqlStore {
         let values: Vec<Option<f64>> = rows.iter().map(|r| r.value).collect();
         let subjects: Vec<Option<&str>> = rows.iter().map(|r| r.subject.as_deref()).collect();
         let bodies: Vec<&[u8]> = rows.iter().map(|r| r.body.as_slice()).collect();
-        let stored: Vec<(String,)> = sqlx::query_as(
+        let stored: Vec<(String, i64)> = sqlx::query_as(
             "INSERT INTO events (instance_id, event_id, org_id, location, kind, occurred_at,
                 stored_at, name, value, subject, consent_version, policy_revision, body)
              SELECT $1, e, $2, $3, k, o, $4, n, v, s, $5, $6, b
              FROM UNNEST($7::text[], $8::bigint[], $9::bigint[], $10::text[],
                 $11::float8[], $12::text[], $13::bytea[]) AS u(e, k, o, n, v, s, b)
-             ON CONFLICT (instance_id, event_id) DO NOTHING RETURNING event_id",
+             ON CONFLICT (instance_id, event_id, occurred_at) DO NOTHING
+             RETURNING event_id, occurred_at",
         )
         .bind(&batch.instance_id)
         .bind(&batch.org_id)
@@ -299,8 +301,11 @@ impl SqlStore {
         .bind(bodies)
         .fetch_all(&mut *pg)
         .await?;
-        let stored: HashSet<String> = stored.into_iter().map(|(id,)| id).collect();
-        Ok(rows.iter().map(|r| stored.contains(&r.event_id)).collect())
+        let stored: HashSet<(String, i64)> = stored.into_iter().collect();
+        Ok(rows
+            .iter()
+            .map(|r| stored.contains(&(r.event_id.clone(), r.occurred_at)))
+            .collect())
     }
 
     /// Inserts a batch's rows; per row, whether this insert stored it (false: its id was
@@ -322,10 +327,10 @@ impl SqlStore {
             // stored by it. Reading that first (careful) is far cheaper there than
             // RETURNING, whose rows cross from SQLite's thread one by one; and a batch of
             // ids never seen (the usual case) needs neither: the count says so.
-            let existing: HashSet<String> = if careful {
+            let existing: HashSet<(String, i64)> = if careful {
                 let mut query = sql::Builder::new(
                     tx.backend(),
-                    "SELECT event_id FROM events WHERE instance_id = ",
+                    "SELECT event_id, occurred_at FROM events WHERE instance_id = ",
                 );
                 query
                     .push_bind(&batch.instance_id)
@@ -335,8 +340,8 @@ impl SqlStore {
                     ids.push_bind(&row.event_id);
                 }
                 query.push(")");
-                let found: Vec<(String,)> = query.build().fetch_all(&mut *tx).await?;
-                found.into_iter().map(|(id,)| id).collect()
+                let found: Vec<(String, i64)> = query.build().fetch_all(&mut *tx).await?;
+                found.into_iter().collect()
             } else {
                 HashSet::new()
             };
@@ -365,12 +370,13 @@ impl SqlStore {
                     .push_bind(row.body.as_slice());
             });
             let stored = query.build().execute(&mut *tx).await?.rows_affected();
-            let expected = chunk
+            let new: Vec<bool> = chunk
                 .iter()
-                .filter(|row| !existing.contains(&row.event_id))
-                .count();
+                .map(|row| !existing.contains(&(row.event_id.clone(), row.occurred_at)))
+                .collect();
+            let expected = new.iter().filter(|&&new| new).count();
             if usize::try_from(stored).ok() == Some(expected) {
-                inserted.extend(chunk.iter().map(|row| !existing.contains(&row.event_id)));
+                inserted.extend(new);
             } else if careful {
                 // Something other than a repeated id was ignored: nothing of the
                 // transaction may stand, or an ack would cover a row not stored.
@@ -623,6 +629,17 @@ impl CollectorStore for SqlStore {
 
     async fn moved_out(&self, move_id: &str) -> StoreResult<bool> {
         moves::moved_out(self, move_id).await
+    }
+
+    async fn prepare_days(&self, from_day: i64, to_day: i64) -> StoreResult<usize> {
+        SqlStore::prepare_days(self, from_day, to_day).await
+    }
+
+    async fn drop_expired_days(
+        &self,
+        raw_before: &BTreeMap<String, i64>,
+    ) -> StoreResult<BTreeMap<String, i64>> {
+        SqlStore::drop_expired_days(self, raw_before).await
     }
 
     async fn sweep(

@@ -76,11 +76,12 @@ impl SqlStore {
         let kinds = strip_kinds(spec);
         if !spec.strip_classes.is_empty() && !kinds.is_empty() {
             let sql = format!(
-                "SELECT instance_id, event_id, body FROM events WHERE {filter} AND {} AND body IS
-                    NOT NULL",
+                "SELECT instance_id, event_id, occurred_at, body FROM events WHERE {filter} AND {}
+                    AND body IS NOT NULL",
                 kinds_in(&kinds)
             );
-            let mut query = sql::query_as::<(String, String, Vec<u8>)>(sqlx::AssertSqlSafe(sql));
+            let mut query =
+                sql::query_as::<(String, String, i64, Vec<u8>)>(sqlx::AssertSqlSafe(sql));
             for b in &binds {
                 query = query.bind(b);
             }
@@ -88,13 +89,15 @@ impl SqlStore {
                 query = query.bind(t);
             }
             let rows = query.fetch_all(&mut *tx).await?;
-            for (instance_id, event_id, body) in rows {
+            for (instance_id, event_id, occurred_at, body) in rows {
                 if let Some(stripped) = enforce::strip_body(&body, &spec.strip_classes) {
                     sql::query(
-                        "UPDATE events SET body = $3 WHERE instance_id = $1 AND event_id = $2",
+                        "UPDATE events SET body = $4 WHERE instance_id = $1 AND event_id = $2
+                            AND occurred_at = $3",
                     )
                     .bind(&instance_id)
                     .bind(&event_id)
+                    .bind(occurred_at)
                     .bind(stripped)
                     .execute(&mut *tx)
                     .await?;
@@ -368,8 +371,9 @@ pub(super) async fn sweep(
     let mut removed = Removed {
         events: store
             .delete_chunked(
-                "DELETE FROM events WHERE (instance_id, event_id) IN (SELECT instance_id, event_id
-                FROM events WHERE org_id = $1 AND occurred_at < $2 LIMIT $3)"
+                "DELETE FROM events WHERE (instance_id, event_id, occurred_at) IN (SELECT
+                instance_id, event_id, occurred_at FROM events WHERE org_id = $1 AND occurred_at <
+                $2 LIMIT $3)"
                     .to_owned(),
                 org_id,
                 raw_before,
@@ -380,9 +384,9 @@ pub(super) async fn sweep(
     removed.events += store
         .delete_chunked(
             format!(
-                "DELETE FROM events WHERE (instance_id, event_id) IN (SELECT instance_id,
-                event_id FROM events WHERE org_id = $1 AND kind = {KIND_TOMBSTONE} AND occurred_at
-                < $2 LIMIT $3)"
+                "DELETE FROM events WHERE (instance_id, event_id, occurred_at) IN (SELECT
+                instance_id, event_id, occurred_at FROM events WHERE org_id = $1 AND kind =
+                {KIND_TOMBSTONE} AND occurred_at < $2 LIMIT $3)"
             ),
             org_id,
             ids_before,

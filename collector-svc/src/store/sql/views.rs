@@ -60,11 +60,14 @@ impl SqlStore {
         .await?;
         if before.is_some_and(|(at,)| t < at.saturating_add(block)) {
             // Inside that view's window: not counted, and nothing after it changes.
-            sql::query("DELETE FROM events WHERE instance_id = $1 AND event_id = $2")
-                .bind(&batch.instance_id)
-                .bind(event)
-                .execute(&mut *tx)
-                .await?;
+            sql::query(
+                "DELETE FROM events WHERE instance_id = $1 AND event_id = $2 AND occurred_at = $3",
+            )
+            .bind(&batch.instance_id)
+            .bind(event)
+            .bind(t)
+            .execute(&mut *tx)
+            .await?;
             return Ok(RowOutcome::Blocked);
         }
         // This view counts; the views after it are counted again from it, until the chain
