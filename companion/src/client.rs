@@ -7,8 +7,28 @@ use rand::Rng;
 use sightline_runtime::Secret;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 
-/// A lazily connecting channel; https:// URLs trust only the CA in `ca` (PEM).
+/// A lazily connecting channel; https:// URLs trust only the CA in `ca` (PEM). `url` may name
+/// several replicas separated by commas: calls are balanced over those that answer their health
+/// check ([`sightline_runtime::client::balanced`]).
 pub fn channel(url: &str, ca: Option<&Path>) -> anyhow::Result<Channel> {
+    let urls: Vec<&str> = url
+        .split(',')
+        .map(str::trim)
+        .filter(|u| !u.is_empty())
+        .collect();
+    if let [one] = urls.as_slice() {
+        return Ok(endpoint(one, ca)?.connect_lazy());
+    }
+    anyhow::ensure!(!urls.is_empty(), "service URL {url:?} names no address");
+    let replicas = urls
+        .iter()
+        .map(|u| endpoint(u, ca))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    sightline_runtime::client::balanced(replicas, Duration::from_secs(2))
+        .ok_or_else(|| anyhow::anyhow!("a list of replicas needs a tokio runtime"))
+}
+
+fn endpoint(url: &str, ca: Option<&Path>) -> anyhow::Result<Endpoint> {
     let mut endpoint = Endpoint::from_shared(url.to_owned())
         .map_err(|e| anyhow::anyhow!("invalid service URL {url}: {e}"))?
         .connect_timeout(Duration::from_secs(5))
@@ -30,7 +50,7 @@ pub fn channel(url: &str, ca: Option<&Path>) -> anyhow::Result<Channel> {
     } else if !url.starts_with("http://") {
         anyhow::bail!("service URL {url} must start with http:// or https://");
     }
-    Ok(endpoint.connect_lazy())
+    Ok(endpoint)
 }
 
 /// A request carrying `authorization: Bearer <secret>` (streams: no deadline on the whole).

@@ -141,8 +141,13 @@ impl Mapped {
     }
 }
 
+/// A service's twin name in the replicas overlay (`linker-2`) maps to its own (`linker`).
+fn base(service: &str) -> &str {
+    service.strip_suffix("-2").unwrap_or(service)
+}
+
 fn container_port(service: &str) -> u16 {
-    match service {
+    match base(service) {
         "linker" => 50051,
         "consent" => 50052,
         "collector" => 50053,
@@ -151,6 +156,7 @@ fn container_port(service: &str) -> u16 {
 }
 
 async fn compose_stack_runs_here(files: &[&str], tls: bool) {
+    let replicas = files.contains(&"docker-compose.replicas.yml");
     let dockerfile = std::fs::read_to_string(workspace_root().join("Dockerfile")).unwrap();
     assert!(dockerfile.contains("ENTRYPOINT [\"sightline\"]"));
     assert!(
@@ -217,14 +223,28 @@ async fn compose_stack_runs_here(files: &[&str], tls: bool) {
     let mut databases: HashMap<&str, String> = HashMap::new();
     // linker-svc follows consent-svc (SIGHTLINE_CONSENT__URL), whose address is known only once it
     // listens: as compose's linker retries until `consent` resolves, it is started again here,
-    // on its address, once the others are up.
-    for (round, name) in SERVICES.into_iter().chain(["linker"]).enumerate() {
-        let again = round >= SERVICES.len();
+    // on its address, once the others are up. With the replicas overlay, each second replica
+    // starts after its twin, on the same database and data volume; until a replica's address is
+    // known here its host name does not resolve, and the callers' balancers leave it out.
+    let twins: &[&str] = if replicas {
+        &["consent-2", "collector-2", "insights-2", "linker-2"]
+    } else {
+        &[]
+    };
+    let order: Vec<&str> = SERVICES
+        .into_iter()
+        .chain(twins.iter().copied())
+        .chain(["linker"])
+        .collect();
+    for (round, &name) in order.iter().enumerate() {
+        let again = round + 1 == order.len();
         if again {
             let mut first: tokio::process::Child = children.remove(0);
             first.kill().await.unwrap();
         }
-        let service = &services[name];
+        let (entry, name) = (name, base(name));
+        let twin = entry != name;
+        let service = &services[entry];
         let command = strings(&service["command"]);
         assert_eq!(command, [name], "{name} runs `sightline {name}`");
         assert!(
@@ -232,7 +252,10 @@ async fn compose_stack_runs_here(files: &[&str], tls: bool) {
                 .contains(&"shared:/var/lib/sightline-shared:ro".to_owned()),
             "{name} reads the shared volume"
         );
-        if name == "linker" {
+        if twin {
+            // After its twin, which made the data volume's secrets.
+            assert_eq!(service["depends_on"][name]["condition"], "service_healthy");
+        } else if name == "linker" {
             assert_eq!(
                 service["depends_on"]["init"]["condition"],
                 "service_completed_successfully"
@@ -245,22 +268,28 @@ async fn compose_stack_runs_here(files: &[&str], tls: bool) {
             env[&format!("SIGHTLINE_{upper}__LISTEN")],
             format!("0.0.0.0:{port}")
         );
-        // Published ports are the ones the service listens on ("127.0.0.1:P:P/tcp").
-        let published = strings(&service["ports"]);
+        // Published ports are the ones the service listens on ("127.0.0.1:P:P/tcp"); the second
+        // replicas publish none (the host's ports are their twins').
+        let published = if twin {
+            assert!(service["ports"].is_null(), "{entry} publishes no port");
+            Vec::new()
+        } else {
+            strings(&service["ports"])
+        };
         let metrics_port: u16 = env[&format!("SIGHTLINE_{upper}__METRICS_LISTEN")]
             .rsplit(':')
             .next()
             .unwrap()
             .parse()
             .unwrap();
-        for target in [port, metrics_port] {
+        for target in [port, metrics_port].into_iter().filter(|_| !twin) {
             assert!(
                 published.contains(&format!("127.0.0.1:{target}:{target}/tcp")),
                 "{name} publishes {target}: {published:?}"
             );
         }
         let listen = if again {
-            mapped.listen[name].to_string()
+            mapped.listen[entry].to_string()
         } else {
             "127.0.0.1:0".into()
         };
@@ -306,7 +335,7 @@ async fn compose_stack_runs_here(files: &[&str], tls: bool) {
         let mut child = command.spawn().unwrap();
         // Its JSON log says where it serves gRPC and metrics (SIGHTLINE_LOG__FORMAT=json).
         let (addr, metrics) = sightline_tests::listening_addrs(name, &mut child, true).await;
-        mapped.listen.insert(name.to_owned(), addr);
+        mapped.listen.insert(entry.to_owned(), addr);
         let response = sightline_tests::scrape(metrics.unwrap()).await;
         assert!(
             response.starts_with("HTTP/1.1 200"),
@@ -320,7 +349,7 @@ async fn compose_stack_runs_here(files: &[&str], tls: bool) {
         for _ in 0..100 {
             let out = Command::new(binary("sightline"))
                 .args(&check[2..3])
-                .arg(mapped.listen[name].to_string())
+                .arg(mapped.listen[entry].to_string())
                 .env_clear()
                 .env("SIGHTLINE_DATA_DIR", &data)
                 .envs(&env)
@@ -532,4 +561,66 @@ async fn the_compose_stack_validates_and_each_service_runs_with_its_compose_envi
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_tls_overlay_validates_and_the_stack_and_companion_run_over_tls() {
     compose_stack_runs_here(&["docker-compose.yml", "docker-compose.tls.yml"], true).await;
+}
+
+#[tokio::test]
+async fn the_replicas_overlay_runs_two_of_each_service_on_one_database_behind_balanced_urls() {
+    let config = compose_config(&["docker-compose.yml", "docker-compose.replicas.yml"]);
+    let services = &config["services"];
+    // Every caller names both replicas of every service it calls.
+    let both = |service: &str| {
+        format!(
+            "http://{service}:{port},http://{service}-2:{port}",
+            port = container_port(service)
+        )
+    };
+    for caller in SERVICES
+        .into_iter()
+        .chain(["console"])
+        .chain(SERVICES.map(|s| match s {
+            "linker" => "linker-2",
+            "consent" => "consent-2",
+            "collector" => "collector-2",
+            _ => "insights-2",
+        }))
+    {
+        let env = env_of(&services[caller]);
+        for (key, value) in &env {
+            if let Some(callee) = key
+                .strip_prefix("SIGHTLINE_")
+                .and_then(|k| k.strip_suffix("__URL"))
+            {
+                assert_eq!(value, &both(&callee.to_lowercase()), "{caller}: {key}");
+            }
+        }
+        assert!(
+            env.keys().any(|k| k.ends_with("__URL")),
+            "{caller} names the services it calls"
+        );
+    }
+    let companion = env_of(&services["companion"]);
+    for service in SERVICES {
+        assert_eq!(
+            companion[&format!("SIGHTLINE_COMPANION_{}", service.to_uppercase())],
+            both(service)
+        );
+    }
+    // The twins share their twin's database and data volume.
+    for service in SERVICES {
+        let (one, two) = (
+            env_of(&services[service]),
+            env_of(&services[&format!("{service}-2")]),
+        );
+        let database = format!("SIGHTLINE_{}__DATABASE_URL", service.to_uppercase());
+        assert_eq!(one[&database], two[&database]);
+        assert_eq!(
+            strings(&services[service]["volumes"]),
+            strings(&services[&format!("{service}-2")]["volumes"])
+        );
+    }
+    compose_stack_runs_here(
+        &["docker-compose.yml", "docker-compose.replicas.yml"],
+        false,
+    )
+    .await;
 }
