@@ -147,3 +147,55 @@ async fn a_watcher_on_either_replica_receives_every_change_made_on_the_other() {
         }
     }
 }
+
+/// A replica that hears of a change its watcher's snapshot already holds (the notice came after the
+/// snapshot read it, or it sends every org anew after its notices were interrupted) does not send
+/// it again: each change reaches a watcher once, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_change_announced_again_after_a_watchers_snapshot_is_not_sent_twice() {
+    let (linker, a, b) = replicas().await;
+    let org = linker.org("Acme").await;
+    let first = update(&a, &org, settings(UsageLevel::Basic, SharingLevel::Basic))
+        .await
+        .unwrap()
+        .version;
+    let mut on_b = watch_org(&mut b.client().await, &org.admin, &org.id)
+        .await
+        .unwrap();
+    let snapshot = on_b.next().await.unwrap().unwrap();
+    assert!(snapshot.snapshot_complete);
+    assert_eq!(snapshot.policy.unwrap().consent_version, first);
+    // Announce the org again on the replicas' channel, as a late notice of that change would.
+    let store = consent_svc::store::open(&a.database_url).await.unwrap();
+    let channel = store.channel().unwrap().to_owned();
+    let pool = sqlx::PgPool::connect(&a.database_url).await.unwrap();
+    let notice = serde_json::json!({"origin": "elsewhere", "org_id": org.id, "instance_ids": []});
+    sqlx::query("SELECT pg_notify($1, $2)")
+        .bind(&channel)
+        .bind(notice.to_string())
+        .execute(&pool)
+        .await
+        .unwrap();
+    let next = update(
+        &a,
+        &org,
+        settings(UsageLevel::Advanced, SharingLevel::Basic),
+    )
+    .await
+    .unwrap()
+    .version;
+    let policy = loop {
+        let message = tokio::time::timeout(Duration::from_secs(30), on_b.next())
+            .await
+            .expect("the change never came")
+            .unwrap()
+            .unwrap();
+        if !message.heartbeat {
+            break message.policy.unwrap();
+        }
+    };
+    assert_eq!(
+        policy.consent_version, next,
+        "the first message after the snapshot is the next change"
+    );
+}

@@ -193,7 +193,14 @@ impl ConsentApi {
                 return;
             }
         };
+        // The revision each org's policy was last sent at: a change is sent once, in order, even
+        // when it is announced again (a replica hears of another's change after this watcher's
+        // snapshot read it, or sends every org anew after its notices were interrupted).
+        let mut sent: std::collections::HashMap<String, u64> = std::collections::HashMap::new();
         for message in snapshot {
+            if let Some(policy) = &message.policy {
+                sent.insert(policy.org_id.clone(), policy.revision);
+            }
             // A snapshot is bounded: wait for a slow reader rather than drop any of it.
             if tx.send(Ok(message)).await.is_err() {
                 return;
@@ -229,9 +236,16 @@ impl ConsentApi {
                     Err(broadcast::error::RecvError::Closed) => return,
                 },
             };
-            let Some(org_id) = update.policy.as_ref().map(|p| p.org_id.as_str()) else {
+            let Some((org_id, revision)) = update
+                .policy
+                .as_ref()
+                .map(|p| (p.org_id.as_str(), p.revision))
+            else {
                 continue;
             };
+            if sent.get(org_id).is_some_and(|&last| revision <= last) {
+                continue;
+            }
             let message = match &watched {
                 Watched::AllOrgs => update.as_ref().clone(),
                 Watched::Org(org) if org == org_id => update.as_ref().clone(),
@@ -254,6 +268,7 @@ impl ConsentApi {
             if tx.try_send(Ok(message)).is_err() {
                 return;
             }
+            sent.insert(org_id.to_owned(), revision);
         }
     }
 
