@@ -125,17 +125,33 @@ pub fn balanced(replicas: Vec<Endpoint>, every: std::time::Duration) -> Option<C
     runtime.spawn(async move {
         let every = every.max(std::time::Duration::from_millis(100));
         loop {
-            let checks = probes.iter().map(|probe| {
-                let mut probe = probe.clone();
-                async move {
-                    let check = probe.check(HealthCheckRequest::default());
-                    matches!(
-                        tokio::time::timeout(every, check).await,
-                        Ok(Ok(answer)) if answer.get_ref().status == ServingStatus::Serving as i32
-                    )
+            use futures::StreamExt as _;
+            let mut checks: futures::stream::FuturesUnordered<_> = probes
+                .iter()
+                .enumerate()
+                .map(|(key, probe)| {
+                    let mut probe = probe.clone();
+                    async move {
+                        let check = probe.check(HealthCheckRequest::default());
+                        let serving = matches!(
+                            tokio::time::timeout(every, check).await,
+                            Ok(Ok(answer)) if answer.get_ref().status == ServingStatus::Serving as i32
+                        );
+                        (key, serving)
+                    }
+                })
+                .collect();
+            // A replica that answers joins at once, not after the slowest probe of the round.
+            let mut serving = vec![false; replicas.len()];
+            while let Some((key, up)) = checks.next().await {
+                serving[key] = up;
+                if up && !listed[key] {
+                    if changes.send(Change::Insert(key, replicas[key].clone())).await.is_err() {
+                        return;
+                    }
+                    listed[key] = true;
                 }
-            });
-            let serving = futures::future::join_all(checks).await;
+            }
             let any = serving.iter().any(|&s| s);
             for (key, replica) in replicas.iter().enumerate() {
                 let keep = serving[key] || !any;
