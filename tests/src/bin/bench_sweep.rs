@@ -7,7 +7,7 @@
 //! - `partitions`: each day in its own partition, made ahead as the collector makes them, so the
 //!   sweep drops each expired day whole.
 //!
-//! Each run is on a fresh database with the collector's migrations; the time is the whole sweep
+//! Each run is on a fresh schema with the collector's migrations; the time is the whole sweep
 //! (`drop_expired_days`, then `sweep` for each org, as the collector's retention pass runs them),
 //! and the rows it reports removed must equal the rows loaded.
 //!
@@ -29,8 +29,8 @@ const USAGE: &str = "usage: bench_sweep [--rows N] [--days D] [--orgs O] [--sess
 
 Loads N expired metric events (D days, O orgs) into a fresh PostgreSQL store with the collector's
 migrations, then times the collector's retention sweep of all of them: by row deletes from one
-table (rows) and by dropping day partitions (partitions). Needs PostgreSQL at DATABASE_URL or
-127.0.0.1:5432.";
+table (rows) and by dropping day partitions (partitions). Each run uses a fresh schema of the
+database at SIGHTLINE_TEST_POSTGRES_URL (default postgres://postgres@127.0.0.1:5432/test).";
 
 const COLUMNS: &str = "instance_id, event_id, occurred_at, org_id, location, kind, stored_at, \
 name, value, subject, consent_version, policy_revision, body";
@@ -44,52 +44,34 @@ struct Args {
 }
 
 fn args() -> Args {
-    let mut args = Args {
-        rows: 10_000_000,
-        days: 10,
-        orgs: 4,
-        sessions: 4,
-        modes: vec!["rows", "partitions"],
-    };
-    let mut it = std::env::args().skip(1);
-    while let Some(flag) = it.next() {
-        if flag == "--help" || flag == "-h" {
-            println!("{USAGE}");
-            std::process::exit(0);
-        }
-        let Some(value) = it.next() else {
-            eprintln!("{flag} needs a value\n{USAGE}");
+    use sightline_tests::bench::{arg, command_line};
+    command_line(
+        USAGE,
+        &[
+            ("--rows", true),
+            ("--days", true),
+            ("--orgs", true),
+            ("--sessions", true),
+            ("--mode", true),
+        ],
+    );
+    let mode = std::env::args().skip_while(|a| a != "--mode").nth(1);
+    let modes = match mode.as_deref() {
+        None | Some("both") => vec!["rows", "partitions"],
+        Some("rows") => vec!["rows"],
+        Some("partitions") => vec!["partitions"],
+        Some(other) => {
+            eprintln!("unknown mode {other:?}\n{USAGE}");
             std::process::exit(2);
-        };
-        let number = || -> u64 {
-            value.parse().unwrap_or_else(|_| {
-                eprintln!("{flag} takes a positive number\n{USAGE}");
-                std::process::exit(2);
-            })
-        };
-        match flag.as_str() {
-            "--rows" => args.rows = number(),
-            "--days" => args.days = i64::try_from(number().max(1)).unwrap(),
-            "--orgs" => args.orgs = number().max(1),
-            "--sessions" => args.sessions = number().max(1),
-            "--mode" => {
-                args.modes = match value.as_str() {
-                    "rows" => vec!["rows"],
-                    "partitions" => vec!["partitions"],
-                    "both" => vec!["rows", "partitions"],
-                    other => {
-                        eprintln!("unknown mode {other:?}\n{USAGE}");
-                        std::process::exit(2);
-                    }
-                }
-            }
-            other => {
-                eprintln!("unknown option {other:?}\n{USAGE}");
-                std::process::exit(2);
-            }
         }
+    };
+    Args {
+        rows: arg("--rows", 10_000_000),
+        days: i64::try_from(arg("--days", 10).max(1)).unwrap_or(i64::MAX),
+        orgs: arg("--orgs", 4).max(1),
+        sessions: arg("--sessions", 4).max(1),
+        modes,
     }
-    args
 }
 
 /// The first expired day: the rows' days end 40 days before T0, well past a 30-day retention.
