@@ -111,6 +111,20 @@ pub async fn connect(url: &str, migrations: Migrations) -> Result<Database, Stor
         migrations.sqlite.run(&pool).await?;
         Ok(Database::Sqlite(pool))
     } else if url.starts_with("postgres:") || url.starts_with("postgresql:") {
+        // Stores on one database in one process (collector-svc's and insights-svc's locations
+        // when they share a database) share one pool, migrated once: ten locations hold the
+        // connections of one pool, not of ten.
+        static SHARED: std::sync::LazyLock<
+            tokio::sync::Mutex<std::collections::HashMap<(String, usize), PgPool>>,
+        > = std::sync::LazyLock::new(Default::default);
+        let key = (
+            url.to_owned(),
+            std::ptr::from_ref(migrations.postgres) as usize,
+        );
+        let mut shared = SHARED.lock().await;
+        if let Some(pool) = shared.get(&key).filter(|pool| !pool.is_closed()) {
+            return Ok(Database::Postgres(pool.clone()));
+        }
         // One plain connection first: a pool that cannot connect says only "timed out", while
         // this says why (refused, unknown host, authentication failed, no such database).
         sqlx::PgConnection::connect(url)
@@ -126,6 +140,7 @@ pub async fn connect(url: &str, migrations: Migrations) -> Result<Database, Stor
             .await
             .map_err(StorageError::Connect)?;
         migrations.postgres.run(&pool).await?;
+        shared.insert(key, pool.clone());
         Ok(Database::Postgres(pool))
     } else {
         Err(StorageError::Scheme)
