@@ -4,7 +4,7 @@
 //! exclusive one, so a batch enforced under an old policy can never commit after the purge that
 //! covers it.
 
-use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use async_trait::async_trait;
 use sightline_runtime::sql::{self, Backend, Database, Tx};
@@ -165,6 +165,29 @@ fn binary_copy(batch: &Batch, location: &str) -> Vec<u8> {
     }
     out.extend_from_slice(&(-1i16).to_be_bytes());
     out
+}
+
+/// Event keys (id, time) already stored, looked up by a row's borrowed id: no key is copied for
+/// the lookup (the SQLite fast path asks for every row of every batch).
+#[derive(Default)]
+struct StoredKeys(HashMap<String, Vec<i64>>);
+
+impl StoredKeys {
+    fn contains(&self, event_id: &str, occurred_at: i64) -> bool {
+        self.0
+            .get(event_id)
+            .is_some_and(|times| times.contains(&occurred_at))
+    }
+}
+
+impl FromIterator<(String, i64)> for StoredKeys {
+    fn from_iter<I: IntoIterator<Item = (String, i64)>>(keys: I) -> Self {
+        let mut map: HashMap<String, Vec<i64>> = HashMap::new();
+        for (id, at) in keys {
+            map.entry(id).or_default().push(at);
+        }
+        Self(map)
+    }
 }
 
 /// How one try at a group commit ended.
@@ -355,10 +378,10 @@ impl SqlStore {
         .bind(bodies)
         .fetch_all(&mut *pg)
         .await?;
-        let stored: HashSet<(String, i64)> = stored.into_iter().collect();
+        let stored: StoredKeys = stored.into_iter().collect();
         Ok(rows
             .iter()
-            .map(|r| stored.contains(&(r.event_id.clone(), r.occurred_at)))
+            .map(|r| stored.contains(&r.event_id, r.occurred_at))
             .collect())
     }
 
@@ -422,7 +445,7 @@ impl SqlStore {
             // stored by it. Reading that first (careful) is far cheaper there than
             // RETURNING, whose rows cross from SQLite's thread one by one; and a batch of
             // ids never seen (the usual case) needs neither: the count says so.
-            let existing: HashSet<(String, i64)> = if careful {
+            let existing: StoredKeys = if careful {
                 let mut query = sql::Builder::new(
                     tx.backend(),
                     "SELECT event_id, occurred_at FROM events WHERE instance_id = ",
@@ -438,7 +461,7 @@ impl SqlStore {
                 let found: Vec<(String, i64)> = query.build().fetch_all(&mut *tx).await?;
                 found.into_iter().collect()
             } else {
-                HashSet::new()
+                StoredKeys::default()
             };
             // OR IGNORE: no constraint can then abort the statement halfway, so SQLite keeps
             // no statement journal for it (a copy of every page it changes). Only the key can
@@ -467,7 +490,7 @@ impl SqlStore {
             let stored = query.build().execute(&mut *tx).await?.rows_affected();
             let new: Vec<bool> = chunk
                 .iter()
-                .map(|row| !existing.contains(&(row.event_id.clone(), row.occurred_at)))
+                .map(|row| !existing.contains(&row.event_id, row.occurred_at))
                 .collect();
             let expected = new.iter().filter(|&&new| new).count();
             if usize::try_from(stored).ok() == Some(expected) {
