@@ -11,11 +11,7 @@ use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 /// several replicas separated by commas: calls are balanced over those that answer their health
 /// check ([`sightline_runtime::client::balanced`]).
 pub fn channel(url: &str, ca: Option<&Path>) -> anyhow::Result<Channel> {
-    let urls: Vec<&str> = url
-        .split(',')
-        .map(str::trim)
-        .filter(|u| !u.is_empty())
-        .collect();
+    let urls = sightline_runtime::client::replica_urls(url);
     if let [one] = urls.as_slice() {
         return Ok(endpoint(one, ca)?.connect_lazy());
     }

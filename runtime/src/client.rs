@@ -40,12 +40,7 @@ pub fn service_channel(
     tls: Option<&TlsSettings>,
     limits: &Limits,
 ) -> Result<Channel, ChannelError> {
-    let urls: Vec<&str> = url
-        .split(',')
-        .map(str::trim)
-        .filter(|u| !u.is_empty())
-        .collect();
-    match urls.as_slice() {
+    match replica_urls(url).as_slice() {
         [] => Err(ChannelError::Url {
             url: url.to_owned(),
             reason: "no address".into(),
@@ -62,6 +57,14 @@ pub fn service_channel(
             })
         }
     }
+}
+
+/// The addresses a service URL setting names: one, or several replicas separated by commas.
+pub fn replica_urls(url: &str) -> Vec<&str> {
+    url.split(',')
+        .map(str::trim)
+        .filter(|u| !u.is_empty())
+        .collect()
 }
 
 /// One replica's endpoint, with keepalive and (when on) TLS.
