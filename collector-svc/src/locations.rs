@@ -7,10 +7,9 @@ use std::sync::Arc;
 
 use sightline_runtime::SharedClock;
 use sightline_runtime::location::Located;
-use sightline_runtime::time::DAY_MS;
 use tokio_util::sync::CancellationToken;
 
-use crate::maintenance::DAYS_AHEAD;
+use crate::maintenance::prepare_days_around;
 use crate::policy_cache::Policies;
 use crate::store::{self, CollectorStore};
 use crate::writer::Writer;
@@ -40,15 +39,12 @@ pub fn stores(
         urls,
         Arc::new(move |location, url| {
             let (policies, shutdown) = (policies.clone(), shutdown.clone());
-            let today = clock.now_ms().div_euclid(DAY_MS);
+            let now = clock.now_ms();
             Box::pin(async move {
                 let store = store::open(&url, &location).await?;
-                // Ready for today's events before the first one comes (maintenance keeps
-                // the days ahead made from here on; until then they go to the default
-                // partition).
-                if let Err(error) = store.prepare_days(today - 1, today + DAYS_AHEAD).await {
-                    tracing::warn!(%error, "cannot prepare the days ahead");
-                }
+                // Ready for today's events before the first one comes (each sweep keeps the
+                // days ahead made from here on).
+                prepare_days_around(store.as_ref(), now).await;
                 let writers = if url.starts_with("sqlite:") {
                     1
                 } else {

@@ -256,6 +256,16 @@ pub struct Maintenance {
 pub const MOVE_OWNER: &str = "collector";
 /// How many days ahead each day's partition of events is made (PostgreSQL).
 pub const DAYS_AHEAD: i64 = 3;
+
+/// Makes `store` ready for the days around `now_ms` (PostgreSQL: the day partitions of events
+/// from yesterday to [`DAYS_AHEAD`] days ahead). A failure is logged: until the days are made,
+/// their events wait in the default partition.
+pub async fn prepare_days_around(store: &dyn CollectorStore, now_ms: i64) {
+    let today = now_ms.div_euclid(DAY_MS);
+    if let Err(error) = store.prepare_days(today - 1, today + DAYS_AHEAD).await {
+        tracing::warn!(%error, "cannot prepare the days ahead");
+    }
+}
 /// Rows per page of a move's copy.
 const MOVE_PAGE: i64 = 2_000;
 
@@ -611,18 +621,11 @@ impl Maintenance {
         .map_err(|status| MoveError::Report(status.message().to_owned()))
     }
 
-    /// Makes every open store ready for the days around now (PostgreSQL: the day partitions of
-    /// events from yesterday to [`DAYS_AHEAD`] days ahead).
+    /// Makes every open store ready for the days around now ([`prepare_days_around`]).
     pub async fn prepare_days(&self) {
-        let today = self.clock.now_ms().div_euclid(DAY_MS);
+        let now = self.clock.now_ms();
         for (_, opened) in self.stores.open_now() {
-            if let Err(error) = opened
-                .store
-                .prepare_days(today - 1, today + DAYS_AHEAD)
-                .await
-            {
-                tracing::warn!(%error, "cannot prepare the days ahead");
-            }
+            prepare_days_around(opened.store.as_ref(), now).await;
         }
     }
 
@@ -642,7 +645,6 @@ impl Maintenance {
         tokio::spawn(async move {
             loop {
                 m.recover().await;
-                m.prepare_days().await;
                 m.apply_purges().await;
                 m.move_data().await;
                 tokio::select! {
@@ -669,7 +671,12 @@ impl Maintenance {
             loop {
                 tokio::select! {
                     () = shutdown.cancelled() => break,
-                    () = tokio::time::sleep(every.sweeps) => { m.sweep().await; }
+                    () = tokio::time::sleep(every.sweeps) => {
+                        // Days are made ahead once per sweep (hours apart, days ahead), not with
+                        // every policy change; a store makes them when it opens.
+                        m.prepare_days().await;
+                        m.sweep().await;
+                    }
                 }
             }
         });
