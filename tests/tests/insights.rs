@@ -15,7 +15,7 @@ use sightline_tests::collector::{ingest, metric};
 use sightline_tests::consent::opt_in;
 use sightline_tests::{
     CollectorOptions, InsightsOptions, LinkerOptions, Relay, T0_MS, TestCollector, TestConsent,
-    TestInsights, TestInstance, TestLinker, TestOrg, authed,
+    TestInsights, TestInstance, TestLinker, TestOrg, authed, zip_of,
 };
 use tonic::Code;
 
@@ -292,19 +292,6 @@ fn assessment_file() -> String {
         "/../examples/assessment.json"
     ))
     .unwrap()
-}
-
-fn zip_of(entries: &[(&str, &[u8])]) -> Vec<u8> {
-    let mut out = std::io::Cursor::new(Vec::new());
-    let mut writer = zip::ZipWriter::new(&mut out);
-    for (name, body) in entries {
-        writer
-            .start_file(*name, zip::write::SimpleFileOptions::default())
-            .unwrap();
-        writer.write_all(body).unwrap();
-    }
-    writer.finish().unwrap();
-    out.into_inner()
 }
 
 /// Every file under the data directory, bytes and (for zips) every entry expanded, as one text.

@@ -5,7 +5,6 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::io::Write;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -70,20 +69,10 @@ impl InsightsProcess {
 }
 
 fn bundle(client: usize, n: usize) -> Vec<u8> {
-    let mut out = std::io::Cursor::new(Vec::new());
-    let mut writer = zip::ZipWriter::new(&mut out);
-    writer
-        .start_file("logs/app.log", zip::write::SimpleFileOptions::default())
-        .unwrap();
-    for line in 0..2_000 {
-        writeln!(
-            writer,
-            "client {client} bundle {n} line {line} user=u{line} ok"
-        )
-        .unwrap();
-    }
-    writer.finish().unwrap();
-    out.into_inner()
+    let log: String = (0..2_000)
+        .map(|line| format!("client {client} bundle {n} line {line} user=u{line} ok\n"))
+        .collect();
+    sightline_tests::zip_of(&[("logs/app.log", log.as_bytes())])
 }
 
 /// Uploads bundles until stopped; returns the upload ids acknowledged.

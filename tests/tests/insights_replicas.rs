@@ -4,7 +4,6 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::io::Write;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
@@ -43,16 +42,10 @@ async fn replica(
 }
 
 fn bundle() -> Vec<u8> {
-    let mut out = std::io::Cursor::new(Vec::new());
-    let mut writer = zip::ZipWriter::new(&mut out);
-    writer
-        .start_file("logs/app.log", zip::write::SimpleFileOptions::default())
-        .unwrap();
-    for line in 0..20_000 {
-        writeln!(writer, "line {line}: request served in {} ms", line % 97).unwrap();
-    }
-    writer.finish().unwrap();
-    out.into_inner()
+    let log: String = (0..20_000)
+        .map(|line| format!("line {line}: request served in {} ms\n", line % 97))
+        .collect();
+    sightline_tests::zip_of(&[("logs/app.log", log.as_bytes())])
 }
 
 fn incoming_files(data_dir: &Path) -> usize {
