@@ -202,6 +202,17 @@ impl Stack {
             .unwrap()
     }
 
+    /// The admin's GetReadiness of the instance.
+    fn readiness_request(&self) -> tonic::Request<pb::GetReadinessRequest> {
+        authed(
+            &self.org.admin,
+            pb::GetReadinessRequest {
+                org_id: self.org.id.clone(),
+                instance_id: self.instance.id.clone(),
+            },
+        )
+    }
+
     /// A one-log bundle, uploaded with the instance's credential.
     async fn upload_small_bundle(&self) -> pb::UploadSupportBundleResponse {
         let bytes = zip_of(&[("logs/a.log", b"fine\n")]);
@@ -480,13 +491,7 @@ async fn an_assessment_keeps_ids_only_under_basic_and_names_under_extended() {
     // The report is there to read, and RunReadinessAssessment makes it again from the stored file.
     let mut client = s.insights.client().await;
     let read = client
-        .get_readiness(authed(
-            &s.org.admin,
-            pb::GetReadinessRequest {
-                org_id: s.org.id.clone(),
-                instance_id: s.instance.id.clone(),
-            },
-        ))
+        .get_readiness(s.readiness_request())
         .await
         .unwrap()
         .into_inner()
@@ -838,13 +843,7 @@ async fn unsafe_uploads_are_refused_and_nothing_is_stored() {
     );
     let mut client = s.insights.client().await;
     let none = client
-        .get_readiness(authed(
-            &s.org.admin,
-            pb::GetReadinessRequest {
-                org_id: s.org.id.clone(),
-                instance_id: s.instance.id.clone(),
-            },
-        ))
+        .get_readiness(s.readiness_request())
         .await
         .unwrap_err();
     assert_eq!(none.code(), Code::NotFound);
@@ -1071,13 +1070,7 @@ async fn opting_out_purges_the_orgs_insights_data_once_with_an_audit_entry() {
     s.insights.maintenance.purge_pass().await.unwrap();
     let mut client = s.insights.client().await;
     let report = client
-        .get_readiness(authed(
-            &s.org.admin,
-            pb::GetReadinessRequest {
-                org_id: s.org.id.clone(),
-                instance_id: s.instance.id.clone(),
-            },
-        ))
+        .get_readiness(s.readiness_request())
         .await
         .unwrap()
         .into_inner()
@@ -1094,13 +1087,7 @@ async fn opting_out_purges_the_orgs_insights_data_once_with_an_audit_entry() {
     assert_eq!(s.insights.maintenance.purge_pass().await.unwrap(), 0);
     assert_eq!(bundle_files(s.linker.data_dir()), 0);
     let gone = client
-        .get_readiness(authed(
-            &s.org.admin,
-            pb::GetReadinessRequest {
-                org_id: s.org.id.clone(),
-                instance_id: s.instance.id.clone(),
-            },
-        ))
+        .get_readiness(s.readiness_request())
         .await
         .unwrap_err();
     assert_eq!(gone.code(), Code::NotFound);
@@ -1392,13 +1379,7 @@ async fn insights_that_cannot_hear_consent_stops_taking_uploads_within_the_lease
         .insights
         .client()
         .await
-        .get_readiness(authed(
-            &s.org.admin,
-            pb::GetReadinessRequest {
-                org_id: s.org.id.clone(),
-                instance_id: s.instance.id.clone(),
-            },
-        ))
+        .get_readiness(s.readiness_request())
         .await
         .unwrap_err();
     assert_eq!(gone.code(), Code::NotFound, "{gone:?}");
@@ -1498,13 +1479,7 @@ async fn a_move_carries_assessments_health_data_and_bundles_to_the_new_location_
         .insights
         .client()
         .await
-        .get_readiness(authed(
-            &s.org.admin,
-            pb::GetReadinessRequest {
-                org_id: s.org.id.clone(),
-                instance_id: s.instance.id.clone(),
-            },
-        ))
+        .get_readiness(s.readiness_request())
         .await
         .unwrap()
         .into_inner();
@@ -1622,13 +1597,7 @@ async fn replicas_on_one_postgres_score_each_hour_once_and_move_and_purge_once()
     let gone = other
         .client()
         .await
-        .get_readiness(authed(
-            &s.org.admin,
-            pb::GetReadinessRequest {
-                org_id: s.org.id.clone(),
-                instance_id: s.instance.id.clone(),
-            },
-        ))
+        .get_readiness(s.readiness_request())
         .await
         .unwrap_err();
     assert_eq!(gone.code(), Code::NotFound);
