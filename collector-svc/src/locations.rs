@@ -12,7 +12,7 @@ use tokio_util::sync::CancellationToken;
 use crate::maintenance::prepare_days_around;
 use crate::policy_cache::Policies;
 use crate::store::{self, CollectorStore};
-use crate::writer::Writer;
+use crate::writer::{Committers, Writer};
 
 pub use sightline_runtime::location::{StoreUrls, all_locations, location_name};
 
@@ -45,12 +45,12 @@ pub fn stores(
                 // Ready for today's events before the first one comes (each sweep keeps the
                 // days ahead made from here on).
                 prepare_days_around(store.as_ref(), now).await;
-                let writers = if url.starts_with("sqlite:") {
-                    1
+                let committers = if url.starts_with("sqlite:") {
+                    Committers::OwnThread
                 } else {
-                    writers
+                    Committers::Tasks(writers)
                 };
-                let writer = Writer::start(store.clone(), policies, writers, 1_024, shutdown);
+                let writer = Writer::start(store.clone(), policies, committers, 1_024, shutdown);
                 Ok(Opened { store, writer })
             })
         }),

@@ -34,6 +34,18 @@ struct Job {
     reply: Reply,
 }
 
+/// Who commits a store's batches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Committers {
+    /// One committer on a thread of its own (SQLite, which has one writer anyway): its turn
+    /// between two statements never waits behind a batch's decoding or enforcement on the shared
+    /// runtime's threads (each of which holds a thread for milliseconds).
+    OwnThread,
+    /// `n` committers on the shared runtime, each taking what is waiting (a server database, where
+    /// commits run side by side).
+    Tasks(usize),
+}
+
 /// The queue in front of one store.
 #[derive(Debug, Clone)]
 pub struct Writer {
@@ -41,46 +53,48 @@ pub struct Writer {
 }
 
 impl Writer {
-    /// Starts `writers` tasks committing into `store` (1 for SQLite, which has one writer anyway).
+    /// Starts the `committers` of `store`, behind a queue of `queue` batches.
     pub fn start(
         store: Arc<dyn CollectorStore>,
         policies: Arc<Policies>,
-        writers: usize,
+        committers: Committers,
         queue: usize,
         shutdown: CancellationToken,
     ) -> Self {
         let (tx, rx) = mpsc::channel::<Job>(queue.max(1));
         let rx = Arc::new(Mutex::new(rx));
-        for _ in 0..writers.max(1) {
-            let rx = rx.clone();
-            let store = store.clone();
-            let policies = policies.clone();
-            let shutdown = shutdown.clone();
-            tokio::spawn(async move {
-                loop {
-                    let jobs = {
-                        let mut rx = rx.lock().await;
-                        let first = tokio::select! {
-                            job = rx.recv() => job,
-                            () = shutdown.cancelled() => None,
-                        };
-                        let Some(first) = first else { break };
-                        let mut rows = first.batch.rows.len();
-                        let mut jobs = vec![first];
-                        while rows < MAX_GROUP_ROWS {
-                            match rx.try_recv() {
-                                Ok(job) => {
-                                    rows += job.batch.rows.len();
-                                    jobs.push(job);
-                                }
-                                Err(_) => break,
-                            }
+        let run = move || {
+            committer(
+                rx.clone(),
+                store.clone(),
+                policies.clone(),
+                shutdown.clone(),
+            )
+        };
+        match committers {
+            Committers::OwnThread => {
+                let committer = run();
+                let runtime = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build();
+                match runtime {
+                    Ok(runtime) => {
+                        let spawned = std::thread::Builder::new()
+                            .name("collector-commit".into())
+                            .spawn(move || runtime.block_on(committer));
+                        if let Err(error) = spawned {
+                            tracing::error!(%error, "the committer's thread did not start");
                         }
-                        jobs
-                    };
-                    commit(store.as_ref(), &policies, jobs).await;
+                    }
+                    // Without a runtime of its own it runs on the shared one.
+                    Err(_) => drop(tokio::spawn(committer)),
                 }
-            });
+            }
+            Committers::Tasks(n) => {
+                for _ in 0..n.max(1) {
+                    tokio::spawn(run());
+                }
+            }
         }
         Self { queue: tx }
     }
@@ -93,6 +107,38 @@ impl Writer {
             .await
             .map_err(|_| CollectorError::ShuttingDown)?;
         answer.await.map_err(|_| CollectorError::ShuttingDown)?
+    }
+}
+
+/// Takes what is waiting and commits it in one transaction, until shutdown.
+async fn committer(
+    queue: Arc<Mutex<mpsc::Receiver<Job>>>,
+    store: Arc<dyn CollectorStore>,
+    policies: Arc<Policies>,
+    shutdown: CancellationToken,
+) {
+    loop {
+        let jobs = {
+            let mut rx = queue.lock().await;
+            let first = tokio::select! {
+                job = rx.recv() => job,
+                () = shutdown.cancelled() => None,
+            };
+            let Some(first) = first else { break };
+            let mut rows = first.batch.rows.len();
+            let mut jobs = vec![first];
+            while rows < MAX_GROUP_ROWS {
+                match rx.try_recv() {
+                    Ok(job) => {
+                        rows += job.batch.rows.len();
+                        jobs.push(job);
+                    }
+                    Err(_) => break,
+                }
+            }
+            jobs
+        };
+        commit(store.as_ref(), &policies, jobs).await;
     }
 }
 

@@ -33,7 +33,7 @@ impl Database {
     /// read and then fail to upgrade their lock.
     pub async fn begin(&self) -> Result<Tx, sqlx::Error> {
         Ok(match self {
-            Database::Sqlite(pool) => Tx::Sqlite(pool.begin_with("BEGIN IMMEDIATE").await?),
+            Database::Sqlite(db) => Tx::Sqlite(db.writer.begin_with("BEGIN IMMEDIATE").await?),
             Database::Postgres(pool) => Tx::Postgres(pool.begin().await?),
         })
     }
@@ -43,7 +43,7 @@ impl Database {
     /// statements that a concurrent writer must not fall between.
     pub async fn snapshot(&self) -> Result<Tx, sqlx::Error> {
         Ok(match self {
-            Database::Sqlite(pool) => Tx::Sqlite(pool.begin_with("BEGIN DEFERRED").await?),
+            Database::Sqlite(db) => Tx::Sqlite(db.pool.begin_with("BEGIN DEFERRED").await?),
             Database::Postgres(pool) => Tx::Postgres(
                 pool.begin_with("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
                     .await?,
@@ -99,7 +99,7 @@ pub enum Target<'a> {
 impl Executor for &Database {
     fn target(&mut self) -> Target<'_> {
         match self {
-            Database::Sqlite(pool) => Target::SqlitePool(pool),
+            Database::Sqlite(db) => Target::SqlitePool(&db.pool),
             Database::Postgres(pool) => Target::PgPool(pool),
         }
     }

@@ -61,9 +61,27 @@ pub struct Migrations {
 /// An open, migrated database.
 #[derive(Debug, Clone)]
 pub enum Database {
-    Sqlite(SqlitePool),
+    Sqlite(SqliteDb),
     Postgres(PgPool),
 }
+
+/// An SQLite database: a pool for reads and single statements, and one connection of its own for
+/// write transactions ([`Database::begin`]).
+///
+/// SQLite writes one transaction at a time anyway. Through one connection, writers wait their turn
+/// in the pool's queue instead of polling the file lock with the busy handler's sleeps; and that
+/// connection keeps its page cache from one transaction to the next (SQLite drops a connection's
+/// whole cache when another connection has written since its last transaction, so a writer that
+/// took whichever pooled connection was free began each transaction cold, re-reading the index
+/// pages it had just written).
+#[derive(Debug, Clone)]
+pub struct SqliteDb {
+    pub pool: SqlitePool,
+    pub writer: SqlitePool,
+}
+
+/// How long an SQLite write waits for the one before it (the file lock, or the writer connection).
+const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The default URL for a service's SQLite file, e.g. `sqlite://./data/linker.db`.
 pub fn default_sqlite_url(data_dir: &Path, service: &str) -> String {
@@ -81,7 +99,7 @@ pub async fn connect(url: &str, migrations: Migrations) -> Result<Database, Stor
             .create_if_missing(true)
             .journal_mode(SqliteJournalMode::Wal)
             .synchronous(SqliteSynchronous::Full)
-            .busy_timeout(Duration::from_secs(10))
+            .busy_timeout(BUSY_TIMEOUT)
             .foreign_keys(true)
             // Deleted rows are overwritten with zeros, in the file and in the WAL's page images:
             // an erasure or a purge leaves no readable copy (see [`Forget`]).
@@ -103,13 +121,25 @@ pub async fn connect(url: &str, migrations: Migrations) -> Result<Database, Stor
                 source,
             }
         })?;
+        // A local file: a connection needs no ping before use (sqlx's default, a round trip to
+        // the connection's thread on every acquire).
         let pool = SqlitePoolOptions::new()
             .max_connections(8)
-            .connect_with(options)
+            .test_before_acquire(false)
+            .connect_with(options.clone())
             .await
             .map_err(StorageError::Connect)?;
         migrations.sqlite.run(&pool).await?;
-        Ok(Database::Sqlite(pool))
+        let writer = SqlitePoolOptions::new()
+            .max_connections(1)
+            .test_before_acquire(false)
+            .acquire_timeout(BUSY_TIMEOUT)
+            .idle_timeout(None)
+            .max_lifetime(None)
+            .connect_with(options)
+            .await
+            .map_err(StorageError::Connect)?;
+        Ok(Database::Sqlite(SqliteDb { pool, writer }))
     } else if url.starts_with("postgres:") || url.starts_with("postgresql:") {
         // Stores on one database in one process (collector-svc's and insights-svc's locations
         // when they share a database) share one pool, migrated once: ten locations hold the
@@ -182,7 +212,7 @@ impl Forget for SqlitePool {
 impl Forget for Database {
     async fn forget_deleted(&self) -> Result<(), sqlx::Error> {
         match self {
-            Database::Sqlite(pool) => pool.forget_deleted().await,
+            Database::Sqlite(db) => db.pool.forget_deleted().await,
             Database::Postgres(pool) => pool.forget_deleted().await,
         }
     }
@@ -230,7 +260,8 @@ mod tests {
             sqlite: &NONE,
             postgres: &NONE,
         };
-        let Database::Sqlite(pool) = connect(&url, migrations).await.unwrap() else {
+        let Database::Sqlite(SqliteDb { pool, .. }) = connect(&url, migrations).await.unwrap()
+        else {
             panic!("sqlite")
         };
         let on: (i64,) = sqlx::query_as("PRAGMA secure_delete")
@@ -278,5 +309,55 @@ mod tests {
                 path.display()
             );
         }
+    }
+
+    /// Every write transaction goes through the same connection, whichever pooled connections
+    /// readers have opened meanwhile: a temporary table (one connection's own) made in one write
+    /// transaction is there in the next. Through the pool (first in, first out), the next write
+    /// took another connection, whose page cache SQLite had dropped.
+    #[tokio::test]
+    async fn write_transactions_on_sqlite_share_one_connection() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::set_permissions(
+            dir.path(),
+            std::os::unix::fs::PermissionsExt::from_mode(0o700),
+        )
+        .unwrap();
+        let migrations = Migrations {
+            sqlite: &NONE,
+            postgres: &NONE,
+        };
+        let db = connect(&default_sqlite_url(dir.path(), "writer"), migrations)
+            .await
+            .unwrap();
+        // Readers hold several pooled connections at once, then give them back.
+        let mut readers = Vec::new();
+        for _ in 0..4 {
+            readers.push(db.snapshot().await.unwrap());
+        }
+        for reader in readers {
+            reader.rollback().await.unwrap();
+        }
+        let mut tx = db.begin().await.unwrap();
+        crate::sql::query("CREATE TEMP TABLE mine (n INTEGER)")
+            .execute(&mut tx)
+            .await
+            .unwrap();
+        tx.commit().await.unwrap();
+        for _ in 0..4 {
+            let _reader = db.snapshot().await.unwrap();
+            let mut tx = db.begin().await.unwrap();
+            crate::sql::query("INSERT INTO mine (n) VALUES (1)")
+                .execute(&mut tx)
+                .await
+                .unwrap();
+            tx.commit().await.unwrap();
+        }
+        let mut tx = db.begin().await.unwrap();
+        let (count,): (i64,) = crate::sql::query_as("SELECT count(*) FROM mine")
+            .fetch_one(&mut tx)
+            .await
+            .unwrap();
+        assert_eq!(count, 4);
     }
 }

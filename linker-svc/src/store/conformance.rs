@@ -41,7 +41,7 @@ impl Harness {
 
     async fn exec(&self, sqlite: &'static str, postgres: &'static str) {
         match &self.db {
-            Database::Sqlite(pool) => sqlx::query(sqlite).execute(pool).await.map(drop),
+            Database::Sqlite(db) => sqlx::query(sqlite).execute(&db.pool).await.map(drop),
             Database::Postgres(pool) => sqlx::query(postgres).execute(pool).await.map(drop),
         }
         .unwrap();
@@ -49,7 +49,7 @@ impl Harness {
 
     async fn count(&self, table_query: &'static str) -> i64 {
         match &self.db {
-            Database::Sqlite(pool) => sqlx::query_scalar(table_query).fetch_one(pool).await,
+            Database::Sqlite(db) => sqlx::query_scalar(table_query).fetch_one(&db.pool).await,
             Database::Postgres(pool) => sqlx::query_scalar(table_query).fetch_one(pool).await,
         }
         .unwrap()

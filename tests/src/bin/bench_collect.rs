@@ -424,17 +424,18 @@ async fn collector_store(url: &str) -> sightline_runtime::storage::Database {
 }
 
 /// A fresh SQLite store with the collector's own migrations (the same table, the same indexes, the
-/// same pragmas: WAL, synchronous=FULL), and the directory that holds it.
+/// same pragmas: WAL, synchronous=FULL), its writer connection (the one the collector's commits go
+/// through), and the directory that holds it.
 async fn fresh_sqlite() -> (sqlx::SqlitePool, tempfile::TempDir) {
     let dir = tempfile::Builder::new()
         .permissions(std::os::unix::fs::PermissionsExt::from_mode(0o700))
         .tempdir()
         .unwrap();
     let url = sightline_runtime::storage::default_sqlite_url(dir.path(), "reference");
-    let sightline_runtime::storage::Database::Sqlite(pool) = collector_store(&url).await else {
+    let sightline_runtime::storage::Database::Sqlite(db) = collector_store(&url).await else {
         unreachable!()
     };
-    (pool, dir)
+    (db.writer, dir)
 }
 
 /// The SQLite reference: the prebuilt rows inserted into a fresh store's `events` table by
