@@ -232,14 +232,28 @@ mod tests {
     use super::*;
 
     static NONE: sqlx::migrate::Migrator = sqlx::migrate::Migrator::DEFAULT;
+    const NO_MIGRATIONS: Migrations = Migrations {
+        sqlite: &NONE,
+        postgres: &NONE,
+    };
+
+    /// A private data directory (0700, as a service's) holding the SQLite database `name`.
+    async fn fresh_sqlite(name: &str) -> (Database, tempfile::TempDir) {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::set_permissions(
+            dir.path(),
+            std::os::unix::fs::PermissionsExt::from_mode(0o700),
+        )
+        .unwrap();
+        let db = connect(&default_sqlite_url(dir.path(), name), NO_MIGRATIONS)
+            .await
+            .unwrap();
+        (db, dir)
+    }
 
     #[tokio::test]
     async fn an_unreachable_postgres_says_why() {
-        let migrations = Migrations {
-            sqlite: &NONE,
-            postgres: &NONE,
-        };
-        let error = connect("postgres://sightline@127.0.0.1:1/nothing", migrations)
+        let error = connect("postgres://sightline@127.0.0.1:1/nothing", NO_MIGRATIONS)
             .await
             .unwrap_err()
             .to_string();
@@ -249,19 +263,8 @@ mod tests {
 
     #[tokio::test]
     async fn deleted_and_updated_rows_leave_no_readable_bytes_in_any_file() {
-        let dir = tempfile::tempdir().unwrap();
-        std::fs::set_permissions(
-            dir.path(),
-            std::os::unix::fs::PermissionsExt::from_mode(0o700),
-        )
-        .unwrap();
-        let url = default_sqlite_url(dir.path(), "forget");
-        let migrations = Migrations {
-            sqlite: &NONE,
-            postgres: &NONE,
-        };
-        let Database::Sqlite(SqliteDb { pool, .. }) = connect(&url, migrations).await.unwrap()
-        else {
+        let (db, dir) = fresh_sqlite("forget").await;
+        let Database::Sqlite(SqliteDb { pool, .. }) = db else {
             panic!("sqlite")
         };
         let on: (i64,) = sqlx::query_as("PRAGMA secure_delete")
@@ -317,19 +320,7 @@ mod tests {
     /// took another connection, whose page cache SQLite had dropped.
     #[tokio::test]
     async fn write_transactions_on_sqlite_share_one_connection() {
-        let dir = tempfile::tempdir().unwrap();
-        std::fs::set_permissions(
-            dir.path(),
-            std::os::unix::fs::PermissionsExt::from_mode(0o700),
-        )
-        .unwrap();
-        let migrations = Migrations {
-            sqlite: &NONE,
-            postgres: &NONE,
-        };
-        let db = connect(&default_sqlite_url(dir.path(), "writer"), migrations)
-            .await
-            .unwrap();
+        let (db, _dir) = fresh_sqlite("writer").await;
         // Readers hold several pooled connections at once, then give them back.
         let mut readers = Vec::new();
         for _ in 0..4 {
@@ -338,20 +329,16 @@ mod tests {
         for reader in readers {
             reader.rollback().await.unwrap();
         }
-        let mut tx = db.begin().await.unwrap();
-        crate::sql::query("CREATE TEMP TABLE mine (n INTEGER)")
-            .execute(&mut tx)
-            .await
-            .unwrap();
-        tx.commit().await.unwrap();
+        // A write transaction of one statement.
+        let write = async |sql: &'static str| {
+            let mut tx = db.begin().await.unwrap();
+            crate::sql::query(sql).execute(&mut tx).await.unwrap();
+            tx.commit().await.unwrap();
+        };
+        write("CREATE TEMP TABLE mine (n INTEGER)").await;
         for _ in 0..4 {
             let _reader = db.snapshot().await.unwrap();
-            let mut tx = db.begin().await.unwrap();
-            crate::sql::query("INSERT INTO mine (n) VALUES (1)")
-                .execute(&mut tx)
-                .await
-                .unwrap();
-            tx.commit().await.unwrap();
+            write("INSERT INTO mine (n) VALUES (1)").await;
         }
         let mut tx = db.begin().await.unwrap();
         let (count,): (i64,) = crate::sql::query_as("SELECT count(*) FROM mine")
