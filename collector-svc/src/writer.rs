@@ -73,21 +73,19 @@ impl Writer {
         };
         match committers {
             Committers::OwnThread => {
-                let committer = run();
-                let runtime = tokio::runtime::Builder::new_current_thread()
+                let own_thread = tokio::runtime::Builder::new_current_thread()
                     .enable_all()
-                    .build();
-                match runtime {
-                    Ok(runtime) => {
-                        let spawned = std::thread::Builder::new()
+                    .build()
+                    .and_then(|runtime| {
+                        let committer = run();
+                        std::thread::Builder::new()
                             .name("collector-commit".into())
-                            .spawn(move || runtime.block_on(committer));
-                        if let Err(error) = spawned {
-                            tracing::error!(%error, "the committer's thread did not start");
-                        }
-                    }
-                    // Without a runtime of its own it runs on the shared one.
-                    Err(_) => drop(tokio::spawn(committer)),
+                            .spawn(move || runtime.block_on(committer))
+                    });
+                // Without a thread of its own, the committer still runs, on the shared runtime.
+                if let Err(error) = own_thread {
+                    tracing::warn!(%error, "the committer runs on the shared runtime");
+                    tokio::spawn(run());
                 }
             }
             Committers::Tasks(n) => {
