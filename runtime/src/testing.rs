@@ -1,5 +1,6 @@
-//! Helpers for tests that need a real PostgreSQL: each call makes a fresh schema in the test database
-//! and returns a URL whose connections use it, so tests run in parallel without seeing each other.
+//! Helpers for the tests of several crates. Tests that need a real PostgreSQL get a fresh schema in
+//! the test database per call, as a URL whose connections use it, so tests run in parallel without
+//! seeing each other.
 
 use sqlx::Connection;
 
@@ -61,4 +62,22 @@ impl Backend {
             Backend::Postgres => (fresh_postgres_url().await?, None),
         })
     }
+}
+
+/// A zip archive of `entries` (name, contents), as a support bundle is uploaded.
+pub fn zip_of(entries: &[(&str, &[u8])]) -> Vec<u8> {
+    use std::io::Write as _;
+    let mut out = std::io::Cursor::new(Vec::new());
+    let mut writer = zip::ZipWriter::new(&mut out);
+    let written = entries
+        .iter()
+        .try_for_each(|(name, body)| {
+            writer.start_file(*name, zip::write::SimpleFileOptions::default())?;
+            writer.write_all(body).map_err(zip::result::ZipError::from)
+        })
+        .and_then(|()| writer.finish().map(drop));
+    if let Err(e) = written {
+        panic!("a zip in memory: {e}");
+    }
+    out.into_inner()
 }

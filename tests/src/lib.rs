@@ -1715,20 +1715,7 @@ pub async fn http(addr: SocketAddr, request: &str) -> String {
     String::from_utf8_lossy(&answer).into_owned()
 }
 
-/// A zip archive of `entries` (name, contents), as a support bundle is uploaded.
-pub fn zip_of(entries: &[(&str, &[u8])]) -> Vec<u8> {
-    use std::io::Write as _;
-    let mut out = std::io::Cursor::new(Vec::new());
-    let mut writer = zip::ZipWriter::new(&mut out);
-    for (name, body) in entries {
-        writer
-            .start_file(*name, zip::write::SimpleFileOptions::default())
-            .unwrap();
-        writer.write_all(body).unwrap();
-    }
-    writer.finish().unwrap();
-    out.into_inner()
-}
+pub use sightline_runtime::testing::zip_of;
 
 /// A `POST` of the URL-encoded form `body` to `path`, closing the connection after it.
 pub fn form_post(path: &str, body: &str) -> String {

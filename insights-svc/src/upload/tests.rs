@@ -2,6 +2,7 @@
 
 use super::*;
 use crate::error::InsightsError;
+use sightline_runtime::testing::zip_of;
 use std::io::Cursor;
 
 fn limits() -> BundleLimits {
@@ -23,19 +24,6 @@ fn all_keep() -> FieldRules {
             })
             .collect::<Vec<_>>(),
     )
-}
-
-fn zip_of(entries: &[(&str, &[u8])]) -> Vec<u8> {
-    let mut out = Cursor::new(Vec::new());
-    let mut writer = zip::ZipWriter::new(&mut out);
-    for (name, body) in entries {
-        writer
-            .start_file(*name, zip::write::SimpleFileOptions::default())
-            .unwrap();
-        writer.write_all(body).unwrap();
-    }
-    writer.finish().unwrap();
-    out.into_inner()
 }
 
 /// Two entries named alike (a writer refuses to make one: the second name is patched).
