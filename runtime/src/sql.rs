@@ -291,7 +291,10 @@ impl<'q> Query<'q> {
         self
     }
 
-    fn sqlite(self) -> SqlxQuery<'q, Sqlite, SqliteArguments> {
+    /// The statement with its values already turned into SQLite's arguments, to run later on an
+    /// SQLite connection: a writer can prepare the next statement while SQLite's thread runs the
+    /// current one.
+    pub fn into_sqlite(self) -> SqlxQuery<'q, Sqlite, SqliteArguments> {
         bind_all!(sqlx::query(self.sql), self.args)
     }
 
@@ -310,8 +313,8 @@ impl<'q> Query<'q> {
     pub async fn execute(self, mut on: impl Executor) -> Result<Done, sqlx::Error> {
         use sqlx::Executor as _;
         Ok(Done(match on.target() {
-            Target::SqlitePool(pool) => pool.execute(self.sqlite()).await?.rows_affected(),
-            Target::Sqlite(conn) => conn.execute(self.sqlite()).await?.rows_affected(),
+            Target::SqlitePool(pool) => pool.execute(self.into_sqlite()).await?.rows_affected(),
+            Target::Sqlite(conn) => conn.execute(self.into_sqlite()).await?.rows_affected(),
             Target::PgPool(pool) => pool.execute(self.postgres()).await?.rows_affected(),
             Target::Postgres(conn) => conn.execute(self.postgres()).await?.rows_affected(),
         }))
@@ -350,8 +353,10 @@ impl<'q> Query<'q> {
     /// Rows read by column number ([`Row::try_get`]), for a result no record type describes.
     pub async fn fetch_rows(self, mut on: impl Executor) -> Result<Vec<Row>, sqlx::Error> {
         Ok(match on.target() {
-            Target::SqlitePool(pool) => wrap(self.sqlite().fetch_all(pool).await?, Row::Sqlite),
-            Target::Sqlite(conn) => wrap(self.sqlite().fetch_all(conn).await?, Row::Sqlite),
+            Target::SqlitePool(pool) => {
+                wrap(self.into_sqlite().fetch_all(pool).await?, Row::Sqlite)
+            }
+            Target::Sqlite(conn) => wrap(self.into_sqlite().fetch_all(conn).await?, Row::Sqlite),
             Target::PgPool(pool) => wrap(self.postgres().fetch_all(pool).await?, Row::Postgres),
             Target::Postgres(conn) => wrap(self.postgres().fetch_all(conn).await?, Row::Postgres),
         })

@@ -74,14 +74,82 @@ pub enum Database {
 /// whole cache when another connection has written since its last transaction, so a writer that
 /// took whichever pooled connection was free began each transaction cold, re-reading the index
 /// pages it had just written).
+///
+/// A checkpointer of its own copies what the WAL holds back into the database file (see
+/// [`checkpointer`]) while it lives: its last clone stops it.
 #[derive(Debug, Clone)]
 pub struct SqliteDb {
     pub pool: SqlitePool,
     pub writer: SqlitePool,
+    _checkpointer: std::sync::Arc<tokio_util::sync::DropGuard>,
 }
 
 /// How long an SQLite write waits for the one before it (the file lock, or the writer connection).
 const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// WAL pages after which a committing connection checkpoints itself (SQLite's default is 1,000):
+/// a backstop for [`checkpointer`], and what lets the WAL start over from its beginning (the
+/// writer finds it fully copied back).
+const WAL_AUTOCHECKPOINT: u32 = 8_000;
+
+/// WAL pages past which the checkpointer no longer waits for a writer's own checkpoint, but
+/// restarts the WAL itself (it waits for the writer in between two transactions).
+const WAL_RESTART: i64 = 4 * WAL_AUTOCHECKPOINT as i64;
+
+/// How often the checkpointer looks while writes come in, and at most while none do.
+const CHECKPOINT_BUSY: Duration = Duration::from_millis(10);
+const CHECKPOINT_IDLE: Duration = Duration::from_secs(1);
+
+/// Copies committed WAL frames back into the database file on a connection of its own, on
+/// another thread than the writers', until `stop`.
+///
+/// A checkpoint (copying frames into the file, and its fsync) would otherwise run inside the
+/// commit that pushed the WAL past its limit, on the one writer's thread: every writer waited for
+/// it. A PASSIVE checkpoint waits for no one and takes no lock a writer needs; a crash at any point
+/// loses nothing (the WAL keeps every committed frame until the file's copy is synced). It looks
+/// every [`CHECKPOINT_BUSY`] while the WAL grows and backs off to [`CHECKPOINT_IDLE`] when it does
+/// not, so an idle service wakes once a second.
+async fn checkpointer(options: SqliteConnectOptions, stop: tokio_util::sync::CancellationToken) {
+    let mut connection = match sqlx::SqliteConnection::connect_with(&options).await {
+        Ok(connection) => connection,
+        Err(error) => {
+            // The writers' own checkpoints (WAL_AUTOCHECKPOINT) still keep the WAL bounded.
+            tracing::warn!(%error, "no background checkpointer for this SQLite database");
+            return;
+        }
+    };
+    let mut wait = CHECKPOINT_BUSY;
+    let (mut log, mut copied) = (0, 0);
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => break,
+            () = tokio::time::sleep(wait) => {}
+        }
+        let sql = if log > WAL_RESTART {
+            "PRAGMA wal_checkpoint(RESTART)"
+        } else {
+            "PRAGMA wal_checkpoint(PASSIVE)"
+        };
+        let checkpoint: Result<(i64, i64, i64), _> =
+            sqlx::query_as(sql).fetch_one(&mut connection).await;
+        match checkpoint {
+            // (busy, frames in the WAL, frames copied back)
+            Ok((_, frames, done)) => {
+                wait = if done == copied && frames == done {
+                    (wait * 2).min(CHECKPOINT_IDLE)
+                } else {
+                    CHECKPOINT_BUSY
+                };
+                (log, copied) = (frames, done);
+            }
+            Err(error) => {
+                tracing::warn!(%error, "background checkpoint failed");
+                wait = CHECKPOINT_IDLE;
+            }
+        }
+    }
+    let _ = connection.close().await;
+}
 
 /// The default URL for a service's SQLite file, e.g. `sqlite://./data/linker.db`.
 pub fn default_sqlite_url(data_dir: &Path, service: &str) -> String {
@@ -106,7 +174,8 @@ pub async fn connect(url: &str, migrations: Migrations) -> Result<Database, Stor
             .pragma("secure_delete", "ON")
             // A 16 MiB page cache per connection (8 connections): with the default 2 MiB,
             // inserts into indexed tables spend much time re-reading pages.
-            .pragma("cache_size", "-16384");
+            .pragma("cache_size", "-16384")
+            .pragma("wal_autocheckpoint", WAL_AUTOCHECKPOINT.to_string());
         if let Some(parent) = options.get_filename().parent()
             && !parent.as_os_str().is_empty()
         {
@@ -136,10 +205,16 @@ pub async fn connect(url: &str, migrations: Migrations) -> Result<Database, Stor
             .acquire_timeout(BUSY_TIMEOUT)
             .idle_timeout(None)
             .max_lifetime(None)
-            .connect_with(options)
+            .connect_with(options.clone())
             .await
             .map_err(StorageError::Connect)?;
-        Ok(Database::Sqlite(SqliteDb { pool, writer }))
+        let stop = tokio_util::sync::CancellationToken::new();
+        tokio::spawn(checkpointer(options, stop.clone()));
+        Ok(Database::Sqlite(SqliteDb {
+            pool,
+            writer,
+            _checkpointer: std::sync::Arc::new(stop.drop_guard()),
+        }))
     } else if url.starts_with("postgres:") || url.starts_with("postgresql:") {
         // Stores on one database in one process (collector-svc's and insights-svc's locations
         // when they share a database) share one pool, migrated once: ten locations hold the
@@ -346,5 +421,48 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(count, 4);
+    }
+
+    /// Committed WAL frames are copied back into the database file by the checkpointer of its
+    /// own, although no writer's commit reached the WAL size at which it would checkpoint itself.
+    #[tokio::test]
+    async fn the_wal_is_copied_back_without_a_writer_waiting_for_it() {
+        let (db, dir) = fresh_sqlite("checkpointed").await;
+        let file = dir.path().join("checkpointed.db");
+        let mut tx = db.begin().await.unwrap();
+        crate::sql::query("CREATE TABLE t (n INTEGER PRIMARY KEY, body BLOB NOT NULL)")
+            .execute(&mut tx)
+            .await
+            .unwrap();
+        tx.commit().await.unwrap();
+        // About 2,000 pages in four commits: a quarter of what makes a writer checkpoint.
+        const ROWS: i64 = 2_000;
+        for part in 0..4 {
+            let mut tx = db.begin().await.unwrap();
+            for n in part * ROWS / 4..(part + 1) * ROWS / 4 {
+                crate::sql::query("INSERT INTO t (n, body) VALUES ($1, zeroblob(4000))")
+                    .bind(n)
+                    .execute(&mut tx)
+                    .await
+                    .unwrap();
+            }
+            tx.commit().await.unwrap();
+        }
+        assert!(ROWS < i64::from(WAL_AUTOCHECKPOINT));
+        let copied_back = 4_000 * ROWS as u64;
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        while std::fs::metadata(&file).unwrap().len() < copied_back {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the database file holds {} bytes a minute after the commits",
+                std::fs::metadata(&file).unwrap().len()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let (count,): (i64,) = crate::sql::query_as("SELECT count(*) FROM t")
+            .fetch_one(&db)
+            .await
+            .unwrap();
+        assert_eq!(count, ROWS);
     }
 }

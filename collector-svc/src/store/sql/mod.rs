@@ -422,6 +422,67 @@ impl SqlStore {
         }
     }
 
+    /// The INSERT of some of a batch's rows. OR IGNORE: no constraint can then abort the statement
+    /// halfway, so SQLite keeps no statement journal for it (a copy of every page it changes).
+    /// Only the key can conflict; the callers count what it stored.
+    fn insert_statement<'q>(
+        backend: Backend,
+        batch: &'q Batch,
+        rows: &'q [crate::store::Row],
+        location: &'q str,
+    ) -> sql::Query<'q> {
+        let mut query = sql::Builder::new(
+            backend,
+            "INSERT OR IGNORE INTO events (instance_id, event_id, org_id, location, kind,
+                occurred_at, stored_at, name, value, subject, consent_version,
+                policy_revision, body) ",
+        );
+        query.push_values(rows, |b, row| {
+            b.push_bind(&batch.instance_id)
+                .push_bind(&row.event_id)
+                .push_bind(&batch.org_id)
+                .push_bind(location)
+                .push_bind(row.kind)
+                .push_bind(row.occurred_at)
+                .push_bind(batch.stored_at)
+                .push_bind(&row.name)
+                .push_bind(row.value)
+                .push_bind(row.subject.as_deref())
+                .push_bind(batch.consent_version)
+                .push_bind(batch.policy_revision)
+                .push_bind(row.body.as_slice());
+        });
+        query.build()
+    }
+
+    /// SQLite's fast path: the batch's INSERTs, each next one turned into SQLite's arguments on
+    /// this thread while SQLite's own thread runs the one before (the one writer then never waits
+    /// for a statement to be built). All rows when the count says every row was new; None when
+    /// one was stored before (see [`Self::insert_rows`]).
+    async fn insert_new_sqlite(
+        conn: &mut sqlx::SqliteConnection,
+        batch: &Batch,
+        location: &str,
+    ) -> StoreResult<Option<Vec<bool>>> {
+        use sqlx::Executor as _;
+        let prepare =
+            |chunk| Self::insert_statement(Backend::Sqlite, batch, chunk, location).into_sqlite();
+        let mut chunks = batch.rows.chunks(INSERT_CHUNK);
+        let mut next = chunks.next().map(prepare);
+        let mut stored = 0;
+        while let Some(statement) = next.take() {
+            // join! polls the INSERT first: its command is on its way to SQLite's thread before
+            // the next statement is built.
+            let (done, following) = tokio::join!(conn.execute(statement), async {
+                chunks.next().map(prepare)
+            });
+            stored += done?.rows_affected();
+            next = following;
+        }
+        Ok((usize::try_from(stored).ok() == Some(batch.rows.len()))
+            .then(|| vec![true; batch.rows.len()]))
+    }
+
     /// Inserts a batch's rows; per row, whether this insert stored it (false: its id was
     /// stored before). None when `careful` is off and a repeated id was met: the fast path
     /// (PostgreSQL: [`Self::copy_rows_postgres`]; SQLite: `INSERT OR IGNORE` and its count) cannot
@@ -439,72 +500,47 @@ impl SqlStore {
             }
             return Self::copy_rows_postgres(pg, batch, location).await;
         }
+        if !careful && let Tx::Sqlite(conn) = tx {
+            return Self::insert_new_sqlite(conn, batch, location).await;
+        }
         let mut inserted = Vec::with_capacity(batch.rows.len());
         for chunk in batch.rows.chunks(INSERT_CHUNK) {
             // SQLite has one writer at a time: what is not stored before this statement is
             // stored by it. Reading that first (careful) is far cheaper there than
             // RETURNING, whose rows cross from SQLite's thread one by one; and a batch of
-            // ids never seen (the usual case) needs neither: the count says so.
-            let existing: StoredKeys = if careful {
-                let mut query = sql::Builder::new(
-                    tx.backend(),
-                    "SELECT event_id, occurred_at FROM events WHERE instance_id = ",
-                );
-                query
-                    .push_bind(&batch.instance_id)
-                    .push(" AND event_id IN (");
-                let mut ids = query.separated();
-                for row in chunk {
-                    ids.push_bind(&row.event_id);
-                }
-                query.push(")");
-                let found: Vec<(String, i64)> = query.build().fetch_all(&mut *tx).await?;
-                found.into_iter().collect()
-            } else {
-                StoredKeys::default()
-            };
-            // OR IGNORE: no constraint can then abort the statement halfway, so SQLite keeps
-            // no statement journal for it (a copy of every page it changes). Only the key can
-            // conflict; the count below proves it.
+            // ids never seen (the usual case) needs neither ([`Self::insert_new_sqlite`]).
             let mut query = sql::Builder::new(
                 tx.backend(),
-                "INSERT OR IGNORE INTO events (instance_id, event_id, org_id, location, kind,
-                    occurred_at, stored_at, name, value, subject, consent_version,
-                    policy_revision, body) ",
+                "SELECT event_id, occurred_at FROM events WHERE instance_id = ",
             );
-            query.push_values(chunk, |b, row| {
-                b.push_bind(&batch.instance_id)
-                    .push_bind(&row.event_id)
-                    .push_bind(&batch.org_id)
-                    .push_bind(location)
-                    .push_bind(row.kind)
-                    .push_bind(row.occurred_at)
-                    .push_bind(batch.stored_at)
-                    .push_bind(&row.name)
-                    .push_bind(row.value)
-                    .push_bind(row.subject.as_deref())
-                    .push_bind(batch.consent_version)
-                    .push_bind(batch.policy_revision)
-                    .push_bind(row.body.as_slice());
-            });
-            let stored = query.build().execute(&mut *tx).await?.rows_affected();
+            query
+                .push_bind(&batch.instance_id)
+                .push(" AND event_id IN (");
+            let mut ids = query.separated();
+            for row in chunk {
+                ids.push_bind(&row.event_id);
+            }
+            query.push(")");
+            let found: Vec<(String, i64)> = query.build().fetch_all(&mut *tx).await?;
+            let existing: StoredKeys = found.into_iter().collect();
+            let stored = Self::insert_statement(tx.backend(), batch, chunk, location)
+                .execute(&mut *tx)
+                .await?
+                .rows_affected();
             let new: Vec<bool> = chunk
                 .iter()
                 .map(|row| !existing.contains(&row.event_id, row.occurred_at))
                 .collect();
             let expected = new.iter().filter(|&&new| new).count();
-            if usize::try_from(stored).ok() == Some(expected) {
-                inserted.extend(new);
-            } else if careful {
+            if usize::try_from(stored).ok() != Some(expected) {
                 // Something other than a repeated id was ignored: nothing of the
                 // transaction may stand, or an ack would cover a row not stored.
                 return Err(StoreError::Inconsistent(format!(
                     "an insert of {} events stored {stored}, {expected} expected",
                     chunk.len()
                 )));
-            } else {
-                return Ok(None);
             }
+            inserted.extend(new);
         }
         Ok(Some(inserted))
     }
