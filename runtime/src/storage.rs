@@ -92,10 +92,6 @@ const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
 /// writer finds it fully copied back).
 const WAL_AUTOCHECKPOINT: u32 = 8_000;
 
-/// WAL pages past which the checkpointer no longer waits for a writer's own checkpoint, but
-/// restarts the WAL itself (it waits for the writer in between two transactions).
-const WAL_RESTART: i64 = 4 * WAL_AUTOCHECKPOINT as i64;
-
 /// How often the checkpointer looks while writes come in, and at most while none do.
 const CHECKPOINT_BUSY: Duration = Duration::from_millis(10);
 const CHECKPOINT_IDLE: Duration = Duration::from_secs(1);
@@ -108,7 +104,9 @@ const CHECKPOINT_IDLE: Duration = Duration::from_secs(1);
 /// it. A PASSIVE checkpoint waits for no one and takes no lock a writer needs; a crash at any point
 /// loses nothing (the WAL keeps every committed frame until the file's copy is synced). It looks
 /// every [`CHECKPOINT_BUSY`] while the WAL grows and backs off to [`CHECKPOINT_IDLE`] when it does
-/// not, so an idle service wakes once a second.
+/// not, so an idle service wakes once a second. It never waits: a RESTART or TRUNCATE checkpoint
+/// would hold writers back until readers finish. Starting the WAL over from its beginning is left to
+/// a writer's own checkpoint ([`WAL_AUTOCHECKPOINT`]), which then finds it copied back.
 async fn checkpointer(options: SqliteConnectOptions, stop: tokio_util::sync::CancellationToken) {
     let mut connection = match sqlx::SqliteConnection::connect_with(&options).await {
         Ok(connection) => connection,
@@ -119,19 +117,16 @@ async fn checkpointer(options: SqliteConnectOptions, stop: tokio_util::sync::Can
         }
     };
     let mut wait = CHECKPOINT_BUSY;
-    let (mut log, mut copied) = (0, 0);
+    let mut copied = 0;
     loop {
         tokio::select! {
             () = stop.cancelled() => break,
             () = tokio::time::sleep(wait) => {}
         }
-        let sql = if log > WAL_RESTART {
-            "PRAGMA wal_checkpoint(RESTART)"
-        } else {
-            "PRAGMA wal_checkpoint(PASSIVE)"
-        };
         let checkpoint: Result<(i64, i64, i64), _> =
-            sqlx::query_as(sql).fetch_one(&mut connection).await;
+            sqlx::query_as("PRAGMA wal_checkpoint(PASSIVE)")
+                .fetch_one(&mut connection)
+                .await;
         match checkpoint {
             // (busy, frames in the WAL, frames copied back)
             Ok((_, frames, done)) => {
@@ -140,7 +135,7 @@ async fn checkpointer(options: SqliteConnectOptions, stop: tokio_util::sync::Can
                 } else {
                     CHECKPOINT_BUSY
                 };
-                (log, copied) = (frames, done);
+                copied = done;
             }
             Err(error) => {
                 tracing::warn!(%error, "background checkpoint failed");
