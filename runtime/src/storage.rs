@@ -76,7 +76,8 @@ pub enum Database {
 /// pages it had just written).
 ///
 /// A checkpointer of its own copies what the WAL holds back into the database file (see
-/// [`checkpointer`]) while it lives: its last clone stops it.
+/// [`checkpointer`]) while it lives: its last clone stops it, so a pool taken out of it alone
+/// writes on without the checkpointer.
 #[derive(Debug, Clone)]
 pub struct SqliteDb {
     pub pool: SqlitePool,

@@ -424,9 +424,10 @@ async fn collector_store(url: &str) -> sightline_runtime::storage::Database {
 }
 
 /// A fresh SQLite store with the collector's own migrations (the same table, the same indexes, the
-/// same pragmas: WAL, synchronous=FULL), its writer connection (the one the collector's commits go
-/// through), and the directory that holds it.
-async fn fresh_sqlite() -> (sqlx::SqlitePool, tempfile::TempDir) {
+/// same pragmas: WAL, synchronous=FULL, and the same background checkpointer, which lives as long
+/// as the returned database), and the directory that holds it. Its rows go in through `writer`,
+/// the connection the collector's commits go through.
+async fn fresh_sqlite() -> (sightline_runtime::storage::SqliteDb, tempfile::TempDir) {
     let dir = tempfile::Builder::new()
         .permissions(std::os::unix::fs::PermissionsExt::from_mode(0o700))
         .tempdir()
@@ -435,7 +436,7 @@ async fn fresh_sqlite() -> (sqlx::SqlitePool, tempfile::TempDir) {
     let sightline_runtime::storage::Database::Sqlite(db) = collector_store(&url).await else {
         unreachable!()
     };
-    (db.writer, dir)
+    (db, dir)
 }
 
 /// The SQLite reference: the prebuilt rows inserted into a fresh store's `events` table by
@@ -443,7 +444,8 @@ async fn fresh_sqlite() -> (sqlx::SqlitePool, tempfile::TempDir) {
 /// `or_ignore`: `INSERT OR IGNORE`, as the collector inserts (SQLite then keeps no statement
 /// journal). Rows per second.
 async fn sqlite_reference(rows: &[StoredRow], per_commit: usize, or_ignore: bool) -> f64 {
-    let (pool, _dir) = fresh_sqlite().await;
+    let (db, _dir) = fresh_sqlite().await;
+    let pool = &db.writer;
     let verb = if or_ignore {
         "INSERT OR IGNORE"
     } else {
