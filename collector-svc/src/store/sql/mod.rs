@@ -422,17 +422,16 @@ impl SqlStore {
         }
     }
 
-    /// The INSERT of some of a batch's rows. OR IGNORE: no constraint can then abort the statement
-    /// halfway, so SQLite keeps no statement journal for it (a copy of every page it changes).
-    /// Only the key can conflict; the callers count what it stored.
+    /// SQLite's INSERT of some of a batch's rows. OR IGNORE: no constraint can then abort the
+    /// statement halfway, so SQLite keeps no statement journal for it (a copy of every page it
+    /// changes). Only the key can conflict; the callers count what it stored.
     fn insert_statement<'q>(
-        backend: Backend,
         batch: &'q Batch,
         rows: &'q [crate::store::Row],
         location: &'q str,
     ) -> sql::Query<'q> {
         let mut query = sql::Builder::new(
-            backend,
+            Backend::Sqlite,
             "INSERT OR IGNORE INTO events (instance_id, event_id, org_id, location, kind,
                 occurred_at, stored_at, name, value, subject, consent_version,
                 policy_revision, body) ",
@@ -465,8 +464,7 @@ impl SqlStore {
         location: &str,
     ) -> StoreResult<Option<Vec<bool>>> {
         use sqlx::Executor as _;
-        let prepare =
-            |chunk| Self::insert_statement(Backend::Sqlite, batch, chunk, location).into_sqlite();
+        let prepare = |chunk| Self::insert_statement(batch, chunk, location).into_sqlite();
         let mut chunks = batch.rows.chunks(INSERT_CHUNK);
         let mut next = chunks.next().map(prepare);
         let mut stored = 0;
@@ -523,7 +521,7 @@ impl SqlStore {
             query.push(")");
             let found: Vec<(String, i64)> = query.build().fetch_all(&mut *tx).await?;
             let existing: StoredKeys = found.into_iter().collect();
-            let stored = Self::insert_statement(tx.backend(), batch, chunk, location)
+            let stored = Self::insert_statement(batch, chunk, location)
                 .execute(&mut *tx)
                 .await?
                 .rows_affected();
