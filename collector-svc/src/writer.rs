@@ -108,14 +108,23 @@ impl Writer {
     }
 }
 
-/// Takes what is waiting and commits it in one transaction, until shutdown.
+/// Commits whose sync (and answers) may be pending at once: the committer goes on to the next
+/// group while the disk flushes the last one, and waits for the oldest past this many.
+const MAX_SYNCING: usize = 2;
+
+/// Takes what is waiting and commits it in one transaction, until shutdown; each commit's answers
+/// go out from a task of their own once it is durable, while the next group commits.
 async fn committer(
     queue: Arc<Mutex<mpsc::Receiver<Job>>>,
     store: Arc<dyn CollectorStore>,
     policies: Arc<Policies>,
     shutdown: CancellationToken,
 ) {
+    let mut syncing = tokio::task::JoinSet::new();
     loop {
+        while syncing.len() >= MAX_SYNCING {
+            syncing.join_next().await;
+        }
         let jobs = {
             let mut rx = queue.lock().await;
             let first = tokio::select! {
@@ -136,11 +145,21 @@ async fn committer(
             }
             jobs
         };
-        commit(store.as_ref(), &policies, jobs).await;
+        if let Some(answers) = commit(store.as_ref(), &policies, jobs).await {
+            syncing.spawn(answers);
+        }
     }
+    // Every commit made is answered before the committer ends.
+    while syncing.join_next().await.is_some() {}
 }
 
-async fn commit(store: &dyn CollectorStore, policies: &Policies, jobs: Vec<Job>) {
+/// Commits `jobs` in one transaction. The answers, once it is durable, are what remains to do
+/// (None: the commit failed and its callers have their answer).
+async fn commit(
+    store: &dyn CollectorStore,
+    policies: &Policies,
+    jobs: Vec<Job>,
+) -> Option<impl std::future::Future<Output = ()> + Send + 'static> {
     let (batches, replies): (Vec<Batch>, Vec<Reply>) =
         jobs.into_iter().map(|j| (j.batch, j.reply)).unzip();
     let current = |org: &str, instance: &str| policies.revision(org, instance);
@@ -148,22 +167,36 @@ async fn commit(store: &dyn CollectorStore, policies: &Policies, jobs: Vec<Job>)
     let result = store
         .commit_fenced(&batches, &current, policies.fence())
         .await;
-    metrics::histogram!("sightline_collector_commit_seconds")
-        .record(started.elapsed().as_secs_f64());
     metrics::counter!("sightline_collector_commits_total").increment(1);
     match result {
-        Ok((outcomes, held)) => {
-            for (reply, outcome) in replies.into_iter().zip(outcomes) {
-                let _ = reply.send(Ok((outcome, Some(held.clone()))));
+        Ok(committed) => Some(async move {
+            let durable = committed.synced().await;
+            metrics::histogram!("sightline_collector_commit_seconds")
+                .record(started.elapsed().as_secs_f64());
+            match durable {
+                Ok((outcomes, held)) => {
+                    for (reply, outcome) in replies.into_iter().zip(outcomes) {
+                        let _ = reply.send(Ok((outcome, Some(held.clone()))));
+                    }
+                }
+                Err(error) => {
+                    tracing::error!(%error, "a commit could not be made durable");
+                    let error = crate::store::StoreError::from(error);
+                    answer_failed(replies, &CollectorError::from(error));
+                }
             }
-        }
+        }),
         Err(error) => {
-            let error = CollectorError::from(error);
-            for reply in replies {
-                let _ = reply.send(Err(error.clone()));
-            }
+            answer_failed(replies, &CollectorError::from(error));
             // A database that fails now will likely fail again at once: let it breathe.
             tokio::time::sleep(Duration::from_millis(20)).await;
+            None
         }
+    }
+}
+
+fn answer_failed(replies: Vec<Reply>, error: &CollectorError) {
+    for reply in replies {
+        let _ = reply.send(Err(error.clone()));
     }
 }

@@ -6,6 +6,9 @@
 //! which concrete sqlx types carry a row. A store that needs more asks [`Tx::backend`].
 
 use std::marker::PhantomData;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use sqlx::postgres::{PgArguments, PgConnection, PgRow};
 use sqlx::query::{Query as SqlxQuery, QueryAs};
@@ -33,7 +36,10 @@ impl Database {
     /// read and then fail to upgrade their lock.
     pub async fn begin(&self) -> Result<Tx, sqlx::Error> {
         Ok(match self {
-            Database::Sqlite(db) => Tx::Sqlite(db.writer.begin_with("BEGIN IMMEDIATE").await?),
+            Database::Sqlite(db) => Tx::Sqlite(
+                db.writer.begin_with("BEGIN IMMEDIATE").await?,
+                Some(db.wal.clone()),
+            ),
             Database::Postgres(pool) => Tx::Postgres(pool.begin().await?),
         })
     }
@@ -43,7 +49,7 @@ impl Database {
     /// statements that a concurrent writer must not fall between.
     pub async fn snapshot(&self) -> Result<Tx, sqlx::Error> {
         Ok(match self {
-            Database::Sqlite(db) => Tx::Sqlite(db.pool.begin_with("BEGIN DEFERRED").await?),
+            Database::Sqlite(db) => Tx::Sqlite(db.pool.begin_with("BEGIN DEFERRED").await?, None),
             Database::Postgres(pool) => Tx::Postgres(
                 pool.begin_with("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
                     .await?,
@@ -55,30 +61,126 @@ impl Database {
 /// An open transaction on either backend; dropped without [`Tx::commit`], it rolls back.
 #[derive(Debug)]
 pub enum Tx {
-    Sqlite(Transaction<'static, Sqlite>),
+    /// With the WAL file its commit is synced in (a write transaction: the writer connection
+    /// commits without syncing, see [`crate::storage::SqliteDb`]); None for a read snapshot.
+    Sqlite(Transaction<'static, Sqlite>, Option<Arc<Wal>>),
     Postgres(Transaction<'static, Postgres>),
 }
 
 impl Tx {
     pub fn backend(&self) -> Backend {
         match self {
-            Tx::Sqlite(_) => Backend::Sqlite,
+            Tx::Sqlite(..) => Backend::Sqlite,
             Tx::Postgres(_) => Backend::Postgres,
         }
     }
 
+    /// Commits; returns once the commit is durable.
     pub async fn commit(self) -> Result<(), sqlx::Error> {
+        self.commit_unsynced().await?.synced().await
+    }
+
+    /// Commits, and returns before the commit is durable (SQLite: before its WAL is synced; on
+    /// PostgreSQL a commit is durable when it returns): others may see it already, and a power
+    /// loss may still undo it, so nothing that depends on it may be answered before
+    /// [`Unsynced::synced`]. Meanwhile the connection serves the next transaction: a writer
+    /// that commits again and again overlaps each sync with its next transaction's work.
+    pub async fn commit_unsynced(self) -> Result<Unsynced<()>, sqlx::Error> {
         match self {
-            Tx::Sqlite(tx) => tx.commit().await,
-            Tx::Postgres(tx) => tx.commit().await,
+            Tx::Sqlite(tx, wal) => {
+                tx.commit().await?;
+                Ok(Unsynced { value: (), wal })
+            }
+            Tx::Postgres(tx) => {
+                tx.commit().await?;
+                Ok(Unsynced {
+                    value: (),
+                    wal: None,
+                })
+            }
         }
     }
 
     pub async fn rollback(self) -> Result<(), sqlx::Error> {
         match self {
-            Tx::Sqlite(tx) => tx.rollback().await,
+            Tx::Sqlite(tx, _) => tx.rollback().await,
             Tx::Postgres(tx) => tx.rollback().await,
         }
+    }
+}
+
+/// What a commit made, to be had once the commit is durable: [`Unsynced::synced`] is the only way
+/// to the value, so what a caller answers from it cannot go out before the sync.
+#[derive(Debug)]
+#[must_use = "a commit is durable only once synced"]
+pub struct Unsynced<T> {
+    value: T,
+    /// The WAL file still to be synced (None: durable already).
+    wal: Option<Arc<Wal>>,
+}
+
+impl<T> Unsynced<T> {
+    /// What the commit made, with what else its caller carries to the sync.
+    pub fn map<U>(self, f: impl FnOnce(T) -> U) -> Unsynced<U> {
+        Unsynced {
+            value: f(self.value),
+            wal: self.wal,
+        }
+    }
+
+    /// Waits until the commit is durable (SQLite: syncs its WAL file, on a blocking thread), and
+    /// returns what it made.
+    pub async fn synced(self) -> Result<T, sqlx::Error> {
+        if let Some(wal) = self.wal {
+            tokio::task::spawn_blocking(move || wal.sync())
+                .await
+                .map_err(|error| sqlx::Error::Io(std::io::Error::other(error)))?
+                .map_err(sqlx::Error::Io)?;
+        }
+        Ok(self.value)
+    }
+}
+
+/// The WAL file of an SQLite database whose writer commits without syncing (see
+/// [`crate::storage::SqliteDb`]), and how many times it was synced.
+#[derive(Debug)]
+pub struct Wal {
+    path: PathBuf,
+    syncs: AtomicU64,
+}
+
+impl Wal {
+    /// The WAL of the database file `database` (SQLite names it `<database>-wal`).
+    pub fn of(database: &Path) -> Self {
+        let mut path = database.as_os_str().to_owned();
+        path.push("-wal");
+        Self {
+            path: path.into(),
+            syncs: AtomicU64::new(0),
+        }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Syncs made so far.
+    pub fn syncs(&self) -> u64 {
+        self.syncs.load(Ordering::Relaxed)
+    }
+
+    /// `fdatasync` of the WAL file: what synchronous=FULL does at the end of every commit (every
+    /// frame written so far, the last commit's included, is on the disk when it returns).
+    fn sync(&self) -> std::io::Result<()> {
+        match std::fs::File::open(&self.path) {
+            Ok(file) => file.sync_data()?,
+            // No WAL file: the database's last connection closed since the commit, and SQLite
+            // copied the WAL back into the database file, synced, before deleting it.
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
+            Err(error) => return Err(error),
+        }
+        self.syncs.fetch_add(1, Ordering::Relaxed);
+        Ok(())
     }
 }
 
@@ -108,7 +210,7 @@ impl Executor for &Database {
 impl Executor for &mut Tx {
     fn target(&mut self) -> Target<'_> {
         match self {
-            Tx::Sqlite(tx) => Target::Sqlite(tx),
+            Tx::Sqlite(tx, _) => Target::Sqlite(tx),
             Tx::Postgres(tx) => Target::Postgres(tx),
         }
     }
@@ -124,6 +226,9 @@ pub enum Value<'q> {
     OwnedText(Option<String>),
     Blob(Option<&'q [u8]>),
     OwnedBlob(Option<Vec<u8>>),
+    /// Text many statements bind (a batch's org, say): each bind shares it instead of copying it
+    /// (sqlx copies a borrowed `&str` into a new allocation per bind).
+    Shared(Arc<str>),
 }
 
 macro_rules! values_from {
@@ -159,6 +264,7 @@ values_from! {
     &'q Option<Vec<u8>> => Blob(v) v.as_deref();
     Vec<u8> => OwnedBlob(v) Some(v);
     Option<Vec<u8>> => OwnedBlob(v) v;
+    Arc<str> => Shared(v) v;
 }
 
 /// A statement with its bound values, run with one of the `execute` / `fetch_*` methods.
@@ -279,6 +385,7 @@ macro_rules! bind_all {
                 Value::OwnedText(v) => query.bind(v),
                 Value::Blob(v) => query.bind(v),
                 Value::OwnedBlob(v) => query.bind(v),
+                Value::Shared(v) => query.bind(v),
             };
         }
         query

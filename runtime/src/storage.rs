@@ -1,5 +1,5 @@
-//! Storage from one URL: `sqlite://…` (the default, a file under the data directory, WAL with
-//! synchronous=FULL) or `postgres://…`. Each service passes its own migrations for both backends;
+//! Storage from one URL: `sqlite://…` (the default, a file under the data directory, WAL, every
+//! commit synced before it returns) or `postgres://…`. Each service passes its own migrations for both backends;
 //! they run at start-up.
 
 use std::path::Path;
@@ -75,6 +75,14 @@ pub enum Database {
 /// took whichever pooled connection was free began each transaction cold, re-reading the index
 /// pages it had just written).
 ///
+/// The writer connection commits at synchronous=NORMAL: SQLite writes the commit into the WAL and
+/// returns without syncing it, and [`crate::sql::Tx::commit`] then syncs the WAL file itself
+/// (`fdatasync`, what synchronous=FULL would have done inside the commit). So a commit is durable
+/// when it returns, as everywhere else, while a writer that asks for it
+/// ([`crate::sql::Tx::commit_unsynced`]) gets the connection back before the sync and runs its
+/// next transaction while the disk flushes the last (its answers wait for the sync). The pool's
+/// connections stay at synchronous=FULL: a single statement outside a transaction syncs itself.
+///
 /// A checkpointer of its own copies what the WAL holds back into the database file (see
 /// [`checkpointer`]) while it lives: its last clone stops it, so a pool taken out of it alone
 /// writes on without the checkpointer.
@@ -82,16 +90,21 @@ pub enum Database {
 pub struct SqliteDb {
     pub pool: SqlitePool,
     pub writer: SqlitePool,
+    /// The WAL file the writer's commits are synced in.
+    pub wal: std::sync::Arc<crate::sql::Wal>,
     _checkpointer: std::sync::Arc<tokio_util::sync::DropGuard>,
 }
 
 /// How long an SQLite write waits for the one before it (the file lock, or the writer connection).
 const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// WAL pages after which a committing connection checkpoints itself (SQLite's default is 1,000):
-/// a backstop for [`checkpointer`], and what lets the WAL start over from its beginning (the
-/// writer finds it fully copied back).
-const WAL_AUTOCHECKPOINT: u32 = 8_000;
+/// WAL pages (128 MiB at 4 KiB) after which a committing connection checkpoints itself (SQLite's
+/// default is 1,000): a backstop for [`checkpointer`], and what lets the WAL start over from its
+/// beginning (the writer finds it fully copied back). Past this size a writer checkpoints after
+/// every commit until the WAL starts over, copying what the checkpointer has not yet and syncing
+/// the database file on the writer's own thread: at 8,000 pages that was one cycle every few
+/// commits under ingest, and the collector ran about 10 % slower (BENCHMARKS.md).
+const WAL_AUTOCHECKPOINT: u32 = 32_000;
 
 /// How often the checkpointer looks while writes come in, and at most while none do.
 const CHECKPOINT_BUSY: Duration = Duration::from_millis(10);
@@ -201,14 +214,17 @@ pub async fn connect(url: &str, migrations: Migrations) -> Result<Database, Stor
             .acquire_timeout(BUSY_TIMEOUT)
             .idle_timeout(None)
             .max_lifetime(None)
-            .connect_with(options.clone())
+            // Its commits are synced by `Tx::commit`, after SQLite returns (see [`SqliteDb`]).
+            .connect_with(options.clone().synchronous(SqliteSynchronous::Normal))
             .await
             .map_err(StorageError::Connect)?;
         let stop = tokio_util::sync::CancellationToken::new();
+        let wal = std::sync::Arc::new(crate::sql::Wal::of(options.get_filename()));
         tokio::spawn(checkpointer(options, stop.clone()));
         Ok(Database::Sqlite(SqliteDb {
             pool,
             writer,
+            wal,
             _checkpointer: std::sync::Arc::new(stop.drop_guard()),
         }))
     } else if url.starts_with("postgres:") || url.starts_with("postgresql:") {
@@ -417,6 +433,51 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(count, 4);
+    }
+
+    /// The writer connection commits without syncing (synchronous=NORMAL) and every write
+    /// transaction's commit syncs the WAL itself: `commit` before it returns, `commit_unsynced`
+    /// in `synced`, the only way to what the commit made. The pool's connections, which commit
+    /// single statements, keep SQLite's own sync (FULL); a read snapshot syncs nothing.
+    #[tokio::test]
+    async fn every_write_transaction_is_synced_before_it_counts_as_made() {
+        let (db, dir) = fresh_sqlite("synced").await;
+        let Database::Sqlite(sqlite) = &db else {
+            unreachable!()
+        };
+        assert_eq!(sqlite.wal.path(), dir.path().join("synced.db-wal"));
+        let level = async |pool: &SqlitePool| {
+            let (level,): (i64,) = sqlx::query_as("PRAGMA synchronous")
+                .fetch_one(pool)
+                .await
+                .unwrap();
+            level
+        };
+        assert_eq!(level(&sqlite.writer).await, 1, "NORMAL");
+        assert_eq!(level(&sqlite.pool).await, 2, "FULL");
+
+        let mut tx = db.begin().await.unwrap();
+        crate::sql::query("CREATE TABLE t (n INTEGER)")
+            .execute(&mut tx)
+            .await
+            .unwrap();
+        tx.commit().await.unwrap();
+        assert!(sqlite.wal.path().exists());
+        assert_eq!(sqlite.wal.syncs(), 1);
+
+        let mut tx = db.begin().await.unwrap();
+        crate::sql::query("INSERT INTO t (n) VALUES (1)")
+            .execute(&mut tx)
+            .await
+            .unwrap();
+        let unsynced = tx.commit_unsynced().await.unwrap().map(|()| "made");
+        assert_eq!(sqlite.wal.syncs(), 1, "not synced before it is asked");
+        assert_eq!(unsynced.synced().await.unwrap(), "made");
+        assert_eq!(sqlite.wal.syncs(), 2);
+
+        let snapshot = db.snapshot().await.unwrap();
+        snapshot.commit().await.unwrap();
+        assert_eq!(sqlite.wal.syncs(), 2, "a read has nothing to sync");
     }
 
     /// Committed WAL frames are copied back into the database file by the checkpointer of its

@@ -13,6 +13,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 use sightline_runtime::audited::{ChangeLog, ChangeLogError};
+use sightline_runtime::sql::Unsynced;
 use sightline_runtime::storage::{self, DbFailure, Migrations, StorageError};
 
 pub use moved::{MOVED_TABLES, MoveSpec, Table, Value};
@@ -282,14 +283,19 @@ pub trait CollectorStore: ChangeLog + Send + Sync + std::fmt::Debug + 'static {
     /// between rolls the transaction back and it is tried again (its batches of that org then
     /// `Stale`). The hold on the fence is returned: the caller keeps it until its answers are out,
     /// so a policy change waits only for commits, never for their inserts.
+    ///
+    /// It returns once the transaction is committed, before it is durable: the outcomes come out
+    /// of [`Unsynced::synced`] only, so no answer can precede the sync, while the caller may
+    /// already commit its next group (SQLite's one writer then never waits for the disk).
     async fn commit_fenced(
         &self,
         batches: &[Batch],
         current: Revisions<'_>,
         fence: &Fence,
-    ) -> StoreResult<(Vec<BatchOutcome>, Held)>;
+    ) -> StoreResult<Unsynced<(Vec<BatchOutcome>, Held)>>;
 
-    /// [`CollectorStore::commit_fenced`] with a fence of its own (nothing else applies changes).
+    /// [`CollectorStore::commit_fenced`] with a fence of its own (nothing else applies changes),
+    /// durable when it returns.
     async fn commit(
         &self,
         batches: &[Batch],
@@ -297,6 +303,8 @@ pub trait CollectorStore: ChangeLog + Send + Sync + std::fmt::Debug + 'static {
     ) -> StoreResult<Vec<BatchOutcome>> {
         Ok(self
             .commit_fenced(batches, current, &Fence::default())
+            .await?
+            .synced()
             .await?
             .0)
     }

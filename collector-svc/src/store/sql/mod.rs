@@ -5,9 +5,10 @@
 //! covers it.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Arc;
 
 use async_trait::async_trait;
-use sightline_runtime::sql::{self, Backend, Database, Tx};
+use sightline_runtime::sql::{self, Backend, Database, Tx, Unsynced};
 
 use sightline_runtime::audited::{ChangeLog, ChangeLogError, StagedChange, staged_rows};
 
@@ -192,7 +193,7 @@ impl FromIterator<(String, i64)> for StoredKeys {
 
 /// How one try at a group commit ended.
 enum Attempt {
-    Done(Vec<BatchOutcome>, Held),
+    Done(Unsynced<(Vec<BatchOutcome>, Held)>),
     /// SQLite's fast path met an id stored before: roll back and commit carefully.
     Careful,
     /// A policy change was applied while the rows went in: roll back and try again.
@@ -333,8 +334,8 @@ impl SqlStore {
             tx.rollback().await?;
             return Ok(Attempt::Again);
         }
-        tx.commit().await?;
-        Ok(Attempt::Done(outcomes, held))
+        let committed = tx.commit_unsynced().await?;
+        Ok(Attempt::Done(committed.map(|()| (outcomes, held))))
     }
 
     /// PostgreSQL: the whole batch in one statement, each column bound once as an array
@@ -436,11 +437,15 @@ impl SqlStore {
                 occurred_at, stored_at, name, value, subject, consent_version,
                 policy_revision, body) ",
         );
+        // What every row shares is bound shared, not copied once per row.
+        let instance: Arc<str> = batch.instance_id.as_str().into();
+        let org: Arc<str> = batch.org_id.as_str().into();
+        let location: Arc<str> = location.into();
         query.push_values(rows, |b, row| {
-            b.push_bind(&batch.instance_id)
+            b.push_bind(instance.clone())
                 .push_bind(&row.event_id)
-                .push_bind(&batch.org_id)
-                .push_bind(location)
+                .push_bind(org.clone())
+                .push_bind(location.clone())
                 .push_bind(row.kind)
                 .push_bind(row.occurred_at)
                 .push_bind(batch.stored_at)
@@ -498,7 +503,7 @@ impl SqlStore {
             }
             return Self::copy_rows_postgres(pg, batch, location).await;
         }
-        if !careful && let Tx::Sqlite(conn) = tx {
+        if !careful && let Tx::Sqlite(conn, _) = tx {
             return Self::insert_new_sqlite(conn, batch, location).await;
         }
         let mut inserted = Vec::with_capacity(batch.rows.len());
@@ -555,7 +560,7 @@ impl CollectorStore for SqlStore {
         batches: &[Batch],
         current: Revisions<'_>,
         fence: &Fence,
-    ) -> StoreResult<(Vec<BatchOutcome>, Held)> {
+    ) -> StoreResult<Unsynced<(Vec<BatchOutcome>, Held)>> {
         if let Some(wrong) = batches.iter().find(|b| b.location != self.location) {
             return Err(StoreError::WrongLocation {
                 store: self.location.clone(),
@@ -567,7 +572,7 @@ impl CollectorStore for SqlStore {
         // as many changes, each of which marks its batches stale at the next start.
         for _ in 0..8 {
             match self.commit_once(batches, current, careful, fence).await? {
-                Attempt::Done(outcomes, held) => return Ok((outcomes, held)),
+                Attempt::Done(committed) => return Ok(committed),
                 Attempt::Careful if careful => break,
                 Attempt::Careful => careful = true,
                 Attempt::Again => {}
