@@ -492,7 +492,7 @@ mod tests {
             .await
             .unwrap();
         tx.commit().await.unwrap();
-        // About 2,000 pages in four commits: a quarter of what makes a writer checkpoint.
+        // About 2,000 pages in four commits: far below what makes a writer checkpoint.
         const ROWS: i64 = 2_000;
         for part in 0..4 {
             let mut tx = db.begin().await.unwrap();
