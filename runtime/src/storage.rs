@@ -89,7 +89,8 @@ pub enum Database {
 #[derive(Debug, Clone)]
 pub struct SqliteDb {
     pub pool: SqlitePool,
-    pub writer: SqlitePool,
+    /// Only [`Database::begin`] takes it: its commits must be synced by [`crate::sql::Tx`].
+    pub(crate) writer: SqlitePool,
     /// The WAL file the writer's commits are synced in.
     pub wal: std::sync::Arc<crate::sql::Wal>,
     _checkpointer: std::sync::Arc<tokio_util::sync::DropGuard>,

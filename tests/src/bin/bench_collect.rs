@@ -520,8 +520,7 @@ async fn collector_store(url: &str) -> sightline_runtime::storage::Database {
 
 /// A fresh SQLite store with the collector's own migrations (the same table, the same indexes, the
 /// same pragmas: WAL, and the same background checkpointer, which lives as long as the returned
-/// database), and the directory that holds it. Its rows go in through `writer`, the connection the
-/// collector's commits go through.
+/// database), and the directory that holds it.
 async fn fresh_sqlite() -> (sightline_runtime::storage::SqliteDb, tempfile::TempDir) {
     let dir = tempfile::Builder::new()
         .permissions(std::os::unix::fs::PermissionsExt::from_mode(0o700))
@@ -541,13 +540,10 @@ async fn fresh_sqlite() -> (sightline_runtime::storage::SqliteDb, tempfile::Temp
 async fn sqlite_reference(rows: &[StoredRow], per_commit: usize, or_ignore: bool) -> f64 {
     use sqlx::Connection as _;
     let (db, _dir) = fresh_sqlite().await;
-    // The writer connection, at SQLite's own synchronous=FULL: each commit syncs the WAL inside
-    // SQLite (the collector's commits sync it themselves, after SQLite returns).
-    let mut conn = db.writer.acquire().await.unwrap();
-    sqlx::query("PRAGMA synchronous = FULL")
-        .execute(&mut *conn)
-        .await
-        .unwrap();
+    // One connection for the whole load (its page cache stays warm), at SQLite's own
+    // synchronous=FULL: each commit syncs the WAL inside SQLite (the collector's commits go
+    // through the store's writer connection, which syncs it after SQLite returns).
+    let mut conn = db.pool.acquire().await.unwrap();
     let verb = if or_ignore {
         "INSERT OR IGNORE"
     } else {
