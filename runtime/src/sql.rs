@@ -86,19 +86,17 @@ impl Tx {
     /// [`Unsynced::synced`]. Meanwhile the connection serves the next transaction: a writer
     /// that commits again and again overlaps each sync with its next transaction's work.
     pub async fn commit_unsynced(self) -> Result<Unsynced<()>, sqlx::Error> {
-        match self {
+        let wal = match self {
             Tx::Sqlite(tx, wal) => {
                 tx.commit().await?;
-                Ok(Unsynced { value: (), wal })
+                wal
             }
             Tx::Postgres(tx) => {
                 tx.commit().await?;
-                Ok(Unsynced {
-                    value: (),
-                    wal: None,
-                })
+                None
             }
-        }
+        };
+        Ok(Unsynced { value: (), wal })
     }
 
     pub async fn rollback(self) -> Result<(), sqlx::Error> {

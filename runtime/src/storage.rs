@@ -1,6 +1,6 @@
 //! Storage from one URL: `sqlite://…` (the default, a file under the data directory, WAL, every
-//! commit synced before it returns) or `postgres://…`. Each service passes its own migrations for both backends;
-//! they run at start-up.
+//! commit synced before it returns) or `postgres://…`. Each service passes its own migrations for
+//! both backends; they run at start-up.
 
 use std::path::Path;
 use std::str::FromStr;
@@ -339,6 +339,13 @@ mod tests {
         (db, dir)
     }
 
+    /// A write transaction of one statement, committed.
+    async fn write(db: &Database, sql: &'static str) {
+        let mut tx = db.begin().await.unwrap();
+        crate::sql::query(sql).execute(&mut tx).await.unwrap();
+        tx.commit().await.unwrap();
+    }
+
     #[tokio::test]
     async fn an_unreachable_postgres_says_why() {
         let error = connect("postgres://sightline@127.0.0.1:1/nothing", NO_MIGRATIONS)
@@ -417,16 +424,10 @@ mod tests {
         for reader in readers {
             reader.rollback().await.unwrap();
         }
-        // A write transaction of one statement.
-        let write = async |sql: &'static str| {
-            let mut tx = db.begin().await.unwrap();
-            crate::sql::query(sql).execute(&mut tx).await.unwrap();
-            tx.commit().await.unwrap();
-        };
-        write("CREATE TEMP TABLE mine (n INTEGER)").await;
+        write(&db, "CREATE TEMP TABLE mine (n INTEGER)").await;
         for _ in 0..4 {
             let _reader = db.snapshot().await.unwrap();
-            write("INSERT INTO mine (n) VALUES (1)").await;
+            write(&db, "INSERT INTO mine (n) VALUES (1)").await;
         }
         let mut tx = db.begin().await.unwrap();
         let (count,): (i64,) = crate::sql::query_as("SELECT count(*) FROM mine")
@@ -457,12 +458,7 @@ mod tests {
         assert_eq!(level(&sqlite.writer).await, 1, "NORMAL");
         assert_eq!(level(&sqlite.pool).await, 2, "FULL");
 
-        let mut tx = db.begin().await.unwrap();
-        crate::sql::query("CREATE TABLE t (n INTEGER)")
-            .execute(&mut tx)
-            .await
-            .unwrap();
-        tx.commit().await.unwrap();
+        write(&db, "CREATE TABLE t (n INTEGER)").await;
         assert!(sqlite.wal.path().exists());
         assert_eq!(sqlite.wal.syncs(), 1);
 
@@ -487,12 +483,11 @@ mod tests {
     async fn the_wal_is_copied_back_without_a_writer_waiting_for_it() {
         let (db, dir) = fresh_sqlite("checkpointed").await;
         let file = dir.path().join("checkpointed.db");
-        let mut tx = db.begin().await.unwrap();
-        crate::sql::query("CREATE TABLE t (n INTEGER PRIMARY KEY, body BLOB NOT NULL)")
-            .execute(&mut tx)
-            .await
-            .unwrap();
-        tx.commit().await.unwrap();
+        write(
+            &db,
+            "CREATE TABLE t (n INTEGER PRIMARY KEY, body BLOB NOT NULL)",
+        )
+        .await;
         // About 2,000 pages in four commits: far below what makes a writer checkpoint.
         const ROWS: i64 = 2_000;
         for part in 0..4 {

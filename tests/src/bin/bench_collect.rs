@@ -57,15 +57,24 @@ const NAMES: [&str; 8] = [
     "cache.hit.ratio",
 ];
 
+/// Event `i` of a batch: its id (unique to client, round and `i`) and time (as instances send
+/// them: samples of the current hour, in time order).
+fn event_id(client: usize, round: u64, i: usize) -> String {
+    format!("c{client}-r{round}-{i}")
+}
+
+fn occurred_at(round: u64, i: usize) -> Option<prost_types::Timestamp> {
+    Some(sightline_runtime::time::to_proto(
+        T0_MS - 30 * 60_000 + (round as i64 * 1_000 + i as i64) / 100,
+    ))
+}
+
 /// A batch of metric events as an instance sends them, with ids unique to (`round`, client).
 fn batch(client: usize, round: u64, size: usize) -> Vec<pb::Event> {
     (0..size)
         .map(|i| pb::Event {
-            event_id: format!("c{client}-r{round}-{i}"),
-            // As instances send them: samples of the current hour, in time order.
-            occurred_at: Some(sightline_runtime::time::to_proto(
-                T0_MS - 30 * 60_000 + (round as i64 * 1_000 + i as i64) / 100,
-            )),
+            event_id: event_id(client, round, i),
+            occurred_at: occurred_at(round, i),
             payload: Some(pb::event::Payload::Metric(pb::MetricEvent {
                 name: NAMES[i % NAMES.len()].into(),
                 r#type: MetricType::JmxMetric as i32,
@@ -111,15 +120,13 @@ impl Encoded {
 
     /// IngestRequest { events: batch(client, round, size) }, encoded.
     fn call(&self, client: usize, round: u64) -> Vec<u8> {
-        use std::fmt::Write as _;
         let mut out = Vec::with_capacity(self.payloads.len() * (self.payloads[0].len() + 40));
-        let mut head = pb::Event::default();
         for (i, payload) in self.payloads.iter().enumerate() {
-            head.event_id.clear();
-            write!(head.event_id, "c{client}-r{round}-{i}").unwrap();
-            head.occurred_at = Some(sightline_runtime::time::to_proto(
-                T0_MS - 30 * 60_000 + (round as i64 * 1_000 + i as i64) / 100,
-            ));
+            let head = pb::Event {
+                event_id: event_id(client, round, i),
+                occurred_at: occurred_at(round, i),
+                payload: None,
+            };
             // events = 1, length-delimited: the id and time, then the payload (fields in order).
             out.push(0x0a);
             prost::encoding::encode_varint((head.encoded_len() + payload.len()) as u64, &mut out);
