@@ -82,9 +82,40 @@ enum Command {
     },
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+/// How the serving process's threads are scheduled, and whether that took: set on the main thread
+/// before the async runtime starts its threads (they inherit it), reported once telemetry is up.
+static SCHEDULED: std::sync::OnceLock<(sightline_runtime::sched::Scheduling, Result<(), String>)> =
+    std::sync::OnceLock::new();
+
+fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    if !matches!(cli.command, Command::Health { .. } | Command::Init { .. }) {
+        // Settings that do not load fail the command below, with their own message.
+        let scheduling = sightline_runtime::Settings::load(cli.config.as_deref())
+            .map(|s| s.scheduling)
+            .unwrap_or_default();
+        let _ = SCHEDULED.set((scheduling, sightline_runtime::sched::apply(scheduling)));
+    }
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("the async runtime")?
+        .block_on(run(cli))
+}
+
+/// Logs how the threads are scheduled (a policy that could not be set is a warning: the services
+/// run under the kernel's default).
+fn report_scheduling() {
+    match SCHEDULED.get() {
+        Some((scheduling, Ok(()))) => tracing::info!(?scheduling, "threads scheduled"),
+        Some((scheduling, Err(error))) => {
+            tracing::warn!(?scheduling, %error, "the scheduling setting could not be applied");
+        }
+        None => {}
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
     let shutdown = CancellationToken::new();
     // What a service run alone stops on.
     let stop = shutdown.clone();
@@ -110,6 +141,7 @@ async fn main() -> anyhow::Result<()> {
         Command::Up { data_dir } => {
             let settings = load_settings(cli.config.as_deref(), data_dir)?;
             let _telemetry = sightline_runtime::telemetry::init(&settings.log, "sightline");
+            report_scheduling();
             let data_dir = settings.data_dir.clone();
             let plaintext = settings.tls.is_none();
             let (endpoints, mut tasks) = start_stack(settings, shutdown.clone()).await?;
@@ -190,6 +222,7 @@ fn alone(
 )> {
     let mut settings = load_settings(config, data_dir)?;
     let telemetry = sightline_runtime::telemetry::init(&settings.log, component);
+    report_scheduling();
     if settings.service_token.is_none() {
         settings.service_token = Some(sightline::ensure_service_token(&settings.data_dir)?);
     }

@@ -373,3 +373,35 @@ fn up_with_tls_on_works_end_to_end_over_tls_1_2_and_1_3_with_client_certificates
         .unwrap();
     assert!(up.child.wait().unwrap().success());
 }
+
+/// Every thread of a running stack (the async runtime's, SQLite's, the committers') is under the
+/// `scheduling` setting: SCHED_BATCH (3) by default, SCHED_OTHER (0) when set to normal.
+#[cfg(target_os = "linux")]
+#[test]
+fn every_thread_of_the_stack_runs_under_the_scheduling_setting() {
+    for (env, expected) in [(None, 3), (Some("normal"), 0)] {
+        let data = tempfile::Builder::new()
+            .permissions(std::os::unix::fs::PermissionsExt::from_mode(0o700))
+            .tempdir()
+            .unwrap();
+        let env: Vec<(&str, &str)> = env
+            .map(|v| ("SIGHTLINE_SCHEDULING", v))
+            .into_iter()
+            .collect();
+        let mut up = start_up(data.path(), &env);
+        let threads = sightline_runtime::sched::thread_policies(up.child.id()).unwrap();
+        up.child.kill().unwrap();
+        up.child.wait().unwrap();
+        assert!(
+            threads
+                .iter()
+                .any(|(name, _)| name.starts_with("sqlx-sqlite")),
+            "SQLite's threads are running: {threads:?}"
+        );
+        let other: Vec<_> = threads.iter().filter(|(_, p)| *p != expected).collect();
+        assert!(
+            other.is_empty(),
+            "{env:?}: not under policy {expected}: {other:?}"
+        );
+    }
+}

@@ -18,6 +18,7 @@ pub mod paging;
 pub mod policy_stream;
 pub mod pseudonym;
 pub mod ratelimit;
+pub mod sched;
 pub mod scrub;
 pub mod secret_file;
 pub mod server;

@@ -59,6 +59,10 @@ pub struct Settings {
     pub residency: ResidencySettings,
     /// How insights-svc scores, keeps and accepts uploads (the `[analysis]` section).
     pub analysis: AnalysisSettings,
+    /// How the kernel schedules the server's threads: `batch` (the default: a thread that wakes
+    /// does not preempt the one running, so a store's writer is not cut off mid-statement) or
+    /// `normal`. See [`crate::sched`].
+    pub scheduling: crate::sched::Scheduling,
 }
 
 /// The web console's settings (the `[console]` section).
@@ -244,6 +248,7 @@ impl Default for Settings {
             collection: CollectionSettings::default(),
             residency: ResidencySettings::default(),
             analysis: AnalysisSettings::default(),
+            scheduling: crate::sched::Scheduling::default(),
         }
     }
 }

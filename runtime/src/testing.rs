@@ -27,14 +27,86 @@ pub async fn fresh_postgres_url() -> Result<String, sqlx::Error> {
     let base = postgres_base_url();
     let schema = format!("t_{}", uuid::Uuid::now_v7().simple());
     let mut conn = sqlx::PgConnection::connect(&base).await?;
+    static CLEANED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    if !CLEANED.swap(true, std::sync::atomic::Ordering::Relaxed) {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
+        drop_stale_schemas(&mut conn, now).await;
+    }
     sqlx::query(sqlx::AssertSqlSafe(format!("CREATE SCHEMA {schema}")))
         .execute(&mut conn)
         .await?;
     conn.close().await?;
+    if let Ok(mut made) = MADE.lock() {
+        made.push(schema.clone());
+    }
     let separator = if base.contains('?') { '&' } else { '?' };
     Ok(format!(
         "{base}{separator}options=-c%20search_path%3D{schema}"
     ))
+}
+
+/// The schemas [`fresh_postgres_url`] made in this process.
+static MADE: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+
+/// Drops every schema [`fresh_postgres_url`] made in this process (a benchmark's stores hold
+/// gigabytes; it calls this when it is done with them).
+pub async fn drop_schemas_made_here() -> Result<(), sqlx::Error> {
+    let made = MADE
+        .lock()
+        .map(|mut m| std::mem::take(&mut *m))
+        .unwrap_or_default();
+    if made.is_empty() {
+        return Ok(());
+    }
+    let mut conn = sqlx::PgConnection::connect(&postgres_base_url()).await?;
+    for schema in made {
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "DROP SCHEMA IF EXISTS {schema} CASCADE"
+        )))
+        .execute(&mut conn)
+        .await?;
+    }
+    conn.close().await
+}
+
+/// How old a test schema is when the next test run drops it: no test or benchmark runs this long,
+/// so a schema older than this is left over (each holds its tables until dropped, and a benchmark's
+/// a gigabyte or more).
+const STALE_SCHEMA_MS: i64 = 6 * 60 * 60 * 1000;
+
+/// Drops the schemas [`fresh_postgres_url`] made more than [`STALE_SCHEMA_MS`] before `now_ms` (a schema's
+/// name carries its UUIDv7, whose first 48 bits are its creation time in Unix ms). Once per
+/// process (the first call of [`fresh_postgres_url`]); best effort: a schema another process drops
+/// at the same time is skipped.
+async fn drop_stale_schemas(conn: &mut sqlx::PgConnection, now_ms: i64) {
+    let Ok(names) = sqlx::query_scalar::<_, String>(
+        "SELECT nspname::text FROM pg_namespace WHERE nspname LIKE 't\\_%'",
+    )
+    .fetch_all(&mut *conn)
+    .await
+    else {
+        return;
+    };
+    for name in names {
+        if schema_created_ms(&name).is_some_and(|at| now_ms - at > STALE_SCHEMA_MS) {
+            let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
+                "DROP SCHEMA IF EXISTS {name} CASCADE"
+            )))
+            .execute(&mut *conn)
+            .await;
+        }
+    }
+}
+
+/// When a schema named by [`fresh_postgres_url`] was made (Unix ms); None for any other name.
+fn schema_created_ms(name: &str) -> Option<i64> {
+    let hex = name.strip_prefix("t_")?;
+    if hex.len() != 32 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return None;
+    }
+    i64::from_str_radix(&hex[..12], 16).ok()
 }
 
 /// A backend a store's conformance suite runs on.
@@ -80,4 +152,64 @@ pub fn zip_of(entries: &[(&str, &[u8])]) -> Vec<u8> {
         panic!("a zip in memory: {e}");
     }
     out.into_inner()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A test schema is named by its time; one made longer ago than any run is dropped by the next
+    /// run, and one of a run still going is left alone.
+    #[tokio::test]
+    async fn left_over_test_schemas_are_dropped_and_live_ones_kept() {
+        let url = fresh_postgres_url().await.unwrap();
+        let live = url.rsplit("%3D").next().unwrap().to_owned();
+        let made = schema_created_ms(&live).unwrap();
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as i64;
+        assert!(
+            (now - made).abs() < 60_000,
+            "{live} was made at {made}, now is {now}"
+        );
+        assert_eq!(schema_created_ms("public"), None);
+        assert_eq!(schema_created_ms("t_not_hex_at_all_but_32_chars_xx"), None);
+
+        // A left-over schema (with a table in it) seven hours old, by its name.
+        let old = uuid::Uuid::new_v7(uuid::Timestamp::from_unix(
+            uuid::NoContext,
+            u64::try_from(now - STALE_SCHEMA_MS - 3_600_000).unwrap() / 1000,
+            0,
+        ));
+        let stale = format!("t_{}", old.simple());
+        let mut conn = sqlx::PgConnection::connect(&postgres_base_url())
+            .await
+            .unwrap();
+        for sql in [
+            format!("CREATE SCHEMA {stale}"),
+            format!("CREATE TABLE {stale}.kept (x int)"),
+        ] {
+            sqlx::query(sqlx::AssertSqlSafe(sql))
+                .execute(&mut conn)
+                .await
+                .unwrap();
+        }
+        let exists = async |conn: &mut sqlx::PgConnection, name: &str| {
+            sqlx::query_scalar::<_, bool>(
+                "SELECT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = $1)",
+            )
+            .bind(name)
+            .fetch_one(conn)
+            .await
+            .unwrap()
+        };
+        drop_stale_schemas(&mut conn, now).await;
+        assert!(!exists(&mut conn, &stale).await, "{stale} is left over");
+        assert!(exists(&mut conn, &live).await, "{live} is in use");
+        sqlx::query(sqlx::AssertSqlSafe(format!("DROP SCHEMA {live} CASCADE")))
+            .execute(&mut conn)
+            .await
+            .unwrap();
+    }
 }

@@ -28,6 +28,7 @@
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+use sightline_runtime::sched::Scheduling;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -357,6 +358,14 @@ async fn serve(target: &str) {
     };
     sightline_tests::bench::serve_until_stdin_closes(format!("{} {}", t.addr, t.credential)).await;
     drop(t);
+    drop_stores().await;
+}
+
+/// Drops the PostgreSQL schemas this process made: a run's stores hold a gigabyte or more each.
+async fn drop_stores() {
+    if let Err(e) = sightline_runtime::testing::drop_schemas_made_here().await {
+        eprintln!("the benchmark's PostgreSQL schemas were not all dropped: {e}");
+    }
 }
 
 async fn channel(addr: std::net::SocketAddr) -> Channel {
@@ -543,8 +552,30 @@ async fn fresh_sqlite() -> (sightline_runtime::storage::SqliteDb, tempfile::Temp
 /// The SQLite reference: the prebuilt rows inserted into a fresh store's `events` table by
 /// multi-row INSERTs of 200 rows (one prepared statement), `per_commit` rows per transaction;
 /// `or_ignore`: `INSERT OR IGNORE`, as the collector inserts (SQLite then keeps no statement
-/// journal). Rows per second.
-async fn sqlite_reference(rows: &[StoredRow], per_commit: usize, or_ignore: bool) -> f64 {
+/// journal). Its threads (the loop's, SQLite's and the checkpointer's) run under `scheduling`, as
+/// the collector's run under the launcher's setting. Rows per second.
+fn sqlite_reference(
+    rows: &[StoredRow],
+    per_commit: usize,
+    or_ignore: bool,
+    scheduling: Scheduling,
+) -> f64 {
+    std::thread::scope(|scope| {
+        scope
+            .spawn(|| {
+                sightline_runtime::sched::apply(scheduling).unwrap();
+                tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .unwrap()
+                    .block_on(sqlite_reference_load(rows, per_commit, or_ignore))
+            })
+            .join()
+            .unwrap()
+    })
+}
+
+async fn sqlite_reference_load(rows: &[StoredRow], per_commit: usize, or_ignore: bool) -> f64 {
     use sqlx::Connection as _;
     let (db, _dir) = fresh_sqlite().await;
     // One connection for the whole load (its page cache stays warm), at SQLite's own
@@ -584,23 +615,26 @@ async fn sqlite_reference(rows: &[StoredRow], per_commit: usize, or_ignore: bool
     rows.len() as f64 / started.elapsed().as_secs_f64()
 }
 
-/// The best SQLite reference: every transaction size and both INSERT forms, the fastest of them.
-async fn best_sqlite_reference(rows: &[StoredRow]) -> (f64, String) {
+/// The best SQLite reference: every transaction size, both INSERT forms and both schedulings, the
+/// fastest of them.
+fn best_sqlite_reference(rows: &[StoredRow]) -> (f64, String) {
     let mut best = (0.0, String::new());
     for per_commit in [10_000, 100_000, rows.len()] {
         for or_ignore in [false, true] {
-            let rate = sqlite_reference(rows, per_commit, or_ignore).await;
-            let how = format!(
-                "{} {per_commit} rows per transaction",
-                if or_ignore {
-                    "INSERT OR IGNORE"
-                } else {
-                    "INSERT"
+            for scheduling in [Scheduling::Normal, Scheduling::Batch] {
+                let rate = sqlite_reference(rows, per_commit, or_ignore, scheduling);
+                let how = format!(
+                    "{} {per_commit} rows per transaction, {scheduling:?} scheduling",
+                    if or_ignore {
+                        "INSERT OR IGNORE"
+                    } else {
+                        "INSERT"
+                    }
+                );
+                println!("  reference sqlite, {how}: {rate:.0} rows/s");
+                if rate > best.0 {
+                    best = (rate, how);
                 }
-            );
-            println!("  reference sqlite, {how}: {rate:.0} rows/s");
-            if rate > best.0 {
-                best = (rate, how);
             }
         }
     }
@@ -769,7 +803,7 @@ async fn against_reference(store: &str, pairs: usize, clients: usize, size: usiz
                 (parallel, "4 parallel COPY".to_owned())
             }
         } else {
-            best_sqlite_reference(&rows).await
+            best_sqlite_reference(&rows)
         };
         let ratio = collector / reference;
         println!(
@@ -902,8 +936,21 @@ options:
   --store S     optout's store (sqlite or postgres)
   --changes N   optout's consent changes (default 50)";
 
-#[tokio::main]
-async fn main() {
+fn main() {
+    // The server child runs its threads as the launcher does (the `scheduling` setting's default,
+    // set before the runtime starts them); the load generator and the references keep the
+    // kernel's default (the references also run under each scheduling, in threads of their own).
+    if std::env::args().any(|a| a == "--serve") {
+        sightline_runtime::sched::apply(sightline_runtime::Settings::default().scheduling).unwrap();
+    }
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(run());
+}
+
+async fn run() {
     sightline_tests::bench::command_line(
         USAGE,
         &[
@@ -950,7 +997,7 @@ async fn main() {
             collector_run(&target, clients, size, seconds).await;
         }
         "reference-sqlite" | "baseline-sqlite" => {
-            let (rate, how) = best_sqlite_reference(&rows(arg("--rows", 500_000) as usize)).await;
+            let (rate, how) = best_sqlite_reference(&rows(arg("--rows", 500_000) as usize));
             println!("reference sqlite: {rate:.0} rows/s ({how})");
         }
         "reference-postgres" | "baseline-postgres" => {
@@ -992,6 +1039,7 @@ async fn main() {
             std::process::exit(2);
         }
     }
+    drop_stores().await;
 }
 
 #[cfg(test)]

@@ -273,10 +273,14 @@ impl SqlStore {
         for org in orgs {
             Self::lock_org(&mut tx, org, false).await?;
         }
+        let live = |batch: &Batch| {
+            current(&batch.org_id, &batch.instance_id) == u64::try_from(batch.policy_revision).ok()
+        };
         let mut outcomes = Vec::with_capacity(batches.len());
+        // Hours with new samples, marked for the rollups in one statement at the end.
+        let mut dirty_hours = BTreeSet::new();
         for batch in batches {
-            let revision = u64::try_from(batch.policy_revision).ok();
-            if current(&batch.org_id, &batch.instance_id) != revision {
+            if !live(batch) {
                 outcomes.push(BatchOutcome::Stale);
                 continue;
             }
@@ -286,7 +290,6 @@ impl SqlStore {
                 return Ok(Attempt::Careful);
             };
             let mut rows = Vec::with_capacity(batch.rows.len());
-            let mut hours = BTreeSet::new();
             let mut days = BTreeSet::new();
             for (row, inserted) in batch.rows.iter().zip(inserted) {
                 if !inserted {
@@ -302,25 +305,29 @@ impl SqlStore {
                     continue;
                 }
                 if row.kind == KIND_METRIC {
-                    hours.insert(row.occurred_at.div_euclid(HOUR_MS) * HOUR_MS);
+                    dirty_hours.insert((
+                        batch.instance_id.as_str(),
+                        row.occurred_at.div_euclid(HOUR_MS) * HOUR_MS,
+                        batch.org_id.as_str(),
+                    ));
                 }
                 rows.push(RowOutcome::Stored);
-            }
-            for hour in hours {
-                sql::query(
-                    "INSERT INTO rollup_dirty (instance_id, hour, org_id) VALUES ($1, $2,
-                    $3) ON CONFLICT (instance_id, hour) DO NOTHING",
-                )
-                .bind(&batch.instance_id)
-                .bind(hour)
-                .bind(&batch.org_id)
-                .execute(&mut tx)
-                .await?;
             }
             for day in days {
                 Self::mark_view_day(&mut tx, &batch.org_id, &batch.instance_id, day).await?;
             }
             outcomes.push(BatchOutcome::Committed(rows));
+        }
+        if !dirty_hours.is_empty() {
+            let mut query = sql::Builder::new(
+                tx.backend(),
+                "INSERT INTO rollup_dirty (instance_id, hour, org_id) ",
+            );
+            query.push_values(&dirty_hours, |b, (instance, hour, org)| {
+                b.push_bind(*instance).push_bind(*hour).push_bind(*org);
+            });
+            query.push(" ON CONFLICT (instance_id, hour) DO NOTHING");
+            query.build().execute(&mut tx).await?;
         }
         // The fence, then the revisions again: a change applied since the start is seen
         // here (and sends this try back), one not applied yet waits for this commit.
