@@ -1432,19 +1432,33 @@ pub mod bench {
     /// A load generator's server side in a child process of its own (this binary run with
     /// `--serve <target>`), so its CPU time and memory are read apart from the generator's. The
     /// child prints `READY <addr> <words…>` once serving and stops when its stdin closes.
+    ///
+    /// Its stores live in a directory this side owns (the child's TMPDIR), removed when the child
+    /// has ended, however it ended: a child's store holds hundreds of megabytes after a run, and
+    /// a killed child removes nothing itself.
     #[derive(Debug)]
     pub struct Child {
         child: std::process::Child,
         pub addr: std::net::SocketAddr,
         /// What the child said after its address (credentials, ids).
         pub words: Vec<String>,
+        /// Dropped after the child has ended (fields drop after `Drop::drop`).
+        _scratch: tempfile::TempDir,
     }
+
+    /// How long a child has to stop by itself once its stdin closes, before it is killed.
+    const CHILD_STOP: std::time::Duration = std::time::Duration::from_secs(20);
 
     impl Child {
         pub fn spawn(target: &str) -> Self {
             use std::io::BufRead;
+            let scratch = tempfile::Builder::new()
+                .permissions(std::os::unix::fs::PermissionsExt::from_mode(0o700))
+                .tempdir()
+                .unwrap();
             let mut child = std::process::Command::new(std::env::current_exe().unwrap())
                 .args(["--serve", target])
+                .env("TMPDIR", scratch.path())
                 .stdin(std::process::Stdio::piped())
                 .stdout(std::process::Stdio::piped())
                 .spawn()
@@ -1456,7 +1470,12 @@ pub mod bench {
             let mut parts = line.split_whitespace().skip(1);
             let addr = parts.next().expect("READY line").parse().unwrap();
             let words = parts.map(str::to_owned).collect();
-            Self { child, addr, words }
+            Self {
+                child,
+                addr,
+                words,
+                _scratch: scratch,
+            }
         }
 
         /// CPU seconds the child has used (user + system).
@@ -1485,7 +1504,17 @@ pub mod bench {
     }
 
     impl Drop for Child {
+        /// Closes the child's stdin, so it stops and cleans up after itself (its PostgreSQL
+        /// schemas); kills it if it has not stopped within [`CHILD_STOP`].
         fn drop(&mut self) {
+            drop(self.child.stdin.take());
+            let asked = std::time::Instant::now();
+            while asked.elapsed() < CHILD_STOP {
+                match self.child.try_wait() {
+                    Ok(None) => std::thread::sleep(std::time::Duration::from_millis(20)),
+                    _ => return,
+                }
+            }
             let _ = self.child.kill();
             let _ = self.child.wait();
         }

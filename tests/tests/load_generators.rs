@@ -55,3 +55,39 @@ fn every_load_generator_refuses_an_unknown_argument_before_working() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("--seconds needs a value"));
 }
+
+/// A run of the ingest generator leaves nothing behind in the temporary directory: its server
+/// child's stores (hundreds of megabytes after a real run) go with the child, which is stopped by
+/// closing its stdin and killed only if it does not stop (the leak filled a machine's disk).
+#[test]
+fn the_ingest_generator_leaves_no_store_behind() {
+    let tmp = tempfile::Builder::new()
+        .permissions(std::os::unix::fs::PermissionsExt::from_mode(0o700))
+        .tempdir()
+        .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_bench_collect"))
+        .args([
+            "--target",
+            "discard",
+            "--seconds",
+            "1",
+            "--clients",
+            "2",
+            "--batch",
+            "10",
+        ])
+        .env("TMPDIR", tmp.path())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("events/s"));
+    let left: Vec<_> = std::fs::read_dir(tmp.path())
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert!(left.is_empty(), "left behind: {left:?}");
+}
