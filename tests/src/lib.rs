@@ -1424,6 +1424,14 @@ pub mod bench {
         (limits, linker, consent)
     }
 
+    /// Drops the PostgreSQL schemas this process made (a benchmark's stores hold gigabytes);
+    /// every load generator calls it when it is done.
+    pub async fn drop_stores() {
+        if let Err(e) = sightline_runtime::testing::drop_schemas_made_here().await {
+            eprintln!("the benchmark's PostgreSQL schemas were not all dropped: {e}");
+        }
+    }
+
     /// The `p` quantile (0 to 1) of sorted samples, nearest rank.
     pub fn percentile(sorted: &[f64], p: f64) -> f64 {
         sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]

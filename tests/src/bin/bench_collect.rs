@@ -358,14 +358,7 @@ async fn serve(target: &str) {
     };
     sightline_tests::bench::serve_until_stdin_closes(format!("{} {}", t.addr, t.credential)).await;
     drop(t);
-    drop_stores().await;
-}
-
-/// Drops the PostgreSQL schemas this process made: a run's stores hold a gigabyte or more each.
-async fn drop_stores() {
-    if let Err(e) = sightline_runtime::testing::drop_schemas_made_here().await {
-        eprintln!("the benchmark's PostgreSQL schemas were not all dropped: {e}");
-    }
+    sightline_tests::bench::drop_stores().await;
 }
 
 async fn channel(addr: std::net::SocketAddr) -> Channel {
@@ -1043,7 +1036,7 @@ async fn run() {
             std::process::exit(2);
         }
     }
-    drop_stores().await;
+    sightline_tests::bench::drop_stores().await;
 }
 
 #[cfg(test)]

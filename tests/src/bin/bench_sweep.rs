@@ -208,4 +208,5 @@ async fn main() {
     for mode in args.modes.clone() {
         run(&args, mode).await;
     }
+    sightline_tests::bench::drop_stores().await;
 }

@@ -166,4 +166,5 @@ async fn main() {
         connections
     );
     linker.stop().await;
+    sightline_tests::bench::drop_stores().await;
 }

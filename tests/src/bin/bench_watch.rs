@@ -132,4 +132,5 @@ async fn main() {
         percentile(&call_ms, 0.50),
         percentile(&call_ms, 0.99),
     );
+    sightline_tests::bench::drop_stores().await;
 }
