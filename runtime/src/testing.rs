@@ -109,6 +109,13 @@ fn schema_created_ms(name: &str) -> Option<i64> {
     i64::from_str_radix(&hex[..12], 16).ok()
 }
 
+/// A new temporary directory only its owner can enter (mode 0700), removed when dropped.
+pub fn private_tempdir() -> std::io::Result<tempfile::TempDir> {
+    tempfile::Builder::new()
+        .permissions(std::os::unix::fs::PermissionsExt::from_mode(0o700))
+        .tempdir()
+}
+
 /// A backend a store's conformance suite runs on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Backend {
@@ -125,9 +132,7 @@ impl Backend {
     pub async fn fresh_url(self, name: &str) -> Result<(String, Guard), sqlx::Error> {
         Ok(match self {
             Backend::Sqlite => {
-                let dir = tempfile::Builder::new()
-                    .permissions(std::os::unix::fs::PermissionsExt::from_mode(0o700))
-                    .tempdir()?;
+                let dir = private_tempdir()?;
                 let url = crate::storage::default_sqlite_url(dir.path(), name);
                 (url, Some(dir))
             }

@@ -1460,10 +1460,7 @@ pub mod bench {
     impl Child {
         pub fn spawn(target: &str) -> Self {
             use std::io::BufRead;
-            let scratch = tempfile::Builder::new()
-                .permissions(std::os::unix::fs::PermissionsExt::from_mode(0o700))
-                .tempdir()
-                .unwrap();
+            let scratch = sightline_runtime::testing::private_tempdir().unwrap();
             let mut child = std::process::Command::new(std::env::current_exe().unwrap())
                 .args(["--serve", target])
                 .env("TMPDIR", scratch.path())

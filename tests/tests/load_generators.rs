@@ -61,10 +61,7 @@ fn every_load_generator_refuses_an_unknown_argument_before_working() {
 /// closing its stdin and killed only if it does not stop (the leak filled a machine's disk).
 #[test]
 fn the_ingest_generator_leaves_no_store_behind() {
-    let tmp = tempfile::Builder::new()
-        .permissions(std::os::unix::fs::PermissionsExt::from_mode(0o700))
-        .tempdir()
-        .unwrap();
+    let tmp = sightline_runtime::testing::private_tempdir().unwrap();
     let out = Command::new(env!("CARGO_BIN_EXE_bench_collect"))
         .args([
             "--target",
