@@ -91,9 +91,7 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     if !matches!(cli.command, Command::Health { .. } | Command::Init { .. }) {
         // Settings that do not load fail the command below, with their own message.
-        let scheduling = sightline_runtime::Settings::load(cli.config.as_deref())
-            .map(|s| s.scheduling)
-            .unwrap_or_default();
+        let scheduling = sightline_runtime::sched::Scheduling::configured(cli.config.as_deref());
         let _ = SCHEDULED.set((scheduling, sightline_runtime::sched::apply(scheduling)));
     }
     tokio::runtime::Builder::new_multi_thread()

@@ -21,6 +21,16 @@ pub enum Scheduling {
     Normal,
 }
 
+impl Scheduling {
+    /// The setting as the settings file (if any) and `SIGHTLINE_*` give it; the default when they
+    /// do not load (what does not load is reported by whoever loads them for real).
+    pub fn configured(file: Option<&std::path::Path>) -> Self {
+        crate::Settings::load(file)
+            .map(|s| s.scheduling)
+            .unwrap_or_default()
+    }
+}
+
 /// Puts the calling thread under `scheduling`, keeping its nice value. Threads it starts afterwards
 /// inherit the policy, so a process calls this on its main thread before it starts any other
 /// (before its async runtime). Other platforms than Linux keep their default.

@@ -4,6 +4,8 @@
 
 use sqlx::Connection;
 
+use crate::clock::Clock as _;
+
 /// The database tests use: `SIGHTLINE_TEST_POSTGRES_URL`, or the local `test` database.
 pub fn postgres_base_url() -> String {
     std::env::var("SIGHTLINE_TEST_POSTGRES_URL")
@@ -29,10 +31,7 @@ pub async fn fresh_postgres_url() -> Result<String, sqlx::Error> {
     let mut conn = sqlx::PgConnection::connect(&base).await?;
     static CLEANED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
     if !CLEANED.swap(true, std::sync::atomic::Ordering::Relaxed) {
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
-        drop_stale_schemas(&mut conn, now).await;
+        drop_stale_schemas(&mut conn, crate::clock::SystemClock.now_ms()).await;
     }
     sqlx::query(sqlx::AssertSqlSafe(format!("CREATE SCHEMA {schema}")))
         .execute(&mut conn)
@@ -62,13 +61,19 @@ pub async fn drop_schemas_made_here() -> Result<(), sqlx::Error> {
     }
     let mut conn = sqlx::PgConnection::connect(&postgres_base_url()).await?;
     for schema in made {
-        sqlx::query(sqlx::AssertSqlSafe(format!(
-            "DROP SCHEMA IF EXISTS {schema} CASCADE"
-        )))
-        .execute(&mut conn)
-        .await?;
+        drop_schema(&mut conn, &schema).await?;
     }
     conn.close().await
+}
+
+/// Drops a schema named by [`fresh_postgres_url`] with what it holds (gone already is fine).
+async fn drop_schema(conn: &mut sqlx::PgConnection, schema: &str) -> Result<(), sqlx::Error> {
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "DROP SCHEMA IF EXISTS {schema} CASCADE"
+    )))
+    .execute(conn)
+    .await
+    .map(drop)
 }
 
 /// How old a test schema is when the next test run drops it: no test or benchmark runs this long,
@@ -76,10 +81,10 @@ pub async fn drop_schemas_made_here() -> Result<(), sqlx::Error> {
 /// a gigabyte or more).
 const STALE_SCHEMA_MS: i64 = 6 * 60 * 60 * 1000;
 
-/// Drops the schemas [`fresh_postgres_url`] made more than [`STALE_SCHEMA_MS`] before `now_ms` (a schema's
-/// name carries its UUIDv7, whose first 48 bits are its creation time in Unix ms). Once per
-/// process (the first call of [`fresh_postgres_url`]); best effort: a schema another process drops
-/// at the same time is skipped.
+/// Drops the schemas [`fresh_postgres_url`] made more than [`STALE_SCHEMA_MS`] before `now_ms` (a
+/// schema's name carries its UUIDv7, whose first 48 bits are its creation time in Unix ms). Once
+/// per process (the first call of [`fresh_postgres_url`]); best effort: a schema another process
+/// drops at the same time is skipped.
 async fn drop_stale_schemas(conn: &mut sqlx::PgConnection, now_ms: i64) {
     let Ok(names) = sqlx::query_scalar::<_, String>(
         "SELECT nspname::text FROM pg_namespace WHERE nspname LIKE 't\\_%'",
@@ -91,11 +96,7 @@ async fn drop_stale_schemas(conn: &mut sqlx::PgConnection, now_ms: i64) {
     };
     for name in names {
         if schema_created_ms(&name).is_some_and(|at| now_ms - at > STALE_SCHEMA_MS) {
-            let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
-                "DROP SCHEMA IF EXISTS {name} CASCADE"
-            )))
-            .execute(&mut *conn)
-            .await;
+            let _ = drop_schema(conn, &name).await;
         }
     }
 }
@@ -170,10 +171,7 @@ mod tests {
         let url = fresh_postgres_url().await.unwrap();
         let live = url.rsplit("%3D").next().unwrap().to_owned();
         let made = schema_created_ms(&live).unwrap();
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_millis() as i64;
+        let now = crate::clock::SystemClock.now_ms();
         assert!(
             (now - made).abs() < 60_000,
             "{live} was made at {made}, now is {now}"
@@ -212,9 +210,6 @@ mod tests {
         drop_stale_schemas(&mut conn, now).await;
         assert!(!exists(&mut conn, &stale).await, "{stale} is left over");
         assert!(exists(&mut conn, &live).await, "{live} is in use");
-        sqlx::query(sqlx::AssertSqlSafe(format!("DROP SCHEMA {live} CASCADE")))
-            .execute(&mut conn)
-            .await
-            .unwrap();
+        drop_schema(&mut conn, &live).await.unwrap();
     }
 }

@@ -1486,15 +1486,14 @@ pub mod bench {
         /// CPU seconds the child has used (user + system).
         pub fn cpu_seconds(&self) -> f64 {
             let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.child.id())).unwrap();
-            let fields: Vec<&str> = stat
-                .rsplit_once(')')
-                .unwrap()
-                .1
-                .split_whitespace()
-                .collect();
-            let ticks: f64 =
-                fields[11].parse::<f64>().unwrap() + fields[12].parse::<f64>().unwrap();
-            ticks / 100.0
+            // utime and stime, in clock ticks.
+            let ticks = |n| {
+                sightline_runtime::sched::stat_field(&stat, n)
+                    .unwrap()
+                    .parse::<f64>()
+                    .unwrap()
+            };
+            (ticks(14) + ticks(15)) / 100.0
         }
 
         /// The child's peak resident memory so far (VmHWM), MiB.
@@ -1517,7 +1516,8 @@ pub mod bench {
             while asked.elapsed() < CHILD_STOP {
                 match self.child.try_wait() {
                     Ok(None) => std::thread::sleep(std::time::Duration::from_millis(20)),
-                    _ => return,
+                    Ok(Some(_)) => return,
+                    Err(_) => break,
                 }
             }
             let _ = self.child.kill();

@@ -931,15 +931,13 @@ options:
 
 fn main() {
     // The server child runs its threads as the launcher does (the `scheduling` setting, batch
-    // unless SIGHTLINE_SCHEDULING says otherwise, set before the runtime starts them). The load generator's threads run under batch too: they
-    // stand for clients on other machines, and a generator thread that wakes on the server's core
-    // would preempt its writer as no remote client can (4 alternated runs: 102,187 · 99,422 ·
-    // 95,105 · 104,095 events/s against 91,353 · 97,151 · 98,226 · 98,197 under normal). The
-    // references run under each scheduling, in threads of their own, and keep the faster.
-    let scheduling = sightline_runtime::Settings::load(None)
-        .map(|s| s.scheduling)
-        .unwrap_or_default();
-    sightline_runtime::sched::apply(scheduling).unwrap();
+    // unless SIGHTLINE_SCHEDULING says otherwise, set before the runtime starts them). The load
+    // generator's threads run under it too: they stand for clients on other machines, and a
+    // generator thread that wakes on the server's core would preempt its writer as no remote
+    // client can (4 alternated runs: 102,187 · 99,422 · 95,105 · 104,095 events/s against
+    // 91,353 · 97,151 · 98,226 · 98,197 under normal). The references run under each scheduling,
+    // in threads of their own, and keep the faster.
+    sightline_runtime::sched::apply(Scheduling::configured(None)).unwrap();
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
