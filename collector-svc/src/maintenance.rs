@@ -632,7 +632,11 @@ impl Maintenance {
     /// Settles staged changes left by a crash, in every open store.
     pub async fn recover(&self) {
         for (_, opened) in self.stores.open_now() {
-            if let Err(error) = self.auditor.recover(opened.store.as_ref()).await {
+            if let Err(error) = self
+                .auditor
+                .recover(opened.store.as_ref(), self.clock.now_ms())
+                .await
+            {
                 tracing::warn!(%error, "cannot settle staged changes");
             }
         }

@@ -189,7 +189,9 @@ impl Maintenance {
         let now = self.api.clock.now_ms();
         let mut total = Removed::default();
         for (_, store) in self.api.stores.open_now() {
-            self.auditor.recover(store.as_ref()).await?;
+            self.auditor
+                .recover(store.as_ref(), self.api.clock.now_ms())
+                .await?;
             for org_id in store.orgs().await? {
                 let Some(policy) = self.api.policies.policy(&org_id, None)? else {
                     continue;
@@ -234,7 +236,9 @@ impl Maintenance {
         let _pass = self.passes.lock().await;
         let stores = self.api.stores.open_now();
         for (_, store) in &stores {
-            self.auditor.recover(store.as_ref()).await?;
+            self.auditor
+                .recover(store.as_ref(), self.api.clock.now_ms())
+                .await?;
         }
         let mut applied = 0;
         for (policy, instances) in self.api.policies.all() {

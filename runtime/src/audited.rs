@@ -17,6 +17,12 @@
 //! staged is settled by [`Auditor::recover`], at start and on a schedule; a service settles an org's
 //! earlier staged changes before making a new one, so changes apply in order.
 //!
+//! Resolving fences a key whose entry is not in the log, so a recovery pass must never resolve a
+//! change whose append may still land: that would fail a call that was about to succeed. A pass
+//! leaves alone what this process is committing right now, and a scheduled pass also what is
+//! younger than [`COMMIT_LEASE`] (another replica on the same store may be committing it: its
+//! append ends within the lease, or is refused by linker-svc at its deadline).
+//!
 //! A call whose deadline leaves too little time for the append is refused before anything is
 //! appended (DEADLINE_EXCEEDED, nothing stored). A client that gives up while an append it started is
 //! in flight may still see its change applied: no protocol can undo a commit the client stopped
@@ -197,8 +203,64 @@ pub struct Settled {
     pub discarded: u32,
     /// Left staged because the audit log or the store did not answer.
     pub unresolved: u32,
+    /// Left to their committer: in flight in this process, or (on a scheduled pass) younger than
+    /// the lease.
+    pub in_flight: u32,
     /// Orgs whose state changed (a change was applied): their services publish anew.
     pub changed_orgs: Vec<String>,
+}
+
+/// The longest an append may take, counted from when its change is staged.
+pub const APPEND_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How long after it was staged (by its `staged_at_ms`) a change may still be in flight on some
+/// replica: the append's limit, and a margin for the request in transit and for the replicas' clocks.
+/// A scheduled recovery pass settles only older changes.
+pub const COMMIT_LEASE: Duration = Duration::from_secs(15);
+
+/// The changes this process is committing (staged, their append not answered yet).
+#[derive(Debug, Clone, Default)]
+struct InFlight(Arc<std::sync::Mutex<std::collections::HashSet<String>>>);
+
+impl InFlight {
+    fn ids(&self) -> std::sync::MutexGuard<'_, std::collections::HashSet<String>> {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Marks `change_id` in flight until the returned guard drops (the commit ended or was cancelled).
+    fn enter(&self, change_id: &str) -> InFlightGuard {
+        self.ids().insert(change_id.to_owned());
+        InFlightGuard {
+            set: self.clone(),
+            change_id: change_id.to_owned(),
+        }
+    }
+
+    fn contains(&self, change_id: &str) -> bool {
+        self.ids().contains(change_id)
+    }
+}
+
+struct InFlightGuard {
+    set: InFlight,
+    change_id: String,
+}
+
+impl Drop for InFlightGuard {
+    fn drop(&mut self) {
+        self.set.ids().remove(&self.change_id);
+    }
+}
+
+/// Which staged changes a settling pass may resolve (besides never those in flight here).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Reach {
+    /// Every one: an org's earlier changes, before its next one is made.
+    All,
+    /// Those staged at this time (ms) or before: the rest may be in flight on another replica.
+    StagedBefore(i64),
 }
 
 /// Runs the protocol.
@@ -207,9 +269,10 @@ pub struct Auditor {
     log: Arc<dyn AuditLog>,
     /// Time kept back from a call's deadline for applying the change after the append.
     margin: Duration,
-    /// The longest an append may take.
+    /// The longest an append may take, from the start of its commit.
     append_timeout: Duration,
     resolve_timeout: Duration,
+    in_flight: InFlight,
 }
 
 impl Auditor {
@@ -217,28 +280,59 @@ impl Auditor {
         Self {
             log,
             margin: Duration::from_millis(20),
-            append_timeout: Duration::from_secs(10),
+            append_timeout: APPEND_TIMEOUT,
             resolve_timeout: Duration::from_secs(2),
+            in_flight: InFlight::default(),
         }
     }
 
     /// Stages, appends and applies one change; see the module docs. Call with the org's earlier
-    /// staged changes settled ([`Auditor::settle_org`]).
+    /// staged changes settled ([`Auditor::settle_org`]), and with the change made now (its
+    /// `staged_at_ms` starts its lease).
     pub async fn commit(
         &self,
         changes: &dyn ChangeLog,
         change: StagedChange,
         deadline: Option<Instant>,
     ) -> Result<(), CommitError> {
+        let started = Instant::now();
         let Some(budget) = self.budget(deadline) else {
             return Err(CommitError::DeadlineExceeded);
         };
+        let _in_flight = self.in_flight.enter(&change.change_id);
         changes.stage(&change).await.map_err(CommitError::Store)?;
+        // The append ends within the budget counted from the start, not from now: staging took part
+        // of it, and the deadline and the lease do not move.
+        let budget = match budget.checked_sub(started.elapsed()) {
+            Some(left) if left > self.margin => left,
+            _ => {
+                self.discard(changes, &change).await?;
+                return Err(if deadline.is_some_and(|d| Instant::now() >= d) {
+                    CommitError::DeadlineExceeded
+                } else {
+                    CommitError::Unavailable {
+                        message: "the store took the time the audit log needed".into(),
+                        settling: false,
+                    }
+                });
+            }
+        };
         let appended = self
             .log
             .append(&change.entry, &change.change_id, budget)
             .await;
         let logged = match appended {
+            // Fenced before the append arrived: a recovery pass (of another replica, at its start or
+            // settling the org) took the change for abandoned.
+            Ok(Logged::Fenced) => {
+                self.discard(changes, &change).await?;
+                return Err(CommitError::Unavailable {
+                    message: "the change was settled as not made while its audit entry was on \
+                              its way; nothing changed, try again"
+                        .into(),
+                    settling: false,
+                });
+            }
             Ok(logged) => Ok(logged),
             Err(AuditLogError::Unknown(why)) => {
                 match self
@@ -292,8 +386,8 @@ impl Auditor {
         changes: &dyn ChangeLog,
         org_id: &str,
     ) -> Result<Settled, CommitError> {
-        let settled = self.settle(changes, Some(org_id)).await?;
-        if settled.unresolved > 0 {
+        let settled = self.settle(changes, Some(org_id), Reach::All).await?;
+        if settled.unresolved > 0 || settled.in_flight > 0 {
             return Err(CommitError::Unavailable {
                 message: "an earlier change of this org is not settled yet".into(),
                 settling: true,
@@ -302,18 +396,37 @@ impl Auditor {
         Ok(settled)
     }
 
-    /// Settles every staged change it can: at start, and on a schedule.
-    pub async fn recover(&self, changes: &dyn ChangeLog) -> Result<Settled, CommitError> {
-        self.settle(changes, None).await
+    /// Settles every staged change it can whose commit has ended: at start, and on a schedule.
+    /// `now_ms` is the service clock's time; changes staged within [`COMMIT_LEASE`] of it are left
+    /// to their committer, here or on another replica.
+    pub async fn recover(
+        &self,
+        changes: &dyn ChangeLog,
+        now_ms: i64,
+    ) -> Result<Settled, CommitError> {
+        let lease = i64::try_from(COMMIT_LEASE.as_millis()).unwrap_or(i64::MAX);
+        self.settle(
+            changes,
+            None,
+            Reach::StagedBefore(now_ms.saturating_sub(lease)),
+        )
+        .await
     }
 
     async fn settle(
         &self,
         changes: &dyn ChangeLog,
         org_id: Option<&str>,
+        reach: Reach,
     ) -> Result<Settled, CommitError> {
         let mut settled = Settled::default();
         for change in changes.staged(org_id).await.map_err(CommitError::Store)? {
+            let young =
+                matches!(reach, Reach::StagedBefore(before) if change.staged_at_ms > before);
+            if young || self.in_flight.contains(&change.change_id) {
+                settled.in_flight += 1;
+                continue;
+            }
             match self
                 .log
                 .resolve(&change.org_id, &change.change_id, self.resolve_timeout)
@@ -341,7 +454,7 @@ impl Auditor {
                 }
             }
         }
-        if settled != Settled::default() {
+        if settled.applied + settled.discarded + settled.unresolved > 0 {
             tracing::info!(
                 applied = settled.applied,
                 discarded = settled.discarded,
@@ -619,6 +732,229 @@ mod tests {
             .budget(Some(Instant::now() + Duration::from_secs(1)))
             .unwrap();
         assert!(roomy < Duration::from_secs(1) && roomy > Duration::from_millis(900));
+    }
+
+    /// A store's staged changes and applied changes, in memory.
+    #[derive(Debug, Default)]
+    struct Changes {
+        staged: std::sync::Mutex<Vec<StagedChange>>,
+        applied: std::sync::Mutex<Vec<String>>,
+        /// How long staging takes.
+        stage_takes: Duration,
+    }
+
+    #[async_trait]
+    impl ChangeLog for Changes {
+        async fn stage(&self, change: &StagedChange) -> Result<(), ChangeLogError> {
+            tokio::time::sleep(self.stage_takes).await;
+            self.staged.lock().unwrap().push(change.clone());
+            Ok(())
+        }
+        async fn apply(&self, change: &StagedChange) -> Result<(), ChangeLogError> {
+            let mut staged = self.staged.lock().unwrap();
+            if let Some(at) = staged.iter().position(|c| c.change_id == change.change_id) {
+                staged.remove(at);
+                self.applied.lock().unwrap().push(change.change_id.clone());
+            }
+            Ok(())
+        }
+        async fn discard(&self, change_id: &str) -> Result<(), ChangeLogError> {
+            self.staged
+                .lock()
+                .unwrap()
+                .retain(|c| c.change_id != change_id);
+            Ok(())
+        }
+        async fn staged(&self, _: Option<&str>) -> Result<Vec<StagedChange>, ChangeLogError> {
+            Ok(self.staged.lock().unwrap().clone())
+        }
+    }
+
+    /// An audit log whose appends wait for `open` once they have arrived (`arrived`).
+    #[derive(Debug)]
+    struct HeldLog {
+        /// Key → whether it is in the log (true) or fenced (false).
+        keys: std::sync::Mutex<std::collections::HashMap<String, bool>>,
+        arrived: tokio::sync::Notify,
+        open: tokio::sync::Semaphore,
+        appends: std::sync::atomic::AtomicU32,
+    }
+
+    impl Default for HeldLog {
+        fn default() -> Self {
+            Self {
+                keys: Default::default(),
+                arrived: tokio::sync::Notify::new(),
+                open: tokio::sync::Semaphore::new(0),
+                appends: Default::default(),
+            }
+        }
+    }
+
+    #[async_trait]
+    impl AuditLog for HeldLog {
+        async fn append(
+            &self,
+            _: &AuditEntry,
+            key: &str,
+            _: Duration,
+        ) -> Result<Logged, AuditLogError> {
+            self.appends
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            self.arrived.notify_one();
+            drop(self.open.acquire().await.unwrap());
+            let mut keys = self.keys.lock().unwrap();
+            Ok(match *keys.entry(key.to_owned()).or_insert(true) {
+                true => Logged::Appended,
+                false => Logged::Fenced,
+            })
+        }
+        async fn resolve(&self, _: &str, key: &str, _: Duration) -> Result<Logged, AuditLogError> {
+            let mut keys = self.keys.lock().unwrap();
+            Ok(match *keys.entry(key.to_owned()).or_insert(false) {
+                true => Logged::Appended,
+                false => Logged::Fenced,
+            })
+        }
+    }
+
+    fn change(staged_at_ms: i64) -> StagedChange {
+        StagedChange::new(
+            AuditEntry {
+                org_id: "org".into(),
+                actor: "admin".into(),
+                action: "test.changed".into(),
+                target: "t".into(),
+                attributes: BTreeMap::new(),
+            },
+            "{}".into(),
+            staged_at_ms,
+        )
+    }
+
+    const LEASE_MS: i64 = COMMIT_LEASE.as_millis() as i64;
+
+    #[tokio::test]
+    async fn no_recovery_pass_fences_a_change_this_process_is_committing() {
+        let log = Arc::new(HeldLog::default());
+        let auditor = Auditor::new(log.clone());
+        let changes = Arc::new(Changes::default());
+        let made = change(1_000);
+        let committing = tokio::spawn({
+            let (auditor, changes, made) = (auditor.clone(), changes.clone(), made.clone());
+            async move { auditor.commit(changes.as_ref(), made, None).await }
+        });
+        log.arrived.notified().await;
+        // Its append is on its way: a scheduled pass long past its lease, and the org's settling
+        // before another change, both leave it to its committer.
+        let settled = auditor
+            .recover(changes.as_ref(), 1_000 + 10 * LEASE_MS)
+            .await
+            .unwrap();
+        assert_eq!(
+            (settled.in_flight, settled.discarded),
+            (1, 0),
+            "{settled:?}"
+        );
+        assert!(matches!(
+            auditor.settle_org(changes.as_ref(), "org").await,
+            Err(CommitError::Unavailable { settling: true, .. })
+        ));
+        log.open.add_permits(1);
+        committing.await.unwrap().unwrap();
+        assert_eq!(*changes.applied.lock().unwrap(), vec![made.change_id]);
+        assert!(changes.staged.lock().unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_change_another_replica_fenced_first_is_discarded_and_the_call_says_so() {
+        let log = Arc::new(HeldLog::default());
+        let auditor = Auditor::new(log.clone());
+        let changes = Arc::new(Changes::default());
+        let made = change(1_000);
+        let committing = tokio::spawn({
+            let (auditor, changes, made) = (auditor.clone(), changes.clone(), made.clone());
+            async move { auditor.commit(changes.as_ref(), made, None).await }
+        });
+        log.arrived.notified().await;
+        let fenced = log
+            .resolve("org", &made.change_id, Duration::from_secs(1))
+            .await;
+        assert_eq!(fenced, Ok(Logged::Fenced));
+        log.open.add_permits(1);
+        let Err(CommitError::Unavailable { message, settling }) = committing.await.unwrap() else {
+            panic!("a fenced change is not applied");
+        };
+        assert!(
+            !settling && message.contains("settled as not made"),
+            "{message}"
+        );
+        assert!(changes.staged.lock().unwrap().is_empty());
+        assert!(changes.applied.lock().unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_scheduled_pass_settles_a_change_only_once_its_lease_has_run_out() {
+        let log = Arc::new(HeldLog::default());
+        let auditor = Auditor::new(log.clone());
+        let changes = Changes::default();
+        // Left staged by a crash (or in flight on another replica): one whose entry made it, one
+        // whose entry did not.
+        let logged = change(1_000);
+        let lost = change(1_000);
+        log.keys
+            .lock()
+            .unwrap()
+            .insert(logged.change_id.clone(), true);
+        changes.stage(&logged).await.unwrap();
+        changes.stage(&lost).await.unwrap();
+        let young = auditor
+            .recover(&changes, 1_000 + LEASE_MS - 1)
+            .await
+            .unwrap();
+        assert_eq!((young.in_flight, young.applied, young.discarded), (2, 0, 0));
+        assert!(
+            !log.keys.lock().unwrap().contains_key(&lost.change_id),
+            "nothing fenced within the lease"
+        );
+        let old = auditor.recover(&changes, 1_000 + LEASE_MS).await.unwrap();
+        assert_eq!(
+            (old.in_flight, old.applied, old.discarded),
+            (0, 1, 1),
+            "{old:?}"
+        );
+        assert_eq!(*changes.applied.lock().unwrap(), vec![logged.change_id]);
+        assert_eq!(log.keys.lock().unwrap().get(&lost.change_id), Some(&false));
+    }
+
+    #[tokio::test]
+    async fn an_org_settles_its_earlier_changes_whatever_their_age() {
+        let log = Arc::new(HeldLog::default());
+        let auditor = Auditor::new(log.clone());
+        let changes = Changes::default();
+        let lost = change(1_000);
+        changes.stage(&lost).await.unwrap();
+        let settled = auditor.settle_org(&changes, "org").await.unwrap();
+        assert_eq!((settled.discarded, settled.in_flight), (1, 0));
+    }
+
+    #[tokio::test]
+    async fn staging_spends_the_appends_budget() {
+        let log = Arc::new(HeldLog::default());
+        log.open.add_permits(1);
+        let auditor = Auditor::new(log.clone());
+        let changes = Changes {
+            stage_takes: Duration::from_millis(300),
+            ..Changes::default()
+        };
+        let deadline = Instant::now() + Duration::from_millis(200);
+        let outcome = auditor
+            .commit(&changes, change(1_000), Some(deadline))
+            .await;
+        assert_eq!(outcome, Err(CommitError::DeadlineExceeded));
+        assert_eq!(log.appends.load(std::sync::atomic::Ordering::SeqCst), 0);
+        assert!(changes.staged.lock().unwrap().is_empty(), "discarded");
+        assert!(changes.applied.lock().unwrap().is_empty());
     }
 
     #[derive(Debug)]

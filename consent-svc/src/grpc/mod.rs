@@ -240,7 +240,11 @@ impl ConsentApi {
 
     /// Settles what a crash or a lost answer left staged, and publishes the orgs that changed.
     pub async fn recover(&self) {
-        match self.auditor.recover(self.store.as_ref()).await {
+        match self
+            .auditor
+            .recover(self.store.as_ref(), self.clock.now_ms())
+            .await
+        {
             Ok(settled) => {
                 for org_id in settled.changed_orgs {
                     self.publish(&org_id, Vec::new()).await;
