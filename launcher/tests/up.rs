@@ -188,6 +188,7 @@ fn under_umask_022_the_data_directory_is_0700_and_every_file_in_it_0600() {
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
+        .map(sightline_runtime::testing::Reaped)
         .unwrap();
     let mut stdout = BufReader::new(child.stdout.take().unwrap());
     let mut line = String::new();
@@ -395,7 +396,7 @@ fn every_thread_of_the_stack_runs_under_the_scheduling_setting() {
         assert!(
             threads
                 .iter()
-                .any(|(name, _)| name.starts_with("sqlx-sqlite")),
+                .any(|(name, _)| name == sightline_runtime::storage::WRITER_THREAD),
             "SQLite's threads are running: {threads:?}"
         );
         let other: Vec<_> = threads.iter().filter(|(_, p)| *p != expected).collect();

@@ -123,6 +123,7 @@ const CHECKPOINT_IDLE: Duration = Duration::from_secs(1);
 /// would hold writers back until readers finish. Starting the WAL over from its beginning is left to
 /// a writer's own checkpoint ([`WAL_AUTOCHECKPOINT`]), which then finds it copied back.
 async fn checkpointer(options: SqliteConnectOptions, stop: tokio_util::sync::CancellationToken) {
+    let options = options.thread_name(|_| "sqlite-checkpoint".to_owned());
     let mut connection = match sqlx::SqliteConnection::connect_with(&options).await {
         Ok(connection) => connection,
         Err(error) => {
@@ -170,6 +171,11 @@ pub fn default_sqlite_url(data_dir: &Path, service: &str) -> String {
 }
 
 /// Opens `url` and runs the matching migrations.
+/// The name of every SQLite writer connection's thread (in `top -H`, and for [`sched`]).
+///
+/// [`sched`]: crate::sched
+pub const WRITER_THREAD: &str = "sqlite-writer";
+
 pub async fn connect(url: &str, migrations: Migrations) -> Result<Database, StorageError> {
     if url.starts_with("sqlite:") {
         let options = SqliteConnectOptions::from_str(url)
@@ -205,7 +211,11 @@ pub async fn connect(url: &str, migrations: Migrations) -> Result<Database, Stor
         let pool = SqlitePoolOptions::new()
             .max_connections(8)
             .test_before_acquire(false)
-            .connect_with(options.clone())
+            .connect_with(
+                options
+                    .clone()
+                    .thread_name(|id| format!("sqlite-pool-{id}")),
+            )
             .await
             .map_err(StorageError::Connect)?;
         migrations.sqlite.run(&pool).await?;
@@ -216,7 +226,12 @@ pub async fn connect(url: &str, migrations: Migrations) -> Result<Database, Stor
             .idle_timeout(None)
             .max_lifetime(None)
             // Its commits are synced by `Tx::commit`, after SQLite returns (see [`SqliteDb`]).
-            .connect_with(options.clone().synchronous(SqliteSynchronous::Normal))
+            .connect_with(
+                options
+                    .clone()
+                    .synchronous(SqliteSynchronous::Normal)
+                    .thread_name(|_| WRITER_THREAD.to_owned()),
+            )
             .await
             .map_err(StorageError::Connect)?;
         let stop = tokio_util::sync::CancellationToken::new();

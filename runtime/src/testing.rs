@@ -117,6 +117,33 @@ pub fn private_tempdir() -> std::io::Result<tempfile::TempDir> {
         .tempdir()
 }
 
+/// A child process (a server a test started) killed and reaped when dropped, however the test
+/// holding it ends, a failed assertion included: a failed test leaves no server running.
+#[derive(Debug)]
+pub struct Reaped(pub std::process::Child);
+
+impl std::ops::Deref for Reaped {
+    type Target = std::process::Child;
+    fn deref(&self) -> &Self::Target {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Reaped {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.0
+    }
+}
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        if !matches!(self.0.try_wait(), Ok(Some(_))) {
+            let _ = self.0.kill();
+        }
+        let _ = self.0.wait();
+    }
+}
+
 /// A backend a store's conformance suite runs on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Backend {
@@ -163,6 +190,29 @@ pub fn zip_of(entries: &[(&str, &[u8])]) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A test that fails while it holds a server leaves no process behind.
+    #[test]
+    fn a_panic_holding_a_child_kills_and_reaps_it() {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let failed = std::thread::spawn(move || {
+            let child = std::process::Command::new("sleep")
+                .arg("600")
+                .spawn()
+                .map(Reaped)
+                .unwrap();
+            tx.send(child.id()).unwrap();
+            panic!("a failed assertion");
+        })
+        .join();
+        assert!(failed.is_err());
+        let pid = rx.recv().unwrap();
+        // Killed and reaped: not even a zombie is left under this pid.
+        assert!(
+            !std::path::Path::new(&format!("/proc/{pid}")).exists(),
+            "sleep {pid} still there"
+        );
+    }
 
     /// A test schema is named by its time; one made longer ago than any run is dropped by the next
     /// run, and one of a run still going is left alone.

@@ -7,22 +7,16 @@
 
 use std::io::BufRead;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 
 use sightline_tests::{companion_binary, form_post, http, sightline_binary};
 
 /// `sightline up` on ephemeral ports, logging JSON at info to a file.
 struct Up {
-    child: Child,
+    /// Killed when the test ends, however it ends.
+    _child: sightline_runtime::testing::Reaped,
     dir: tempfile::TempDir,
     addrs: Vec<(String, String)>,
-}
-
-impl Drop for Up {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 impl Up {
@@ -47,6 +41,7 @@ impl Up {
             .stdout(Stdio::piped())
             .stderr(Stdio::from(log))
             .spawn()
+            .map(sightline_runtime::testing::Reaped)
             .unwrap();
         let mut stdout = std::io::BufReader::new(child.stdout.take().unwrap());
         let mut addrs = Vec::new();
@@ -70,7 +65,11 @@ impl Up {
         }
         // The rest of the banner is never read; drain it so the stack never blocks on it.
         std::thread::spawn(move || std::io::copy(&mut stdout, &mut std::io::sink()));
-        Self { child, dir, addrs }
+        Self {
+            _child: child,
+            dir,
+            addrs,
+        }
     }
 
     fn addr(&self, name: &str) -> &str {

@@ -6,7 +6,9 @@
 
 use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Child, ChildStdout, Command, Stdio};
+use std::process::{ChildStdout, Command, Stdio};
+
+use sightline_runtime::testing::Reaped;
 
 pub(crate) fn grpcurl(args: &[&str]) -> String {
     let binary = std::env::var("GRPCURL").unwrap_or_else(|_| "grpcurl".to_owned());
@@ -24,7 +26,8 @@ pub(crate) fn grpcurl(args: &[&str]) -> String {
 
 /// A running `sightline up` on ephemeral ports, with its banner read.
 pub(crate) struct Up {
-    pub(crate) child: Child,
+    /// Killed when dropped: a failed test leaves no stack running.
+    pub(crate) child: Reaped,
     pub(crate) stdout: BufReader<ChildStdout>,
     pub(crate) banner: String,
     pub(crate) linker: String,
@@ -44,6 +47,7 @@ pub(crate) fn start_up(data: &Path, env: &[(&str, &str)]) -> Up {
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
+        .map(Reaped)
         .unwrap();
     let mut stdout = BufReader::new(child.stdout.take().unwrap());
     let mut banner = String::new();

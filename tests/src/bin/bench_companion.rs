@@ -39,7 +39,8 @@ fn spool_files(home: &Path) -> usize {
     sightline_companion::spool::usage(&home.join("analytics-logs")).1
 }
 
-fn run(home: &Path, upload_every_ms: &str) -> std::process::Child {
+/// The companion running; killed if the benchmark stops early.
+fn run(home: &Path, upload_every_ms: &str) -> sightline_runtime::testing::Reaped {
     Command::new(companion_binary())
         .args([
             "--home",
@@ -59,6 +60,7 @@ fn run(home: &Path, upload_every_ms: &str) -> std::process::Child {
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
+        .map(sightline_runtime::testing::Reaped)
         .unwrap()
 }
 
