@@ -149,8 +149,10 @@ fn sigterm_with_stalled_connections_exits_within_the_drain_limit() {
             assert!(status.success(), "{status:?}");
             break;
         }
+        // The verdict is the log line below; this bound only catches a drain that never ends,
+        // with room for a machine too busy to schedule the exit.
         assert!(
-            asked.elapsed() < Duration::from_secs(6),
+            asked.elapsed() < Duration::from_secs(60),
             "still running {:?} after SIGTERM with a 1 s drain limit",
             asked.elapsed()
         );
