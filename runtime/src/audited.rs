@@ -834,8 +834,14 @@ mod tests {
 
     const LEASE_MS: i64 = COMMIT_LEASE.as_millis() as i64;
 
-    #[tokio::test]
-    async fn no_recovery_pass_fences_a_change_this_process_is_committing() {
+    /// A change being committed, its append arrived at the log and held there.
+    async fn commit_held() -> (
+        Arc<HeldLog>,
+        Auditor,
+        Arc<Changes>,
+        StagedChange,
+        tokio::task::JoinHandle<Result<(), CommitError>>,
+    ) {
         let log = Arc::new(HeldLog::default());
         let auditor = Auditor::new(log.clone());
         let changes = Arc::new(Changes::default());
@@ -845,6 +851,12 @@ mod tests {
             async move { auditor.commit(changes.as_ref(), made, None).await }
         });
         log.arrived.notified().await;
+        (log, auditor, changes, made, committing)
+    }
+
+    #[tokio::test]
+    async fn no_recovery_pass_fences_a_change_this_process_is_committing() {
+        let (log, auditor, changes, made, committing) = commit_held().await;
         // Its append is on its way: a scheduled pass long past its lease, and the org's settling
         // before another change, both leave it to its committer.
         let settled = auditor
@@ -868,15 +880,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_change_another_replica_fenced_first_is_discarded_and_the_call_says_so() {
-        let log = Arc::new(HeldLog::default());
-        let auditor = Auditor::new(log.clone());
-        let changes = Arc::new(Changes::default());
-        let made = change(1_000);
-        let committing = tokio::spawn({
-            let (auditor, changes, made) = (auditor.clone(), changes.clone(), made.clone());
-            async move { auditor.commit(changes.as_ref(), made, None).await }
-        });
-        log.arrived.notified().await;
+        let (log, _auditor, changes, made, committing) = commit_held().await;
         let fenced = log
             .resolve("org", &made.change_id, Duration::from_secs(1))
             .await;
