@@ -169,10 +169,7 @@ mod tests {
 
     #[test]
     fn signs_a_canonical_payload_that_reads_back_and_verifies() {
-        let dir = tempfile::Builder::new()
-            .permissions(std::os::unix::fs::PermissionsExt::from_mode(0o700))
-            .tempdir()
-            .unwrap();
+        let dir = sightline_runtime::testing::private_tempdir().unwrap();
         let path = dir.path().join("receipt.key");
         let signer = ReceiptSigner::load_or_create(&path).unwrap();
         let again = ReceiptSigner::load_or_create(&path).unwrap();

@@ -14,10 +14,7 @@ use common::{Up, grpcurl, start_up};
 
 #[test]
 fn up_serves_linker_audit_health_and_reflection_without_printing_the_token() {
-    let data = tempfile::Builder::new()
-        .permissions(std::os::unix::fs::PermissionsExt::from_mode(0o700))
-        .tempdir()
-        .unwrap();
+    let data = sightline_runtime::testing::private_tempdir().unwrap();
     let Up {
         mut child,
         mut stdout,
@@ -125,10 +122,7 @@ fn up_serves_linker_audit_health_and_reflection_without_printing_the_token() {
 
 #[test]
 fn sigterm_with_stalled_connections_exits_within_the_drain_limit() {
-    let data = tempfile::Builder::new()
-        .permissions(std::os::unix::fs::PermissionsExt::from_mode(0o700))
-        .tempdir()
-        .unwrap();
+    let data = sightline_runtime::testing::private_tempdir().unwrap();
     let mut up = start_up(
         data.path(),
         &[("SIGHTLINE_LIMITS__DRAIN_TIMEOUT_MS", "1000")],
@@ -169,10 +163,7 @@ fn sigterm_with_stalled_connections_exits_within_the_drain_limit() {
 #[test]
 fn under_umask_022_the_data_directory_is_0700_and_every_file_in_it_0600() {
     use std::os::unix::fs::PermissionsExt;
-    let parent = tempfile::Builder::new()
-        .permissions(std::os::unix::fs::PermissionsExt::from_mode(0o700))
-        .tempdir()
-        .unwrap();
+    let parent = sightline_runtime::testing::private_tempdir().unwrap();
     let data = parent.path().join("data");
     // `up` run from a shell with the common umask 022.
     let script = format!(
@@ -383,10 +374,7 @@ fn up_with_tls_on_works_end_to_end_over_tls_1_2_and_1_3_with_client_certificates
 #[test]
 fn every_thread_of_the_stack_runs_under_the_scheduling_setting() {
     for (env, expected) in [(None, 3), (Some("normal"), 0)] {
-        let data = tempfile::Builder::new()
-            .permissions(std::os::unix::fs::PermissionsExt::from_mode(0o700))
-            .tempdir()
-            .unwrap();
+        let data = sightline_runtime::testing::private_tempdir().unwrap();
         let env: Vec<(&str, &str)> = env
             .map(|v| ("SIGHTLINE_SCHEDULING", v))
             .into_iter()

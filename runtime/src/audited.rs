@@ -210,13 +210,13 @@ pub struct Settled {
     pub changed_orgs: Vec<String>,
 }
 
-/// The longest an append may take, counted from when its change is staged.
+/// The longest an append may take, counted from the start of its commit (staging included).
 pub const APPEND_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// How long after it was staged (by its `staged_at_ms`) a change may still be in flight on some
 /// replica: the append's limit, and a margin for the request in transit and for the replicas' clocks.
 /// A scheduled recovery pass settles only older changes.
-pub const COMMIT_LEASE: Duration = Duration::from_secs(15);
+pub const COMMIT_LEASE: Duration = APPEND_TIMEOUT.saturating_add(Duration::from_secs(5));
 
 /// The changes this process is committing (staged, their append not answered yet).
 #[derive(Debug, Clone, Default)]

@@ -176,10 +176,7 @@ impl TestLinker {
         if !options.quiet {
             logs();
         }
-        let dir = tempfile::Builder::new()
-            .permissions(std::os::unix::fs::PermissionsExt::from_mode(0o700))
-            .tempdir()
-            .unwrap();
+        let dir = sightline_runtime::testing::private_tempdir().unwrap();
         let (operator, _) = linker_svc::ensure_operator_token(dir.path()).unwrap();
         let service = sightline::ensure_service_token(dir.path()).unwrap();
         let database_url = options.database_url.unwrap_or_else(|| {
@@ -1446,7 +1443,8 @@ pub mod bench {
     /// a killed child removes nothing itself.
     #[derive(Debug)]
     pub struct Child {
-        child: std::process::Child,
+        /// Killed if it has not stopped by the time it drops.
+        child: sightline_runtime::testing::Reaped,
         pub addr: std::net::SocketAddr,
         /// What the child said after its address (credentials, ids).
         pub words: Vec<String>,
@@ -1467,6 +1465,7 @@ pub mod bench {
                 .stdin(std::process::Stdio::piped())
                 .stdout(std::process::Stdio::piped())
                 .spawn()
+                .map(sightline_runtime::testing::Reaped)
                 .unwrap();
             let mut line = String::new();
             std::io::BufReader::new(child.stdout.take().unwrap())
@@ -1509,19 +1508,14 @@ pub mod bench {
 
     impl Drop for Child {
         /// Closes the child's stdin, so it stops and cleans up after itself (its PostgreSQL
-        /// schemas); kills it if it has not stopped within [`CHILD_STOP`].
+        /// schemas), and waits up to [`CHILD_STOP`] for it; a child still running then is killed
+        /// as its `Reaped` field drops.
         fn drop(&mut self) {
             drop(self.child.stdin.take());
             let asked = std::time::Instant::now();
-            while asked.elapsed() < CHILD_STOP {
-                match self.child.try_wait() {
-                    Ok(None) => std::thread::sleep(std::time::Duration::from_millis(20)),
-                    Ok(Some(_)) => return,
-                    Err(_) => break,
-                }
+            while asked.elapsed() < CHILD_STOP && matches!(self.child.try_wait(), Ok(None)) {
+                std::thread::sleep(std::time::Duration::from_millis(20));
             }
-            let _ = self.child.kill();
-            let _ = self.child.wait();
         }
     }
 

@@ -35,10 +35,7 @@ fn now_ms() -> i64 {
 }
 
 fn private_dir() -> tempfile::TempDir {
-    tempfile::Builder::new()
-        .permissions(std::os::unix::fs::PermissionsExt::from_mode(0o700))
-        .tempdir()
-        .unwrap()
+    sightline_runtime::testing::private_tempdir().unwrap()
 }
 
 async fn wait_for<T>(what: &str, secs: u64, mut probe: impl AsyncFnMut() -> Option<T>) -> T {

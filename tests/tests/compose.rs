@@ -19,10 +19,7 @@ use sightline_tests::{admin, binary, workspace_root};
 const SERVICES: [&str; 4] = ["linker", "consent", "collector", "insights"];
 
 fn private_dir() -> tempfile::TempDir {
-    tempfile::Builder::new()
-        .permissions(std::os::unix::fs::PermissionsExt::from_mode(0o700))
-        .tempdir()
-        .unwrap()
+    sightline_runtime::testing::private_tempdir().unwrap()
 }
 
 /// `docker-compose -f … config`, as JSON: with no .env and no SIGHTLINE_ variable set, as on a

@@ -1169,10 +1169,7 @@ fn signal(child: &tokio::process::Child, name: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn with_linker_frozen_writes_of_every_org_answer_unavailable_and_settle_when_it_thaws() {
-    let parent = tempfile::Builder::new()
-        .permissions(std::os::unix::fs::PermissionsExt::from_mode(0o700))
-        .tempdir()
-        .unwrap();
+    let parent = sightline_runtime::testing::private_tempdir().unwrap();
     let data = parent.path().join("data");
     let (linker, linker_addr, _) = sightline_tests::service_process(
         "linker",

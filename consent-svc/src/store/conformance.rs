@@ -49,10 +49,7 @@ async fn commit(
 }
 
 async fn sqlite() -> (Arc<dyn ConsentStore>, tempfile::TempDir) {
-    let dir = tempfile::Builder::new()
-        .permissions(std::os::unix::fs::PermissionsExt::from_mode(0o700))
-        .tempdir()
-        .unwrap();
+    let dir = sightline_runtime::testing::private_tempdir().unwrap();
     (
         open(&storage::default_sqlite_url(dir.path(), "consent"))
             .await

@@ -18,10 +18,7 @@ struct Harness {
 
 impl Harness {
     async fn sqlite() -> (Self, tempfile::TempDir) {
-        let dir = tempfile::Builder::new()
-            .permissions(std::os::unix::fs::PermissionsExt::from_mode(0o700))
-            .tempdir()
-            .unwrap();
+        let dir = sightline_runtime::testing::private_tempdir().unwrap();
         let url = storage::default_sqlite_url(dir.path(), "linker");
         (Self::open(&url).await, dir)
     }

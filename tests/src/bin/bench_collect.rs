@@ -531,10 +531,7 @@ async fn collector_store(url: &str) -> sightline_runtime::storage::Database {
 /// same pragmas: WAL, and the same background checkpointer, which lives as long as the returned
 /// database), and the directory that holds it.
 async fn fresh_sqlite() -> (sightline_runtime::storage::SqliteDb, tempfile::TempDir) {
-    let dir = tempfile::Builder::new()
-        .permissions(std::os::unix::fs::PermissionsExt::from_mode(0o700))
-        .tempdir()
-        .unwrap();
+    let dir = sightline_runtime::testing::private_tempdir().unwrap();
     let url = sightline_runtime::storage::default_sqlite_url(dir.path(), "reference");
     let sightline_runtime::storage::Database::Sqlite(db) = collector_store(&url).await else {
         unreachable!()

@@ -102,10 +102,7 @@ async fn main() {
     opt_in(&consent, &org, UsageLevel::Basic, SharingLevel::Basic).await;
     let key = linker.create_link_key(&org).await.secret;
 
-    let home = tempfile::Builder::new()
-        .permissions(std::os::unix::fs::PermissionsExt::from_mode(0o700))
-        .tempdir()
-        .unwrap();
+    let home = sightline_runtime::testing::private_tempdir().unwrap();
     let key_file = home.path().join("link.key");
     sightline_runtime::secret_file::create_private(&key_file, key.as_bytes()).unwrap();
     let nowhere = format!("http://{}", free_addr());
