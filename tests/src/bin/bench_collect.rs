@@ -1042,7 +1042,8 @@ async fn run() {
             collector_run(&target, clients, size, seconds).await;
         }
         "reference-sqlite" | "baseline-sqlite" => {
-            let (rate, how) = best_sqlite_reference(&rows(arg("--rows", 500_000) as usize, clients, size));
+            let (rate, how) =
+                best_sqlite_reference(&rows(arg("--rows", 500_000) as usize, clients, size));
             println!("reference sqlite: {rate:.0} rows/s ({how})");
         }
         "reference-postgres" | "baseline-postgres" => {
