@@ -528,7 +528,7 @@ fn rows(count: usize, clients: usize, size: usize) -> Vec<StoredRow> {
 enum Order {
     /// As the callers sent them.
     Arrival,
-    /// By the table's key (each B-tree of the key filled from one end).
+    /// By the table's key (instance, event id, time): its B-tree filled from one end.
     Key,
 }
 
