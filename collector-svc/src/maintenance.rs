@@ -378,6 +378,8 @@ impl Maintenance {
             Err(CommitError::Store(ChangeLogError::Refused(why))) if why == PURGE_TAKEN => {
                 Ok(Removed::default())
             }
+            // Another replica, staging the purge of its own, took this one for abandoned.
+            Err(CommitError::Superseded) => Ok(Removed::default()),
             other => {
                 other?;
                 forget(store).await;

@@ -58,6 +58,11 @@ impl From<CommitError> for ConsentError {
                     "the audit log cannot be written; nothing was changed, retry later".to_owned()
                 })
             }
+            CommitError::Superseded => ConsentError::Unavailable(
+                "another replica settled the change as not made while its audit entry was on its \
+                 way; nothing was changed, try again"
+                    .to_owned(),
+            ),
             CommitError::Store(ChangeLogError::Unavailable(detail)) => {
                 tracing::warn!(%detail, "storage unavailable");
                 ConsentError::Unavailable("storage unavailable; retry later".to_owned())

@@ -282,7 +282,9 @@ impl Maintenance {
                                 }
                             }
                             // Another pass or replica holds it.
-                            Err(MaintenanceError::Commit(CommitError::Store(_))) => {}
+                            Err(MaintenanceError::Commit(
+                                CommitError::Store(_) | CommitError::Superseded,
+                            )) => {}
                             Err(other) => return Err(other),
                         }
                     }
@@ -351,7 +353,9 @@ impl Maintenance {
                     {
                         Ok(()) => {}
                         // Another pass or replica carries it out and reports it.
-                        Err(MaintenanceError::Commit(CommitError::Store(_))) => continue,
+                        Err(MaintenanceError::Commit(
+                            CommitError::Store(_) | CommitError::Superseded,
+                        )) => continue,
                         Err(other) => return Err(other),
                     }
                     if let Err(error) = source.forget_deleted().await {
@@ -487,7 +491,9 @@ impl Maintenance {
                 {
                     Ok(()) => {}
                     // Another pass or replica carries it out and reports it.
-                    Err(MaintenanceError::Commit(CommitError::Store(_))) => continue,
+                    Err(MaintenanceError::Commit(
+                        CommitError::Store(_) | CommitError::Superseded,
+                    )) => continue,
                     Err(other) => return Err(other),
                 }
                 if from_dir != to_dir {
