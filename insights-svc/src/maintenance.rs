@@ -58,6 +58,16 @@ pub enum MaintenanceError {
     Call(#[from] Status),
 }
 
+/// Whether a pass's commit failed because another pass or replica holds the same work (a store
+/// conflict, or that one's settling took this change for abandoned): that one carries it out and
+/// reports it.
+fn held_elsewhere(error: &MaintenanceError) -> bool {
+    matches!(
+        error,
+        MaintenanceError::Commit(CommitError::Store(_) | CommitError::Superseded)
+    )
+}
+
 impl Maintenance {
     pub fn spawn(self, schedules: Schedules, shutdown: CancellationToken) {
         let scores = self.clone();
@@ -282,9 +292,7 @@ impl Maintenance {
                                 }
                             }
                             // Another pass or replica holds it.
-                            Err(MaintenanceError::Commit(
-                                CommitError::Store(_) | CommitError::Superseded,
-                            )) => {}
+                            Err(error) if held_elsewhere(&error) => {}
                             Err(other) => return Err(other),
                         }
                     }
@@ -353,9 +361,7 @@ impl Maintenance {
                     {
                         Ok(()) => {}
                         // Another pass or replica carries it out and reports it.
-                        Err(MaintenanceError::Commit(
-                            CommitError::Store(_) | CommitError::Superseded,
-                        )) => continue,
+                        Err(error) if held_elsewhere(&error) => continue,
                         Err(other) => return Err(other),
                     }
                     if let Err(error) = source.forget_deleted().await {
@@ -491,9 +497,7 @@ impl Maintenance {
                 {
                     Ok(()) => {}
                     // Another pass or replica carries it out and reports it.
-                    Err(MaintenanceError::Commit(
-                        CommitError::Store(_) | CommitError::Superseded,
-                    )) => continue,
+                    Err(error) if held_elsewhere(&error) => continue,
                     Err(other) => return Err(other),
                 }
                 if from_dir != to_dir {
