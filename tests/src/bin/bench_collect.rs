@@ -371,26 +371,49 @@ async fn channel(addr: std::net::SocketAddr) -> Channel {
         .unwrap()
 }
 
-/// Closed loop: `clients` callers send batches for `seconds`; returns (events/s, sorted latencies ms).
+/// What one closed loop measured.
+struct Load {
+    /// Accepted events per second.
+    rate: f64,
+    /// Each call's latency in ms, sorted.
+    latencies: Vec<f64>,
+}
+
+/// Closed loop: `clients` callers send batches for `seconds`. Each caller's rounds start at
+/// `next_round`, which is advanced past every round this loop used: loads against one server (a
+/// warm-up, then the measured run) never send an id twice. A repeated id is a duplicate, which the
+/// collector refuses after trying to store it, so a measured run that repeated the warm-up's ids
+/// counted a fraction of the work it did. Every event sent must be accepted, or the run is not
+/// measuring what it says and stops.
 async fn closed_loop(
     target: &Target,
     clients: usize,
     size: usize,
     seconds: u64,
-) -> (f64, Vec<f64>) {
-    closed_loop_over(std::slice::from_ref(target), clients, size, seconds).await
+    next_round: &mut u64,
+) -> Load {
+    closed_loop_over(
+        std::slice::from_ref(target),
+        clients,
+        size,
+        seconds,
+        next_round,
+    )
+    .await
 }
 
-/// [`closed_loop`] with the callers spread over `targets` in turn.
+/// [`closed_loop`] with the callers spread over `targets` in turn (one store behind them all).
 async fn closed_loop_over(
     targets: &[Target],
     clients: usize,
     size: usize,
     seconds: u64,
-) -> (f64, Vec<f64>) {
+    next_round: &mut u64,
+) -> Load {
     let accepted = Arc::new(AtomicU64::new(0));
     let encoded = Arc::new(Encoded::new(size));
     let deadline = Instant::now() + Duration::from_secs(seconds);
+    let first_round = *next_round;
     let mut tasks = Vec::new();
     for c in 0..clients {
         let target = &targets[c % targets.len()];
@@ -399,7 +422,7 @@ async fn closed_loop_over(
         let encoded = encoded.clone();
         tasks.push(tokio::spawn(async move {
             let mut latencies = Vec::new();
-            let mut round = 0;
+            let mut round = first_round;
             while Instant::now() < deadline {
                 let request = encoded.call(c, round);
                 let started = Instant::now();
@@ -416,17 +439,30 @@ async fn closed_loop_over(
                 }
                 round += 1;
             }
-            latencies
+            (latencies, round)
         }));
     }
     let started = Instant::now();
     let mut latencies = Vec::new();
     for t in tasks {
-        latencies.extend(t.await.unwrap());
+        let (done, round) = t.await.unwrap();
+        latencies.extend(done);
+        *next_round = (*next_round).max(round);
     }
     let elapsed = started.elapsed().as_secs_f64();
     latencies.sort_by(f64::total_cmp);
-    (accepted.load(Ordering::Relaxed) as f64 / elapsed, latencies)
+    let (sent, accepted) = (
+        (latencies.len() * size) as u64,
+        accepted.load(Ordering::Relaxed),
+    );
+    assert_eq!(
+        accepted, sent,
+        "{accepted} of {sent} events sent were accepted: the load measured work it did not count"
+    );
+    Load {
+        rate: accepted as f64 / elapsed,
+        latencies,
+    }
 }
 
 /// Open loop at `rate` calls/s of `size` events, spread over `clients`; sorted latencies in ms.
@@ -436,7 +472,9 @@ async fn open_loop(
     size: usize,
     rate: f64,
     seconds: u64,
+    next_round: &mut u64,
 ) -> Vec<f64> {
+    let first_round = *next_round;
     let per_client = Duration::from_secs_f64(clients as f64 / rate);
     let deadline = Instant::now() + Duration::from_secs(seconds);
     let mut tasks = Vec::new();
@@ -448,7 +486,7 @@ async fn open_loop(
             let mut ticks = tokio::time::interval(per_client);
             ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
             let mut inflight = tokio::task::JoinSet::new();
-            let mut round = 1_000_000;
+            let mut round = first_round;
             while Instant::now() < deadline {
                 ticks.tick().await;
                 let mut client = client.clone();
@@ -470,12 +508,14 @@ async fn open_loop(
             while let Some(done) = inflight.join_next().await {
                 latencies.push(done.unwrap());
             }
-            latencies
+            (latencies, round)
         }));
     }
     let mut latencies = Vec::new();
     for t in tasks {
-        latencies.extend(t.await.unwrap());
+        let (done, round) = t.await.unwrap();
+        latencies.extend(done);
+        *next_round = (*next_round).max(round);
     }
     latencies.sort_by(f64::total_cmp);
     latencies
@@ -771,10 +811,12 @@ async fn best_postgres_reference(rows: &[StoredRow]) -> (f64, String) {
 /// two seconds of warm-up), and its CPU per event.
 async fn collector_run(target: &str, clients: usize, size: usize, seconds: u64) -> (f64, f64) {
     let child = Child::spawn(target);
-    closed_loop(&child.target, clients, size, 2).await;
+    let mut next_round = 0;
+    closed_loop(&child.target, clients, size, 2, &mut next_round).await;
     let cpu = child.cpu_seconds();
     let started = Instant::now();
-    let (rate, latencies) = closed_loop(&child.target, clients, size, seconds).await;
+    let Load { rate, latencies } =
+        closed_loop(&child.target, clients, size, seconds, &mut next_round).await;
     let events = rate * started.elapsed().as_secs_f64();
     let cpu = child.cpu_seconds() - cpu;
     measured(
@@ -806,10 +848,12 @@ async fn replicas_run(replicas: usize, clients: usize, size: usize, seconds: u64
             _keep: Vec::new(),
         })
         .collect();
-    closed_loop_over(&targets, clients, size, 2).await;
+    let mut next_round = 0;
+    closed_loop_over(&targets, clients, size, 2, &mut next_round).await;
     let cpu: Vec<f64> = children.iter().map(Child::cpu_seconds).collect();
     let started = Instant::now();
-    let (rate, latencies) = closed_loop_over(&targets, clients, size, seconds).await;
+    let Load { rate, latencies } =
+        closed_loop_over(&targets, clients, size, seconds, &mut next_round).await;
     let events = rate * started.elapsed().as_secs_f64();
     report(
         &format!("{replicas} collector replicas, postgres"),
@@ -1054,12 +1098,23 @@ async fn run() {
         }
         "latency" => {
             let child = Child::spawn("sqlite");
+            // One server for both sizes: every load's ids are new to it.
+            let mut next_round = 0;
             for size in [1usize, 1_000] {
                 let clients = if size == 1 { 32 } else { clients };
-                let (max, _) = closed_loop(&child.target, clients, size, seconds).await;
+                let max = closed_loop(&child.target, clients, size, seconds, &mut next_round)
+                    .await
+                    .rate;
                 let calls_per_second = max / size as f64 / 2.0;
-                let latencies =
-                    open_loop(&child.target, clients, size, calls_per_second, seconds).await;
+                let latencies = open_loop(
+                    &child.target,
+                    clients,
+                    size,
+                    calls_per_second,
+                    seconds,
+                    &mut next_round,
+                )
+                .await;
                 report(
                     &format!(
                         "batch {size}: max {max:.0} events/s; at half ({calls_per_second:.0} calls/s)"
