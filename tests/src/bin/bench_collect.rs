@@ -476,6 +476,7 @@ async fn open_loop(
 ) -> Vec<f64> {
     let first_round = *next_round;
     let per_client = Duration::from_secs_f64(clients as f64 / rate);
+    let begin = tokio::time::Instant::now();
     let deadline = Instant::now() + Duration::from_secs(seconds);
     let mut tasks = Vec::new();
     for c in 0..clients {
@@ -483,7 +484,12 @@ async fn open_loop(
             .max_encoding_message_size(16 * 1024 * 1024);
         let credential = target.credential.clone();
         tasks.push(tokio::spawn(async move {
-            let mut ticks = tokio::time::interval(per_client);
+            // The callers take turns: caller c's calls go out c/clients of an interval after
+            // caller 0's, so the calls arrive evenly spread at `rate`, not in bursts of `clients`.
+            let mut ticks = tokio::time::interval_at(
+                begin + per_client * c as u32 / clients as u32,
+                per_client,
+            );
             ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
             let mut inflight = tokio::task::JoinSet::new();
             let mut round = first_round;
