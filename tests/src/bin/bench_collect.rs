@@ -8,8 +8,9 @@
 //!   the table's key. For SQLite they are inserted by multi-row INSERTs in large transactions (the
 //!   best of both orders, three sizes and `INSERT` / `INSERT OR IGNORE`); for PostgreSQL encoded
 //!   before the clock and loaded by one COPY in one transaction, and by 4 parallel COPY sessions
-//!   (the best of both orders). It prints each, each pair's ratio against the best reference, and
-//!   the median ratio;
+//!   (the best of both orders). Each timed PostgreSQL run starts on a settled database (the
+//!   schemas of earlier runs dropped, then a CHECKPOINT). It prints each, each pair's ratio against
+//!   the best reference, and the median ratio;
 //! - `noop`: a tonic server that decodes IngestRequest and answers at once (the ceiling);
 //! - `discard`: the real collector, enforcing and de-identifying, with a sink that discards;
 //! - `reference-sqlite` / `reference-postgres`: the references alone;
@@ -763,11 +764,29 @@ async fn copy_all(pool: &sqlx::PgPool, text: &[Vec<u8>]) {
     copy.finish().await.unwrap();
 }
 
+/// Before each timed PostgreSQL run, the collector's and each reference's: the schemas this process
+/// made for earlier runs are dropped, and a CHECKPOINT writes every dirty buffer out, so no run pays
+/// for the writes of the one before it. Without it each pair's collector ran in the wake of the
+/// last pair's four reference loads (about four million rows), whose pages PostgreSQL's background
+/// checkpoint was still writing, while each reference followed one collector run.
+async fn settle_postgres() {
+    use sqlx::Connection as _;
+    sightline_runtime::testing::drop_schemas_made_here()
+        .await
+        .unwrap();
+    let mut conn = sqlx::PgConnection::connect(&sightline_runtime::testing::postgres_base_url())
+        .await
+        .unwrap();
+    sqlx::query("CHECKPOINT").execute(&mut conn).await.unwrap();
+    conn.close().await.unwrap();
+}
+
 /// The PostgreSQL references on fresh schemas with the collector's migrations: the rows in one
 /// COPY (one transaction), and in `sessions` parallel COPY sessions of a share each. Rows per
 /// second of each.
 async fn postgres_references(rows: &[StoredRow], sessions: usize) -> (f64, f64) {
     let fresh = async || {
+        settle_postgres().await;
         let url = sightline_runtime::testing::fresh_postgres_url()
             .await
             .unwrap();
@@ -828,6 +847,9 @@ async fn best_postgres_reference(rows: &[StoredRow]) -> (f64, String) {
 /// a child process: events per second of a closed loop of `clients` × `size` for `seconds` (after
 /// two seconds of warm-up), and its CPU per event.
 async fn collector_run(target: &str, clients: usize, size: usize, seconds: u64) -> (f64, f64) {
+    if target == "postgres" {
+        settle_postgres().await;
+    }
     let child = Child::spawn(target);
     let mut next_round = 0;
     closed_loop(&child.target, clients, size, 2, &mut next_round).await;
@@ -852,6 +874,7 @@ async fn collector_run(target: &str, clients: usize, size: usize, seconds: u64) 
 /// consent-svc it needs, the callers spread over them: events per second in all, and each
 /// replica's server CPU per event.
 async fn replicas_run(replicas: usize, clients: usize, size: usize, seconds: u64) {
+    settle_postgres().await;
     let url = sightline_runtime::testing::fresh_postgres_url()
         .await
         .unwrap();
