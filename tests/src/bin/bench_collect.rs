@@ -477,12 +477,19 @@ async fn open_loop(
 ) -> Vec<f64> {
     let first_round = *next_round;
     let per_client = Duration::from_secs_f64(clients as f64 / rate);
+    // Every caller connected before the schedule starts, so no caller begins behind it (and
+    // catches up in a burst).
+    let mut callers = Vec::with_capacity(clients);
+    for _ in 0..clients {
+        callers.push(
+            CollectorServiceClient::new(channel(target.addr).await)
+                .max_encoding_message_size(16 * 1024 * 1024),
+        );
+    }
     let begin = tokio::time::Instant::now();
     let deadline = Instant::now() + Duration::from_secs(seconds);
     let mut tasks = Vec::new();
-    for c in 0..clients {
-        let client = CollectorServiceClient::new(channel(target.addr).await)
-            .max_encoding_message_size(16 * 1024 * 1024);
+    for (c, client) in callers.into_iter().enumerate() {
         let credential = target.credential.clone();
         tasks.push(tokio::spawn(async move {
             // The callers take turns: caller c's calls go out c/clients of an interval after
