@@ -452,14 +452,8 @@ async fn closed_loop_over(
     }
     let elapsed = started.elapsed().as_secs_f64();
     latencies.sort_by(f64::total_cmp);
-    let (sent, accepted) = (
-        (latencies.len() * size) as u64,
-        accepted.load(Ordering::Relaxed),
-    );
-    assert_eq!(
-        accepted, sent,
-        "{accepted} of {sent} events sent were accepted: the load measured work it did not count"
-    );
+    let accepted = accepted.load(Ordering::Relaxed);
+    assert_all_accepted(accepted, latencies.len(), size);
     Load {
         rate: accepted as f64 / elapsed,
         latencies,
@@ -538,13 +532,19 @@ async fn open_loop(
         }
         *next_round = (*next_round).max(round);
     }
-    let sent = (latencies.len() * size) as u64;
-    assert_eq!(
-        accepted, sent,
-        "{accepted} of {sent} events sent were accepted: the latencies are of work not counted"
-    );
+    assert_all_accepted(accepted, latencies.len(), size);
     latencies.sort_by(f64::total_cmp);
     latencies
+}
+
+/// Stops a load of `calls` calls of `size` events unless every event was accepted: a refused or
+/// repeated event is work the server did that the load's figures would not count.
+fn assert_all_accepted(accepted: u64, calls: usize, size: usize) {
+    let sent = (calls * size) as u64;
+    assert_eq!(
+        accepted, sent,
+        "{accepted} of {sent} events sent were accepted: the load measured work it did not count"
+    );
 }
 
 /// One row as the collector stores it for an event of `batch(…)` under BASIC (metrics pass
